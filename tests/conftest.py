@@ -1,0 +1,15 @@
+"""Shared fixtures: build machines around test code without the CLI."""
+from __future__ import annotations
+
+import pytest
+
+from xenicorn.devices.console import ConsoleSink
+from xenicorn.platform.machine import Machine, MachineConfig
+
+
+@pytest.fixture
+def machine():
+    """A 16 MiB machine whose console output is recorded, not printed."""
+    m = Machine(MachineConfig(ram_mib=16, debugcon="none"), console=ConsoleSink(None))
+    yield m
+    m.close()

@@ -1,0 +1,103 @@
+"""The ``xenicorn`` command line (flags shaped like QEMU's where one exists).
+
+``xenicorn run KERNEL`` boots a PVH ELF kernel (or a firmware image by name,
+e.g. ``hello64``) and returns the machine's exit status: 0 after a clean
+poweroff, ``(v << 1) | 1`` after ``isa-debug-exit``, 1 when the guest
+crashed, 2 for bad input, 124 when ``--timeout``/``--max-insns`` ran out.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .platform.machine import MachineConfig, STATUS_USAGE, STATUS_CRASH
+
+
+class UsageError(Exception):
+    """Bad user input: reported as one line, exit status 2."""
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xenicorn", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="boot a kernel")
+    r.add_argument("kernel", help="PVH ELF kernel, flat binary (with --load-addr), or a firmware name")
+    r.add_argument("-m", "--memory", type=_int, default=128, metavar="MiB", help="guest RAM (default 128)")
+    r.add_argument("--append", default="", metavar="CMDLINE", help="kernel command line")
+    r.add_argument("--initrd", metavar="FILE", help="module 0 of hvm_start_info")
+    r.add_argument("--load-addr", type=_int, metavar="ADDR", help="load KERNEL as a flat binary here")
+    r.add_argument("--serial", default="stdio", metavar="stdio|file:PATH|none", help="COM1 output")
+    r.add_argument("--trace", default="", metavar="CATS", help="comma-separated: exits,io,int,cpuid,mem,...,all")
+    r.add_argument("--max-insns", type=_int, default=0, metavar="N", help="stop after N guest instructions")
+    r.add_argument("--timeout", type=float, default=0.0, metavar="S", help="stop after S seconds (status 124)")
+    r.add_argument("--vendor", choices=("intel", "amd"), default="intel", help="CPUID vendor")
+    sub.add_parser("firmware", help="list the bundled guest kernels")
+    return p
+
+
+def _resolve_kernel(name: str) -> str:
+    if os.path.exists(name) or os.sep in name or name.endswith(".elf"):
+        return name
+    from . import firmware
+    path = firmware.find(name)
+    if path is None:
+        raise UsageError(f"{name}: no such file, and no bundled firmware of that name "
+                         f"(bundled: {', '.join(firmware.names())})")
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    from .platform.loader import LoadError
+    from .platform.machine import boot
+    if args.memory < 2 or args.memory > 3584:
+        raise UsageError(f"-m {args.memory}: guest RAM must be between 2 and 3584 MiB")
+    config = MachineConfig(ram_mib=args.memory, cmdline=args.append, serial="stdio",
+                           trace={t for t in args.trace.split(",") if t},
+                           max_insns=args.max_insns, timeout=args.timeout, vendor=args.vendor)
+    serial = args.serial
+    if serial not in ("stdio", "none") and not serial.startswith("file:"):
+        raise UsageError(f"--serial {serial}: expected stdio, file:PATH or none")
+    config.serial = serial
+    try:
+        machine, _ = boot(config, _resolve_kernel(args.kernel), initrd=args.initrd, load_addr=args.load_addr)
+    except LoadError as e:
+        raise UsageError(str(e)) from None
+    except ValueError as e:            # bad trace category, bad RAM size
+        raise UsageError(str(e)) from None
+    try:
+        status = machine.run()
+    except KeyboardInterrupt:
+        machine.console.flush()
+        print("xenicorn: interrupted", file=sys.stderr)
+        return 130
+    machine.console.flush()
+    if machine.shutdown_reason not in ("poweroff", "debug-exit") or status == STATUS_CRASH:
+        print(f"xenicorn: {machine.shutdown_reason}: {machine.shutdown_message}", file=sys.stderr)
+    machine.close()
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "firmware":
+            from . import firmware
+            for name in firmware.names():
+                print(f"{name:16s} {firmware.find(name)}")
+            return 0
+        return run(args)
+    except UsageError as e:
+        print(f"xenicorn: error: {e}", file=sys.stderr)
+        return STATUS_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

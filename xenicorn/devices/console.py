@@ -1,0 +1,95 @@
+"""Simple exit and console ports every test kernel can use.
+
+* **Debug console, port 0xE9** (Bochs' "port e9 hack", QEMU's ``-debugcon``):
+  a byte written is a character out; reading returns 0xE9 so a guest can
+  detect the port is there.
+* **isa-debug-exit, port 0xF4** (QEMU ``-device isa-debug-exit``): writing
+  ``v`` ends the emulator with status ``(v << 1) | 1``. Test kernels use it to
+  report a result even on a machine without Xen.
+* **ACPI PM1a control, port 0x604** (QEMU q35/ICH9 PM base 0x600): writing
+  SLP_EN (bit 13) with SLP_TYP 0 (S5, soft off) powers the machine off,
+  status 0. ``outw(0x604, 0x2000)`` is the classic "power off under QEMU".
+"""
+from __future__ import annotations
+
+import sys
+from typing import BinaryIO, Callable
+
+
+class ConsoleSink:
+    """Where guest console bytes go: a stream, plus a record for tests."""
+
+    def __init__(self, stream: BinaryIO | None = None, record: bool = True):
+        self.stream = stream
+        self.record = record
+        self.data = bytearray()
+
+    def write(self, data: bytes) -> None:
+        if self.record:
+            self.data += data
+        if self.stream is not None:
+            self.stream.write(data)
+            if b"\n" in data:
+                self.stream.flush()
+
+    def text(self) -> str:
+        return self.data.decode("utf-8", "replace")
+
+    def flush(self) -> None:
+        if self.stream is not None:
+            self.stream.flush()
+
+
+def stdout_sink() -> ConsoleSink:
+    return ConsoleSink(sys.stdout.buffer)
+
+
+class DebugCon:
+    """Port 0xE9: write a byte to print it; reads return 0xE9."""
+
+    PORT = 0xE9
+
+    def __init__(self, sink: ConsoleSink):
+        self.sink = sink
+
+    def pio_read(self, offset: int, size: int) -> int:
+        return 0xE9
+
+    def pio_write(self, offset: int, size: int, value: int) -> None:
+        self.sink.write(bytes([value & 0xFF]))
+
+
+class DebugExit:
+    """Port 0xF4: ``out 0xf4, v`` → exit status (v << 1) | 1."""
+
+    PORT = 0xF4
+
+    def __init__(self, shutdown: Callable[[str, int, str], None]):
+        self.shutdown = shutdown
+
+    def pio_read(self, offset: int, size: int) -> int:
+        return 0xFFFFFFFF
+
+    def pio_write(self, offset: int, size: int, value: int) -> None:
+        value &= 0xFF if size == 1 else (0xFFFF if size == 2 else 0xFFFFFFFF)
+        status = ((value << 1) | 1) & 0xFF
+        self.shutdown("debug-exit", status, f"isa-debug-exit wrote {value:#x}")
+
+
+class AcpiPmControl:
+    """PM1a_CNT at 0x604: SLP_EN with SLP_TYP=S5 powers off."""
+
+    PORT = 0x604
+    SLP_EN = 1 << 13
+
+    def __init__(self, shutdown: Callable[[str, int, str], None]):
+        self.shutdown = shutdown
+        self.value = 0
+
+    def pio_read(self, offset: int, size: int) -> int:
+        return self.value
+
+    def pio_write(self, offset: int, size: int, value: int) -> None:
+        self.value = value & ~self.SLP_EN
+        if value & self.SLP_EN and ((value >> 10) & 7) == 0:
+            self.shutdown("poweroff", 0, "ACPI S5 (PM1a_CNT SLP_EN)")

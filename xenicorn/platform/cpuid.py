@@ -1,0 +1,75 @@
+"""CPUID policy: what the virtual CPU says it is.
+
+The guest learns the CPU's identity and features only through CPUID, so
+the policy must describe what Unicorn really executes (and, under Xen, what
+the hypervisor provides at 0x40000000). Unicorn's own CPUID describes the
+QEMU host model; xenicorn answers every leaf itself from the CPUID hook.
+
+Feature bits advertised (SDM vol. 2A, CPUID):
+
+=============  ===============================================================
+leaf 1 EDX     FPU VME DE PSE TSC MSR PAE MCE CX8 APIC SEP MTRR PGE MCA CMOV
+               PAT PSE36 CLFSH MMX FXSR SSE SSE2
+leaf 1 ECX     SSE3, CX16, POPCNT, and bit 31 "hypervisor present"
+0x80000001     EDX: SYSCALL, NX, LM; ECX: LAHF/SAHF
+=============  ===============================================================
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+
+def _regs(text: str) -> tuple[int, int, int]:
+    """A 12-byte vendor string as the EBX, EDX, ECX words of leaf 0."""
+    b, d, c = struct.unpack("<III", text.encode())
+    return b, d, c
+
+
+VENDORS = {"intel": "GenuineIntel", "amd": "AuthenticAMD"}
+
+LEAF1_EDX = ((1 << 0) | (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 7) |
+             (1 << 8) | (1 << 9) | (1 << 11) | (1 << 12) | (1 << 13) | (1 << 14) | (1 << 15) |
+             (1 << 16) | (1 << 17) | (1 << 19) | (1 << 23) | (1 << 24) | (1 << 25) | (1 << 26))
+LEAF1_ECX = (1 << 0) | (1 << 13) | (1 << 23) | (1 << 31)
+EXT1_EDX = (1 << 11) | (1 << 20) | (1 << 29)
+EXT1_ECX = 1 << 0
+
+
+@dataclass
+class CpuidPolicy:
+    """The answers to CPUID, plus extra leaf providers (the Xen leaves)."""
+
+    vendor: str = "intel"
+    providers: list = field(default_factory=list)   # callables(leaf, sub, vcpu_index) -> tuple|None
+    brand: str = "xenicorn virtual CPU"
+
+    def query(self, leaf: int, sub: int, vcpu_index: int = 0) -> tuple[int, int, int, int]:
+        for provider in self.providers:
+            res = provider(leaf, sub, vcpu_index)
+            if res is not None:
+                return res
+        v = _regs(VENDORS[self.vendor])
+        if leaf == 0:
+            return (0xD, v[0], v[2], v[1])
+        if leaf == 1:
+            # family 6 model 0x3a stepping 9; APIC id in EBX[31:24], CLFLUSH size 8*8
+            ebx = (vcpu_index << 24) | (1 << 16) | (8 << 8)
+            return (0x000306A9, ebx, LEAF1_ECX, LEAF1_EDX)
+        if 2 <= leaf <= 0xD:
+            return (0, 0, 0, 0)            # caches, topology, xsave: none described
+        if leaf == 0x80000000:
+            return (0x80000008, *((v[0], v[2], v[1]) if self.vendor == "amd" else (0, 0, 0)))
+        if leaf == 0x80000001:
+            return (0, 0, EXT1_ECX, EXT1_EDX)
+        if 0x80000002 <= leaf <= 0x80000004:
+            raw = self.brand.encode().ljust(48, b"\0")[:47] + b"\0"
+            chunk = raw[(leaf - 0x80000002) * 16:][:16]
+            return struct.unpack("<IIII", chunk)
+        if leaf == 0x80000008:
+            return (0x3028, 0, 0, 0)        # 40-bit physical, 48-bit linear
+        if 0x80000000 < leaf:
+            return (0, 0, 0, 0)
+        # Above the highest basic leaf, Intel CPUs answer with the highest
+        # basic leaf's data; zero is what guests treat as "nothing there".
+        return (0, 0, 0, 0)

@@ -1,0 +1,57 @@
+"""Exact guest instruction counts from Unicorn's own counter.
+
+``uc.emu_start(count=N)`` makes Unicorn count instructions in C (a hidden
+code hook, about a third of full speed) and stop after N. It keeps the count
+in ``uc_struct.emu_counter`` but has no API to read it back, so a run that
+stops early (HLT, a stop request) would not know how far it got. This module
+finds the counter's offset once per process by running a few known
+instruction counts and looking for them, then reads it with ctypes.
+
+Two Unicorn rules shape how xenicorn uses it (measured, see
+``../shared/design.md``): blocks translated *without* counting ignore
+``count=``, so a machine that counts must count from its first instruction;
+and switching back to ``count=0`` flushes the translation cache.
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+
+from unicorn import Uc, UC_ARCH_X86, UC_MODE_32
+
+_OFFSET: int | None = None
+
+
+class CounterNotFound(RuntimeError):
+    """This Unicorn build keeps its instruction counter somewhere unexpected."""
+
+
+def _find_offset() -> int:
+    uc = Uc(UC_ARCH_X86, UC_MODE_32)
+    uc.mem_map(0, 0x4000)
+    uc.mem_write(0x1000, b"\x90" * 0x1000)        # a NOP sled: one insn per byte
+    handle = ctypes.cast(uc._uch, ctypes.c_void_p).value
+    span = 0x2000
+    snaps = []
+    for n in (5, 9, 17):
+        uc.emu_start(0x1000, 0x1F00, count=n)
+        snaps.append(ctypes.string_at(handle, span))
+    for off in range(0, span - 8, 8):
+        vals = [struct.unpack_from("<Q", s, off)[0] for s in snaps]
+        # the counter is one past the limit when the limit stopped the run
+        if vals == [6, 10, 18]:
+            return off
+    raise CounterNotFound("cannot locate Unicorn's instruction counter; install unicorn==2.1.4")
+
+
+def counter_offset() -> int:
+    global _OFFSET
+    if _OFFSET is None:
+        _OFFSET = _find_offset()
+    return _OFFSET
+
+
+def read_counter(uc: Uc) -> int:
+    """Instructions Unicorn counted in the current/last ``emu_start(count>0)``."""
+    handle = ctypes.cast(uc._uch, ctypes.c_void_p).value
+    return struct.unpack("<Q", ctypes.string_at(handle + counter_offset(), 8))[0]

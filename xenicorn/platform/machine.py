@@ -1,0 +1,310 @@
+"""The PC: RAM, buses, devices, vCPUs, and the exit-driven run loop.
+
+:meth:`Machine.run` is the loop a KVM user space runs around ``KVM_RUN``::
+
+    while running:
+        exit = vcpu.run()             # Unicorn executes guest code
+        machine.handle_exit(exit)     # Python does what hardware/Xen would
+
+:meth:`Machine.handle_exit` maps each exit type to one handler and returns an
+:class:`~xenicorn.platform.exits.Action`. Handlers reached from inside a
+Unicorn hook (port I/O, CPUID, exceptions, ...) run the same way; if one
+decides to stop, the vCPU ends ``emu_start`` and ``run()`` returns that exit.
+
+Process exit statuses (the CLI returns :attr:`Machine.status`): 0 clean
+poweroff, ``(v << 1) | 1`` for isa-debug-exit, 1 guest crash or triple
+fault, 124 on ``--timeout``, 2 for bad user input (never reached here).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from . import exits as E
+from .cpuid import CpuidPolicy
+from .memory import GuestMemory, PAGE_SIZE
+from .trace import Tracer, disassemble
+from .vcpu import VCpu
+from ..devices.bus import PioBus, MmioBus
+from ..devices.console import ConsoleSink, DebugCon, DebugExit, AcpiPmControl, stdout_sink
+
+STATUS_OK, STATUS_CRASH, STATUS_USAGE, STATUS_TIMEOUT = 0, 1, 2, 124
+
+
+@dataclass
+class MachineConfig:
+    """Everything a user chooses about a machine (the CLI fills it)."""
+
+    ram_mib: int = 128
+    cmdline: str = ""
+    serial: str = "stdio"                # stdio | file:PATH | none
+    debugcon: str = "stdio"              # stdio | none (port 0xE9)
+    trace: set[str] = field(default_factory=set)
+    max_insns: int = 0                   # 0 = no limit
+    timeout: float = 0.0                 # seconds of host time, 0 = none
+    vendor: str = "intel"
+    record_console: bool = True
+
+
+class Machine:
+    """A one-socket x86 PC around Unicorn vCPUs."""
+
+    def __init__(self, config: MachineConfig | None = None, console: ConsoleSink | None = None):
+        from .rawctx import selftest
+        selftest()
+        self.config = config or MachineConfig()
+        self.tracer = Tracer(self.config.trace)
+        self.memory = GuestMemory(self.config.ram_mib << 20)
+        self.pio = PioBus("pio", self._unclaimed("port"))
+        self.mmio = MmioBus("mmio", self._unclaimed("mmio"))
+        self.cpuid = CpuidPolicy(vendor=self.config.vendor)
+        self.console = console or (stdout_sink() if self.config.debugcon == "stdio" else ConsoleSink(None))
+        self.status: int | None = None
+        self.shutdown_reason = ""
+        self.shutdown_message = ""
+        self.exit_counts: dict[str, int] = {}
+        self.xen = None                      # the Xen layer, when built with one
+        self.wake_sources: list = []         # callables() -> bool: can a halted vCPU wake?
+        self.interrupt_source = None         # object with pending()/acknowledge(): the APIC/PIC
+        self.vcpus = [VCpu(self, 0, count_instructions=bool(self.config.max_insns))]
+        self._handlers = {
+            E.PortIO: self._handle_pio,
+            E.Mmio: self._handle_mmio,
+            E.Cpuid: self._handle_cpuid,
+            E.Hlt: self._handle_hlt,
+            E.InvalidInstruction: self._handle_invalid,
+            E.Hypercall: self._handle_hypercall,
+            E.Exception_: self._handle_exception,
+            E.Syscall: self._handle_syscall,
+            E.UnmappedAccess: self._handle_unmapped,
+            E.Shutdown: self._handle_shutdown,
+            E.Limit: self._handle_limit,
+            E.Request: self._handle_request,
+        }
+        self.pio.register(DebugCon.PORT, 1, DebugCon(self.console))
+        self.pio.register(DebugExit.PORT, 1, DebugExit(self.shutdown))
+        self.pio.register(AcpiPmControl.PORT, 2, AcpiPmControl(self.shutdown))
+        from ..devices.uart16550 import attach_serial
+        attach_serial(self)
+
+    @property
+    def vcpu(self) -> VCpu:
+        return self.vcpus[0]
+
+    # ------------------------------------------------------------------
+    def _unclaimed(self, space: str):
+        def report(kind: str, addr: int, size: int, value: int | None) -> None:
+            if self.tracer.on("io"):
+                what = f"write {value:#x}" if value is not None else "read -> all ones"
+                self.tracer.emit("io", f"unclaimed {space} {addr:#x} size {size}: {what} (reported once)")
+        return report
+
+    def shutdown(self, reason: str, status: int, message: str = "") -> None:
+        """Stop the machine (from any handler, inside or outside a hook)."""
+        if self.status is not None:
+            return
+        self.status = status
+        self.shutdown_reason = reason
+        self.shutdown_message = message
+        for vcpu in self.vcpus:
+            if vcpu._in_emu:
+                vcpu.stop_with(E.Shutdown(-1, reason, status, message))
+
+    # ------------------------------------------------------------------
+    # the run loop
+    # ------------------------------------------------------------------
+    def run(self) -> int:
+        """Run until the guest shuts down or a limit is hit; return the exit status."""
+        vcpu = self.vcpu
+        cfg = self.config
+        deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
+        while self.status is None:
+            self.inject_pending_interrupt(vcpu)
+            if self.status is not None:
+                break
+            timeout_us = 0
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._handle_limit(vcpu, E.Limit(vcpu.pc, "timeout"))
+                    break
+                timeout_us = max(1, int(left * 1e6))
+            count = 0
+            if cfg.max_insns:
+                count = cfg.max_insns - vcpu.instructions
+                if count <= 0:
+                    self._handle_limit(vcpu, E.Limit(vcpu.pc, "max-insns"))
+                    break
+            ex = vcpu.run(timeout_us=timeout_us, count=count)
+            if isinstance(ex, E.Limit) and ex.what == "timeout" and deadline is None:
+                continue                  # a spurious return, nothing to do
+            self.handle_exit(vcpu, ex)
+        self.console.flush()
+        return self.status
+
+    def inject_pending_interrupt(self, vcpu: VCpu) -> None:
+        """Deliver an external interrupt if one waits and the guest accepts it.
+
+        x86 accepts a maskable interrupt only between instructions, with
+        RFLAGS.IF = 1 and outside the one-instruction shadow of STI/MOV SS
+        (SDM vol. 3 §6.8.3). When one waits but the window is closed, the
+        vCPU arms a block hook that lives only until the window opens.
+        """
+        src = self.interrupt_source
+        if src is None or not src.pending():
+            vcpu.disarm_interrupt_window()
+            return
+        if not (vcpu.reg("rflags") & (1 << 9)) or vcpu.interrupt_shadow():
+            vcpu.arm_interrupt_window()
+            return
+        vcpu.disarm_interrupt_window()
+        vector = src.acknowledge()
+        if vector is None:
+            return
+        vcpu.halted = False
+        from .interrupts import deliver, EventType, TripleFault
+        try:
+            deliver(vcpu, vector, EventType.EXTERNAL)
+        except TripleFault as tf:
+            self.shutdown("triple-fault", STATUS_CRASH, str(tf))
+
+    # ------------------------------------------------------------------
+    # exit dispatch
+    # ------------------------------------------------------------------
+    def handle_exit(self, vcpu: VCpu, ex: E.Exit) -> E.Action:
+        kind = type(ex)
+        self.exit_counts[kind.__name__] = self.exit_counts.get(kind.__name__, 0) + 1
+        action = self._handlers[kind](vcpu, ex)
+        if self.tracer.on("exits"):
+            self.tracer.emit("exits", self.describe_exit(vcpu, ex))
+        if action is E.Action.STOP and vcpu._in_emu and vcpu._pending_exit is None:
+            vcpu.stop_with(ex)
+        return action
+
+    def describe_exit(self, vcpu: VCpu, ex: E.Exit) -> str:
+        fields = {k: v for k, v in vars(ex).items() if k != "pc"}
+        parts = []
+        for k, v in fields.items():
+            parts.append(f"{k}={v:#x}" if isinstance(v, int) and not isinstance(v, bool) else f"{k}={v}")
+        text = f"{ex.kind} " + " ".join(parts)
+        if ex.pc >= 0:
+            code = vcpu.read_linear(ex.pc, 16, fetch=True)
+            if isinstance(code, bytes):
+                text += f"  @ {disassemble(code, ex.pc, vcpu.code_bits())[0]}"
+            else:
+                text += f"  @ {ex.pc:#x}"
+        return text
+
+    def _handle_pio(self, vcpu: VCpu, ex: E.PortIO) -> E.Action:
+        if ex.write:
+            self.pio.write(ex.port, ex.size, ex.value)
+        else:
+            ex.value = self.pio.read(ex.port, ex.size)
+        return E.Action.STOP if self.status is not None else E.Action.CONTINUE
+
+    def _handle_mmio(self, vcpu: VCpu, ex: E.Mmio) -> E.Action:
+        if ex.write:
+            self.mmio.write(ex.addr, ex.size, ex.value)
+        else:
+            ex.value = self.mmio.read(ex.addr, ex.size)
+        return E.Action.STOP if self.status is not None else E.Action.CONTINUE
+
+    def _handle_cpuid(self, vcpu: VCpu, ex: E.Cpuid) -> E.Action:
+        ex.result = self.cpuid.query(ex.leaf, ex.subleaf, vcpu.index)
+        if self.tracer.on("cpuid"):
+            self.tracer.emit("cpuid", f"leaf {ex.leaf:#x}.{ex.subleaf} -> "
+                             + " ".join(f"{r:#010x}" for r in ex.result))
+        return E.Action.CONTINUE
+
+    def _handle_hlt(self, vcpu: VCpu, ex: E.Hlt) -> E.Action:
+        vcpu.halted = True
+        src = self.interrupt_source
+        if src is not None and src.pending() and vcpu.reg("rflags") & (1 << 9):
+            return E.Action.CONTINUE             # the run loop delivers it
+        if any(wake() for wake in self.wake_sources):
+            return E.Action.CONTINUE
+        if vcpu.reg("rflags") & (1 << 9):
+            msg = f"vCPU halted at {ex.pc:#x} and nothing is left that could wake it"
+        else:
+            msg = f"vCPU halted at {ex.pc:#x} with interrupts disabled"
+        self.shutdown("halted", STATUS_CRASH, msg)
+        return E.Action.STOP
+
+    def _deliver(self, vcpu: VCpu, vector: int, etype, error_code: int | None = None) -> E.Action:
+        from .interrupts import deliver, TripleFault
+        try:
+            deliver(vcpu, vector, etype, error_code)
+        except TripleFault as tf:
+            self.shutdown("triple-fault", STATUS_CRASH, str(tf))
+            return E.Action.STOP
+        return E.Action.CONTINUE
+
+    def _handle_invalid(self, vcpu: VCpu, ex: E.InvalidInstruction) -> E.Action:
+        from .interrupts import EventType
+        return self._deliver(vcpu, 6, EventType.HARDWARE_EXCEPTION)
+
+    def _handle_hypercall(self, vcpu: VCpu, ex: E.Hypercall) -> E.Action:
+        if self.xen is not None:
+            return self.xen.handle_hypercall(vcpu, ex)
+        from .interrupts import EventType
+        return self._deliver(vcpu, 6, EventType.HARDWARE_EXCEPTION)   # no Xen: VMCALL is #UD
+
+    def _handle_exception(self, vcpu: VCpu, ex: E.Exception_) -> E.Action:
+        from .interrupts import EventType
+        if ex.software:
+            etype = EventType.SOFTWARE_INTERRUPT
+        else:
+            etype = EventType.HARDWARE_EXCEPTION
+        return self._deliver(vcpu, ex.vector, etype, ex.error_code)
+
+    def _handle_syscall(self, vcpu: VCpu, ex: E.Syscall) -> E.Action:
+        from . import syscall
+        (syscall.do_syscall if ex.insn == "syscall" else syscall.do_sysenter)(vcpu)
+        return E.Action.CONTINUE
+
+    def _handle_unmapped(self, vcpu: VCpu, ex: E.UnmappedAccess) -> E.Action:
+        if ex.access == "fetch":
+            self.shutdown("crash", STATUS_CRASH,
+                          f"guest jumped to {ex.addr:#x}, where no memory is mapped")
+            return E.Action.STOP
+        page = ex.addr & ~(PAGE_SIZE - 1)
+        if self.tracer.on("mem"):
+            self.tracer.emit("mem", f"{ex.access} of unassigned physical {ex.addr:#x}: "
+                             "reads float high, writes are dropped")
+        vcpu.map_unassigned(page, self.mmio.read, self.mmio.write)
+        return E.Action.CONTINUE
+
+    def _handle_shutdown(self, vcpu: VCpu, ex: E.Shutdown) -> E.Action:
+        self.shutdown(ex.reason, ex.status, ex.message)
+        return E.Action.STOP
+
+    def _handle_limit(self, vcpu: VCpu, ex: E.Limit) -> E.Action:
+        if ex.what == "timeout":
+            self.shutdown("timeout", STATUS_TIMEOUT, f"--timeout of {self.config.timeout:g}s reached")
+        else:
+            self.shutdown("max-insns", STATUS_TIMEOUT, f"--max-insns {self.config.max_insns} reached")
+        return E.Action.STOP
+
+    def _handle_request(self, vcpu: VCpu, ex: E.Request) -> E.Action:
+        return E.Action.CONTINUE
+
+    def close(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.close()
+
+
+def boot(config: MachineConfig, kernel_path: str, *, initrd: str | None = None,
+         load_addr: int | None = None, console: ConsoleSink | None = None) -> "tuple[Machine, object]":
+    """Build a machine, load a kernel (PVH ELF or flat binary) and reset the vCPU to its entry."""
+    from .loader import load_elf, load_flat, load_module, write_start_info
+    machine = Machine(config, console=console)
+    if load_addr is not None:
+        kernel = load_flat(machine.memory, kernel_path, load_addr)
+    else:
+        kernel = load_elf(machine.memory, kernel_path)
+    if initrd:
+        load_module(machine.memory, kernel, initrd)
+    start_info = write_start_info(machine.memory, kernel, config.cmdline)
+    machine.kernel = kernel
+    machine.vcpu.reset_to_flat32(kernel.entry, ebx=start_info)
+    return machine, kernel

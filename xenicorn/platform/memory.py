@@ -1,0 +1,165 @@
+"""Guest physical memory: the RAM buffer, the PC memory map, typed access.
+
+The guest's RAM is one host buffer (an anonymous ``mmap``) handed to Unicorn
+with ``mem_map_ptr``. Unicorn executes guest loads and stores against it, and
+Python reads and writes the *same bytes* through a ``memoryview`` without a
+call into Unicorn (about 20x cheaper than ``uc.mem_read``). That matters for
+the Xen layer, which reads guest structures on every hypercall and, for the
+callback GSI, polls a byte of ``vcpu_info``.
+
+One rule comes with it: bytes written from Python are not the guest's own
+stores, so Unicorn does not notice when they overwrite code it has already
+translated. Writers of code (the loader, the hypercall page) call
+:meth:`GuestMemory.code_written`.
+
+The physical map follows a PC (and hvmloader's E820):
+
+==========================  ======================================
+``0 .. 0x9FC00``            RAM (conventional memory)
+``0x9FC00 .. 0x100000``     reserved (EBDA, VGA hole, BIOS ROM)
+``0x100000 .. low_end``     RAM, ``low_end`` = min(RAM, 0xE0000000)
+``0xE0000000 .. 4 GiB``     PCI MMIO hole: IOAPIC 0xFEC00000,
+                            LAPIC 0xFEE00000, BARs
+``4 GiB ..``                RAM above the hole, if any
+==========================  ======================================
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import struct
+from dataclasses import dataclass
+
+PAGE_SIZE = 4096
+LOW_RAM_LIMIT = 0xE0000000       # start of the PCI hole
+HIGH_RAM_BASE = 1 << 32
+E820_RAM, E820_RESERVED, E820_ACPI, E820_NVS, E820_UNUSABLE = 1, 2, 3, 4, 5
+
+
+@dataclass(frozen=True)
+class E820Entry:
+    """One range of the BIOS memory map (type 1 = RAM, 2 = reserved)."""
+
+    addr: int
+    size: int
+    type: int
+
+
+class GuestMemoryError(Exception):
+    """A physical access outside guest RAM (a guest bug, not ours)."""
+
+
+class GuestMemory:
+    """Guest RAM as regions of one host buffer, plus typed accessors."""
+
+    def __init__(self, size: int):
+        if size < 2 << 20 or size % PAGE_SIZE:
+            raise ValueError(f"RAM size must be a multiple of 4 KiB and at least 2 MiB, not {size:#x}")
+        self.size = size
+        self._mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.buf = memoryview(self._mm)
+        self.host_addr = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))
+        low = min(size, LOW_RAM_LIMIT)
+        # (guest physical base, length, offset into the host buffer)
+        self.regions: list[tuple[int, int, int]] = [(0, low, 0)]
+        if size > low:
+            self.regions.append((HIGH_RAM_BASE, size - low, low))
+        self.uc_list: list = []          # Unicorn instances mapping this RAM
+        self.reserved: list[E820Entry] = [E820Entry(0x9FC00, 0x100000 - 0x9FC00, E820_RESERVED)]
+
+    # -- mapping into Unicorn ---------------------------------------------
+    def map_into(self, uc) -> None:
+        for base, length, off in self.regions:
+            uc.mem_map_ptr(base, length, 7, self.host_addr + off)
+        self.uc_list.append(uc)
+
+    def code_written(self, addr: int, size: int) -> None:
+        """Drop translated code for a range Python wrote (see module doc)."""
+        start = addr & ~(PAGE_SIZE - 1)
+        end = (addr + size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        for uc in self.uc_list:
+            uc.ctl_remove_cache(start, end)
+
+    # -- address translation ----------------------------------------------
+    def offset(self, addr: int, size: int) -> int:
+        """Host buffer offset of guest-physical ``[addr, addr+size)``."""
+        for base, length, off in self.regions:
+            if base <= addr and addr + size <= base + length:
+                return off + addr - base
+        raise GuestMemoryError(f"physical range {addr:#x}+{size:#x} is not RAM")
+
+    def is_ram(self, addr: int, size: int = 1) -> bool:
+        return any(base <= addr and addr + size <= base + length for base, length, _ in self.regions)
+
+    # -- access ---------------------------------------------------------
+    def read(self, addr: int, size: int) -> bytes:
+        o = self.offset(addr, size)
+        return bytes(self.buf[o:o + size])
+
+    def write(self, addr: int, data: bytes) -> None:
+        o = self.offset(addr, len(data))
+        self.buf[o:o + len(data)] = data
+
+    def read_int(self, addr: int, size: int) -> int:
+        o = self.offset(addr, size)
+        return int.from_bytes(self.buf[o:o + size], "little")
+
+    def write_int(self, addr: int, size: int, value: int) -> None:
+        o = self.offset(addr, size)
+        self.buf[o:o + size] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+
+    def read_u8(self, addr: int) -> int:
+        return self.buf[self.offset(addr, 1)]
+
+    def read_u32(self, addr: int) -> int:
+        return self.read_int(addr, 4)
+
+    def read_u64(self, addr: int) -> int:
+        return self.read_int(addr, 8)
+
+    def write_u32(self, addr: int, value: int) -> None:
+        self.write_int(addr, 4, value)
+
+    def write_u64(self, addr: int, value: int) -> None:
+        self.write_int(addr, 8, value)
+
+    def read_struct(self, addr: int, fmt: str) -> tuple:
+        return struct.unpack(fmt, self.read(addr, struct.calcsize(fmt)))
+
+    def write_struct(self, addr: int, fmt: str, *values) -> None:
+        self.write(addr, struct.pack(fmt, *values))
+
+    def read_cstring(self, addr: int, limit: int = 4096) -> bytes:
+        out = bytearray()
+        while len(out) < limit and self.is_ram(addr + len(out)):
+            b = self.read_u8(addr + len(out))
+            if b == 0:
+                break
+            out.append(b)
+        return bytes(out)
+
+    def fill(self, addr: int, size: int, byte: int = 0) -> None:
+        o = self.offset(addr, size)
+        self.buf[o:o + size] = bytes([byte]) * size
+
+    # -- the BIOS-style map ------------------------------------------------
+    def e820(self) -> list[E820Entry]:
+        """The memory map a guest is told about (start_info, XENMEM_memory_map)."""
+        out = [E820Entry(0, 0x9FC00, E820_RAM)]
+        out += self.reserved
+        low_end = self.regions[0][1]
+        out.append(E820Entry(0x100000, low_end - 0x100000, E820_RAM))
+        if len(self.regions) > 1:
+            out.append(E820Entry(HIGH_RAM_BASE, self.regions[1][1], E820_RAM))
+        return sorted(out, key=lambda e: e.addr)
+
+    def reserve(self, addr: int, size: int) -> None:
+        """Mark a range reserved in the E820 map (special pages, ...)."""
+        self.reserved.append(E820Entry(addr, size, E820_RESERVED))
+
+    def close(self) -> None:
+        self.buf.release()
+        try:
+            self._mm.close()
+        except BufferError:       # Unicorn or a ctypes view may still hold it
+            pass

@@ -1,0 +1,287 @@
+"""Raw access to the CPU state Unicorn keeps but does not expose.
+
+Unicorn is QEMU's TCG with the machine removed. Its public API reads and
+writes registers, but several pieces of CPU state that a *platform* needs are
+only reachable inside the saved context (``uc.context_save()``), which is the
+QEMU ``CPUX86State`` structure behind a small header:
+
+================  ==========================================================
+field             why xenicorn needs it
+================  ==========================================================
+``segs[6]``       segment *caches* (base, limit, attributes). In 64-bit
+                  Unicorn mode ``reg_write(CS, sel)`` changes only the
+                  selector, and from CPL3 it refuses kernel selectors, so
+                  interrupt delivery and the PVH boot state load caches here.
+``hflags``        QEMU's derived mode bits: CPL (bits 1:0), CS32, SS32,
+                  ADDSEG, PE, LMA, CS64. They must agree with the caches.
+``tr``            the task register cache: the TSS holds the kernel stacks
+                  that a privilege change switches to.
+``error_code``    the error code of the exception Unicorn just reported to
+                  ``UC_HOOK_INTR`` (#GP, #PF, ...). The hook gets only the
+                  vector.
+``exception_is_int``  1 when the "exception" was a software ``INT n``/``INT3``
+                  (EIP already past it, no error code, gate DPL checked).
+``old_exception`` Unicorn never resets it after an exception that a hook
+                  handled, so the *next* unrelated fault would be promoted to
+                  #DF and then to a silent triple fault. Reset after each.
+================  ==========================================================
+
+The offsets belong to the exact Unicorn build this package pins (2.1.4, the
+PyPI wheel, x86-64 host). :func:`selftest` checks them against behaviour the
+first time a machine is built and refuses to run on a build that differs,
+rather than corrupting guest state.
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+from dataclasses import dataclass
+
+from unicorn import Uc, UC_ARCH_X86, UC_MODE_64, UC_HOOK_INTR
+from unicorn import x86_const as X
+
+# Offsets inside bytes(context): a 40-byte uc_context header, then CPUX86State.
+_HDR = 40
+OFF_REGS = 0              # target_ulong regs[16]
+OFF_EIP = 128
+OFF_EFLAGS = 136
+OFF_HFLAGS = 176
+OFF_HFLAGS2 = 180
+OFF_SEGS = 184            # SegmentCache segs[6]: ES CS SS DS FS GS
+OFF_LDT = 328
+OFF_TR = 352
+OFF_GDT = 376
+OFF_IDT = 400
+OFF_CR = 424              # target_ulong cr[5]
+OFF_ERROR_CODE = 5384
+OFF_EXCEPTION_IS_INT = 5388
+OFF_EXCEPTION_NEXT_EIP = 5392
+OFF_OLD_EXCEPTION = 5496
+SEG_SIZE = 24             # {u32 selector; u32 pad; u64 base; u32 limit; u32 flags}
+
+# Segment register numbers in QEMU's order (R_ES..R_GS).
+ES, CS, SS, DS, FS, GS = range(6)
+SEG_NAMES = ("es", "cs", "ss", "ds", "fs", "gs")
+
+# hflags bits (QEMU target/i386/cpu.h).
+HF_CPL_MASK = 3
+HF_INHIBIT_IRQ = 1 << 3   # STI / MOV SS interrupt shadow
+HF_CS32 = 1 << 4
+HF_SS32 = 1 << 5
+HF_ADDSEG = 1 << 6
+HF_PE = 1 << 7
+HF_LMA = 1 << 14
+HF_CS64 = 1 << 15
+
+# Attribute bits of a segment cache: the descriptor's high dword, as QEMU keeps it.
+DESC_TYPE_SHIFT = 8
+DESC_S = 1 << 12          # code/data (1) or system (0)
+DESC_DPL_SHIFT = 13
+DESC_P = 1 << 15
+DESC_L = 1 << 21          # 64-bit code
+DESC_B = 1 << 22          # 32-bit default size
+DESC_G = 1 << 23
+
+
+@dataclass
+class SegmentCache:
+    """One hidden segment register: what the CPU loaded from a descriptor."""
+
+    selector: int
+    base: int
+    limit: int
+    flags: int            # descriptor high dword attributes (DESC_* bits)
+
+    @property
+    def dpl(self) -> int:
+        return (self.flags >> DESC_DPL_SHIFT) & 3
+
+    @classmethod
+    def from_descriptor(cls, selector: int, raw: int) -> "SegmentCache":
+        """Decode an 8-byte GDT/LDT descriptor (SDM vol. 3 §3.4.5)."""
+        lo, hi = raw & 0xFFFFFFFF, raw >> 32
+        base = (lo >> 16) | ((hi & 0xFF) << 16) | (hi & 0xFF000000)
+        limit = (lo & 0xFFFF) | (hi & 0x000F0000)
+        if hi & DESC_G:
+            limit = (limit << 12) | 0xFFF
+        return cls(selector, base, limit, hi & 0x00FFFF00)
+
+
+def flat_code32(selector: int, dpl: int = 0) -> SegmentCache:
+    """A flat 32-bit execute/read code segment, as the PVH ABI asks for CS."""
+    return SegmentCache(selector, 0, 0xFFFFFFFF,
+                        DESC_G | DESC_B | DESC_P | DESC_S | (dpl << DESC_DPL_SHIFT) | (0xB << DESC_TYPE_SHIFT))
+
+
+def flat_code64(selector: int, dpl: int = 0) -> SegmentCache:
+    """A 64-bit code segment (L=1, D=0)."""
+    return SegmentCache(selector, 0, 0xFFFFFFFF,
+                        DESC_G | DESC_L | DESC_P | DESC_S | (dpl << DESC_DPL_SHIFT) | (0xB << DESC_TYPE_SHIFT))
+
+
+def flat_data(selector: int, dpl: int = 0) -> SegmentCache:
+    """A flat read/write data segment (accessed)."""
+    return SegmentCache(selector, 0, 0xFFFFFFFF,
+                        DESC_G | DESC_B | DESC_P | DESC_S | (dpl << DESC_DPL_SHIFT) | (0x3 << DESC_TYPE_SHIFT))
+
+
+class RawContext:
+    """A saved Unicorn context opened for field access.
+
+    ``with RawContext(uc) as ctx:`` saves, lets the caller read and patch
+    fields, and restores on exit (only if something was written).
+    """
+
+    def __init__(self, uc: Uc):
+        self.uc = uc
+        self.ctx = uc.context_save()
+        self._ptr = ctypes.cast(self.ctx.context, ctypes.c_void_p).value + _HDR
+        self.dirty = False
+
+    # -- primitive access -------------------------------------------------
+    def read(self, off: int, fmt: str):
+        return struct.unpack(fmt, ctypes.string_at(self._ptr + off, struct.calcsize(fmt)))[0]
+
+    def write(self, off: int, fmt: str, value) -> None:
+        ctypes.memmove(self._ptr + off, struct.pack(fmt, value), struct.calcsize(fmt))
+        self.dirty = True
+
+    def commit(self) -> None:
+        if self.dirty:
+            self.uc.context_restore(self.ctx)
+            self.dirty = False
+
+    def __enter__(self) -> "RawContext":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.commit()
+
+    # -- fields -----------------------------------------------------------
+    @property
+    def hflags(self) -> int:
+        return self.read(OFF_HFLAGS, "<I")
+
+    @hflags.setter
+    def hflags(self, value: int) -> None:
+        self.write(OFF_HFLAGS, "<I", value)
+
+    @property
+    def cpl(self) -> int:
+        return self.hflags & HF_CPL_MASK
+
+    @property
+    def error_code(self) -> int:
+        return self.read(OFF_ERROR_CODE, "<I")
+
+    @property
+    def exception_is_int(self) -> bool:
+        return self.read(OFF_EXCEPTION_IS_INT, "<i") != 0
+
+    @property
+    def exception_next_eip(self) -> int:
+        return self.read(OFF_EXCEPTION_NEXT_EIP, "<Q")
+
+    def clear_old_exception(self) -> None:
+        self.write(OFF_OLD_EXCEPTION, "<i", -1)
+
+    def _seg_off(self, seg: int | str) -> int:
+        if isinstance(seg, str):
+            return {"ldt": OFF_LDT, "tr": OFF_TR, "gdt": OFF_GDT, "idt": OFF_IDT}.get(
+                seg, None) or OFF_SEGS + SEG_NAMES.index(seg) * SEG_SIZE
+        return OFF_SEGS + seg * SEG_SIZE
+
+    def segment(self, seg: int | str) -> SegmentCache:
+        """Read a segment cache: 0..5 (ES..GS) or 'ldt'/'tr'/'gdt'/'idt'."""
+        o = self._seg_off(seg)
+        return SegmentCache(self.read(o, "<I"), self.read(o + 8, "<Q"),
+                            self.read(o + 16, "<I"), self.read(o + 20, "<I"))
+
+    def set_segment(self, seg: int | str, cache: SegmentCache) -> None:
+        o = self._seg_off(seg)
+        self.write(o, "<I", cache.selector & 0xFFFF)
+        self.write(o + 8, "<Q", cache.base)
+        self.write(o + 16, "<I", cache.limit & 0xFFFFFFFF)
+        self.write(o + 20, "<I", cache.flags)
+
+    def load_segments(self, **caches: SegmentCache) -> None:
+        """Load segment caches and recompute the hflags that depend on them.
+
+        This is what QEMU's ``cpu_x86_load_seg_cache`` does: CS sets the
+        code size (CS32/CS64), SS sets the stack size and the CPL (the CPL
+        *is* SS.DPL, SDM vol. 3 §5.5), and ADDSEG says whether any of
+        DS/ES/SS has a non-zero base in legacy mode.
+        """
+        hf = self.hflags
+        for name, cache in caches.items():
+            seg = SEG_NAMES.index(name)
+            self.set_segment(seg, cache)
+            if seg == CS:
+                if hf & HF_LMA and cache.flags & DESC_L:
+                    hf |= HF_CS32 | HF_SS32 | HF_CS64
+                else:
+                    hf = (hf & ~(HF_CS32 | HF_CS64)) | (HF_CS32 if cache.flags & DESC_B else 0)
+            elif seg == SS:
+                hf = (hf & ~HF_CPL_MASK) | cache.dpl
+                if not hf & HF_CS64:
+                    hf = (hf & ~HF_SS32) | (HF_SS32 if cache.flags & DESC_B else 0)
+        if not hf & HF_CS64:
+            bases = [self.segment(s).base for s in (DS, ES, SS)]
+            hf = (hf & ~HF_ADDSEG) | (HF_ADDSEG if any(bases) or not hf & HF_CS32 else 0)
+        self.hflags = hf
+
+    def set_cpl(self, cpl: int) -> None:
+        self.hflags = (self.hflags & ~HF_CPL_MASK) | cpl
+
+
+_SELFTEST_DONE = False
+
+
+class UnsupportedUnicornBuild(RuntimeError):
+    """The Unicorn library differs from the build whose layout is known."""
+
+
+def selftest() -> None:
+    """Check the offsets above against real behaviour, once per process."""
+    global _SELFTEST_DONE
+    if _SELFTEST_DONE:
+        return
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 0x10000)
+    # Leave long mode (reset state of UC_MODE_64) for a flat 32-bit CPU.
+    uc.reg_write(X.UC_X86_REG_CR0, 0x11)
+    uc.msr_write(0xC0000080, 0)
+    gdt = struct.pack("<QQQ", 0, 0x00CF9B000000FFFF, 0x00CF93000000FFFF)
+    uc.mem_write(0x1000, gdt)
+    uc.reg_write(X.UC_X86_REG_GDTR, (0, 0x1000, 23, 0))
+    with RawContext(uc) as ctx:
+        ctx.load_segments(cs=flat_code32(8), ss=flat_data(16), ds=flat_data(16))
+    # mov ax, 0x1234 ; mov ds, ax  (-> #GP(0x1234)) ; int 0x0d
+    code = bytes.fromhex("66b83412" "8ed8" "cd0d" "f4")
+    uc.mem_write(0x2000, code)
+    seen = []
+
+    def hook(uc, intno, _):
+        ctx = RawContext(uc)
+        seen.append((intno, ctx.error_code, ctx.exception_is_int, ctx.read(OFF_EIP, "<Q")))
+        ctx.clear_old_exception()
+        ctx.commit()
+        if len(seen) == 1:
+            uc.reg_write(X.UC_X86_REG_EIP, 0x2006)
+        else:
+            uc.emu_stop()
+
+    h = uc.hook_add(UC_HOOK_INTR, hook)
+    uc.emu_start(0x2000, 0x2009)
+    uc.hook_del(h)
+    ok = (len(seen) == 2 and seen[0][:3] == (13, 0x1234, False) and seen[0][3] == 0x2004
+          and seen[1][:3] == (13, 0, True) and seen[1][3] == 0x2008)
+    ctx = RawContext(uc)
+    ok = ok and ctx.read(OFF_CR, "<Q") == uc.reg_read(X.UC_X86_REG_CR0)
+    ok = ok and ctx.segment(CS).selector == 8 and ctx.segment("gdt").base == 0x1000
+    if not ok:
+        raise UnsupportedUnicornBuild(
+            "this Unicorn build's CPU state layout differs from unicorn 2.1.4's; "
+            f"install unicorn==2.1.4 (probe saw {seen})")
+    _SELFTEST_DONE = True

@@ -1,0 +1,369 @@
+"""One virtual CPU: a Unicorn instance, its hooks, and ``run()``.
+
+This is xenicorn's ``KVM_RUN``. :meth:`VCpu.run` starts Unicorn at the
+current instruction and returns a typed :mod:`exit <xenicorn.platform.exits>`
+when it stops. Unicorn reports events through hooks; each hook here is a thin
+adaptor that builds the exit record and passes it to the machine:
+
+=====================  ==========================  =========================
+Unicorn report         exit                        handled
+=====================  ==========================  =========================
+UC_HOOK_INSN IN/OUT    :class:`PortIO`             in the hook (device call)
+mmio_map callbacks     :class:`Mmio`               in the hook
+UC_HOOK_INSN CPUID     :class:`Cpuid`              in the hook
+UC_HOOK_INSN SYSCALL,  :class:`Syscall`            in the hook (we give them
+SYSENTER                                           their architectural effect)
+UC_HOOK_INSN_INVALID   :class:`InvalidInstruction` hypercall or #UD delivery
+                       / :class:`Hypercall`
+UC_HOOK_INTR           :class:`Exception_`         delivered through the IDT
+UC_HOOK_MEM_UNMAPPED   :class:`UnmappedAccess`     floats high / fatal fetch
+emu_start returns      :class:`Hlt`, :class:`Limit`, :class:`Request`
+=====================  ==========================  =========================
+
+Every Unicorn instance is created in 64-bit mode: it can run real, protected
+and long mode code, and a 32-bit PVH entry can switch itself to long mode.
+Reset leaves the engine in long mode; :meth:`reset_to_flat32` puts it where
+the PVH ABI starts a guest.
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Callable
+
+from unicorn import (Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_HOOK_INSN, UC_HOOK_INTR,
+                     UC_HOOK_INSN_INVALID, UC_HOOK_MEM_UNMAPPED, UC_HOOK_BLOCK,
+                     UC_MEM_FETCH_UNMAPPED, UC_MEM_WRITE_UNMAPPED, UC_ERR_FETCH_UNMAPPED,
+                     UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED)
+from unicorn import x86_const as X
+
+from . import exits as E
+from . import icount
+from .rawctx import RawContext, flat_code32, flat_data, SegmentCache, HF_INHIBIT_IRQ
+
+if TYPE_CHECKING:
+    from .machine import Machine
+
+UNTIL = (1 << 64) - 1            # emu_start's stop address: never reached
+EFER = 0xC0000080
+EFER_LME, EFER_LMA, EFER_NXE = 1 << 8, 1 << 10, 1 << 11
+RFLAGS_IF = 1 << 9
+PAGE = 4096
+
+# Vectors whose exceptions push an error code (SDM vol. 3 table 6-1).
+ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
+
+_GPR64 = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
+          "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
+REG = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in _GPR64}
+REG.update({n: getattr(X, f"UC_X86_REG_{n.upper()}") for n in
+            ("cr0", "cr2", "cr3", "cr4", "cs", "ds", "es", "fs", "gs", "ss",
+             "eax", "ebx", "ecx", "edx", "esi", "edi", "ebp", "esp", "eip", "eflags")})
+
+
+class VCpu:
+    """A vCPU: owns a Unicorn engine and turns its reports into exits."""
+
+    def __init__(self, machine: "Machine", index: int = 0, count_instructions: bool = False):
+        self.machine = machine
+        self.index = index
+        self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        machine.memory.map_into(self.uc)
+        self.count_instructions = count_instructions
+        self.instructions = 0            # exact only when counting
+        self._stop_reasons: list[str] = []
+        self._pending_exit: E.Exit | None = None
+        self._in_emu = False
+        self.halted = False
+        self._window_hook = None
+        self._mapped_unassigned: set[int] = set()
+        uc = self.uc
+        uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
+        uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
+        uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
+        uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
+        uc.hook_add(UC_HOOK_INSN, self._on_sysenter, None, 1, 0, X.UC_X86_INS_SYSENTER)
+        uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
+        uc.hook_add(UC_HOOK_INTR, self._on_intr)
+        uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
+
+    # ------------------------------------------------------------------
+    # register access
+    # ------------------------------------------------------------------
+    def reg(self, name: str) -> int:
+        return self.uc.reg_read(REG[name])
+
+    def set_reg(self, name: str, value: int) -> None:
+        self.uc.reg_write(REG[name], value)
+
+    @property
+    def pc(self) -> int:
+        return self.uc.reg_read(X.UC_X86_REG_RIP)
+
+    @pc.setter
+    def pc(self, value: int) -> None:
+        self.uc.reg_write(X.UC_X86_REG_RIP, value)
+
+    def efer(self) -> int:
+        return self.uc.msr_read(EFER)
+
+    def long_mode(self) -> bool:
+        return bool(self.efer() & EFER_LMA)
+
+    def cpl(self) -> int:
+        return RawContext(self.uc).cpl
+
+    def code_bits(self) -> int:
+        """16, 32 or 64: the size the current CS executes at."""
+        cs = RawContext(self.uc).segment("cs")
+        if self.long_mode() and cs.flags & (1 << 21):
+            return 64
+        if not self.reg("cr0") & 1:
+            return 16
+        return 32 if cs.flags & (1 << 22) else 16
+
+    def interrupt_shadow(self) -> bool:
+        """True right after STI or MOV SS: interrupts wait one instruction."""
+        return bool(RawContext(self.uc).hflags & HF_INHIBIT_IRQ)
+
+    # ------------------------------------------------------------------
+    # linear (virtual) memory, through the guest's page tables
+    # ------------------------------------------------------------------
+    def paging_regs(self):
+        from .paging import PagingRegs
+        return PagingRegs(cr0=self.reg("cr0"), cr3=self.reg("cr3"), cr4=self.reg("cr4"), efer=self.efer())
+
+    def translate(self, linear: int, *, write: bool = False, user: bool = False, fetch: bool = False,
+                  regs=None):
+        """Linear → physical; returns a Translation or a PageFault (never raises for the guest's sake)."""
+        from .paging import translate
+        mem = self.machine.memory
+        return translate(regs or self.paging_regs(), linear, mem.read_int, write=write, user=user,
+                         fetch=fetch, write_phys=mem.write_int)
+
+    def read_linear(self, linear: int, size: int, *, user: bool = False, fetch: bool = False):
+        """Read guest-linear bytes; returns bytes or a PageFault."""
+        from .paging import PageFault
+        regs = self.paging_regs()
+        out = bytearray()
+        while size:
+            chunk = min(size, PAGE - (linear & (PAGE - 1)))
+            t = self.translate(linear, user=user, fetch=fetch, regs=regs)
+            if isinstance(t, PageFault):
+                return t
+            out += self.read_phys(t.phys, chunk)
+            linear += chunk
+            size -= chunk
+        return bytes(out)
+
+    def write_linear(self, linear: int, data: bytes, *, user: bool = False):
+        """Write guest-linear bytes; returns None or a PageFault (nothing written then)."""
+        from .paging import PageFault
+        regs = self.paging_regs()
+        pieces = []
+        pos = 0
+        while pos < len(data):
+            chunk = min(len(data) - pos, PAGE - ((linear + pos) & (PAGE - 1)))
+            t = self.translate(linear + pos, write=True, user=user, regs=regs)
+            if isinstance(t, PageFault):
+                return t
+            pieces.append((t.phys, data[pos:pos + chunk]))
+            pos += chunk
+        for phys, piece in pieces:
+            self.write_phys(phys, piece)
+        return None
+
+    def read_phys(self, addr: int, size: int) -> bytes:
+        mem = self.machine.memory
+        if mem.is_ram(addr, size):
+            return mem.read(addr, size)
+        return bytes(self.uc.mem_read(addr, size))
+
+    def write_phys(self, addr: int, data: bytes) -> None:
+        mem = self.machine.memory
+        if mem.is_ram(addr, len(data)):
+            mem.write(addr, data)
+        else:
+            self.uc.mem_write(addr, data)
+
+    # ------------------------------------------------------------------
+    # reset state
+    # ------------------------------------------------------------------
+    def reset_to_flat32(self, entry: int, ebx: int = 0, esp: int = 0) -> None:
+        """The PVH entry state (xen/include/public/arch-x86/hvm/start_info.h).
+
+        32-bit protected mode, paging off, flat 4 GiB CS (execute/read) and
+        DS/ES/SS (read/write), TR a 32-bit busy TSS at base 0 limit 0x67,
+        CR4 = EFER = 0, EFLAGS with IF=0, EBX = start_info's physical
+        address. Unicorn's 64-bit engine starts in long mode; turning CR0.PG
+        off and clearing EFER leaves it.
+        """
+        uc = self.uc
+        uc.reg_write(X.UC_X86_REG_CR0, 0x11)                # PE + ET, paging off
+        uc.msr_write(EFER, 0)
+        uc.reg_write(X.UC_X86_REG_CR4, 0)
+        uc.reg_write(X.UC_X86_REG_CR3, 0)
+        with RawContext(uc) as ctx:
+            data = flat_data(0x18)
+            ctx.load_segments(cs=flat_code32(0x10), ss=data, ds=data, es=data,
+                              fs=flat_data(0), gs=flat_data(0))
+            ctx.set_segment("tr", SegmentCache(0x20, 0, 0x67, (1 << 15) | (0xB << 8)))
+            ctx.set_segment("ldt", SegmentCache(0, 0, 0xFFFF, (1 << 15) | (0x2 << 8)))
+            ctx.set_cpl(0)
+        uc.reg_write(X.UC_X86_REG_GDTR, (0, 0, 0xFFFF, 0))
+        uc.reg_write(X.UC_X86_REG_IDTR, (0, 0, 0xFFFF, 0))
+        for r in ("rax", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11",
+                  "r12", "r13", "r14", "r15"):
+            self.set_reg(r, 0)
+        self.set_reg("rbx", ebx)
+        self.set_reg("rsp", esp)
+        self.set_reg("rflags", 0x2)
+        self.set_reg("rip", entry)
+
+    # ------------------------------------------------------------------
+    # the run loop primitive
+    # ------------------------------------------------------------------
+    def request_stop(self, reason: str) -> None:
+        """Make run() return a Request exit soon (safe from hooks and other threads)."""
+        self._stop_reasons.append(reason)
+        self.uc.emu_stop()
+
+    def stop_with(self, exit_: E.Exit) -> None:
+        """From inside a hook: end emu_start and make run() return ``exit_``."""
+        self._pending_exit = exit_
+        self.uc.emu_stop()
+
+    def run(self, timeout_us: int = 0, count: int = 0) -> E.Exit:
+        """Run the guest until something needs the platform; return why."""
+        self._pending_exit = None
+        self._stop_reasons = []
+        start = self.pc
+        count = count if self.count_instructions else 0
+        err = None
+        self._in_emu = True
+        try:
+            self.uc.emu_start(start, UNTIL, timeout=timeout_us, count=count)
+        except UcError as e:
+            err = e
+        finally:
+            self._in_emu = False
+        if self.count_instructions:
+            n = icount.read_counter(self.uc)
+            self.instructions += min(n, count) if count else n
+        pc = self.pc
+        if self._pending_exit is not None:
+            return self._pending_exit
+        if err is not None:
+            return self._error_exit(err, pc)
+        if self._stop_reasons:
+            return E.Request(pc, list(self._stop_reasons))
+        if count and icount.read_counter(self.uc) > count:
+            return E.Limit(pc, "max-insns")
+        if self._just_halted(pc):
+            return E.Hlt(pc)
+        return E.Limit(pc, "timeout")
+
+    def _just_halted(self, pc: int) -> bool:
+        data = self.read_linear(pc - 1, 1, fetch=True) if pc else None
+        return isinstance(data, bytes) and data == b"\xf4"
+
+    def _error_exit(self, err: UcError, pc: int) -> E.Exit:
+        code = err.errno
+        if code == UC_ERR_FETCH_UNMAPPED:
+            return E.UnmappedAccess(pc, pc, 1, "fetch")
+        if code in (UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED):
+            return E.UnmappedAccess(pc, pc, 1, "read" if code == UC_ERR_READ_UNMAPPED else "write")
+        return E.Shutdown(pc, "emulator-error", 1, f"CPU engine error at {pc:#x}: {err}")
+
+    # ------------------------------------------------------------------
+    # interrupt window: a block hook that exists only while an interrupt waits
+    # ------------------------------------------------------------------
+    def arm_interrupt_window(self) -> None:
+        """Watch for the guest opening the interrupt window (IF=1, no shadow).
+
+        Installed only while an interrupt is pending with IF=0; Unicorn
+        instruments only blocks translated while a hook exists, so we flush
+        the translation cache when arming (blocks re-translate with the hook)
+        and remove the hook as soon as the window opens.
+        """
+        if self._window_hook is not None:
+            return
+        self._window_hook = self.uc.hook_add(UC_HOOK_BLOCK, self._on_window_block)
+        self.uc.ctl_flush_tb()
+
+    def disarm_interrupt_window(self) -> None:
+        if self._window_hook is not None:
+            self.uc.hook_del(self._window_hook)
+            self._window_hook = None
+
+    def _on_window_block(self, uc, address, size, _):
+        if uc.reg_read(X.UC_X86_REG_RFLAGS) & RFLAGS_IF:
+            self.request_stop("interrupt-window")
+
+    # ------------------------------------------------------------------
+    # hooks: each builds an exit and hands it to the machine
+    # ------------------------------------------------------------------
+    def _trace_pc(self) -> int:
+        return self.uc.reg_read(X.UC_X86_REG_RIP) if self.machine.tracer.active else -1
+
+    def _on_in(self, uc, port, size, _):
+        ex = E.PortIO(self._trace_pc(), port, size, False)
+        self.machine.handle_exit(self, ex)
+        return ex.value
+
+    def _on_out(self, uc, port, size, value, _):
+        self.machine.handle_exit(self, E.PortIO(self._trace_pc(), port, size, True, value))
+
+    def _on_cpuid(self, uc, _):
+        leaf = uc.reg_read(X.UC_X86_REG_EAX) & 0xFFFFFFFF
+        sub = uc.reg_read(X.UC_X86_REG_ECX) & 0xFFFFFFFF
+        ex = E.Cpuid(self._trace_pc(), leaf, sub)
+        self.machine.handle_exit(self, ex)
+        a, b, c, d = ex.result
+        uc.reg_write(X.UC_X86_REG_RAX, a)
+        uc.reg_write(X.UC_X86_REG_RBX, b)
+        uc.reg_write(X.UC_X86_REG_RCX, c)
+        uc.reg_write(X.UC_X86_REG_RDX, d)
+        return 1                                   # skip Unicorn's own CPUID
+
+    def _on_syscall(self, uc, _):
+        self.machine.handle_exit(self, E.Syscall(self.pc, "syscall"))
+
+    def _on_sysenter(self, uc, _):
+        self.machine.handle_exit(self, E.Syscall(self.pc, "sysenter"))
+
+    def _on_invalid(self, uc, _) -> bool:
+        pc = self.pc
+        insn = self.read_linear(pc, 3, fetch=True)
+        insn = insn if isinstance(insn, bytes) else b""
+        if insn in (b"\x0f\x01\xc1", b"\x0f\x01\xd9"):         # vmcall, vmmcall
+            ex: E.Exit = E.Hypercall(pc, -1)
+        else:
+            ex = E.InvalidInstruction(pc, insn)
+        self.machine.handle_exit(self, ex)
+        return self._pending_exit is None             # True: handled, keep running
+
+    def _on_intr(self, uc, intno, _):
+        ctx = RawContext(uc)
+        software = ctx.exception_is_int
+        err = ctx.error_code if (intno in ERROR_CODE_VECTORS and not software) else None
+        ctx.clear_old_exception()
+        ctx.commit()
+        cr2 = uc.reg_read(X.UC_X86_REG_CR2) if intno == 14 and not software else None
+        self.machine.handle_exit(self, E.Exception_(self.pc, intno, err, software, cr2))
+
+    def _on_unmapped(self, uc, access, address, size, value, _) -> bool:
+        kind = {UC_MEM_FETCH_UNMAPPED: "fetch", UC_MEM_WRITE_UNMAPPED: "write"}.get(access, "read")
+        ex = E.UnmappedAccess(self.pc, address, size, kind)
+        self.machine.handle_exit(self, ex)
+        return self._pending_exit is None
+
+    def map_unassigned(self, page: int, read: Callable, write: Callable) -> None:
+        """Back a physical page nothing claims with bus callbacks (reads float high)."""
+        if page in self._mapped_unassigned:
+            return
+        self._mapped_unassigned.add(page)
+        self.uc.mmio_map(page, PAGE, lambda uc, off, size, ud: read(page + off, size), None,
+                         lambda uc, off, size, value, ud: write(page + off, size, value), None)
+
+    def close(self) -> None:
+        self.disarm_interrupt_window()
