@@ -87,6 +87,16 @@ class Machine:
         from ..devices.uart16550 import attach_serial
         attach_serial(self)
 
+    def register_mmio(self, base: int, size: int, device) -> None:
+        """Put a device on the memory bus and route that range to it on every vCPU."""
+        self.mmio.register(base, size, device)
+        for vcpu in self.vcpus:
+            vcpu.map_mmio(base, size)
+
+    def register_pio(self, base: int, size: int, device) -> None:
+        """Put a device on the I/O port bus."""
+        self.pio.register(base, size, device)
+
     @property
     def vcpu(self) -> VCpu:
         return self.vcpus[0]
@@ -271,7 +281,7 @@ class Machine:
         if self.tracer.on("mem"):
             self.tracer.emit("mem", f"{ex.access} of unassigned physical {ex.addr:#x}: "
                              "reads float high, writes are dropped")
-        vcpu.map_unassigned(page, self.mmio.read, self.mmio.write)
+        vcpu.map_mmio(page, PAGE_SIZE)
         return E.Action.CONTINUE
 
     def _handle_shutdown(self, vcpu: VCpu, ex: E.Shutdown) -> E.Action:

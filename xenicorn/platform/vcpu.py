@@ -27,8 +27,7 @@ the PVH ABI starts a guest.
 """
 from __future__ import annotations
 
-import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from unicorn import (Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_HOOK_INSN, UC_HOOK_INTR,
                      UC_HOOK_INSN_INVALID, UC_HOOK_MEM_UNMAPPED, UC_HOOK_BLOCK,
@@ -60,6 +59,28 @@ REG.update({n: getattr(X, f"UC_X86_REG_{n.upper()}") for n in
              "eax", "ebx", "ecx", "edx", "esi", "edi", "ebp", "esp", "eip", "eflags")})
 
 
+def _guarded(default):
+    """Wrap a Unicorn hook: a Python exception becomes an internal-error exit.
+
+    Unicorn's binding would re-raise it after ``emu_start``, but only after
+    handing ctypes a ``None`` it cannot convert; catching it here keeps the
+    engine's return value sane and the report to one line.
+    """
+    def wrap(fn):
+        def hook(self, *args):
+            try:
+                return fn(self, *args)
+            except Exception as exc:          # noqa: BLE001 - reported, not hidden
+                if self._internal is None:
+                    self._internal = exc
+                self.uc.emu_stop()
+                return default
+        hook.__name__ = fn.__name__
+        hook.__doc__ = fn.__doc__
+        return hook
+    return wrap
+
+
 class VCpu:
     """A vCPU: owns a Unicorn engine and turns its reports into exits."""
 
@@ -72,10 +93,11 @@ class VCpu:
         self.instructions = 0            # exact only when counting
         self._stop_reasons: list[str] = []
         self._pending_exit: E.Exit | None = None
+        self._internal: Exception | None = None
         self._in_emu = False
         self.halted = False
         self._window_hook = None
-        self._mapped_unassigned: set[int] = set()
+        self._mmio_pages: set[int] = set()
         uc = self.uc
         uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
@@ -235,21 +257,28 @@ class VCpu:
     def run(self, timeout_us: int = 0, count: int = 0) -> E.Exit:
         """Run the guest until something needs the platform; return why."""
         self._pending_exit = None
+        self._internal = None
         self._stop_reasons = []
         start = self.pc
         count = count if self.count_instructions else 0
         err = None
         self._in_emu = True
+        internal = None
         try:
             self.uc.emu_start(start, UNTIL, timeout=timeout_us, count=count)
         except UcError as e:
             err = e
+        except Exception as e:          # a bug of ours, raised inside a hook
+            internal = e
         finally:
             self._in_emu = False
+        internal = internal or self._internal
         if self.count_instructions:
             n = icount.read_counter(self.uc)
             self.instructions += min(n, count) if count else n
         pc = self.pc
+        if internal is not None:
+            return self._internal_error(internal, pc)
         if self._pending_exit is not None:
             return self._pending_exit
         if err is not None:
@@ -261,6 +290,16 @@ class VCpu:
         if self._just_halted(pc):
             return E.Hlt(pc)
         return E.Limit(pc, "timeout")
+
+    def _internal_error(self, exc: Exception, pc: int) -> E.Exit:
+        """An emulator bug must not look like a guest bug, nor print a traceback."""
+        import os
+        import traceback
+        if os.environ.get("XENICORN_DEBUG"):
+            traceback.print_exception(exc)
+        return E.Shutdown(pc, "internal-error", 1,
+                          f"xenicorn internal error at guest pc {pc:#x}: {type(exc).__name__}: {exc} "
+                          "(XENICORN_DEBUG=1 shows the traceback)")
 
     def _just_halted(self, pc: int) -> bool:
         data = self.read_linear(pc - 1, 1, fetch=True) if pc else None
@@ -295,6 +334,7 @@ class VCpu:
             self.uc.hook_del(self._window_hook)
             self._window_hook = None
 
+    @_guarded(None)
     def _on_window_block(self, uc, address, size, _):
         if uc.reg_read(X.UC_X86_REG_RFLAGS) & RFLAGS_IF:
             self.request_stop("interrupt-window")
@@ -305,14 +345,17 @@ class VCpu:
     def _trace_pc(self) -> int:
         return self.uc.reg_read(X.UC_X86_REG_RIP) if self.machine.tracer.active else -1
 
+    @_guarded(0)
     def _on_in(self, uc, port, size, _):
         ex = E.PortIO(self._trace_pc(), port, size, False)
         self.machine.handle_exit(self, ex)
         return ex.value
 
+    @_guarded(None)
     def _on_out(self, uc, port, size, value, _):
         self.machine.handle_exit(self, E.PortIO(self._trace_pc(), port, size, True, value))
 
+    @_guarded(1)
     def _on_cpuid(self, uc, _):
         leaf = uc.reg_read(X.UC_X86_REG_EAX) & 0xFFFFFFFF
         sub = uc.reg_read(X.UC_X86_REG_ECX) & 0xFFFFFFFF
@@ -325,12 +368,15 @@ class VCpu:
         uc.reg_write(X.UC_X86_REG_RDX, d)
         return 1                                   # skip Unicorn's own CPUID
 
+    @_guarded(None)
     def _on_syscall(self, uc, _):
         self.machine.handle_exit(self, E.Syscall(self.pc, "syscall"))
 
+    @_guarded(None)
     def _on_sysenter(self, uc, _):
         self.machine.handle_exit(self, E.Syscall(self.pc, "sysenter"))
 
+    @_guarded(False)
     def _on_invalid(self, uc, _) -> bool:
         pc = self.pc
         insn = self.read_linear(pc, 3, fetch=True)
@@ -342,6 +388,7 @@ class VCpu:
         self.machine.handle_exit(self, ex)
         return self._pending_exit is None             # True: handled, keep running
 
+    @_guarded(None)
     def _on_intr(self, uc, intno, _):
         ctx = RawContext(uc)
         software = ctx.exception_is_int
@@ -351,19 +398,46 @@ class VCpu:
         cr2 = uc.reg_read(X.UC_X86_REG_CR2) if intno == 14 and not software else None
         self.machine.handle_exit(self, E.Exception_(self.pc, intno, err, software, cr2))
 
+    @_guarded(False)
     def _on_unmapped(self, uc, access, address, size, value, _) -> bool:
         kind = {UC_MEM_FETCH_UNMAPPED: "fetch", UC_MEM_WRITE_UNMAPPED: "write"}.get(access, "read")
         ex = E.UnmappedAccess(self.pc, address, size, kind)
         self.machine.handle_exit(self, ex)
         return self._pending_exit is None
 
-    def map_unassigned(self, page: int, read: Callable, write: Callable) -> None:
-        """Back a physical page nothing claims with bus callbacks (reads float high)."""
-        if page in self._mapped_unassigned:
+    def map_mmio(self, base: int, size: int) -> None:
+        """Route physical ``[base, base+size)`` to the machine's MMIO bus.
+
+        Each guest load or store there becomes an :class:`Mmio` exit handled
+        inside Unicorn's callback (about 0.5 us on top of a RAM access).
+        Unicorn maps whole pages, so the range is widened to 4 KiB bounds.
+        """
+        start = base & ~(PAGE - 1)
+        end = (base + size + PAGE - 1) & ~(PAGE - 1)
+        pages = range(start, end, PAGE)
+        if all(p in self._mmio_pages for p in pages):
             return
-        self._mapped_unassigned.add(page)
-        self.uc.mmio_map(page, PAGE, lambda uc, off, size, ud: read(page + off, size), None,
-                         lambda uc, off, size, value, ud: write(page + off, size, value), None)
+        new = [p for p in pages if p not in self._mmio_pages]
+        # map maximal runs of new pages
+        run_start = prev = new[0]
+        for p in new[1:] + [None]:
+            if p != prev + PAGE:
+                self.uc.mmio_map(run_start, prev + PAGE - run_start, self._on_mmio_read, run_start,
+                                 self._on_mmio_write, run_start)
+                if p is not None:
+                    run_start = p
+            prev = p if p is not None else prev
+        self._mmio_pages.update(new)
+
+    @_guarded(0)
+    def _on_mmio_read(self, uc, offset, size, base):
+        ex = E.Mmio(self._trace_pc(), base + offset, size, False)
+        self.machine.handle_exit(self, ex)
+        return ex.value
+
+    @_guarded(None)
+    def _on_mmio_write(self, uc, offset, size, value, base):
+        self.machine.handle_exit(self, E.Mmio(self._trace_pc(), base + offset, size, True, value))
 
     def close(self) -> None:
         self.disarm_interrupt_window()
