@@ -57,6 +57,15 @@ class Cpuid(Exit):
 
 
 @dataclass
+class Msr(Exit):
+    """RDMSR/WRMSR caught by the MSR intercept window (see platform/msr.py)."""
+
+    msr: int
+    write: bool
+    value: int = 0              # value written, or value returned to the guest
+
+
+@dataclass
 class Hlt(Exit):
     """HLT executed; ``pc`` is the instruction after it (where an interrupt returns)."""
 

@@ -51,7 +51,9 @@ class Machine:
 
     def __init__(self, config: MachineConfig | None = None, console: ConsoleSink | None = None):
         from .rawctx import selftest
+        from .msr import selftest as msr_selftest
         selftest()
+        msr_selftest()
         self.config = config or MachineConfig()
         self.tracer = Tracer(self.config.trace)
         self.memory = GuestMemory(self.config.ram_mib << 20)
@@ -66,11 +68,13 @@ class Machine:
         self.xen = None                      # the Xen layer, when built with one
         self.wake_sources: list = []         # callables() -> bool: can a halted vCPU wake?
         self.interrupt_source = None         # object with pending()/acknowledge(): the APIC/PIC
+        self.msr_handlers: dict = {}         # msr -> handler(vcpu, Msr exit), see platform/msr.py
         self.vcpus = [VCpu(self, 0, count_instructions=bool(self.config.max_insns))]
         self._handlers = {
             E.PortIO: self._handle_pio,
             E.Mmio: self._handle_mmio,
             E.Cpuid: self._handle_cpuid,
+            E.Msr: self._handle_msr,
             E.Hlt: self._handle_hlt,
             E.InvalidInstruction: self._handle_invalid,
             E.Hypercall: self._handle_hypercall,
@@ -224,6 +228,15 @@ class Machine:
         if self.tracer.on("cpuid"):
             self.tracer.emit("cpuid", f"leaf {ex.leaf:#x}.{ex.subleaf} -> "
                              + " ".join(f"{r:#010x}" for r in ex.result))
+        return E.Action.CONTINUE
+
+    def _handle_msr(self, vcpu: VCpu, ex: E.Msr) -> E.Action:
+        handler = self.msr_handlers.get(ex.msr)
+        if handler is not None:
+            return handler(vcpu, ex) or E.Action.CONTINUE
+        # Same as outside the window, where Unicorn drops unknown MSRs: reads 0.
+        if self.tracer.on("io"):
+            self.tracer.emit("io", f"unhandled {'WRMSR' if ex.write else 'RDMSR'} {ex.msr:#x}")
         return E.Action.CONTINUE
 
     def _handle_hlt(self, vcpu: VCpu, ex: E.Hlt) -> E.Action:

@@ -16,6 +16,8 @@ SYSENTER                                           their architectural effect)
 UC_HOOK_INSN_INVALID   :class:`InvalidInstruction` hypercall or #UD delivery
                        / :class:`Hypercall`
 UC_HOOK_INTR           :class:`Exception_`         delivered through the IDT
+UC_HOOK_INTR 0x17C     :class:`Msr`                in the hook (only while the
+                                                   MSR window is open)
 UC_HOOK_MEM_UNMAPPED   :class:`UnmappedAccess`     floats high / fatal fetch
 emu_start returns      :class:`Hlt`, :class:`Limit`, :class:`Request`
 =====================  ==========================  =========================
@@ -37,6 +39,7 @@ from unicorn import x86_const as X
 
 from . import exits as E
 from . import icount
+from .msr import MsrInterceptor, EXIT_VECTOR as MSR_EXIT_VECTOR
 from .rawctx import RawContext, flat_code32, flat_data, SegmentCache, HF_INHIBIT_IRQ
 
 if TYPE_CHECKING:
@@ -107,6 +110,7 @@ class VCpu:
         uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
         uc.hook_add(UC_HOOK_INTR, self._on_intr)
         uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
+        self.msr = MsrInterceptor(uc)
 
     # ------------------------------------------------------------------
     # register access
@@ -391,12 +395,33 @@ class VCpu:
     @_guarded(None)
     def _on_intr(self, uc, intno, _):
         ctx = RawContext(uc)
+        if intno == MSR_EXIT_VECTOR:
+            write = ctx.error_code == 1
+            ctx.clear_old_exception()
+            ctx.commit()
+            self._on_msr(write)
+            return
         software = ctx.exception_is_int
         err = ctx.error_code if (intno in ERROR_CODE_VECTORS and not software) else None
         ctx.clear_old_exception()
         ctx.commit()
         cr2 = uc.reg_read(X.UC_X86_REG_CR2) if intno == 14 and not software else None
         self.machine.handle_exit(self, E.Exception_(self.pc, intno, err, software, cr2))
+
+    def _on_msr(self, write: bool) -> None:
+        uc = self.uc
+        msr = uc.reg_read(X.UC_X86_REG_RCX) & 0xFFFFFFFF
+        value = ((uc.reg_read(X.UC_X86_REG_RDX) & 0xFFFFFFFF) << 32) | (uc.reg_read(X.UC_X86_REG_RAX) & 0xFFFFFFFF)
+        pc = uc.reg_read(X.UC_X86_REG_RIP)
+        ex = E.Msr(pc, msr, write, value if write else 0)
+        self.machine.handle_exit(self, ex)
+        if self._pending_exit is not None:
+            return
+        if not write:
+            uc.reg_write(X.UC_X86_REG_RAX, ex.value & 0xFFFFFFFF)
+            uc.reg_write(X.UC_X86_REG_RDX, ex.value >> 32)
+        if uc.reg_read(X.UC_X86_REG_RIP) == pc:       # a handler may have injected #GP instead
+            uc.reg_write(X.UC_X86_REG_RIP, pc + 2)
 
     @_guarded(False)
     def _on_unmapped(self, uc, access, address, size, value, _) -> bool:
