@@ -43,6 +43,8 @@ class MachineConfig:
     max_insns: int = 0                   # 0 = no limit
     timeout: float = 0.0                 # seconds of host time, 0 = none
     vendor: str = "intel"
+    xen: bool = True                     # the Xen HVM platform (CPUID leaves, hypercalls)
+    xen_version: tuple[int, int] = (4, 17)
     record_console: bool = True
 
 
@@ -90,6 +92,9 @@ class Machine:
         self.pio.register(AcpiPmControl.PORT, 2, AcpiPmControl(self.shutdown))
         from ..devices.uart16550 import attach_serial
         attach_serial(self)
+        if self.config.xen:
+            from ..xen.platform import XenPlatform, XenConfig
+            XenPlatform(self, XenConfig(version=self.config.xen_version))
 
     def register_mmio(self, base: int, size: int, device) -> None:
         """Put a device on the memory bus and route that range to it on every vCPU."""
@@ -202,8 +207,8 @@ class Machine:
             parts.append(f"{k}={v:#x}" if isinstance(v, int) and not isinstance(v, bool) else f"{k}={v}")
         text = f"{ex.kind} " + " ".join(parts)
         if ex.pc >= 0:
-            code = vcpu.read_linear(ex.pc, 16, fetch=True)
-            if isinstance(code, bytes):
+            code = vcpu.fetch_bytes(ex.pc, 16)
+            if code:
                 text += f"  @ {disassemble(code, ex.pc, vcpu.code_bits())[0]}"
             else:
                 text += f"  @ {ex.pc:#x}"
@@ -240,16 +245,27 @@ class Machine:
         return E.Action.CONTINUE
 
     def _handle_hlt(self, vcpu: VCpu, ex: E.Hlt) -> E.Action:
+        return self.idle(vcpu, "HLT")
+
+    def idle(self, vcpu: VCpu, why: str) -> E.Action:
+        """The vCPU sleeps (HLT, SCHEDOP_block) until something wakes it.
+
+        An interrupt the guest accepts, or a wake source (a timer, an event)
+        ends the sleep; when nothing at all could, the run ends instead of
+        hanging the host, with status 1 and the reason.
+        """
         vcpu.halted = True
+        if_set = bool(vcpu.reg("rflags") & (1 << 9)) or why != "HLT"
         src = self.interrupt_source
-        if src is not None and src.pending() and vcpu.reg("rflags") & (1 << 9):
+        if src is not None and src.pending() and if_set:
             return E.Action.CONTINUE             # the run loop delivers it
         if any(wake() for wake in self.wake_sources):
             return E.Action.CONTINUE
-        if vcpu.reg("rflags") & (1 << 9):
-            msg = f"vCPU halted at {ex.pc:#x} and nothing is left that could wake it"
+        pc = vcpu.pc
+        if if_set:
+            msg = f"vCPU asleep ({why}) at {pc:#x} and nothing is left that could wake it"
         else:
-            msg = f"vCPU halted at {ex.pc:#x} with interrupts disabled"
+            msg = f"vCPU halted at {pc:#x} with interrupts disabled"
         self.shutdown("halted", STATUS_CRASH, msg)
         return E.Action.STOP
 
@@ -288,7 +304,7 @@ class Machine:
     def _handle_unmapped(self, vcpu: VCpu, ex: E.UnmappedAccess) -> E.Action:
         if ex.access == "fetch":
             self.shutdown("crash", STATUS_CRASH,
-                          f"guest jumped to {ex.addr:#x}, where no memory is mapped")
+                          f"guest jumped to {ex.addr:#x}, where there is no RAM to execute")
             return E.Action.STOP
         page = ex.addr & ~(PAGE_SIZE - 1)
         if self.tracer.on("mem"):

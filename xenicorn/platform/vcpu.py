@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from unicorn import (Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_HOOK_INSN, UC_HOOK_INTR,
                      UC_HOOK_INSN_INVALID, UC_HOOK_MEM_UNMAPPED, UC_HOOK_BLOCK,
-                     UC_MEM_FETCH_UNMAPPED, UC_MEM_WRITE_UNMAPPED, UC_ERR_FETCH_UNMAPPED,
+                     UC_MEM_FETCH_UNMAPPED, UC_MEM_WRITE_UNMAPPED, UC_ERR_FETCH_UNMAPPED, UC_ERR_FETCH_PROT,
                      UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED)
 from unicorn import x86_const as X
 
@@ -199,17 +199,12 @@ class VCpu:
         return None
 
     def read_phys(self, addr: int, size: int) -> bytes:
-        mem = self.machine.memory
-        if mem.is_ram(addr, size):
-            return mem.read(addr, size)
-        return bytes(self.uc.mem_read(addr, size))
+        """Read guest RAM; anything else (MMIO, holes) raises GuestMemoryError."""
+        return self.machine.memory.read(addr, size)
 
     def write_phys(self, addr: int, data: bytes) -> None:
-        mem = self.machine.memory
-        if mem.is_ram(addr, len(data)):
-            mem.write(addr, data)
-        else:
-            self.uc.mem_write(addr, data)
+        """Write guest RAM; anything else (MMIO, holes) raises GuestMemoryError."""
+        self.machine.memory.write(addr, data)
 
     # ------------------------------------------------------------------
     # reset state
@@ -306,12 +301,21 @@ class VCpu:
                           "(XENICORN_DEBUG=1 shows the traceback)")
 
     def _just_halted(self, pc: int) -> bool:
-        data = self.read_linear(pc - 1, 1, fetch=True) if pc else None
-        return isinstance(data, bytes) and data == b"\xf4"
+        return pc > 0 and self.fetch_bytes(pc - 1, 1) == b"\xf4"
+
+    def fetch_bytes(self, linear: int, size: int) -> bytes:
+        """Instruction bytes at a linear address, or b"" when they cannot be read."""
+        from .memory import GuestMemoryError
+        try:
+            data = self.read_linear(linear, size, fetch=True)
+        except GuestMemoryError:
+            return b""
+        return data if isinstance(data, bytes) else b""
 
     def _error_exit(self, err: UcError, pc: int) -> E.Exit:
         code = err.errno
-        if code == UC_ERR_FETCH_UNMAPPED:
+        if code in (UC_ERR_FETCH_UNMAPPED, UC_ERR_FETCH_PROT):
+            # FETCH_PROT: executing device (MMIO) memory, which Unicorn cannot do either
             return E.UnmappedAccess(pc, pc, 1, "fetch")
         if code in (UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED):
             return E.UnmappedAccess(pc, pc, 1, "read" if code == UC_ERR_READ_UNMAPPED else "write")
@@ -383,8 +387,7 @@ class VCpu:
     @_guarded(False)
     def _on_invalid(self, uc, _) -> bool:
         pc = self.pc
-        insn = self.read_linear(pc, 3, fetch=True)
-        insn = insn if isinstance(insn, bytes) else b""
+        insn = self.fetch_bytes(pc, 3)
         if insn in (b"\x0f\x01\xc1", b"\x0f\x01\xd9"):         # vmcall, vmmcall
             ex: E.Exit = E.Hypercall(pc, -1)
         else:

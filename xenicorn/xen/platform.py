@@ -1,0 +1,165 @@
+"""The Xen layer of a machine: what the hypervisor does for an HVM guest.
+
+A Xen-aware kernel discovers and reaches Xen in three steps, and this module
+provides each of them (QEMU's equivalent is ``target/i386/kvm/xen-emu.c``):
+
+1. **CPUID leaves 0x40000000-0x40000005** (xen/include/public/arch-x86/
+   cpuid.h): the "XenVMMXenVMM" signature and the highest leaf; the version;
+   the number of hypercall pages (1) and the MSR that installs them
+   (0x40000000); TSC information; HVM features with the vCPU and domain IDs.
+2. **The hypercall page**: the guest writes a page's guest-physical address
+   to MSR 0x40000000 and Xen fills it with 32-byte stubs, one per hypercall
+   number N: ``mov eax, N ; vmcall ; ret`` (``vmmcall`` on AMD), the rest of
+   the page ``int3``. Stub 23 (``iret``, PV only) is ``ud2``. Unicorn cannot
+   hook WRMSR, so the guest's CPUID 0x40000002 query opens the vCPU's MSR
+   intercept window (:mod:`xenicorn.platform.msr`) and the MSR write closes
+   it: nothing is paid before or after.
+3. **Hypercalls**: ``VMCALL``/``VMMCALL`` anywhere (Linux 6.x also calls them
+   inline) reaches :meth:`XenPlatform.handle_hypercall`, which dispatches by
+   number (:mod:`xenicorn.xen.hypercall`) and resumes after the instruction.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from ..platform import exits as E
+from . import hypercall, version, console, sched
+
+XEN_CPUID_BASE = 0x40000000
+HYPERCALL_MSR = 0x40000000
+XEN_HVM_CPUID_VCPU_ID_PRESENT = 1 << 3
+XEN_HVM_CPUID_DOMID_PRESENT = 1 << 4
+XEN_HVM_CPUID_UPCALL_VECTOR = 1 << 6
+VMCALL, VMMCALL = b"\x0f\x01\xc1", b"\x0f\x01\xd9"
+MSR_INTEREST = "xen-hypercall-page"
+
+
+@dataclass
+class XenConfig:
+    """What the hypervisor says about itself."""
+
+    version: tuple[int, int] = (4, 17)
+    extraversion: str = ".0-xenicorn"
+    domid: int = 1                         # the emulator itself plays domain 0
+    handle: bytes = bytes(range(16))       # xen_domain_handle_t (a UUID)
+    tsc_khz: int = 1_000_000
+
+
+@dataclass
+class XenState:
+    """The hypervisor's view of the domain (what a snapshot must keep)."""
+
+    hypercall_page: int | None = None      # guest-physical address, once installed
+    width: int | None = None               # 32 or 64: latched from the guest's hypercalls
+    features: set[int] = field(default_factory=lambda: {version.XENFEAT_auto_translated_physmap})
+
+
+class XenPlatform:
+    """Attach with ``XenPlatform(machine)``; the machine then has ``machine.xen``."""
+
+    def __init__(self, machine, config: XenConfig | None = None):
+        self.machine = machine
+        self.config = config or XenConfig()
+        self.state = XenState()
+        self.shutdown_code: int | None = None
+        self.console_input = bytearray()
+        self.unimplemented_seen: set[str] = set()
+        self.hypercall_counts: dict[str, int] = {}
+        self.table = {
+            hypercall.NUMBERS["xen_version"]: version.xen_version,
+            hypercall.NUMBERS["console_io"]: console.console_io,
+            hypercall.NUMBERS["sched_op"]: sched.sched_op,
+        }
+        machine.xen = self
+        machine.cpuid.providers.append(self.cpuid)
+        machine.msr_handlers[HYPERCALL_MSR] = self.hypercall_msr
+
+    # -- 1. CPUID ----------------------------------------------------------
+    def cpuid(self, leaf: int, sub: int, vcpu_index: int):
+        """The Xen leaves; None for leaves that are not Xen's."""
+        if not XEN_CPUID_BASE <= leaf <= XEN_CPUID_BASE + 0xFF:
+            return None
+        n = leaf - XEN_CPUID_BASE
+        if n == 0:
+            b, c, d = struct.unpack("<III", b"XenVMMXenVMM")
+            return (XEN_CPUID_BASE + 5, b, c, d)
+        if n == 1:
+            major, minor = self.config.version
+            return ((major << 16) | minor, 0, 0, 0)
+        if n == 2:
+            # The guest is about to install the hypercall page: watch the MSR.
+            self.machine.vcpus[vcpu_index].msr.open(MSR_INTEREST)
+            return (1, HYPERCALL_MSR, 0, 0)
+        if n == 3:
+            # Time leaf: sub-leaf 0 TSC mode (0 = default, native TSC) and the
+            # guest TSC frequency in kHz; 1: offset/mul/shift; 2: host kHz.
+            if sub == 0:
+                return (0, 0, self.config.tsc_khz, 0)
+            if sub == 2:
+                return (self.config.tsc_khz, 0, 0, 0)
+            return (0, 0, 0, 0)
+        if n == 4:
+            flags = XEN_HVM_CPUID_VCPU_ID_PRESENT | XEN_HVM_CPUID_DOMID_PRESENT
+            return (flags, vcpu_index, self.config.domid, 0)
+        return (0, 0, 0, 0)
+
+    # -- 2. the hypercall page ------------------------------------------------
+    def hypercall_msr(self, vcpu, ex: E.Msr):
+        """WRMSR 0x40000000 = GPA of the page | page index (must be 0).
+
+        Reading the MSR, a page index other than 0 or a page that is not
+        RAM raise #GP(0), as Xen's ``guest_wrmsr_xen`` does.
+        """
+        gpa = ex.value & ~0xFFF
+        if not ex.write or ex.value & 0xFFF or not self.machine.memory.is_ram(gpa, 4096):
+            from ..platform.interrupts import EventType
+            return self.machine._deliver(vcpu, 13, EventType.HARDWARE_EXCEPTION, 0)
+        self.fill_hypercall_page(gpa)
+        vcpu.msr.close(MSR_INTEREST)
+        if self.machine.tracer.on("hypercalls"):
+            self.machine.tracer.emit("hypercalls", f"hypercall page installed at {gpa:#x}")
+        return E.Action.CONTINUE
+
+    def fill_hypercall_page(self, gpa: int) -> None:
+        insn = VMMCALL if self.machine.config.vendor == "amd" else VMCALL
+        page = bytearray(b"\xcc" * 4096)
+        for n in range(4096 // 32):
+            page[n * 32:n * 32 + 9] = b"\xb8" + struct.pack("<I", n) + insn + b"\xc3"
+        iret = hypercall.NUMBERS["iret"] * 32
+        page[iret:iret + 9] = b"\x0f\x0b" + b"\xcc" * 7
+        mem = self.machine.memory
+        mem.write(gpa, bytes(page))
+        mem.code_written(gpa, 4096)
+        self.state.hypercall_page = gpa
+
+    # -- 3. hypercalls -----------------------------------------------------
+    def handle_hypercall(self, vcpu, ex: E.Hypercall) -> E.Action:
+        call = hypercall.dispatch(self, vcpu, self.table)
+        self.state.width = call.bits
+        ex.number, ex.args, ex.result = call.number, call.args, call.result
+        name = hypercall.HYPERCALL_NAMES.get(call.number, str(call.number))
+        self.hypercall_counts[name] = self.hypercall_counts.get(name, 0) + 1
+        if self.machine.tracer.on("hypercalls"):
+            from .errno import name as errname
+            args = ", ".join(f"{a:#x}" for a in call.args[:3])
+            extra = f"  [{'; '.join(call.notes)}]" if call.notes else ""
+            res = errname(call.result) if call.result < 0 else f"{call.result:#x}"
+            self.machine.tracer.emit("hypercalls", f"{name}({args}) = {res}{extra}")
+        if call.stop or self.machine.status is not None:
+            return E.Action.STOP
+        vcpu.pc = ex.pc + 3                      # past VMCALL/VMMCALL
+        return E.Action.CONTINUE
+
+    def unimplemented(self, what: str) -> None:
+        """-ENOSYS paths: say so once per kind, as QEMU's LOG_UNIMP does."""
+        if what not in self.unimplemented_seen:
+            self.unimplemented_seen.add(what)
+            self.machine.tracer.emit("hypercalls", f"unimplemented: {what} -> -ENOSYS")
+
+    def feature_submap(self) -> int:
+        return sum(1 << f for f in self.state.features)
+
+    def block(self, vcpu) -> None:
+        """SCHEDOP_block: sleep until an event or timer can wake the vCPU."""
+        self.machine.idle(vcpu, "SCHEDOP_block")
