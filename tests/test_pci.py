@@ -107,16 +107,19 @@ def test_xen_platform_fixed_ports_and_log():
     assert log[-1] == "xen-platform: hi"
 
 
-def test_bars_are_decoded_on_the_machine_buses(machine):
-    from xenicorn.devices.pci import PciBus
-    bus = PciBus(machine)
-    machine.register_pio(0xCF8, 8, bus)
-    dev = bus.add(2, 0, XenPlatformDevice())
-    cfg_write(bus, 2, 0, 0x10, 0xC001)
+def test_machine_places_the_xen_platform_bars_like_firmware(machine):
+    bus = machine.pci
+    assert cfg_read(bus, 2, 0, 0) == 0x0001_5853
+    assert cfg_read(bus, 2, 0, 0x10) == 0xC001 and cfg_read(bus, 2, 0, 0x14) == 0xF0000008
     assert machine.pio.read(0xC000, 1) == 0                            # flags byte, decoded
+    assert machine.pio.read(0x10, 2) == MAGIC                          # fixed unplug ports
+
+
+def test_bars_move_and_stop_decoding_with_the_command_register(machine):
+    bus = machine.pci
     cfg_write(bus, 2, 0, 0x10, 0xC101)                                 # move the BAR
     assert machine.pio.read(0xC000, 1) == 0xFF
     assert machine.pio.read(0xC100, 1) == 0
     cfg_write(bus, 2, 0, 0x04, 0, 2)                                   # disable I/O decode
     assert machine.pio.read(0xC100, 1) == 0xFF
-    assert dev.save()["config"][:8] == "53580100"
+    assert machine.xen_platform.save()["config"][:8] == "53580100"

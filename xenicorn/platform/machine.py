@@ -92,9 +92,36 @@ class Machine:
         self.pio.register(AcpiPmControl.PORT, 2, AcpiPmControl(self.shutdown))
         from ..devices.uart16550 import attach_serial
         attach_serial(self)
+        self._build_pci()
         if self.config.xen:
             from ..xen.platform import XenPlatform, XenConfig
             XenPlatform(self, XenConfig(version=self.config.xen_version))
+
+    def _build_pci(self) -> None:
+        """Bus 0: i440FX host bridge 00:00.0, PIIX3 00:01.0, xen-platform 00:02.0.
+
+        xenicorn plays the firmware's part for BARs as SeaBIOS/hvmloader do
+        (I/O from 0xC000, memory from 0xF0000000, decoding enabled), so a guest
+        that only reads the BARs finds its device already placed.
+        """
+        from ..devices.pci import PciBus, Piix3Isa, host_bridge, CONFIG_ADDRESS
+        self.pci = PciBus(self, pirq_sink=self._pirq_changed)
+        self.register_pio(CONFIG_ADDRESS, 8, self.pci)
+        self.pci.add(0, 0, host_bridge())
+        self.piix3 = self.pci.add(1, 0, Piix3Isa())
+        self.xen_platform = None
+        if self.config.xen:
+            from ..devices.xen_platform import XenPlatformDevice, FIXED_IOPORT
+            dev = XenPlatformDevice(log=lambda text: self.tracer.emit("io", text))
+            self.xen_platform = self.pci.add(2, 0, dev)
+            self.register_pio(FIXED_IOPORT, 16, dev.fixed_ports)
+            dev.config_write(0x10, 4, 0xC000)
+            dev.config_write(0x14, 4, 0xF0000000)
+
+    def _pirq_changed(self, pirq: int, level: bool) -> None:
+        """A PCI interrupt line changed; the interrupt controllers take it from here."""
+        if self.tracer.on("irq"):
+            self.tracer.emit("irq", f"PIRQ{'ABCD'[pirq]} {'asserted' if level else 'deasserted'}")
 
     def register_mmio(self, base: int, size: int, device) -> None:
         """Put a device on the memory bus and route that range to it on every vCPU."""
