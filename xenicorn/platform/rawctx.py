@@ -146,6 +146,9 @@ class RawContext:
         ctypes.memmove(self._ptr + off, struct.pack(fmt, value), struct.calcsize(fmt))
         self.dirty = True
 
+    def read_block(self, off: int, size: int) -> bytes:
+        return ctypes.string_at(self._ptr + off, size)
+
     def commit(self) -> None:
         if self.dirty:
             self.uc.context_restore(self.ctx)

@@ -219,6 +219,10 @@ class VCpu:
         off and clearing EFER leaves it.
         """
         uc = self.uc
+        # EFER.LMA is read-only to WRMSR; only turning paging off leaves long
+        # mode (QEMU's CR0 update clears LMA then), so turn it on, then off.
+        uc.reg_write(X.UC_X86_REG_CR4, 0x20)
+        uc.reg_write(X.UC_X86_REG_CR0, 0x80000011)
         uc.reg_write(X.UC_X86_REG_CR0, 0x11)                # PE + ET, paging off
         uc.msr_write(EFER, 0)
         uc.reg_write(X.UC_X86_REG_CR4, 0)
