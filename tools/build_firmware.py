@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Build xenicorn's guest kernels from xenicorn/firmware/src with gcc and ld.
+
+    python tools/build_firmware.py                 # all, into xenicorn/firmware/images
+    python tools/build_firmware.py hello64 --out /tmp/fw
+
+Each image is a freestanding ELF loaded at 1 MiB with the PVH entry note
+(XEN_ELFNOTE_PHYS32_ENTRY). Builds are reproducible: the same sources and
+toolchain give byte-identical images (no build IDs, no paths, no dates), so
+CI can check the committed images against a rebuild.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SRC = os.path.join(ROOT, "xenicorn", "firmware", "src")
+IMAGES = os.path.join(ROOT, "xenicorn", "firmware", "images")
+
+LIB = ["lib/desc.c", "lib/console.c", "lib/report.c", "lib/xen.c"]
+
+# name -> (bits, sources, uses the C library)
+KERNELS: dict[str, tuple[int, list[str], bool]] = {
+    "hello32": (32, ["hello/hello.c"], True),
+    "hello64": (64, ["hello/hello.c"], True),
+    "exceptions32": (32, ["exceptions/exceptions.c"], True),
+    "exceptions64": (64, ["exceptions/exceptions.c"], True),
+    "syscall64": (64, ["syscall64/syscall64.c", "syscall64/entry.S"], True),
+    "xencore32": (32, ["xencore/xencore.c"], True),
+    "xencore64": (64, ["xencore/xencore.c"], True),
+    "wild32": (32, ["misbehave/wild32.S"], False),
+    "triple32": (32, ["misbehave/triple32.S"], False),
+    "spin32": (32, ["misbehave/spin32.S"], False),
+}
+
+CFLAGS = ["-ffreestanding", "-nostdlib", "-fno-pic", "-fno-pie", "-fno-stack-protector",
+          "-fno-asynchronous-unwind-tables", "-fno-unwind-tables", "-mno-red-zone",
+          "-mgeneral-regs-only", "-O2", "-g0", "-Wall", "-Wextra", "-Wno-unused-parameter",
+          "-fno-builtin", "-fno-common", f"-ffile-prefix-map={ROOT}=."]
+
+
+def _run(cmd: list[str]) -> None:
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        sys.stderr.write(" ".join(cmd) + "\n" + res.stdout + res.stderr)
+        raise SystemExit(f"build_firmware: {cmd[0]} failed")
+
+
+def build(name: str, out_dir: str) -> str:
+    bits, sources, with_lib = KERNELS[name]
+    arch = ["-m32", "-march=i686"] if bits == 32 else ["-m64"]
+    srcs = list(sources)
+    if with_lib:
+        lib = [s for s in LIB if os.path.exists(os.path.join(SRC, s))]
+        srcs = ["lib/pvh_note.S", f"lib/start{bits}.S", "lib/isr.S"] + lib + srcs
+    else:
+        srcs = ["lib/pvh_note.S"] + srcs
+    with tempfile.TemporaryDirectory() as tmp:
+        objs = []
+        for i, src in enumerate(srcs):
+            obj = os.path.join(tmp, f"{i:02d}.o")
+            _run(["gcc", *arch, *CFLAGS, "-c", os.path.join(SRC, src), "-o", obj])
+            objs.append(obj)
+        out = os.path.join(out_dir, f"{name}.elf")
+        _run(["ld", "-m", "elf_i386" if bits == 32 else "elf_x86_64", "-nostdlib", "--build-id=none",
+              "-z", "noexecstack", "-z", "max-page-size=4096", "--no-warn-rwx-segments",
+              "-T", os.path.join(SRC, "lib/link.ld"), *objs, "-o", out])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("names", nargs="*", help=f"kernels to build (default all: {', '.join(KERNELS)})")
+    p.add_argument("--out", default=IMAGES, help="output directory")
+    args = p.parse_args(argv)
+    for tool in ("gcc", "ld"):
+        if shutil.which(tool) is None:
+            print(f"build_firmware: {tool} not found", file=sys.stderr)
+            return 2
+    names = args.names or list(KERNELS)
+    unknown = [n for n in names if n not in KERNELS]
+    if unknown:
+        print(f"build_firmware: unknown kernel(s): {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    for name in names:
+        if not all(os.path.exists(os.path.join(SRC, s)) for s in KERNELS[name][1]):
+            continue                      # sources not written yet
+        print(build(name, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
