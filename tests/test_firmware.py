@@ -1,0 +1,115 @@
+"""Guest kernels from xenicorn/firmware, run end to end.
+
+Each kernel checks itself and ends with one ``Test result:`` line; the tests
+also check what it printed and the emulator's state. With
+``XENICORN_FIRMWARE_DIR`` set (CI does, after rebuilding from source) they
+run the rebuilt images instead of the committed ones.
+"""
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from xenicorn import firmware
+from xenicorn.devices.console import ConsoleSink
+from xenicorn.platform.machine import MachineConfig, boot
+
+RF = 1 << 16
+FAULTS = {0, 6, 13, 14}
+
+
+def run(name, **cfg):
+    path = firmware.find(name)
+    assert path, f"firmware {name} is missing; run tools/build_firmware.py"
+    config = MachineConfig(debugcon="none", **cfg)
+    machine, kernel = boot(config, path, console=ConsoleSink(None))
+    status = machine.run()
+    return machine, kernel, status, machine.console.text()
+
+
+def frames(text):
+    out = []
+    for line in text.splitlines():
+        if line.startswith("frame "):
+            out.append({k: int(v, 0) for k, v in re.findall(r"(\w+)=(0x[0-9a-f]+|\d+)", line)})
+    return out
+
+
+@pytest.mark.parametrize("name,mode", [("hello32", "protected mode"), ("hello64", "long mode")])
+def test_hello_prints_greeting_cmdline_and_memory_map(name, mode):
+    machine, _, status, text = run(name, cmdline="console=hvc0 xenicorn=1")
+    assert status == 0 and machine.shutdown_reason == "poweroff"
+    assert f"Hello from xenicorn {name} ({mode}" in text
+    assert 'command line: "console=hvc0 xenicorn=1"' in text
+    assert "memory map: 0x100000-0x7ffffff RAM" in text
+    assert text.rstrip().endswith("Test result: SUCCESS")
+    assert machine.vcpu.long_mode() == (name == "hello64")
+
+
+@pytest.mark.parametrize("name", ["exceptions32", "exceptions64"])
+def test_exception_frames_match_the_sdm(name):
+    machine, kernel, status, text = run(name)
+    assert "FAIL" not in text, text
+    assert text.rstrip().endswith("Test result: SUCCESS"), text
+    assert status == 0
+    got = frames(text)
+    vectors = [f["vec"] for f in got]
+    expected = [0, 6, 3, 64, 13] + ([13] if name.endswith("64") else []) + [14, 14]
+    expected += ([65] if name.endswith("64") else []) + [8, 128, 13, 14, 129]
+    assert vectors == expected
+    sym = kernel.symbols
+    by_ip = {f["ip"]: f for f in got}
+    # faults save the faulting instruction, traps the next one
+    assert sym["de_insn"] in by_ip and sym["ud_insn"] in by_ip and sym["gp_insn"] in by_ip
+    assert sym["bp_after"] in by_ip and sym["int40_after"] in by_ip
+    assert by_ip[sym["pf1_insn"]]["cr2"] == 0x40000010
+    # SDM §17.3.1.1: RF is set in the saved RFLAGS image for faults, not for traps
+    for f in got:
+        if f["vec"] in FAULTS:
+            assert f["flags"] & RF, f
+        elif f["vec"] in (3, 64, 65, 128):
+            assert not f["flags"] & RF, f
+    # events from CPL3 pushed the user stack and selector RPL 3
+    user = [f for f in got if f["cs"] & 3]
+    assert [f["vec"] for f in user] == [128, 13, 14, 129]
+    assert all(f["ss"] & 3 == 3 and "sp" in f for f in user)
+    assert user[2]["err"] == 4                      # #PF from user mode: U/S set
+    assert machine.vcpu.cpl() == 0
+
+
+def test_misbehaving_kernels_end_with_the_documented_status():
+    machine, _, status, text = run("wild32")
+    assert status == 1 and machine.shutdown_reason == "crash" and "0xc0000000" in machine.shutdown_message
+    machine, _, status, text = run("triple32")
+    assert status == 1 and machine.shutdown_reason == "triple-fault"
+    assert "#DE" in machine.shutdown_message and "#DF" in machine.shutdown_message
+    machine, _, status, text = run("spin32", timeout=0.3)
+    assert status == 124 and text == "spinning forever\n"
+
+
+@pytest.mark.skipif(not shutil.which("qemu-system-x86_64"), reason="QEMU not installed")
+@pytest.mark.parametrize("name", ["exceptions32", "exceptions64"])
+def test_frames_agree_with_qemu_except_for_rf(name):
+    """Real-x86 cross-check: QEMU TCG runs the same image; only RF may differ."""
+    path = firmware.find(name)
+    res = subprocess.run(["qemu-system-x86_64", "-machine", "q35", "-m", "128", "-kernel", path,
+                          "-debugcon", "stdio", "-device", "isa-debug-exit,iobase=0xf4",
+                          "-display", "none", "-no-reboot"], capture_output=True, text=True, timeout=60)
+    assert "Test result: SUCCESS" in res.stdout
+    _, _, _, text = run(name)
+    ours, qemus = frames(text), frames(res.stdout)
+    for f in ours + qemus:
+        f["flags"] &= ~RF
+    assert ours == qemus
+
+
+@pytest.mark.skipif(not shutil.which("gcc") or not shutil.which("ld"), reason="needs gcc and ld")
+def test_rebuilt_firmware_is_byte_identical(tmp_path):
+    import sys
+    tool = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools", "build_firmware.py")
+    subprocess.run([sys.executable, tool, "--out", str(tmp_path)], check=True, capture_output=True)
+    for name in firmware.names():
+        rebuilt = tmp_path / f"{name}.elf"
+        assert rebuilt.read_bytes() == open(os.path.join(firmware.IMAGES, f"{name}.elf"), "rb").read(), name
