@@ -113,3 +113,19 @@ def test_rebuilt_firmware_is_byte_identical(tmp_path):
     for name in firmware.names():
         rebuilt = tmp_path / f"{name}.elf"
         assert rebuilt.read_bytes() == open(os.path.join(firmware.IMAGES, f"{name}.elf"), "rb").read(), name
+
+
+def test_syscall64_round_trips_through_syscall_and_sysret():
+    machine, kernel, status, text = run("syscall64")
+    assert "FAIL" not in text and text.rstrip().endswith("Test result: SUCCESS"), text
+    calls = re.findall(r"syscall (\d): kernel cs=(0x\w+) ss=(0x\w+) flags=(0x\w+) rcx=(0x\w+) r11=(0x\w+); "
+                       r"user got (\d+), cs=(0x\w+) ss=(0x\w+)", text)
+    assert len(calls) == 3
+    for i, (n, cs, ss, flags, rcx, r11, result, ucs, uss) in enumerate(calls):
+        assert (int(cs, 16), int(ss, 16)) == (0x10, 0x18)              # from STAR[47:32]
+        assert int(rcx, 16) == kernel.symbols["user_ret"]
+        assert not int(flags, 16) & (1 << 9)                           # FMASK cleared IF
+        assert int(r11, 16) & (1 << 9)                                 # the user ran with IF=1
+        assert (int(ucs, 16), int(uss, 16)) == (0x33, 0x2B) and int(result) == (1000 + i) * 2 + 1
+    assert machine.exit_counts["Syscall"] == 3
+    assert status == 0
