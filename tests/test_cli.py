@@ -1,0 +1,121 @@
+"""The command line as a user meets it: output, exit statuses, one-line errors."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from xenicorn import firmware
+
+
+def xenicorn(*args, timeout=60):
+    res = subprocess.run([sys.executable, "-m", "xenicorn", *args], capture_output=True, text=True,
+                         timeout=timeout)
+    return res.returncode, res.stdout, res.stderr
+
+
+def one_line(stderr):
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def test_runs_a_bundled_kernel_by_name():
+    status, out, err = xenicorn("run", "hello64", "--append", "from the cli")
+    assert status == 0 and err == ""
+    assert 'command line: "from the cli"' in out and "Test result: SUCCESS" in out
+
+
+def test_runs_a_kernel_by_path():
+    status, out, _ = xenicorn("run", firmware.find("hello32"))
+    assert status == 0 and "hello32" in out
+
+
+def test_firmware_lists_the_images():
+    status, out, _ = xenicorn("firmware")
+    assert status == 0 and "exceptions64" in out
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["run", "/no/such/kernel.elf"], "no such file"),
+    (["run", "no-such-firmware"], "no bundled firmware"),
+    (["run", "-m", "1", "hello64"], "guest RAM"),
+    (["run", "--serial", "tcp:1", "hello64"], "--serial"),
+    (["run", "--trace", "bogus", "hello64"], "unknown trace categories"),
+])
+def test_bad_input_is_one_line_and_status_2(args, needle):
+    status, out, err = xenicorn(*args)
+    assert status == 2
+    assert needle in one_line(err)
+
+
+def test_non_elf_and_foreign_elf_files(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("just text\n")
+    status, _, err = xenicorn("run", str(text))
+    assert status == 2 and "not an ELF" in one_line(err)
+    arm = tmp_path / "arm.elf"
+    data = bytearray(open(firmware.find("hello32"), "rb").read())
+    data[18:20] = (40).to_bytes(2, "little")                    # e_machine = EM_ARM
+    arm.write_bytes(bytes(data))
+    status, _, err = xenicorn("run", str(arm))
+    assert status == 2 and "not x86" in one_line(err)
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    status, _, err = xenicorn("run", str(empty), "--load-addr", "0x100000")
+    assert status == 2 and "empty" in one_line(err)
+
+
+def test_truncated_elf(tmp_path):
+    cut = tmp_path / "cut.elf"
+    cut.write_bytes(open(firmware.find("hello64"), "rb").read()[:200])
+    status, _, err = xenicorn("run", str(cut))
+    assert status == 2 and "cut.elf" in one_line(err)
+
+
+def test_guest_that_jumps_to_unmapped_memory():
+    status, out, err = xenicorn("run", "wild32")
+    assert status == 1 and out == "W\n"
+    assert "0xc0000000" in one_line(err)
+
+
+def test_guest_that_triple_faults():
+    status, out, err = xenicorn("run", "triple32")
+    assert status == 1 and "triple fault" in one_line(err)
+
+
+def test_guest_that_spins_forever_hits_the_timeout():
+    status, out, err = xenicorn("run", "spin32", "--timeout", "2")
+    assert status == 124 and out == "spinning forever\n"
+    assert "--timeout" in one_line(err)
+
+
+def test_max_insns_stops_exactly(tmp_path):
+    status, out, err = xenicorn("run", "spin32", "--max-insns", "1000")
+    assert status == 124 and "--max-insns 1000" in one_line(err)
+
+
+def test_max_insns_counts_exactly_through_the_api():
+    from xenicorn.devices.console import ConsoleSink
+    from xenicorn.platform.machine import MachineConfig, boot
+    machine, _ = boot(MachineConfig(max_insns=1000), firmware.find("spin32"), console=ConsoleSink(None))
+    assert machine.run() == 124
+    assert machine.vcpu.instructions == 1000
+
+
+def test_isa_debug_exit_status_and_flat_binary(tmp_path):
+    flat = tmp_path / "exit.bin"
+    flat.write_bytes(bytes.fromhex("b021e6e9" "b00ae6e9" "b005e6f4"))   # '!' '\n' then out 0xf4 <- 5
+    status, out, err = xenicorn("run", str(flat), "--load-addr", "0x100000")
+    assert status == (5 << 1) | 1 and out == "!\n" and err == ""
+
+
+def test_serial_output_to_a_file(tmp_path):
+    flat = tmp_path / "uart.bin"
+    # mov dx,0x3f8 ; mov al,'U' ; out dx,al ; mov al,10 ; out dx,al ; poweroff
+    flat.write_bytes(bytes.fromhex("66baf803" "b055ee" "b00aee" "66b80020" "66ba0406" "66ef" "f4"))
+    log = tmp_path / "serial.log"
+    status, out, err = xenicorn("run", str(flat), "--load-addr", "0x100000", "--serial", f"file:{log}")
+    assert status == 0 and out == ""
+    assert log.read_text() == "U\n"
