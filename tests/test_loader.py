@@ -1,0 +1,98 @@
+"""PVH loading: segments, entry selection, hvm_start_info, modules, bad files."""
+import struct
+
+import pytest
+
+from xenicorn import firmware
+from xenicorn.platform.loader import (HVM_START_MAGIC, LoadError, load_elf, load_flat, load_module,
+                                      write_start_info)
+from xenicorn.platform.memory import GuestMemory
+
+
+def image(name):
+    return open(firmware.find(name), "rb").read()
+
+
+def strip_pvh_note(data: bytes) -> bytes:
+    """Turn the PVH note's type (18) into another so the loader must use e_entry."""
+    i = data.index(b"Xen\0")
+    return data[:i - 4] + struct.pack("<I", 99) + data[i:]
+
+
+@pytest.mark.parametrize("name,bits", [("hello32", 32), ("hello64", 64)])
+def test_pvh_note_gives_the_entry_and_segments_are_copied(name, bits):
+    mem = GuestMemory(16 << 20)
+    k = load_elf(mem, firmware.find(name))
+    assert k.pvh and k.bits == bits and k.entry == k.symbols["_start"]
+    paddr, size = k.segments[0]
+    assert paddr == 0x100000 and mem.read(paddr, 4) != b"\0\0\0\0"
+    # .bss is zeroed even if the RAM held something before
+    bss = k.symbols["boot_stack_top"] - 16
+    assert mem.read(bss, 16) == bytes(16)
+
+
+def test_without_the_note_the_elf_entry_is_used(tmp_path):
+    f = tmp_path / "nonote.elf"
+    f.write_bytes(strip_pvh_note(image("hello32")))
+    k = load_elf(GuestMemory(16 << 20), str(f))
+    assert not k.pvh and k.entry == struct.unpack_from("<I", image("hello32"), 24)[0]
+
+
+def test_64bit_elf_without_note_and_high_entry_is_refused(tmp_path):
+    data = bytearray(strip_pvh_note(image("hello64")))
+    data[24:32] = struct.pack("<Q", 0xFFFFFFFF81000000)
+    f = tmp_path / "high.elf"
+    f.write_bytes(bytes(data))
+    with pytest.raises(LoadError, match="not a 32-bit physical address"):
+        load_elf(GuestMemory(16 << 20), str(f))
+
+
+def test_start_info_with_cmdline_memory_map_and_module(tmp_path):
+    mem = GuestMemory(32 << 20)
+    k = load_elf(mem, firmware.find("hello32"))
+    initrd = tmp_path / "initrd"
+    initrd.write_bytes(b"INITRD" * 1000)
+    addr, size = load_module(mem, k, str(initrd))
+    si = write_start_info(mem, k, "root=/dev/xvda quiet")
+    magic, version, flags, nr, modlist, cmdline, rsdp, memmap, entries, _ = mem.read_struct(si, "<IIIIQQQQII")
+    assert (magic, version, flags, nr, rsdp) == (HVM_START_MAGIC, 1, 0, 1, 0)
+    assert mem.read_cstring(cmdline) == b"root=/dev/xvda quiet"
+    m_addr, m_size, m_cmd, _ = mem.read_struct(modlist, "<QQQQ")
+    assert (m_addr, m_size) == (addr, 6000) and addr % 4096 == 0 and mem.read(addr, 6) == b"INITRD"
+    table = [mem.read_struct(memmap + 24 * i, "<QQII") for i in range(entries)]
+    assert table[0][:3] == (0, 0x9FC00, 1)
+    assert (0x100000, (32 << 20) - 0x100000, 1, 0) in table
+    assert any(e[2] == 2 for e in table)                     # the reserved legacy hole
+
+
+def test_flat_binary_and_bad_files(tmp_path):
+    mem = GuestMemory(16 << 20)
+    flat = tmp_path / "code.bin"
+    flat.write_bytes(b"\x90\xf4")
+    k = load_flat(mem, str(flat), 0x200000)
+    assert k.entry == 0x200000 and mem.read(0x200000, 2) == b"\x90\xf4"
+    with pytest.raises(LoadError, match="do not fit"):
+        load_flat(mem, str(flat), 0x7FFFFFFF)
+    with pytest.raises(LoadError, match="no such file"):
+        load_elf(mem, str(tmp_path / "missing"))
+    with pytest.raises(LoadError, match="is a directory"):
+        load_elf(mem, str(tmp_path))
+    with pytest.raises(LoadError, match="corrupt ELF|no loadable"):
+        load_elf(mem, "x.elf", image("hello64")[:64])
+
+
+def test_segment_that_does_not_fit_ram(tmp_path):
+    data = bytearray(image("hello64"))
+    phoff = struct.unpack_from("<Q", data, 0x20)[0]
+    struct.pack_into("<Q", data, phoff + 0x18, 0x7F000000)      # first PT_LOAD's p_paddr
+    f = tmp_path / "far.elf"
+    f.write_bytes(bytes(data))
+    with pytest.raises(LoadError, match="does not fit in guest RAM"):
+        load_elf(GuestMemory(16 << 20), str(f))
+
+
+def test_command_line_limit():
+    mem = GuestMemory(16 << 20)
+    k = load_elf(mem, firmware.find("hello32"))
+    with pytest.raises(LoadError, match="command line"):
+        write_start_info(mem, k, "x" * 5000)
