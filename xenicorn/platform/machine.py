@@ -218,6 +218,13 @@ class Machine:
     # exit dispatch
     # ------------------------------------------------------------------
     def handle_exit(self, vcpu: VCpu, ex: E.Exit) -> E.Action:
+        if self.status is not None and not isinstance(ex, (E.Shutdown, E.Limit)):
+            # emu_stop() takes effect at the end of the translated block, so
+            # a few more instructions may run after a shutdown: they must not
+            # reach devices or deliver exceptions any more.
+            if isinstance(ex, E.PortIO) and not ex.write:
+                ex.value = (1 << (8 * ex.size)) - 1
+            return E.Action.STOP
         kind = type(ex)
         self.exit_counts[kind.__name__] = self.exit_counts.get(kind.__name__, 0) + 1
         action = self._handlers[kind](vcpu, ex)
