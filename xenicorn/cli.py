@@ -31,14 +31,18 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="boot a kernel")
     r.add_argument("kernel", help="PVH ELF kernel, flat binary (with --load-addr), or a firmware name")
     r.add_argument("-m", "--memory", type=_int, default=128, metavar="MiB", help="guest RAM (default 128)")
-    r.add_argument("--append", default="", metavar="CMDLINE", help="kernel command line")
-    r.add_argument("--initrd", metavar="FILE", help="module 0 of hvm_start_info")
+    r.add_argument("--append", "-append", default="", metavar="CMDLINE", help="kernel command line")
+    r.add_argument("--initrd", "-initrd", metavar="FILE", help="module 0 of hvm_start_info")
     r.add_argument("--load-addr", type=_int, metavar="ADDR", help="load KERNEL as a flat binary here")
-    r.add_argument("--serial", default="stdio", metavar="stdio|file:PATH|none", help="COM1 output")
+    r.add_argument("--serial", "-serial", default="stdio", metavar="stdio|file:PATH|none", help="COM1 output")
     r.add_argument("--trace", default="", metavar="CATS", help="comma-separated: exits,io,int,cpuid,mem,...,all")
     r.add_argument("--max-insns", type=_int, default=0, metavar="N", help="stop after N guest instructions")
     r.add_argument("--timeout", type=float, default=0.0, metavar="S", help="stop after S seconds (status 124)")
-    r.add_argument("--vendor", choices=("intel", "amd"), default="intel", help="CPUID vendor")
+    r.add_argument("--vendor", choices=("intel", "amd"), default="intel",
+                   help="CPUID vendor (Intel guests use VMCALL, AMD guests VMMCALL)")
+    r.add_argument("--no-xen", action="store_true", help="a plain PC: no Xen CPUID leaves or hypercalls")
+    r.add_argument("--xen-version", default="4.17", metavar="MAJOR.MINOR",
+                   help="what XENVER_version and CPUID report (default 4.17)")
     sub.add_parser("firmware", help="list the bundled guest kernels")
     return p
 
@@ -62,6 +66,12 @@ def run(args: argparse.Namespace) -> int:
     config = MachineConfig(ram_mib=args.memory, cmdline=args.append, serial="stdio",
                            trace={t for t in args.trace.split(",") if t},
                            max_insns=args.max_insns, timeout=args.timeout, vendor=args.vendor)
+    try:
+        major, minor = (int(x) for x in args.xen_version.split("."))
+    except ValueError:
+        raise UsageError(f"--xen-version {args.xen_version}: expected MAJOR.MINOR, e.g. 4.17") from None
+    config.xen = not args.no_xen
+    config.xen_version = (major, minor)
     serial = args.serial
     if serial not in ("stdio", "none") and not serial.startswith("file:"):
         raise UsageError(f"--serial {serial}: expected stdio, file:PATH or none")
