@@ -84,7 +84,7 @@ def test_get_features_reports_what_is_implemented(xen):
     xen.memory.write_struct(BUF, "<II", 0, 0xFFFFFFFF)
     assert call32(xen, 17, 6, BUF) == 0
     idx, submap = xen.memory.read_struct(BUF, "<II")
-    assert idx == 0 and submap == 1 << 2                          # auto_translated_physmap
+    assert idx == 0 and submap == (1 << 2) | (1 << 9)             # auto_translated_physmap, safe pvclock
 
 
 def test_console_io_write_reaches_the_console(xen):
@@ -106,7 +106,7 @@ def test_console_io_read_takes_queued_input(xen):
 
 def test_unknown_hypercall_is_enosys_and_cpl3_is_eperm(xen):
     assert call32(xen, 200) == -errno.ENOSYS
-    assert call32(xen, 12) == -errno.ENOSYS                       # not claimed yet
+    assert call32(xen, 1) == -errno.ENOSYS                        # mmu_update: PV only
     with RawContext(xen.vcpu.uc) as ctx:
         ctx.set_cpl(3)
     assert call32(xen, 17, 0) == -errno.EPERM

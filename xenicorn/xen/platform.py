@@ -21,10 +21,12 @@ provides each of them (QEMU's equivalent is ``target/i386/kvm/xen-emu.c``):
 from __future__ import annotations
 
 import struct
+import time
 from dataclasses import dataclass, field
 
 from ..platform import exits as E
-from . import hypercall, version, console, sched
+from . import hypercall, version, console, sched, memory, hvm, vcpu_op, pvclock
+from .shared_info import SharedInfo, VcpuInfo, layout
 
 XEN_CPUID_BASE = 0x40000000
 HYPERCALL_MSR = 0x40000000
@@ -43,7 +45,18 @@ class XenConfig:
     extraversion: str = ".0-xenicorn"
     domid: int = 1                         # the emulator itself plays domain 0
     handle: bytes = bytes(range(16))       # xen_domain_handle_t (a UUID)
-    tsc_khz: int = 1_000_000
+    gnttab_max_frames: int = 64            # like QEMU's xen-gnttab-max-frames
+
+
+@dataclass
+class VcpuState:
+    """What Xen keeps per vCPU."""
+
+    vcpu_info_gpa: int | None = None       # set by VCPUOP_register_vcpu_info
+    runstate_area: int | None = None       # guest linear address
+    time_area: int | None = None           # guest linear address (second vcpu_time_info)
+    periodic_ns: int = 0                   # VCPUOP_set_periodic_timer period, 0 = off
+    singleshot_ns: int | None = None       # VCPUOP_set_singleshot_timer deadline
 
 
 @dataclass
@@ -52,7 +65,15 @@ class XenState:
 
     hypercall_page: int | None = None      # guest-physical address, once installed
     width: int | None = None               # 32 or 64: latched from the guest's hypercalls
-    features: set[int] = field(default_factory=lambda: {version.XENFEAT_auto_translated_physmap})
+    features: set[int] = field(default_factory=lambda: {version.XENFEAT_auto_translated_physmap,
+                                                        version.XENFEAT_hvm_safe_pvclock})
+    shared_info_gpa: int | None = None     # XENMAPSPACE_shared_info
+    grant_frames: dict[int, int] = field(default_factory=dict)    # frame index -> gpfn
+    params: dict[int, int] = field(default_factory=dict)          # HVM_PARAM_* values
+    upcall_vectors: dict[int, int] = field(default_factory=dict)  # vCPU -> vector
+    vcpus: dict[int, VcpuState] = field(default_factory=dict)
+    ballooned: set[int] = field(default_factory=set)               # frames given back
+    pages: int = 0                         # current reservation
 
 
 class XenPlatform:
@@ -66,10 +87,17 @@ class XenPlatform:
         self.console_input = bytearray()
         self.unimplemented_seen: set[str] = set()
         self.hypercall_counts: dict[str, int] = {}
+        self.state.pages = self.max_pages()
+        self.boot_ns = 0
+        self._boot_mono = time.monotonic_ns()
+        self.tsc = pvclock.TscSource()
         self.table = {
             hypercall.NUMBERS["xen_version"]: version.xen_version,
             hypercall.NUMBERS["console_io"]: console.console_io,
             hypercall.NUMBERS["sched_op"]: sched.sched_op,
+            hypercall.NUMBERS["memory_op"]: memory.memory_op,
+            hypercall.NUMBERS["hvm_op"]: hvm.hvm_op,
+            hypercall.NUMBERS["vcpu_op"]: vcpu_op.vcpu_op,
         }
         machine.xen = self
         machine.cpuid.providers.append(self.cpuid)
@@ -92,12 +120,16 @@ class XenPlatform:
             self.machine.vcpus[vcpu_index].msr.open(MSR_INTEREST)
             return (1, HYPERCALL_MSR, 0, 0)
         if n == 3:
-            # Time leaf: sub-leaf 0 TSC mode (0 = default, native TSC) and the
-            # guest TSC frequency in kHz; 1: offset/mul/shift; 2: host kHz.
+            # Time leaf: sub-leaf 0 TSC mode (0 = native TSC) and the guest
+            # TSC frequency in kHz; 1: offset, mul, shift; 2: host TSC kHz.
+            khz = int(self.tsc.hz() // 1000)
             if sub == 0:
-                return (0, 0, self.config.tsc_khz, 0)
+                return (0, 0, khz, 0)
+            if sub == 1:
+                mul, shift = pvclock.scale_for(self.tsc.hz())
+                return (0, 0, mul, shift & 0xFFFFFFFF)
             if sub == 2:
-                return (self.config.tsc_khz, 0, 0, 0)
+                return (khz, 0, 0, 0)
             return (0, 0, 0, 0)
         if n == 4:
             flags = XEN_HVM_CPUID_VCPU_ID_PRESENT | XEN_HVM_CPUID_DOMID_PRESENT
@@ -150,6 +182,77 @@ class XenPlatform:
             return E.Action.STOP
         vcpu.pc = ex.pc + 3                      # past VMCALL/VMMCALL
         return E.Action.CONTINUE
+
+    # -- memory, shared_info, vcpu_info, time ----------------------------------
+    def max_pages(self) -> int:
+        return self.machine.memory.size // 4096
+
+    def max_ram_page(self) -> int:
+        base, length, _ = self.machine.memory.regions[-1]
+        return (base + length) // 4096 - 1
+
+    def now_ns(self) -> int:
+        """Xen system time: nanoseconds since this domain started."""
+        return time.monotonic_ns() - self._boot_mono
+
+    def vcpu_state(self, index: int) -> VcpuState:
+        return self.state.vcpus.setdefault(index, VcpuState())
+
+    def shared_info(self) -> SharedInfo | None:
+        gpa = self.state.shared_info_gpa
+        return None if gpa is None else SharedInfo(self.machine.memory, gpa, self.state.width or 64)
+
+    def vcpu_info(self, index: int) -> VcpuInfo | None:
+        """Where vCPU ``index``'s vcpu_info lives now (registered page or shared_info)."""
+        vs = self.vcpu_state(index)
+        if vs.vcpu_info_gpa is not None:
+            return VcpuInfo(self.machine.memory, vs.vcpu_info_gpa, layout(self.state.width or 64))
+        si = self.shared_info()
+        return si.vcpu_info(index) if si is not None and index < 32 else None
+
+    def map_shared_info(self, gpa: int, bits: int) -> None:
+        """XENMAPSPACE_shared_info: that RAM page becomes shared_info."""
+        self.state.width = bits
+        self.state.shared_info_gpa = gpa
+        self.machine.memory.fill(gpa, 4096)
+        si = self.shared_info()
+        wall = time.time_ns()
+        si.write_wallclock(wall // 1_000_000_000, wall % 1_000_000_000)
+        for i in range(len(self.machine.vcpus)):
+            self.update_time(i)
+
+    def register_vcpu_info(self, index: int, gpa: int, bits: int) -> None:
+        """VCPUOP_register_vcpu_info: copy the current contents, then move."""
+        self.state.width = self.state.width or bits
+        old = self.vcpu_info(index)
+        new = VcpuInfo(self.machine.memory, gpa, layout(self.state.width))
+        if old is not None:
+            new.copy_from(old)
+        else:
+            self.machine.memory.fill(gpa, 64)
+        self.vcpu_state(index).vcpu_info_gpa = gpa
+        self.update_time(index)
+
+    def update_time(self, index: int) -> None:
+        """Publish the PV clock in vcpu_info.time (and the registered time area)."""
+        mul, shift = pvclock.scale_for(self.tsc.hz())
+        tsc, now = self.tsc.read(), self.now_ns()
+        info = self.vcpu_info(index)
+        if info is not None:
+            pvclock.publish(self.machine.memory, info.time_gpa, tsc, now, mul, shift)
+        area = self.vcpu_state(index).time_area
+        if area is not None:
+            from .guest import GuestAccess, HypercallError
+            record = pvclock.TimeInfo(2, tsc, now, mul, shift).pack()
+            try:
+                GuestAccess(self.machine.vcpus[index]).write(area, record)
+            except HypercallError:
+                pass                        # Xen ignores an unwritable area too
+
+    def callback_changed(self, old: int, new: int) -> None:
+        """HVM_PARAM_CALLBACK_IRQ changed; upcall delivery arrives with event channels."""
+        if self.machine.tracer.on("evtchn"):
+            self.machine.tracer.emit("evtchn", f"callback via {old:#x} -> {new:#x}")
 
     def unimplemented(self, what: str) -> None:
         """-ENOSYS paths: say so once per kind, as QEMU's LOG_UNIMP does."""

@@ -1,0 +1,190 @@
+"""``memory_op`` (hypercall 12): the guest's physical memory as Xen sees it.
+
+Sub-ops from xen/include/public/memory.h. ``xen_ulong_t`` and ``xen_pfn_t``
+are ``unsigned long`` on x86, so the structures differ by guest width:
+
+=================================  =========================================
+cmd                                structure (64-bit / 32-bit size)
+=================================  =========================================
+0 XENMEM_increase_reservation      xen_memory_reservation: extent_start
+1 XENMEM_decrease_reservation      handle, nr_extents, extent_order,
+6 XENMEM_populate_physmap          mem_flags, domid (32 / 20 bytes)
+2 XENMEM_maximum_ram_page          no argument: highest RAM frame
+3 XENMEM_current_reservation       domid_t*: pages the domain has
+4 XENMEM_maximum_reservation       domid_t*: pages it may have
+7 XENMEM_add_to_physmap            domid, size, space, idx, gpfn (24 / 16)
+9 XENMEM_memory_map                { nr_entries; buffer } (16 / 8): E820
+23 XENMEM_add_to_physmap_batch     domid, space, size, u, idxs, gpfns, errs
+=================================  =========================================
+
+Map spaces for add_to_physmap: 0 shared_info (idx 0 only), 1 grant_table
+(frame idx; bit 31 set asks for a v2 status frame), 2 gmfn, 3 gmfn_range,
+4 gmfn_foreign, 5 dev_mmio. As in QEMU's Xen emulation: gmfn spaces give
+-EOPNOTSUPP, foreign ones -EPERM, unknown ones -EINVAL, and another domain
+-ESRCH. The high bits of ``cmd`` (from bit 6) carry Xen's continuation
+index; a guest calls with them zero.
+"""
+from __future__ import annotations
+
+import struct
+
+from . import errno
+from .guest import HypercallError
+
+XENMEM_increase_reservation, XENMEM_decrease_reservation = 0, 1
+XENMEM_maximum_ram_page, XENMEM_current_reservation, XENMEM_maximum_reservation = 2, 3, 4
+XENMEM_populate_physmap, XENMEM_add_to_physmap, XENMEM_memory_map = 6, 7, 9
+XENMEM_add_to_physmap_batch = 23
+MEMOP_EXTENT_SHIFT = 6
+XENMAPSPACE_shared_info, XENMAPSPACE_grant_table, XENMAPSPACE_gmfn = 0, 1, 2
+XENMAPSPACE_gmfn_range, XENMAPSPACE_gmfn_foreign, XENMAPSPACE_dev_mmio = 3, 4, 5
+XENMAPIDX_grant_table_status = 0x80000000
+DOMID_SELF = 0x7FF0
+MAX_ORDER = 9                       # a domU may ask for up to 2 MiB extents
+PAGE = 4096
+
+
+def check_domid(call, domid: int) -> None:
+    """DOMID_SELF or our own id; another domain -ESRCH (we are unprivileged)."""
+    if domid not in (DOMID_SELF, call.xen.config.domid):
+        raise HypercallError(errno.ESRCH, f"domain {domid}")
+
+
+def map_space(call, space: int, idx: int, gpfn: int) -> None:
+    """Put one frame of ``space`` at guest frame ``gpfn``."""
+    xen = call.xen
+    if space == XENMAPSPACE_shared_info:
+        if idx != 0:
+            raise HypercallError(errno.EINVAL, f"shared_info idx {idx}")
+        gpa = gpfn * PAGE
+        if not xen.machine.memory.is_ram(gpa, PAGE):
+            raise HypercallError(errno.EINVAL, f"gpfn {gpfn:#x} is not RAM")
+        xen.map_shared_info(gpa, call.bits)
+        call.note(f"shared_info at {gpa:#x}")
+        return
+    if space == XENMAPSPACE_grant_table:
+        if idx & XENMAPIDX_grant_table_status:
+            raise HypercallError(errno.EINVAL, "grant table v2 status frames (v1 only)")
+        if idx >= xen.config.gnttab_max_frames:
+            raise HypercallError(errno.EINVAL, f"grant frame {idx} >= {xen.config.gnttab_max_frames}")
+        xen.state.grant_frames[idx] = gpfn
+        call.note(f"grant frame {idx} at gpfn {gpfn:#x}")
+        return
+    if space in (XENMAPSPACE_gmfn, XENMAPSPACE_gmfn_range):
+        raise HypercallError(errno.EOPNOTSUPP, "gmfn map spaces")
+    if space in (XENMAPSPACE_gmfn_foreign, XENMAPSPACE_dev_mmio):
+        raise HypercallError(errno.EPERM, "foreign/device map spaces")
+    raise HypercallError(errno.EINVAL, f"map space {space}")
+
+
+def _add_to_physmap(call, arg: int) -> int:
+    u = call.ulong
+    domid, size, space, idx, gpfn = call.guest.read_struct(arg, f"<HHI{u}{u}")
+    check_domid(call, domid)
+    map_space(call, space, idx, gpfn)
+    return 0
+
+
+def _add_to_physmap_batch(call, arg: int) -> int:
+    u = call.ulong
+    fmt = f"<HHHH{u}{u}{u}"
+    domid, space, size, foreign, idxs, gpfns, errs = call.guest.read_struct(arg, fmt)
+    check_domid(call, domid)
+    if space in (XENMAPSPACE_gmfn_foreign, XENMAPSPACE_dev_mmio):
+        raise HypercallError(errno.EPERM, "foreign map space")
+    if space not in (XENMAPSPACE_shared_info, XENMAPSPACE_grant_table):
+        raise HypercallError(errno.EINVAL if space > XENMAPSPACE_dev_mmio else errno.EOPNOTSUPP,
+                             f"map space {space} in a batch")
+    w = call.bits // 8
+    for i in range(size):
+        idx = int.from_bytes(call.guest.read(idxs + i * w, w), "little")
+        gpfn = int.from_bytes(call.guest.read(gpfns + i * w, w), "little")
+        try:
+            map_space(call, space, idx, gpfn)
+            rc = 0
+        except HypercallError as e:
+            if e.code == errno.EFAULT:
+                raise
+            rc = -e.code
+        call.guest.write(errs + 4 * i, struct.pack("<i", rc))
+    return 0
+
+
+def _memory_map(call, arg: int) -> int:
+    fmt = "<I4xQ" if call.bits == 64 else "<II"
+    nr, buf = call.guest.read_struct(arg, fmt)
+    e820 = call.xen.machine.memory.e820()
+    n = min(nr, len(e820))
+    raw = b"".join(struct.pack("<QQI", e.addr, e.size, e.type) for e in e820[:n])
+    call.guest.write(buf, raw)
+    call.guest.write_struct(arg, "<I", n)
+    call.note(f"{n} E820 entries")
+    return 0
+
+
+def _reservation(call, cmd: int, arg: int) -> int:
+    """increase/decrease_reservation and populate_physmap: ballooning basics."""
+    xen = call.xen
+    u = call.ulong
+    fmt = f"<{u}{u}IIH" + ("6x" if call.bits == 64 else "2x")
+    start, nr, order, flags, domid = call.guest.read_struct(arg, fmt)
+    check_domid(call, domid)
+    if order > MAX_ORDER:
+        call.note(f"extent_order {order} > {MAX_ORDER}")
+        return 0
+    mem = xen.machine.memory
+    w = call.bits // 8
+    pages_per = 1 << order
+    done = 0
+    for i in range(nr):
+        if cmd == XENMEM_increase_reservation:
+            # A translated (HVM) guest gets frames it cannot address: Xen
+            # only accounts for them; so does xenicorn.
+            if xen.state.pages + pages_per > xen.max_pages():
+                break
+            xen.state.pages += pages_per
+            done += 1
+            continue
+        gpfn = int.from_bytes(call.guest.read(start + i * w, w), "little")
+        first = gpfn & ~(pages_per - 1)
+        frames = range(first, first + pages_per)
+        if not mem.is_ram(first * PAGE, pages_per * PAGE):
+            break
+        if cmd == XENMEM_decrease_reservation:
+            if any(f in xen.state.ballooned for f in frames):
+                break
+            xen.state.ballooned.update(frames)
+            xen.state.pages -= pages_per
+            mem.fill(first * PAGE, pages_per * PAGE)          # the frames go back to Xen
+        else:                                                 # populate_physmap
+            if xen.state.pages + pages_per > xen.max_pages():
+                break
+            missing = [f for f in frames if f in xen.state.ballooned]
+            xen.state.ballooned.difference_update(frames)
+            xen.state.pages += len(missing)
+        done += 1
+    call.note(f"{done} of {nr} extents (order {order})")
+    return done
+
+
+def memory_op(call, cmd: int, arg: int, *_) -> int:
+    """Dispatch a XENMEM_* (see the module table)."""
+    if cmd >> MEMOP_EXTENT_SHIFT:
+        raise HypercallError(errno.ENOSYS, "continuation bits set")
+    xen = call.xen
+    if cmd in (XENMEM_increase_reservation, XENMEM_decrease_reservation, XENMEM_populate_physmap):
+        return _reservation(call, cmd, arg)
+    if cmd == XENMEM_maximum_ram_page:
+        return xen.max_ram_page()
+    if cmd in (XENMEM_current_reservation, XENMEM_maximum_reservation):
+        (domid,) = call.guest.read_struct(arg, "<H")
+        check_domid(call, domid)
+        return xen.state.pages if cmd == XENMEM_current_reservation else xen.max_pages()
+    if cmd == XENMEM_add_to_physmap:
+        return _add_to_physmap(call, arg)
+    if cmd == XENMEM_add_to_physmap_batch:
+        return _add_to_physmap_batch(call, arg)
+    if cmd == XENMEM_memory_map:
+        return _memory_map(call, arg)
+    xen.unimplemented(f"memory_op cmd {cmd}")
+    raise HypercallError(errno.ENOSYS)
