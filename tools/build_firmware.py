@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SRC = os.path.join(ROOT, "xenicorn", "firmware", "src")
 IMAGES = os.path.join(ROOT, "xenicorn", "firmware", "images")
 
-LIB = ["lib/desc.c", "lib/console.c", "lib/report.c", "lib/xen.c"]
+LIB = ["lib/desc.c", "lib/console.c", "lib/report.c", "lib/xen.c", "lib/xen_hcall.S"]
 
 # name -> (bits, sources, uses the C library)
 KERNELS: dict[str, tuple[int, list[str], bool]] = {

@@ -1,5 +1,6 @@
 /* XTF-style reporting: check() lines, one final "Test result:" line, power off. */
 #include "kernel.h"
+#include "xen.h"
 
 int failures;
 
@@ -12,8 +13,13 @@ void check(int ok, const char *what, ...) {
 
 void debug_exit(u8 v) { for (;;) outb(0xF4, v); }
 
-/* ACPI PM1a_CNT (q35 PM base 0x600): SLP_TYP=S5 | SLP_EN. */
+/* Under Xen, SCHEDOP_shutdown(poweroff); otherwise ACPI PM1a_CNT (q35 PM
+ * base 0x600): SLP_TYP=S5 | SLP_EN. */
 void poweroff(void) {
+    if (xen_present) {
+        u32 reason = SHUTDOWN_poweroff;
+        HYPERVISOR(sched_op, SCHEDOP_shutdown, &reason);
+    }
     outw(0x604, 0x2000);
     for (;;) __asm__ volatile("cli; hlt");
 }
