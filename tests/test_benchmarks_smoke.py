@@ -15,3 +15,13 @@ def test_compute_benchmark_quick_run_reports_every_variant():
     assert set(data) == {"registers", "load", "store"}
     for r in data.values():
         assert r["instructions"] == 20_000 * 8 and r["xenicorn_mips"] > 0 and r["bare_mips"] > 0
+
+
+def test_hypercall_benchmark_quick_run_reports_both_widths():
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "hypercalls.py"), "--quick", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    import json
+    data = json.loads(res.stdout)
+    assert set(data) == {"32-bit", "64-bit"}
+    assert all(r["calls"] == 2000 and r["calls_per_second"] > 0 for r in data.values())

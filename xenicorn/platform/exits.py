@@ -82,6 +82,7 @@ class Hypercall(Exit):
     number: int
     args: tuple[int, ...] = ()
     result: int | None = None
+    snapshot: object = field(default=None, repr=False)    # CPU state read once at the exit
 
 
 @dataclass

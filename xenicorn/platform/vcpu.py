@@ -29,6 +29,8 @@ the PVH ABI starts a guest.
 """
 from __future__ import annotations
 
+import struct
+
 from typing import TYPE_CHECKING
 
 from unicorn import (Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_HOOK_INSN, UC_HOOK_INTR,
@@ -40,7 +42,8 @@ from unicorn import x86_const as X
 from . import exits as E
 from . import icount
 from .msr import MsrInterceptor, EXIT_VECTOR as MSR_EXIT_VECTOR
-from .rawctx import RawContext, flat_code32, flat_data, SegmentCache, HF_INHIBIT_IRQ
+from .rawctx import (RawContext, flat_code32, flat_data, SegmentCache, HF_INHIBIT_IRQ, HF_CS32, HF_CS64,
+                     OFF_CR, OFF_EIP)
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -82,6 +85,37 @@ def _guarded(default):
         hook.__doc__ = fn.__doc__
         return hook
     return wrap
+
+
+GPR_INDEX = {"rax": 0, "rcx": 1, "rdx": 2, "rbx": 3, "rsp": 4, "rbp": 5, "rsi": 6, "rdi": 7,
+             **{f"r{i}": i for i in range(8, 16)}}
+
+
+class CpuSnapshot:
+    """A read-only copy of the state hot exit handlers need."""
+
+    __slots__ = ("gprs", "rip", "hflags", "cr0", "cr3", "cr4", "efer")
+
+    def __init__(self, gprs, rip, hflags, cr0, cr3, cr4, efer):
+        self.gprs, self.rip, self.hflags = gprs, rip, hflags
+        self.cr0, self.cr3, self.cr4, self.efer = cr0, cr3, cr4, efer
+
+    def reg(self, name: str) -> int:
+        return self.gprs[GPR_INDEX[name]]
+
+    @property
+    def cpl(self) -> int:
+        return self.hflags & 3
+
+    @property
+    def code_bits(self) -> int:
+        if self.hflags & HF_CS64:
+            return 64
+        return 32 if self.hflags & HF_CS32 else 16
+
+    def paging_regs(self):
+        from .paging import PagingRegs
+        return PagingRegs(cr0=self.cr0, cr3=self.cr3, cr4=self.cr4, efer=self.efer)
 
 
 class VCpu:
@@ -147,6 +181,18 @@ class VCpu:
             return 16
         return 32 if cs.flags & (1 << 22) else 16
 
+    def snapshot(self) -> "CpuSnapshot":
+        """Registers, mode and paging state from one context save (~3 µs).
+
+        Cheaper than a reg_read per register (~2 µs each) on hot exits such
+        as hypercalls.
+        """
+        ctx = RawContext(self.uc)
+        raw = ctx.read_block(0, 128)
+        gprs = struct.unpack("<16Q", raw)
+        cr = struct.unpack("<5Q", ctx.read_block(OFF_CR, 40))
+        return CpuSnapshot(gprs, ctx.read(OFF_EIP, "<Q"), ctx.hflags, cr[0], cr[3], cr[4], self.efer())
+
     def interrupt_shadow(self) -> bool:
         """True right after STI or MOV SS: interrupts wait one instruction."""
         return bool(RawContext(self.uc).hflags & HF_INHIBIT_IRQ)
@@ -166,10 +212,10 @@ class VCpu:
         return translate(regs or self.paging_regs(), linear, mem.read_int, write=write, user=user,
                          fetch=fetch, write_phys=mem.write_int)
 
-    def read_linear(self, linear: int, size: int, *, user: bool = False, fetch: bool = False):
+    def read_linear(self, linear: int, size: int, *, user: bool = False, fetch: bool = False, regs=None):
         """Read guest-linear bytes; returns bytes or a PageFault."""
         from .paging import PageFault
-        regs = self.paging_regs()
+        regs = regs or self.paging_regs()
         out = bytearray()
         while size:
             chunk = min(size, PAGE - (linear & (PAGE - 1)))
@@ -307,11 +353,11 @@ class VCpu:
     def _just_halted(self, pc: int) -> bool:
         return pc > 0 and self.fetch_bytes(pc - 1, 1) == b"\xf4"
 
-    def fetch_bytes(self, linear: int, size: int) -> bytes:
+    def fetch_bytes(self, linear: int, size: int, regs=None) -> bytes:
         """Instruction bytes at a linear address, or b"" when they cannot be read."""
         from .memory import GuestMemoryError
         try:
-            data = self.read_linear(linear, size, fetch=True)
+            data = self.read_linear(linear, size, fetch=True, regs=regs)
         except GuestMemoryError:
             return b""
         return data if isinstance(data, bytes) else b""
@@ -390,10 +436,12 @@ class VCpu:
 
     @_guarded(False)
     def _on_invalid(self, uc, _) -> bool:
-        pc = self.pc
-        insn = self.fetch_bytes(pc, 3)
+        snap = self.snapshot()
+        pc = snap.rip
+        insn = self.fetch_bytes(pc, 3, regs=snap.paging_regs())
         if insn in (b"\x0f\x01\xc1", b"\x0f\x01\xd9"):         # vmcall, vmmcall
             ex: E.Exit = E.Hypercall(pc, -1)
+            ex.snapshot = snap
         else:
             ex = E.InvalidInstruction(pc, insn)
         self.machine.handle_exit(self, ex)

@@ -84,14 +84,15 @@ def sign(value: int, bits: int) -> int:
     return value - (1 << bits) if value >> (bits - 1) else value
 
 
-def dispatch(xen: "XenPlatform", vcpu, table: dict[int, Handler]) -> Call:
+def dispatch(xen: "XenPlatform", vcpu, table: dict[int, Handler], snap=None) -> Call:
     """Run the hypercall the vCPU is making; write its result to RAX."""
-    bits = 64 if vcpu.code_bits() == 64 else 32
+    snap = snap or vcpu.snapshot()
+    bits = 64 if snap.code_bits == 64 else 32
     mask = (1 << bits) - 1
-    number = vcpu.reg("rax") & 0xFFFFFFFF
-    args = tuple(vcpu.reg(r) & mask for r in (ARGS64 if bits == 64 else ARGS32))
+    number = snap.reg("rax") & 0xFFFFFFFF
+    args = tuple(snap.reg(r) & mask for r in (ARGS64 if bits == 64 else ARGS32))
     call = Call(xen, vcpu, number, args, bits, GuestAccess(vcpu))
-    if vcpu.cpl() != 0:
+    if snap.cpl != 0:
         result = -errno.EPERM
         call.note("CPL > 0")
     else:

@@ -167,7 +167,7 @@ class XenPlatform:
 
     # -- 3. hypercalls -----------------------------------------------------
     def handle_hypercall(self, vcpu, ex: E.Hypercall) -> E.Action:
-        call = hypercall.dispatch(self, vcpu, self.table)
+        call = hypercall.dispatch(self, vcpu, self.table, ex.snapshot)
         self.state.width = call.bits
         ex.number, ex.args, ex.result = call.number, call.args, call.result
         name = hypercall.HYPERCALL_NAMES.get(call.number, str(call.number))
