@@ -43,6 +43,8 @@ class MachineConfig:
     max_insns: int = 0                   # 0 = no limit
     timeout: float = 0.0                 # seconds of host time, 0 = none
     vendor: str = "intel"
+    clock: str = "host"                  # host | deterministic (see platform/clock.py)
+    ns_per_insn: float = 1.0             # deterministic time: guest ns per instruction
     xen: bool = True                     # the Xen HVM platform (CPUID leaves, hypercalls)
     xen_version: tuple[int, int] = (4, 17)
     record_console: bool = True
@@ -68,10 +70,13 @@ class Machine:
         self.shutdown_message = ""
         self.exit_counts: dict[str, int] = {}
         self.xen = None                      # the Xen layer, when built with one
-        self.wake_sources: list = []         # callables() -> bool: can a halted vCPU wake?
         self.interrupt_source = None         # object with pending()/acknowledge(): the APIC/PIC
         self.msr_handlers: dict = {}         # msr -> handler(vcpu, Msr exit), see platform/msr.py
-        self.vcpus = [VCpu(self, 0, count_instructions=bool(self.config.max_insns))]
+        counting = bool(self.config.max_insns) or self.config.clock == "deterministic"
+        self.vcpus = [VCpu(self, 0, count_instructions=counting)]
+        from .clock import VirtualClock
+        self.clock = VirtualClock(self.config.clock, self.config.ns_per_insn,
+                                  instructions=lambda: self.vcpu.instructions_now())
         self._handlers = {
             E.PortIO: self._handle_pio,
             E.Mmio: self._handle_mmio,
@@ -163,30 +168,94 @@ class Machine:
         """Run until the guest shuts down or a limit is hit; return the exit status."""
         vcpu = self.vcpu
         cfg = self.config
-        deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
+        self._deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
         while self.status is None:
+            self.clock.run_due()
+            if vcpu.halted:
+                self._sleep(vcpu)
+                continue
             self.inject_pending_interrupt(vcpu)
+            if self.status is not None or vcpu.halted:
+                continue
+            timeout_us, count = self._run_budget(vcpu)
             if self.status is not None:
                 break
-            timeout_us = 0
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self._handle_limit(vcpu, E.Limit(vcpu.pc, "timeout"))
-                    break
-                timeout_us = max(1, int(left * 1e6))
-            count = 0
-            if cfg.max_insns:
-                count = cfg.max_insns - vcpu.instructions
-                if count <= 0:
-                    self._handle_limit(vcpu, E.Limit(vcpu.pc, "max-insns"))
-                    break
             ex = vcpu.run(timeout_us=timeout_us, count=count)
-            if isinstance(ex, E.Limit) and ex.what == "timeout" and deadline is None:
-                continue                  # a spurious return, nothing to do
+            if isinstance(ex, E.Limit) and not self._limit_reached(vcpu):
+                continue                  # a clock deadline, not the user's limit
             self.handle_exit(vcpu, ex)
         self.console.flush()
         return self.status
+
+    def _run_budget(self, vcpu: VCpu) -> tuple[int, int]:
+        """How long emu_start may run: until the user's limits or the next timer."""
+        cfg = self.config
+        timeout_us = 0
+        if self._deadline is not None:
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                self._handle_limit(vcpu, E.Limit(vcpu.pc, "timeout"))
+                return 0, 0
+            timeout_us = max(1, int(left * 1e6))
+        count = 0
+        if cfg.max_insns:
+            count = cfg.max_insns - vcpu.instructions
+            if count <= 0:
+                self._handle_limit(vcpu, E.Limit(vcpu.pc, "max-insns"))
+                return 0, 0
+        budget = self.clock.budget()
+        if budget is not None:
+            if self.clock.deterministic:
+                insns = max(1, int(budget / self.clock.ns_per_insn))
+                count = min(count, insns) if count else insns
+            else:
+                us = max(1, budget // 1000)
+                timeout_us = min(timeout_us, us) if timeout_us else us
+        return timeout_us, count
+
+    def _limit_reached(self, vcpu: VCpu) -> bool:
+        if self._deadline is not None and time.monotonic() >= self._deadline:
+            return True
+        return bool(self.config.max_insns) and vcpu.instructions >= self.config.max_insns
+
+    def _sleep(self, vcpu: VCpu) -> None:
+        """The vCPU sleeps (HLT, SCHEDOP_block/poll): let time pass until it wakes.
+
+        A maskable interrupt the guest accepts, an event for a blocked vCPU,
+        or a poll timeout ends the sleep. Time passes to the next timer
+        deadline; when no timer is armed and nothing else could wake the
+        vCPU, the run ends instead of hanging the host (status 1).
+        """
+        while self.status is None:
+            self.clock.run_due()
+            if self._wakes(vcpu):
+                vcpu.halted = False
+                vcpu.sleep_kind = ""
+                return
+            nxt = self.clock.next_deadline()
+            if nxt is None or (vcpu.sleep_kind == "HLT" and not vcpu.reg("rflags") & (1 << 9)):
+                pc = vcpu.pc
+                if vcpu.sleep_kind == "HLT" and not vcpu.reg("rflags") & (1 << 9):
+                    msg = f"vCPU halted at {pc:#x} with interrupts disabled"
+                else:
+                    msg = f"vCPU asleep ({vcpu.sleep_kind}) at {pc:#x} and nothing is left that could wake it"
+                self.shutdown("halted", STATUS_CRASH, msg)
+                return
+            limit = None
+            if self._deadline is not None:
+                limit = self._deadline - time.monotonic()
+                if limit <= 0:
+                    self._handle_limit(vcpu, E.Limit(vcpu.pc, "timeout"))
+                    return
+            self.clock.wait_until(nxt, limit)
+
+    def _wakes(self, vcpu: VCpu) -> bool:
+        src = self.interrupt_source
+        if src is not None and src.pending() and vcpu.reg("rflags") & (1 << 9):
+            return True
+        if vcpu.sleep_kind != "HLT" and self.xen is not None:
+            return self.xen.wakes(vcpu)
+        return False
 
     def inject_pending_interrupt(self, vcpu: VCpu) -> None:
         """Deliver an external interrupt if one waits and the guest accepts it.
@@ -279,29 +348,15 @@ class Machine:
         return E.Action.CONTINUE
 
     def _handle_hlt(self, vcpu: VCpu, ex: E.Hlt) -> E.Action:
-        return self.idle(vcpu, "HLT")
+        self.idle(vcpu, "HLT")
+        return E.Action.CONTINUE
 
-    def idle(self, vcpu: VCpu, why: str) -> E.Action:
-        """The vCPU sleeps (HLT, SCHEDOP_block) until something wakes it.
-
-        An interrupt the guest accepts, or a wake source (a timer, an event)
-        ends the sleep; when nothing at all could, the run ends instead of
-        hanging the host, with status 1 and the reason.
-        """
+    def idle(self, vcpu: VCpu, why: str) -> None:
+        """Put the vCPU to sleep (HLT, SCHEDOP_block, SCHEDOP_poll); the run loop waits."""
         vcpu.halted = True
-        if_set = bool(vcpu.reg("rflags") & (1 << 9)) or why != "HLT"
-        src = self.interrupt_source
-        if src is not None and src.pending() and if_set:
-            return E.Action.CONTINUE             # the run loop delivers it
-        if any(wake() for wake in self.wake_sources):
-            return E.Action.CONTINUE
-        pc = vcpu.pc
-        if if_set:
-            msg = f"vCPU asleep ({why}) at {pc:#x} and nothing is left that could wake it"
-        else:
-            msg = f"vCPU halted at {pc:#x} with interrupts disabled"
-        self.shutdown("halted", STATUS_CRASH, msg)
-        return E.Action.STOP
+        vcpu.sleep_kind = why
+        if vcpu._in_emu:
+            vcpu.request_stop(why)
 
     def _deliver(self, vcpu: VCpu, vector: int, etype, error_code: int | None = None) -> E.Action:
         from .interrupts import deliver, TripleFault

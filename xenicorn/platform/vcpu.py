@@ -133,6 +133,7 @@ class VCpu:
         self._internal: Exception | None = None
         self._in_emu = False
         self.halted = False
+        self.sleep_kind = ""                 # HLT, SCHEDOP_block, SCHEDOP_poll while halted
         self._window_hook = None
         self._mmio_pages: set[int] = set()
         uc = self.uc
@@ -168,6 +169,12 @@ class VCpu:
 
     def long_mode(self) -> bool:
         return bool(self.efer() & EFER_LMA)
+
+    def instructions_now(self) -> int:
+        """Executed instructions, including the current emu_start (counting mode)."""
+        if self._in_emu and self.count_instructions:
+            return self.instructions + icount.read_counter(self.uc)
+        return self.instructions
 
     def cpl(self) -> int:
         return RawContext(self.uc).cpl

@@ -57,6 +57,8 @@ class VcpuState:
     time_area: int | None = None           # guest linear address (second vcpu_time_info)
     periodic_ns: int = 0                   # VCPUOP_set_periodic_timer period, 0 = off
     singleshot_ns: int | None = None       # VCPUOP_set_singleshot_timer deadline
+    poll_done: bool = False                # SCHEDOP_poll timed out (or a port fired)
+    timer_events: int = 0                  # VIRQ_TIMER events raised (delivered once bound)
 
 
 @dataclass
@@ -89,7 +91,6 @@ class XenPlatform:
         self.hypercall_counts: dict[str, int] = {}
         self.state.pages = self.max_pages()
         self.boot_ns = 0
-        self._boot_mono = time.monotonic_ns()
         self.tsc = pvclock.TscSource()
         self.table = {
             hypercall.NUMBERS["xen_version"]: version.xen_version,
@@ -192,8 +193,8 @@ class XenPlatform:
         return (base + length) // 4096 - 1
 
     def now_ns(self) -> int:
-        """Xen system time: nanoseconds since this domain started."""
-        return time.monotonic_ns() - self._boot_mono
+        """Xen system time: nanoseconds since this domain started (the machine clock)."""
+        return self.machine.clock.now_ns()
 
     def vcpu_state(self, index: int) -> VcpuState:
         return self.state.vcpus.setdefault(index, VcpuState())
@@ -264,5 +265,13 @@ class XenPlatform:
         return sum(1 << f for f in self.state.features)
 
     def block(self, vcpu) -> None:
-        """SCHEDOP_block: sleep until an event or timer can wake the vCPU."""
+        """SCHEDOP_block: sleep until an event or an interrupt is pending."""
         self.machine.idle(vcpu, "SCHEDOP_block")
+
+    def wakes(self, vcpu) -> bool:
+        """Does a blocked or polling vCPU have a reason to run again?"""
+        vs = self.vcpu_state(vcpu.index)
+        if vcpu.sleep_kind == "SCHEDOP_poll" and vs.poll_done:
+            return True
+        info = self.vcpu_info(vcpu.index)
+        return info is not None and bool(info.upcall_pending)
