@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", type=float, default=0.0, metavar="S", help="stop after S seconds (status 124)")
     r.add_argument("--vendor", choices=("intel", "amd"), default="intel",
                    help="CPUID vendor (Intel guests use VMCALL, AMD guests VMMCALL)")
+    r.add_argument("--clock", choices=("host", "deterministic"), default="host",
+                   help="guest time: host clock (fast) or executed instructions (repeatable, ~3x slower)")
     r.add_argument("--no-xen", action="store_true", help="a plain PC: no Xen CPUID leaves or hypercalls")
     r.add_argument("--xen-version", default="4.17", metavar="MAJOR.MINOR",
                    help="what XENVER_version and CPUID report (default 4.17)")
@@ -71,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError:
         raise UsageError(f"--xen-version {args.xen_version}: expected MAJOR.MINOR, e.g. 4.17") from None
     config.xen = not args.no_xen
+    config.clock = args.clock
     config.xen_version = (major, minor)
     serial = args.serial
     if serial not in ("stdio", "none") and not serial.startswith("file:"):

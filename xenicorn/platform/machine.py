@@ -77,6 +77,10 @@ class Machine:
         from .clock import VirtualClock
         self.clock = VirtualClock(self.config.clock, self.config.ns_per_insn,
                                   instructions=lambda: self.vcpu.instructions_now())
+        if self.clock.deterministic:
+            # RDTSC reads the host TSC in Unicorn; trap it so guest time repeats.
+            for vcpu in self.vcpus:
+                vcpu.msr.intercept_rdtsc()
         self._handlers = {
             E.PortIO: self._handle_pio,
             E.Mmio: self._handle_mmio,
@@ -133,6 +137,10 @@ class Machine:
         self.mmio.register(base, size, device)
         for vcpu in self.vcpus:
             vcpu.map_mmio(base, size)
+
+    def guest_tsc(self) -> int:
+        """The TSC a trapped RDTSC returns in deterministic mode: 1 GHz of machine time."""
+        return self.clock.now_ns()
 
     def register_pio(self, base: int, size: int, device) -> None:
         """Put a device on the I/O port bus."""

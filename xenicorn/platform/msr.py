@@ -43,6 +43,8 @@ OFF_VM_VMCB = 5504                    # CPUX86State.vm_vmcb (unicorn 2.1.4)
 OFF_INTERCEPT = 5520                  # CPUX86State.intercept
 HF_GUEST = 1 << 21
 INTERCEPT_MSR_PROT = 1 << 28          # SVM_EXIT_MSR - SVM_EXIT_INTR
+INTERCEPT_RDTSC = 1 << 14             # SVM_EXIT_RDTSC (0x6E) - SVM_EXIT_INTR
+RDTSC_EXIT_VECTOR = 0x100 + 0x6E      # what UC_HOOK_INTR reports for an intercepted RDTSC
 
 _RANGES = ((0x0, 0x0000), (0xC0000000, 0x0800), (0xC0010000, 0x1000))   # (first MSR, byte offset)
 
@@ -72,6 +74,7 @@ class MsrInterceptor:
         self.interests: set[str] = set()
         self.handler: Callable[[int, bool, int], int | None] | None = None
         self.exits = 0
+        self.extra = 0                     # more intercepts while open (RDTSC)
 
     @property
     def is_open(self) -> bool:
@@ -104,7 +107,13 @@ class MsrInterceptor:
             hf = ctx.hflags
             ctx.hflags = hf | HF_GUEST if on else hf & ~HF_GUEST
             ctx.write(OFF_VM_VMCB, "<Q", VMCB if on else 0)
-            ctx.write(OFF_INTERCEPT, "<Q", INTERCEPT_MSR_PROT if on else 0)
+            ctx.write(OFF_INTERCEPT, "<Q", (INTERCEPT_MSR_PROT | self.extra) if on else 0)
+
+    def intercept_rdtsc(self) -> None:
+        """Trap RDTSC too (deterministic time): it reaches UC_HOOK_INTR as 0x16E."""
+        self.extra |= INTERCEPT_RDTSC
+        self.open("rdtsc")
+        self._set(True)
 
     def reassert(self) -> None:
         """Re-apply the window after something replaced the whole CPU state."""

@@ -41,7 +41,7 @@ from unicorn import x86_const as X
 
 from . import exits as E
 from . import icount
-from .msr import MsrInterceptor, EXIT_VECTOR as MSR_EXIT_VECTOR
+from .msr import MsrInterceptor, EXIT_VECTOR as MSR_EXIT_VECTOR, RDTSC_EXIT_VECTOR
 from .rawctx import (RawContext, flat_code32, flat_data, SegmentCache, HF_INHIBIT_IRQ, HF_CS32, HF_CS64,
                      OFF_CR, OFF_EIP)
 
@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from .machine import Machine
 
 UNTIL = (1 << 64) - 1            # emu_start's stop address: never reached
+NO_LIMIT = 1 << 62               # an instruction "limit" that is never reached
 EFER = 0xC0000080
 EFER_LME, EFER_LMA, EFER_NXE = 1 << 8, 1 << 10, 1 << 11
 RFLAGS_IF = 1 << 9
@@ -316,7 +317,10 @@ class VCpu:
         self._internal = None
         self._stop_reasons = []
         start = self.pc
-        count = count if self.count_instructions else 0
+        if not self.count_instructions:
+            count = 0
+        elif count == 0:
+            count = NO_LIMIT            # Unicorn counts only when given a limit
         err = None
         self._in_emu = True
         internal = None
@@ -331,7 +335,7 @@ class VCpu:
         internal = internal or self._internal
         if self.count_instructions:
             n = icount.read_counter(self.uc)
-            self.instructions += min(n, count) if count else n
+            self.instructions += min(n, count)
         pc = self.pc
         if internal is not None:
             return self._internal_error(internal, pc)
@@ -341,7 +345,7 @@ class VCpu:
             return self._error_exit(err, pc)
         if self._stop_reasons:
             return E.Request(pc, list(self._stop_reasons))
-        if count and icount.read_counter(self.uc) > count:
+        if count and count != NO_LIMIT and icount.read_counter(self.uc) > count:
             return E.Limit(pc, "max-insns")
         if self._just_halted(pc):
             return E.Hlt(pc)
@@ -462,6 +466,14 @@ class VCpu:
             ctx.clear_old_exception()
             ctx.commit()
             self._on_msr(write)
+            return
+        if intno == RDTSC_EXIT_VECTOR:
+            ctx.clear_old_exception()
+            ctx.commit()
+            tsc = self.machine.guest_tsc()
+            uc.reg_write(X.UC_X86_REG_RAX, tsc & 0xFFFFFFFF)
+            uc.reg_write(X.UC_X86_REG_RDX, (tsc >> 32) & 0xFFFFFFFF)
+            uc.reg_write(X.UC_X86_REG_RIP, uc.reg_read(X.UC_X86_REG_RIP) + 2)
             return
         software = ctx.exception_is_int
         err = ctx.error_code if (intno in ERROR_CODE_VECTORS and not software) else None

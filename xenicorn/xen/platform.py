@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..platform import exits as E
-from . import hypercall, version, console, sched, memory, hvm, vcpu_op, pvclock
+from . import hypercall, version, console, sched, memory, hvm, vcpu_op, pvclock, timers
 from .shared_info import SharedInfo, VcpuInfo, layout
 
 XEN_CPUID_BASE = 0x40000000
@@ -59,6 +59,7 @@ class VcpuState:
     singleshot_ns: int | None = None       # VCPUOP_set_singleshot_timer deadline
     poll_done: bool = False                # SCHEDOP_poll timed out (or a port fired)
     timer_events: int = 0                  # VIRQ_TIMER events raised (delivered once bound)
+    timers: dict = field(default_factory=dict, repr=False)   # name -> clock Timer (not state)
 
 
 @dataclass
@@ -76,6 +77,7 @@ class XenState:
     vcpus: dict[int, VcpuState] = field(default_factory=dict)
     ballooned: set[int] = field(default_factory=set)               # frames given back
     pages: int = 0                         # current reservation
+    watchdogs: dict[int, int] = field(default_factory=dict)        # id -> deadline (ns)
 
 
 class XenPlatform:
@@ -91,8 +93,11 @@ class XenPlatform:
         self.hypercall_counts: dict[str, int] = {}
         self.state.pages = self.max_pages()
         self.boot_ns = 0
-        self.tsc = pvclock.TscSource()
+        clock = machine.clock
+        self.tsc = pvclock.ClockTsc(clock) if clock.deterministic else pvclock.TscSource()
+        self.watchdog_timers: dict = {}
         self.table = {
+            hypercall.NUMBERS["set_timer_op"]: timers.set_timer_op,
             hypercall.NUMBERS["xen_version"]: version.xen_version,
             hypercall.NUMBERS["console_io"]: console.console_io,
             hypercall.NUMBERS["sched_op"]: sched.sched_op,
@@ -217,7 +222,8 @@ class XenPlatform:
         self.state.shared_info_gpa = gpa
         self.machine.memory.fill(gpa, 4096)
         si = self.shared_info()
-        wall = time.time_ns()
+        # deterministic runs start from a fixed date (2026-01-01), so they repeat
+        wall = 1767225600 * 10**9 + self.now_ns() if self.machine.clock.deterministic else time.time_ns()
         si.write_wallclock(wall // 1_000_000_000, wall % 1_000_000_000)
         for i in range(len(self.machine.vcpus)):
             self.update_time(i)
@@ -250,6 +256,46 @@ class XenPlatform:
             except HypercallError:
                 pass                        # Xen ignores an unwritable area too
 
+    # -- timers (VIRQ_TIMER is raised once event channels exist) ---------------
+    def _arm(self, index: int, name: str, deadline: int, fire) -> None:
+        vs = self.vcpu_state(index)
+        self.machine.clock.cancel(vs.timers.pop(name, None))
+        vs.timers[name] = self.machine.clock.add_timer(deadline, fire, f"vcpu{index}-{name}")
+
+    def _disarm(self, index: int, name: str) -> None:
+        self.machine.clock.cancel(self.vcpu_state(index).timers.pop(name, None))
+
+    def set_singleshot(self, index: int, deadline: int | None) -> None:
+        vs = self.vcpu_state(index)
+        vs.singleshot_ns = deadline
+        if deadline is None:
+            self._disarm(index, "singleshot")
+            return
+
+        def fire():
+            vs.timers.pop("singleshot", None)
+            vs.singleshot_ns = None
+            self.timer_fired(index)
+        self._arm(index, "singleshot", deadline, fire)
+
+    def set_periodic(self, index: int, period: int) -> None:
+        vs = self.vcpu_state(index)
+        vs.periodic_ns = period
+        if not period:
+            self._disarm(index, "periodic")
+            return
+
+        def fire():
+            self.timer_fired(index)
+            self._arm(index, "periodic", self.machine.clock.now_ns() + period, fire)
+        self._arm(index, "periodic", self.now_ns() + period, fire)
+
+    def timer_fired(self, index: int) -> None:
+        """A vCPU timer expired: Xen sends VIRQ_TIMER to that vCPU."""
+        self.vcpu_state(index).timer_events += 1
+        if self.machine.tracer.on("evtchn"):
+            self.machine.tracer.emit("evtchn", f"VIRQ_TIMER for vCPU {index} (no port bound yet)")
+
     def callback_changed(self, old: int, new: int) -> None:
         """HVM_PARAM_CALLBACK_IRQ changed; upcall delivery arrives with event channels."""
         if self.machine.tracer.on("evtchn"):
@@ -267,6 +313,10 @@ class XenPlatform:
     def block(self, vcpu) -> None:
         """SCHEDOP_block: sleep until an event or an interrupt is pending."""
         self.machine.idle(vcpu, "SCHEDOP_block")
+
+    def port_pending(self, port: int) -> bool:
+        si = self.shared_info()
+        return si is not None and 0 < port < si.layout.nr_ports and si.pending(port)
 
     def wakes(self, vcpu) -> bool:
         """Does a blocked or polling vCPU have a reason to run again?"""

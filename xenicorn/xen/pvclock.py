@@ -66,6 +66,19 @@ class TscSource:
         return _TSC_HZ
 
 
+class ClockTsc:
+    """Deterministic time: the guest's TSC is the machine clock at 1 GHz."""
+
+    def __init__(self, clock):
+        self.clock = clock
+
+    def read(self) -> int:
+        return self.clock.now_ns()
+
+    def hz(self) -> float:
+        return 1e9
+
+
 def scale_for(hz: float) -> tuple[int, int]:
     """``(tsc_to_system_mul, tsc_shift)`` converting ticks at ``hz`` to ns.
 

@@ -18,8 +18,12 @@ cmd    name                    argument / effect
 
 A shutdown ends the xenicorn run; the process exit status follows the
 reason: poweroff, reboot, suspend and soft_reset give 0, crash and watchdog 1.
+Block and poll put the vCPU to sleep on the machine clock: it wakes when an
+event is pending for it (event channels) or, for poll, at the timeout.
 """
 from __future__ import annotations
+
+import struct
 
 from . import errno
 from .guest import HypercallError
@@ -30,6 +34,66 @@ SCHEDOP_remote_shutdown, SCHEDOP_shutdown_code, SCHEDOP_watchdog = 4, 5, 6
 SHUTDOWN_REASONS = {0: "poweroff", 1: "reboot", 2: "suspend", 3: "crash", 4: "watchdog", 5: "soft_reset"}
 STATUS = {"poweroff": 0, "reboot": 0, "suspend": 0, "crash": 1, "watchdog": 1, "soft_reset": 0}
 DOMID_SELF = 0x7FF0
+
+
+MAX_POLL_PORTS = 128
+NR_DOMAIN_WATCHDOG_TIMERS = 2
+
+
+def _poll(call, arg: int) -> int:
+    """Sleep until one of ``ports`` is pending or the absolute ``timeout`` (ns) passes."""
+    xen = call.xen
+    if call.bits == 64:
+        ports, nr, timeout = call.guest.read_struct(arg, "<QI4xQ")
+    else:
+        ports, nr, timeout = call.guest.read_struct(arg, "<IIQ")
+    if nr > MAX_POLL_PORTS:
+        raise HypercallError(errno.EINVAL, f"{nr} ports")
+    raw = call.guest.read(ports, 4 * nr)
+    limit = 4096 if call.bits == 64 else 1024      # the 2-level ABI's port count
+    for (port,) in struct.iter_unpack("<I", raw):
+        if port >= limit:
+            raise HypercallError(errno.EINVAL, f"port {port}")
+    if any(xen.port_pending(p) for (p,) in struct.iter_unpack("<I", raw)):
+        return 0
+    vs = xen.vcpu_state(call.vcpu.index)
+    vs.poll_done = False
+    if timeout:
+        def expire():
+            vs.poll_done = True
+        xen.machine.clock.add_timer(timeout, expire, "poll")
+    call.note(f"poll {nr} ports, timeout {timeout} ns")
+    xen.machine.idle(call.vcpu, "SCHEDOP_poll")
+    return 0
+
+
+def _watchdog(call, arg: int) -> int:
+    """Create (id 0), refresh or stop (timeout 0) a domain watchdog; expiry shuts it down."""
+    xen = call.xen
+    wid, timeout = call.guest.read_struct(arg, "<II")
+    dogs = xen.state.watchdogs
+    if wid > NR_DOMAIN_WATCHDOG_TIMERS:
+        raise HypercallError(errno.EINVAL, f"watchdog {wid}")
+    if wid == 0:
+        free = [i for i in range(1, NR_DOMAIN_WATCHDOG_TIMERS + 1) if i not in dogs]
+        if not free:
+            raise HypercallError(errno.EBUSY, "no free watchdog")
+        wid = free[0]
+    elif wid not in dogs:
+        raise HypercallError(errno.EINVAL, f"watchdog {wid} is not running")
+    xen.machine.clock.cancel(xen.watchdog_timers.pop(wid, None))
+    if timeout == 0:
+        dogs.pop(wid, None)
+        call.note(f"watchdog {wid} stopped")
+        return 0
+    deadline = xen.now_ns() + timeout * 1_000_000_000
+
+    def bite():
+        xen.machine.shutdown("watchdog", STATUS["watchdog"], f"domain watchdog {wid} expired")
+    dogs[wid] = deadline
+    xen.watchdog_timers[wid] = xen.machine.clock.add_timer(deadline, bite, f"watchdog{wid}")
+    call.note(f"watchdog {wid}: {timeout} s")
+    return wid
 
 
 def sched_op(call, cmd: int, arg: int, *_) -> int:
@@ -55,6 +119,10 @@ def sched_op(call, cmd: int, arg: int, *_) -> int:
         xen.machine.shutdown(name, STATUS[name], f"SCHEDOP_shutdown({name})")
         call.stop = True
         return 0
+    if cmd == SCHEDOP_poll:
+        return _poll(call, arg)
+    if cmd == SCHEDOP_watchdog:
+        return _watchdog(call, arg)
     if cmd == SCHEDOP_remote_shutdown:
         domid, reason = call.guest.read_struct(arg, "<HxxI")
         call.note(f"remote_shutdown dom{domid} reason {reason}")

@@ -19,8 +19,9 @@ cmd   name                              argument
       area                              copy of vcpu_time_info
 ====  ================================  =====================================
 
-A vCPU number the domain does not have is -ENOENT. Timers raise VIRQ_TIMER
-once event channels exist; until then they are recorded in the state.
+A vCPU number the domain does not have is -ENOENT. Timers run on the
+machine clock and raise VIRQ_TIMER when they expire (counted in the vCPU's
+state until a port is bound to it).
 """
 from __future__ import annotations
 
@@ -77,21 +78,21 @@ def vcpu_op(call, cmd: int, vcpuid: int, arg: int, *_) -> int:
         (period,) = call.guest.read_struct(arg, "<Q")
         if period < MILLISECS or period > STIME_DELTA_MAX:
             raise HypercallError(errno.EINVAL, f"period {period} ns")
-        vs.periodic_ns = period
+        xen.set_periodic(vcpuid, period)
         call.note(f"periodic timer every {period} ns")
         return 0
     if cmd == VCPUOP_stop_periodic_timer:
-        vs.periodic_ns = 0
+        xen.set_periodic(vcpuid, 0)
         return 0
     if cmd == VCPUOP_set_singleshot_timer:
         deadline, flags = call.guest.read_struct(arg, "<QI")
         if flags & VCPU_SSHOTTMR_future and deadline < xen.now_ns():
             raise HypercallError(errno.ETIME, "deadline already passed")
-        vs.singleshot_ns = deadline
+        xen.set_singleshot(vcpuid, deadline)
         call.note(f"single-shot timer at {deadline} ns")
         return 0
     if cmd == VCPUOP_stop_singleshot_timer:
-        vs.singleshot_ns = None
+        xen.set_singleshot(vcpuid, None)
         return 0
     if cmd == VCPUOP_register_vcpu_info:
         mfn, offset, rsvd = call.guest.read_struct(arg, "<QII")

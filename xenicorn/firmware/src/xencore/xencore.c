@@ -178,8 +178,27 @@ static void test_vcpu(void) {
     check(*(u32 *)rs == 0, "vCPU 0 is running");
 }
 
+struct sched_poll { u32 *ports; u32 nr_ports; u64 timeout; };
+struct sched_watchdog { u32 id, timeout; };
+
 static void test_sched(void) {
     EXPECT(HYPERVISOR(sched_op, SCHEDOP_yield, 0), 0, "SCHEDOP_yield");
+    u64 t0 = 0, t1 = 0;
+    HYPERVISOR(hvm_op, 10, &t0);
+    struct sched_poll p = { 0, 0, t0 + 2000000 };
+    EXPECT(HYPERVISOR(sched_op, 3, &p), 0, "SCHEDOP_poll with a 2 ms timeout");
+    HYPERVISOR(hvm_op, 10, &t1);
+    check(t1 - t0 >= 2000000, "poll slept %llu ns", t1 - t0);
+    p.nr_ports = 200;
+    EXPECT(HYPERVISOR(sched_op, 3, &p), -EINVAL, "SCHEDOP_poll of 200 ports");
+    struct sched_watchdog w = { 0, 60 };
+    EXPECT(HYPERVISOR(sched_op, 6, &w), 1, "SCHEDOP_watchdog create");
+    w.id = 1; w.timeout = 0;
+    EXPECT(HYPERVISOR(sched_op, 6, &w), 0, "SCHEDOP_watchdog stop");
+    EXPECT(HYPERVISOR(sched_op, 6, &w), -EINVAL, "SCHEDOP_watchdog stop again");
+    u64 deadline = t1 + 10000000000ULL;
+    EXPECT(xen_hypercall(15, (ulong)deadline, (ulong)(deadline >> 32), 0, 0, 0), 0, "set_timer_op(+10 s)");
+    EXPECT(xen_hypercall(15, 0, 0, 0, 0, 0), 0, "set_timer_op(0): stop");
     struct sched_remote_shutdown rs = { 0, 0 };
     EXPECT(HYPERVISOR(sched_op, SCHEDOP_remote_shutdown, &rs), -EPERM, "remote_shutdown of dom0");
     struct sched_shutdown s = { 9 };

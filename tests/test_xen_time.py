@@ -1,0 +1,86 @@
+"""Xen time: deterministic runs, vCPU timers, poll timeouts, the watchdog."""
+import struct
+
+from xenicorn import firmware
+from xenicorn.devices.console import ConsoleSink
+from xenicorn.platform.machine import Machine, MachineConfig, boot
+from xenicorn.xen import errno
+
+from test_xen_core import call32
+
+BUF = 0x3000
+
+
+def test_deterministic_runs_repeat_exactly():
+    runs = []
+    for _ in range(2):
+        m, _ = boot(MachineConfig(clock="deterministic", debugcon="none"), firmware.find("xencore64"),
+                    console=ConsoleSink(None))
+        assert m.run() == 0
+        runs.append((bytes(m.console.data), m.vcpu.instructions, m.clock.now_ns()))
+    assert runs[0] == runs[1]
+    assert b"Test result: SUCCESS" in runs[0][0] and runs[0][1] > 1_000_000
+    assert m.exit_counts.get("Msr", 0) >= 1
+
+
+def deterministic_machine():
+    m = Machine(MachineConfig(ram_mib=16, clock="deterministic", debugcon="none"), console=ConsoleSink(None))
+    m.vcpu.reset_to_flat32(0x100000, esp=0x9000)
+    return m
+
+
+def test_vcpu_timers_fire_on_the_machine_clock():
+    m = deterministic_machine()
+    now = m.clock.now_ns()
+    m.memory.write_struct(BUF, "<QI", now + 1_000_000, 0)
+    assert call32(m, 24, 8, 0, BUF) == 0                           # single-shot in 1 ms
+    m.memory.write_struct(BUF, "<Q", 2_000_000)
+    assert call32(m, 24, 6, 0, BUF) == 0                           # periodic every 2 ms
+    vs = m.xen.vcpu_state(0)
+    for step in range(1, 8):                                       # 7 ms in 1 ms steps
+        m.clock.wait_until(now + step * 1_000_000)
+        m.clock.run_due()
+    assert vs.singleshot_ns is None
+    assert vs.timer_events == 1 + 3                                # one shot + periodic at 2, 4, 6 ms
+    assert call32(m, 24, 7, 0) == 0 and not m.clock.pending()
+
+
+def test_set_timer_op_clamps_far_deadlines_to_100ms():
+    m = deterministic_machine()
+    now = m.clock.now_ns()
+    far = now + (1 << 51)
+    assert call32(m, 15, far & 0xFFFFFFFF, far >> 32) == 0
+    assert m.xen.vcpu_state(0).singleshot_ns == now + 100_000_000
+    assert call32(m, 15, 0, 0) == 0 and m.xen.vcpu_state(0).singleshot_ns is None
+
+
+def test_watchdog_bites_a_sleeping_guest():
+    m = deterministic_machine()
+    # mov eax,29 ; mov ebx,6 ; mov ecx,0x3000 ; vmcall   (watchdog {0, 2 s})
+    # mov eax,29 ; mov ebx,1 ; vmcall                     (SCHEDOP_block)
+    code = bytes.fromhex("b81d000000" "bb06000000" "b900300000" "0f01c1"
+                         "b81d000000" "bb01000000" "0f01c1" "f4")
+    m.memory.write_struct(BUF, "<II", 0, 2)
+    m.memory.write(0x100000, code)
+    m.memory.code_written(0x100000, len(code))
+    assert m.run() == 1
+    assert m.shutdown_reason == "watchdog" and "watchdog 1" in m.shutdown_message
+    assert m.clock.now_ns() >= 2_000_000_000
+
+
+def test_block_without_any_wake_source_ends_the_run():
+    m = deterministic_machine()
+    code = bytes.fromhex("b81d000000" "bb01000000" "0f01c1" "f4")    # SCHEDOP_block
+    m.memory.write(0x100000, code)
+    m.memory.code_written(0x100000, len(code))
+    assert m.run() == 1 and m.shutdown_reason == "halted"
+    assert "SCHEDOP_block" in m.shutdown_message
+
+
+def test_poll_port_checks():
+    m = deterministic_machine()
+    m.memory.write_struct(BUF, "<IIQ", BUF + 0x100, 1, 0)
+    m.memory.write_u32(BUF + 0x100, 5000)                           # beyond 1024 ports (32-bit)
+    assert call32(m, 29, 3, BUF) == -errno.EINVAL
+    m.memory.write_struct(BUF, "<IIQ", 0xC0000000, 1, 0)
+    assert call32(m, 29, 3, BUF) == -errno.EFAULT
