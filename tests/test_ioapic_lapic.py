@@ -1,0 +1,150 @@
+"""IOAPIC and local APIC, driven as Linux drives them, with a deterministic clock."""
+from xenicorn.devices.i8259 import PicPair
+from xenicorn.devices.ioapic import Ioapic, RTE_REMOTE_IRR
+from xenicorn.devices.lapic import Lapic
+from xenicorn.platform.clock import VirtualClock
+
+
+class Insns:
+    n = 0
+
+    def __call__(self):
+        return self.n
+
+
+def rig():
+    insns = Insns()
+    clock = VirtualClock("deterministic", instructions=insns)
+    kicks = []
+    apic = Lapic(clock, notify=lambda: kicks.append(1))
+    io = Ioapic(apic)
+    apic.ioapics.append(io)
+    apic.mmio_write(0xF0, 4, 0x1FF)                       # software enable, spurious 0xFF
+    return apic, io, clock, insns, kicks
+
+
+def write_rte(io, pin, low, high=0):
+    io.mmio_write(0x00, 4, 0x10 + 2 * pin + 1)
+    io.mmio_write(0x10, 4, high)
+    io.mmio_write(0x00, 4, 0x10 + 2 * pin)
+    io.mmio_write(0x10, 4, low)
+
+
+def read_rte(io, pin):
+    io.mmio_write(0x00, 4, 0x10 + 2 * pin)
+    return io.mmio_read(0x10, 4)
+
+
+def test_ioapic_id_and_version():
+    io = Ioapic()
+    io.mmio_write(0x00, 4, 1)
+    assert io.mmio_read(0x10, 4) == 0x00170020
+    assert read_rte(io, 5) & (1 << 16)                    # pins start masked
+
+
+def test_level_pin_redelivers_after_eoi_when_still_high():
+    apic, io, *_ = rig()
+    eois = []
+    io.on_eoi.append(eois.append)
+    write_rte(io, 17, 0x8000 | 0x31)                      # level, fixed, vector 0x31, dest 0
+    io.set_irq(17, True)
+    assert apic.pending() and apic.acknowledge() == 0x31
+    assert read_rte(io, 17) & RTE_REMOTE_IRR
+    io.set_irq(17, True)                                  # still high: Remote IRR holds it
+    assert not apic.pending()
+    apic.mmio_write(0xB0, 4, 0)                           # EOI -> broadcast (TMR says level)
+    assert eois == [17]
+    assert apic.pending() and apic.acknowledge() == 0x31  # redelivered: still asserted
+    io.set_irq(17, False)
+    apic.mmio_write(0xB0, 4, 0)
+    assert not apic.pending() and not read_rte(io, 17) & RTE_REMOTE_IRR
+
+
+def test_edge_pin_delivers_on_rising_edges_only_and_masked_level_waits():
+    apic, io, *_ = rig()
+    write_rte(io, 2, 0x30)                                # edge
+    io.set_irq(2, True)
+    io.set_irq(2, True)
+    assert apic.acknowledge() == 0x30 and not apic.pending()
+    apic.mmio_write(0xB0, 4, 0)
+    write_rte(io, 9, 0x18000 | 0x39)                      # level, masked
+    io.set_irq(9, True)
+    assert not apic.pending()
+    write_rte(io, 9, 0x8000 | 0x39)                       # unmask while high: delivers
+    assert apic.acknowledge() == 0x39
+
+
+def test_eoi_register_clears_remote_irr():
+    apic, io, *_ = rig()
+    write_rte(io, 4, 0x8000 | 0x44)
+    io.set_irq(4, True)
+    apic.acknowledge()
+    io.set_irq(4, False)
+    io.mmio_write(0x40, 4, 0x44)
+    assert not read_rte(io, 4) & RTE_REMOTE_IRR
+
+
+def test_lapic_priorities_tpr_ppr_and_spurious():
+    apic, *_ = rig()
+    apic.accept(0x41)
+    apic.accept(0x82)
+    assert apic.acknowledge() == 0x82
+    assert apic.mmio_read(0xA0, 4) == 0x80                # PPR = class of ISR
+    assert not apic.pending()                             # 0x41 is lower than what runs
+    apic.mmio_write(0xB0, 4, 0)
+    apic.mmio_write(0x80, 4, 0x50)                        # TPR holds back class <= 5
+    assert not apic.pending()
+    apic.mmio_write(0x80, 4, 0x30)
+    assert apic.acknowledge() == 0x41
+    assert apic.mmio_read(0x100 + 0x20, 4) == 1 << 1      # ISR word 2 bit 1 = vector 0x41
+
+
+def test_software_disabled_apic_masks_lvts_and_drops_interrupts():
+    apic, *_ = rig()
+    apic.mmio_write(0xF0, 4, 0xFF)
+    assert apic.mmio_read(0x350, 4) & (1 << 16)
+    apic.accept(0x50)
+    assert not apic.pending()
+
+
+def test_timer_one_shot_and_periodic_with_divider():
+    apic, io, clock, insns, _ = rig()
+    apic.mmio_write(0x3E0, 4, 0x3)                        # divide by 16
+    apic.mmio_write(0x320, 4, 0x40)                       # one-shot, vector 0x40
+    apic.mmio_write(0x380, 4, 1000)                       # 16,000 ns
+    insns.n = 8000
+    assert apic.mmio_read(0x390, 4) == 500
+    insns.n = 16000
+    clock.run_due()
+    assert apic.acknowledge() == 0x40 and apic.timer_fires == 1
+    apic.mmio_write(0xB0, 4, 0)
+    apic.mmio_write(0x320, 4, 0x20041)                    # periodic, vector 0x41
+    apic.mmio_write(0x3E0, 4, 0xB)                        # divide by 1
+    apic.mmio_write(0x380, 4, 1_000_000)                  # 1 kHz
+    insns.n += 10_000_000                                 # 10 ms
+    for _ in range(12):
+        clock.run_due()
+    assert apic.timer_fires == 1 + 10
+
+
+def test_extint_through_lint0_takes_the_pic_vector():
+    insns = Insns()
+    pic = PicPair()
+    apic = Lapic(VirtualClock("deterministic", instructions=insns), pic=pic)
+    m = pic.master_ports
+    for v in (0x11, 0x20, 0x04, 0x01):
+        m.pio_write(0 if v == 0x11 else 1, 1, v)
+    m.pio_write(1, 1, 0)
+    pic.set_irq(1, True)
+    assert apic.pending() and apic.acknowledge() == 0x21   # works with the APIC software-disabled
+
+
+def test_self_ipi_and_save_restore():
+    apic, *_ = rig()
+    apic.mmio_write(0x310, 4, 0)
+    apic.mmio_write(0x300, 4, 0x40000 | 0x66)             # shorthand self, fixed, 0x66
+    assert apic.acknowledge() == 0x66
+    saved = apic.save()
+    other, *_ = rig()
+    other.restore(saved)
+    assert other.save() == saved

@@ -1,0 +1,168 @@
+"""The I/O APIC: 24 interrupt pins turned into messages for local APICs.
+
+At MMIO 0xFEC00000 (Intel 82093AA datasheet; version 0x20 as in PIIX/ICH
+chipsets and Xen's vIOAPIC). Software selects a register by writing its
+index to IOREGSEL and then reads or writes IOWIN:
+
+=========  =========  ======================================================
+offset     register   meaning
+=========  =========  ======================================================
+0x00       IOREGSEL   index of the register IOWIN accesses
+0x10       IOWIN      the selected 32-bit register
+0x40       EOI        write a vector: clears Remote IRR of level pins with it
+=========  =========  ======================================================
+
+================  ===========================================================
+index             register
+================  ===========================================================
+0x00              ID (bits 27:24)
+0x01              version: 0x20, max redirection entry 23 in bits 23:16
+0x02              arbitration ID
+0x10 + 2n (+1)    redirection entry n, low (+ high) dword
+================  ===========================================================
+
+Redirection entry: vector (7:0), delivery mode (10:8: fixed, lowest
+priority, SMI, NMI, INIT, ExtINT), destination mode (11: physical/logical),
+delivery status (12, RO), polarity (13), **Remote IRR** (14, RO), trigger
+mode (15: level = 1), mask (16), destination (63:56). All pins start masked.
+
+A level-triggered pin delivers while asserted, then sets Remote IRR and
+stays quiet until the local APIC's EOI for that vector comes back (by
+broadcast or through the EOI register); if the line is still asserted then,
+it delivers again. That EOI is where a "resample" can re-check a source
+such as Xen's callback GSI (``on_eoi``). Polarity is taken as already
+applied: lines here carry the logical "asserted" state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+NUM_PINS = 24
+IOAPIC_BASE = 0xFEC00000
+VERSION = 0x20
+RTE_MASK, RTE_LEVEL, RTE_REMOTE_IRR, RTE_DELIVS = 1 << 16, 1 << 15, 1 << 14, 1 << 12
+
+
+class InterruptSink(Protocol):
+    """Where an IOAPIC sends its messages (the local APICs)."""
+
+    def deliver(self, dest: int, logical: bool, mode: int, vector: int, level: bool) -> None: ...
+
+
+@dataclass
+class IoapicState:
+    """Registers and input levels (Xen's ``hvm_hw_vioapic``)."""
+
+    id: int = 0
+    ioregsel: int = 0
+    redirtbl: list[int] = field(default_factory=lambda: [RTE_MASK] * NUM_PINS)
+    irr: int = 0                  # input pins currently asserted (bit per pin)
+
+
+class Ioapic:
+    """The IOAPIC model; ``set_irq(pin, level)`` is its input side."""
+
+    def __init__(self, sink: InterruptSink | None = None):
+        self.state = IoapicState()
+        self.sink = sink
+        self.on_eoi: list[Callable[[int], None]] = []       # called with the pin
+        self.deliveries = 0
+
+    # -- inputs ------------------------------------------------------------------
+    def set_irq(self, pin: int, level: bool) -> None:
+        st = self.state
+        bit = 1 << pin
+        old = bool(st.irr & bit)
+        st.irr = st.irr | bit if level else st.irr & ~bit
+        rte = st.redirtbl[pin]
+        if rte & RTE_LEVEL:
+            if level:
+                self._service(pin)
+        elif level and not old:
+            self._service(pin)                   # edge: only the rising edge delivers
+
+    def _service(self, pin: int) -> None:
+        st = self.state
+        rte = st.redirtbl[pin]
+        if rte & RTE_MASK:
+            return
+        level = bool(rte & RTE_LEVEL)
+        if level:
+            if rte & RTE_REMOTE_IRR:
+                return
+            st.redirtbl[pin] = rte | RTE_REMOTE_IRR
+        self.deliveries += 1
+        if self.sink is not None:
+            self.sink.deliver(rte >> 56, bool(rte & (1 << 11)), (rte >> 8) & 7, rte & 0xFF, level)
+
+    def eoi(self, vector: int) -> None:
+        """An EOI for ``vector`` (LAPIC broadcast or the EOI register)."""
+        st = self.state
+        for pin, rte in enumerate(st.redirtbl):
+            if rte & RTE_LEVEL and rte & RTE_REMOTE_IRR and rte & 0xFF == vector:
+                st.redirtbl[pin] = rte & ~RTE_REMOTE_IRR
+                for cb in self.on_eoi:
+                    cb(pin)
+                if st.irr >> pin & 1:
+                    self._service(pin)           # still asserted: deliver again
+
+    eoi_broadcast = eoi
+
+    # -- registers -----------------------------------------------------------------
+    def mmio_read(self, offset: int, size: int) -> int:
+        st = self.state
+        if offset == 0x00:
+            return st.ioregsel
+        if offset != 0x10:
+            return 0
+        idx = st.ioregsel
+        if idx == 0x00:
+            return st.id << 24
+        if idx == 0x01:
+            return ((NUM_PINS - 1) << 16) | VERSION
+        if idx == 0x02:
+            return st.id << 24
+        if 0x10 <= idx < 0x10 + 2 * NUM_PINS:
+            rte = st.redirtbl[(idx - 0x10) >> 1]
+            return rte >> 32 if idx & 1 else rte & 0xFFFFFFFF
+        return 0xFFFFFFFF
+
+    def mmio_write(self, offset: int, size: int, value: int) -> None:
+        st = self.state
+        if offset == 0x00:
+            st.ioregsel = value & 0xFF
+        elif offset == 0x40:
+            self.eoi(value & 0xFF)
+        elif offset == 0x10:
+            idx = st.ioregsel
+            if idx == 0x00:
+                st.id = (value >> 24) & 0x0F
+            elif 0x10 <= idx < 0x10 + 2 * NUM_PINS:
+                self.write_redirection_entry((idx - 0x10) >> 1, bool(idx & 1), value)
+
+    def write_redirection_entry(self, pin: int, high: bool, value: int) -> None:
+        st = self.state
+        old = st.redirtbl[pin]
+        if high:
+            new = (old & 0xFFFFFFFF) | (value & 0xFF000000) << 32
+        else:
+            ro = RTE_REMOTE_IRR | RTE_DELIVS
+            new = (old & ~0xFFFFFFFF) | (value & 0xFFFFFFFF & ~ro) | (old & ro)
+            if not new & RTE_LEVEL:
+                new &= ~RTE_REMOTE_IRR           # an edge pin has no Remote IRR
+        st.redirtbl[pin] = new
+        # Unmasking a level pin whose line is still asserted delivers it now.
+        if old & RTE_MASK and not new & RTE_MASK and new & RTE_LEVEL and st.irr >> pin & 1:
+            self._service(pin)
+
+    def save(self) -> dict:
+        st = self.state
+        return {"id": st.id, "ioregsel": st.ioregsel, "redirtbl": list(st.redirtbl), "irr": st.irr}
+
+    def restore(self, data: dict) -> None:
+        tbl = [int(x) for x in data["redirtbl"]]
+        if len(tbl) != NUM_PINS or any(not 0 <= x < 1 << 64 for x in tbl):
+            raise ValueError("IOAPIC snapshot: redirection table is invalid")
+        self.state = IoapicState(int(data["id"]) & 0x0F, int(data["ioregsel"]) & 0xFF, tbl,
+                                 int(data["irr"]) & ((1 << NUM_PINS) - 1))

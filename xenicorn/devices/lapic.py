@@ -1,0 +1,332 @@
+"""The local APIC (xAPIC mode, MMIO 0xFEE00000): the CPU's own interrupt unit.
+
+Every interrupt reaches the CPU through its local APIC (Intel SDM vol. 3,
+chapter 10). Registers sit at 16-byte strides in a 4 KiB page:
+
+======  ==========  ============================================================
+offset  register    meaning
+======  ==========  ============================================================
+0x020   ID          APIC ID (bits 31:24)
+0x030   version     0x14, max LVT entry 5 (bits 23:16)
+0x080   TPR         task priority: classes at or below it are held back
+0x0A0   PPR         processor priority = max(TPR, class of highest ISR)
+0x0B0   EOI         write: the highest in-service vector is done
+0x0D0   LDR         logical ID (bits 31:24); 0x0E0 DFR: flat (0xF) or cluster
+0x0F0   SVR         spurious vector (7:0), bit 8 APIC software enable,
+                    bit 12 suppress EOI broadcast
+0x100   ISR[8]      in service (256 bits); 0x180 TMR[8]: level-triggered;
+0x200   IRR[8]      requested
+0x280   ESR         error status (write to latch, then read)
+0x300   ICR         interrupt command (0x310 high: destination): IPIs
+0x320   LVT timer   vector, mask (16), mode (18:17: one-shot, periodic,
+                    TSC-deadline); 0x350 LINT0, 0x360 LINT1, 0x370 error
+0x380   TMICT       initial count; 0x390 TMCCT current count (RO)
+0x3E0   TDCR        divide configuration (bits 3, 1:0)
+======  ==========  ============================================================
+
+An interrupt is delivered when the highest vector in IRR has a higher
+priority class (vector >> 4) than PPR; acknowledging moves it to ISR. The
+EOI clears the highest ISR bit and, when TMR says the interrupt was
+level-triggered, broadcasts the EOI to the IOAPICs so their Remote IRR
+clears. LINT0 in ExtINT mode is the "virtual wire" to the 8259: the PIC's
+INT output is then an interrupt whose vector the PIC supplies (QEMU and
+SeaBIOS set this up on the boot CPU; so does xenicorn).
+
+The timer counts down from TMICT at the bus clock (1 GHz here, one count
+per nanosecond of machine time) divided by TDCR. xenicorn keeps the base
+at 0xFEE00000 (Unicorn drops writes to IA32_APIC_BASE) and does not offer
+the TSC-deadline mode (CPUID does not advertise it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+LAPIC_BASE = 0xFEE00000
+LVT_TIMER, LVT_THERMAL, LVT_PERF, LVT_LINT0, LVT_LINT1, LVT_ERROR = range(6)
+LVT_OFFSETS = {0x320: LVT_TIMER, 0x330: LVT_THERMAL, 0x340: LVT_PERF, 0x350: LVT_LINT0,
+               0x360: LVT_LINT1, 0x370: LVT_ERROR}
+LVT_MASKED = 1 << 16
+DM_FIXED, DM_LOWEST, DM_SMI, DM_NMI, DM_INIT, DM_STARTUP, DM_EXTINT = 0, 1, 2, 4, 5, 6, 7
+SVR_ENABLE, SVR_SUPPRESS_EOI = 1 << 8, 1 << 12
+
+
+@dataclass
+class LapicState:
+    """Registers of one local APIC (Xen's ``hvm_hw_lapic_regs``, in fields)."""
+
+    id: int = 0
+    tpr: int = 0
+    ldr: int = 0
+    dfr: int = 0xFFFFFFFF
+    svr: int = 0xFF                       # software-disabled, spurious vector 0xFF
+    isr: int = 0                          # 256-bit bitmaps
+    tmr: int = 0
+    irr: int = 0
+    esr: int = 0
+    esr_pending: int = 0
+    icr: int = 0                          # 64 bits: low | high << 32
+    lvt: list[int] = field(default_factory=lambda: [LVT_MASKED] * 6)
+    initial_count: int = 0
+    divide: int = 0
+    timer_start_ns: int = 0               # machine time when the count was (re)loaded
+
+
+def _highest(bits: int) -> int | None:
+    return bits.bit_length() - 1 if bits else None
+
+
+class Lapic:
+    """One local APIC. ``notify()`` is called when an interrupt may be deliverable."""
+
+    def __init__(self, clock=None, notify: Callable[[], None] = lambda: None, apic_id: int = 0,
+                 pic=None):
+        self.state = LapicState(id=apic_id)
+        self.state.lvt[LVT_LINT0] = DM_EXTINT << 8          # virtual wire (set by "firmware")
+        self.state.lvt[LVT_LINT1] = DM_NMI << 8
+        self.clock = clock
+        self.notify = notify
+        self.pic = pic                                        # the 8259 pair on LINT0
+        self.ioapics: list = []                               # EOI broadcast targets
+        self.timer = None
+        self.timer_fires = 0
+        self.nmi_pending = False
+
+    # -- priorities ----------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        return bool(self.state.svr & SVR_ENABLE)
+
+    def ppr(self) -> int:
+        st = self.state
+        isrv = _highest(st.isr) or 0
+        return st.tpr & 0xFF if (st.tpr >> 4) >= (isrv >> 4) else isrv & 0xF0
+
+    def _deliverable(self) -> int | None:
+        v = _highest(self.state.irr)
+        if v is None or (v >> 4) <= (self.ppr() >> 4):
+            return None
+        return v
+
+    def _extint(self) -> bool:
+        lint0 = self.state.lvt[LVT_LINT0]
+        return (self.pic is not None and not lint0 & LVT_MASKED and (lint0 >> 8) & 7 == DM_EXTINT
+                and self.pic.pending())
+
+    def pending(self) -> bool:
+        return self._deliverable() is not None or self._extint()
+
+    def acknowledge(self) -> int | None:
+        """The CPU takes an interrupt: IRR → ISR, or the PIC's vector for ExtINT."""
+        st = self.state
+        v = self._deliverable()
+        if v is not None:
+            st.irr &= ~(1 << v)
+            st.isr |= 1 << v
+            return v
+        if self._extint():
+            return self.pic.acknowledge()
+        if st.irr:
+            return st.svr & 0xFF                             # it vanished below PPR: spurious
+        return None
+
+    # -- message input -------------------------------------------------------------
+    def accept(self, vector: int, level: bool = False) -> None:
+        """A fixed interrupt arrives (from the IOAPIC, an IPI, the timer, Xen)."""
+        st = self.state
+        if not self.enabled:
+            return                                           # a software-disabled APIC drops them
+        if vector < 16:
+            st.esr_pending |= 1 << 6                         # illegal vector (received)
+            return
+        st.irr |= 1 << vector
+        st.tmr = st.tmr | (1 << vector) if level else st.tmr & ~(1 << vector)
+        self.notify()
+
+    def _matches(self, dest: int, logical: bool) -> bool:
+        st = self.state
+        if not logical:
+            return dest in (st.id, 0xFF)
+        if (st.dfr >> 28) == 0xF:                            # flat model
+            return bool((st.ldr >> 24) & dest)
+        return (st.ldr >> 28) == (dest >> 4) and bool((st.ldr >> 24) & dest & 0xF)  # cluster
+
+    def deliver(self, dest: int, logical: bool, mode: int, vector: int, level: bool) -> None:
+        """An interrupt message (IOAPIC or ICR) addressed by destination."""
+        if not self._matches(dest, logical):
+            return
+        if mode in (DM_FIXED, DM_LOWEST):
+            self.accept(vector, level)
+        elif mode == DM_NMI:
+            self.nmi_pending = True
+            self.notify()
+        elif mode == DM_EXTINT:
+            self.notify()
+
+    # -- EOI --------------------------------------------------------------------
+    def eoi(self) -> None:
+        st = self.state
+        v = _highest(st.isr)
+        if v is None:
+            return
+        st.isr &= ~(1 << v)
+        if st.tmr >> v & 1 and not st.svr & SVR_SUPPRESS_EOI:
+            for io in self.ioapics:
+                io.eoi_broadcast(v)
+        self.notify()
+
+    # -- timer ------------------------------------------------------------------
+    def _divisor(self) -> int:
+        d = self.state.divide
+        code = (d & 3) | ((d >> 1) & 4)
+        return 1 << ((code + 1) & 7)
+
+    def _now(self) -> int:
+        return self.clock.now_ns() if self.clock is not None else 0
+
+    def current_count(self) -> int:
+        st = self.state
+        if not st.initial_count:
+            return 0
+        elapsed = (self._now() - st.timer_start_ns) // self._divisor()
+        mode = (st.lvt[LVT_TIMER] >> 17) & 3
+        if mode == 1:                                        # periodic
+            return st.initial_count - elapsed % st.initial_count
+        return max(0, st.initial_count - elapsed)
+
+    def _arm(self) -> None:
+        if self.clock is None:
+            return
+        self.clock.cancel(self.timer)
+        self.timer = None
+        st = self.state
+        if not st.initial_count:
+            return
+        period = st.initial_count * self._divisor()
+        deadline = st.timer_start_ns + period
+        self.timer = self.clock.add_timer(deadline, self._expire, "lapic-timer")
+
+    def _expire(self) -> None:
+        st = self.state
+        self.timer = None
+        self.timer_fires += 1
+        lvt = st.lvt[LVT_TIMER]
+        if not lvt & LVT_MASKED:
+            self.accept(lvt & 0xFF)
+        if (lvt >> 17) & 3 == 1 and st.initial_count:        # periodic: reload
+            st.timer_start_ns += st.initial_count * self._divisor()
+            self._arm()
+
+    # -- registers ----------------------------------------------------------------
+    def mmio_read(self, offset: int, size: int) -> int:
+        st = self.state
+        reg = offset & 0xFF0
+        if reg == 0x020:
+            return st.id << 24
+        if reg == 0x030:
+            return 0x00050014
+        if reg == 0x080:
+            return st.tpr
+        if reg == 0x090:
+            return 0                                         # APR: arbitration, unused
+        if reg == 0x0A0:
+            return self.ppr()
+        if reg == 0x0D0:
+            return st.ldr
+        if reg == 0x0E0:
+            return st.dfr
+        if reg == 0x0F0:
+            return st.svr
+        for base, bits in ((0x100, st.isr), (0x180, st.tmr), (0x200, st.irr)):
+            if base <= reg < base + 0x80:
+                return (bits >> (32 * ((reg - base) >> 4))) & 0xFFFFFFFF
+        if reg == 0x280:
+            return st.esr
+        if reg == 0x300:
+            return st.icr & 0xFFFFFFFF & ~(1 << 12)          # delivery status: always idle
+        if reg == 0x310:
+            return st.icr >> 32
+        if reg in LVT_OFFSETS:
+            return st.lvt[LVT_OFFSETS[reg]]
+        if reg == 0x380:
+            return st.initial_count
+        if reg == 0x390:
+            return self.current_count()
+        if reg == 0x3E0:
+            return st.divide
+        return 0
+
+    def mmio_write(self, offset: int, size: int, value: int) -> None:
+        st = self.state
+        reg = offset & 0xFF0
+        value &= 0xFFFFFFFF
+        if reg == 0x020:
+            st.id = value >> 24
+        elif reg == 0x080:
+            st.tpr = value & 0xFF
+            self.notify()
+        elif reg == 0x0B0:
+            self.eoi()
+        elif reg == 0x0D0:
+            st.ldr = value & 0xFF000000
+        elif reg == 0x0E0:
+            st.dfr = value | 0x0FFFFFFF
+        elif reg == 0x0F0:
+            st.svr = value & 0x11FF
+            if not st.svr & SVR_ENABLE:
+                st.lvt = [v | LVT_MASKED for v in st.lvt]    # SDM §10.4.7.2
+            self.notify()
+        elif reg == 0x280:
+            st.esr, st.esr_pending = st.esr_pending, 0
+        elif reg == 0x300:
+            st.icr = (st.icr & ~0xFFFFFFFF) | value
+            self._send_ipi()
+        elif reg == 0x310:
+            st.icr = (st.icr & 0xFFFFFFFF) | (value << 32)
+        elif reg in LVT_OFFSETS:
+            idx = LVT_OFFSETS[reg]
+            if not self.enabled:
+                value |= LVT_MASKED
+            st.lvt[idx] = value & (0x710FF if idx != LVT_TIMER else 0x710FF | (3 << 17))
+            if idx == LVT_TIMER:
+                self._arm()
+            self.notify()
+        elif reg == 0x380:
+            st.initial_count = value
+            st.timer_start_ns = self._now()
+            self._arm()
+        elif reg == 0x3E0:
+            st.divide = value & 0xB
+
+    def _send_ipi(self) -> None:
+        """ICR writes: fixed and NMI IPIs to ourselves (uniprocessor)."""
+        st = self.state
+        low = st.icr & 0xFFFFFFFF
+        mode, vector, shorthand = (low >> 8) & 7, low & 0xFF, (low >> 18) & 3
+        if shorthand == 3:                                   # all excluding self
+            return
+        if shorthand in (1, 2) or self._matches(st.icr >> 56, bool(low & (1 << 11))):
+            if mode == DM_FIXED:
+                self.accept(vector, False)
+            elif mode == DM_NMI:
+                self.nmi_pending = True
+                self.notify()
+            # INIT and STARTUP need more CPUs: ignored on a uniprocessor
+
+    def save(self) -> dict:
+        st = self.state
+        d = {k: getattr(st, k) for k in ("id", "tpr", "ldr", "dfr", "svr", "isr", "tmr", "irr", "esr",
+                                         "esr_pending", "icr", "initial_count", "divide", "timer_start_ns")}
+        d["lvt"] = list(st.lvt)
+        return d
+
+    def restore(self, data: dict) -> None:
+        lvt = [int(x) for x in data["lvt"]]
+        if len(lvt) != 6:
+            raise ValueError("LAPIC snapshot: LVT table is invalid")
+        for k in ("isr", "tmr", "irr"):
+            if not 0 <= int(data[k]) < 1 << 256:
+                raise ValueError(f"LAPIC snapshot: {k} out of range")
+        self.state = LapicState(**{k: int(v) for k, v in data.items() if k != "lvt"}, lvt=lvt)
+        self._arm()
+        self.notify()
