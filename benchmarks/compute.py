@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--iterations", type=int, default=0)
     p.add_argument("--reps", type=int, default=0)
     args = p.parse_args(argv)
-    iters = args.iterations or (20_000 if args.quick else 5_000_000)
+    iters = args.iterations or (20_000 if args.quick else 25_000_000)
     reps = args.reps or (1 if args.quick else 5)
     res = measure(iters, reps)
     if args.json:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 COM1, IRQ_COM1 = 0x3F8, 4
 IER_RDI, IER_THRI, IER_RLSI, IER_MSI = 1, 2, 4, 8
@@ -232,7 +232,7 @@ class _FileSink:
         self.f.flush()
 
 
-def attach_serial(machine, irq: Callable | None = None) -> Uart16550 | None:
+def attach_serial(machine, irq=None) -> Uart16550 | None:
     """COM1 per ``MachineConfig.serial``: stdio (the console), file:PATH, or none."""
     mode = machine.config.serial
     if mode == "none":

@@ -96,11 +96,12 @@ class Machine:
             E.Limit: self._handle_limit,
             E.Request: self._handle_request,
         }
+        self._build_interrupts()
         self.pio.register(DebugCon.PORT, 1, DebugCon(self.console))
         self.pio.register(DebugExit.PORT, 1, DebugExit(self.shutdown))
         self.pio.register(AcpiPmControl.PORT, 2, AcpiPmControl(self.shutdown))
         from ..devices.uart16550 import attach_serial
-        attach_serial(self)
+        attach_serial(self, irq=self.isa_irq[4])
         self._build_pci()
         if self.config.xen:
             from ..xen.platform import XenPlatform, XenConfig
@@ -118,6 +119,7 @@ class Machine:
         self.register_pio(CONFIG_ADDRESS, 8, self.pci)
         self.pci.add(0, 0, host_bridge())
         self.piix3 = self.pci.add(1, 0, Piix3Isa())
+        self.piix3.on_route_change = self._route_pirqs
         self.xen_platform = None
         if self.config.xen:
             from ..devices.xen_platform import XenPlatformDevice, FIXED_IOPORT
@@ -127,10 +129,67 @@ class Machine:
             dev.config_write(0x10, 4, 0xC000)
             dev.config_write(0x14, 4, 0xF0000000)
 
+    def _build_interrupts(self) -> None:
+        """8259 pair, IOAPIC and local APIC, and the lines between them.
+
+        GSI n drives IOAPIC pin n. ISA IRQ n drives 8259 input n and GSI n,
+        except IRQ 0 (the PIT), which reaches the IOAPIC on pin 2 (the PC's
+        interrupt source override; Xen's ``hvm_isa_irq_to_gsi``). PCI PIRQ
+        A-D drive GSI 16-19 and the ISA IRQ the PIIX3 routes them to.
+        """
+        from ..devices.i8259 import PicPair
+        from ..devices.ioapic import Ioapic, IOAPIC_BASE, NUM_PINS
+        from ..devices.irq import IrqLine, SharedLine
+        from ..devices.lapic import Lapic, LAPIC_BASE
+        trace = self._trace_line if self.tracer.on("irq") else None
+        self.pic = PicPair(output=lambda level: self.kick("PIC INT") if level else None)
+        self.lapic = Lapic(self.clock, notify=lambda: self.kick("LAPIC"), pic=self.pic)
+        self.ioapic = Ioapic(self.lapic)
+        self.lapic.ioapics.append(self.ioapic)
+        self.interrupt_source = self.lapic
+        self.register_pio(0x20, 2, self.pic.master_ports)
+        self.register_pio(0xA0, 2, self.pic.slave_ports)
+        self.register_pio(0x4D0, 2, self.pic.elcr_ports)
+        self.register_mmio(IOAPIC_BASE, 0x1000, self.ioapic)
+        self.register_mmio(LAPIC_BASE, 0x1000, self.lapic)
+        self.gsi = [SharedLine(f"GSI{n}", trace) for n in range(NUM_PINS)]
+        for n, line in enumerate(self.gsi):
+            line.connect(lambda level, n=n: self.ioapic.set_irq(n, level))
+        self.isa_irq = []
+        for irq in range(16):
+            line = IrqLine(f"IRQ{irq}", trace)
+            line.connect(lambda level, irq=irq: self.pic.set_irq(irq, level))
+            line.connect(self.gsi[2 if irq == 0 else irq].source(f"isa{irq}").set_level)
+            self.isa_irq.append(line)
+        self._pirq_gsi = [self.gsi[16 + i].source(f"pirq{'ABCD'[i]}") for i in range(4)]
+        self._pirq_pic: list[int | None] = [None] * 4
+        self._pirq_level = [False] * 4
+
+    def _trace_line(self, name: str, level: bool) -> None:
+        self.tracer.emit("irq", f"{name} {'raised' if level else 'lowered'}")
+
+    def kick(self, why: str) -> None:
+        """Something may want the CPU's attention: stop emu_start so the run loop looks."""
+        vcpu = self.vcpus[0]
+        if vcpu._in_emu and self.interrupt_source is not None and self.interrupt_source.pending():
+            vcpu.request_stop(why)
+
     def _pirq_changed(self, pirq: int, level: bool) -> None:
-        """A PCI interrupt line changed; the interrupt controllers take it from here."""
-        if self.tracer.on("irq"):
-            self.tracer.emit("irq", f"PIRQ{'ABCD'[pirq]} {'asserted' if level else 'deasserted'}")
+        """A PCI PIRQ line changed: GSI 16+n, and the ISA IRQ the PIIX3 routes it to."""
+        self._pirq_level[pirq] = level
+        self._pirq_gsi[pirq].set_level(level)
+        self._route_pirqs()
+
+    def _route_pirqs(self) -> None:
+        """Re-drive the 8259 inputs after a PIRQ level or a PIIX3 route change."""
+        piix = getattr(self, "piix3", None)
+        for pirq in range(4):
+            irq = piix.pirq_route(pirq) if piix is not None else None
+            if self._pirq_pic[pirq] not in (None, irq):
+                self.pic.set_irq(self._pirq_pic[pirq], False)
+            self._pirq_pic[pirq] = irq
+            if irq is not None:
+                self.pic.set_irq(irq, self._pirq_level[pirq])
 
     def register_mmio(self, base: int, size: int, device) -> None:
         """Put a device on the memory bus and route that range to it on every vCPU."""
@@ -274,6 +333,15 @@ class Machine:
         vCPU arms a block hook that lives only until the window opens.
         """
         src = self.interrupt_source
+        if getattr(src, "nmi_pending", False):
+            src.nmi_pending = False
+            vcpu.halted = False
+            from .interrupts import deliver, EventType, TripleFault
+            try:
+                deliver(vcpu, 2, EventType.NMI)
+            except TripleFault as tf:
+                self.shutdown("triple-fault", STATUS_CRASH, str(tf))
+            return
         if src is None or not src.pending():
             vcpu.disarm_interrupt_window()
             return
