@@ -129,3 +129,17 @@ def test_syscall64_round_trips_through_syscall_and_sysret():
         assert (int(ucs, 16), int(uss, 16)) == (0x33, 0x2B) and int(result) == (1000 + i) * 2 + 1
     assert machine.exit_counts["Syscall"] == 3
     assert status == 0
+
+
+@pytest.mark.parametrize("name", ["irq32", "irq64"])
+def test_interrupt_controllers_as_a_guest_programs_them(name, capsys):
+    machine, _, status, text = run(name, trace={"int"})
+    assert "FAIL" not in text and text.rstrip().endswith("Test result: SUCCESS"), text
+    assert status == 0
+    err = capsys.readouterr().err
+    # the line -> controller -> vector -> IDT path shows in the trace
+    for vector in ("0x40", "0x41", "0x42", "0x44", "0x24"):
+        assert f"vector {vector} (external interrupt)" in err, vector
+    assert machine.lapic.timer_fires >= 6
+    assert machine.ioapic.deliveries >= 1
+    assert machine.pic.master.state.isr == 0 and machine.lapic.state.isr == 0

@@ -33,6 +33,8 @@ KERNELS: dict[str, tuple[int, list[str], bool]] = {
     "syscall64": (64, ["syscall64/syscall64.c", "syscall64/entry.S"], True),
     "xencore32": (32, ["xencore/xencore.c"], True),
     "xencore64": (64, ["xencore/xencore.c"], True),
+    "irq32": (32, ["irq/irq.c"], True),
+    "irq64": (64, ["irq/irq.c"], True),
     "hcbench32": (32, ["hcbench/hcbench.c"], True),
     "hcbench64": (64, ["hcbench/hcbench.c"], True),
     "wild32": (32, ["misbehave/wild32.S"], False),

@@ -137,6 +137,8 @@ class VCpu:
         self.sleep_kind = ""                 # HLT, SCHEDOP_block, SCHEDOP_poll while halted
         self._window_hook = None
         self._mmio_pages: set[int] = set()
+        self.in_mmio = False                 # inside an mmio_map callback: no emu_stop here
+        self.deferred_kick = ""              # a stop wanted during MMIO, taken at the next exit
         uc = self.uc
         uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
@@ -302,7 +304,16 @@ class VCpu:
     # the run loop primitive
     # ------------------------------------------------------------------
     def request_stop(self, reason: str) -> None:
-        """Make run() return a Request exit soon (safe from hooks and other threads)."""
+        """Make run() return a Request exit soon (safe from hooks and other threads).
+
+        Not from inside an MMIO callback: Unicorn would abandon and later
+        restart the accessing instruction, replaying the device access
+        (measured: a self-IPI written to the ICR repeated forever). There
+        the request waits for the next exit (see docs/unicorn-notes.md).
+        """
+        if self.in_mmio:
+            self.deferred_kick = self.deferred_kick or reason
+            return
         self._stop_reasons.append(reason)
         self.uc.emu_stop()
 
@@ -405,7 +416,10 @@ class VCpu:
 
     @_guarded(None)
     def _on_window_block(self, uc, address, size, _):
-        if uc.reg_read(X.UC_X86_REG_RFLAGS) & RFLAGS_IF:
+        # A block that starts in the STI/MOV SS shadow must run its first
+        # instruction first (``sti; hlt`` halts, then takes the interrupt):
+        # stopping here would only come back to the same place.
+        if uc.reg_read(X.UC_X86_REG_RFLAGS) & RFLAGS_IF and not self.interrupt_shadow():
             self.request_stop("interrupt-window")
 
     # ------------------------------------------------------------------
@@ -531,12 +545,20 @@ class VCpu:
     @_guarded(0)
     def _on_mmio_read(self, uc, offset, size, base):
         ex = E.Mmio(self._trace_pc(), base + offset, size, False)
-        self.machine.handle_exit(self, ex)
+        self.in_mmio = True
+        try:
+            self.machine.handle_exit(self, ex)
+        finally:
+            self.in_mmio = False
         return ex.value
 
     @_guarded(None)
     def _on_mmio_write(self, uc, offset, size, value, base):
-        self.machine.handle_exit(self, E.Mmio(self._trace_pc(), base + offset, size, True, value))
+        self.in_mmio = True
+        try:
+            self.machine.handle_exit(self, E.Mmio(self._trace_pc(), base + offset, size, True, value))
+        finally:
+            self.in_mmio = False
 
     def close(self) -> None:
         self.disarm_interrupt_window()
