@@ -161,9 +161,13 @@ class Machine:
             line.connect(lambda level, irq=irq: self.pic.set_irq(irq, level))
             line.connect(self.gsi[2 if irq == 0 else irq].source(f"isa{irq}").set_level)
             self.isa_irq.append(line)
+        from ..devices.pit8254 import Pit8254, PIT_PORT, SPEAKER_PORT
         self._pirq_gsi = [self.gsi[16 + i].source(f"pirq{'ABCD'[i]}") for i in range(4)]
         self._pirq_pic: list[int | None] = [None] * 4
         self._pirq_level = [False] * 4
+        self.pit = Pit8254(self.clock, irq0=self.isa_irq[0])
+        self.register_pio(PIT_PORT, 4, self.pit)
+        self.register_pio(SPEAKER_PORT, 1, self.pit.speaker_port)
 
     def _trace_line(self, name: str, level: bool) -> None:
         self.tracer.emit("irq", f"{name} {'raised' if level else 'lowered'}")
