@@ -13,3 +13,20 @@ def machine():
     m = Machine(MachineConfig(ram_mib=16, debugcon="none"), console=ConsoleSink(None))
     yield m
     m.close()
+
+
+class InstructionCount:
+    """A settable instruction counter that drives a deterministic clock in tests."""
+
+    def __init__(self):
+        self.n = 0
+
+    def __call__(self):
+        return self.n
+
+
+def deterministic_clock():
+    """(clock, counter): advance guest time by adding to ``counter.n``."""
+    from xenicorn.platform.clock import VirtualClock
+    counter = InstructionCount()
+    return VirtualClock("deterministic", instructions=counter), counter

@@ -2,19 +2,11 @@
 from xenicorn.devices.i8259 import PicPair
 from xenicorn.devices.ioapic import Ioapic, RTE_REMOTE_IRR
 from xenicorn.devices.lapic import Lapic
-from xenicorn.platform.clock import VirtualClock
-
-
-class Insns:
-    n = 0
-
-    def __call__(self):
-        return self.n
+from conftest import deterministic_clock
 
 
 def rig():
-    insns = Insns()
-    clock = VirtualClock("deterministic", instructions=insns)
+    clock, insns = deterministic_clock()
     kicks = []
     apic = Lapic(clock, notify=lambda: kicks.append(1))
     io = Ioapic(apic)
@@ -128,9 +120,9 @@ def test_timer_one_shot_and_periodic_with_divider():
 
 
 def test_extint_through_lint0_takes_the_pic_vector():
-    insns = Insns()
+    clock, _ = deterministic_clock()
     pic = PicPair()
-    apic = Lapic(VirtualClock("deterministic", instructions=insns), pic=pic)
+    apic = Lapic(clock, pic=pic)
     m = pic.master_ports
     for v in (0x11, 0x20, 0x04, 0x01):
         m.pio_write(0 if v == 0x11 else 1, 1, v)

@@ -1,19 +1,11 @@
 """8254 PIT on a deterministic clock: modes, latching, read-back, port 0x61."""
 from xenicorn.devices.irq import IrqLine
 from xenicorn.devices.pit8254 import PIT_HZ, Pit8254, ticks_to_ns
-from xenicorn.platform.clock import VirtualClock
-
-
-class Insns:
-    n = 0
-
-    def __call__(self):
-        return self.n
+from conftest import deterministic_clock
 
 
 def rig():
-    insns = Insns()
-    clock = VirtualClock("deterministic", instructions=insns)
+    clock, insns = deterministic_clock()
     line = IrqLine("IRQ0")
     pit = Pit8254(clock, irq0=line)
     return pit, clock, insns, line

@@ -83,41 +83,35 @@ class Bus:
             self.on_unclaimed(kind, addr, size, value)
 
 
-class PioBus(Bus):
-    """The x86 I/O port space: 64 KiB of ports reached with IN/OUT."""
-
-    def read(self, port: int, size: int) -> int:
-        hit = self.lookup(port)
-        if hit is None:
-            self._unclaimed("read", port, size, None)
-            return (1 << (8 * size)) - 1          # the bus floats high
-        base, dev = hit
-        return dev.pio_read(port - base, size) & ((1 << (8 * size)) - 1)
-
-    def write(self, port: int, size: int, value: int) -> None:
-        hit = self.lookup(port)
-        if hit is None:
-            self._unclaimed("write", port, size, value)
-            return
-        base, dev = hit
-        dev.pio_write(port - base, size, value & ((1 << (8 * size)) - 1))
-
-
-class MmioBus(Bus):
-    """Physical addresses that are not RAM: chipset and device registers."""
+    read_method = "pio_read"
+    write_method = "pio_write"
 
     def read(self, addr: int, size: int) -> int:
+        """Read from whichever device claims ``addr``; unclaimed reads float high."""
+        ones = (1 << (8 * size)) - 1
         hit = self.lookup(addr)
         if hit is None:
             self._unclaimed("read", addr, size, None)
-            return (1 << (8 * size)) - 1
+            return ones
         base, dev = hit
-        return dev.mmio_read(addr - base, size) & ((1 << (8 * size)) - 1)
+        return getattr(dev, self.read_method)(addr - base, size) & ones
 
     def write(self, addr: int, size: int, value: int) -> None:
+        """Write to whichever device claims ``addr``; unclaimed writes vanish."""
         hit = self.lookup(addr)
         if hit is None:
             self._unclaimed("write", addr, size, value)
             return
         base, dev = hit
-        dev.mmio_write(addr - base, size, value & ((1 << (8 * size)) - 1))
+        getattr(dev, self.write_method)(addr - base, size, value & ((1 << (8 * size)) - 1))
+
+
+class PioBus(Bus):
+    """The x86 I/O port space: 64 KiB of ports reached with IN/OUT."""
+
+
+class MmioBus(Bus):
+    """Physical addresses that are not RAM: chipset and device registers."""
+
+    read_method = "mmio_read"
+    write_method = "mmio_write"
