@@ -82,7 +82,7 @@ class Bus:
             self._reported.add(addr)          # report each address once, like a log
             self.on_unclaimed(kind, addr, size, value)
 
-
+    # which device methods an access calls (PioDevice by default, MmioDevice below)
     read_method = "pio_read"
     write_method = "pio_write"
 
