@@ -143,3 +143,16 @@ def test_interrupt_controllers_as_a_guest_programs_them(name, capsys):
     assert machine.lapic.timer_fires >= 6
     assert machine.ioapic.deliveries >= 1
     assert machine.pic.master.state.isr == 0 and machine.lapic.state.isr == 0
+
+
+def test_trace_irq_int_shows_line_controller_vector_idt(capsys):
+    machine, _, status, _ = run("irq64", trace={"irq", "int"})
+    assert status == 0
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith(("[irq]", "[int]"))]
+    i = lines.index("[irq] IOAPIC pin 4 -> vector 0x44 (edge) to APIC 0 (physical)")
+    assert lines[i - 2:i] == ["[irq] IRQ4 raised", "[irq] GSI4 raised"]
+    assert lines[i + 1].startswith("[irq] LAPIC 0 takes vector 0x44")
+    assert lines[i + 2].startswith("[int] vector 0x44 (external interrupt) via long gate int64")
+    j = lines.index("[irq] 8259 INTA -> vector 0x24")
+    assert lines[j - 1] == "[irq] LAPIC 0 LINT0 ExtINT: asks the 8259 for the vector"
+    assert lines[j + 1].startswith("[int] vector 0x24 (external interrupt)")

@@ -228,6 +228,7 @@ class PicPair:
         self.on_eoi: list[Callable[[int], None]] = []     # called with the ISA IRQ 0-15
         self.master.on_eoi.append(lambda irq: [cb(irq) for cb in self.on_eoi if irq != 2])
         self.slave.on_eoi.append(lambda irq: [cb(irq + 8) for cb in self.on_eoi])
+        self.trace: Callable[[str], None] | None = None
         self.master_ports = _ChipPorts(self.master)
         self.slave_ports = _ChipPorts(self.slave)
         self.elcr_ports = _Elcr(self)
@@ -244,6 +245,12 @@ class PicPair:
 
     def acknowledge(self) -> int:
         """The INTA cycle: the vector for the highest request (spurious IRQ 7/15 if gone)."""
+        vector = self._inta()
+        if self.trace is not None:
+            self.trace(f"8259 INTA -> vector {vector:#x}")
+        return vector
+
+    def _inta(self) -> int:
         irq = self.master.acknowledge()
         if irq is None:
             return self.master.state.vector_base + 7            # spurious master IRQ 7

@@ -68,6 +68,7 @@ class Ioapic:
         self.sink = sink
         self.on_eoi: list[Callable[[int], None]] = []       # called with the pin
         self.deliveries = 0
+        self.trace: Callable[[str], None] | None = None     # one line per message sent
 
     # -- inputs ------------------------------------------------------------------
     def set_irq(self, pin: int, level: bool) -> None:
@@ -93,6 +94,9 @@ class Ioapic:
                 return
             st.redirtbl[pin] = rte | RTE_REMOTE_IRR
         self.deliveries += 1
+        if self.trace is not None:
+            self.trace(f"IOAPIC pin {pin} -> vector {rte & 0xFF:#x} ({'level' if level else 'edge'}) "
+                       f"to APIC {rte >> 56} ({'logical' if rte & (1 << 11) else 'physical'})")
         if self.sink is not None:
             self.sink.deliver(rte >> 56, bool(rte & (1 << 11)), (rte >> 8) & 7, rte & 0xFF, level)
 

@@ -91,6 +91,7 @@ class Lapic:
         self.timer = None
         self.timer_fires = 0
         self.nmi_pending = False
+        self.trace: Callable[[str], None] | None = None
 
     # -- priorities ----------------------------------------------------------------
     @property
@@ -121,10 +122,15 @@ class Lapic:
         st = self.state
         v = self._deliverable()
         if v is not None:
+            if self.trace is not None:
+                self.trace(f"LAPIC {st.id} takes vector {v:#x} (PPR {self.ppr():#x}, "
+                           f"{'level' if st.tmr >> v & 1 else 'edge'})")
             st.irr &= ~(1 << v)
             st.isr |= 1 << v
             return v
         if self._extint():
+            if self.trace is not None:
+                self.trace(f"LAPIC {st.id} LINT0 ExtINT: asks the 8259 for the vector")
             return self.pic.acknowledge()
         if st.irr:
             return st.svr & 0xFF                             # it vanished below PPR: spurious
@@ -170,6 +176,9 @@ class Lapic:
         if v is None:
             return
         st.isr &= ~(1 << v)
+        if self.trace is not None:
+            self.trace(f"LAPIC {st.id} EOI vector {v:#x}" + (" (level: broadcast to IOAPIC)"
+                                                              if st.tmr >> v & 1 else ""))
         if st.tmr >> v & 1 and not st.svr & SVR_SUPPRESS_EOI:
             for io in self.ioapics:
                 io.eoi_broadcast(v)

@@ -147,6 +147,9 @@ class Machine:
         self.ioapic = Ioapic(self.lapic)
         self.lapic.ioapics.append(self.ioapic)
         self.interrupt_source = self.lapic
+        if self.tracer.on("irq"):
+            emit = lambda text: self.tracer.emit("irq", text)      # noqa: E731
+            self.pic.trace = self.ioapic.trace = self.lapic.trace = emit
         self.register_pio(0x20, 2, self.pic.master_ports)
         self.register_pio(0xA0, 2, self.pic.slave_ports)
         self.register_pio(0x4D0, 2, self.pic.elcr_ports)
