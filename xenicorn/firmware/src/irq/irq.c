@@ -7,6 +7,11 @@
  *  4. IOAPIC: the UART's IRQ 4 routed edge-triggered to vector 0x44.
  *  5. 8259: remapped to 0x20/0x28, the same UART interrupt through the
  *     virtual wire (LINT0 ExtINT) with the IOAPIC pin masked.
+ *  6. PIT channel 0 in mode 2 at 1 kHz on IRQ 0 (vector 0x20).
+ *  7. Level-triggered pins: the UART's IRQ 4 as a level IOAPIC pin and as a
+ *     level 8259 input (ELCR). The handler EOIs once *before* quieting the
+ *     UART: the still-asserted line must be delivered again (Remote IRR /
+ *     IRR semantics), and only once more after the UART is acknowledged.
  * Handlers count what arrives; the kernel checks counts and vectors. */
 #include "../lib/kernel.h"
 
@@ -123,6 +128,63 @@ static void test_pic(void) {
     check(inb(0x20) == 0, "8259 ISR clear after EOI");
 }
 
+static void pit_tick(struct frame *f) {
+    hits[f->vector & 0xFF]++;
+    outb(0x20, 0x20);
+}
+
+static void test_pit(void) {
+    set_handler(0x20, pit_tick);
+    outb(0x21, 0xFE);                                      /* only IRQ 0 */
+    outb(0x43, 0x34);                                      /* counter 0, lo/hi, mode 2 */
+    outb(0x40, 1193 & 0xFF);                               /* 1193182 / 1193 = 1 kHz */
+    outb(0x40, 1193 >> 8);
+    wait_for(&hits[0x20], 3);
+    outb(0x43, 0x30);                                      /* mode 0, no count: stop */
+    outb(0x21, 0xFF);
+    check(hits[0x20] >= 3, "PIT ticked %d times on IRQ 0 (vector 0x20)", hits[0x20]);
+    outb(0x43, 0x00);                                      /* latch counter 0 */
+    u8 lo = inb(0x40), hi = inb(0x40);
+    printf("PIT counter 0 latched at %u\n", lo | hi << 8);
+}
+
+static volatile int level_calls;
+
+static void uart_level(struct frame *f) {
+    hits[f->vector & 0xFF]++;
+    int apic = f->vector >= 0x40;
+    if (level_calls++ == 0) {                              /* EOI first: the line stays high */
+        if (apic) apic_write(0xB0, 0); else outb(0x20, 0x20);
+        return;
+    }
+    (void)inb(0x3FA);
+    outb(0x3F9, 0);
+    if (apic) apic_write(0xB0, 0); else outb(0x20, 0x20);
+}
+
+static void test_level(void) {
+    set_handler(0x45, uart_level);
+    level_calls = 0;
+    ioapic_write(0x10 + 2 * 4, 0x8000 | 0x45);             /* level, vector 0x45 */
+    uart_kick();
+    wait_for(&hits[0x45], 2);
+    for (int i = 0; i < 3; i++) __asm__ volatile("sti; nop; cli");
+    ioapic_write(0x10 + 2 * 4, 0x10000);
+    check(hits[0x45] == 2, "level IOAPIC pin redelivered once while still high (%d calls)", hits[0x45]);
+    check(!(ioapic_read(0x10 + 2 * 4) & (1 << 14)), "Remote IRR clear at the end");
+
+    set_handler(0x24, uart_level);
+    level_calls = 0;
+    hits[0x24] = 0;
+    outb(0x4D0, 1 << 4);                                   /* ELCR: IRQ 4 level-triggered */
+    outb(0x21, ~(1 << 4) & 0xFF);
+    uart_kick();
+    wait_for(&hits[0x24], 2);
+    for (int i = 0; i < 3; i++) __asm__ volatile("sti; nop; cli");
+    outb(0x21, 0xFF);
+    check(hits[0x24] == 2, "level 8259 input redelivered once while still high (%d calls)", hits[0x24]);
+}
+
 void kmain(void) {
     printf("irq%d: interrupt controllers\n", (int)sizeof(ulong) * 8);
     for (int v = 0x20; v < 0x50; v++)
@@ -135,5 +197,7 @@ void kmain(void) {
     test_timer();
     test_ioapic();
     test_pic();
-    check(hits[0xFF] == 0, "no spurious interrupts");
+    test_pit();
+    test_level();
+    check(hits[0xFF] == 0 && hits[0x27] == 0, "no spurious interrupts");
 }
