@@ -159,3 +159,24 @@ def test_trace_irq_int_shows_line_controller_vector_idt(capsys):
     j = lines.index("[irq] 8259 INTA -> vector 0x24")
     assert lines[j - 1] == "[irq] LAPIC 0 LINT0 ExtINT: asks the 8259 for the vector"
     assert lines[j + 1].startswith("[int] vector 0x24 (external interrupt)")
+
+
+@pytest.mark.parametrize("name", ["tickbench32", "tickbench64"])
+def test_lapic_timer_ticks_while_computing_deterministic(name):
+    """1 kHz of LAPIC timer at 1 ns per instruction: ticks match the model, sums agree."""
+    machine, _, status, text = run(name, cmdline="n=1000000 hz=1000", clock="deterministic")
+    assert status == 0 and text.rstrip().endswith("Test result: SUCCESS"), text
+    per_ms = int(re.search(r"LAPIC timer: (\d+) counts per ms", text).group(1))
+    assert abs(per_ms - 1_000_000) < 1_000                        # a 1 GHz bus clock, against the PIT
+    ticks = int(re.search(r"ticking: \d+ cycles, (\d+) ticks", text).group(1))
+    insns = machine.vcpu.instructions
+    assert ticks >= 3 and ticks == machine.lapic.timer_fires
+    assert ticks <= insns // 1_000_000                              # one per 1e6 ns of guest time
+
+
+def test_lapic_timer_at_10_khz_on_host_time_never_replays_an_instruction():
+    """Host time: hundreds of asynchronous stops land in a loop of ADD m, r."""
+    machine, _, status, text = run("tickbench64", cmdline="n=2000000 hz=10000")
+    assert status == 0 and text.rstrip().endswith("Test result: SUCCESS"), text
+    ticks = int(re.search(r"ticking: \d+ cycles, (\d+) ticks", text).group(1))
+    assert ticks > 20 and machine.lapic.timer_fires >= ticks

@@ -57,6 +57,9 @@ class VirtualClock:
         self._skipped = 0                  # deterministic: time jumped over while asleep
         self._heap: list[Timer] = []
         self._seq = itertools.count()
+        # Called when a timer is armed earlier than every other: the run loop
+        # bounded the current run by the old first deadline and must look again.
+        self.on_new_first: Callable[[], None] | None = None
 
     @property
     def deterministic(self) -> bool:
@@ -67,10 +70,24 @@ class VirtualClock:
             return int(self._instructions() * self.ns_per_insn) + self._skipped
         return time.monotonic_ns() - self._start
 
+    def charge(self, ns: int) -> None:
+        """Deterministic time: an operation took ``ns`` beyond its instruction.
+
+        Port I/O is charged this way (``IO_PORT_NS``): on a PC an ISA port
+        access takes about a microsecond, and without the charge a guest
+        that polls a port for 10 ms (PIT calibration) would need millions of
+        exits to see the time pass. Host time needs no charge.
+        """
+        if self.deterministic:
+            self._skipped += ns
+
     # -- timers ------------------------------------------------------------
     def add_timer(self, deadline_ns: int, callback: Callable[[], None], name: str = "") -> Timer:
         timer = Timer(deadline_ns, next(self._seq), callback, name)
+        first = self.next_deadline()
         heapq.heappush(self._heap, timer)
+        if self.on_new_first is not None and (first is None or deadline_ns < first):
+            self.on_new_first()
         return timer
 
     def cancel(self, timer: Timer | None) -> None:

@@ -31,6 +31,11 @@ from ..devices.console import ConsoleSink, DebugCon, DebugExit, AcpiPmControl, s
 STATUS_OK, STATUS_CRASH, STATUS_USAGE, STATUS_TIMEOUT = 0, 1, 2, 124
 
 
+COUNT_QUANTUM = 1_000_000          # longest run of a counting vCPU between looks at its timers
+HOST_NS_PER_INSN_GUESS = 10.0      # a counting vCPU on host time runs at ~100 MIPS
+IO_PORT_NS = 1000                  # deterministic time: one port access, as on an ISA bus
+
+
 @dataclass
 class MachineConfig:
     """Everything a user chooses about a machine (the CLI fills it)."""
@@ -77,6 +82,7 @@ class Machine:
         from .clock import VirtualClock
         self.clock = VirtualClock(self.config.clock, self.config.ns_per_insn,
                                   instructions=lambda: self.vcpu.instructions_now())
+        self.clock.on_new_first = self._timer_armed
         if self.clock.deterministic:
             # RDTSC reads the host TSC in Unicorn; trap it so guest time repeats.
             for vcpu in self.vcpus:
@@ -181,6 +187,17 @@ class Machine:
         if vcpu._in_emu and self.interrupt_source is not None and self.interrupt_source.pending():
             vcpu.request_stop(why)
 
+    def _timer_armed(self) -> None:
+        """A timer was armed mid-run before the deadline this run is bounded by.
+
+        A LAPIC timer armed by an MMIO write, say: end the run so the next
+        one is bounded by the new deadline (with a counting vCPU the stop may
+        wait for the run quantum, see ``VCpu.request_stop``).
+        """
+        vcpu = self.vcpus[0] if self.vcpus else None
+        if vcpu is not None and vcpu._in_emu:
+            vcpu.request_stop("timer-armed")
+
     def _pirq_changed(self, pirq: int, level: bool) -> None:
         """A PCI PIRQ line changed: GSI 16+n, and the ISA IRQ the PIIX3 routes it to."""
         self._pirq_level[pirq] = level
@@ -278,13 +295,18 @@ class Machine:
                 self._handle_limit(vcpu, E.Limit(vcpu.pc, "max-insns"))
                 return 0, 0
         budget = self.clock.budget()
-        if budget is not None:
-            if self.clock.deterministic:
-                insns = max(1, int(budget / self.clock.ns_per_insn))
-                count = min(count, insns) if count else insns
-            else:
-                us = max(1, budget // 1000)
-                timeout_us = min(timeout_us, us) if timeout_us else us
+        if vcpu.count_instructions:
+            # Bounded by instruction counts only: an asynchronous stop could
+            # replay a memory access in this mode (docs/unicorn-notes.md).
+            # The quantum bounds how late a stop requested during MMIO is.
+            insns = COUNT_QUANTUM
+            if budget is not None:
+                per_insn = self.clock.ns_per_insn if self.clock.deterministic else HOST_NS_PER_INSN_GUESS
+                insns = min(insns, max(1, int(budget / per_insn)))
+            count = min(count, insns) if count else insns
+        elif budget is not None:
+            us = max(1, budget // 1000)
+            timeout_us = min(timeout_us, us) if timeout_us else us
         return timeout_us, count
 
     def _limit_reached(self, vcpu: VCpu) -> bool:
@@ -405,6 +427,7 @@ class Machine:
         return text
 
     def _handle_pio(self, vcpu: VCpu, ex: E.PortIO) -> E.Action:
+        self.clock.charge(IO_PORT_NS)
         if ex.write:
             self.pio.write(ex.port, ex.size, ex.value)
         else:

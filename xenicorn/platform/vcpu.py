@@ -40,7 +40,7 @@ from unicorn import (Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_HOOK_INSN, UC_HOOK
 from unicorn import x86_const as X
 
 from . import exits as E
-from . import icount
+from . import icount, stopcheck
 from .msr import MsrInterceptor, EXIT_VECTOR as MSR_EXIT_VECTOR, RDTSC_EXIT_VECTOR
 from .rawctx import (RawContext, flat_code32, flat_data, SegmentCache, HF_INHIBIT_IRQ, HF_CS32, HF_CS64,
                      OFF_CR, OFF_EIP)
@@ -149,6 +149,20 @@ class VCpu:
         uc.hook_add(UC_HOOK_INTR, self._on_intr)
         uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
         self.msr = MsrInterceptor(uc)
+        # No "until" address. At the end of every emu_start Unicorn flushes
+        # the block at until-1, translating that address as an instruction
+        # fetch: in a paged guest that is a page fault nobody sees, which
+        # still writes CR2 and Unicorn's double-fault bookkeeping (measured:
+        # three run ends in a row became a silent triple fault). An empty
+        # exit list turns the address and the flush off.
+        uc.ctl_exits_enabled(True)
+        uc.ctl_set_exits([])
+        # Stops land between blocks, so a stop never replays a memory access
+        # (docs/unicorn-notes.md). Unicorn's counting needs the per-access
+        # checks, so a counting vCPU keeps them and avoids stopping in MMIO.
+        self.precise_stops = not count_instructions
+        if self.precise_stops:
+            stopcheck.stop_between_blocks(uc)
 
     # ------------------------------------------------------------------
     # register access
@@ -306,12 +320,14 @@ class VCpu:
     def request_stop(self, reason: str) -> None:
         """Make run() return a Request exit soon (safe from hooks and other threads).
 
-        Not from inside an MMIO callback: Unicorn would abandon and later
-        restart the accessing instruction, replaying the device access
-        (measured: a self-IPI written to the ICR repeated forever). There
-        the request waits for the next exit (see docs/unicorn-notes.md).
+        Normally the stop lands at the start of the next block
+        (:mod:`stopcheck`). A counting vCPU keeps Unicorn's per-access stop
+        checks, which would abandon and later restart the instruction
+        inside an MMIO callback, replaying the device access (measured: a
+        self-IPI written to the ICR repeated forever); there a request made
+        during MMIO waits for the next exit or the end of the run quantum.
         """
-        if self.in_mmio:
+        if self.in_mmio and not self.precise_stops:
             self.deferred_kick = self.deferred_kick or reason
             return
         self._stop_reasons.append(reason)

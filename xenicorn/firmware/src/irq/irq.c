@@ -192,6 +192,9 @@ void kmain(void) {
     set_handler(0x44, uart_irq);
     set_handler(0x24, uart_irq);
     set_handler(0xFF, count);
+    /* A reset 8259 has IMR 0 and vector base 0, and LINT0 takes its output
+     * (ExtINT): mask it, as Linux does, until test_pic programs it. */
+    outb(0x21, 0xFF); outb(0xA1, 0xFF);
     test_pci();
     test_lapic();
     test_timer();

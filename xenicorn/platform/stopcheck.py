@@ -1,0 +1,107 @@
+"""Make ``emu_stop()`` land between blocks, never half-way through an instruction.
+
+What goes wrong without this (measured in ``tests/test_stopcheck.py``):
+Unicorn 2.1.4 emits a "stop requested?" check after *every* guest load and
+store it translates, so that an invalid access ends emulation at once. When
+a stop has been requested (``emu_stop()``: by ``emu_start``'s timeout
+thread, or by one of our own hooks) that check leaves the translated block
+and puts RIP back at the start of the instruction that made the access. The
+access itself has already happened. So the instruction runs again on the
+next ``emu_start``: ``inc dword [x]`` adds 2, an MMIO store reaches its
+device twice. For a timeout the race is real: a loop of read-modify-write
+instructions stopped by ``timeout=`` replayed one in every stop.
+
+The checks are only emitted while ``uc_struct.no_exit_request`` is false (a
+flag Unicorn uses itself for ARM IT blocks). With it set, a stop request is
+seen only at the check every block starts with, where QEMU restores RIP to
+the block's first instruction: nothing has run twice. Unicorn has no API for
+the flag, so, as with the instruction counter (``icount.py``), we find it in
+``uc_struct`` once per process and set it with ctypes.
+
+How it is found: ``nested_level`` (an int that is 1 inside a hook during
+``emu_start`` and 0 outside) follows 64 ``sigjmp_buf`` (200 bytes each on
+x86-64 glibc); just before them lie the bools ``no_exit_request`` (0) and
+``init_done`` (1). A behavioural check then confirms it: a block with two
+MMIO stores whose callback requests a stop must see each store once.
+
+The price: an invalid memory access no longer stops the block at once. No
+xenicorn access is invalid in Unicorn's sense (unassigned memory is mapped on
+demand, see ``vcpu._on_unmapped``), so nothing depends on that. It is not
+used while Unicorn counts instructions: its counting hook relies on the same
+check to stop before the instruction after the last counted one.
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+
+from unicorn import Uc, UC_ARCH_X86, UC_MODE_64, UC_HOOK_INSN
+from unicorn import x86_const as X
+
+JMP_BUFS = 64 * 200               # UC_MAX_NESTED_LEVEL sigjmp_bufs before nested_level
+_OFFSET: int | None = None
+
+
+class FlagNotFound(RuntimeError):
+    """This Unicorn build does not lay out ``uc_struct`` as 2.1.4 does."""
+
+
+def _handle(uc: Uc) -> int:
+    return ctypes.cast(uc._uch, ctypes.c_void_p).value
+
+
+def _find_offset() -> int:
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 0x4000)
+    uc.mem_write(0x1000, b"\x90\xe6\x80\x90\xf4")          # nop; out 0x80, al; nop; hlt
+    span = 0x8000
+    inside: list[bytes] = []
+    uc.hook_add(UC_HOOK_INSN, lambda u, *a: inside.append(ctypes.string_at(_handle(u), span)),
+                None, 1, 0, X.UC_X86_INS_OUT)
+    uc.emu_start(0x1000, 0x1005)
+    outside = ctypes.string_at(_handle(uc), span)
+    found = []
+    for off in range(JMP_BUFS + 8, span - 4, 4):
+        if struct.unpack_from("<i", inside[0], off)[0] == 1 and struct.unpack_from("<i", outside, off)[0] == 0:
+            bufs = off - JMP_BUFS
+            if outside[bufs - 5] == 1 and outside[bufs - 6] == 0:     # init_done, no_exit_request
+                found.append(bufs - 6)
+    if len(found) != 1 or not _stops_once(found[0]):
+        raise FlagNotFound("cannot locate Unicorn's no_exit_request flag; install unicorn==2.1.4")
+    return found[0]
+
+
+def _stops_once(offset: int) -> bool:
+    """Two MMIO stores in one block, the first asking to stop: each seen once?"""
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 0x4000)
+    store = bytes.fromhex("89042500000200")                 # mov [0x20000], eax
+    code = store + b"\xff\xc1" + store + b"\xf4"            # ... inc ecx ... hlt
+    uc.mem_write(0x1000, code)
+    writes = []
+
+    def on_write(u, off, size, value, _):
+        writes.append(off)
+        u.emu_stop()
+
+    uc.mmio_map(0x20000, 0x1000, None, None, on_write, None)
+    ctypes.c_uint8.from_address(_handle(uc) + offset).value = 1
+    pc = 0x1000
+    for _ in range(4):
+        uc.emu_start(pc, 0x1000 + len(code))
+        pc = uc.reg_read(X.UC_X86_REG_RIP)
+        if pc == 0x1000 + len(code):
+            break
+    return len(writes) == 2 and uc.reg_read(X.UC_X86_REG_ECX) == 1
+
+
+def offset() -> int:
+    global _OFFSET
+    if _OFFSET is None:
+        _OFFSET = _find_offset()
+    return _OFFSET
+
+
+def stop_between_blocks(uc: Uc) -> None:
+    """From now on, blocks this engine translates check for stops only at their start."""
+    ctypes.c_uint8.from_address(_handle(uc) + offset()).value = 1
