@@ -25,3 +25,15 @@ def test_hypercall_benchmark_quick_run_reports_both_widths():
     data = json.loads(res.stdout)
     assert set(data) == {"32-bit", "64-bit"}
     assert all(r["calls"] == 2000 and r["calls_per_second"] > 0 for r in data.values())
+
+
+def test_timer_benchmark_quick_run_reports_both_phases():
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "timer.py"), "--quick", "--json"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    import json
+    data = json.loads(res.stdout)
+    assert set(data) == {"32-bit", "64-bit"}
+    for r in data.values():
+        assert r["iterations"] == 200_000 and r["instructions"] > 5 * 200_000
+        assert r["quiet_mips"] > 0 and r["ticking_mips"] > 0

@@ -174,9 +174,9 @@ def test_lapic_timer_ticks_while_computing_deterministic(name):
     assert ticks <= insns // 1_000_000                              # one per 1e6 ns of guest time
 
 
-def test_lapic_timer_at_10_khz_on_host_time_never_replays_an_instruction():
+def test_lapic_timer_at_2_khz_on_host_time_never_replays_an_instruction():
     """Host time: hundreds of asynchronous stops land in a loop of ADD m, r."""
-    machine, _, status, text = run("tickbench64", cmdline="n=2000000 hz=10000")
+    machine, _, status, text = run("tickbench64", cmdline="n=4000000 hz=2000")
     assert status == 0 and text.rstrip().endswith("Test result: SUCCESS"), text
     ticks = int(re.search(r"ticking: \d+ cycles, (\d+) ticks", text).group(1))
     assert ticks > 20 and machine.lapic.timer_fires >= ticks

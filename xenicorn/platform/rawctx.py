@@ -58,6 +58,7 @@ OFF_EXCEPTION_IS_INT = 5388
 OFF_EXCEPTION_NEXT_EIP = 5392
 OFF_OLD_EXCEPTION = 5496
 SEG_SIZE = 24             # {u32 selector; u32 pad; u64 base; u32 limit; u32 flags}
+_SEG = struct.Struct("<IIQII")
 
 # Segment register numbers in QEMU's order (R_ES..R_GS).
 ES, CS, SS, DS, FS, GS = range(6)
@@ -125,6 +126,16 @@ def flat_data(selector: int, dpl: int = 0) -> SegmentCache:
                         DESC_G | DESC_B | DESC_P | DESC_S | (dpl << DESC_DPL_SHIFT) | (0x3 << DESC_TYPE_SHIFT))
 
 
+_STRUCTS: dict[str, struct.Struct] = {}
+
+
+def _struct(fmt: str) -> struct.Struct:
+    st = _STRUCTS.get(fmt)
+    if st is None:
+        st = _STRUCTS[fmt] = struct.Struct(fmt)
+    return st
+
+
 class RawContext:
     """A saved Unicorn context opened for field access.
 
@@ -136,18 +147,20 @@ class RawContext:
         self.uc = uc
         self.ctx = uc.context_save()
         self._ptr = ctypes.cast(self.ctx.context, ctypes.c_void_p).value + _HDR
+        # the saved CPUX86State, viewed in place (no copy per field)
+        self._mem = memoryview((ctypes.c_char * (self.ctx.size - _HDR)).from_address(self._ptr)).cast("B")
         self.dirty = False
 
     # -- primitive access -------------------------------------------------
     def read(self, off: int, fmt: str):
-        return struct.unpack(fmt, ctypes.string_at(self._ptr + off, struct.calcsize(fmt)))[0]
+        return _struct(fmt).unpack_from(self._mem, off)[0]
 
     def write(self, off: int, fmt: str, value) -> None:
-        ctypes.memmove(self._ptr + off, struct.pack(fmt, value), struct.calcsize(fmt))
+        _struct(fmt).pack_into(self._mem, off, value)
         self.dirty = True
 
     def read_block(self, off: int, size: int) -> bytes:
-        return ctypes.string_at(self._ptr + off, size)
+        return bytes(self._mem[off:off + size])
 
     def commit(self) -> None:
         if self.dirty:
@@ -197,16 +210,13 @@ class RawContext:
 
     def segment(self, seg: int | str) -> SegmentCache:
         """Read a segment cache: 0..5 (ES..GS) or 'ldt'/'tr'/'gdt'/'idt'."""
-        o = self._seg_off(seg)
-        return SegmentCache(self.read(o, "<I"), self.read(o + 8, "<Q"),
-                            self.read(o + 16, "<I"), self.read(o + 20, "<I"))
+        sel, _, base, limit, flags = _SEG.unpack_from(self._mem, self._seg_off(seg))
+        return SegmentCache(sel, base, limit, flags)
 
     def set_segment(self, seg: int | str, cache: SegmentCache) -> None:
-        o = self._seg_off(seg)
-        self.write(o, "<I", cache.selector & 0xFFFF)
-        self.write(o + 8, "<Q", cache.base)
-        self.write(o + 16, "<I", cache.limit & 0xFFFFFFFF)
-        self.write(o + 20, "<I", cache.flags)
+        _SEG.pack_into(self._mem, self._seg_off(seg), cache.selector & 0xFFFF, 0, cache.base,
+                       cache.limit & 0xFFFFFFFF, cache.flags)
+        self.dirty = True
 
     def load_segments(self, **caches: SegmentCache) -> None:
         """Load segment caches and recompute the hflags that depend on them.

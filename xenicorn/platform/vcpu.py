@@ -41,6 +41,7 @@ from unicorn import x86_const as X
 
 from . import exits as E
 from . import icount, stopcheck
+from .stoptimer import StopTimer
 from .msr import MsrInterceptor, EXIT_VECTOR as MSR_EXIT_VECTOR, RDTSC_EXIT_VECTOR
 from .rawctx import (RawContext, flat_code32, flat_data, SegmentCache, HF_INHIBIT_IRQ, HF_CS32, HF_CS64,
                      OFF_CR, OFF_EIP)
@@ -161,6 +162,7 @@ class VCpu:
         # (docs/unicorn-notes.md). Unicorn's counting needs the per-access
         # checks, so a counting vCPU keeps them and avoids stopping in MMIO.
         self.precise_stops = not count_instructions
+        self.stop_timer = StopTimer(uc)
         if self.precise_stops:
             stopcheck.stop_between_blocks(uc)
 
@@ -351,14 +353,17 @@ class VCpu:
         err = None
         self._in_emu = True
         internal = None
+        if timeout_us:
+            self.stop_timer.arm(timeout_us / 1e6)
         try:
-            self.uc.emu_start(start, UNTIL, timeout=timeout_us, count=count)
+            self.uc.emu_start(start, UNTIL, count=count)
         except UcError as e:
             err = e
         except Exception as e:          # a bug of ours, raised inside a hook
             internal = e
         finally:
             self._in_emu = False
+            timed_out = self.stop_timer.disarm() if timeout_us else False
         internal = internal or self._internal
         if self.count_instructions:
             n = icount.read_counter(self.uc)
@@ -374,9 +379,15 @@ class VCpu:
             return E.Request(pc, list(self._stop_reasons))
         if count and count != NO_LIMIT and icount.read_counter(self.uc) > count:
             return E.Limit(pc, "max-insns")
+        # Nothing asked for this stop: only HLT ends a run by itself. A run
+        # the deadline ended is not read as a HLT even if one coincided (the
+        # guest then resumes after it as if the deadline's timer woke it),
+        # which saves a page walk per timer tick.
+        if timed_out:
+            return E.Limit(pc, "timeout")
         if self._just_halted(pc):
             return E.Hlt(pc)
-        return E.Limit(pc, "timeout")
+        return E.Limit(pc, "stopped")
 
     def _internal_error(self, exc: Exception, pc: int) -> E.Exit:
         """An emulator bug must not look like a guest bug, nor print a traceback."""
@@ -577,4 +588,5 @@ class VCpu:
             self.in_mmio = False
 
     def close(self) -> None:
+        self.stop_timer.close()
         self.disarm_interrupt_window()

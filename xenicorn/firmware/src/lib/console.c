@@ -18,7 +18,7 @@ struct out { char *buf; ulong size, pos; };
 static void emit(struct out *o, char c) { if (o->pos + 1 < o->size) o->buf[o->pos] = c; o->pos++; }
 
 /* 64-by-32 division without libgcc (a 32-bit build has no __udivmoddi4). */
-static u64 divmod(u64 n, u32 d, u32 *rem) {
+u64 divmod64(u64 n, u32 d, u32 *rem) {
     u64 q = 0, r = 0;
     for (int i = 63; i >= 0; i--) {
         r = (r << 1) | ((n >> i) & 1);
@@ -30,7 +30,7 @@ static u64 divmod(u64 n, u32 d, u32 *rem) {
 
 static void number(struct out *o, u64 v, int base, int width, char pad, int neg) {
     char tmp[24]; int n = 0; u32 digit;
-    do { v = divmod(v, base, &digit); tmp[n++] = "0123456789abcdef"[digit]; } while (v);
+    do { v = divmod64(v, base, &digit); tmp[n++] = "0123456789abcdef"[digit]; } while (v);
     if (neg) tmp[n++] = '-';
     while (n < width) tmp[n++] = pad;
     while (n) emit(o, tmp[--n]);
