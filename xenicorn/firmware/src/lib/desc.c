@@ -130,6 +130,12 @@ void enter_user(void (*fn)(void), ulong user_sp) {
 }
 
 void lib_main(void) {
+    /* No firmware ran before us: the 8259s are as reset left them (IMR 0,
+     * vectors from 0 in QEMU), and the PIT may be ticking on IRQ 0. Mask
+     * them, as Linux does early, so enabling interrupts (user mode runs
+     * with IF=1) delivers nothing a kernel did not ask for. */
+    outb(0x21, 0xFF);
+    outb(0xA1, 0xFF);
     desc_init();
     kmain();
     test_result();
