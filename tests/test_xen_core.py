@@ -84,7 +84,8 @@ def test_get_features_reports_what_is_implemented(xen):
     xen.memory.write_struct(BUF, "<II", 0, 0xFFFFFFFF)
     assert call32(xen, 17, 6, BUF) == 0
     idx, submap = xen.memory.read_struct(BUF, "<II")
-    assert idx == 0 and submap == (1 << 2) | (1 << 9)             # auto_translated_physmap, safe pvclock
+    # auto_translated_physmap, hvm_callback_vector, safe pvclock, hvm_pirqs
+    assert idx == 0 and submap == (1 << 2) | (1 << 8) | (1 << 9) | (1 << 10)
 
 
 def test_console_io_write_reaches_the_console(xen):

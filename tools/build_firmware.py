@@ -37,6 +37,8 @@ KERNELS: dict[str, tuple[int, list[str], bool]] = {
     "irq64": (64, ["irq/irq.c"], True),
     "hcbench32": (32, ["hcbench/hcbench.c"], True),
     "hcbench64": (64, ["hcbench/hcbench.c"], True),
+    "evtchn32": (32, ["evtchn/evtchn.c"], True),
+    "evtchn64": (64, ["evtchn/evtchn.c"], True),
     "tickbench32": (32, ["tickbench/tickbench.c"], True),
     "tickbench64": (64, ["tickbench/tickbench.c"], True),
     "wild32": (32, ["misbehave/wild32.S"], False),

@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--no-xen", action="store_true", help="a plain PC: no Xen CPUID leaves or hypercalls")
     r.add_argument("--xen-version", default="4.17", metavar="MAJOR.MINOR",
                    help="what XENVER_version and CPUID report (default 4.17)")
+    r.add_argument("--callback-deassert", choices=("poll", "eoi"), default="poll",
+                   help="how Xen's level-triggered callback (GSI, PCI INTx) drops: poll vCPU0's "
+                        "upcall_pending at every block while asserted (as Xen and QEMU), or "
+                        "resample it when the guest EOIs the interrupt")
+    r.add_argument("--xen-event-list", action="store_true",
+                   help="at the end, print every event channel port (like QMP's xen-event-list)")
     sub.add_parser("firmware", help="list the bundled guest kernels")
     return p
 
@@ -75,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
     config.xen = not args.no_xen
     config.clock = args.clock
     config.xen_version = (major, minor)
+    config.callback_deassert = args.callback_deassert
     serial = args.serial
     if serial not in ("stdio", "none") and not serial.startswith("file:"):
         raise UsageError(f"--serial {serial}: expected stdio, file:PATH or none")
@@ -94,8 +101,20 @@ def run(args: argparse.Namespace) -> int:
     machine.console.flush()
     if machine.shutdown_reason not in ("poweroff", "debug-exit") or status == STATUS_CRASH:
         print(f"xenicorn: {machine.shutdown_reason}: {machine.shutdown_message}", file=sys.stderr)
+    if args.xen_event_list:
+        _print_events(machine)
     machine.close()
     return status
+
+
+def _print_events(machine) -> None:
+    if machine.xen is None:
+        print("xen-event-list: no Xen in this machine", file=sys.stderr)
+        return
+    print(f"{'port':>5s} {'type':12s} {'vcpu':>4s} {'remote':>6s} {'target':>6s} pending masked")
+    for e in machine.xen.evtchn.event_list():
+        print(f"{e['port']:5d} {e['type']:12s} {e['vcpu']:4d} {e['remote-domain']:>6s} {e['target']:6d} "
+              f"{'yes' if e['pending'] else 'no':7s} {'yes' if e['masked'] else 'no'}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -228,6 +228,7 @@ class PciBus:
         self.address = 0
         self.pirq_sink = pirq_sink or (lambda pirq, level: None)
         self.pirq_levels = [False] * 4
+        self.extra_intx: dict[tuple[int, int], bool] = {}   # (devfn, pin) -> level, for non-device sources
         self._mapped: dict[tuple[int, int], tuple[str, int]] = {}   # (devfn, bar) -> (space, addr)
 
     def add(self, slot: int, function: int, dev: PciFunction) -> PciFunction:
@@ -297,12 +298,24 @@ class PciBus:
         """i440FX swizzle: INTA of slot s → PIRQ (s - 1) & 3, INTB the next..."""
         return ((devfn >> 3) - 1 + (pin - 1)) & 3
 
+    def set_extra_intx(self, devfn: int, pin: int, level: bool) -> None:
+        """Drive INTx pin ``pin`` (1 = INTA) of slot/function ``devfn`` from outside a device.
+
+        Xen's PCI INTx callback asserts "the INTx of device d, pin p" through
+        the same swizzle and PIRQ routing as the device itself would.
+        """
+        self.extra_intx[(devfn, pin)] = bool(level)
+        self.intx_changed()
+
     def intx_changed(self, _dev: PciFunction | None = None) -> None:
         levels = [False] * 4
         for dev in self.functions.values():
             pin = dev.state.config[0x3D]
             if pin and dev.intx_output:
                 levels[self.pirq_of(dev.devfn, pin)] = True
+        for (devfn, pin), level in self.extra_intx.items():
+            if level:
+                levels[self.pirq_of(devfn, pin)] = True
         for pirq, level in enumerate(levels):
             if level != self.pirq_levels[pirq]:
                 self.pirq_levels[pirq] = level

@@ -51,6 +51,7 @@ class MachineConfig:
     clock: str = "host"                  # host | deterministic (see platform/clock.py)
     ns_per_insn: float = 1.0             # deterministic time: guest ns per instruction
     xen: bool = True                     # the Xen HVM platform (CPUID leaves, hypercalls)
+    callback_deassert: str = "poll"      # poll | eoi: how Xen's level callback line drops
     xen_version: tuple[int, int] = (4, 17)
     record_console: bool = True
 
@@ -111,7 +112,8 @@ class Machine:
         self._build_pci()
         if self.config.xen:
             from ..xen.platform import XenPlatform, XenConfig
-            XenPlatform(self, XenConfig(version=self.config.xen_version))
+            XenPlatform(self, XenConfig(version=self.config.xen_version),
+                        callback_deassert=self.config.callback_deassert)
 
     def _build_pci(self) -> None:
         """Bus 0: i440FX host bridge 00:00.0, PIIX3 00:01.0, xen-platform 00:02.0.
@@ -163,11 +165,17 @@ class Machine:
         self.register_mmio(LAPIC_BASE, 0x1000, self.lapic)
         self.gsi = [SharedLine(f"GSI{n}", trace) for n in range(NUM_PINS)]
         for n, line in enumerate(self.gsi):
-            line.connect(lambda level, n=n: self.ioapic.set_irq(n, level))
+            line.connect(lambda level, n=n: self._gsi_changed(n, level))
+        # each 8259 input is wired-OR: its ISA IRQ, a PIRQ the PIIX3 routes
+        # there, Xen's callback GSI n < 16
+        self.pic_inputs = [SharedLine(f"PIC{n}") for n in range(16)]
+        for n, line in enumerate(self.pic_inputs):
+            line.connect(lambda level, n=n: self.pic.set_irq(n, level))
+        self._pic_sources: dict[tuple[int, str], IrqLine] = {}
         self.isa_irq = []
         for irq in range(16):
             line = IrqLine(f"IRQ{irq}", trace)
-            line.connect(lambda level, irq=irq: self.pic.set_irq(irq, level))
+            line.connect(self.pic_input(irq, "isa").set_level)
             line.connect(self.gsi[2 if irq == 0 else irq].source(f"isa{irq}").set_level)
             self.isa_irq.append(line)
         from ..devices.pit8254 import Pit8254, PIT_PORT, SPEAKER_PORT
@@ -181,10 +189,23 @@ class Machine:
     def _trace_line(self, name: str, level: bool) -> None:
         self.tracer.emit("irq", f"{name} {'raised' if level else 'lowered'}")
 
-    def kick(self, why: str) -> None:
+    def _gsi_changed(self, gsi: int, level: bool) -> None:
+        """A GSI line moved: to its IOAPIC pin, unless Xen delivers it as a PIRQ event."""
+        if self.xen is not None and self.xen.physdev.gsi_changed(gsi, level):
+            return
+        self.ioapic.set_irq(gsi, level)
+
+    def pic_input(self, irq: int, source: str):
+        """One source's sub-line into 8259 input ``irq`` (created on first use)."""
+        key = (irq, source)
+        if key not in self._pic_sources:
+            self._pic_sources[key] = self.pic_inputs[irq].source(source)
+        return self._pic_sources[key]
+
+    def kick(self, why: str, force: bool = False) -> None:
         """Something may want the CPU's attention: stop emu_start so the run loop looks."""
         vcpu = self.vcpus[0]
-        if vcpu._in_emu and self.interrupt_source is not None and self.interrupt_source.pending():
+        if vcpu._in_emu and (force or (self.interrupt_source is not None and self.interrupt_source.pending())):
             vcpu.request_stop(why)
 
     def _timer_armed(self) -> None:
@@ -209,11 +230,12 @@ class Machine:
         piix = getattr(self, "piix3", None)
         for pirq in range(4):
             irq = piix.pirq_route(pirq) if piix is not None else None
+            name = f"pirq{'ABCD'[pirq]}"
             if self._pirq_pic[pirq] not in (None, irq):
-                self.pic.set_irq(self._pirq_pic[pirq], False)
+                self.pic_input(self._pirq_pic[pirq], name).set_level(False)
             self._pirq_pic[pirq] = irq
             if irq is not None:
-                self.pic.set_irq(irq, self._pirq_level[pirq])
+                self.pic_input(irq, name).set_level(self._pirq_level[pirq])
 
     def register_mmio(self, base: int, size: int, device) -> None:
         """Put a device on the memory bus and route that range to it on every vCPU."""
@@ -268,6 +290,8 @@ class Machine:
             self.inject_pending_interrupt(vcpu)
             if self.status is not None or vcpu.halted:
                 continue
+            if self.xen is not None and self.xen.callback.poll_wanted:
+                self.xen.callback.arm_poll(vcpu)
             timeout_us, count = self._run_budget(vcpu)
             if self.status is not None:
                 break
@@ -347,7 +371,8 @@ class Machine:
 
     def _wakes(self, vcpu: VCpu) -> bool:
         src = self.interrupt_source
-        if src is not None and src.pending() and vcpu.reg("rflags") & (1 << 9):
+        direct = self.xen is not None and self.xen.callback.direct_pending(vcpu.index) is not None
+        if (direct or (src is not None and src.pending())) and vcpu.reg("rflags") & (1 << 9):
             return True
         if vcpu.sleep_kind != "HLT" and self.xen is not None:
             return self.xen.wakes(vcpu)
@@ -371,14 +396,20 @@ class Machine:
             except TripleFault as tf:
                 self.shutdown("triple-fault", STATUS_CRASH, str(tf))
             return
-        if src is None or not src.pending():
+        direct = self.xen.callback.direct_pending(vcpu.index) if self.xen is not None else None
+        if direct is None and (src is None or not src.pending()):
             vcpu.disarm_interrupt_window()
             return
         if not (vcpu.reg("rflags") & (1 << 9)) or vcpu.interrupt_shadow():
             vcpu.arm_interrupt_window()
             return
         vcpu.disarm_interrupt_window()
-        vector = src.acknowledge()
+        if direct is not None:
+            # Xen's callback vector: injected past the LAPIC (hvm_vcpu_has_pending_irq)
+            self.xen.callback.direct_taken(vcpu.index)
+            vector = direct
+        else:
+            vector = src.acknowledge()
         if vector is None:
             return
         vcpu.halted = False

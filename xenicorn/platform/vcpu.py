@@ -436,6 +436,18 @@ class VCpu:
         self._window_hook = self.uc.hook_add(UC_HOOK_BLOCK, self._on_window_block)
         self.uc.ctl_flush_tb()
 
+    def guarded_hook(self, fn, default=None):
+        """Wrap another module's Unicorn hook like ours (see ``_guarded``)."""
+        def hook(*args):
+            try:
+                return fn(*args)
+            except Exception as exc:          # noqa: BLE001 - reported, not hidden
+                if self._internal is None:
+                    self._internal = exc
+                self.uc.emu_stop()
+                return default
+        return hook
+
     def disarm_interrupt_window(self) -> None:
         if self._window_hook is not None:
             self.uc.hook_del(self._window_hook)

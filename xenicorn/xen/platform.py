@@ -26,6 +26,9 @@ from dataclasses import dataclass, field
 
 from ..platform import exits as E
 from . import hypercall, version, console, sched, memory, hvm, vcpu_op, pvclock, timers
+from .callback import Callback
+from .evtchn import EventChannels, VIRQ_TIMER
+from .physdev import Physdev
 from .shared_info import SharedInfo, VcpuInfo, layout
 
 XEN_CPUID_BASE = 0x40000000
@@ -69,7 +72,9 @@ class XenState:
     hypercall_page: int | None = None      # guest-physical address, once installed
     width: int | None = None               # 32 or 64: latched from the guest's hypercalls
     features: set[int] = field(default_factory=lambda: {version.XENFEAT_auto_translated_physmap,
-                                                        version.XENFEAT_hvm_safe_pvclock})
+                                                        version.XENFEAT_hvm_safe_pvclock,
+                                                        version.XENFEAT_hvm_callback_vector,
+                                                        version.XENFEAT_hvm_pirqs})
     shared_info_gpa: int | None = None     # XENMAPSPACE_shared_info
     grant_frames: dict[int, int] = field(default_factory=dict)    # frame index -> gpfn
     params: dict[int, int] = field(default_factory=dict)          # HVM_PARAM_* values
@@ -83,7 +88,7 @@ class XenState:
 class XenPlatform:
     """Attach with ``XenPlatform(machine)``; the machine then has ``machine.xen``."""
 
-    def __init__(self, machine, config: XenConfig | None = None):
+    def __init__(self, machine, config: XenConfig | None = None, callback_deassert: str = "poll"):
         self.machine = machine
         self.config = config or XenConfig()
         self.state = XenState()
@@ -96,7 +101,12 @@ class XenPlatform:
         clock = machine.clock
         self.tsc = pvclock.ClockTsc(clock) if clock.deterministic else pvclock.TscSource()
         self.watchdog_timers: dict = {}
+        self.evtchn = EventChannels(self)
+        self.physdev = Physdev(self)
+        self.callback = Callback(self, callback_deassert)
         self.table = {
+            hypercall.NUMBERS["event_channel_op"]: self.evtchn.hypercall,
+            hypercall.NUMBERS["physdev_op"]: self.physdev.hypercall,
             hypercall.NUMBERS["set_timer_op"]: timers.set_timer_op,
             hypercall.NUMBERS["xen_version"]: version.xen_version,
             hypercall.NUMBERS["console_io"]: console.console_io,
@@ -138,7 +148,7 @@ class XenPlatform:
                 return (khz, 0, 0, 0)
             return (0, 0, 0, 0)
         if n == 4:
-            flags = XEN_HVM_CPUID_VCPU_ID_PRESENT | XEN_HVM_CPUID_DOMID_PRESENT
+            flags = XEN_HVM_CPUID_VCPU_ID_PRESENT | XEN_HVM_CPUID_DOMID_PRESENT | XEN_HVM_CPUID_UPCALL_VECTOR
             return (flags, vcpu_index, self.config.domid, 0)
         return (0, 0, 0, 0)
 
@@ -293,13 +303,12 @@ class XenPlatform:
     def timer_fired(self, index: int) -> None:
         """A vCPU timer expired: Xen sends VIRQ_TIMER to that vCPU."""
         self.vcpu_state(index).timer_events += 1
-        if self.machine.tracer.on("evtchn"):
-            self.machine.tracer.emit("evtchn", f"VIRQ_TIMER for vCPU {index} (no port bound yet)")
+        if not self.evtchn.send_virq(VIRQ_TIMER, index) and self.machine.tracer.on("evtchn"):
+            self.machine.tracer.emit("evtchn", f"VIRQ_TIMER for vCPU {index} (no port bound)")
 
     def callback_changed(self, old: int, new: int) -> None:
-        """HVM_PARAM_CALLBACK_IRQ changed; upcall delivery arrives with event channels."""
-        if self.machine.tracer.on("evtchn"):
-            self.machine.tracer.emit("evtchn", f"callback via {old:#x} -> {new:#x}")
+        """HVM_PARAM_CALLBACK_IRQ changed: re-plumb upcall delivery."""
+        self.callback.set_via(new)
 
     def unimplemented(self, what: str) -> None:
         """-ENOSYS paths: say so once per kind, as QEMU's LOG_UNIMP does."""

@@ -1,0 +1,227 @@
+"""How an upcall reaches a vCPU: the callback the guest chose.
+
+When a vCPU's ``evtchn_upcall_pending`` goes from 0 to 1 by Xen's hand
+(:mod:`xenicorn.xen.evtchn`), Xen interrupts that vCPU. How, the guest says
+with ``HVM_PARAM_CALLBACK_IRQ = type << 56 | value``
+(xen/include/public/hvm/params.h) or, per vCPU, with
+``HVMOP_set_evtchn_upcall_vector``; Xen's order of preference is the one
+in ``hvm_assert_evtchn_irq`` (xen/arch/x86/hvm/irq.c):
+
+1. **per-vCPU vector** (HVMOP_set_evtchn_upcall_vector): the vector is
+   raised in that vCPU's local APIC like an IPI, edge-triggered; the
+   handler must EOI the LAPIC.
+2. **vector** (type 2, ``value`` = vector): injected straight into the vCPU
+   as an external interrupt, past the local APIC: no IRR, no ISR, no EOI.
+   Linux's "Xen HVM callback vector".
+3. **GSI** (type 0, ``value`` = GSI, 0 meaning none) and **PCI INTx**
+   (type 1, ``value`` = ``bus << 16 | devfn << 8 | pin``, pin 0 = INTA):
+   a *level-triggered* interrupt line, and only for vCPU 0. The GSI drives
+   IOAPIC pin n and, for n < 16, 8259 input n; INTx goes through the PCI
+   swizzle to a PIRQ line (IOAPIC 16-19, or the 8259 input the PIIX3
+   routes it to).
+
+The level line is the subtle one (the seed patch of this project).
+Xen asserts it when it sets vCPU0's ``upcall_pending`` -- never because the
+guest set the flag itself -- and the line must drop once the guest clears
+the flag again. Nothing tells the hypervisor when that happens: the flag is
+a byte in guest RAM. Two designs, chosen with ``--callback-deassert``:
+
+``poll`` (what Xen and QEMU do)
+    While the line is asserted, look at the flag at every exit. Here the
+    exit is the start of every translated block: a ``UC_HOOK_BLOCK`` hook
+    that exists only while the line is high (Unicorn instruments only the
+    blocks translated while a hook exists, so arming flushes the cache and
+    disarming costs nothing afterwards). The line drops at the first block
+    after the guest's store.
+``eoi`` (the resample the seed wished for)
+    No polling at all. When the guest EOIs the callback's interrupt at the
+    IOAPIC (EOI register or the LAPIC's broadcast) or at the 8259, look at
+    the flag then: 0 drops the line; 1 keeps it, and the controller
+    delivers the still-asserted level again, as it would for any device.
+"""
+from __future__ import annotations
+
+from unicorn import UC_HOOK_BLOCK
+
+CALLBACK_TYPE_GSI, CALLBACK_TYPE_PCI_INTX, CALLBACK_TYPE_VECTOR = 0, 1, 2
+DEASSERT_MODES = ("poll", "eoi")
+
+
+class Callback:
+    """One domain's upcall delivery: the via, the level line and its deassert."""
+
+    def __init__(self, xen, deassert: str = "poll"):
+        if deassert not in DEASSERT_MODES:
+            raise ValueError(f"callback deassert mode {deassert!r}: expected poll or eoi")
+        self.xen = xen
+        self.machine = xen.machine
+        self.deassert_mode = deassert
+        self.via = 0                         # HVM_PARAM_CALLBACK_IRQ as set
+        self.kind: str = "none"              # none | gsi | intx | vector
+        self.gsi: int | None = None          # gsi: the GSI; intx: the PIRQ's GSI (16 + n)
+        self.intx: tuple[int, int] | None = None     # (devfn, pin 1-4)
+        self.vector = 0
+        self.level = False                   # the GSI/INTx line as we drive it
+        self.direct: dict[int, int] = {}     # vCPU -> callback vector waiting for IF=1
+        self._sources: list = []             # the IrqLine sources the level drives
+        self._poll_hook = None
+        self.poll_wanted = False
+        self.stats = {"asserts": 0, "deasserts": 0, "polls": 0, "eoi_checks": 0, "vectors": 0}
+        m = self.machine
+        m.ioapic.on_eoi.append(self._ioapic_eoi)
+        m.pic.on_eoi.append(self._pic_eoi)
+
+    def _trace(self, text: str) -> None:
+        tr = self.machine.tracer
+        if tr.active or tr.listeners:
+            tr.emit("evtchn", text)
+
+    # -- choosing the via ---------------------------------------------------------
+    def set_via(self, value: int) -> None:
+        """HVM_PARAM_CALLBACK_IRQ was written: tear down the old via, set the new.
+
+        As ``hvm_set_callback_via``: an asserted old line is lowered, an
+        unknown type or GSI 0 means "none", and if vCPU 0 still has an
+        upcall pending it is delivered again through the new via.
+        """
+        self._lower("via changed")
+        self._drop_sources()
+        self.via = value
+        kind, arg = value >> 56, value & ((1 << 56) - 1)
+        self.kind, self.gsi, self.intx = "none", None, None
+        if kind == CALLBACK_TYPE_GSI and 0 < arg < len(self.machine.gsi):
+            self.kind, self.gsi = "gsi", arg
+            self._sources = [self.machine.gsi[arg].source("xen-callback")]
+            if arg < 16:
+                self._sources.append(self.machine.pic_input(arg, "xen-callback"))
+        elif kind == CALLBACK_TYPE_PCI_INTX:
+            devfn, pin = (arg >> 8) & 0xFF, (arg & 3) + 1
+            self.kind, self.intx = "intx", (devfn, pin)
+            self.gsi = 16 + self.machine.pci.pirq_of(devfn, pin)
+        elif kind == CALLBACK_TYPE_VECTOR and arg & 0xFF >= 0x10:
+            self.kind, self.vector = "vector", arg & 0xFF
+        self._trace(f"callback via {value:#x}: {self.describe()}")
+        info = self.xen.vcpu_info(0)
+        if info is not None and info.upcall_pending:
+            self.upcall(0)
+
+    def describe(self) -> str:
+        if self.kind == "gsi":
+            return f"GSI {self.gsi}"
+        if self.kind == "intx":
+            devfn, pin = self.intx
+            return f"PCI INTx 00:{devfn >> 3:02x}.{devfn & 7} INT{'ABCD'[pin - 1]} (GSI {self.gsi})"
+        if self.kind == "vector":
+            return f"vector {self.vector:#x}"
+        return "none"
+
+    # -- an upcall ------------------------------------------------------------------
+    def upcall(self, vcpu: int) -> None:
+        """vCPU ``vcpu``'s upcall_pending just went 0 -> 1 by Xen's hand."""
+        per_vcpu = self.xen.state.upcall_vectors.get(vcpu)
+        if per_vcpu:
+            self.stats["vectors"] += 1
+            self._trace(f"upcall vCPU {vcpu}: LAPIC vector {per_vcpu:#x}")
+            self.machine.lapic.accept(per_vcpu)
+        elif self.kind == "vector":
+            self.stats["vectors"] += 1
+            self._trace(f"upcall vCPU {vcpu}: vector {self.vector:#x} (direct)")
+            self.direct[vcpu] = self.vector
+            self.machine.kick("xen callback vector", force=True)
+        elif self.kind in ("gsi", "intx") and vcpu == 0:
+            self._raise()
+
+    def direct_pending(self, vcpu: int) -> int | None:
+        return self.direct.get(vcpu)
+
+    def direct_taken(self, vcpu: int) -> None:
+        self.direct.pop(vcpu, None)
+
+    # -- the level line ---------------------------------------------------------------
+    def _set_line(self, level: bool) -> None:
+        if self.kind == "intx":
+            devfn, pin = self.intx
+            self.machine.pci.set_extra_intx(devfn, pin, level)
+        else:
+            for src in self._sources:
+                src.set_level(level)
+
+    def _raise(self) -> None:
+        if self.level:
+            return
+        self.level = True
+        self.stats["asserts"] += 1
+        self._trace(f"callback {self.describe()} asserted")
+        self._set_line(True)
+        if self.deassert_mode == "poll":
+            self.poll_wanted = True
+            self.machine.kick("callback poll", force=True)
+
+    def _lower(self, why: str) -> None:
+        if not self.level:
+            return
+        self.level = False
+        self.stats["deasserts"] += 1
+        self._trace(f"callback {self.describe()} deasserted ({why})")
+        self._set_line(False)
+        self.poll_wanted = False
+        self.disarm_poll()
+
+    def _drop_sources(self) -> None:
+        if self.kind == "intx" and self.intx is not None:
+            self.machine.pci.set_extra_intx(*self.intx, False)
+        self._sources = []
+
+    def _pending0(self) -> bool:
+        info = self.xen.vcpu_info(0)
+        return info is not None and bool(info.upcall_pending)
+
+    # -- deassert by polling at block starts -------------------------------------------
+    def arm_poll(self, vcpu) -> None:
+        """From the run loop (never inside a hook): install the block hook."""
+        self.poll_wanted = False
+        if self._poll_hook is not None or not self.level:
+            return
+        info = self.xen.vcpu_info(0)
+        if info is None:
+            return
+        mem, gpa = self.machine.memory, info.gpa
+        self._poll_vcpu = vcpu
+
+        def on_block(uc, address, size, _):
+            self.stats["polls"] += 1
+            if not mem.read_u8(gpa):
+                self._lower(f"upcall_pending read 0 at block {address:#x}")
+        self._poll_hook = vcpu.uc.hook_add(UC_HOOK_BLOCK, vcpu.guarded_hook(on_block))
+        vcpu.uc.ctl_flush_tb()
+        self._trace("poll hook armed")
+
+    def disarm_poll(self) -> None:
+        if self._poll_hook is not None:
+            self._poll_vcpu.uc.hook_del(self._poll_hook)
+            self._poll_hook = None
+            self._trace("poll hook removed")
+
+    @property
+    def polling(self) -> bool:
+        return self._poll_hook is not None
+
+    # -- deassert by resampling at EOI ----------------------------------------------------
+    def _resample(self, where: str) -> None:
+        self.stats["eoi_checks"] += 1
+        if self._pending0():
+            self._trace(f"EOI at {where}: upcall_pending still 1, line stays asserted")
+        else:
+            self._lower(f"EOI at {where}, upcall_pending 0")
+
+    def _ioapic_eoi(self, pin: int) -> None:
+        if self.level and self.deassert_mode == "eoi" and pin == self.gsi:
+            self._resample(f"IOAPIC pin {pin}")
+
+    def _pic_eoi(self, irq: int) -> None:
+        if not (self.level and self.deassert_mode == "eoi"):
+            return
+        if self.kind == "gsi" and irq == self.gsi:
+            self._resample(f"8259 IRQ {irq}")
+        elif self.kind == "intx" and irq == self.machine.piix3.pirq_route(self.gsi - 16):
+            self._resample(f"8259 IRQ {irq}")

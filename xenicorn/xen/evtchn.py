@@ -1,0 +1,468 @@
+"""Event channels, the 2-level ABI: Xen's interrupts for a guest.
+
+An event channel is a port number in the guest's domain. Something raises
+an event on it (a timer, another domain, the guest itself) and Xen sets the
+port's bit in ``shared_info.evtchn_pending``. Unless the port's bit in
+``evtchn_mask`` is set, Xen then tells the vCPU the port is bound to, in
+three steps of increasing coarseness, stopping at the first bit that was
+already set (xen/common/event_2l.c):
+
+1. ``evtchn_pending[port]``: this port has an event;
+2. ``vcpu_info.evtchn_pending_sel`` bit ``port / BITS_PER_LONG``: look at
+   that word of ``evtchn_pending``;
+3. ``vcpu_info.evtchn_upcall_pending``: this vCPU has something to look at
+   -- and when *that* goes from 0 to 1, Xen makes the upcall: it interrupts
+   the vCPU by the method the guest chose (:mod:`xenicorn.xen.callback`).
+
+The guest's handler walks the same steps downwards: clears
+``upcall_pending``, swaps ``pending_sel`` with 0, and for each set word
+scans ``pending & ~mask``, clearing each pending bit it handles. Unmasking a
+port whose event arrived while it was masked (EVTCHNOP_unmask) makes Xen
+redo steps 2 and 3, so that event is not lost.
+
+With a 64-bit guest there are 64 x 64 = 4096 ports, with a 32-bit one
+32 x 32 = 1024. Port 0 is never used.
+
+Port types and the sub-ops of ``event_channel_op`` (hypercall 32) follow
+xen/include/public/event_channel.h; errors follow xen/common/event_channel.c
+(and QEMU's hw/i386/kvm/xen_evtchn.c, which plays Xen under KVM):
+
+====  ==================  ================================================
+cmd   name                argument (all fields u32 unless said)
+====  ==================  ================================================
+0     bind_interdomain    { u16 remote_dom; remote_port; OUT local_port }
+1     bind_virq           { virq; vcpu; OUT port }
+2     bind_pirq           { pirq; flags; OUT port }
+3     close               { port }
+4     send                { port }
+5     status              { u16 dom; port; OUT status, vcpu, union[8] }
+6     alloc_unbound       { u16 dom; u16 remote_dom; OUT port }
+7     bind_ipi            { vcpu; OUT port }
+8     bind_vcpu           { port; vcpu }
+9     unmask              { port }
+10    reset               { u16 dom }
+11-13 FIFO ABI ops        -ENOSYS: only the 2-level ABI is offered (as QEMU)
+====  ==================  ================================================
+
+xenicorn itself plays domain 0, the "backend" side: :class:`BackendPort`
+is how Python code (xenstore, the PV console, tests) opens an interdomain
+channel to the guest, notifies it and hears its notifications.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from . import errno
+from .guest import HypercallError
+
+EVTCHNOP_bind_interdomain, EVTCHNOP_bind_virq, EVTCHNOP_bind_pirq = 0, 1, 2
+EVTCHNOP_close, EVTCHNOP_send, EVTCHNOP_status, EVTCHNOP_alloc_unbound = 3, 4, 5, 6
+EVTCHNOP_bind_ipi, EVTCHNOP_bind_vcpu, EVTCHNOP_unmask, EVTCHNOP_reset = 7, 8, 9, 10
+EVTCHNOP_init_control, EVTCHNOP_expand_array, EVTCHNOP_set_priority = 11, 12, 13
+
+EVTCHNSTAT_closed, EVTCHNSTAT_unbound, EVTCHNSTAT_interdomain = 0, 1, 2
+EVTCHNSTAT_pirq, EVTCHNSTAT_virq, EVTCHNSTAT_ipi = 3, 4, 5
+
+# xen/include/public/xen.h
+VIRQ_TIMER, VIRQ_DEBUG, VIRQ_CONSOLE, VIRQ_DOM_EXC = 0, 1, 2, 3
+VIRQ_DEBUGGER, VIRQ_XENOPROF, VIRQ_XENPMU = 6, 7, 13
+NR_VIRQS = 24
+PER_VCPU_VIRQS = {VIRQ_TIMER, VIRQ_DEBUG, VIRQ_XENOPROF, VIRQ_XENPMU}   # the rest are global
+VIRQ_NAMES = {0: "TIMER", 1: "DEBUG", 2: "CONSOLE", 3: "DOM_EXC", 4: "TBUF", 6: "DEBUGGER",
+              7: "XENOPROF", 8: "CON_RING", 9: "PCPU_STATE", 10: "MEM_EVENT", 11: "ARGO",
+              12: "ENOMEM", 13: "XENPMU"}
+DOMID_SELF = 0x7FF0
+BACKEND_DOMID = 0                      # xenicorn plays dom0
+NR_PIRQS = 256
+BIND_PIRQ__WILL_SHARE = 1
+
+UNBOUND, INTERDOMAIN, VIRQ, IPI, PIRQ = "unbound", "interdomain", "virq", "ipi", "pirq"
+STATUS = {UNBOUND: EVTCHNSTAT_unbound, INTERDOMAIN: EVTCHNSTAT_interdomain, VIRQ: EVTCHNSTAT_virq,
+          IPI: EVTCHNSTAT_ipi, PIRQ: EVTCHNSTAT_pirq}
+
+
+@dataclass
+class Port:
+    """One open port of the guest (a closed port is simply absent)."""
+
+    type: str
+    vcpu: int = 0                  # the vCPU notified
+    remote_domid: int = 0          # unbound/interdomain: the other domain
+    remote_port: int = 0           # interdomain: the peer (a guest port or a backend port)
+    virq: int = 0
+    pirq: int = 0
+
+
+class BackendPort:
+    """The emulator's end of an interdomain channel (xenicorn plays dom0).
+
+    ``on_event()`` runs when the guest sends on its end; :meth:`notify`
+    raises an event on the guest's end. Bind it to a port the guest
+    allocated for domain 0 (``alloc_unbound``), or let the guest bind to it
+    with ``bind_interdomain(remote_dom=0, remote_port=be.port)``.
+    """
+
+    def __init__(self, channels: "EventChannels", port: int, on_event: Callable[[], None] | None):
+        self.channels, self.port, self.on_event = channels, port, on_event
+        self.guest_port = 0                 # 0 while not connected
+        self.received = 0                   # events the guest sent
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.guest_port)
+
+    def bind(self, guest_port: int) -> None:
+        """Connect to a guest port that is unbound for domain 0."""
+        self.channels.backend_bind(self, guest_port)
+
+    def notify(self) -> None:
+        """Raise an event on the guest's end (nothing happens while unconnected)."""
+        if self.connected:
+            self.channels.set_pending(self.guest_port)
+
+    def close(self) -> None:
+        self.channels.backend_close(self)
+
+
+class EventChannels:
+    """The guest domain's port table and the 2-level delivery logic."""
+
+    def __init__(self, xen):
+        self.xen = xen
+        self.ports: dict[int, Port] = {}
+        self.virqs: dict[tuple[int, int], int] = {}        # (vcpu, virq) -> port
+        self.pirqs: dict[int, int] = {}                    # pirq -> port
+        self.backends: dict[int, BackendPort] = {}         # backend port -> end
+        self._next_backend = 1
+        self.sends = 0
+        self.upcalls = 0
+
+    # -- geometry and helpers ---------------------------------------------------
+    @property
+    def nr_ports(self) -> int:
+        return 1024 if (self.xen.state.width or 64) == 32 else 4096
+
+    def _trace(self, text: str) -> None:
+        tr = self.xen.machine.tracer
+        if tr.active or tr.listeners:
+            tr.emit("evtchn", text)
+
+    def _valid_vcpu(self, vcpu: int) -> bool:
+        return 0 <= vcpu < len(self.xen.machine.vcpus)
+
+    def _check_self(self, dom: int) -> None:
+        if dom not in (DOMID_SELF, self.xen.config.domid):
+            raise HypercallError(errno.ESRCH, f"domain {dom:#x}")
+
+    def _port(self, port: int) -> Port:
+        """An open port, or -EINVAL (out of range, 0, or closed), as Xen."""
+        p = self.ports.get(port) if 0 < port < self.nr_ports else None
+        if p is None:
+            raise HypercallError(errno.EINVAL, f"port {port} is not open")
+        return p
+
+    def _alloc(self, entry: Port) -> int:
+        for port in range(1, self.nr_ports):
+            if port not in self.ports:
+                self.ports[port] = entry
+                return port
+        raise HypercallError(errno.ENOSPC, "no free port")
+
+    # -- delivery ------------------------------------------------------------------
+    def set_pending(self, port: int) -> bool:
+        """Raise an event on ``port``; True if it reached upcall_pending (0 -> 1).
+
+        Without a shared_info page there is nowhere to record the event, and
+        Xen would not deliver it either.
+        """
+        p = self.ports.get(port)
+        si = self.xen.shared_info()
+        if p is None or si is None:
+            return False
+        if si.set_pending(port):
+            return False                    # already pending: events coalesce
+        if si.masked(port):
+            self._trace(f"port {port} pending (masked)")
+            return False
+        return self._mark_word(si, port, p.vcpu)
+
+    def _mark_word(self, si, port: int, vcpu: int) -> bool:
+        info = self.xen.vcpu_info(vcpu)
+        if info is None:
+            return False
+        word = 1 << (port // si.layout.bits)
+        sel = info.pending_sel
+        if sel & word:
+            self._trace(f"port {port} pending (word {port // si.layout.bits} already selected)")
+            return False
+        info.pending_sel = sel | word
+        if info.upcall_pending:
+            self._trace(f"port {port} pending (vCPU {vcpu} upcall already pending)")
+            return False
+        info.upcall_pending = 1
+        self.upcalls += 1
+        self._trace(f"port {port} -> vCPU {vcpu}: upcall_pending 0 -> 1")
+        self.xen.callback.upcall(vcpu)
+        return True
+
+    def unmask(self, port: int) -> None:
+        """Clear the mask; an event that arrived meanwhile is delivered now."""
+        si = self.xen.shared_info()
+        if si is None:
+            return
+        if si.set_masked(port, False) and si.pending(port):
+            self._mark_word(si, port, self.ports[port].vcpu)
+
+    def send_virq(self, virq: int, vcpu: int = 0) -> bool:
+        """Xen raises a VIRQ (e.g. VIRQ_TIMER); False if the guest bound no port to it."""
+        port = self.virqs.get((vcpu if virq in PER_VCPU_VIRQS else 0, virq))
+        if port is None:
+            return False
+        self.set_pending(port)
+        return True
+
+    # -- the hypercall ---------------------------------------------------------------
+    def hypercall(self, call, cmd: int, arg: int, *_) -> int:
+        op = self._OPS.get(cmd)
+        if op is None:
+            if cmd in (EVTCHNOP_init_control, EVTCHNOP_expand_array, EVTCHNOP_set_priority):
+                call.note("FIFO ABI not offered")
+            else:
+                self.xen.unimplemented(f"event_channel_op cmd {cmd}")
+            raise HypercallError(errno.ENOSYS)
+        self.xen.state.width = self.xen.state.width or call.bits
+        return op(self, call, arg)
+
+    def _op_alloc_unbound(self, call, arg: int) -> int:
+        dom, remote = call.guest.read_struct(arg, "<HH")
+        self._check_self(dom)
+        remote = self.xen.config.domid if remote == DOMID_SELF else remote
+        if remote not in (self.xen.config.domid, BACKEND_DOMID):
+            raise HypercallError(errno.ESRCH, f"remote domain {remote:#x}")
+        port = self._alloc(Port(UNBOUND, remote_domid=remote))
+        call.guest.write_struct(arg + 4, "<I", port)
+        call.note(f"port {port} unbound for domain {remote}")
+        return 0
+
+    def _op_bind_interdomain(self, call, arg: int) -> int:
+        remote_dom, remote_port = call.guest.read_struct(arg, "<H2xI")
+        me = self.xen.config.domid
+        remote_dom = me if remote_dom == DOMID_SELF else remote_dom
+        if remote_dom == me:                                # loopback within the guest
+            peer = self.ports.get(remote_port) if 0 < remote_port < self.nr_ports else None
+            if peer is None or peer.type != UNBOUND or peer.remote_domid != me:
+                raise HypercallError(errno.EINVAL, f"port {remote_port} is not unbound for us")
+            port = self._alloc(Port(INTERDOMAIN, remote_domid=me, remote_port=remote_port))
+            peer.type, peer.remote_port = INTERDOMAIN, port
+        elif remote_dom == BACKEND_DOMID:
+            be = self.backends.get(remote_port)
+            if be is None or be.connected:
+                raise HypercallError(errno.EINVAL, f"backend port {remote_port} is not unbound")
+            port = self._alloc(Port(INTERDOMAIN, remote_domid=BACKEND_DOMID, remote_port=remote_port))
+            be.guest_port = port
+        else:
+            raise HypercallError(errno.ESRCH, f"domain {remote_dom:#x}")
+        call.guest.write_struct(arg + 8, "<I", port)
+        call.note(f"port {port} <-> domain {remote_dom} port {remote_port}")
+        return 0
+
+    def _op_bind_virq(self, call, arg: int) -> int:
+        virq, vcpu = call.guest.read_struct(arg, "<II")
+        if virq >= NR_VIRQS:
+            raise HypercallError(errno.EINVAL, f"VIRQ {virq}")
+        if virq not in PER_VCPU_VIRQS and vcpu != 0:
+            raise HypercallError(errno.EINVAL, f"global VIRQ {virq} on vCPU {vcpu}")
+        if not self._valid_vcpu(vcpu):
+            raise HypercallError(errno.ENOENT, f"vCPU {vcpu}")
+        if (vcpu, virq) in self.virqs:
+            raise HypercallError(errno.EEXIST, f"VIRQ {virq} already bound on vCPU {vcpu}")
+        port = self._alloc(Port(VIRQ, vcpu=vcpu, virq=virq))
+        self.virqs[(vcpu, virq)] = port
+        call.guest.write_struct(arg + 8, "<I", port)
+        call.note(f"VIRQ_{VIRQ_NAMES.get(virq, virq)} -> port {port}")
+        return 0
+
+    def _op_bind_ipi(self, call, arg: int) -> int:
+        (vcpu,) = call.guest.read_struct(arg, "<I")
+        if not self._valid_vcpu(vcpu):
+            raise HypercallError(errno.ENOENT, f"vCPU {vcpu}")
+        port = self._alloc(Port(IPI, vcpu=vcpu))
+        call.guest.write_struct(arg + 4, "<I", port)
+        call.note(f"IPI to vCPU {vcpu} -> port {port}")
+        return 0
+
+    def _op_bind_pirq(self, call, arg: int) -> int:
+        pirq, flags = call.guest.read_struct(arg, "<II")
+        if pirq >= NR_PIRQS:
+            raise HypercallError(errno.EINVAL, f"PIRQ {pirq}")
+        if pirq not in self.xen.physdev.mapped:
+            raise HypercallError(errno.ENOENT, f"PIRQ {pirq} is not mapped")
+        if pirq in self.pirqs:
+            raise HypercallError(errno.EBUSY, f"PIRQ {pirq} already bound")
+        port = self._alloc(Port(PIRQ, pirq=pirq))
+        self.pirqs[pirq] = port
+        call.guest.write_struct(arg + 8, "<I", port)
+        call.note(f"PIRQ {pirq} (GSI {self.xen.physdev.mapped[pirq]}) -> port {port}")
+        self.xen.physdev.bound(pirq)
+        return 0
+
+    def _op_close(self, call, arg: int) -> int:
+        (port,) = call.guest.read_struct(arg, "<I")
+        self._port(port)
+        self.close(port)
+        call.note(f"port {port} closed")
+        return 0
+
+    def close(self, port: int) -> None:
+        p = self.ports.pop(port)
+        if p.type == VIRQ:
+            self.virqs.pop((p.vcpu, p.virq), None)
+        elif p.type == PIRQ:
+            self.pirqs.pop(p.pirq, None)
+            self.xen.physdev.unbound(p.pirq)
+        elif p.type == INTERDOMAIN:
+            if p.remote_domid == BACKEND_DOMID:
+                be = self.backends.get(p.remote_port)
+                if be is not None:
+                    be.guest_port = 0
+            else:                                           # the loopback peer goes back to unbound
+                peer = self.ports.get(p.remote_port)
+                if peer is not None:
+                    peer.type, peer.remote_port = UNBOUND, 0
+        si = self.xen.shared_info()
+        if si is not None:                                  # a reused port starts clean
+            si.set_pending(port, False)
+
+    def _op_send(self, call, arg: int) -> int:
+        (port,) = call.guest.read_struct(arg, "<I")
+        p = self._port(port)
+        self.sends += 1
+        if p.type == INTERDOMAIN:
+            if p.remote_domid == BACKEND_DOMID:
+                be = self.backends.get(p.remote_port)
+                if be is not None:
+                    be.received += 1
+                    if be.on_event is not None:
+                        be.on_event()
+            else:
+                self.set_pending(p.remote_port)
+        elif p.type == IPI:
+            self.set_pending(port)
+        elif p.type == UNBOUND:
+            pass                                            # Xen drops it silently
+        else:
+            raise HypercallError(errno.EINVAL, f"cannot send on a {p.type} port")
+        return 0
+
+    def _op_status(self, call, arg: int) -> int:
+        dom, port = call.guest.read_struct(arg, "<H2xI")
+        self._check_self(dom)
+        if not 0 < port < self.nr_ports:
+            raise HypercallError(errno.EINVAL, f"port {port}")
+        p = self.ports.get(port)
+        union = b"\0" * 8
+        if p is None:
+            status, vcpu = EVTCHNSTAT_closed, 0
+        else:
+            status, vcpu = STATUS[p.type], p.vcpu
+            if p.type == UNBOUND:
+                union = p.remote_domid.to_bytes(2, "little") + b"\0" * 6
+            elif p.type == INTERDOMAIN:
+                union = p.remote_domid.to_bytes(2, "little") + b"\0\0" + p.remote_port.to_bytes(4, "little")
+            elif p.type == PIRQ:
+                union = p.pirq.to_bytes(4, "little") + b"\0" * 4
+            elif p.type == VIRQ:
+                union = p.virq.to_bytes(4, "little") + b"\0" * 4
+        call.guest.write(arg + 8, status.to_bytes(4, "little") + vcpu.to_bytes(4, "little") + union)
+        return 0
+
+    def _op_bind_vcpu(self, call, arg: int) -> int:
+        port, vcpu = call.guest.read_struct(arg, "<II")
+        p = self._port(port)
+        if not self._valid_vcpu(vcpu):
+            raise HypercallError(errno.ENOENT, f"vCPU {vcpu}")
+        if p.type == VIRQ and p.virq in PER_VCPU_VIRQS:
+            raise HypercallError(errno.EINVAL, f"VIRQ {p.virq} is per-vCPU")
+        if p.type not in (UNBOUND, INTERDOMAIN, VIRQ, PIRQ):
+            raise HypercallError(errno.EINVAL, f"cannot move a {p.type} port")
+        p.vcpu = vcpu
+        return 0
+
+    def _op_unmask(self, call, arg: int) -> int:
+        (port,) = call.guest.read_struct(arg, "<I")
+        self._port(port)
+        self.unmask(port)
+        return 0
+
+    def _op_reset(self, call, arg: int) -> int:
+        (dom,) = call.guest.read_struct(arg, "<H")
+        self._check_self(dom)
+        self.reset()
+        return 0
+
+    def reset(self) -> None:
+        """Close every port (EVTCHNOP_reset, a kexec'ing guest)."""
+        for port in list(self.ports):
+            self.close(port)
+
+    _OPS = {
+        EVTCHNOP_bind_interdomain: _op_bind_interdomain, EVTCHNOP_bind_virq: _op_bind_virq,
+        EVTCHNOP_bind_pirq: _op_bind_pirq, EVTCHNOP_close: _op_close, EVTCHNOP_send: _op_send,
+        EVTCHNOP_status: _op_status, EVTCHNOP_alloc_unbound: _op_alloc_unbound,
+        EVTCHNOP_bind_ipi: _op_bind_ipi, EVTCHNOP_bind_vcpu: _op_bind_vcpu,
+        EVTCHNOP_unmask: _op_unmask, EVTCHNOP_reset: _op_reset,
+    }
+
+    # -- the backend (dom0) side ---------------------------------------------------
+    def backend_open(self, on_event: Callable[[], None] | None = None) -> BackendPort:
+        """A new unbound backend port; the guest binds to it by its number."""
+        be = BackendPort(self, self._next_backend, on_event)
+        self.backends[be.port] = be
+        self._next_backend += 1
+        return be
+
+    def backend_bind(self, be: BackendPort, guest_port: int) -> None:
+        p = self.ports.get(guest_port)
+        if p is None or p.type != UNBOUND or p.remote_domid != BACKEND_DOMID:
+            raise ValueError(f"guest port {guest_port} is not unbound for domain 0")
+        if be.connected:
+            raise ValueError(f"backend port {be.port} is already connected")
+        p.type, p.remote_port = INTERDOMAIN, be.port
+        be.guest_port = guest_port
+
+    def backend_close(self, be: BackendPort) -> None:
+        if be.connected:
+            p = self.ports.get(be.guest_port)
+            if p is not None:
+                p.type, p.remote_port = UNBOUND, 0
+            be.guest_port = 0
+        self.backends.pop(be.port, None)
+
+    # -- monitor commands (named and shaped like QEMU's QMP) ---------------------------
+    def event_list(self) -> list[dict]:
+        """``xen-event-list``: every open port with its type, remote end and bits."""
+        si = self.xen.shared_info()
+        out = []
+        for port in sorted(self.ports):
+            p = self.ports[port]
+            if p.type == VIRQ:
+                remote, target = "", p.virq
+            elif p.type == PIRQ:
+                remote, target = "", p.pirq
+            elif p.type == INTERDOMAIN:
+                remote, target = str(p.remote_domid), p.remote_port
+            elif p.type == UNBOUND:
+                remote, target = str(p.remote_domid), 0
+            else:
+                remote, target = "", 0
+            out.append({"port": port, "vcpu": p.vcpu, "type": p.type, "remote-domain": remote,
+                        "target": target,
+                        "pending": bool(si and si.pending(port)), "masked": bool(si and si.masked(port))})
+        return out
+
+    def event_inject(self, port: int) -> None:
+        """``xen-event-inject``: raise an event on an open port as if its source had."""
+        if port not in self.ports:
+            raise ValueError(f"port {port} is not open")
+        self.set_pending(port)
