@@ -35,7 +35,7 @@ def machines():
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(bits=st.sampled_from([32, 64]),
-       number=st.one_of(st.sampled_from([12, 17, 18, 24, 29, 34]), st.integers(0, 60)),
+       number=st.one_of(st.sampled_from([12, 17, 18, 24, 29, 32, 33, 34]), st.integers(0, 60)),
        args=st.lists(st.one_of(values, pointers), min_size=5, max_size=5),
        junk=st.binary(min_size=64, max_size=64))
 def test_random_hypercalls_return_xen_errnos(machines, bits, number, args, junk):
