@@ -37,3 +37,18 @@ def test_timer_benchmark_quick_run_reports_both_phases():
     for r in data.values():
         assert r["iterations"] == 200_000 and r["instructions"] > 5 * 200_000
         assert r["quiet_mips"] > 0 and r["ticking_mips"] > 0
+
+
+def test_evtchn_benchmark_quick_run_reports_every_design():
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "evtchn.py"), "--quick", "--json"],
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr
+    import json
+    data = json.loads(res.stdout)
+    assert set(data) == {f"{b}-bit {d}" for b in (32, 64) for d in ("vector", "gsi-poll", "gsi-eoi")}
+    for key, r in data.items():
+        assert r["events"] == 100 and r["events_per_second"] > 0
+        if "gsi" in key:
+            assert r["deassert_latency_insns"] >= 1 and r["compute_asserted_vs_deasserted"] > 0
+    # the poll design deasserts at the next block; the resample waits for the EOI
+    assert data["64-bit gsi-poll"]["deassert_latency_insns"] < data["64-bit gsi-eoi"]["deassert_latency_insns"]

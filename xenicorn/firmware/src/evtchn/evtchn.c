@@ -108,7 +108,8 @@ static int ffs_ulong(ulong v) { ulong r; __asm__("bsf %1, %0" : "=r"(r) : "rm"(v
 /* The store that clears upcall_pending ends its block: the emulator's poll
  * (if any) runs at the next block start, upcall_cleared. */
 __attribute__((noinline)) static void clear_upcall_pending(void) {
-    __asm__ volatile("movb $0, %0\n\tjmp 1f\n1:\n\t.globl upcall_cleared\nupcall_cleared:"
+    __asm__ volatile(".globl upcall_clear_store\nupcall_clear_store:\n\t"
+                     "movb $0, %0\n\tjmp 1f\n1:\n\t.globl upcall_cleared\nupcall_cleared:"
                      : "=m"(vi->evtchn_upcall_pending) :: "memory");
 }
 
@@ -236,6 +237,72 @@ static u32 alloc_self(void) {
     return a.port;
 }
 
+/* "n=N": measure instead of test (benchmarks/evtchn.py) */
+static ulong arg_num(const char *cmdline, const char *key) {
+    ulong k = strlen(key), n = 0;
+    for (const char *w = cmdline; w && *w; w++)
+        if ((w == cmdline || w[-1] == ' ') && !memcmp(w, key, k) && w[k] == '=') {
+            for (w += k + 1; *w >= '0' && *w <= '9'; w++)
+                n = n * 10 + (*w - '0');
+            return n;
+        }
+    return 0;
+}
+
+static void mask_callback_input(int masked) {
+    if (!strcmp(via, "gsi"))
+        ioapic_write(0x10 + 2 * 20, (masked ? 0x10000 : 0) | 0x8000 | 0x50);
+    else if (!strcmp(via, "intx"))
+        ioapic_write(0x10 + 2 * 17, (masked ? 0x10000 : 0) | 0x8000 | 0x51);
+    else
+        outb(0xA1, masked ? 0xFF : ~(1 << (!strcmp(via, "pic") ? 2 : 3)) & 0xFF);
+}
+
+static int events_ok(ulong n, u32 port) { return events[port] == (u32)(n + 1) && !empty_upcalls; }
+
+static ulong compute(ulong n) {
+    ulong s = 0;
+    for (ulong i = 0; i < n; i++)
+        s += i ^ (s >> 3);
+    return s;
+}
+
+static void bench(ulong n, u32 port) {
+    u32 send = port;
+    u64 t0 = rdtsc();
+    for (ulong i = 0; i < n; i++) {
+        EVTCHN(EVTCHNOP_send, &send);
+        while (upcalls != i + 1)
+            __asm__ volatile("pause");
+    }
+    u64 events = rdtsc() - t0;
+    printf("bench events %lu cycles %llu\n", n, (unsigned long long)events);
+    /* The same work with the callback line held asserted, then low. The
+     * controller input is masked meanwhile, so no interrupt is pending:
+     * what slows the guest down is only the deassert poll, if any. */
+    ulong work = n * 200;
+    if (!level_via) {
+        printf("bench compute %lu asserted n/a deasserted n/a\n", work);
+        check(events_ok(n - 1, port), "every event was handled");
+        return;
+    }
+    mask_callback_input(1);
+    EVTCHN(EVTCHNOP_send, &send);
+    t0 = rdtsc();
+    volatile ulong sink = compute(work);
+    u64 asserted = rdtsc() - t0;
+    mask_callback_input(0);
+    while (upcalls != n + 1)
+        __asm__ volatile("pause");
+    t0 = rdtsc();
+    sink = compute(work);
+    u64 low = rdtsc() - t0;
+    (void)sink;
+    printf("bench compute %lu asserted %llu deasserted %llu\n", work, (unsigned long long)asserted,
+           (unsigned long long)low);
+    check(events_ok(n, port), "every event was handled");
+}
+
 void kmain(void) {
     const char *cmdline = (const char *)(ulong)start_info->cmdline_paddr;
     static const char *vias[] = { "vector", "lapic", "gsi", "pic", "intx", "intxpic" };
@@ -250,6 +317,13 @@ void kmain(void) {
     u64 param = choose_via();
     EXPECT(set_param(0, param), 0, "HVM_PARAM_CALLBACK_IRQ");
     __asm__ volatile("sti");
+    ulong n = arg_num(cmdline, "n");
+    if (n) {
+        struct evtchn_bind_ipi bench_ipi = { 0, 0 };
+        EXPECT(EVTCHN(EVTCHNOP_bind_ipi, &bench_ipi), 0, "bind_ipi(vCPU 0)");
+        bench(n, bench_ipi.port);
+        return;
+    }
 
     /* 1. an IPI port and a loopback pair */
     struct evtchn_bind_ipi ipi = { 0, 0 };
