@@ -237,3 +237,17 @@ def test_guest_setting_upcall_pending_itself_raises_nothing(xen):
     xen.xen.vcpu_info(0).upcall_pending = 1
     xen.xen.timer_fired(0)                                  # an event with no port: nothing
     assert not xen.gsi[20].level
+
+
+def test_cli_event_inject_waits_for_the_port_to_open(xen):
+    from xenicorn.cli import _schedule_inject, UsageError
+    si = map_shared(xen)
+    _schedule_inject(xen, "1@0")
+    xen.clock.run_due()                                    # port 1 is not open yet: retried later
+    assert not si.pending(1)
+    assert ipi(xen) == 1
+    xen.clock.wait_until(xen.clock.now_ns() + 2_000_000)
+    xen.clock.run_due()
+    assert si.pending(1)
+    with pytest.raises(UsageError):
+        _schedule_inject(xen, "one")

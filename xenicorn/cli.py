@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
                         "resample it when the guest EOIs the interrupt")
     r.add_argument("--xen-event-list", action="store_true",
                    help="at the end, print every event channel port (like QMP's xen-event-list)")
+    r.add_argument("--xen-event-inject", action="append", default=[], metavar="PORT[@MS]",
+                   help="raise an event on PORT (like QMP's xen-event-inject) once MS ms of guest time "
+                        "have passed and the guest has opened the port; repeatable")
     sub.add_parser("firmware", help="list the bundled guest kernels")
     return p
 
@@ -92,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     except ValueError as e:            # bad trace category, bad RAM size
         raise UsageError(str(e)) from None
+    for spec in args.xen_event_inject:
+        _schedule_inject(machine, spec)
     try:
         status = machine.run()
     except KeyboardInterrupt:
@@ -105,6 +110,25 @@ def run(args: argparse.Namespace) -> int:
         _print_events(machine)
     machine.close()
     return status
+
+
+def _schedule_inject(machine, spec: str) -> None:
+    """--xen-event-inject PORT[@MS]: a timer on the machine clock that waits for the port."""
+    port_text, _, ms_text = spec.partition("@")
+    try:
+        port, ms = int(port_text, 0), float(ms_text or 0)
+    except ValueError:
+        raise UsageError(f"--xen-event-inject {spec}: expected PORT or PORT@MILLISECONDS") from None
+    if machine.xen is None:
+        raise UsageError("--xen-event-inject needs Xen (drop --no-xen)")
+    clock = machine.clock
+
+    def fire() -> None:
+        if port in machine.xen.evtchn.ports:
+            machine.xen.evtchn.event_inject(port)
+        elif machine.status is None:
+            clock.add_timer(clock.now_ns() + 1_000_000, fire, f"inject port {port}")
+    clock.add_timer(int(ms * 1e6), fire, f"inject port {port}")
 
 
 def _print_events(machine) -> None:

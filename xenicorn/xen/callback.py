@@ -188,10 +188,15 @@ class Callback:
         mem, gpa = self.machine.memory, info.gpa
         self._poll_vcpu = vcpu
 
+        tracer = self.machine.tracer
+        each = tracer.on("evtchn")
+
         def on_block(uc, address, size, _):
             self.stats["polls"] += 1
             if not mem.read_u8(gpa):
                 self._lower(f"upcall_pending read 0 at block {address:#x}")
+            elif each:
+                tracer.emit("evtchn", f"poll at block {address:#x}: upcall_pending 1, line stays asserted")
         self._poll_hook = vcpu.uc.hook_add(UC_HOOK_BLOCK, vcpu.guarded_hook(on_block))
         vcpu.uc.ctl_flush_tb()
         self._trace("poll hook armed")
