@@ -154,7 +154,7 @@ def load_flat(mem: GuestMemory, path: str, load_addr: int) -> LoadedKernel:
 def load_module(mem: GuestMemory, kernel: LoadedKernel, path: str) -> tuple[int, int]:
     """Place a module (initrd) page-aligned near the top of low RAM, above the kernel."""
     data = _read_file(path)
-    low_end = mem.regions[0][1]
+    low_end = mem.ram_regions[0][1]
     below = min([a for a, _ in kernel.modules] or [low_end])
     addr = (below - len(data)) & ~(PAGE_SIZE - 1)
     kernel_end = max(p + s for p, s in kernel.segments)

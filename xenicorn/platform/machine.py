@@ -67,6 +67,9 @@ class Machine:
         self.config = config or MachineConfig()
         self.tracer = Tracer(self.config.trace)
         self.memory = GuestMemory(self.config.ram_mib << 20)
+        engines = lambda uc: next(v for v in self.vcpus if v.uc is uc)       # noqa: E731
+        self.memory.on_overlay = lambda uc, gpa, host: engines(uc).map_overlay(gpa, host)
+        self.memory._unmap_overlay = lambda uc, gpa: engines(uc).unmap_overlay(gpa)
         self.pio = PioBus("pio", self._unclaimed("port"))
         self.mmio = MmioBus("mmio", self._unclaimed("mmio"))
         self.cpuid = CpuidPolicy(vendor=self.config.vendor)

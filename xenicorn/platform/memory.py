@@ -31,6 +31,7 @@ import struct
 from dataclasses import dataclass
 
 PAGE_SIZE = 4096
+XEN_FRAMES = 256                 # hypervisor-owned frames a guest can map (grant tables)
 LOW_RAM_LIMIT = 0xE0000000       # start of the PCI hole
 HIGH_RAM_BASE = 1 << 32
 E820_RAM, E820_RESERVED, E820_ACPI, E820_NVS, E820_UNUSABLE = 1, 2, 3, 4, 5
@@ -56,7 +57,9 @@ class GuestMemory:
         if size < 2 << 20 or size % PAGE_SIZE:
             raise ValueError(f"RAM size must be a multiple of 4 KiB and at least 2 MiB, not {size:#x}")
         self.size = size
-        self._mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        # RAM, then a pool of frames the hypervisor owns (grant table frames)
+        # that appear in the guest only where it maps them (see map_frame)
+        self._mm = mmap.mmap(-1, size + XEN_FRAMES * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.buf = memoryview(self._mm)
         self.host_addr = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))
         low = min(size, LOW_RAM_LIMIT)
@@ -64,14 +67,50 @@ class GuestMemory:
         self.regions: list[tuple[int, int, int]] = [(0, low, 0)]
         if size > low:
             self.regions.append((HIGH_RAM_BASE, size - low, low))
+        self.ram_regions = list(self.regions)
+        self.frames: dict[int, int] = {}  # hypervisor frame index -> guest-physical address
         self.uc_list: list = []          # Unicorn instances mapping this RAM
         self.reserved: list[E820Entry] = [E820Entry(0x9FC00, 0x100000 - 0x9FC00, E820_RESERVED)]
 
     # -- mapping into Unicorn ---------------------------------------------
     def map_into(self, uc) -> None:
-        for base, length, off in self.regions:
+        for base, length, off in self.ram_regions:
             uc.mem_map_ptr(base, length, 7, self.host_addr + off)
         self.uc_list.append(uc)
+        for index, gpa in self.frames.items():
+            self.on_overlay(uc, gpa, self.host_addr + self.size + index * PAGE_SIZE)
+
+    def map_frame(self, index: int, gpa: int) -> None:
+        """Show hypervisor frame ``index`` at guest-physical ``gpa`` (page aligned).
+
+        Xen's own pages (grant table frames) enter a guest's physical map
+        where the guest asks, typically in the xen-platform device's memory
+        BAR. The frame keeps its contents when it moves; a RAM page it
+        covers is hidden while it is there, as Xen's p2m replaces it.
+        """
+        if not 0 <= index < XEN_FRAMES or gpa % PAGE_SIZE:
+            raise ValueError(f"frame {index} at {gpa:#x}")
+        old = self.frames.get(index)
+        if old == gpa:
+            return
+        if old is not None:
+            self.regions.remove((old, PAGE_SIZE, self.size + index * PAGE_SIZE))
+            for uc in self.uc_list:
+                self._unmap_overlay(uc, old)
+        for i, at in list(self.frames.items()):
+            if at == gpa and i != index:           # another frame was there: it leaves
+                self.regions.remove((gpa, PAGE_SIZE, self.size + i * PAGE_SIZE))
+                del self.frames[i]
+                for uc in self.uc_list:
+                    self._unmap_overlay(uc, gpa)
+        self.frames[index] = gpa
+        self.regions.insert(0, (gpa, PAGE_SIZE, self.size + index * PAGE_SIZE))
+        for uc in self.uc_list:
+            self.on_overlay(uc, gpa, self.host_addr + self.size + index * PAGE_SIZE)
+
+    # set by the machine: put a host page at a guest-physical page in one engine
+    on_overlay = staticmethod(lambda uc, gpa, host: None)
+    _unmap_overlay = staticmethod(lambda uc, gpa: None)
 
     def code_written(self, addr: int, size: int) -> None:
         """Drop translated code for a range Python wrote (see module doc)."""
@@ -89,6 +128,7 @@ class GuestMemory:
         raise GuestMemoryError(f"physical range {addr:#x}+{size:#x} is not RAM")
 
     def is_ram(self, addr: int, size: int = 1) -> bool:
+        """Backed by memory (guest RAM or a mapped hypervisor frame)."""
         return any(base <= addr and addr + size <= base + length for base, length, _ in self.regions)
 
     # -- access ---------------------------------------------------------
@@ -147,10 +187,10 @@ class GuestMemory:
         """The memory map a guest is told about (start_info, XENMEM_memory_map)."""
         out = [E820Entry(0, 0x9FC00, E820_RAM)]
         out += self.reserved
-        low_end = self.regions[0][1]
+        low_end = self.ram_regions[0][1]
         out.append(E820Entry(0x100000, low_end - 0x100000, E820_RAM))
-        if len(self.regions) > 1:
-            out.append(E820Entry(HIGH_RAM_BASE, self.regions[1][1], E820_RAM))
+        if len(self.ram_regions) > 1:
+            out.append(E820Entry(HIGH_RAM_BASE, self.ram_regions[1][1], E820_RAM))
         return sorted(out, key=lambda e: e.addr)
 
     def reserve(self, addr: int, size: int) -> None:

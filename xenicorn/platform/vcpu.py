@@ -557,6 +557,37 @@ class VCpu:
         self.machine.handle_exit(self, ex)
         return self._pending_exit is None
 
+    def map_overlay(self, gpa: int, host: int) -> None:
+        """Put one host page at guest-physical ``gpa``, over RAM or a device range.
+
+        Unicorn can unmap part of a region, but the MMIO callbacks of a split
+        region then get offsets from the new start while keeping our old
+        base, so an MMIO region is unmapped whole and its two sides mapped
+        again on their own.
+        """
+        uc = self.uc
+        if gpa in self._mmio_pages:
+            for begin, end, _ in list(uc.mem_regions()):
+                if begin <= gpa <= end:
+                    uc.mem_unmap(begin, end + 1 - begin)
+                    self._mmio_pages -= set(range(begin, end + 1, PAGE))
+                    for lo, hi in ((begin, gpa), (gpa + PAGE, end + 1)):
+                        if hi > lo:
+                            self.map_mmio(lo, hi - lo)
+                    break
+        elif any(begin <= gpa <= end for begin, end, _ in uc.mem_regions()):
+            uc.mem_unmap(gpa, PAGE)                 # a RAM page: Unicorn splits the region
+        uc.mem_map_ptr(gpa, PAGE, 7, host)
+        self.machine.memory.code_written(gpa, PAGE)
+
+    def unmap_overlay(self, gpa: int) -> None:
+        """Take an overlay page away: RAM under it shows again; elsewhere it floats."""
+        self.uc.mem_unmap(gpa, PAGE)
+        mem = self.machine.memory
+        for base, length, off in mem.ram_regions:
+            if base <= gpa < base + length:
+                self.uc.mem_map_ptr(gpa, PAGE, 7, mem.host_addr + off + gpa - base)
+
     def map_mmio(self, base: int, size: int) -> None:
         """Route physical ``[base, base+size)`` to the machine's MMIO bus.
 

@@ -67,7 +67,11 @@ def map_space(call, space: int, idx: int, gpfn: int) -> None:
             raise HypercallError(errno.EINVAL, "grant table v2 status frames (v1 only)")
         if idx >= xen.config.gnttab_max_frames:
             raise HypercallError(errno.EINVAL, f"grant frame {idx} >= {xen.config.gnttab_max_frames}")
+        if gpfn * PAGE >= 1 << 52 or (gpfn * PAGE in (0xFEC00000, 0xFEE00000)):
+            raise HypercallError(errno.EINVAL, f"gpfn {gpfn:#x}")
         xen.state.grant_frames[idx] = gpfn
+        xen.machine.memory.map_frame(idx, gpfn * PAGE)
+        xen.gnttab.frame_mapped(idx)
         call.note(f"grant frame {idx} at gpfn {gpfn:#x}")
         return
     if space in (XENMAPSPACE_gmfn, XENMAPSPACE_gmfn_range):

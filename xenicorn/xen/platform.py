@@ -29,6 +29,7 @@ from . import hypercall, version, console, sched, memory, hvm, vcpu_op, pvclock,
 from .callback import Callback
 from .evtchn import EventChannels, VIRQ_TIMER
 from .physdev import Physdev
+from .gnttab import GrantTable
 from .shared_info import SharedInfo, VcpuInfo, layout
 
 XEN_CPUID_BASE = 0x40000000
@@ -103,10 +104,12 @@ class XenPlatform:
         self.watchdog_timers: dict = {}
         self.evtchn = EventChannels(self)
         self.physdev = Physdev(self)
+        self.gnttab = GrantTable(self)
         self.callback = Callback(self, callback_deassert)
         self.table = {
             hypercall.NUMBERS["event_channel_op"]: self.evtchn.hypercall,
             hypercall.NUMBERS["physdev_op"]: self.physdev.hypercall,
+            hypercall.NUMBERS["grant_table_op"]: self.gnttab.hypercall,
             hypercall.NUMBERS["set_timer_op"]: timers.set_timer_op,
             hypercall.NUMBERS["xen_version"]: version.xen_version,
             hypercall.NUMBERS["console_io"]: console.console_io,
@@ -204,7 +207,7 @@ class XenPlatform:
         return self.machine.memory.size // 4096
 
     def max_ram_page(self) -> int:
-        base, length, _ = self.machine.memory.regions[-1]
+        base, length, _ = self.machine.memory.ram_regions[-1]
         return (base + length) // 4096 - 1
 
     def now_ns(self) -> int:
