@@ -42,9 +42,9 @@ def set_via(m, value):
 def test_ports_are_allocated_lowest_first_and_closed_ports_reused(xen):
     map_shared(xen)
     ports = [ipi(xen) for _ in range(3)]
-    assert ports == [1, 2, 3]
-    assert op(xen, 3, "<I", 2) == 0
-    assert ipi(xen) == 2
+    assert ports == [3, 4, 5]                               # 1 and 2: xenstore and the PV console
+    assert op(xen, 3, "<I", 4) == 0
+    assert ipi(xen) == 4
 
 
 def test_send_sets_pending_selector_and_upcall_once(xen):
@@ -121,7 +121,7 @@ def test_hostile_arguments_get_xens_errors(xen):
     assert op(xen, 1, "<III", VIRQ_TIMER, 0, 0) == 0
     assert op(xen, 1, "<III", VIRQ_TIMER, 0, 0) == -errno.EEXIST
     assert op(xen, 3, "<I", p) == 0 and op(xen, 3, "<I", p) == -errno.EINVAL       # double close
-    assert [e["type"] for e in xen.xen.evtchn.event_list()] == ["virq"]
+    assert [e["type"] for e in xen.xen.evtchn.event_list()] == ["interdomain", "interdomain", "virq"]
 
 
 def test_send_on_unbound_is_dropped_and_on_a_virq_port_refused(xen):
@@ -136,7 +136,7 @@ def test_send_on_unbound_is_dropped_and_on_a_virq_port_refused(xen):
 def test_the_ports_run_out_with_enospc(xen):
     map_shared(xen)
     nr = 4096 if xen.bits == 64 else 1024
-    for _ in range(nr - 1):
+    for _ in range(nr - 3):
         ipi(xen)
     assert op(xen, 7, "<II", 0, 0) == -errno.ENOSPC
     assert op(xen, 10, "<H", SELF) == 0 and not xen.xen.evtchn.ports        # reset closes them all
@@ -182,7 +182,7 @@ def test_event_list_and_inject_like_qmp(xen):
     assert op(xen, 1, "<III", VIRQ_TIMER, 0, 0) == 0
     si.set_masked(p)
     xen.xen.evtchn.event_inject(p)
-    rows = xen.xen.evtchn.event_list()
+    rows = [r for r in xen.xen.evtchn.event_list() if r["port"] > 2]
     assert rows[0] == {"port": p, "vcpu": 0, "type": "ipi", "remote-domain": "", "target": 0,
                        "pending": True, "masked": True}
     assert rows[1]["type"] == "virq" and rows[1]["target"] == VIRQ_TIMER
@@ -208,6 +208,7 @@ def test_map_pirq_gsi_and_the_gsi_edge_becomes_an_event(xen):
     assert call(xen, PHYSDEV, 14, BUF) == -errno.EBUSY     # bound: cannot unmap
     assert op(xen, 3, "<I", port) == 0
     assert xen.ioapic.state.irr >> 5 & 1                   # the line is the IOAPIC's again
+    xen.memory.write_struct(BUF, "<H2xi", SELF, pirq)
     assert call(xen, PHYSDEV, 14, BUF) == 0
     xen.memory.write_struct(BUF, "<H2xiiiiiiiQ", SELF, 1, 99, -1, 0, 0, 0, 0, 0)
     assert call(xen, PHYSDEV, 13, BUF) == -errno.EINVAL
@@ -242,12 +243,12 @@ def test_guest_setting_upcall_pending_itself_raises_nothing(xen):
 def test_cli_event_inject_waits_for_the_port_to_open(xen):
     from xenicorn.cli import _schedule_inject, UsageError
     si = map_shared(xen)
-    _schedule_inject(xen, "1@0")
-    xen.clock.run_due()                                    # port 1 is not open yet: retried later
-    assert not si.pending(1)
-    assert ipi(xen) == 1
+    _schedule_inject(xen, "3@0")
+    xen.clock.run_due()                                    # port 3 is not open yet: retried later
+    assert not si.pending(3)
+    assert ipi(xen) == 3
     xen.clock.wait_until(xen.clock.now_ns() + 2_000_000)
     xen.clock.run_due()
-    assert si.pending(1)
+    assert si.pending(3)
     with pytest.raises(UsageError):
         _schedule_inject(xen, "one")

@@ -30,6 +30,10 @@ from .callback import Callback
 from .evtchn import EventChannels, VIRQ_TIMER
 from .physdev import Physdev
 from .gnttab import GrantTable
+from .evtchn import Port, UNBOUND, BACKEND_DOMID
+from .pvconsole import PvConsole
+from .xenstore.server import XenstoreServer
+from .xenstore.store import Store, Perm
 from .shared_info import SharedInfo, VcpuInfo, layout
 
 XEN_CPUID_BASE = 0x40000000
@@ -119,8 +123,72 @@ class XenPlatform:
             hypercall.NUMBERS["vcpu_op"]: vcpu_op.vcpu_op,
         }
         machine.xen = self
+        self._build_dom0_services()
         machine.cpuid.providers.append(self.cpuid)
         machine.msr_handlers[HYPERCALL_MSR] = self.hypercall_msr
+
+    # -- what the toolstack sets up before the guest runs ------------------------------
+    SPECIAL_AREA = 0xFEFF8000               # hvmloader's special pages, as QEMU places them
+    XENSTORE_PFN = (SPECIAL_AREA >> 12) + 4
+    CONSOLE_PFN = (SPECIAL_AREA >> 12) + 7
+    XENSTORE_FRAME, CONSOLE_FRAME = 254, 255   # hypervisor frames backing them
+
+    def _build_dom0_services(self) -> None:
+        """The xenstore and PV console pages and ports a toolstack gives every HVM guest.
+
+        Each service gets a hypervisor frame in the special area above the
+        PCI BARs (reserved in the E820 map), and a guest port that is
+        already connected to xenicorn, which plays dom0: the guest finds
+        both in HVM_PARAM_STORE_PFN/EVTCHN and CONSOLE_PFN/EVTCHN.
+        """
+        from . import hvm
+        m = self.machine
+        m.memory.reserve(self.SPECIAL_AREA, 0x8000)
+        trace = (lambda text: m.tracer.emit("xenstore", text)) if m.tracer.on("xenstore") else None
+        self.store = Store()
+        xs_gpa, con_gpa = self.XENSTORE_PFN << 12, self.CONSOLE_PFN << 12
+        m.memory.map_frame(self.XENSTORE_FRAME, xs_gpa)
+        m.memory.map_frame(self.CONSOLE_FRAME, con_gpa)
+        xs_port, self.xenstore_backend = self._dom0_port(lambda: self.xenstore.kick())
+        con_port, self.console_backend = self._dom0_port(lambda: self.pvconsole.kick())
+        self.xenstore = XenstoreServer(self.store, m.memory, xs_gpa, self.config.domid,
+                                       self.xenstore_backend.notify, trace)
+        self.xenstore.reset_page()
+        self.pvconsole = PvConsole(m.memory, con_gpa, m.console.write, self.console_backend.notify)
+        p = self.state.params
+        p[hvm.HVM_PARAM_STORE_PFN], p[hvm.HVM_PARAM_STORE_EVTCHN] = self.XENSTORE_PFN, xs_port
+        p[hvm.HVM_PARAM_CONSOLE_PFN], p[hvm.HVM_PARAM_CONSOLE_EVTCHN] = self.CONSOLE_PFN, con_port
+        self._populate_store(xs_port, con_port)
+
+    def _dom0_port(self, on_event):
+        port = self.evtchn._alloc(Port(UNBOUND, remote_domid=BACKEND_DOMID))
+        be = self.evtchn.backend_open(on_event)
+        be.bind(port)
+        return port, be
+
+    def _populate_store(self, xs_port: int, con_port: int) -> None:
+        """The tree a guest expects to find (what xl writes for an HVM domain)."""
+        st, me = self.store, self.config.domid
+        home = f"/local/domain/{me}"
+        kib = self.max_pages() * 4
+        for path, value in [("/local/domain/0/name", "Domain-0"), (f"{home}/name", "xenicorn"),
+                            (f"{home}/domid", str(me)), (f"{home}/memory/target", str(kib)),
+                            (f"{home}/memory/static-max", str(kib)),
+                            (f"{home}/store/ring-ref", str(self.XENSTORE_PFN)), (f"{home}/store/port", str(xs_port)),
+                            (f"{home}/console/ring-ref", str(self.CONSOLE_PFN)),
+                            (f"{home}/console/port", str(con_port)), (f"{home}/console/type", "xenconsoled")]:
+            st.write(0, path, value.encode())
+        st.set_perms(0, home, [Perm(0, "n"), Perm(me, "r")])
+        for sub in ("data", "control", "device", "error", "drivers", "attr", "feature"):
+            st.mkdir(0, f"{home}/{sub}")
+            st.set_perms(0, f"{home}/{sub}", [Perm(me, "n")])       # the guest's own
+        st.write(0, f"{home}/control/platform-feature-multiprocessor-suspend", b"1")
+        st.take_events(me)
+
+    def xenstore_write(self, path: str, value: bytes) -> None:
+        """Write as dom0 (the host side), firing the guest's watches."""
+        self.store.write(0, path, value)
+        self.xenstore.kick()
 
     # -- 1. CPUID ----------------------------------------------------------
     def cpuid(self, leaf: int, sub: int, vcpu_index: int):

@@ -1,0 +1,55 @@
+"""The PV console: a byte ring pair on a page, like a serial line without a UART.
+
+The toolstack gives the guest ``HVM_PARAM_CONSOLE_PFN`` and
+``HVM_PARAM_CONSOLE_EVTCHN``. The page is ``struct xencons_interface``
+(xen/include/public/io/console.h)::
+
+    0x000 in[1024]    to the guest          0xC00 in_cons, 0xC04 in_prod
+    0x400 out[2048]   from the guest        0xC08 out_cons, 0xC0C out_prod
+
+The guest writes output at ``out_prod & 2047``, advances ``out_prod`` and
+notifies the port; xenicorn (xenconsoled's part) copies the bytes to the
+machine's console and advances ``out_cons``. Input goes the other way.
+"""
+from __future__ import annotations
+
+IN, OUT, IN_SIZE, OUT_SIZE = 0x000, 0x400, 1024, 2048
+IN_CONS, IN_PROD, OUT_CONS, OUT_PROD = 0xC00, 0xC04, 0xC08, 0xC0C
+
+
+class PvConsole:
+    def __init__(self, memory, gpa: int, output, notify):
+        self.mem, self.gpa, self.output, self.notify = memory, gpa, output, notify
+        self.received = 0
+        self.broken = False
+
+    def _u32(self, off: int) -> int:
+        return self.mem.read_u32(self.gpa + off)
+
+    def kick(self) -> None:
+        """The guest notified: drain its output ring."""
+        if self.broken:
+            return
+        cons, prod = self._u32(OUT_CONS), self._u32(OUT_PROD)
+        n = (prod - cons) & 0xFFFFFFFF
+        if n > OUT_SIZE:                     # impossible indices: stop trusting the ring
+            self.broken = True
+            return
+        data = bytes(self.mem.read_u8(self.gpa + OUT + ((cons + i) & (OUT_SIZE - 1))) for i in range(n))
+        self.mem.write_u32(self.gpa + OUT_CONS, prod)
+        if data:
+            self.received += len(data)
+            self.output(data)
+        self.notify()
+
+    def feed(self, data: bytes) -> int:
+        """Input for the guest: as much as fits in the ring; returns how much."""
+        cons, prod = self._u32(IN_CONS), self._u32(IN_PROD)
+        room = IN_SIZE - ((prod - cons) & 0xFFFFFFFF)
+        n = max(0, min(room, len(data)))
+        for i in range(n):
+            self.mem.write_int(self.gpa + IN + ((prod + i) & (IN_SIZE - 1)), 1, data[i])
+        self.mem.write_u32(self.gpa + IN_PROD, (prod + n) & 0xFFFFFFFF)
+        if n:
+            self.notify()
+        return n

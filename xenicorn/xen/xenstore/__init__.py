@@ -1,0 +1,1 @@
+"""xenicorn's xenstored: the store (:mod:`.store`) and the guest's ring (:mod:`.server`)."""

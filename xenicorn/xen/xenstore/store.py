@@ -1,0 +1,380 @@
+"""The xenstore tree: nodes, permissions, quotas, transactions, watches.
+
+Xenstore is a small hierarchical key-value database that dom0's xenstored
+keeps for all domains; drivers use it to find each other ("where is my
+console ring?") and the toolstack to talk to guests ("please shut down").
+This is xenicorn's xenstored, in pure Python; :mod:`.server` puts it on the
+guest's ring. Semantics follow docs/misc/xenstore.txt and the C xenstored:
+
+* **Paths** are ``/``-separated; a path without the leading ``/`` is relative
+  to the caller's home, ``/local/domain/<domid>``. Valid characters are
+  ``A-Za-z0-9-/_@``; no empty component, no trailing ``/`` (but ``/``);
+  absolute paths up to 3072 bytes, relative ones 2048. ``@`` starts the
+  special watch paths (``@introduceDomain``, ``@releaseDomain``).
+* **Permissions** of a node are a list: the first entry names the owner
+  and what *everyone else* may do; later entries grant specific domains
+  ``r``, ``w``, ``b`` (both) or ``n`` (none). The owner and dom0 may do
+  anything. Writing a missing node creates its missing parents, which
+  inherit the parent's permissions with the writer as owner.
+* **Quotas** (C xenstored's defaults): 1000 nodes per domain, 2048-byte
+  values, 128 watches, 10 open transactions.
+* **Transactions** see a snapshot; at commit, if any node they read or
+  wrote changed meanwhile, the commit fails with EAGAIN and the caller
+  retries. A failed or aborted transaction changes nothing.
+* **Watches** fire for a write, mkdir, rm or set-perms on the watched path
+  or below it (an rm also tells watchers of the removed children), and
+  once when they are registered.
+
+Errors are raised as :class:`XsError` carrying xenstored's error name.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+
+MAX_ABS_PATH, MAX_REL_PATH = 3072, 2048
+QUOTA_NODES, QUOTA_VALUE, QUOTA_WATCHES, QUOTA_TRANSACTIONS = 1000, 2048, 128, 10
+_VALID = re.compile(r"^[A-Za-z0-9\-/_@]+$")
+DOM0 = 0
+
+
+class XsError(Exception):
+    """A request xenstored refuses; ``name`` is the error string on the wire (ENOENT...)."""
+
+    def __init__(self, name: str, why: str = ""):
+        super().__init__(f"{name}: {why}" if why else name)
+        self.name = name
+
+
+@dataclass
+class Perm:
+    domid: int
+    access: str                      # n, r, w or b
+
+    def __str__(self) -> str:
+        return f"{self.access}{self.domid}"
+
+    @staticmethod
+    def parse(text: str) -> "Perm":
+        if len(text) < 2 or text[0] not in "nrwb" or not text[1:].isdigit():
+            raise XsError("EINVAL", f"permission {text!r}")
+        return Perm(int(text[1:]), text[0])
+
+
+@dataclass
+class Node:
+    value: bytes = b""
+    perms: list[Perm] = field(default_factory=lambda: [Perm(DOM0, "n")])
+    children: dict[str, "Node"] = field(default_factory=dict)
+    gen: int = 0                      # store generation of its last change
+
+
+@dataclass
+class Transaction:
+    domid: int
+    root: Node                        # a private copy of the tree
+    start_gen: int
+    touched: set[str] = field(default_factory=set)     # paths read or written
+    ops: list[tuple] = field(default_factory=list)      # changes, replayed at commit
+
+
+def _can(perms: list[Perm], domid: int, want: str) -> bool:
+    if domid == DOM0 or perms[0].domid == domid:
+        return True
+    access = perms[0].access
+    for p in perms[1:]:
+        if p.domid == domid:
+            access = p.access
+            break
+    return access == "b" or access == want
+
+
+class Store:
+    """One xenstore: the tree, the open transactions, and the watch list."""
+
+    def __init__(self):
+        self.root = Node(perms=[Perm(DOM0, "n")])
+        self.gen = 1
+        self.transactions: dict[int, Transaction] = {}
+        self._next_tx = 1
+        self.watches: list[tuple[int, str, str]] = []      # (domid, path, token)
+        self.fired: list[tuple[int, str, str]] = []        # watch events waiting for delivery
+        self.nodes_by_owner: dict[int, int] = {}
+
+    # -- paths ----------------------------------------------------------------------
+    @staticmethod
+    def canonical(domid: int, path: str) -> str:
+        """Absolute form of ``path`` for ``domid``; EINVAL for a malformed one."""
+        if not path:
+            raise XsError("EINVAL", "empty path")
+        if path.startswith("@"):
+            if path not in ("@introduceDomain", "@releaseDomain"):
+                raise XsError("EINVAL", f"special path {path!r}")
+            return path
+        limit = MAX_ABS_PATH if path.startswith("/") else MAX_REL_PATH
+        if len(path) > limit:
+            raise XsError("EINVAL", f"path of {len(path)} bytes")
+        if not path.startswith("/"):
+            path = f"/local/domain/{domid}/{path}"
+        if not _VALID.match(path) or "//" in path or (path.endswith("/") and path != "/") or "@" in path:
+            raise XsError("EINVAL", f"path {path!r}")
+        return path
+
+    @staticmethod
+    def _parts(path: str) -> list[str]:
+        return [p for p in path.split("/") if p]
+
+    def _root(self, tx: int) -> Node:
+        if tx == 0:
+            return self.root
+        t = self.transactions.get(tx)
+        if t is None:
+            raise XsError("ENOENT", f"transaction {tx}")
+        return t.root
+
+    def _lookup(self, root: Node, path: str) -> Node | None:
+        node = root
+        for part in self._parts(path):
+            node = node.children.get(part)
+            if node is None:
+                return None
+        return node
+
+    def _log(self, tx: int, *op) -> None:
+        if tx:
+            self.transactions[tx].ops.append(op)
+
+    def _touch(self, tx: int, path: str) -> None:
+        if tx:
+            self.transactions[tx].touched.add(path)
+
+    # -- operations -------------------------------------------------------------------
+    def read(self, domid: int, path: str, tx: int = 0) -> bytes:
+        path = self.canonical(domid, path)
+        node = self._lookup(self._root(tx), path)
+        self._touch(tx, path)
+        if node is None:
+            raise XsError("ENOENT", path)
+        if not _can(node.perms, domid, "r"):
+            raise XsError("EACCES", path)
+        return node.value
+
+    def directory(self, domid: int, path: str, tx: int = 0) -> list[str]:
+        path = self.canonical(domid, path)
+        node = self._lookup(self._root(tx), path)
+        self._touch(tx, path)
+        if node is None:
+            raise XsError("ENOENT", path)
+        if not _can(node.perms, domid, "r"):
+            raise XsError("EACCES", path)
+        return list(node.children)
+
+    def generation(self, domid: int, path: str, tx: int = 0) -> int:
+        node = self._lookup(self._root(tx), self.canonical(domid, path))
+        return node.gen if node is not None else 0
+
+    def get_perms(self, domid: int, path: str, tx: int = 0) -> list[Perm]:
+        path = self.canonical(domid, path)
+        node = self._lookup(self._root(tx), path)
+        if node is None:
+            raise XsError("ENOENT", path)
+        if not _can(node.perms, domid, "r"):
+            raise XsError("EACCES", path)
+        return list(node.perms)
+
+    def _create(self, root: Node, domid: int, path: str) -> tuple[Node, int]:
+        """Find or create ``path`` (and missing parents); return it and how many were made."""
+        node, made = root, 0
+        parts = self._parts(path)
+        for i, part in enumerate(parts):
+            nxt = node.children.get(part)
+            if nxt is None:
+                if not _can(node.perms, domid, "w"):
+                    raise XsError("EACCES", "/" + "/".join(parts[:i + 1]))
+                inherit = [Perm(domid, node.perms[0].access)] + [copy.copy(p) for p in node.perms[1:]]
+                nxt = Node(perms=inherit)
+                node.children[part] = nxt
+                made += 1
+            node = nxt
+        return node, made
+
+    def _quota_nodes(self, domid: int, new: int) -> None:
+        if domid != DOM0 and self.nodes_by_owner.get(domid, 0) + new > QUOTA_NODES:
+            raise XsError("ENOSPC", f"domain {domid} would own more than {QUOTA_NODES} nodes")
+
+    def _count(self, node: Node) -> None:
+        self.nodes_by_owner.clear()
+
+        def walk(n: Node) -> None:
+            owner = n.perms[0].domid
+            self.nodes_by_owner[owner] = self.nodes_by_owner.get(owner, 0) + 1
+            for c in n.children.values():
+                walk(c)
+        walk(self.root)
+
+    def write(self, domid: int, path: str, value: bytes, tx: int = 0) -> None:
+        path = self.canonical(domid, path)
+        if path.startswith("@") or path == "/":
+            raise XsError("EINVAL", path)
+        if len(value) > QUOTA_VALUE and domid != DOM0:
+            raise XsError("ENOSPC", f"value of {len(value)} bytes")
+        self._change(domid, path, tx, lambda node: setattr(node, "value", value), write=True)
+        self._log(tx, "write", path, value)
+
+    def mkdir(self, domid: int, path: str, tx: int = 0) -> None:
+        path = self.canonical(domid, path)
+        if path.startswith("@"):
+            raise XsError("EINVAL", path)
+        if self._lookup(self._root(tx), path) is not None:
+            return                                            # exists: mkdir succeeds, nothing fires
+        self._change(domid, path, tx, lambda node: None, write=True)
+        self._log(tx, "mkdir", path)
+
+    def _change(self, domid: int, path: str, tx: int, apply, write: bool) -> None:
+        root = self._root(tx)
+        existing = self._lookup(root, path)
+        if existing is not None and not _can(existing.perms, domid, "w"):
+            raise XsError("EACCES", path)
+        # do it on a copy of the branch first, so a refusal leaves the store alone
+        parts = self._parts(path)
+        missing = 0
+        node = root
+        for part in parts:
+            node = node.children.get(part) if node is not None else None
+            if node is None:
+                missing += 1
+        self._quota_nodes(domid, missing)
+        if missing:
+            parent_path = "/" + "/".join(parts[:len(parts) - missing])
+            parent = self._lookup(root, parent_path)
+            if not _can(parent.perms, domid, "w"):
+                raise XsError("EACCES", path)
+        node, made = self._create(root, domid, path)
+        apply(node)
+        self.gen += 1
+        node.gen = self.gen
+        self._touch(tx, path)
+        if tx == 0:
+            if made:
+                self._count(self.root)
+            self._fire(path)
+
+    def rm(self, domid: int, path: str, tx: int = 0) -> None:
+        path = self.canonical(domid, path)
+        if path == "/" or path.startswith("@"):
+            raise XsError("EINVAL", path)
+        root = self._root(tx)
+        parts = self._parts(path)
+        parent = self._lookup(root, "/" + "/".join(parts[:-1]))
+        node = parent.children.get(parts[-1]) if parent is not None else None
+        if node is None:
+            if parent is None:
+                raise XsError("ENOENT", path)
+            return                                            # xenstored: removing a missing leaf is OK
+        if not _can(parent.perms, domid, "w") or not _can(node.perms, domid, "w"):
+            raise XsError("EACCES", path)
+        removed = self._paths_below(node, path)
+        del parent.children[parts[-1]]
+        self.gen += 1
+        parent.gen = self.gen
+        self._touch(tx, path)
+        self._log(tx, "rm", path)
+        if tx == 0:
+            self._count(self.root)
+            for p in removed:
+                self._fire(p, exact_only=p != path)
+
+    def _paths_below(self, node: Node, path: str) -> list[str]:
+        out = [path]
+        for name, child in node.children.items():
+            out += self._paths_below(child, f"{path}/{name}")
+        return out
+
+    def set_perms(self, domid: int, path: str, perms: list[Perm], tx: int = 0) -> None:
+        path = self.canonical(domid, path)
+        if not perms:
+            raise XsError("EINVAL", "no permissions")
+        root = self._root(tx)
+        node = self._lookup(root, path)
+        if node is None:
+            raise XsError("ENOENT", path)
+        if domid != DOM0 and node.perms[0].domid != domid:
+            raise XsError("EACCES", path)           # only the owner (or dom0) changes permissions
+        if domid != DOM0 and perms[0].domid != node.perms[0].domid:
+            raise XsError("EPERM", "only dom0 gives a node away")
+        node.perms = list(perms)
+        self.gen += 1
+        node.gen = self.gen
+        self._touch(tx, path)
+        self._log(tx, "set_perms", path, list(perms))
+        if tx == 0:
+            self._count(self.root)
+            self._fire(path)
+
+    # -- transactions -------------------------------------------------------------------
+    def transaction_start(self, domid: int) -> int:
+        mine = sum(1 for t in self.transactions.values() if t.domid == domid)
+        if domid != DOM0 and mine >= QUOTA_TRANSACTIONS:
+            raise XsError("ENOSPC", f"{mine} transactions open")
+        tx = self._next_tx
+        self._next_tx += 1
+        self.transactions[tx] = Transaction(domid, copy.deepcopy(self.root), self.gen)
+        return tx
+
+    def transaction_end(self, domid: int, tx: int, commit: bool) -> None:
+        t = self.transactions.get(tx)
+        if t is None or t.domid != domid:
+            raise XsError("ENOENT", f"transaction {tx}")
+        del self.transactions[tx]
+        if not commit:
+            return
+        for path in t.touched:                        # changed by someone else meanwhile?
+            for p in self._ancestors_and_self(path):
+                node = self._lookup(self.root, p)
+                if node is not None and node.gen > t.start_gen:
+                    raise XsError("EAGAIN", f"{p} changed during the transaction")
+        for op, *args in t.ops:                       # nothing did: apply the changes for real
+            getattr(self, op)(t.domid, *args)
+
+    def _ancestors_and_self(self, path: str) -> list[str]:
+        parts = self._parts(path)
+        return ["/" + "/".join(parts[:i]) for i in range(len(parts) + 1)]
+
+    # -- watches ---------------------------------------------------------------------------
+    def watch(self, domid: int, path: str, token: str) -> None:
+        path = self.canonical(domid, path)
+        mine = [w for w in self.watches if w[0] == domid]
+        if any(w[1] == path and w[2] == token for w in mine):
+            raise XsError("EEXIST", f"watch {path} {token}")
+        if domid != DOM0 and len(mine) >= QUOTA_WATCHES:
+            raise XsError("E2BIG", f"{len(mine)} watches")
+        self.watches.append((domid, path, token))
+        self.fired.append((domid, path, token))          # a new watch fires once at once
+
+    def unwatch(self, domid: int, path: str, token: str) -> None:
+        path = self.canonical(domid, path)
+        try:
+            self.watches.remove((domid, path, token))
+        except ValueError:
+            raise XsError("ENOENT", f"watch {path} {token}") from None
+
+    def reset_watches(self, domid: int) -> None:
+        self.watches = [w for w in self.watches if w[0] != domid]
+        self.fired = [f for f in self.fired if f[0] != domid]
+
+    def _fire(self, path: str, exact_only: bool = False) -> None:
+        for domid, wpath, token in self.watches:
+            hit = path == wpath if exact_only else (path == wpath or path.startswith(wpath.rstrip("/") + "/"))
+            if hit and self._visible(domid, path):
+                self.fired.append((domid, path, token))
+
+    def _visible(self, domid: int, path: str) -> bool:
+        node = self._lookup(self.root, path)
+        return node is None or _can(node.perms, domid, "r")
+
+    def take_events(self, domid: int) -> list[tuple[str, str]]:
+        """Watch events waiting for ``domid``, oldest first."""
+        out = [(p, t) for d, p, t in self.fired if d == domid]
+        self.fired = [f for f in self.fired if f[0] != domid]
+        return out
