@@ -178,12 +178,20 @@ class XenPlatform:
                             (f"{home}/console/ring-ref", str(self.CONSOLE_PFN)),
                             (f"{home}/console/port", str(con_port)), (f"{home}/console/type", "xenconsoled")]:
             st.write(0, path, value.encode())
-        st.set_perms(0, home, [Perm(0, "n"), Perm(me, "r")])
+        readable = [Perm(0, "n"), Perm(me, "r")]
+        for path in self._tree(home):                          # the guest reads, dom0 writes
+            st.set_perms(0, path, readable)
         for sub in ("data", "control", "device", "error", "drivers", "attr", "feature"):
             st.mkdir(0, f"{home}/{sub}")
             st.set_perms(0, f"{home}/{sub}", [Perm(me, "n")])       # the guest's own
         st.write(0, f"{home}/control/platform-feature-multiprocessor-suspend", b"1")
         st.take_events(me)
+
+    def _tree(self, path: str) -> list[str]:
+        out = [path]
+        for child in self.store.directory(0, path):
+            out += self._tree(f"{path}/{child}")
+        return out
 
     def xenstore_write(self, path: str, value: bytes) -> None:
         """Write as dom0 (the host side), firing the guest's watches."""

@@ -227,6 +227,8 @@ class XenstoreServer:
                 raise XsError("EBUSY", "nested transaction")
             return f"{st.transaction_start(me)}".encode() + b"\0"
         if kind == XS_TRANSACTION_END:
+            if not tx:
+                raise XsError("ENOENT", "no transaction")
             (flag,) = self._strings(payload, 1)
             if flag not in ("T", "F"):
                 raise XsError("EINVAL", f"TRANSACTION_END {flag!r}")

@@ -192,7 +192,9 @@ class Store:
             if nxt is None:
                 if not _can(node.perms, domid, "w"):
                     raise XsError("EACCES", "/" + "/".join(parts[:i + 1]))
-                inherit = [Perm(domid, node.perms[0].access)] + [copy.copy(p) for p in node.perms[1:]]
+                # the parent's permissions; an unprivileged creator owns the new node
+                owner = node.perms[0].domid if domid == DOM0 else domid
+                inherit = [Perm(owner, node.perms[0].access)] + [copy.copy(p) for p in node.perms[1:]]
                 nxt = Node(perms=inherit)
                 node.children[part] = nxt
                 made += 1
