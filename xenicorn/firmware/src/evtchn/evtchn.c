@@ -385,8 +385,15 @@ void kmain(void) {
     u64 deadline = now + 1000000;
     EXPECT(xen_hypercall(__HYPERVISOR_set_timer_op, (ulong)deadline, (ulong)(deadline >> 32), 0, 0, 0), 0,
            "set_timer_op(+1 ms)");
-    for (int i = 0; i < 1000 && !events[bv.port]; i++)
-        __asm__ volatile("hlt");
+    /* check with interrupts off, then "sti; hlt": the upcall cannot slip in
+     * between the check and the HLT (the STI shadow covers the HLT) */
+    for (int i = 0; i < 1000; i++) {
+        __asm__ volatile("cli");
+        if (events[bv.port])
+            break;
+        __asm__ volatile("sti; hlt");
+    }
+    __asm__ volatile("sti");
     check(events[bv.port] == 1, "VIRQ_TIMER arrived on port %u", bv.port);
     struct physdev_map_pirq mp = { DOMID_SELF, MAP_PIRQ_TYPE_GSI, 4, -1, 0, 0, 0, 0 };
     EXPECT(xen_hypercall(__HYPERVISOR_physdev_op, PHYSDEVOP_map_pirq, (ulong)&mp, 0, 0, 0), 0, "map_pirq(GSI 4)");
