@@ -39,6 +39,8 @@ KERNELS: dict[str, tuple[int, list[str], bool]] = {
     "hcbench64": (64, ["hcbench/hcbench.c"], True),
     "evtchn32": (32, ["evtchn/evtchn.c"], True),
     "evtchn64": (64, ["evtchn/evtchn.c"], True),
+    "xenstore32": (32, ["xenstore/xenstore.c"], True),
+    "xenstore64": (64, ["xenstore/xenstore.c"], True),
     "tickbench32": (32, ["tickbench/tickbench.c"], True),
     "tickbench64": (64, ["tickbench/tickbench.c"], True),
     "wild32": (32, ["misbehave/wild32.S"], False),

@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--xen-event-inject", action="append", default=[], metavar="PORT[@MS]",
                    help="raise an event on PORT (like QMP's xen-event-inject) once MS ms of guest time "
                         "have passed and the guest has opened the port; repeatable")
+    r.add_argument("--xenstore", action="append", default=[], metavar="KEY=VALUE",
+                   help="write KEY (relative to the guest's /local/domain/N, or absolute) before boot, "
+                        "as the toolstack (dom0); repeatable")
     sub.add_parser("firmware", help="list the bundled guest kernels")
     return p
 
@@ -95,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     except ValueError as e:            # bad trace category, bad RAM size
         raise UsageError(str(e)) from None
+    for spec in args.xenstore:
+        _seed_xenstore(machine, spec)
     for spec in args.xen_event_inject:
         _schedule_inject(machine, spec)
     try:
@@ -110,6 +115,20 @@ def run(args: argparse.Namespace) -> int:
         _print_events(machine)
     machine.close()
     return status
+
+
+def _seed_xenstore(machine, spec: str) -> None:
+    key, eq, value = spec.partition("=")
+    if not eq or not key:
+        raise UsageError(f"--xenstore {spec}: expected KEY=VALUE")
+    if machine.xen is None:
+        raise UsageError("--xenstore needs Xen (drop --no-xen)")
+    from .xen.xenstore.store import XsError
+    path = key if key.startswith("/") else f"/local/domain/{machine.xen.config.domid}/{key}"
+    try:
+        machine.xen.xenstore_write(path, value.encode())
+    except XsError as e:
+        raise UsageError(f"--xenstore {spec}: {e}") from None
 
 
 def _schedule_inject(machine, spec: str) -> None:
