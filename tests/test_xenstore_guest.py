@@ -44,3 +44,20 @@ def test_the_cli_seeds_keys_and_traces_messages(capsys):
     assert "the toolstack asks for poweroff" in out.out
     assert "[xenstore] <- TRANSACTION_END req" in out.err and "EAGAIN" in out.err
     assert main(["run", "xenstore64", "--xenstore", "novalue"]) == 2
+
+
+def test_stdin_reaches_the_guest_through_the_pv_console():
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-m", "xenicorn", "run", "xenstore64", "--append", "echo",
+                          "--console-input", "stdin"], input=b"ping\n", capture_output=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert b"console input: ping\n" in res.stdout
+
+
+def test_host_side_watch_sees_the_guests_writes(capsys):
+    from xenicorn.cli import main
+    assert main(["run", "xenstore64", "--xenstore-watch", "data/counter"]) == 0
+    err = capsys.readouterr().err
+    seen = [line.split(" = ")[1] for line in err.splitlines() if line.startswith("xenstore-watch:")]
+    assert seen == ["1", "7", "8"]                       # the failed transaction's "2" never showed

@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--xenstore", action="append", default=[], metavar="KEY=VALUE",
                    help="write KEY (relative to the guest's /local/domain/N, or absolute) before boot, "
                         "as the toolstack (dom0); repeatable")
+    r.add_argument("--xenstore-watch", action="append", default=[], metavar="PATH",
+                   help="print each change to PATH (or below it) while the guest runs; repeatable")
+    r.add_argument("--gnttab-max-frames", type=_int, default=64, metavar="N",
+                   help="grant table frames the guest may use (as QEMU's xen-gnttab-max-frames)")
+    r.add_argument("--console-input", choices=("none", "stdin"), default="none",
+                   help="feed standard input to the guest's PV console")
     sub.add_parser("firmware", help="list the bundled guest kernels")
     return p
 
@@ -88,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
     config.clock = args.clock
     config.xen_version = (major, minor)
     config.callback_deassert = args.callback_deassert
+    if not 1 <= args.gnttab_max_frames <= 128:
+        raise UsageError(f"--gnttab-max-frames {args.gnttab_max_frames}: expected 1 to 128")
+    config.gnttab_max_frames = args.gnttab_max_frames
     serial = args.serial
     if serial not in ("stdio", "none") and not serial.startswith("file:"):
         raise UsageError(f"--serial {serial}: expected stdio, file:PATH or none")
@@ -100,6 +109,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     for spec in args.xenstore:
         _seed_xenstore(machine, spec)
+    for path in args.xenstore_watch:
+        _watch_xenstore(machine, path)
+    if args.console_input == "stdin":
+        if machine.xen is None:
+            raise UsageError("--console-input needs Xen (drop --no-xen)")
+        _read_stdin_into(machine)
     for spec in args.xen_event_inject:
         _schedule_inject(machine, spec)
     try:
@@ -129,6 +144,40 @@ def _seed_xenstore(machine, spec: str) -> None:
         machine.xen.xenstore_write(path, value.encode())
     except XsError as e:
         raise UsageError(f"--xenstore {spec}: {e}") from None
+
+
+def _read_stdin_into(machine) -> None:
+    """A thread that hands what arrives on stdin to the PV console."""
+    import threading
+
+    def pump() -> None:
+        while True:
+            try:
+                data = os.read(sys.stdin.fileno(), 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            machine.post_console_input(data)
+    threading.Thread(target=pump, name="xenicorn-stdin", daemon=True).start()
+
+
+def _watch_xenstore(machine, path: str) -> None:
+    if machine.xen is None:
+        raise UsageError("--xenstore-watch needs Xen (drop --no-xen)")
+    from .xen.xenstore.store import XsError
+    full = path if path.startswith("/") else f"/local/domain/{machine.xen.config.domid}/{path}"
+
+    def changed(node: str) -> None:
+        try:
+            value = machine.xen.xenstore_read(node).decode("ascii", "replace")
+        except XsError:
+            value = "(removed)"
+        print(f"xenstore-watch: {node} = {value}", file=sys.stderr)
+    try:
+        machine.xen.xenstore_watch(full, changed)
+    except XsError as e:
+        raise UsageError(f"--xenstore-watch {path}: {e}") from None
 
 
 def _schedule_inject(machine, spec: str) -> None:

@@ -52,6 +52,7 @@ class MachineConfig:
     ns_per_insn: float = 1.0             # deterministic time: guest ns per instruction
     xen: bool = True                     # the Xen HVM platform (CPUID leaves, hypercalls)
     callback_deassert: str = "poll"      # poll | eoi: how Xen's level callback line drops
+    gnttab_max_frames: int = 64          # grant table frames the guest may use
     xen_version: tuple[int, int] = (4, 17)
     record_console: bool = True
 
@@ -79,6 +80,8 @@ class Machine:
         self.shutdown_message = ""
         self.exit_counts: dict[str, int] = {}
         self.xen = None                      # the Xen layer, when built with one
+        import collections
+        self._console_input: collections.deque = collections.deque()
         self.interrupt_source = None         # object with pending()/acknowledge(): the APIC/PIC
         self.msr_handlers: dict = {}         # msr -> handler(vcpu, Msr exit), see platform/msr.py
         counting = bool(self.config.max_insns) or self.config.clock == "deterministic"
@@ -115,7 +118,8 @@ class Machine:
         self._build_pci()
         if self.config.xen:
             from ..xen.platform import XenPlatform, XenConfig
-            XenPlatform(self, XenConfig(version=self.config.xen_version),
+            XenPlatform(self, XenConfig(version=self.config.xen_version,
+                                        gnttab_max_frames=self.config.gnttab_max_frames),
                         callback_deassert=self.config.callback_deassert)
 
     def _build_pci(self) -> None:
@@ -197,6 +201,17 @@ class Machine:
         if self.xen is not None and self.xen.physdev.gsi_changed(gsi, level):
             return
         self.ioapic.set_irq(gsi, level)
+
+    def post_console_input(self, data: bytes) -> None:
+        """Console input from another thread: queued, taken by the run loop."""
+        self._console_input.append(bytes(data))
+        vcpu = self.vcpus[0]
+        if vcpu._in_emu:
+            vcpu.request_stop("console input")
+
+    def _take_console_input(self) -> None:
+        while self._console_input and self.xen is not None:
+            self.xen.pvconsole.feed(self._console_input.popleft())
 
     def pic_input(self, irq: int, source: str):
         """One source's sub-line into 8259 input ``irq`` (created on first use)."""
@@ -287,6 +302,8 @@ class Machine:
         self._deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
         while self.status is None:
             self.clock.run_due()
+            if self._console_input:
+                self._take_console_input()
             if vcpu.halted:
                 self._sleep(vcpu)
                 continue

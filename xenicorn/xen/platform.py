@@ -94,6 +94,7 @@ class XenPlatform:
     """Attach with ``XenPlatform(machine)``; the machine then has ``machine.xen``."""
 
     def __init__(self, machine, config: XenConfig | None = None, callback_deassert: str = "poll"):
+        self.host_watches: dict = {}
         self.machine = machine
         self.config = config or XenConfig()
         self.state = XenState()
@@ -146,10 +147,11 @@ class XenPlatform:
         m.memory.reserve(self.SPECIAL_AREA, 0x8000)
         trace = (lambda text: m.tracer.emit("xenstore", text)) if m.tracer.on("xenstore") else None
         self.store = Store()
+        self.host_watches: dict = {}
         xs_gpa, con_gpa = self.XENSTORE_PFN << 12, self.CONSOLE_PFN << 12
         m.memory.map_frame(self.XENSTORE_FRAME, xs_gpa)
         m.memory.map_frame(self.CONSOLE_FRAME, con_gpa)
-        xs_port, self.xenstore_backend = self._dom0_port(lambda: self.xenstore.kick())
+        xs_port, self.xenstore_backend = self._dom0_port(self._xenstore_kick)
         con_port, self.console_backend = self._dom0_port(lambda: self.pvconsole.kick())
         self.xenstore = XenstoreServer(self.store, m.memory, xs_gpa, self.config.domid,
                                        self.xenstore_backend.notify, trace)
@@ -159,6 +161,10 @@ class XenPlatform:
         p[hvm.HVM_PARAM_STORE_PFN], p[hvm.HVM_PARAM_STORE_EVTCHN] = self.XENSTORE_PFN, xs_port
         p[hvm.HVM_PARAM_CONSOLE_PFN], p[hvm.HVM_PARAM_CONSOLE_EVTCHN] = self.CONSOLE_PFN, con_port
         self._populate_store(xs_port, con_port)
+
+    def _xenstore_kick(self) -> None:
+        self.xenstore.kick()
+        self.dom0_events()
 
     def _dom0_port(self, on_event):
         port = self.evtchn._alloc(Port(UNBOUND, remote_domid=BACKEND_DOMID))
@@ -185,6 +191,16 @@ class XenPlatform:
             st.mkdir(0, f"{home}/{sub}")
             st.set_perms(0, f"{home}/{sub}", [Perm(me, "n")])       # the guest's own
         st.write(0, f"{home}/control/platform-feature-multiprocessor-suspend", b"1")
+        # the console as a xenbus device pair (state 4: XenbusStateConnected)
+        back = f"/local/domain/0/backend/console/{me}/0"
+        front = f"{home}/device/console/0"
+        for path, value in [(f"{back}/frontend", front), (f"{back}/frontend-id", str(me)), (f"{back}/state", "4"),
+                            (f"{front}/backend", back), (f"{front}/backend-id", "0"), (f"{front}/state", "4"),
+                            (f"{front}/ring-ref", str(self.CONSOLE_PFN)), (f"{front}/port", str(con_port)),
+                            (f"{front}/limit", "1048576"), (f"{front}/type", "xenconsoled")]:
+            st.write(0, path, value.encode())
+        for path in self._tree(back):
+            st.set_perms(0, path, [Perm(0, "n"), Perm(me, "r")])
         st.take_events(me)
 
     def _tree(self, path: str) -> list[str]:
@@ -193,10 +209,28 @@ class XenPlatform:
             out += self._tree(f"{path}/{child}")
         return out
 
+    def xenstore_read(self, path: str) -> bytes:
+        """Read as dom0 (the host side)."""
+        return self.store.read(0, path)
+
     def xenstore_write(self, path: str, value: bytes) -> None:
         """Write as dom0 (the host side), firing the guest's watches."""
         self.store.write(0, path, value)
         self.xenstore.kick()
+        self.dom0_events()
+
+    def xenstore_watch(self, path: str, callback) -> None:
+        """Call ``callback(path)`` whenever ``path`` or a node below it changes (a dom0 watch)."""
+        token = f"host{len(self.host_watches)}"
+        self.host_watches[token] = callback
+        self.store.watch(0, path, token)
+        self.store.take_events(0)                         # not the registration event
+
+    def dom0_events(self) -> None:
+        for path, token in self.store.take_events(0):
+            cb = self.host_watches.get(token)
+            if cb is not None:
+                cb(path)
 
     # -- 1. CPUID ----------------------------------------------------------
     def cpuid(self, leaf: int, sub: int, vcpu_index: int):

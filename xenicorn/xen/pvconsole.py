@@ -22,6 +22,7 @@ class PvConsole:
         self.mem, self.gpa, self.output, self.notify = memory, gpa, output, notify
         self.received = 0
         self.broken = False
+        self.pending = bytearray()            # input waiting for room in the ring
 
     def _u32(self, off: int) -> int:
         return self.mem.read_u32(self.gpa + off)
@@ -40,15 +41,19 @@ class PvConsole:
         if data:
             self.received += len(data)
             self.output(data)
+        if self.pending:
+            self.feed(b"")
         self.notify()
 
     def feed(self, data: bytes) -> int:
-        """Input for the guest: as much as fits in the ring; returns how much."""
+        """Input for the guest: what fits goes in the ring now, the rest when the guest drains it."""
+        self.pending += data
         cons, prod = self._u32(IN_CONS), self._u32(IN_PROD)
         room = IN_SIZE - ((prod - cons) & 0xFFFFFFFF)
-        n = max(0, min(room, len(data)))
+        n = max(0, min(room, len(self.pending)))
         for i in range(n):
-            self.mem.write_int(self.gpa + IN + ((prod + i) & (IN_SIZE - 1)), 1, data[i])
+            self.mem.write_int(self.gpa + IN + ((prod + i) & (IN_SIZE - 1)), 1, self.pending[i])
+        del self.pending[:n]
         self.mem.write_u32(self.gpa + IN_PROD, (prod + n) & 0xFFFFFFFF)
         if n:
             self.notify()

@@ -212,4 +212,30 @@ void kmain(void) {
     const char *req = xs_read("control/shutdown", 0);
     if (req && *req)
         printf("the toolstack asks for %s\n", req);
+    const char *cmdline = (const char *)(ulong)start_info->cmdline_paddr;
+    if (cmdline && !strcmp(cmdline, "echo")) {
+        /* one line of PV console input, echoed (xenicorn run ... --console-input stdin) */
+        struct cons_ring *c = (struct cons_ring *)(ulong)(con_pfn << 12);
+        char line[128];
+        u32 n = 0;
+        u64 t0 = 0, now = 0;
+        HYPERVISOR(hvm_op, 10, &t0);
+        while (n < sizeof(line) - 1) {
+            if (c->in_cons == c->in_prod) {
+                HYPERVISOR(hvm_op, 10, &now);              /* give up after 10 s without input */
+                if (now - t0 > 10000000000ULL)
+                    break;
+                continue;
+            }
+            char ch = c->in[c->in_cons & 1023];
+            c->in_cons++;
+            if (ch == '\n')
+                break;
+            line[n++] = ch;
+        }
+        line[n] = 0;
+        notify(con_port);
+        printf("console input: %s\n", line);
+        check(n > 0, "a line arrived on the PV console");
+    }
 }
