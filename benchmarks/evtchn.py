@@ -21,17 +21,17 @@ the line drops.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
 import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from unicorn import UC_HOOK_CODE                                    # noqa: E402
 
+import common                                                      # noqa: E402
 from xenicorn import firmware                                      # noqa: E402
 from xenicorn.devices.console import ConsoleSink                  # noqa: E402
 from xenicorn.platform.machine import MachineConfig, boot         # noqa: E402
@@ -89,21 +89,16 @@ def measure(n: int, reps: int) -> dict:
     return out
 
 
+def _row(k: str, r: dict) -> str:
+    speed = f"{r['compute_asserted_vs_deasserted']:.4f}" if "compute_asserted_vs_deasserted" in r else "no line"
+    lat = f"{r['deassert_latency_insns']:.0f}" if "deassert_latency_insns" in r else "-"
+    return f"{k:18s} {r['events_per_second']:9.0f} {r['us_per_event']:9.1f} {speed:>17s} {lat:>8s}"
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a short smoke run")
-    p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
-    res = measure(100 if args.quick else 5000, 1 if args.quick else 3)
-    if args.json:
-        print(json.dumps(res, indent=2))
-        return 0
-    print(f"{'guest / design':18s} {'events/s':>9s} {'us/event':>9s} {'speed, line high':>17s} {'latency':>8s}")
-    for k, r in res.items():
-        speed = f"{r['compute_asserted_vs_deasserted']:.4f}" if "compute_asserted_vs_deasserted" in r else "no line"
-        lat = f"{r['deassert_latency_insns']:.0f}" if "deassert_latency_insns" in r else "-"
-        print(f"{k:18s} {r['events_per_second']:9.0f} {r['us_per_event']:9.1f} {speed:>17s} {lat:>8s}")
-    return 0
+    return common.main(__doc__, measure, (100, 1), (5000, 3),
+                       f"{'guest / design':18s} {'events/s':>9s} {'us/event':>9s} {'speed, line high':>17s} "
+                       f"{'latency':>8s}", _row, argv)
 
 
 if __name__ == "__main__":

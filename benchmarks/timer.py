@@ -14,15 +14,15 @@ tick costs.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
 import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import common                                                      # noqa: E402
 from xenicorn import firmware                                      # noqa: E402
 from xenicorn.devices.console import ConsoleSink                  # noqa: E402
 from xenicorn.platform.machine import MachineConfig, boot         # noqa: E402
@@ -67,20 +67,15 @@ def measure(n: int, reps: int) -> dict:
     return out
 
 
+def _row(k: str, r: dict) -> str:
+    return (f"{k:7s} {r['quiet_mips']:10.0f} {r['ticking_mips']:10.0f} {r['ratio']:6.3f} "
+            f"{r['ticks']:6.0f} {r['us_per_tick']:8.1f}")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="a short smoke run")
-    p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
-    res = measure(200_000 if args.quick else 20_000_000, 1 if args.quick else 3)
-    if args.json:
-        print(json.dumps(res, indent=2))
-        return 0
-    print(f"{'guest':7s} {'quiet MIPS':>10s} {'1 kHz MIPS':>10s} {'ratio':>6s} {'ticks':>6s} {'us/tick':>8s}")
-    for k, r in res.items():
-        print(f"{k:7s} {r['quiet_mips']:10.0f} {r['ticking_mips']:10.0f} {r['ratio']:6.3f} "
-              f"{r['ticks']:6.0f} {r['us_per_tick']:8.1f}")
-    return 0
+    return common.main(__doc__, measure, (200_000, 1), (20_000_000, 3),
+                       f"{'guest':7s} {'quiet MIPS':>10s} {'1 kHz MIPS':>10s} {'ratio':>6s} {'ticks':>6s} "
+                       f"{'us/tick':>8s}", _row, argv)
 
 
 if __name__ == "__main__":

@@ -6,33 +6,30 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_compute_benchmark_quick_run_reports_every_variant():
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compute.py"), "--quick", "--json"],
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
+def quick_json(script, timeout=120):
+    """Run ``benchmarks/SCRIPT --quick --json``; its parsed results."""
     import json
-    data = json.loads(res.stdout)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), "--quick", "--json"],
+                         capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def test_compute_benchmark_quick_run_reports_every_variant():
+    data = quick_json("compute.py", timeout=120)
     assert set(data) == {"registers", "load", "store"}
     for r in data.values():
         assert r["instructions"] == 20_000 * 8 and r["xenicorn_mips"] > 0 and r["bare_mips"] > 0
 
 
 def test_hypercall_benchmark_quick_run_reports_both_widths():
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "hypercalls.py"), "--quick", "--json"],
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    import json
-    data = json.loads(res.stdout)
+    data = quick_json("hypercalls.py", timeout=120)
     assert set(data) == {"32-bit", "64-bit"}
     assert all(r["calls"] == 2000 and r["calls_per_second"] > 0 for r in data.values())
 
 
 def test_timer_benchmark_quick_run_reports_both_phases():
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "timer.py"), "--quick", "--json"],
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    import json
-    data = json.loads(res.stdout)
+    data = quick_json("timer.py", timeout=120)
     assert set(data) == {"32-bit", "64-bit"}
     for r in data.values():
         assert r["iterations"] == 200_000 and r["instructions"] > 5 * 200_000
@@ -40,11 +37,7 @@ def test_timer_benchmark_quick_run_reports_both_phases():
 
 
 def test_evtchn_benchmark_quick_run_reports_every_design():
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "evtchn.py"), "--quick", "--json"],
-                         capture_output=True, text=True, timeout=180)
-    assert res.returncode == 0, res.stderr
-    import json
-    data = json.loads(res.stdout)
+    data = quick_json("evtchn.py", timeout=180)
     assert set(data) == {f"{b}-bit {d}" for b in (32, 64) for d in ("vector", "gsi-poll", "gsi-eoi")}
     for key, r in data.items():
         assert r["events"] == 100 and r["events_per_second"] > 0

@@ -1,5 +1,4 @@
 """The command line as a user meets it: output, exit statuses, one-line errors."""
-import os
 import subprocess
 import sys
 

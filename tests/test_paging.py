@@ -4,9 +4,7 @@ Unit tests build page tables in a dict-backed "physical memory"; a
 hypothesis test then checks the walker against the MMU inside Unicorn on
 random tables, since that is the MMU the guest really runs on.
 """
-import struct
 
-import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from xenicorn.platform.paging import (PF_I, PF_P, PF_RSVD, PF_U, PF_W, PageFault, PagingRegs, Translation,

@@ -1,7 +1,7 @@
 """PCI configuration mechanism #1, BAR sizing and decode, INTx swizzling."""
 import pytest
 
-from xenicorn.devices.pci import PciBus, PciFunction, Piix3Isa, host_bridge, BAR_IO, BAR_MEM32
+from xenicorn.devices.pci import PciBus, PciFunction, Piix3Isa, host_bridge
 from xenicorn.devices.xen_platform import XenPlatformDevice, MAGIC
 
 

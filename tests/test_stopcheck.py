@@ -6,13 +6,12 @@ instruction, so a read-modify-write ran twice; and the flush of the block at
 ``until - 1`` after every run raised a phantom page fault that wrote CR2 and
 Unicorn's double-fault bookkeeping.
 """
-import ctypes
 
 from unicorn import Uc, UC_ARCH_X86, UC_MODE_64
 from unicorn import x86_const as X
 
 from xenicorn.platform import stopcheck
-from xenicorn.platform.machine import Machine, MachineConfig
+from xenicorn.platform.machine import MachineConfig
 from xenicorn.platform.rawctx import RawContext, OFF_OLD_EXCEPTION
 
 # L: inc ecx ; inc dword [0x2000] ; add dword [0x2004], 3 ; jmp L

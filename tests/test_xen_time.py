@@ -1,5 +1,4 @@
 """Xen time: deterministic runs, vCPU timers, poll timeouts, the watchdog."""
-import struct
 
 from xenicorn import firmware
 from xenicorn.devices.console import ConsoleSink

@@ -150,7 +150,7 @@ class Store:
             self.transactions[tx].touched.add(path)
 
     # -- operations -------------------------------------------------------------------
-    def read(self, domid: int, path: str, tx: int = 0) -> bytes:
+    def _readable(self, domid: int, path: str, tx: int) -> Node:
         path = self.canonical(domid, path)
         node = self._lookup(self._root(tx), path)
         self._touch(tx, path)
@@ -158,30 +158,20 @@ class Store:
             raise XsError("ENOENT", path)
         if not _can(node.perms, domid, "r"):
             raise XsError("EACCES", path)
-        return node.value
+        return node
+
+    def read(self, domid: int, path: str, tx: int = 0) -> bytes:
+        return self._readable(domid, path, tx).value
 
     def directory(self, domid: int, path: str, tx: int = 0) -> list[str]:
-        path = self.canonical(domid, path)
-        node = self._lookup(self._root(tx), path)
-        self._touch(tx, path)
-        if node is None:
-            raise XsError("ENOENT", path)
-        if not _can(node.perms, domid, "r"):
-            raise XsError("EACCES", path)
-        return list(node.children)
+        return list(self._readable(domid, path, tx).children)
 
     def generation(self, domid: int, path: str, tx: int = 0) -> int:
         node = self._lookup(self._root(tx), self.canonical(domid, path))
         return node.gen if node is not None else 0
 
     def get_perms(self, domid: int, path: str, tx: int = 0) -> list[Perm]:
-        path = self.canonical(domid, path)
-        node = self._lookup(self._root(tx), path)
-        if node is None:
-            raise XsError("ENOENT", path)
-        if not _can(node.perms, domid, "r"):
-            raise XsError("EACCES", path)
-        return list(node.perms)
+        return list(self._readable(domid, path, tx).perms)
 
     def _create(self, root: Node, domid: int, path: str) -> tuple[Node, int]:
         """Find or create ``path`` (and missing parents); return it and how many were made."""
