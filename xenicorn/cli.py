@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="grant table frames the guest may use (as QEMU's xen-gnttab-max-frames)")
     r.add_argument("--console-input", choices=("none", "stdin"), default="none",
                    help="feed standard input to the guest's PV console")
+    r.add_argument("-qmp", "--qmp", default="", metavar="unix:PATH,server,wait=off",
+                   help="a QMP monitor on a UNIX socket (QEMU's spelling and protocol)")
     sub.add_parser("firmware", help="list the bundled guest kernels")
     return p
 
@@ -94,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     config.clock = args.clock
     config.xen_version = (major, minor)
     config.callback_deassert = args.callback_deassert
+    config.qmp = args.qmp
     if not 1 <= args.gnttab_max_frames <= 128:
         raise UsageError(f"--gnttab-max-frames {args.gnttab_max_frames}: expected 1 to 128")
     config.gnttab_max_frames = args.gnttab_max_frames
@@ -105,8 +108,10 @@ def run(args: argparse.Namespace) -> int:
         machine, _ = boot(config, _resolve_kernel(args.kernel), initrd=args.initrd, load_addr=args.load_addr)
     except LoadError as e:
         raise UsageError(str(e)) from None
-    except ValueError as e:            # bad trace category, bad RAM size
+    except ValueError as e:            # bad trace category, bad RAM size, bad -qmp
         raise UsageError(str(e)) from None
+    except OSError as e:               # the -qmp socket
+        raise UsageError(f"-qmp {args.qmp}: {e.strerror or e}") from None
     for spec in args.xenstore:
         _seed_xenstore(machine, spec)
     for path in args.xenstore_watch:

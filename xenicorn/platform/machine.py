@@ -53,6 +53,7 @@ class MachineConfig:
     xen: bool = True                     # the Xen HVM platform (CPUID leaves, hypercalls)
     callback_deassert: str = "poll"      # poll | eoi: how Xen's level callback line drops
     gnttab_max_frames: int = 64          # grant table frames the guest may use
+    qmp: str = ""                        # -qmp unix:PATH,server,wait=off
     xen_version: tuple[int, int] = (4, 17)
     record_console: bool = True
 
@@ -116,6 +117,10 @@ class Machine:
         from ..devices.uart16550 import attach_serial
         attach_serial(self, irq=self.isa_irq[4])
         self._build_pci()
+        self.monitor = None
+        if self.config.qmp:
+            from .qmp import QmpServer, parse_spec
+            self.monitor = QmpServer(self, parse_spec(self.config.qmp))
         if self.config.xen:
             from ..xen.platform import XenPlatform, XenConfig
             XenPlatform(self, XenConfig(version=self.config.xen_version,
@@ -202,12 +207,30 @@ class Machine:
             return
         self.ioapic.set_irq(gsi, level)
 
-    def post_console_input(self, data: bytes) -> None:
-        """Console input from another thread: queued, taken by the run loop."""
-        self._console_input.append(bytes(data))
+    def monitor_kick(self) -> None:
+        """A monitor command arrived (another thread): let the run loop take it."""
         vcpu = self.vcpus[0]
         if vcpu._in_emu:
-            vcpu.request_stop("console input")
+            vcpu.request_stop("monitor")
+
+    def _service_monitor(self) -> None:
+        mon = self.monitor
+        mon.service()
+        while mon.paused and self.status is None:
+            mon.service(wait=0.1)
+
+    def post_console_input(self, data: bytes) -> None:
+        """Console input from another thread: queued, taken by the run loop.
+
+        Kicked again every few ms until taken: a stop just before
+        ``emu_start`` starts would be lost (see :mod:`stoptimer`).
+        """
+        self._console_input.append(bytes(data))
+        while self._console_input and self.status is None:
+            vcpu = self.vcpus[0]
+            if vcpu._in_emu:
+                vcpu.request_stop("console input")
+            time.sleep(0.005)
 
     def _take_console_input(self) -> None:
         while self._console_input and self.xen is not None:
@@ -301,6 +324,10 @@ class Machine:
         cfg = self.config
         self._deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
         while self.status is None:
+            if self.monitor is not None:
+                self._service_monitor()
+                if self.status is not None:
+                    break
             self.clock.run_due()
             if self._console_input:
                 self._take_console_input()
@@ -320,6 +347,11 @@ class Machine:
                 continue                  # a clock deadline, not the user's limit
             self.handle_exit(vcpu, ex)
         self.console.flush()
+        if self.monitor is not None:
+            quit_ = self.shutdown_reason == "quit"
+            self.monitor.event("SHUTDOWN", {"guest": not quit_,
+                                            "reason": "host-qmp-quit" if quit_ else "guest-shutdown"})
+            self.monitor.close()
         return self.status
 
     def _run_budget(self, vcpu: VCpu) -> tuple[int, int]:
@@ -373,6 +405,15 @@ class Machine:
                 vcpu.sleep_kind = ""
                 return
             nxt = self.clock.next_deadline()
+            if self.monitor is not None and not self.clock.deterministic:
+                # a monitor command (an injected event, quit) may wake it: wait for one
+                wait = 0.05 if nxt is None else max(0.0, min(0.05, (nxt - self.clock.now_ns()) / 1e9))
+                self._service_monitor()
+                self.monitor.service(wait=wait)
+                if self._deadline is not None and time.monotonic() >= self._deadline:
+                    self._handle_limit(vcpu, E.Limit(vcpu.pc, "timeout"))
+                    return
+                continue
             if nxt is None or (vcpu.sleep_kind == "HLT" and not vcpu.reg("rflags") & (1 << 9)):
                 pc = vcpu.pc
                 if vcpu.sleep_kind == "HLT" and not vcpu.reg("rflags") & (1 << 9):
