@@ -11,6 +11,7 @@ from unicorn import Uc, UC_ARCH_X86, UC_MODE_64
 from unicorn import x86_const as X
 
 from xenicorn.platform import stopcheck
+from xenicorn.platform.stoptimer import StopTimer
 from xenicorn.platform.machine import MachineConfig
 from xenicorn.platform.rawctx import RawContext, OFF_OLD_EXCEPTION
 
@@ -25,6 +26,13 @@ def _loop_engine(precise):
     if precise:
         stopcheck.stop_between_blocks(uc)
     return uc
+
+
+def _run_for(uc, timer, seconds=100e-6):
+    """One run stopped from another thread after ``seconds`` (xenicorn's stop-timer)."""
+    timer.arm(seconds)
+    uc.emu_start(uc.reg_read(X.UC_X86_REG_RIP) or 0x1000, 0xFFFF_FFFF_FFFF)
+    timer.disarm()
 
 
 def _consistent(uc):
@@ -42,18 +50,22 @@ def test_the_flag_is_found_and_checked_by_behaviour():
 
 def test_timeout_stops_land_between_blocks_with_the_flag():
     uc = _loop_engine(precise=True)
+    timer = StopTimer(uc)
     for _ in range(100):
-        uc.emu_start(uc.reg_read(X.UC_X86_REG_RIP) or 0x1000, 0xFFFF_FFFF_FFFF, timeout=100)
+        _run_for(uc, timer)
         assert _consistent(uc)
+    timer.close()
 
 
 def test_without_the_flag_timeout_stops_replay_read_modify_writes():
     """The behaviour the flag exists for: if this starts passing, Unicorn changed."""
     uc = _loop_engine(precise=False)
+    timer = StopTimer(uc)
     bad = 0
     for _ in range(50):
-        uc.emu_start(uc.reg_read(X.UC_X86_REG_RIP) or 0x1000, 0xFFFF_FFFF_FFFF, timeout=100)
+        _run_for(uc, timer)
         bad += not _consistent(uc)
+    timer.close()
     assert bad > 0
 
 
