@@ -17,6 +17,7 @@ fault, 124 on ``--timeout``, 2 for bad user input (never reached here).
 """
 from __future__ import annotations
 
+import collections
 import time
 from dataclasses import dataclass, field
 
@@ -81,7 +82,6 @@ class Machine:
         self.shutdown_message = ""
         self.exit_counts: dict[str, int] = {}
         self.xen = None                      # the Xen layer, when built with one
-        import collections
         self._console_input: collections.deque = collections.deque()
         self.interrupt_source = None         # object with pending()/acknowledge(): the APIC/PIC
         self.msr_handlers: dict = {}         # msr -> handler(vcpu, Msr exit), see platform/msr.py
@@ -207,11 +207,16 @@ class Machine:
             return
         self.ioapic.set_irq(gsi, level)
 
-    def monitor_kick(self) -> None:
-        """A monitor command arrived (another thread): let the run loop take it."""
-        vcpu = self.vcpus[0]
-        if vcpu._in_emu:
-            vcpu.request_stop("monitor")
+    def kick_until(self, taken, why: str) -> None:
+        """From another thread: stop the guest until the run loop has taken what was posted.
+
+        A stop that reaches Unicorn just before ``emu_start`` clears its
+        stop flag is lost (see :mod:`stoptimer`), so it is repeated every
+        few milliseconds while ``taken()`` is false.
+        """
+        while not taken() and self.status is None:
+            self.kick(why, force=True)
+            time.sleep(0.005)
 
     def _service_monitor(self) -> None:
         mon = self.monitor
@@ -220,17 +225,9 @@ class Machine:
             mon.service(wait=0.1)
 
     def post_console_input(self, data: bytes) -> None:
-        """Console input from another thread: queued, taken by the run loop.
-
-        Kicked again every few ms until taken: a stop just before
-        ``emu_start`` starts would be lost (see :mod:`stoptimer`).
-        """
+        """Console input from another thread: queued, taken by the run loop."""
         self._console_input.append(bytes(data))
-        while self._console_input and self.status is None:
-            vcpu = self.vcpus[0]
-            if vcpu._in_emu:
-                vcpu.request_stop("console input")
-            time.sleep(0.005)
+        self.kick_until(lambda: not self._console_input, "console input")
 
     def _take_console_input(self) -> None:
         while self._console_input and self.xen is not None:
@@ -256,9 +253,7 @@ class Machine:
         one is bounded by the new deadline (with a counting vCPU the stop may
         wait for the run quantum, see ``VCpu.request_stop``).
         """
-        vcpu = self.vcpus[0] if self.vcpus else None
-        if vcpu is not None and vcpu._in_emu:
-            vcpu.request_stop("timer-armed")
+        self.kick("timer-armed", force=True)
 
     def _pirq_changed(self, pirq: int, level: bool) -> None:
         """A PCI PIRQ line changed: GSI 16+n, and the ISA IRQ the PIIX3 routes it to."""

@@ -78,7 +78,11 @@ class GuestMemory:
             uc.mem_map_ptr(base, length, 7, self.host_addr + off)
         self.uc_list.append(uc)
         for index, gpa in self.frames.items():
-            self.on_overlay(uc, gpa, self.host_addr + self.size + index * PAGE_SIZE)
+            self.on_overlay(uc, gpa, self.host_addr + self._frame_offset(index))
+
+    def _frame_offset(self, index: int) -> int:
+        """Where hypervisor frame ``index`` lives in the host buffer (after RAM)."""
+        return self.size + index * PAGE_SIZE
 
     def map_frame(self, index: int, gpa: int) -> None:
         """Show hypervisor frame ``index`` at guest-physical ``gpa`` (page aligned).
@@ -94,19 +98,19 @@ class GuestMemory:
         if old == gpa:
             return
         if old is not None:
-            self.regions.remove((old, PAGE_SIZE, self.size + index * PAGE_SIZE))
+            self.regions.remove((old, PAGE_SIZE, self._frame_offset(index)))
             for uc in self.uc_list:
                 self._unmap_overlay(uc, old)
         for i, at in list(self.frames.items()):
             if at == gpa and i != index:           # another frame was there: it leaves
-                self.regions.remove((gpa, PAGE_SIZE, self.size + i * PAGE_SIZE))
+                self.regions.remove((gpa, PAGE_SIZE, self._frame_offset(i)))
                 del self.frames[i]
                 for uc in self.uc_list:
                     self._unmap_overlay(uc, gpa)
         self.frames[index] = gpa
-        self.regions.insert(0, (gpa, PAGE_SIZE, self.size + index * PAGE_SIZE))
+        self.regions.insert(0, (gpa, PAGE_SIZE, self._frame_offset(index)))
         for uc in self.uc_list:
-            self.on_overlay(uc, gpa, self.host_addr + self.size + index * PAGE_SIZE)
+            self.on_overlay(uc, gpa, self.host_addr + self._frame_offset(index))
 
     # set by the machine: put a host page at a guest-physical page in one engine
     on_overlay = staticmethod(lambda uc, gpa, host: None)

@@ -110,20 +110,9 @@ class QmpServer:
                     break
                 buf = buf[end:]
                 self.commands.put((client, msg))
-                self._kick_until_taken()
+                self.machine.kick_until(lambda: self.commands.empty() or self.closed, "monitor")
         if client in self.clients:
             self.clients.remove(client)
-
-    def _kick_until_taken(self) -> None:
-        """Stop the guest so the run loop takes the command; again if a stop got lost.
-
-        A stop that reaches Unicorn just before ``emu_start`` clears its stop
-        flag is lost (see :mod:`stoptimer`), so the reader repeats it every
-        few milliseconds until the run loop has taken the queue.
-        """
-        while not self.commands.empty() and not self.closed:
-            self.machine.monitor_kick()
-            time.sleep(0.005)
 
     # -- the run loop's side -------------------------------------------------------------------
     def service(self, wait: float = 0.0) -> bool:

@@ -79,10 +79,7 @@ def _guarded(default):
             try:
                 return fn(self, *args)
             except Exception as exc:          # noqa: BLE001 - reported, not hidden
-                if self._internal is None:
-                    self._internal = exc
-                self.uc.emu_stop()
-                return default
+                return self._hook_failed(exc, default)
         hook.__name__ = fn.__name__
         hook.__doc__ = fn.__doc__
         return hook
@@ -436,16 +433,20 @@ class VCpu:
         self._window_hook = self.uc.hook_add(UC_HOOK_BLOCK, self._on_window_block)
         self.uc.ctl_flush_tb()
 
+    def _hook_failed(self, exc: Exception, default):
+        """A hook raised: keep the first error, end the run, give Unicorn a sane value."""
+        if self._internal is None:
+            self._internal = exc
+        self.uc.emu_stop()
+        return default
+
     def guarded_hook(self, fn, default=None):
         """Wrap another module's Unicorn hook like ours (see ``_guarded``)."""
         def hook(*args):
             try:
                 return fn(*args)
             except Exception as exc:          # noqa: BLE001 - reported, not hidden
-                if self._internal is None:
-                    self._internal = exc
-                self.uc.emu_stop()
-                return default
+                return self._hook_failed(exc, default)
         return hook
 
     def disarm_interrupt_window(self) -> None:

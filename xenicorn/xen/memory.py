@@ -30,6 +30,8 @@ import struct
 
 from . import errno
 from .guest import HypercallError
+from ..devices.ioapic import IOAPIC_BASE
+from ..devices.lapic import LAPIC_BASE
 
 XENMEM_increase_reservation, XENMEM_decrease_reservation = 0, 1
 XENMEM_maximum_ram_page, XENMEM_current_reservation, XENMEM_maximum_reservation = 2, 3, 4
@@ -67,7 +69,7 @@ def map_space(call, space: int, idx: int, gpfn: int) -> None:
             raise HypercallError(errno.EINVAL, "grant table v2 status frames (v1 only)")
         if idx >= xen.config.gnttab_max_frames:
             raise HypercallError(errno.EINVAL, f"grant frame {idx} >= {xen.config.gnttab_max_frames}")
-        if gpfn * PAGE >= 1 << 52 or (gpfn * PAGE in (0xFEC00000, 0xFEE00000)):
+        if gpfn * PAGE >= 1 << 52 or gpfn * PAGE in (IOAPIC_BASE, LAPIC_BASE):
             raise HypercallError(errno.EINVAL, f"gpfn {gpfn:#x}")
         xen.state.grant_frames[idx] = gpfn
         xen.machine.memory.map_frame(idx, gpfn * PAGE)

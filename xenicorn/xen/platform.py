@@ -27,10 +27,9 @@ from dataclasses import dataclass, field
 from ..platform import exits as E
 from . import hypercall, version, console, sched, memory, hvm, vcpu_op, pvclock, timers
 from .callback import Callback
-from .evtchn import EventChannels, VIRQ_TIMER
+from .evtchn import EventChannels, VIRQ_TIMER, Port, UNBOUND, BACKEND_DOMID
 from .physdev import Physdev
 from .gnttab import GrantTable
-from .evtchn import Port, UNBOUND, BACKEND_DOMID
 from .pvconsole import PvConsole
 from .xenstore.server import XenstoreServer
 from .xenstore.store import Store, Perm
@@ -94,7 +93,6 @@ class XenPlatform:
     """Attach with ``XenPlatform(machine)``; the machine then has ``machine.xen``."""
 
     def __init__(self, machine, config: XenConfig | None = None, callback_deassert: str = "poll"):
-        self.host_watches: dict = {}
         self.machine = machine
         self.config = config or XenConfig()
         self.state = XenState()
@@ -142,7 +140,6 @@ class XenPlatform:
         already connected to xenicorn, which plays dom0: the guest finds
         both in HVM_PARAM_STORE_PFN/EVTCHN and CONSOLE_PFN/EVTCHN.
         """
-        from . import hvm
         m = self.machine
         m.memory.reserve(self.SPECIAL_AREA, 0x8000)
         trace = (lambda text: m.tracer.emit("xenstore", text)) if m.tracer.on("xenstore") else None
@@ -200,7 +197,7 @@ class XenPlatform:
                             (f"{front}/limit", "1048576"), (f"{front}/type", "xenconsoled")]:
             st.write(0, path, value.encode())
         for path in self._tree(back):
-            st.set_perms(0, path, [Perm(0, "n"), Perm(me, "r")])
+            st.set_perms(0, path, readable)
         st.take_events(me)
 
     def _tree(self, path: str) -> list[str]:

@@ -43,6 +43,11 @@ XENSTORE_ERROR_NONE, XENSTORE_ERROR_RINGIDX = 0, 2
 HEADER = struct.Struct("<IIII")
 
 
+def _shown(payload: bytes) -> str:
+    """A payload for a trace line: NULs as |, cut at 60 bytes."""
+    return payload[:60].replace(b"\0", b"|").decode("ascii", "replace")
+
+
 class XenstoreServer:
     """Serve one domain's ring from a :class:`Store` (xenicorn is dom0's xenstored)."""
 
@@ -100,8 +105,7 @@ class XenstoreServer:
 
     def _reply(self, kind: int, req_id: int, tx_id: int, payload: bytes) -> None:
         if self.trace:
-            shown = payload[:60].replace(b"\0", b"|").decode("ascii", "replace")
-            self.trace(f"-> {TYPE_NAMES.get(kind, kind)} req {req_id} tx {tx_id}: {shown}")
+            self.trace(f"-> {TYPE_NAMES.get(kind, kind)} req {req_id} tx {tx_id}: {_shown(payload)}")
         self._out += HEADER.pack(kind, req_id, tx_id, len(payload)) + payload
 
     def _event(self, path: str, token: str) -> None:
@@ -134,8 +138,7 @@ class XenstoreServer:
     def handle(self, kind: int, req_id: int, tx_id: int, payload: bytes) -> tuple[int, int, int, bytes]:
         name = TYPE_NAMES.get(kind, str(kind))
         if self.trace:
-            shown = payload[:60].replace(b"\0", b"|").decode("ascii", "replace")
-            self.trace(f"<- {name} req {req_id} tx {tx_id}: {shown}")
+            self.trace(f"<- {name} req {req_id} tx {tx_id}: {_shown(payload)}")
         try:
             out = self._dispatch(kind, tx_id, payload)
             return kind, req_id, tx_id, out

@@ -195,7 +195,8 @@ class Store:
         if domid != DOM0 and self.nodes_by_owner.get(domid, 0) + new > QUOTA_NODES:
             raise XsError("ENOSPC", f"domain {domid} would own more than {QUOTA_NODES} nodes")
 
-    def _count(self, node: Node) -> None:
+    def _count(self) -> None:
+        """Recount the nodes each domain owns (for the node quota)."""
         self.nodes_by_owner.clear()
 
         def walk(n: Node) -> None:
@@ -211,7 +212,7 @@ class Store:
             raise XsError("EINVAL", path)
         if len(value) > QUOTA_VALUE and domid != DOM0:
             raise XsError("ENOSPC", f"value of {len(value)} bytes")
-        self._change(domid, path, tx, lambda node: setattr(node, "value", value), write=True)
+        self._change(domid, path, tx, lambda node: setattr(node, "value", value))
         self._log(tx, "write", path, value)
 
     def mkdir(self, domid: int, path: str, tx: int = 0) -> None:
@@ -220,28 +221,27 @@ class Store:
             raise XsError("EINVAL", path)
         if self._lookup(self._root(tx), path) is not None:
             return                                            # exists: mkdir succeeds, nothing fires
-        self._change(domid, path, tx, lambda node: None, write=True)
+        self._change(domid, path, tx, lambda node: None)
         self._log(tx, "mkdir", path)
 
-    def _change(self, domid: int, path: str, tx: int, apply, write: bool) -> None:
+    def _change(self, domid: int, path: str, tx: int, apply) -> None:
         root = self._root(tx)
-        existing = self._lookup(root, path)
-        if existing is not None and not _can(existing.perms, domid, "w"):
-            raise XsError("EACCES", path)
-        # do it on a copy of the branch first, so a refusal leaves the store alone
+        # Every check first, on the deepest node that exists (the node
+        # itself, or the parent its missing branch would hang from), so
+        # that a refusal leaves the store as it was.
         parts = self._parts(path)
-        missing = 0
-        node = root
+        node, depth = root, 0
         for part in parts:
-            node = node.children.get(part) if node is not None else None
-            if node is None:
-                missing += 1
+            child = node.children.get(part)
+            if child is None:
+                break
+            node, depth = child, depth + 1
+        missing = len(parts) - depth
+        if not missing and not _can(node.perms, domid, "w"):
+            raise XsError("EACCES", path)
         self._quota_nodes(domid, missing)
-        if missing:
-            parent_path = "/" + "/".join(parts[:len(parts) - missing])
-            parent = self._lookup(root, parent_path)
-            if not _can(parent.perms, domid, "w"):
-                raise XsError("EACCES", path)
+        if missing and not _can(node.perms, domid, "w"):
+            raise XsError("EACCES", path)
         node, made = self._create(root, domid, path)
         apply(node)
         self.gen += 1
@@ -249,7 +249,7 @@ class Store:
         self._touch(tx, path)
         if tx == 0:
             if made:
-                self._count(self.root)
+                self._count()
             self._fire(path)
 
     def rm(self, domid: int, path: str, tx: int = 0) -> None:
@@ -273,7 +273,7 @@ class Store:
         self._touch(tx, path)
         self._log(tx, "rm", path)
         if tx == 0:
-            self._count(self.root)
+            self._count()
             for p in removed:
                 self._fire(p, exact_only=p != path)
 
@@ -301,7 +301,7 @@ class Store:
         self._touch(tx, path)
         self._log(tx, "set_perms", path, list(perms))
         if tx == 0:
-            self._count(self.root)
+            self._count()
             self._fire(path)
 
     # -- transactions -------------------------------------------------------------------
