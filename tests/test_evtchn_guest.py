@@ -81,3 +81,16 @@ def test_xen_event_list_on_the_command_line(capsys):
     rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+ ", line)]
     types = {r[1] for r in rows}
     assert {"ipi", "virq", "pirq", "unbound"} <= types
+
+
+@pytest.mark.parametrize("mode,marks", [("poll", ["asserted", "poll hook armed", "poll at block",
+                                                 "deasserted (upcall_pending read 0"]),
+                                        ("eoi", ["asserted", "EOI at IOAPIC pin 20", "deasserted (EOI at"])])
+def test_trace_shows_assert_polls_deassert_and_eoi(mode, marks, capsys):
+    from xenicorn.cli import main
+    assert main(["run", "evtchn64", "--append", "via=gsi", "--callback-deassert", mode,
+                 "--trace", "evtchn,irq"]) == 0
+    err = capsys.readouterr().err
+    for mark in marks:
+        assert "[evtchn] " in err and mark in err, mark
+    assert "[irq] GSI20 raised" in err and "[irq] GSI20 lowered" in err

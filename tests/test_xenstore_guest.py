@@ -42,6 +42,7 @@ def test_the_cli_seeds_keys_and_traces_messages(capsys):
     assert main(["run", "xenstore64", "--xenstore", "control/shutdown=poweroff", "--trace", "xenstore"]) == 0
     out = capsys.readouterr()
     assert "the toolstack asks for poweroff" in out.out
+    assert "hello from the PV console\n" in out.out                  # the PV console reaches stdout
     assert "[xenstore] <- TRANSACTION_END req" in out.err and "EAGAIN" in out.err
     assert main(["run", "xenstore64", "--xenstore", "novalue"]) == 2
 
