@@ -57,6 +57,7 @@ class MachineConfig:
     qmp: str = ""                        # -qmp unix:PATH,server,wait=off
     xen_version: tuple[int, int] = (4, 17)
     record_console: bool = True
+    count_instructions: bool = False     # exact instruction counts and stops (stepper, gdb, records)
 
 
 class Machine:
@@ -85,7 +86,8 @@ class Machine:
         self._console_input: collections.deque = collections.deque()
         self.interrupt_source = None         # object with pending()/acknowledge(): the APIC/PIC
         self.msr_handlers: dict = {}         # msr -> handler(vcpu, Msr exit), see platform/msr.py
-        counting = bool(self.config.max_insns) or self.config.clock == "deterministic"
+        counting = (self.config.count_instructions or bool(self.config.max_insns)
+                    or self.config.clock == "deterministic")
         self.vcpus = [VCpu(self, 0, count_instructions=counting)]
         from .clock import VirtualClock
         self.clock = VirtualClock(self.config.clock, self.config.ns_per_insn,
