@@ -154,10 +154,13 @@ def test_trace_irq_int_shows_line_controller_vector_idt(capsys):
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith(("[irq]", "[int]"))]
     i = lines.index("[irq] IOAPIC pin 4 -> vector 0x44 (edge) to APIC 0 (physical)")
     assert lines[i - 2:i] == ["[irq] IRQ4 raised", "[irq] GSI4 raised"]
-    assert lines[i + 1].startswith("[irq] LAPIC 0 takes vector 0x44")
-    assert lines[i + 2].startswith("[int] vector 0x44 (external interrupt) via long gate int64")
+    assert lines[i + 1] == "[irq] LAPIC 0 IRR gets vector 0x44 (edge)"
+    assert lines[i + 2].startswith("[irq] LAPIC 0 takes vector 0x44")
+    assert lines[i + 3].startswith("[int] vector 0x44 (external interrupt) via long gate int64")
     j = lines.index("[irq] 8259 INTA -> vector 0x24")
-    assert lines[j - 1] == "[irq] LAPIC 0 LINT0 ExtINT: asks the 8259 for the vector"
+    # INTA moves the request to ISR, so the 8259 drops INT before it answers
+    assert lines[j - 2:j] == ["[irq] LAPIC 0 LINT0 ExtINT: asks the 8259 for the vector",
+                              "[irq] 8259 INT output lowered"]
     assert lines[j + 1].startswith("[int] vector 0x24 (external interrupt)")
 
 

@@ -29,6 +29,24 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xenicorn", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="boot a kernel")
+    _run_options(r)
+    r.add_argument("--trace-json", metavar="FILE",
+                   help="write every interrupt event (evtchn bits, lines, PIC/IOAPIC/LAPIC, IDT delivery) "
+                        "with what it changed, one JSON object per line")
+    r.add_argument("--record", metavar="FILE",
+                   help="write the run's timeline: every exit and interrupt event with its instruction "
+                        "count, one JSON object per line (tools/plot_timeline.py draws it)")
+    s = sub.add_parser("step", help="boot a kernel and stop at each interrupt event (keys: n s c i q ?)")
+    _run_options(s)
+    s.add_argument("--from-insn", type=_int, default=0, metavar="N",
+                   help="run the first N guest instructions without stopping")
+    s.add_argument("--trace-json", metavar="FILE", help="also write the events as JSON lines")
+    sub.add_parser("firmware", help="list the bundled guest kernels")
+    return p
+
+
+def _run_options(r: argparse.ArgumentParser) -> None:
+    """The options ``run`` and ``step`` share: the machine and how to boot it."""
     r.add_argument("kernel", help="PVH ELF kernel, flat binary (with --load-addr), or a firmware name")
     r.add_argument("-m", "--memory", type=_int, default=128, metavar="MiB", help="guest RAM (default 128)")
     r.add_argument("--append", "-append", default="", metavar="CMDLINE", help="kernel command line")
@@ -65,8 +83,6 @@ def _parser() -> argparse.ArgumentParser:
                    help="feed standard input to the guest's PV console")
     r.add_argument("-qmp", "--qmp", default="", metavar="unix:PATH,server,wait=off",
                    help="a QMP monitor on a UNIX socket (QEMU's spelling and protocol)")
-    sub.add_parser("firmware", help="list the bundled guest kernels")
-    return p
 
 
 def _resolve_kernel(name: str) -> str:
@@ -97,6 +113,12 @@ def run(args: argparse.Namespace) -> int:
     config.xen_version = (major, minor)
     config.callback_deassert = args.callback_deassert
     config.qmp = args.qmp
+    stepping = args.command == "step"
+    json_path = args.trace_json or getattr(args, "record", None)
+    if stepping or json_path:
+        from .platform.stepper import OBSERVED
+        config.count_instructions = True          # exact positions, one-instruction steps
+        config.observe = set(OBSERVED)
     if not 1 <= args.gnttab_max_frames <= 128:
         raise UsageError(f"--gnttab-max-frames {args.gnttab_max_frames}: expected 1 to 128")
     config.gnttab_max_frames = args.gnttab_max_frames
@@ -122,19 +144,39 @@ def run(args: argparse.Namespace) -> int:
         _read_stdin_into(machine)
     for spec in args.xen_event_inject:
         _schedule_inject(machine, spec)
+    records = []
+    for path, exits in ((args.trace_json, False), (getattr(args, "record", None), True)):
+        if path:
+            records.append(_open_record(machine, path, exits))
+    if stepping:
+        from .platform.stepper import Stepper
+        Stepper(machine, from_insn=args.from_insn)
     try:
         status = machine.run()
     except KeyboardInterrupt:
         machine.console.flush()
         print("xenicorn: interrupted", file=sys.stderr)
         return 130
+    finally:
+        for rec in records:
+            rec.close()
+            rec.stream.close()
     machine.console.flush()
-    if machine.shutdown_reason not in ("poweroff", "debug-exit") or status == STATUS_CRASH:
+    if machine.shutdown_reason not in ("poweroff", "debug-exit", "quit") or status == STATUS_CRASH:
         print(f"xenicorn: {machine.shutdown_reason}: {machine.shutdown_message}", file=sys.stderr)
     if args.xen_event_list:
         _print_events(machine)
     machine.close()
     return status
+
+
+def _open_record(machine, path: str, exits: bool):
+    from .platform.stepper import JsonLines
+    try:
+        stream = open(path, "w", encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"{path}: {e.strerror or e}") from None
+    return JsonLines(machine, stream, exits=exits)
 
 
 def _seed_xenstore(machine, spec: str) -> None:

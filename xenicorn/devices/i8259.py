@@ -226,15 +226,23 @@ class PicPair:
         self.slave = I8259("slave", 0xDE, lambda level: self.master.set_irq(2, level))
         self.int_level = False
         self.on_eoi: list[Callable[[int], None]] = []     # called with the ISA IRQ 0-15
-        self.master.on_eoi.append(lambda irq: [cb(irq) for cb in self.on_eoi if irq != 2])
-        self.slave.on_eoi.append(lambda irq: [cb(irq + 8) for cb in self.on_eoi])
+        self.master.on_eoi.append(lambda irq: self._eoi(irq) if irq != 2 else None)   # 2: the cascade
+        self.slave.on_eoi.append(lambda irq: self._eoi(irq + 8))
         self.trace: Callable[[str], None] | None = None
         self.master_ports = _ChipPorts(self.master)
         self.slave_ports = _ChipPorts(self.slave)
         self.elcr_ports = _Elcr(self)
 
+    def _eoi(self, irq: int) -> None:
+        if self.trace is not None:
+            self.trace(f"8259 EOI IRQ {irq}")
+        for cb in self.on_eoi:
+            cb(irq)
+
     def _master_out(self, level: bool) -> None:
         self.int_level = level
+        if self.trace is not None:
+            self.trace(f"8259 INT output {'raised' if level else 'lowered'}")
         self.output(level)
 
     def set_irq(self, irq: int, level: bool) -> None:

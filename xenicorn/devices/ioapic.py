@@ -106,6 +106,8 @@ class Ioapic:
         for pin, rte in enumerate(st.redirtbl):
             if rte & RTE_LEVEL and rte & RTE_REMOTE_IRR and rte & 0xFF == vector:
                 st.redirtbl[pin] = rte & ~RTE_REMOTE_IRR
+                if self.trace is not None:
+                    self.trace(f"IOAPIC EOI vector {vector:#x}: pin {pin} Remote IRR cleared")
                 for cb in self.on_eoi:
                     cb(pin)
                 if st.irr >> pin & 1:

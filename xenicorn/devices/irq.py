@@ -42,10 +42,15 @@ class IrqLine:
         self.level = level
         if level:
             self.edges += 1
-        if self.trace is not None:
+        # Traced before a rise reaches the sinks and after a fall has: the
+        # messages a rise causes (IOAPIC -> LAPIC) then read in causal order,
+        # and a fall's line shows the inputs it lowered.
+        if level and self.trace is not None:
             self.trace(self.name, level)
         for sink in self.sinks:
             sink(level)
+        if not level and self.trace is not None:
+            self.trace(self.name, level)
 
     def raise_(self) -> None:
         self.set_level(True)

@@ -122,11 +122,12 @@ class Lapic:
         st = self.state
         v = self._deliverable()
         if v is not None:
-            if self.trace is not None:
-                self.trace(f"LAPIC {st.id} takes vector {v:#x} (PPR {self.ppr():#x}, "
-                           f"{'level' if st.tmr >> v & 1 else 'edge'})")
+            ppr = self.ppr()
             st.irr &= ~(1 << v)
             st.isr |= 1 << v
+            if self.trace is not None:
+                self.trace(f"LAPIC {st.id} takes vector {v:#x} (PPR was {ppr:#x}, "
+                           f"{'level' if st.tmr >> v & 1 else 'edge'})")
             return v
         if self._extint():
             if self.trace is not None:
@@ -147,6 +148,8 @@ class Lapic:
             return
         st.irr |= 1 << vector
         st.tmr = st.tmr | (1 << vector) if level else st.tmr & ~(1 << vector)
+        if self.trace is not None:
+            self.trace(f"LAPIC {st.id} IRR gets vector {vector:#x} ({'level' if level else 'edge'})")
         self.notify()
 
     def _matches(self, dest: int, logical: bool) -> bool:

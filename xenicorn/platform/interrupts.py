@@ -388,7 +388,7 @@ def _apply(vcpu, cpu: _Cpu, frame: bytes, pieces, new_cs, new_ss, rsp: int, rfla
     uc.reg_write(X.UC_X86_REG_RFLAGS, rflags)
     uc.reg_write(X.UC_X86_REG_RIP, rip)
     rec.new = {"cs": new_cs.selector, "rip": rip, "ss": (new_ss or cpu.ss).selector, "rsp": rsp,
-               "rflags": rflags, "cpl": new_cs.selector & 3 if cpu.cr0 & 1 else 0}
+               "rflags": rflags, "cpl": new_cs.selector & 3 if cpu.cr0 & 1 else 0, "cs_base": new_cs.base}
 
 
 def _combine(first: int, second: int) -> bool:
@@ -433,6 +433,6 @@ def deliver(vcpu, vector: int, etype: EventType, error_code: int | None = None) 
         _apply(vcpu, cpu, *parts, rec)
         tracer = vcpu.machine.tracer
         if tracer.on("int") or tracer.listeners:
-            tracer.emit("int", rec.summary())
+            tracer.emit("int", rec.summary(), rec)
         vcpu.last_delivery = rec
         return rec

@@ -58,6 +58,7 @@ class MachineConfig:
     xen_version: tuple[int, int] = (4, 17)
     record_console: bool = True
     count_instructions: bool = False     # exact instruction counts and stops (stepper, gdb, records)
+    observe: set[str] = field(default_factory=set)   # trace categories delivered to observers, unprinted
 
 
 class Machine:
@@ -69,7 +70,7 @@ class Machine:
         selftest()
         msr_selftest()
         self.config = config or MachineConfig()
-        self.tracer = Tracer(self.config.trace)
+        self.tracer = Tracer(self.config.trace, observed=self.config.observe)
         self.memory = GuestMemory(self.config.ram_mib << 20)
         engines = lambda uc: next(v for v in self.vcpus if v.uc is uc)       # noqa: E731
         self.memory.on_overlay = lambda uc, gpa, host: engines(uc).map_overlay(gpa, host)
@@ -119,6 +120,10 @@ class Machine:
         from ..devices.uart16550 import attach_serial
         attach_serial(self, irq=self.isa_irq[4])
         self._build_pci()
+        # Run-loop agents (the interrupt stepper, the gdb stub): asked before
+        # each guest run, where they may pause the machine and bound the run.
+        self.agents: list = []
+        self.exit_listeners: list = []       # callables(vcpu, exit) after each handled exit: records
         self.monitor = None
         if self.config.qmp:
             from .qmp import QmpServer, parse_spec
@@ -337,6 +342,10 @@ class Machine:
             if self.xen is not None and self.xen.callback.poll_wanted:
                 self.xen.callback.arm_poll(vcpu)
             timeout_us, count = self._run_budget(vcpu)
+            for agent in self.agents:
+                most = agent.before_run(vcpu)
+                if most:
+                    count = min(count, most) if count else most
             if self.status is not None:
                 break
             ex = vcpu.run(timeout_us=timeout_us, count=count)
@@ -497,6 +506,8 @@ class Machine:
                 vcpu.request_stop(reason)
         if self.tracer.on("exits"):
             self.tracer.emit("exits", self.describe_exit(vcpu, ex))
+        for listener in self.exit_listeners:
+            listener(vcpu, ex)
         if action is E.Action.STOP and vcpu._in_emu and vcpu._pending_exit is None:
             vcpu.stop_with(ex)
         return action

@@ -9,6 +9,12 @@ Categories: ``exits`` (every vCPU exit), ``io`` (unclaimed port/MMIO
 accesses, reported once per address), ``int`` (interrupt and exception
 delivery), ``cpuid``, ``mem`` (unassigned physical memory), ``hypercalls``,
 ``irq`` (interrupt line edges), ``evtchn``, ``all``.
+
+Tools that want the events without the text on stderr (the interrupt
+stepper, ``--trace-json``, run records) *observe* categories: the call
+sites emit as if the category were on, and observers get each line with
+its structured payload (a :class:`~xenicorn.platform.interrupts.Delivery`
+for ``int``), but nothing is printed.
 """
 from __future__ import annotations
 
@@ -39,24 +45,35 @@ def disassemble(code: bytes, addr: int, bits: int, count: int = 1) -> list[str]:
 class Tracer:
     """Routes trace lines for the enabled categories to a stream."""
 
-    def __init__(self, categories: set[str] | None = None, stream: TextIO | None = None):
-        cats = set(categories or ())
-        if "all" in cats:
-            cats = set(CATEGORIES)
-        unknown = cats - set(CATEGORIES)
-        if unknown:
-            raise ValueError(f"unknown trace categories: {', '.join(sorted(unknown))} "
-                             f"(known: {', '.join(CATEGORIES)}, all)")
+    def __init__(self, categories: set[str] | None = None, stream: TextIO | None = None,
+                 observed: set[str] | None = None):
+        cats = _categories(categories)
         self.categories = cats
+        self.observed = _categories(observed)
         self.stream = stream or sys.stderr
-        self.active = bool(cats)
-        self.listeners: list = []        # callables(category, text): tests, steppers
+        self.active = bool(cats or self.observed)
+        self.listeners: list = []        # callables(category, text): tests
+        self.observers: list = []        # callables(category, text, data): steppers, records
 
     def on(self, category: str) -> bool:
-        return category in self.categories
+        return category in self.categories or category in self.observed
 
-    def emit(self, category: str, text: str) -> None:
+    def emit(self, category: str, text: str, data=None) -> None:
         if category in self.categories:
             self.stream.write(f"[{category}] {text}\n")
         for listener in self.listeners:
             listener(category, text)
+        if category in self.observed:
+            for observer in self.observers:
+                observer(category, text, data)
+
+
+def _categories(names) -> set[str]:
+    cats = set(names or ())
+    if "all" in cats:
+        cats = set(CATEGORIES)
+    unknown = cats - set(CATEGORIES)
+    if unknown:
+        raise ValueError(f"unknown trace categories: {', '.join(sorted(unknown))} "
+                         f"(known: {', '.join(CATEGORIES)}, all)")
+    return cats
