@@ -204,3 +204,11 @@ def test_bad_record_inputs_get_one_line(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "plot_timeline.py"), str(bad), "--summary"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "not a JSON record" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_from_insn_runs_silently_first():
+    r = cli("step", "evtchn64", "--append", "via=gsi", "--from-insn", "39000", stdin="n\n" * 3 + "q\n")
+    assert r.returncode == 0, r.stderr
+    assert "-- at instruction 39000: stepping from here" in r.stdout
+    shown = [int(line.split(" insn ")[1].split()[0]) for line in r.stdout.splitlines() if line.startswith("== #")]
+    assert shown and min(shown) >= 39000
