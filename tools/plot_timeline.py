@@ -6,7 +6,10 @@ activity against guest progress, not against host time. Rows, top down:
 
 * the Xen callback line and vCPU0's ``evtchn_upcall_pending``: with
   ``--callback-deassert poll`` the line drops a few instructions after the
-  flag, with ``eoi`` only at the handler's EOI;
+  flag, with ``eoi`` only at the handler's EOI. The flag is a byte of guest
+  RAM the guest writes without an exit, so the record only *samples* it: at
+  every exit and interrupt event, and (poll mode) at every block while the
+  line is high; in eoi mode its fall shows at the EOI's exit at the latest;
 * every interrupt line that moved (GSIs, ISA IRQs, the 8259's INT output);
 * deliveries through the IDT, by vector;
 * exits, one row per kind (port I/O, MMIO, hypercalls, ...).
@@ -87,13 +90,13 @@ def timeline(records: list[dict]) -> dict:
     }
 
 
-def draw(tl: dict, out: str, title: str = "") -> None:
+def draw(tl: dict, out: str, title: str = "", window: tuple[int, int] | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [("Xen callback line", tl["callback"], "tab:red"),
-            ("vCPU0 upcall_pending", tl["upcall_pending"], "tab:orange")]
+            ("vCPU0 upcall_pending\n(as last sampled)", tl["upcall_pending"], "tab:orange")]
     rows += [(name, iv, "tab:blue") for name, iv in tl["lines"].items()]
     fig, (ax_lv, ax_ev) = plt.subplots(2, 1, sharex=True, figsize=(12, 2 + 0.35 * (len(rows) + len(tl["exits"]))),
                                        gridspec_kw={"height_ratios": [max(1, len(rows)), max(1, len(tl["exits"]) + 1)]})
@@ -116,7 +119,7 @@ def draw(tl: dict, out: str, title: str = "") -> None:
     ax_ev.set_yticks(range(dy + 1), names + ["IDT delivery"])
     ax_ev.invert_yaxis()
     ax_ev.set_xlabel("guest instructions executed")
-    ax_ev.set_xlim(0, max(tl["end"], 1))
+    ax_ev.set_xlim(*(window or (0, max(tl["end"], 1))))
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -127,8 +130,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("record", help="a file written by xenicorn run --record")
     p.add_argument("-o", "--output", default="timeline.png", help="PNG to write (default timeline.png)")
     p.add_argument("--title", default="")
+    p.add_argument("--window", metavar="FIRST:LAST", help="draw only these instruction counts (zoom in)")
     p.add_argument("--summary", action="store_true", help="print the intervals instead of drawing")
     args = p.parse_args(argv)
+    window = None
+    if args.window:
+        try:
+            first, last = (int(x, 0) for x in args.window.split(":"))
+            if first >= last:
+                raise ValueError
+            window = (first, last)
+        except ValueError:
+            print(f"plot_timeline: error: --window {args.window}: expected FIRST:LAST, FIRST < LAST",
+                  file=sys.stderr)
+            return 2
     try:
         tl = timeline(load(args.record))
     except (OSError, ValueError) as e:
@@ -144,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{k} {len(v)}" for k, v in tl["exits"].items()))
         return 0
     try:
-        draw(tl, args.output, args.title)
+        draw(tl, args.output, args.title, window)
     except ImportError:
         print("plot_timeline: error: drawing needs matplotlib (pip install matplotlib)", file=sys.stderr)
         return 2
