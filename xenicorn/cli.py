@@ -47,8 +47,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run_options(r: argparse.ArgumentParser) -> None:
     """The options ``run`` and ``step`` share: the machine and how to boot it."""
-    r.add_argument("kernel", help="PVH ELF kernel, flat binary (with --load-addr), or a firmware name")
-    r.add_argument("-m", "--memory", type=_int, default=128, metavar="MiB", help="guest RAM (default 128)")
+    r.add_argument("kernel", nargs="?",
+                   help="PVH ELF kernel, bzImage, flat binary (with --load-addr), or a firmware name")
+    r.add_argument("--kernel-deb", metavar="PACKAGE",
+                   help="boot a Debian kernel package (e.g. linux-image-cloud-amd64): apt-get download, "
+                        "unpack its vmlinux, and (without --initrd) a busybox initramfs; cached")
+    r.add_argument("-m", "--memory", type=_int, default=None, metavar="MiB",
+                   help="guest RAM (default 128, 512 with --kernel-deb)")
     r.add_argument("--append", "-append", default="", metavar="CMDLINE", help="kernel command line")
     r.add_argument("--initrd", "-initrd", metavar="FILE", help="module 0 of hvm_start_info")
     r.add_argument("--load-addr", type=_int, metavar="ADDR", help="load KERNEL as a flat binary here")
@@ -99,6 +104,15 @@ def _resolve_kernel(name: str) -> str:
 def run(args: argparse.Namespace) -> int:
     from .platform.loader import LoadError
     from .platform.machine import boot
+    if args.kernel_deb:
+        if args.kernel:
+            raise UsageError("give either KERNEL or --kernel-deb, not both")
+        args.kernel, initrd = _debian_guest(args.kernel_deb)
+        args.initrd = args.initrd or initrd
+    elif not args.kernel:
+        raise UsageError("no kernel: give KERNEL (a file or a firmware name) or --kernel-deb PACKAGE")
+    if args.memory is None:
+        args.memory = 512 if args.kernel_deb else 128
     if args.memory < 2 or args.memory > 3584:
         raise UsageError(f"-m {args.memory}: guest RAM must be between 2 and 3584 MiB")
     config = MachineConfig(ram_mib=args.memory, cmdline=args.append, serial="stdio",
@@ -168,6 +182,17 @@ def run(args: argparse.Namespace) -> int:
         _print_events(machine)
     machine.close()
     return status
+
+
+def _debian_guest(package: str) -> tuple[str, str]:
+    from .linux import guest
+    from .linux.debian import PackageError
+    try:
+        return guest.kernel(package), guest.initramfs()
+    except PackageError as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:
+        raise UsageError(f"--kernel-deb {package}: {e.strerror or e}") from None
 
 
 def _open_record(machine, path: str, exits: bool):

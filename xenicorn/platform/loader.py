@@ -104,6 +104,13 @@ def _pvh_entry(elf: ELFFile) -> int | None:
 def load_elf(mem: GuestMemory, path: str, data: bytes | None = None) -> LoadedKernel:
     """Copy an ELF kernel's PT_LOAD segments to guest-physical memory."""
     data = _read_file(path) if data is None else data
+    if data[0x202:0x206] == b"HdrS":
+        # a bzImage: boot the ELF vmlinux inside it (its PVH note is there)
+        from ..linux.bzimage import vmlinux, KernelImageError
+        try:
+            data = vmlinux(data)
+        except KernelImageError as e:
+            raise LoadError(f"{path}: {e}") from None
     if data[:4] != b"\x7fELF":
         raise LoadError(f"{path}: not an ELF file (use --load-addr for a flat binary)")
     try:

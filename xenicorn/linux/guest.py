@@ -1,0 +1,75 @@
+"""A Debian kernel and a busybox initramfs, ready for ``xenicorn run``.
+
+``--kernel-deb linux-image-cloud-amd64`` resolves the metapackage, downloads
+the kernel package and busybox-static with ``apt-get download``, unpacks the
+``vmlinux`` from the package's bzImage and writes an initramfs whose
+``/init`` prints a marker, shows how the Xen upcall is counted in
+``/proc/interrupts``, and powers off. Everything is cached under
+``$XDG_CACHE_HOME/xenicorn/linux`` (``~/.cache/...``), so only the first run
+downloads.
+"""
+from __future__ import annotations
+
+import os
+
+from . import bzimage, debian
+from .initramfs import busybox_initramfs
+
+MARKER = "XENICORN-USERSPACE-REACHED"
+INIT = f"""#!/bin/sh
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+echo "{MARKER}"
+uname -r
+grep -i -e xen -e CPU0 /proc/interrupts
+poweroff -f
+"""
+
+
+def cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = os.path.join(base, "xenicorn", "linux")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def kernel(package: str = "linux-image-cloud-amd64") -> str:
+    """Path of the ELF vmlinux of a Debian kernel package (downloaded and unpacked once)."""
+    cache = cache_dir()
+    name = debian.resolve(package)
+    out = os.path.join(cache, f"{name}.vmlinux")
+    if os.path.exists(out):
+        return out
+    deb = debian.download(name, cache)
+    with open(deb, "rb") as f:
+        files = debian.read_files(f.read(), lambda p: p.startswith("boot/vmlinuz-"))
+    if not files:
+        raise debian.PackageError(f"{name}: no boot/vmlinuz-* in the package (not a kernel image package?)")
+    try:
+        elf = bzimage.vmlinux(next(iter(files.values())))
+    except bzimage.KernelImageError as e:
+        raise debian.PackageError(f"{name}: {e}") from None
+    tmp = out + ".part"
+    with open(tmp, "wb") as f:
+        f.write(elf)
+    os.replace(tmp, out)
+    return out
+
+
+def initramfs(init: str = INIT) -> str:
+    """Path of a busybox initramfs running ``init`` (busybox-static downloaded once)."""
+    cache = cache_dir()
+    import hashlib
+    out = os.path.join(cache, f"initramfs-{hashlib.sha256(init.encode()).hexdigest()[:12]}.cpio")
+    if os.path.exists(out):
+        return out
+    deb = debian.download("busybox-static", cache)
+    with open(deb, "rb") as f:
+        files = debian.read_files(f.read(), lambda p: p == "bin/busybox")
+    if "bin/busybox" not in files:
+        raise debian.PackageError("busybox-static: no bin/busybox in the package")
+    tmp = out + ".part"
+    with open(tmp, "wb") as f:
+        f.write(busybox_initramfs(files["bin/busybox"], init))
+    os.replace(tmp, out)
+    return out
