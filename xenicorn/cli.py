@@ -65,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="feed standard input to the guest's PV console")
     r.add_argument("-qmp", "--qmp", default="", metavar="unix:PATH,server,wait=off",
                    help="a QMP monitor on a UNIX socket (QEMU's spelling and protocol)")
+    r.add_argument("-gdb", "--gdb", default="", metavar="tcp::PORT",
+                   help="wait for gdb's remote protocol on a TCP port (tcp::PORT, tcp:HOST:PORT or PORT)")
+    r.add_argument("-s", dest="gdb_default", action="store_true", help="shorthand for -gdb tcp::1234")
+    r.add_argument("-S", dest="start_stopped", action="store_true",
+                   help="do not run the first guest instruction until gdb continues (or, with only "
+                        "-qmp, until the monitor's cont)")
     sub.add_parser("firmware", help="list the bundled guest kernels")
     return p
 
@@ -97,6 +103,18 @@ def run(args: argparse.Namespace) -> int:
     config.xen_version = (major, minor)
     config.callback_deassert = args.callback_deassert
     config.qmp = args.qmp
+    if args.gdb_default and args.gdb:
+        raise UsageError("-s and -gdb both choose the gdb port: give one of them")
+    config.gdb = "tcp::1234" if args.gdb_default else args.gdb
+    if config.gdb:
+        from .platform.gdbstub import parse_spec as parse_gdb_spec
+        try:
+            parse_gdb_spec(config.gdb)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if args.start_stopped and not (config.gdb or config.qmp):
+        raise UsageError("-S waits for a debugger or monitor: add -s, -gdb tcp::PORT or -qmp")
+    config.gdb_wait = args.start_stopped and bool(config.gdb)
     if not 1 <= args.gnttab_max_frames <= 128:
         raise UsageError(f"--gnttab-max-frames {args.gnttab_max_frames}: expected 1 to 128")
     config.gnttab_max_frames = args.gnttab_max_frames
@@ -110,8 +128,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     except ValueError as e:            # bad trace category, bad RAM size, bad -qmp
         raise UsageError(str(e)) from None
-    except OSError as e:               # the -qmp socket
-        raise UsageError(f"-qmp {args.qmp}: {e.strerror or e}") from None
+    except OSError as e:               # the -qmp or -gdb socket
+        which = f"-gdb {config.gdb}" if getattr(e, "gdb_socket", False) else f"-qmp {args.qmp}"
+        raise UsageError(f"{which}: {e.strerror or e}") from None
+    if args.start_stopped and not config.gdb:
+        machine.monitor.paused = True
     for spec in args.xenstore:
         _seed_xenstore(machine, spec)
     for path in args.xenstore_watch:

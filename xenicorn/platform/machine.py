@@ -55,6 +55,8 @@ class MachineConfig:
     callback_deassert: str = "poll"      # poll | eoi: how Xen's level callback line drops
     gnttab_max_frames: int = 64          # grant table frames the guest may use
     qmp: str = ""                        # -qmp unix:PATH,server,wait=off
+    gdb: str = ""                        # -gdb tcp::PORT (-s: tcp::1234), see platform/gdbstub.py
+    gdb_wait: bool = False               # -S: no guest instruction runs until gdb continues
     xen_version: tuple[int, int] = (4, 17)
     record_console: bool = True
     count_instructions: bool = False     # exact instruction counts and stops (stepper, gdb, records)
@@ -87,7 +89,7 @@ class Machine:
         self.interrupt_source = None         # object with pending()/acknowledge(): the APIC/PIC
         self.msr_handlers: dict = {}         # msr -> handler(vcpu, Msr exit), see platform/msr.py
         counting = (self.config.count_instructions or bool(self.config.max_insns)
-                    or self.config.clock == "deterministic")
+                    or self.config.clock == "deterministic" or bool(self.config.gdb))
         self.vcpus = [VCpu(self, 0, count_instructions=counting)]
         from .clock import VirtualClock
         self.clock = VirtualClock(self.config.clock, self.config.ns_per_insn,
@@ -111,6 +113,7 @@ class Machine:
             E.Shutdown: self._handle_shutdown,
             E.Limit: self._handle_limit,
             E.Request: self._handle_request,
+            E.Debug: self._handle_debug,
         }
         self._build_interrupts()
         self.pio.register(DebugCon.PORT, 1, DebugCon(self.console))
@@ -123,6 +126,10 @@ class Machine:
         if self.config.qmp:
             from .qmp import QmpServer, parse_spec
             self.monitor = QmpServer(self, parse_spec(self.config.qmp))
+        self.gdb = None
+        if self.config.gdb:
+            from .gdbstub import GdbStub, parse_spec as parse_gdb_spec
+            self.gdb = GdbStub(self, *parse_gdb_spec(self.config.gdb), wait=self.config.gdb_wait)
         if self.config.xen:
             from ..xen.platform import XenPlatform, XenConfig
             XenPlatform(self, XenConfig(version=self.config.xen_version,
@@ -325,13 +332,18 @@ class Machine:
                 self._service_monitor()
                 if self.status is not None:
                     break
+            if self.gdb is not None:
+                self.gdb.service()            # waits here while gdb has the guest stopped
+                if self.status is not None:
+                    break
             self.clock.run_due()
             if self._console_input:
                 self._take_console_input()
             if vcpu.halted:
                 self._sleep(vcpu)
                 continue
-            self.inject_pending_interrupt(vcpu)
+            if self.gdb is None or not self.gdb.stepping:    # gdb steps with interrupts held, as QEMU
+                self.inject_pending_interrupt(vcpu)
             if self.status is not None or vcpu.halted:
                 continue
             if self.xen is not None and self.xen.callback.poll_wanted:
@@ -339,6 +351,8 @@ class Machine:
             timeout_us, count = self._run_budget(vcpu)
             if self.status is not None:
                 break
+            if self.gdb is not None:
+                count = self.gdb.before_run(vcpu, count)
             ex = vcpu.run(timeout_us=timeout_us, count=count)
             if isinstance(ex, E.Limit) and not self._limit_reached(vcpu):
                 continue                  # a clock deadline, not the user's limit
@@ -349,6 +363,8 @@ class Machine:
             self.monitor.event("SHUTDOWN", {"guest": not quit_,
                                             "reason": "host-qmp-quit" if quit_ else "guest-shutdown"})
             self.monitor.close()
+        if self.gdb is not None:
+            self.gdb.close(self.status)
         return self.status
 
     def _run_budget(self, vcpu: VCpu) -> tuple[int, int]:
@@ -396,6 +412,8 @@ class Machine:
         vCPU, the run ends instead of hanging the host (status 1).
         """
         while self.status is None:
+            if self.gdb is not None and self.gdb.wants_service():
+                return                        # the run loop services gdb; the vCPU stays asleep
             self.clock.run_due()
             if self._wakes(vcpu):
                 vcpu.halted = False
@@ -425,6 +443,8 @@ class Machine:
                 if limit <= 0:
                     self._handle_limit(vcpu, E.Limit(vcpu.pc, "timeout"))
                     return
+            if self.gdb is not None:
+                limit = min(limit, 0.05) if limit is not None else 0.05   # notice gdb's Ctrl-C
             self.clock.wait_until(nxt, limit)
 
     def _wakes(self, vcpu: VCpu) -> bool:
@@ -615,7 +635,14 @@ class Machine:
     def _handle_request(self, vcpu: VCpu, ex: E.Request) -> E.Action:
         return E.Action.CONTINUE
 
+    def _handle_debug(self, vcpu: VCpu, ex: E.Debug) -> E.Action:
+        if self.gdb is not None:
+            self.gdb.on_debug_exit(vcpu, ex)
+        return E.Action.CONTINUE
+
     def close(self) -> None:
+        if self.gdb is not None and not self.gdb.closed:
+            self.gdb.close(None)
         for vcpu in self.vcpus:
             vcpu.close()
 
