@@ -1,0 +1,412 @@
+"""The gdb remote stub: the protocol from a raw socket, then the real gdb against bundled kernels.
+
+Protocol tests run a small hand-made guest on a machine in a thread: a
+32-bit loop that counts in memory until a flag word is set, then writes the
+flag to isa-debug-exit (status ``(flag << 1) | 1``), with 32-bit paging
+that maps linear 0x40000000 and 0x40001000 to two physical pages that are
+not adjacent, and 0x40002000 to the LAPIC's MMIO page.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import xml.dom.minidom
+from pathlib import Path
+
+import pytest
+
+from xenicorn.devices.console import ConsoleSink
+from xenicorn.platform.gdbstub import GdbStub, checksum, frame, parse_spec, target_xml
+from xenicorn.platform.machine import Machine, MachineConfig
+
+ENTRY = 0x100000
+COUNTER, FLAG = 0x101000, 0x101004
+# inc dword [COUNTER]; cmp dword [FLAG], 0; je ENTRY; mov al, [FLAG]; out 0xf4, al; jmp $
+LOOP = bytes.fromhex("ff0500101000" "833d0410100000" "74f1" "a004101000" "e6f4" "ebfe")
+LOOP_CMP = ENTRY + 6                       # the second instruction
+PD, PT_LOW, PT_HIGH = 0x10000, 0x11000, 0x12000
+LINEAR = 0x40000000                        # -> physical 0x5000, then 0x7000, then the LAPIC
+PAGE_A, PAGE_B, LAPIC = 0x5000, 0x7000, 0xFEE00000
+EIP = 8                                     # i386 register numbers (the 'g' order)
+EAX = 0
+
+FIRMWARE = Path(__file__).resolve().parent.parent / "xenicorn" / "firmware" / "images"
+
+
+def build_machine() -> Machine:
+    m = Machine(MachineConfig(ram_mib=16, debugcon="none", count_instructions=True), console=ConsoleSink(None))
+    mem = m.memory
+    mem.write(ENTRY, LOOP)
+    mem.code_written(ENTRY, len(LOOP))
+    mem.write_u32(PD, PT_LOW | 3)
+    mem.write_u32(PD + (LINEAR >> 22) * 4, PT_HIGH | 3)
+    for i in range(1024):                   # identity map the first 4 MiB
+        mem.write_u32(PT_LOW + i * 4, (i << 12) | 3)
+    for i, phys in enumerate((PAGE_A, PAGE_B, LAPIC)):
+        mem.write_u32(PT_HIGH + i * 4, phys | 3)
+    vcpu = m.vcpu
+    vcpu.reset_to_flat32(ENTRY, esp=0x90000)
+    vcpu.set_reg("cr3", PD)
+    vcpu.set_reg("cr0", vcpu.reg("cr0") | 0x80000000)
+    return m
+
+
+class Rsp:
+    """A minimal gdb: frames packets, checks acks and checksums."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # as gdb: acks go out at once
+        self.buf = b""
+
+    def _byte(self) -> int:
+        while not self.buf:
+            data = self.sock.recv(4096)
+            if not data:
+                raise EOFError("stub closed the connection")
+            self.buf += data
+        b, self.buf = self.buf[0], self.buf[1:]
+        return b
+
+    def send(self, payload: bytes | str) -> None:
+        payload = payload.encode("latin-1") if isinstance(payload, str) else payload
+        self.sock.sendall(frame(payload))
+        assert chr(self._byte()) == "+"
+
+    def recv(self) -> str:
+        while self._byte() != ord("$"):
+            pass
+        body = bytearray()
+        while (b := self._byte()) != ord("#"):
+            body.append(b)
+        cc = int(bytes((self._byte(), self._byte())), 16)
+        assert cc == checksum(bytes(body)), "stub sent a bad checksum"
+        self.sock.sendall(b"+")
+        return body.decode("latin-1")
+
+    def cmd(self, payload: bytes | str) -> str:
+        self.send(payload)
+        return self.recv()
+
+    def reg(self, n: int) -> int:
+        return int.from_bytes(bytes.fromhex(self.cmd(f"p{n:x}")), "little")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def session():
+    """A stopped (-S) machine in a thread, gdb's side connected; the machine's exit status at the end."""
+    m = build_machine()
+    m.gdb = GdbStub(m, "127.0.0.1", 0, wait=True)
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.setdefault("status", m.run()), daemon=True)
+    thread.start()
+    time.sleep(0.2)
+    assert m.vcpu.instructions == 0 and m.vcpu.pc == ENTRY          # -S: nothing ran before gdb
+    client = Rsp(m.gdb.port)
+    yield m, client, thread, result
+    client.close()
+    if thread.is_alive():
+        m.memory.write_u32(FLAG, 0x7F)                               # the guest ends itself
+    thread.join(10)
+    assert not thread.is_alive(), "the machine did not end"
+    m.close()
+
+
+def test_acks_checksums_and_the_first_stop_reply(session):
+    _, c, *_ = session
+    c.sock.sendall(b"junk+$?#00")                         # noise is skipped, a bad checksum is NAKed
+    assert chr(c._byte()) == "-"
+    assert c.cmd("?") == "T05thread:01;"
+    c.sock.sendall(b"$qC#b4")                            # a correct checksum, written by hand
+    assert chr(c._byte()) == "+" and c.recv() == "QC1"
+
+
+def test_queries_and_unknown_packets(session):
+    _, c, *_ = session
+    features = c.cmd("qSupported:multiprocess+;swbreak+;xmlRegisters=i386")
+    assert "PacketSize=4000" in features and "qXfer:features:read+" in features and "vContSupported+" in features
+    assert c.cmd("qAttached") == "1"
+    assert c.cmd("qfThreadInfo") == "m1" and c.cmd("qsThreadInfo") == "l"
+    assert c.cmd("Hg0") == "OK" and c.cmd("Hc-1") == "OK" and c.cmd("Hg2") == "E22"
+    assert c.cmd("vCont?") == "vCont;c;C;s;S"
+    assert c.cmd("qNoSuchQuery") == "" and c.cmd("vMustReplyEmpty") == "" and c.cmd("!") == ""
+    # the target description, read in small pieces as gdb may
+    xml_text, offset = "", 0
+    while True:
+        part = c.cmd(f"qXfer:features:read:target.xml:{offset:x},80")
+        xml_text += part[1:]
+        offset += len(part) - 1
+        if part[0] == "l":
+            break
+        assert part[0] == "m"
+    doc = xml.dom.minidom.parseString(xml_text)
+    assert doc.getElementsByTagName("architecture")[0].firstChild.data == "i386"   # a 32-bit CPU, no ELF
+    names = [r.getAttribute("name") for r in doc.getElementsByTagName("reg")]
+    assert names[:10] == ["eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi", "eip", "eflags"]
+    assert c.cmd("qXfer:features:read:other.xml:0,100") == "E00"
+    assert c.cmd("qXfer:features:read:target.xml:zz") == "E22"
+
+
+def test_malformed_arguments_and_unreachable_memory_are_errors(session):
+    m, c, *_ = session
+    for bad in ("mzz,4", "m100000", "m100000,", "M100000,4:zz", "M100000,4:0011", "M100000,2",
+                "Z0,xyz,1", "Z9,100000,1", "Z0,100000", "z0,,1", "P0", "P0=123", "Gabc", "p", "pzz",
+                "vCont;x", "vCont;c:5", "Hq1", "qThreadExtraInfo,7", "m" + "1" * 40 + ",4",
+                "m100000,100000"):
+        assert c.cmd(bad) == "E22", bad
+    assert c.cmd("p999") == "E14" and c.cmd("P999=00") == "E14"
+    assert c.cmd(f"m{LINEAR + 0x3000:x},4") == "E14"          # not mapped in the page tables
+    assert c.cmd(f"m{LINEAR + 0x2ffe:x},4") == "E14"          # runs into the LAPIC page: MMIO
+    assert c.cmd(f"M{LINEAR + 0x2000:x},1:ff") == "E14"
+    assert c.cmd("Z2,101000,4") == ""                         # watchpoints: not offered
+    assert c.cmd("?") == "T05thread:01;"                      # still alive and stopped
+    assert m.vcpu.instructions == 0
+
+
+def test_memory_through_the_page_tables_across_a_page_boundary(session):
+    m, c, *_ = session
+    m.memory.write(PAGE_A + 0xFFC, b"\x01\x02\x03\x04")
+    m.memory.write(PAGE_B, b"\x05\x06\x07\x08")
+    assert c.cmd(f"m{LINEAR + 0xffc:x},8") == "0102030405060708"
+    assert c.cmd(f"M{LINEAR + 0xffe:x},4:aabbccdd") == "OK"
+    assert m.memory.read(PAGE_A + 0xFFC, 4) == b"\x01\x02\xaa\xbb"
+    assert m.memory.read(PAGE_B, 4) == b"\xcc\xdd\x07\x08"
+    # X: binary, with "#", "$", "}" and "*" escaped
+    raw = b"#$}*"
+    escaped = b"".join(b"}" + bytes((b ^ 0x20,)) for b in raw)
+    assert c.cmd(b"X%x,4:" % (LINEAR + 0x10) + escaped) == "OK"
+    assert m.memory.read(PAGE_A + 0x10, 4) == raw
+    assert c.cmd(f"X{LINEAR:x},0:") == "OK"                   # gdb's probe for X support
+    # the walk set no Accessed bits: reading from a debugger is invisible to the guest
+    assert m.memory.read_u32(PD + (LINEAR >> 22) * 4) & 0x20 == 0
+
+
+def test_registers_write_read_back_and_take_effect(session):
+    m, c, *_ = session
+    assert c.reg(EIP) == ENTRY
+    assert c.cmd(f"P{EAX:x}=78563412") == "OK"
+    assert c.reg(EAX) == 0x12345678
+    regs = c.cmd("g")
+    assert c.cmd("G" + regs) == "OK" and c.cmd("g") == regs
+    # make the guest's counter word readable through eax's value: write memory, step one inc
+    assert c.cmd(f"M{COUNTER:x},4:05000000") == "OK"
+    assert c.cmd("s") == "T05thread:01;"
+    assert c.reg(EIP) == LOOP_CMP and m.memory.read_u32(COUNTER) == 6
+    assert m.vcpu.instructions == 1
+    # writing EIP moves the guest: back to the inc, one more step
+    assert c.cmd(f"P{EIP:x}={ENTRY.to_bytes(4, 'little').hex()}") == "OK"
+    assert c.cmd("vCont;s:1;c") == "T05thread:01;"
+    assert m.memory.read_u32(COUNTER) == 7 and c.reg(EIP) == LOOP_CMP
+
+
+def test_breakpoints_stop_before_the_instruction_and_resume_past_it(session):
+    m, c, *_ = session
+    assert c.cmd(f"Z0,{LOOP_CMP:x},1") == "OK"
+    assert c.cmd("c") == "T05thread:01;"
+    assert c.reg(EIP) == LOOP_CMP and m.memory.read_u32(COUNTER) == 1
+    assert c.cmd("vCont;c") == "T05thread:01;"                 # resumes from the breakpoint itself
+    assert c.reg(EIP) == LOOP_CMP and m.memory.read_u32(COUNTER) == 2
+    assert m.vcpu.instructions == 4                            # inc cmp je | inc: exact
+    assert c.cmd(f"z0,{LOOP_CMP:x},1") == "OK"
+    assert c.cmd(f"Z1,{ENTRY:x},1") == "OK"                    # hbreak: the same mechanism
+    assert c.cmd("c") == "T05thread:01;"
+    assert c.reg(EIP) == ENTRY and m.memory.read_u32(COUNTER) == 2
+    assert c.cmd(f"z1,{ENTRY:x},1") == "OK"
+
+
+def test_ctrl_c_interrupts_a_running_guest_and_detach_lets_it_finish(session):
+    m, c, thread, result = session
+    c.send("c")
+    time.sleep(0.3)
+    before = m.memory.read_u32(COUNTER)
+    assert before > 0
+    c.sock.sendall(b"\x03")
+    assert c.recv() == "T02thread:01;"
+    stopped_at = m.memory.read_u32(COUNTER)
+    time.sleep(0.2)
+    assert m.memory.read_u32(COUNTER) == stopped_at            # really stopped
+    assert c.cmd(f"M{FLAG:x},4:21000000") == "OK"
+    assert c.cmd("D") == "OK"
+    thread.join(10)
+    assert result["status"] == (0x21 << 1) | 1
+
+
+def test_a_client_that_disconnects_leaves_the_machine_running(session):
+    m, c, thread, result = session
+    assert c.cmd(f"Z0,{ENTRY:x},1") == "OK"
+    c.close()
+    time.sleep(0.3)
+    assert m.memory.read_u32(COUNTER) > 10                     # running, and its breakpoint is gone
+    assert not m.gdb.breakpoints
+    c2 = Rsp(m.gdb.port)                                       # a new gdb stops it again
+    assert c2.cmd("?") == "T05thread:01;"
+    stopped_at = m.memory.read_u32(COUNTER)
+    time.sleep(0.2)
+    assert m.memory.read_u32(COUNTER) == stopped_at
+    c2.close()
+    m.memory.write_u32(FLAG, 2)
+    thread.join(10)
+    assert result["status"] == 5
+
+
+def test_kill_ends_the_machine_like_qemu(session):
+    m, c, thread, result = session
+    c.sock.sendall(frame(b"k"))
+    thread.join(10)
+    assert result["status"] == 1 and m.shutdown_reason == "gdb-kill"
+
+
+def test_continue_at_an_address(session):
+    m, c, thread, result = session
+    m.memory.write_u32(FLAG, 3)
+    assert c.cmd(f"Z0,{ENTRY + 0x14:x},1") == "OK"             # the out
+    assert c.cmd(f"c{ENTRY + 0xf:x}") == "T05thread:01;"       # start at the mov al, [FLAG]
+    assert c.reg(EIP) == ENTRY + 0x14 and m.memory.read_u32(COUNTER) == 0
+    assert c.reg(EAX) & 0xFF == 3
+    c.send("c")
+    thread.join(10)
+    assert result["status"] == 7
+    assert c.recv() == "W07"                                   # the "process" exited
+
+
+def test_spec_parsing_and_target_descriptions():
+    assert parse_spec("tcp::1234") == ("0.0.0.0", 1234)
+    assert parse_spec("tcp:localhost:4321") == ("localhost", 4321)
+    assert parse_spec("5555") == ("0.0.0.0", 5555)
+    for bad in ("tcp:1234x", "udp::1", "tcp::0", "tcp::70000", "unix:/tmp/x", ""):
+        with pytest.raises(ValueError):
+            parse_spec(bad)
+    for bits, arch, pc in ((32, "i386", "eip"), (64, "i386:x86-64", "rip")):
+        doc = xml.dom.minidom.parseString(target_xml(bits))
+        assert doc.getElementsByTagName("architecture")[0].firstChild.data == arch
+        regs = {r.getAttribute("name"): int(r.getAttribute("bitsize")) for r in doc.getElementsByTagName("reg")}
+        assert regs[pc] == bits and regs["st0"] == 80 and regs["mxcsr"] == 32
+        assert sum(1 for n in regs if n.startswith("xmm")) == bits // 4
+
+
+def test_cli_rejects_bad_specs_and_busy_ports_in_one_line(capsys):
+    from xenicorn.cli import main
+    assert main(["run", "spin32", "-gdb", "udp::1234"]) == 2
+    assert main(["run", "spin32", "-s", "-gdb", "tcp::1235"]) == 2
+    assert main(["run", "spin32", "-S"]) == 2
+    busy = socket.socket()
+    busy.bind(("0.0.0.0", 0))
+    busy.listen(1)
+    try:
+        assert main(["run", "spin32", "-gdb", f"tcp::{busy.getsockname()[1]}"]) == 2
+    finally:
+        busy.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(line.startswith("xenicorn: error: ") for line in err)
+    assert "-gdb" in err[3] and "in use" in err[3]
+
+
+# ----------------------------------------------------------------------
+# the real gdb
+# ----------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _symbols(elf: Path) -> dict[str, int]:
+    out = subprocess.run(["nm", str(elf)], capture_output=True, text=True, check=True).stdout
+    return {name: int(addr, 16) for addr, _, name in (line.split() for line in out.splitlines() if line.count(" ") == 2)}
+
+
+def _start(kernel: str, port: int) -> subprocess.Popen:
+    # no probe connection: any client that connects and goes away resumes the
+    # guest; gdb itself retries a refused connection (set tcp connect-timeout)
+    return subprocess.Popen([sys.executable, "-m", "xenicorn", "run", kernel, "-gdb", f"tcp::{port}", "-S",
+                             "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _gdb(elf: Path, port: int, commands: list[str]) -> str:
+    args = ["gdb", "-batch", "-nx", "-ex", "set pagination off", "-ex", "set tcp connect-timeout 30",
+            "-ex", f"file {elf}",
+            "-ex", f"target remote 127.0.0.1:{port}"]
+    for c in commands:
+        args += ["-ex", c]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+    return done.stdout + done.stderr
+
+
+needs_gdb = pytest.mark.skipif(shutil.which("gdb") is None or shutil.which("nm") is None,
+                               reason="gdb (and nm) are not installed")
+
+
+@needs_gdb
+@pytest.mark.parametrize("kernel,pc,bits", [("hello64", "rip", 64), ("hello32", "eip", 32)])
+def test_gdb_breaks_steps_reads_and_detaches(kernel, pc, bits):
+    elf = FIRMWARE / f"{kernel}.elf"
+    sym = _symbols(elf)
+    port = _free_port()
+    proc = _start(kernel, port)
+    try:
+        out = _gdb(elf, port, [
+            "break kmain", "continue", f"info registers {pc}", "p/x $pc", "stepi", "p/x $pc", "x/2i $pc",
+            "info registers", "x/s *((char **)&e820_names + 1)", "p/x **(unsigned int **)&start_info",
+            "hbreak printf", "continue", "p/x $pc",
+            "delete", "detach"])
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    width = 16 if bits == 64 else 8
+    kmain = sym["kmain"]
+    assert f"Breakpoint 1, 0x{kmain:0{width}x} in kmain ()" in out, out
+    assert re.search(rf"^{pc}\s+0x{kmain:x}\s+0x{kmain:x} <kmain>", out, re.MULTILINE), out
+    pcs = [int(v, 16) for v in re.findall(r"^\$\d+ = (0x[0-9a-f]+)", out, re.MULTILINE)]
+    # stepi moved the pc by the length of kmain's first instruction (x/2i shows the next one)
+    first = subprocess.run(["objdump", "-d", f"--start-address={kmain:#x}", f"--stop-address={kmain + 16:#x}",
+                            str(elf)], capture_output=True, text=True, check=True).stdout if shutil.which("objdump") else ""
+    assert pcs[0] == kmain and pcs[1] > kmain
+    if first:
+        line = next(ln for ln in first.splitlines() if ln.strip().startswith(f"{kmain:x}:"))
+        length = len(line.split("\t")[1].split())
+        assert pcs[1] == kmain + length, (line, pcs)
+    assert f"=> 0x{pcs[1]:x} <kmain+{pcs[1] - kmain}>:" in out
+    assert re.search(r"^cs\s+0x(10|8)\b", out, re.MULTILINE) and re.search(r"^eflags\s+0x[0-9a-f]+\s+\[", out, re.MULTILINE)
+    esp = int(re.search(r"^[re]sp\s+0x([0-9a-f]+)", out, re.MULTILINE).group(1), 16)
+    assert 0x100000 < esp < 0x200000                               # on the kernel's boot stack
+    assert '"RAM"' in out                                          # a string read through a pointer
+    assert "= 0x336ec578" in out                                   # start_info->magic (PVH)
+    assert "Hardware assisted breakpoint 2 at" in out and pcs[-1] == sym["printf"]
+    assert "[Inferior 1 (Remote target) detached]" in out
+    assert proc.returncode == 0 and "Test result: SUCCESS" in stdout, (stdout, stderr)
+
+
+@needs_gdb
+def test_gdb_ctrl_c_interrupts_and_kill_ends_xenicorn():
+    """Ctrl-C at gdb (SIGINT to it) reaches the stub as 0x03; "kill" ends xenicorn with status 1."""
+    import signal
+    elf = FIRMWARE / "spin32.elf"
+    spin = _symbols(elf)["_start"]
+    port = _free_port()
+    proc = _start("spin32", port)
+    try:
+        gdb = subprocess.Popen(["gdb", "-batch", "-nx", "-ex", "set tcp connect-timeout 30", "-ex", f"file {elf}",
+                                "-ex", f"target remote 127.0.0.1:{port}", "-ex", "continue", "-ex", "p/x $pc",
+                                "-ex", "kill"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 20
+        while "spinning" not in (proc.stdout.readline() or "") and time.monotonic() < deadline:
+            pass                                                   # the guest runs: gdb has continued
+        time.sleep(0.3)
+        gdb.send_signal(signal.SIGINT)
+        out, _ = gdb.communicate(timeout=30)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert "Program received signal SIGINT, Interrupt." in out, out
+    pc = int(re.search(r"^\$1 = (0x[0-9a-f]+)", out, re.MULTILINE).group(1), 16)
+    assert spin <= pc < spin + 0x10                                # inside the kernel's spin loop
+    assert "[Inferior 1 (Remote target) killed]" in out
+    assert proc.returncode == 1 and "gdb-kill" in stderr
