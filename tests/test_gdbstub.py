@@ -277,6 +277,71 @@ def test_continue_at_an_address(session):
     assert c.recv() == "W07"                                   # the "process" exited
 
 
+def test_ctrl_c_reaches_a_guest_halted_for_good(session):
+    """cli; hlt would end the machine ("halted", status 1): with gdb attached it waits for gdb."""
+    m, c, thread, result = session
+    m.memory.write(0x100100, b"\xfa\xf4")
+    m.memory.code_written(0x100100, 2)
+    c.send("c100100")
+    time.sleep(0.3)
+    assert thread.is_alive() and m.vcpu.halted
+    c.sock.sendall(b"\x03")
+    assert c.recv() == "T02thread:01;" and c.reg(EIP) == 0x100102
+    c.close()                                                  # no debugger left: the usual verdict
+    thread.join(10)
+    assert result["status"] == 1 and m.shutdown_reason == "halted"
+
+
+def test_unicorn_facts_the_stub_relies_on():
+    """Counting mode (emu_start count=N): a code hook's emu_stop lands *before* its
+    instruction, but Unicorn's counter already includes it; count=1 runs exactly one
+    instruction, an OUT or a VMCALL finished by a hook included; a hook added after
+    the code was translated fires only once the cache is flushed."""
+    from unicorn import (
+        UC_ARCH_X86,
+        UC_HOOK_CODE,
+        UC_HOOK_INSN,
+        UC_HOOK_INSN_INVALID,
+        UC_MODE_32,
+        Uc,
+    )
+    from unicorn import x86_const as X
+
+    from xenicorn.platform import icount
+    uc = Uc(UC_ARCH_X86, UC_MODE_32)
+    uc.mem_map(0, 0x10000)
+    # inc dword [0x3000]; out 0xe9, al; vmcall; inc ebx; jmp 0x1000
+    uc.mem_write(0x1000, bytes.fromhex("ff0500300000" "e6e9" "0f01c1" "43" "ebf2"))
+    uc.hook_add(UC_HOOK_INSN, lambda *a: None, None, 1, 0, X.UC_X86_INS_OUT)
+
+    def vmcall(uc, _):
+        uc.reg_write(X.UC_X86_REG_EIP, uc.reg_read(X.UC_X86_REG_EIP) + 3)
+        return True
+    uc.hook_add(UC_HOOK_INSN_INVALID, vmcall)
+    pc = 0x1000
+    steps = []
+    for _ in range(5):
+        uc.emu_start(pc, 0xFFFFFFFF, count=1)
+        pc = uc.reg_read(X.UC_X86_REG_EIP)
+        steps.append(pc)
+    assert steps == [0x1006, 0x1008, 0x100B, 0x100C, 0x1000]
+    uc.emu_start(0x1000, 0xFFFFFFFF, count=40)                  # everything translated, no hook
+    hits = []
+
+    def stop(uc, address, size, _):
+        hits.append(address)
+        uc.emu_stop()
+    uc.hook_add(UC_HOOK_CODE, stop, None, 0x1000, 0x1000)
+    uc.emu_start(0x1006, 0xFFFFFFFF, count=40)
+    assert hits == []                                          # the cached blocks have no hook
+    uc.ctl_flush_tb()
+    uc.mem_write(0x3000, bytes(4))
+    uc.emu_start(0x1006, 0xFFFFFFFF, count=40)
+    assert hits == [0x1000] and uc.reg_read(X.UC_X86_REG_EIP) == 0x1000
+    assert uc.mem_read(0x3000, 4) == bytes(4)                  # the inc at the breakpoint did not run
+    assert icount.read_counter(uc) == 5                        # 4 executed, the stopped one counted
+
+
 def test_spec_parsing_and_target_descriptions():
     assert parse_spec("tcp::1234") == ("0.0.0.0", 1234)
     assert parse_spec("tcp:localhost:4321") == ("localhost", 4321)

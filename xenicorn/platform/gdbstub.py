@@ -391,7 +391,7 @@ class GdbStub:
                 sock, _ = self.listener.accept()
             except OSError:
                 return
-            if self.client is not None and self.client.alive:
+            if self.attached:
                 sock.close()                   # one debugger at a time
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -444,12 +444,17 @@ class GdbStub:
 
     # -- the run loop's side ----------------------------------------------------------
     @property
+    def attached(self) -> bool:
+        return self.client is not None and self.client.alive
+
+    @property
     def stepping(self) -> bool:
         return self.state == STEPPING
 
     def wants_service(self) -> bool:
         """Something waits for the machine thread (a sleeping vCPU must come back to the loop)."""
-        return not self.inbox.empty() or self.state != RUNNING
+        # a step of a sleeping vCPU waits, like the vCPU, for what wakes it
+        return not self.inbox.empty() or self.state == STOPPED
 
     def service(self) -> None:
         """Called at the top of every run-loop iteration, on the machine's thread."""
@@ -466,7 +471,7 @@ class GdbStub:
         """The run loop is about to run the guest for ``count`` instructions (0: unbounded)."""
         if self.state == STEPPING:
             count = 1
-        elif self.client is not None and self.client.alive:
+        elif self.attached:
             count = min(count, ATTACHED_QUANTUM) if count else ATTACHED_QUANTUM
         pc = vcpu.pc
         self._skip_once = pc if pc in self.breakpoints else None

@@ -342,7 +342,9 @@ class Machine:
             if vcpu.halted:
                 self._sleep(vcpu)
                 continue
-            if self.gdb is None or not self.gdb.stepping:    # gdb steps with interrupts held, as QEMU
+            if self.gdb is not None and self.gdb.stepping:
+                vcpu.disarm_interrupt_window()   # gdb steps with interrupts held (QEMU's SSTEP_NOIRQ)
+            else:
                 self.inject_pending_interrupt(vcpu)
             if self.status is not None or vcpu.halted:
                 continue
@@ -430,6 +432,9 @@ class Machine:
                     return
                 continue
             if nxt is None or (vcpu.sleep_kind == "HLT" and not vcpu.reg("rflags") & (1 << 9)):
+                if self.gdb is not None and self.gdb.attached:
+                    time.sleep(0.05)          # a debugger may still want to look (Ctrl-C)
+                    continue
                 pc = vcpu.pc
                 if vcpu.sleep_kind == "HLT" and not vcpu.reg("rflags") & (1 << 9):
                     msg = f"vCPU halted at {pc:#x} with interrupts disabled"
