@@ -141,13 +141,28 @@ def escape_binary(data: bytes) -> bytes:
     return bytes(out)
 
 
-def unescape_binary(data: bytes) -> bytes:
+def decode_payload(data: bytes, limit: int = MAX_INPUT) -> bytes | None:
+    """Undo the framing of a received payload: ``}`` escapes and ``*`` run lengths.
+
+    ``x*N`` repeats ``x`` ``ord(N) - 29`` more times (gdb manual, "Overview"
+    of the protocol). None when the expansion would exceed ``limit``.
+    """
     out = bytearray()
-    it = iter(data)
-    for b in it:
-        if b == 0x7D:
-            b = next(it, 0x20) ^ 0x20
-        out.append(b)
+    i = 0
+    while i < len(data):
+        b = data[i]
+        if b == 0x7D and i + 1 < len(data):
+            out.append(data[i + 1] ^ 0x20)
+            i += 2
+            continue
+        if b == 0x2A and i + 1 < len(data) and out and 32 <= data[i + 1] <= 126:
+            out += out[-1:] * (data[i + 1] - 29)
+            i += 2
+        else:
+            out.append(b)
+            i += 1
+        if len(out) > limit:
+            return None
     return bytes(out)
 
 
@@ -437,6 +452,10 @@ class GdbStub:
                     if not good:
                         conn.send_raw(b"-")
                         continue
+                    payload = decode_payload(payload)
+                    if payload is None:
+                        conn.send_raw(b"-")
+                        continue
                     conn.send_raw(b"+")
                     self.inbox.put(("packet", conn, payload))
         conn.alive = False
@@ -671,7 +690,7 @@ class GdbStub:
             if not colon:
                 return EINVAL
             addr, length = _addr_len(head)
-            data = _unhex(body) if cmd == "M" else unescape_binary(body.encode("latin-1"))
+            data = _unhex(body) if cmd == "M" else body.encode("latin-1")   # X: unescaped on arrival
             if len(data) != length:
                 return EINVAL
             if not length:
@@ -775,6 +794,8 @@ class GdbStub:
             if annex != "target.xml":
                 return "E00"
             xml = target_xml(self._bits()).encode()
+            if offset > len(xml):
+                return "E00"
             chunk = xml[offset:offset + length]
             return (b"m" if offset + length < len(xml) else b"l") + escape_binary(chunk)
         if p == "qAttached" or p.startswith("qAttached:"):
@@ -794,9 +815,8 @@ class GdbStub:
         return ""
 
     def _kill(self) -> None:
-        # QEMU's stub ends the emulator with EXIT_FAILURE and one line
-        from .machine import STATUS_CRASH
-        self.machine.shutdown("gdb-kill", STATUS_CRASH, "terminated by the debugger (gdb kill)")
+        # QEMU's stub ends the emulator with status 0 and one line on stderr
+        self.machine.shutdown("gdb-kill", 0, "terminated via the gdb stub (gdb kill)")
         self.state = RUNNING
 
 
