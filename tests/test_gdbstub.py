@@ -478,3 +478,34 @@ def test_gdb_ctrl_c_interrupts_and_kill_ends_xenicorn():
     assert spin <= pc < spin + 0x10                                # inside the kernel's spin loop
     assert "[Inferior 1 (Remote target) killed]" in out
     assert proc.returncode == 0 and "terminated via the gdb stub" in stderr
+
+
+def test_dash_S_with_only_a_monitor_waits_for_its_cont(tmp_path):
+    import json
+    sock_path = str(tmp_path / "qmp.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "xenicorn", "run", "hello32", "-S", "-qmp",
+                             f"unix:{sock_path},server,wait=off", "--timeout", "30"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 15
+        while not Path(sock_path).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(sock_path)
+        f = s.makefile("rwb")
+        f.readline()
+
+        def qmp(cmd: str) -> dict:
+            f.write(json.dumps({"execute": cmd}).encode() + b"\n")
+            f.flush()
+            while "event" in (reply := json.loads(f.readline())):
+                pass
+            return reply
+        qmp("qmp_capabilities")
+        time.sleep(0.3)
+        assert qmp("query-status")["return"]["status"] == "paused"
+        qmp("cont")
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "Test result: SUCCESS" in out
