@@ -280,6 +280,35 @@ def test_continue_at_an_address(session):
     assert c.recv() == "W07"                                   # the "process" exited
 
 
+def test_hostile_input_gets_replies_never_a_dead_stub(session):
+    """Random packets and framing garbage: every packet is answered, none with an internal error."""
+    import random
+    m, c, thread, result = session
+    rng = random.Random(7)
+    heads = ["m", "M", "X", "p", "P", "g", "G", "Z0,", "z1,", "Z4,", "H", "T", "qXfer:features:read:target.xml:",
+             "qThreadExtraInfo,", "qSupported:", "qAttached:", "vCont?", "vFile:", "?", "Q", "qC", "i", "b"]
+    alphabet = "0123456789abcdefABCDEFxyz,:;=-+.}*# $"
+    for _ in range(400):
+        body = rng.choice(heads) + "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 24)))
+        body = body.replace("#", "").replace("$", "")
+        raw = body.encode()
+        if body.startswith("G"):
+            raw = b"G" + bytes(rng.randrange(256) for _ in range(rng.randrange(0, 40))).hex().encode()
+        reply = c.cmd(raw)
+        assert not reply.startswith("E01"), (body, reply)
+    c.sock.sendall(bytes(rng.randrange(256) for _ in range(3000)).replace(b"$", b"").replace(b"\x03", b""))
+    c.sock.sendall(b"$" + b"a" * 70000)                        # never terminated: dropped and NAKed
+    deadline = time.monotonic() + 5
+    while b"-" not in c.buf and time.monotonic() < deadline:
+        c.buf += c.sock.recv(4096)
+    c.buf = b""
+    c.sock.sendall(b"#00")                                    # leftovers of the dropped packet
+    assert c.cmd("?") == "T05thread:01;" and m.gdb.state == "stopped"
+    c.sock.sendall(frame(b"k"))                               # the fuzzed registers are no state to resume
+    thread.join(10)
+    assert result["status"] == 0
+
+
 def test_ctrl_c_reaches_a_guest_halted_for_good(session):
     """cli; hlt would end the machine ("halted", status 1): with gdb attached it waits for gdb."""
     m, c, thread, result = session

@@ -77,10 +77,12 @@ and ignored; QEMU's system-mode stub does not load selectors either).
 """
 from __future__ import annotations
 
+import os
 import queue
 import socket
 import struct
 import threading
+import traceback
 
 from unicorn import UC_HOOK_CODE
 from unicorn import x86_const as X
@@ -416,6 +418,13 @@ class GdbStub:
             threading.Thread(target=self._read, args=(conn,), name="xenicorn-gdb-read", daemon=True).start()
 
     def _read(self, conn: _Connection) -> None:
+        try:
+            self._read_packets(conn)
+        finally:                                        # whatever happened, the machine hears of it
+            conn.alive = False
+            self.inbox.put(("disconnect", conn, b""))
+
+    def _read_packets(self, conn: _Connection) -> None:
         buf = bytearray()
         while conn.alive:
             try:
@@ -458,8 +467,6 @@ class GdbStub:
                         continue
                     conn.send_raw(b"+")
                     self.inbox.put(("packet", conn, payload))
-        conn.alive = False
-        self.inbox.put(("disconnect", conn, b""))
 
     # -- the run loop's side ----------------------------------------------------------
     @property
@@ -558,6 +565,10 @@ class GdbStub:
                 reply = self._handle(payload.decode("latin-1"))
             except BadArgument:
                 reply = EINVAL
+            except Exception as exc:          # noqa: BLE001 - a bug of ours: an error reply, not a dead machine
+                reply = "E01"
+                if os.environ.get("XENICORN_DEBUG"):
+                    traceback.print_exception(exc)
             if reply is not None:
                 conn.send(reply.encode("latin-1") if isinstance(reply, str) else reply)
 
