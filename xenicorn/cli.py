@@ -103,18 +103,7 @@ def run(args: argparse.Namespace) -> int:
     config.xen_version = (major, minor)
     config.callback_deassert = args.callback_deassert
     config.qmp = args.qmp
-    if args.gdb_default and args.gdb:
-        raise UsageError("-s and -gdb both choose the gdb port: give one of them")
-    config.gdb = "tcp::1234" if args.gdb_default else args.gdb
-    if config.gdb:
-        from .platform.gdbstub import parse_spec as parse_gdb_spec
-        try:
-            parse_gdb_spec(config.gdb)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-    if args.start_stopped and not (config.gdb or config.qmp):
-        raise UsageError("-S waits for a debugger or monitor: add -s, -gdb tcp::PORT or -qmp")
-    config.gdb_wait = args.start_stopped and bool(config.gdb)
+    _gdb_options(args, config)
     if not 1 <= args.gnttab_max_frames <= 128:
         raise UsageError(f"--gnttab-max-frames {args.gnttab_max_frames}: expected 1 to 128")
     config.gnttab_max_frames = args.gnttab_max_frames
@@ -156,6 +145,22 @@ def run(args: argparse.Namespace) -> int:
         _print_events(machine)
     machine.close()
     return status
+
+
+def _gdb_options(args: argparse.Namespace, config: MachineConfig) -> None:
+    """-s, -gdb SPEC and -S (QEMU's spellings) into the machine's configuration."""
+    from .platform.gdbstub import DEFAULT_PORT, parse_spec
+    if args.gdb_default and args.gdb:
+        raise UsageError("-s and -gdb both choose the gdb port: give one of them")
+    config.gdb = f"tcp::{DEFAULT_PORT}" if args.gdb_default else args.gdb
+    if config.gdb:
+        try:
+            parse_spec(config.gdb)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if args.start_stopped and not (config.gdb or config.qmp):
+        raise UsageError("-S waits for a debugger or monitor: add -s, -gdb tcp::PORT or -qmp")
+    config.gdb_wait = args.start_stopped and bool(config.gdb)
 
 
 def _seed_xenstore(machine, spec: str) -> None:

@@ -12,7 +12,8 @@ Everything is ASCII. A packet is ``$payload#cc``: ``cc`` is the sum of the
 payload bytes modulo 256 in two hex digits. The receiver answers ``+``
 (good) or ``-`` (bad checksum: send it again). Inside a payload, ``}`` escapes
 the next byte (that byte XOR 0x20), so binary data (``X`` writes, the
-``qXfer`` replies) can carry ``$``, ``#`` and ``}``. One byte travels outside
+``qXfer`` replies) can carry ``$``, ``#`` and ``}``; ``x*N`` is a run
+length (``x`` repeated ``ord(N) - 29`` more times). One byte travels outside
 packets: 0x03, which gdb sends when the user presses Ctrl-C while the target
 runs. Numbers are hex; memory and register values are hex bytes in target
 (little-endian) order.
@@ -38,6 +39,13 @@ gdb reads as "not supported". Stop replies ``T05thread:01;`` say why the
 target stopped (a signal number: 5 SIGTRAP for breakpoints and steps, 2
 SIGINT after Ctrl-C) and which thread; ``W00`` says the program exited.
 
+The session's life, as QEMU's stub: a connecting gdb finds the guest
+stopped (it is stopped on connect, and ``?`` answers T05); ``D`` removes the
+breakpoints and lets the guest run on; a gdb that disconnects does the
+same, so a machine is never left stuck by a vanished debugger; ``k`` ends
+the emulator with status 0 and one line on stderr; when the guest itself
+ends while gdb is attached, gdb gets ``W`` and the exit status.
+
 How it sits in the machine
 --------------------------
 One thread accepts a connection and reads it: it checks checksums, acks,
@@ -46,12 +54,13 @@ on the machine's own thread, in :meth:`GdbStub.service`, which the run loop
 calls before each guest run: while gdb has the guest stopped the run loop
 waits there. Before each run the loop also asks :meth:`GdbStub.before_run`
 how many instructions it may execute: one for a single step, a short
-quantum while gdb is attached (so Ctrl-C is noticed within a few
-milliseconds without an asynchronous stop, which in Unicorn's counting mode
-could replay a memory access, see docs/unicorn-notes.md).
+quantum (200,000) while gdb is attached, so Ctrl-C is noticed within a few
+milliseconds without an asynchronous ``emu_stop()``, which in Unicorn's
+counting mode could replay a memory access (docs/unicorn-notes.md, "A stop
+request rewinds to the last memory access").
 
 A gdb stub needs exact stops, so a machine with one counts instructions
-(``MachineConfig.count_instructions``): Unicorn then checks for a stop
+(``MachineConfig.gdb`` turns counting on): Unicorn then checks for a stop
 before every instruction. A breakpoint is a Unicorn code hook on exactly
 its address (begin = end), so it costs nothing elsewhere and never changes
 guest memory (``Z0`` and ``Z1`` are the same thing here); its hook ends the
@@ -68,8 +77,9 @@ reachable: MMIO and holes answer E14, so reading a device register from gdb
 never has a side effect.
 
 Registers: the i386 or amd64 layout (gdb's ``org.gnu.gdb.i386.core`` and
-``.sse`` features, plus ``.segments`` for the FS/GS bases and a feature of
-our own for CR0-CR4 and EFER), chosen from the kernel's ELF class so that it
+``.sse`` features, for amd64 ``.segments`` with the FS/GS bases, and a
+feature of our own for CR0-CR4 and EFER), chosen from the kernel's ELF
+class (or, without a kernel, the CPU's mode when gdb asks) so that it
 matches the ELF gdb loads. A 64-bit layout with the CPU in 32-bit mode
 shows the general registers zero-extended from 32 bits (as QEMU). Segment
 selectors and control registers are read-only here (writes are accepted
@@ -100,7 +110,7 @@ WAIT_S = 0.05                    # how often a stopped machine looks at its stat
 
 SIGINT, SIGTRAP = 2, 5
 
-# target/i386 error numbers as QEMU's stub sends them
+# error replies carry an errno, as QEMU's: EINVAL for bad arguments, EFAULT for memory
 EINVAL, EFAULT = "E22", "E14"
 
 RUNNING, STOPPED, STEPPING = "running", "stopped", "stepping"
