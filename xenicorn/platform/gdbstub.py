@@ -39,12 +39,15 @@ gdb reads as "not supported". Stop replies ``T05thread:01;`` say why the
 target stopped (a signal number: 5 SIGTRAP for breakpoints and steps, 2
 SIGINT after Ctrl-C) and which thread; ``W00`` says the program exited.
 
-The session's life, as QEMU's stub: a connecting gdb finds the guest
-stopped (it is stopped on connect, and ``?`` answers T05); ``D`` removes the
-breakpoints and lets the guest run on; a gdb that disconnects does the
-same, so a machine is never left stuck by a vanished debugger; ``k`` ends
-the emulator with status 0 and one line on stderr; when the guest itself
-ends while gdb is attached, gdb gets ``W`` and the exit status.
+The session's life: as in QEMU (``gdbstub/system.c``), a connecting gdb
+finds the guest stopped (it is stopped on connect, and ``?`` answers T05),
+``D`` removes the breakpoints and lets the guest run on, ``k`` ends the
+emulator with status 0 and one line on stderr, a stop reply or ``W`` (the
+guest ended, with its exit status) is sent only while gdb waits for one.
+Unlike QEMU, which leaves the VM paused when gdb's connection closes, a
+gdb that disconnects here lets the guest run on, as ``D`` does: xenicorn
+may have no monitor to resume it, and a vanished debugger must not leave
+the machine stuck.
 
 How it sits in the machine
 --------------------------
@@ -409,6 +412,9 @@ class GdbStub:
         self.last_signal = SIGTRAP
         self.closed = False
         self._regs: RegisterFile | None = None
+        # gdb waits for a stop reply only after it resumed the guest (c, s, vCont):
+        # QEMU's allow_stop_reply; never send one it did not ask for
+        self.reply_due = False
         threading.Thread(target=self._accept, name="xenicorn-gdb", daemon=True).start()
 
     # -- threads: accept and read ---------------------------------------------------
@@ -528,7 +534,7 @@ class GdbStub:
         """The machine has ended: tell gdb the "process" exited (``W``), close everything."""
         self.closed = True
         client = self.client
-        if client is not None and client.alive and status is not None:
+        if client is not None and client.alive and status is not None and self.reply_due:
             client.send(b"W%02x" % (status & 0xFF))
         if client is not None:
             client.close()
@@ -561,12 +567,14 @@ class GdbStub:
             if self.state != STOPPED:
                 self.state = STOPPED
                 self.last_signal = SIGTRAP
+            self.reply_due = False
             self.waiting_for_client = False
         elif kind == "disconnect":
             # a debugger that goes away leaves a running machine, not a stuck one
             self.client = None
             self._remove_all_breakpoints()
             self.state = RUNNING
+            self.reply_due = False
         elif kind == "interrupt":
             if self.state != STOPPED:
                 self._report_stop(SIGINT)
@@ -585,8 +593,9 @@ class GdbStub:
     def _report_stop(self, signal: int) -> None:
         self.state = STOPPED
         self.last_signal = signal
-        if self.client is not None:
+        if self.client is not None and self.reply_due:
             self.client.send(self._stop_reply(signal).encode())
+        self.reply_due = False
 
     @staticmethod
     def _stop_reply(signal: int) -> str:
@@ -730,6 +739,7 @@ class GdbStub:
         if cmd == "D":
             self._remove_all_breakpoints()
             self.state = RUNNING
+            self.reply_due = False
             return "OK"
         if cmd == "k":
             self._kill()
@@ -776,6 +786,7 @@ class GdbStub:
             addr = args
         if addr:
             self.machine.vcpu.pc = _hex(addr)
+        self.reply_due = True                        # gdb now waits for one stop reply (or W)
         if action == "s":
             self.state = STEPPING
             self._step_mark = self.machine.vcpu.instructions
