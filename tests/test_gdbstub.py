@@ -210,6 +210,19 @@ def test_registers_write_read_back_and_take_effect(session):
     assert m.memory.read_u32(COUNTER) == 7 and c.reg(EIP) == LOOP_CMP
 
 
+def test_a_64_bit_kernel_in_32_bit_mode_sees_zero_extended_registers(session):
+    """The amd64 layout (an ELF64 kernel) while the CPU still runs 32-bit code, as at a PVH entry."""
+    import types
+    m, c, *_ = session
+    m.kernel = types.SimpleNamespace(bits=64)                 # what boot() records from the ELF class
+    m.vcpu.set_reg("rax", 0xDEADBEEF_12345678)
+    assert "i386:x86-64" in c.cmd("qXfer:features:read:target.xml:0,fff")
+    assert c.cmd("p0") == "7856341200000000"                  # rax: the low half, zero-extended
+    assert c.cmd("p10") == (ENTRY.to_bytes(8, "little")).hex()   # rip, 8 bytes
+    assert len(bytes.fromhex(c.cmd("g"))) == 16 * 8 + 8 + 4 + 6 * 4 + 8 * 10 + 8 * 4 + 16 * 16 + 4 + 2 * 8 + 5 * 8
+    assert c.cmd("P0=efbeadde00000000") == "OK" and m.vcpu.reg("rax") == 0xDEADBEEF
+
+
 def test_breakpoints_stop_before_the_instruction_and_resume_past_it(session):
     m, c, *_ = session
     assert c.cmd(f"Z0,{LOOP_CMP:x},1") == "OK"
