@@ -223,6 +223,24 @@ def test_a_64_bit_kernel_in_32_bit_mode_sees_zero_extended_registers(session):
     assert c.cmd("P0=efbeadde00000000") == "OK" and m.vcpu.reg("rax") == 0xDEADBEEF
 
 
+def test_steps_over_a_hypercall_and_port_io_are_one_instruction_each(session):
+    """VMCALL and OUT leave Unicorn for Python (Xen, the debug console): each is still one step."""
+    m, c, *_ = session
+    # mov eax, 17 (xen_version); xor ebx, ebx (XENVER_version); vmcall; mov al, 'A'; out 0xe9, al; hlt
+    code = bytes.fromhex("b811000000" "31db" "0f01c1" "b041" "e6e9" "f4")
+    m.memory.write(0x100200, code)
+    m.memory.code_written(0x100200, len(code))
+    assert c.cmd(f"P{EIP:x}={(0x100200).to_bytes(4, 'little').hex()}") == "OK"
+    pcs = []
+    for _ in range(6):
+        assert c.cmd("vCont;s:1") == "T05thread:01;"
+        pcs.append(c.reg(EIP))
+        if pcs[-1] == 0x10020A:
+            assert c.reg(EAX) == (4 << 16) | 17                 # Xen 4.17 answered the hypercall
+    assert pcs == [0x100205, 0x100207, 0x10020A, 0x10020C, 0x10020E, 0x10020F]
+    assert m.vcpu.instructions == 6 and m.vcpu.halted           # the last step executed the hlt
+
+
 def test_breakpoints_stop_before_the_instruction_and_resume_past_it(session):
     m, c, *_ = session
     assert c.cmd(f"Z0,{LOOP_CMP:x},1") == "OK"
