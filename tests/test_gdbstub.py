@@ -21,7 +21,14 @@ from pathlib import Path
 import pytest
 
 from xenicorn.devices.console import ConsoleSink
-from xenicorn.platform.gdbstub import GdbStub, checksum, frame, parse_spec, target_xml
+from xenicorn.platform.gdbstub import (
+    MAX_WATCH,
+    GdbStub,
+    checksum,
+    frame,
+    parse_spec,
+    target_xml,
+)
 from xenicorn.platform.machine import Machine, MachineConfig
 
 ENTRY = 0x100000
@@ -167,7 +174,9 @@ def test_malformed_arguments_and_unreachable_memory_are_errors(session):
     assert c.cmd(f"m{LINEAR + 0x3000:x},4") == "E14"          # not mapped in the page tables
     assert c.cmd(f"m{LINEAR + 0x2ffe:x},4") == "E14"          # runs into the LAPIC page: MMIO
     assert c.cmd(f"M{LINEAR + 0x2000:x},1:ff") == "E14"
-    assert c.cmd("Z2,101000,4") == ""                         # watchpoints: not offered
+    assert c.cmd("Z2,101000,0") == "E22" and c.cmd(f"Z2,{MAX_WATCH + 1:x},{MAX_WATCH + 1:x}") == "E22"
+    assert c.cmd(f"Z2,{LINEAR + 0x3000:x},4") == "E14"        # nothing mapped there to watch
+    assert c.cmd(f"Z3,{LINEAR + 0x2000:x},4") == "E14"        # a device, not RAM
     assert c.cmd("?") == "T05thread:01;"                      # still alive and stopped
     assert m.vcpu.instructions == 0
 
@@ -254,6 +263,29 @@ def test_breakpoints_stop_before_the_instruction_and_resume_past_it(session):
     assert c.cmd("c") == "T05thread:01;"
     assert c.reg(EIP) == ENTRY and m.memory.read_u32(COUNTER) == 2
     assert c.cmd(f"z1,{ENTRY:x},1") == "OK"
+
+
+def test_watchpoints_stop_after_the_access_and_name_it(session):
+    m, c, *_ = session
+    assert c.cmd(f"Z2,{COUNTER:x},4") == "OK"                 # written by the inc
+    assert c.cmd("c") == f"T05thread:01;watch:{COUNTER:x};"
+    assert c.reg(EIP) == LOOP_CMP and m.memory.read_u32(COUNTER) == 1   # just after the store
+    assert c.cmd("c") == f"T05thread:01;watch:{COUNTER:x};"
+    assert m.memory.read_u32(COUNTER) == 2 and m.vcpu.instructions == 4
+    assert c.cmd(f"z2,{COUNTER:x},4") == "OK"
+    assert c.cmd(f"Z3,{FLAG + 2:x},1") == "OK"                # read by the cmp's 4-byte load
+    assert c.cmd("c") == f"T05thread:01;rwatch:{FLAG + 2:x};"
+    assert c.reg(EIP) == ENTRY + 0xD and m.memory.read_u32(COUNTER) == 2
+    assert c.cmd(f"z3,{FLAG + 2:x},1") == "OK"
+    # a write through another linear address of the same RAM is seen too (watched by physical page):
+    # mov dword [0x5010], 0xaa writes PAGE_A + 0x10 through the identity map
+    assert c.cmd(f"Z4,{LINEAR + 0x10:x},4") == "OK"
+    m.memory.write(0x100100, bytes.fromhex("c70510500000aa000000" "ebfe"))
+    m.memory.code_written(0x100100, 12)
+    assert c.cmd("c100100") == f"T05thread:01;awatch:{LINEAR + 0x10:x};"
+    assert c.reg(EIP) == 0x10010A and m.memory.read_u32(PAGE_A + 0x10) == 0xAA
+    assert c.cmd(f"z4,{LINEAR + 0x10:x},4") == "OK" and not m.gdb.watchpoints and m.gdb._watch_step_hook is None
+    assert c.cmd(f"P{EIP:x}={ENTRY.to_bytes(4, 'little').hex()}") == "OK"   # back to the loop that can end
 
 
 def test_ctrl_c_interrupts_a_running_guest_and_detach_lets_it_finish(session):
@@ -510,6 +542,28 @@ def test_gdb_breaks_steps_reads_and_detaches(kernel, pc, bits):
     assert "Hardware assisted breakpoint 2 at" in out and pcs[-1] == sym["printf"]
     assert "[Inferior 1 (Remote target) detached]" in out
     assert proc.returncode == 0 and "Test result: SUCCESS" in stdout, (stdout, stderr)
+
+
+@needs_gdb
+def test_gdb_hardware_watchpoint_shows_old_and_new_value():
+    elf = FIRMWARE / "xencore64.elf"
+    port = _free_port()
+    proc = _start("xencore64", port)
+    try:
+        out = _gdb(elf, port, ["watch *(int *)&xen_present", "continue", "p/x $pc", "delete", "continue"])
+        stdout, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert "Hardware watchpoint 1: *(int *)&xen_present" in out, out
+    assert "Old value = 0\nNew value = 1" in out
+    pc = int(re.search(r"^\$1 = (0x[0-9a-f]+)", out, re.MULTILINE).group(1), 16)
+    # the stop is just after the store: the instruction before pc writes xen_present
+    dis = subprocess.run(["objdump", "-d", "--insn-width=16", f"--start-address={pc - 10:#x}",
+                          f"--stop-address={pc:#x}", str(elf)],
+                         capture_output=True, text=True, check=True).stdout if shutil.which("objdump") else ""
+    assert not dis or "<xen_present>" in dis.strip().splitlines()[-1], dis
+    assert "[Inferior 1 (Remote target) exited normally]" in out
+    assert proc.returncode == 0 and "Test result: SUCCESS" in stdout
 
 
 @needs_gdb

@@ -67,7 +67,10 @@ A gdb stub needs exact stops, so a machine with one counts instructions
 before every instruction. A breakpoint is a Unicorn code hook on exactly
 its address (begin = end), so it costs nothing elsewhere and never changes
 guest memory (``Z0`` and ``Z1`` are the same thing here); its hook ends the
-run *before* the instruction executes (a :class:`~.exits.Debug` exit). A
+run *before* the instruction executes (a :class:`~.exits.Debug` exit).
+Watchpoints (``Z2`` write, ``Z3`` read, ``Z4`` access) are Unicorn memory
+hooks on the RAM the watched range maps to; they stop the guest just after
+the access, and the stop reply names the address (``watch:ADDR;``). A
 single step is a run with ``count=1``. While stepping, interrupts are not
 injected, as QEMU's default ``SSTEP_NOIRQ``: ``stepi`` goes to the next
 instruction, not into a timer handler.
@@ -97,7 +100,7 @@ import struct
 import threading
 import traceback
 
-from unicorn import UC_HOOK_CODE
+from unicorn import UC_HOOK_CODE, UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE
 from unicorn import x86_const as X
 
 from . import exits as E
@@ -117,6 +120,12 @@ SIGINT, SIGTRAP = 2, 5
 EINVAL, EFAULT = "E22", "E14"
 
 RUNNING, STOPPED, STEPPING = "running", "stopped", "stepping"
+
+# Z2/Z3/Z4: the stop reply's name for the hit, and the Unicorn memory hooks that see it
+WATCH_KINDS = {"2": ("watch", UC_HOOK_MEM_WRITE), "3": ("rwatch", UC_HOOK_MEM_READ),
+               "4": ("awatch", UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE)}
+MAX_WATCH = PAGE_SIZE            # the longest range one watchpoint may cover
+WIDEST_ACCESS = 64               # an access may start this far below a watched range and reach into it
 
 
 def parse_spec(spec: str) -> tuple[str, int]:
@@ -406,6 +415,9 @@ class GdbStub:
         self.state = STOPPED if wait else RUNNING
         self.waiting_for_client = wait
         self.breakpoints: dict[int, int] = {}       # linear address -> Unicorn hook handle
+        self.watchpoints: dict[tuple[str, int, int], list[int]] = {}   # (Z type, addr, len) -> hooks
+        self._watch_hit: tuple[str, int] | None = None  # (watch|rwatch|awatch, linear address)
+        self._watch_step_hook: int | None = None     # code hook that stops after a watched access
         self._skip_once: int | None = None          # resuming at a breakpoint: let it run once
         self._step_mark = 0
         self._run_count = 0
@@ -503,6 +515,8 @@ class GdbStub:
         vcpu = self.machine.vcpu
         if self.state == STEPPING and vcpu.instructions != self._step_mark:
             self._report_stop(SIGTRAP)
+        elif self._watch_hit is not None and self.state == RUNNING:
+            self._report_stop(SIGTRAP)             # hit by the last instruction of a run
         self._drain(0)
         while self.state == STOPPED and self.machine.status is None:
             if self.machine.monitor is not None:
@@ -521,7 +535,7 @@ class GdbStub:
         return count
 
     def on_debug_exit(self, vcpu, ex: E.Debug) -> None:
-        """A breakpoint hook ended the run before the instruction at ``ex.pc``."""
+        """A breakpoint (or watchpoint) hook ended the run before the instruction at ``ex.pc``."""
         # Unicorn counted the instruction its hook stopped in front of
         # (docs/unicorn-notes.md): the run added min(counter, limit), one
         # too many when the limit did not end it.
@@ -593,8 +607,13 @@ class GdbStub:
     def _report_stop(self, signal: int) -> None:
         self.state = STOPPED
         self.last_signal = signal
+        reply = self._stop_reply(signal)
+        if self._watch_hit is not None and signal == SIGTRAP:
+            name, addr = self._watch_hit
+            reply += f"{name}:{addr:x};"           # which watchpoint: gdb then shows old/new values
+        self._watch_hit = None
         if self.client is not None and self.reply_due:
-            self.client.send(self._stop_reply(signal).encode())
+            self.client.send(reply.encode())
         self.reply_due = False
 
     @staticmethod
@@ -623,6 +642,9 @@ class GdbStub:
     def _remove_all_breakpoints(self) -> None:
         for addr in list(self.breakpoints):
             self._remove_breakpoint(addr)
+        for key in list(self.watchpoints):
+            self._remove_watchpoint(*key)
+        self._watch_hit = None
 
     def _on_breakpoint(self, uc, address, size, _) -> None:
         if address == self._skip_once:
@@ -631,6 +653,56 @@ class GdbStub:
         if address not in self.breakpoints or self.state == STEPPING:
             return                              # a step ends by its count, not here
         self.machine.vcpu.stop_with(E.Debug(address, "breakpoint"))
+
+    # -- watchpoints ---------------------------------------------------------------------------
+    # Unicorn's memory hooks see *physical* addresses (measured: a hook on the
+    # linear range of a paged guest never fires), so a watchpoint watches the
+    # RAM its linear range maps to when it is set. Stopping inside a memory
+    # hook is not safe in counting mode (the access would be replayed, see
+    # docs/unicorn-notes.md), so the hook only records the hit and a code hook
+    # on every instruction, present only while watchpoints exist, ends the run
+    # before the next instruction: the stop lands just after the access, as
+    # on hardware (a data breakpoint is a trap).
+    def _add_watchpoint(self, kind: str, addr: int, length: int) -> bool:
+        key = (kind, addr, length)
+        if key in self.watchpoints:
+            return True
+        pieces = self._pieces(addr, length)
+        if pieces is None:
+            return False
+        vcpu = self.machine.vcpu
+        name, hook_type = WATCH_KINDS[kind]
+        handles = []
+        linear = addr
+        for phys, n in pieces:
+            def on_access(uc, access, address, size, value, _, lin=linear, base=phys, n=n, name=name):
+                if address + size > base and address < base + n and self._watch_hit is None:
+                    self._watch_hit = (name, lin + max(0, address - base))
+            handles.append(vcpu.uc.hook_add(hook_type, vcpu.guarded_hook(on_access), None,
+                                            max(0, phys - WIDEST_ACCESS + 1), phys + n - 1))
+            linear += n
+        self.watchpoints[key] = handles
+        if self._watch_step_hook is None:
+            self._watch_step_hook = vcpu.uc.hook_add(UC_HOOK_CODE, vcpu.guarded_hook(self._after_watched_access),
+                                                     None, 1, 0)
+        vcpu.uc.ctl_flush_tb()
+        return True
+
+    def _remove_watchpoint(self, kind: str, addr: int, length: int) -> None:
+        handles = self.watchpoints.pop((kind, addr, length), None)
+        if handles is None:
+            return
+        uc = self.machine.vcpu.uc
+        for h in handles:
+            uc.hook_del(h)
+        if not self.watchpoints and self._watch_step_hook is not None:
+            uc.hook_del(self._watch_step_hook)
+            self._watch_step_hook = None
+        uc.ctl_flush_tb()
+
+    def _after_watched_access(self, uc, address, size, _) -> None:
+        if self._watch_hit is not None and self.state != STEPPING:
+            self.machine.vcpu.stop_with(E.Debug(address, "watchpoint"))
 
     # -- memory ------------------------------------------------------------------------------
     def _pieces(self, addr: int, length: int):
@@ -769,9 +841,14 @@ class GdbStub:
         if kind not in ("0", "1", "2", "3", "4") or len(args) != 2:
             return EINVAL
         addr = _hex(args[0])
-        _hex(args[1].split(";")[0])                 # the breakpoint's "kind" (length): checked only
-        if kind not in ("0", "1"):
-            return ""                                # watchpoints: not supported (gdb falls back)
+        length = _hex(args[1].split(";")[0])        # breakpoints: the instruction's "kind", unused
+        if kind in WATCH_KINDS:
+            if not 0 < length <= MAX_WATCH:
+                return EINVAL
+            if p[0] == "z":
+                self._remove_watchpoint(kind, addr, length)
+                return "OK"
+            return "OK" if self._add_watchpoint(kind, addr, length) else EFAULT
         if p[0] == "Z":
             self._add_breakpoint(addr)
             return "OK"
