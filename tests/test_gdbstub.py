@@ -199,6 +199,12 @@ def test_memory_through_the_page_tables_across_a_page_boundary(session):
     assert c.cmd(f'M{LINEAR + 0x20:x},3:f*"') == "OK" and m.memory.read(PAGE_A + 0x20, 3) == b"\xff" * 3
     # the walk set no Accessed bits: reading from a debugger is invisible to the guest
     assert m.memory.read_u32(PD + (LINEAR >> 22) * 4) & 0x20 == 0
+    # and the guest's protections do not apply to it: a user page under SMAP, a read-only page
+    m.memory.write_u32(PD + (LINEAR >> 22) * 4, PT_HIGH | 7)
+    m.memory.write_u32(PT_HIGH, PAGE_A | 5)                   # present, user, read-only
+    m.vcpu.set_reg("cr4", m.vcpu.reg("cr4") | (1 << 21))
+    m.vcpu.set_reg("cr0", m.vcpu.reg("cr0") | (1 << 16))      # WP: even the kernel may not write it
+    assert c.cmd(f"M{LINEAR + 0xffc:x},2:5a5a") == "OK" and c.cmd(f"m{LINEAR + 0xffc:x},2") == "5a5a"
 
 
 def test_registers_write_read_back_and_take_effect(session):

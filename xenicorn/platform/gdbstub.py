@@ -93,6 +93,7 @@ and ignored; QEMU's system-mode stub does not load selectors either).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import socket
@@ -106,7 +107,7 @@ from unicorn import x86_const as X
 from . import exits as E
 from . import icount
 from .memory import PAGE_SIZE, GuestMemoryError
-from .paging import PageFault, translate
+from .paging import CR4_SMAP, PageFault, translate
 
 DEFAULT_PORT = 1234
 PACKET_SIZE = 0x4000             # the largest packet we accept and advertise (qSupported)
@@ -708,7 +709,8 @@ class GdbStub:
     def _pieces(self, addr: int, length: int):
         """Physical (address, size) pieces of a linear range, or None if a page is unmapped."""
         vcpu = self.machine.vcpu
-        regs = vcpu.paging_regs()
+        # SMAP would refuse a supervisor read of a user page: not the debugger's business
+        regs = dataclasses.replace(vcpu.paging_regs(), cr4=vcpu.reg("cr4") & ~CR4_SMAP)
         mem = self.machine.memory
         out = []
         while length:
