@@ -19,6 +19,7 @@ import xml.dom.minidom
 from pathlib import Path
 
 import pytest
+from unicorn.x86_const import UC_X86_REG_XMM0
 
 from xenicorn.devices.console import ConsoleSink
 from xenicorn.platform.gdbstub import (
@@ -214,6 +215,13 @@ def test_registers_write_read_back_and_take_effect(session):
     assert c.reg(EAX) == 0x12345678
     regs = c.cmd("g")
     assert c.cmd("G" + regs) == "OK" and c.cmd("g") == regs
+    one = "0000000000000080ff3f"                                # 1.0 as an x87 80-bit value
+    xmm = bytes(range(16)).hex()
+    assert c.cmd(f"P10={one}") == "OK" and c.cmd("p10") == one   # st0
+    assert c.cmd(f"P20={xmm}") == "OK" and c.cmd("p20") == xmm   # xmm0
+    assert m.vcpu.uc.reg_read(UC_X86_REG_XMM0) == int.from_bytes(bytes(range(16)), "little")
+    assert c.cmd("P9=ffffffff") == "OK" and c.reg(9) == 0x3F7FD7  # eflags: reserved bits stay as the CPU has them
+    assert c.cmd("P9=02000000") == "OK"
     # make the guest's counter word readable through eax's value: write memory, step one inc
     assert c.cmd(f"M{COUNTER:x},4:05000000") == "OK"
     assert c.cmd("s") == "T05thread:01;"
