@@ -96,6 +96,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import queue
+import re
 import socket
 import struct
 import threading
@@ -121,6 +122,7 @@ SIGINT, SIGTRAP = 2, 5
 EINVAL, EFAULT = "E22", "E14"
 
 RUNNING, STOPPED, STEPPING = "running", "stopped", "stepping"
+_SIGNIFICANT = re.compile(rb"[$\x03-]")  # the bytes that mean something between packets
 
 # Z2/Z3/Z4: the stop reply's name for the hit, and the Unicorn memory hooks that see it
 WATCH_KINDS = {"2": ("watch", UC_HOOK_MEM_WRITE), "3": ("rwatch", UC_HOOK_MEM_READ),
@@ -473,7 +475,8 @@ class GdbStub:
                     if conn.last:
                         conn.send_raw(conn.last)
                 elif c != ord("$"):                     # "+" acks and noise between packets
-                    del buf[0]
+                    m = _SIGNIFICANT.search(buf, 1)
+                    del buf[:m.start() if m else len(buf)]   # in one cut: a flood must not cost n^2
                 else:
                     end = buf.find(b"#")
                     if end < 0 or len(buf) < end + 3:
