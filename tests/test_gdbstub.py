@@ -337,6 +337,33 @@ def test_a_client_that_disconnects_leaves_the_machine_running(session):
     assert result["status"] == 5
 
 
+def test_a_client_that_stops_reading_is_dropped_not_waited_for(monkeypatch):
+    """Replies are sent from the machine's thread: a full socket must not hang the machine."""
+    from xenicorn.platform import gdbstub
+    monkeypatch.setattr(gdbstub, "SEND_TIMEOUT_S", 0.3)
+    m = build_machine()
+    m.gdb = GdbStub(m, "127.0.0.1", 0, wait=True)
+    thread = threading.Thread(target=m.run, daemon=True)
+    thread.start()
+    s = socket.create_connection(("127.0.0.1", m.gdb.port), timeout=20)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    request = frame(b"m100000,1000")                          # 8 KiB of hex per reply, never read
+    try:
+        for _ in range(3000):
+            s.sendall(request)
+    except OSError:
+        pass                                                   # the stub gave up on us first
+    deadline = time.monotonic() + 20
+    while m.memory.read_u32(COUNTER) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert m.memory.read_u32(COUNTER) > 0 and not m.gdb.attached   # dropped, and the guest runs
+    m.memory.write_u32(FLAG, 1)
+    thread.join(10)
+    s.close()
+    m.close()
+    assert m.status == 3
+
+
 def test_kill_ends_the_machine_like_qemu(session):
     m, c, thread, result = session
     c.sock.sendall(frame(b"k"))

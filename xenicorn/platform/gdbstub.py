@@ -115,6 +115,7 @@ PACKET_SIZE = 0x4000             # the largest packet we accept and advertise (q
 MAX_INPUT = PACKET_SIZE * 2 + 64  # an unterminated packet longer than this is dropped
 ATTACHED_QUANTUM = 200_000       # instructions per run while gdb is attached and the guest runs
 WAIT_S = 0.05                    # how often a stopped machine looks at its status
+SEND_TIMEOUT_S = 2               # a debugger that stops reading this long is dropped
 
 SIGINT, SIGTRAP = 2, 5
 
@@ -377,8 +378,12 @@ class _Connection:
                 return
             try:
                 self.sock.sendall(data)
-            except OSError:
+            except OSError:                   # gone, or not reading (SO_SNDTIMEO): drop it
                 self.alive = False
+                try:
+                    self.sock.shutdown(socket.SHUT_RDWR)   # its reader ends, the machine resumes
+                except OSError:
+                    pass
 
     def send(self, payload: bytes) -> None:
         self.last = frame(payload)
@@ -443,6 +448,9 @@ class GdbStub:
                 sock.close()                   # one debugger at a time
                 continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # replies are sent from the machine's thread: a peer that does not read must not block it
+            sec, usec = int(SEND_TIMEOUT_S), int(SEND_TIMEOUT_S % 1 * 1e6)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", sec, usec))
             conn = _Connection(sock)
             self.client = conn
             self.inbox.put(("connect", conn, b""))
