@@ -52,7 +52,9 @@ the machine stuck.
 How it sits in the machine
 --------------------------
 One thread accepts a connection and reads it: it checks checksums, acks,
-and queues packets (and Ctrl-C) for the machine. Everything else happens
+and queues packets (and Ctrl-C) for the machine. Replies go out from the
+machine's thread with a send timeout, so a debugger that stops reading is
+dropped instead of stalling the guest. Everything else happens
 on the machine's own thread, in :meth:`GdbStub.service`, which the run loop
 calls before each guest run: while gdb has the guest stopped the run loop
 waits there. Before each run the loop also asks :meth:`GdbStub.before_run`
