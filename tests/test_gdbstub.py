@@ -277,6 +277,12 @@ def test_breakpoints_stop_before_the_instruction_and_resume_past_it(session):
     assert c.cmd("c") == "T05thread:01;"
     assert c.reg(EIP) == ENTRY and m.memory.read_u32(COUNTER) == 2
     assert c.cmd(f"z1,{ENTRY:x},1") == "OK"
+    # code patched through M runs at once, though Unicorn had translated the old bytes
+    assert c.cmd(f"Z0,{LOOP_CMP:x},1") == "OK"
+    assert c.cmd("c") == "T05thread:01;"                       # the loop is translated now
+    assert c.cmd(f"M{ENTRY + 2:x},1:08") == "OK"               # inc dword [COUNTER + 8] instead
+    assert c.cmd("c") == "T05thread:01;"
+    assert m.memory.read_u32(COUNTER) == 3 and m.memory.read_u32(COUNTER + 8) == 1
 
 
 def test_watchpoints_stop_after_the_access_and_name_it(session):
