@@ -522,6 +522,10 @@ def test_cli_rejects_bad_specs_and_busy_ports_in_one_line(capsys):
 # ----------------------------------------------------------------------
 # the real gdb
 # ----------------------------------------------------------------------
+# batch mode, no ~/.gdbinit, and no core file of gdb itself if it hits an internal error
+GDB_FLAGS = ("-batch", "-nx", "-iex", "maint set internal-error corefile no")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -541,7 +545,7 @@ def _start(kernel: str, port: int) -> subprocess.Popen:
 
 
 def _gdb(elf: Path, port: int, commands: list[str]) -> str:
-    args = ["gdb", "-batch", "-nx", "-ex", "set pagination off", "-ex", "set tcp connect-timeout 30",
+    args = ["gdb", *GDB_FLAGS, "-ex", "set pagination off", "-ex", "set tcp connect-timeout 30",
             "-ex", f"file {elf}",
             "-ex", f"target remote 127.0.0.1:{port}"]
     for c in commands:
@@ -625,7 +629,7 @@ def test_gdb_ctrl_c_interrupts_and_kill_ends_xenicorn():
     port = _free_port()
     proc = _start("spin32", port)
     try:
-        gdb = subprocess.Popen(["gdb", "-batch", "-nx", "-ex", "set tcp connect-timeout 30", "-ex", f"file {elf}",
+        gdb = subprocess.Popen(["gdb", *GDB_FLAGS, "-ex", "set tcp connect-timeout 30", "-ex", f"file {elf}",
                                 "-ex", f"target remote 127.0.0.1:{port}", "-ex", "continue", "-ex", "p/x $pc",
                                 "-ex", "kill"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 20
