@@ -88,6 +88,12 @@ def _run_options(r: argparse.ArgumentParser) -> None:
                    help="feed standard input to the guest's PV console")
     r.add_argument("-qmp", "--qmp", default="", metavar="unix:PATH,server,wait=off",
                    help="a QMP monitor on a UNIX socket (QEMU's spelling and protocol)")
+    r.add_argument("-gdb", "--gdb", default="", metavar="tcp::PORT",
+                   help="wait for gdb's remote protocol on a TCP port (tcp::PORT, tcp:HOST:PORT or PORT)")
+    r.add_argument("-s", dest="gdb_default", action="store_true", help="shorthand for -gdb tcp::1234")
+    r.add_argument("-S", dest="start_stopped", action="store_true",
+                   help="do not run the first guest instruction until gdb continues (or, with only "
+                        "-qmp, until the monitor's cont)")
 
 
 def _resolve_kernel(name: str) -> str:
@@ -127,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     config.xen_version = (major, minor)
     config.callback_deassert = args.callback_deassert
     config.qmp = args.qmp
+    _gdb_options(args, config)
     stepping = args.command == "step"
     json_path = args.trace_json or getattr(args, "record", None)
     if stepping or json_path:
@@ -146,8 +153,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     except ValueError as e:            # bad trace category, bad RAM size, bad -qmp
         raise UsageError(str(e)) from None
-    except OSError as e:               # the -qmp socket
-        raise UsageError(f"-qmp {args.qmp}: {e.strerror or e}") from None
+    except OSError as e:               # the -qmp or -gdb socket
+        which = f"-gdb {config.gdb}" if getattr(e, "gdb_socket", False) else f"-qmp {args.qmp}"
+        raise UsageError(f"{which}: {e.strerror or e}") from None
+    if args.start_stopped and not config.gdb:
+        machine.monitor.paused = True
     for spec in args.xenstore:
         _seed_xenstore(machine, spec)
     for path in args.xenstore_watch:
@@ -202,6 +212,22 @@ def _open_record(machine, path: str, exits: bool):
     except OSError as e:
         raise UsageError(f"{path}: {e.strerror or e}") from None
     return JsonLines(machine, stream, exits=exits)
+
+
+def _gdb_options(args: argparse.Namespace, config: MachineConfig) -> None:
+    """-s, -gdb SPEC and -S (QEMU's spellings) into the machine's configuration."""
+    from .platform.gdbstub import DEFAULT_PORT, parse_spec
+    if args.gdb_default and args.gdb:
+        raise UsageError("-s and -gdb both choose the gdb port: give one of them")
+    config.gdb = f"tcp::{DEFAULT_PORT}" if args.gdb_default else args.gdb
+    if config.gdb:
+        try:
+            parse_spec(config.gdb)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if args.start_stopped and not (config.gdb or config.qmp):
+        raise UsageError("-S waits for a debugger or monitor: add -s, -gdb tcp::PORT or -qmp")
+    config.gdb_wait = args.start_stopped and bool(config.gdb)
 
 
 def _seed_xenstore(machine, spec: str) -> None:

@@ -128,6 +128,13 @@ class Limit(Exit):
 
 
 @dataclass
+class Debug(Exit):
+    """A debugger's breakpoint: the run ended *before* the instruction at ``pc`` (gdbstub.py)."""
+
+    what: str = "breakpoint"
+
+
+@dataclass
 class Request(Exit):
     """emu_stop() for the platform's own reasons (interrupt to inject, monitor)."""
 

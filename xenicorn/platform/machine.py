@@ -55,6 +55,8 @@ class MachineConfig:
     callback_deassert: str = "poll"      # poll | eoi: how Xen's level callback line drops
     gnttab_max_frames: int = 64          # grant table frames the guest may use
     qmp: str = ""                        # -qmp unix:PATH,server,wait=off
+    gdb: str = ""                        # -gdb tcp::PORT (-s: tcp::1234), see platform/gdbstub.py
+    gdb_wait: bool = False               # -S: no guest instruction runs until gdb continues
     xen_version: tuple[int, int] = (4, 17)
     record_console: bool = True
     count_instructions: bool = False     # exact instruction counts and stops (stepper, gdb, records)
@@ -88,7 +90,7 @@ class Machine:
         self.interrupt_source = None         # object with pending()/acknowledge(): the APIC/PIC
         self.msr_handlers: dict = {}         # msr -> handler(vcpu, Msr exit), see platform/msr.py
         counting = (self.config.count_instructions or bool(self.config.max_insns)
-                    or self.config.clock == "deterministic")
+                    or self.config.clock == "deterministic" or bool(self.config.gdb))
         self.vcpus = [VCpu(self, 0, count_instructions=counting)]
         from .clock import VirtualClock
         self.clock = VirtualClock(self.config.clock, self.config.ns_per_insn,
@@ -112,6 +114,7 @@ class Machine:
             E.Shutdown: self._handle_shutdown,
             E.Limit: self._handle_limit,
             E.Request: self._handle_request,
+            E.Debug: self._handle_debug,
         }
         self._build_interrupts()
         self.pio.register(DebugCon.PORT, 1, DebugCon(self.console))
@@ -128,6 +131,10 @@ class Machine:
         if self.config.qmp:
             from .qmp import QmpServer, parse_spec
             self.monitor = QmpServer(self, parse_spec(self.config.qmp))
+        self.gdb = None
+        if self.config.gdb:
+            from .gdbstub import GdbStub, parse_spec as parse_gdb_spec
+            self.gdb = GdbStub(self, *parse_gdb_spec(self.config.gdb), wait=self.config.gdb_wait)
         if self.config.xen:
             from ..xen.platform import XenPlatform, XenConfig
             XenPlatform(self, XenConfig(version=self.config.xen_version,
@@ -330,13 +337,20 @@ class Machine:
                 self._service_monitor()
                 if self.status is not None:
                     break
+            if self.gdb is not None:
+                self.gdb.service()            # waits here while gdb has the guest stopped
+                if self.status is not None:
+                    break
             self.clock.run_due()
             if self._console_input:
                 self._take_console_input()
             if vcpu.halted:
                 self._sleep(vcpu)
                 continue
-            self.inject_pending_interrupt(vcpu)
+            if self.gdb is not None and self.gdb.stepping:
+                vcpu.disarm_interrupt_window()   # gdb steps with interrupts held (QEMU's SSTEP_NOIRQ)
+            else:
+                self.inject_pending_interrupt(vcpu)
             if self.status is not None or vcpu.halted:
                 continue
             if self.xen is not None and self.xen.callback.poll_wanted:
@@ -348,6 +362,8 @@ class Machine:
                     count = min(count, most) if count else most
             if self.status is not None:
                 break
+            if self.gdb is not None:
+                count = self.gdb.before_run(vcpu, count)
             ex = vcpu.run(timeout_us=timeout_us, count=count)
             if isinstance(ex, E.Limit) and not self._limit_reached(vcpu):
                 continue                  # a clock deadline, not the user's limit
@@ -358,6 +374,8 @@ class Machine:
             self.monitor.event("SHUTDOWN", {"guest": not quit_,
                                             "reason": "host-qmp-quit" if quit_ else "guest-shutdown"})
             self.monitor.close()
+        if self.gdb is not None:
+            self.gdb.close(self.status)
         return self.status
 
     def _run_budget(self, vcpu: VCpu) -> tuple[int, int]:
@@ -405,6 +423,8 @@ class Machine:
         vCPU, the run ends instead of hanging the host (status 1).
         """
         while self.status is None:
+            if self.gdb is not None and self.gdb.wants_service():
+                return                        # the run loop services gdb; the vCPU stays asleep
             self.clock.run_due()
             if self._wakes(vcpu):
                 vcpu.halted = False
@@ -421,6 +441,9 @@ class Machine:
                     return
                 continue
             if nxt is None or (vcpu.sleep_kind == "HLT" and not vcpu.reg("rflags") & (1 << 9)):
+                if self.gdb is not None and self.gdb.attached:
+                    time.sleep(0.05)          # a debugger may still want to look (Ctrl-C)
+                    continue
                 pc = vcpu.pc
                 if vcpu.sleep_kind == "HLT" and not vcpu.reg("rflags") & (1 << 9):
                     msg = f"vCPU halted at {pc:#x} with interrupts disabled"
@@ -434,6 +457,8 @@ class Machine:
                 if limit <= 0:
                     self._handle_limit(vcpu, E.Limit(vcpu.pc, "timeout"))
                     return
+            if self.gdb is not None:
+                limit = min(limit, 0.05) if limit is not None else 0.05   # notice gdb's Ctrl-C
             self.clock.wait_until(nxt, limit)
 
     def _wakes(self, vcpu: VCpu) -> bool:
@@ -626,7 +651,14 @@ class Machine:
     def _handle_request(self, vcpu: VCpu, ex: E.Request) -> E.Action:
         return E.Action.CONTINUE
 
+    def _handle_debug(self, vcpu: VCpu, ex: E.Debug) -> E.Action:
+        if self.gdb is not None:
+            self.gdb.on_debug_exit(vcpu, ex)
+        return E.Action.CONTINUE
+
     def close(self) -> None:
+        if self.gdb is not None and not self.gdb.closed:
+            self.gdb.close(None)
         for vcpu in self.vcpus:
             vcpu.close()
 
