@@ -134,3 +134,43 @@ class VirtualClock:
             return limit_ns
         left = max(0, deadline - self.now_ns())
         return left if limit_ns is None else min(left, limit_ns)
+
+    # -- snapshots -------------------------------------------------------------
+    def save_state(self) -> dict:
+        """Machine time and the timer sequence counter (the timers belong to their owners).
+
+        Deterministic time is ``instructions x ns_per_insn + skipped``; the
+        vCPU saves its instruction count, the clock the skipped part, so
+        ``now_ns()`` continues exactly. Host time saves ``now`` and
+        continues from it. ``seq`` orders timers with equal deadlines: the
+        owners re-arm theirs with the sequence numbers they had
+        (:meth:`rearm`), so equal deadlines fire in the same order.
+        """
+        seq = next(self._seq)
+        self._seq = itertools.count(seq)
+        return {"mode": self.mode, "now_ns": self.now_ns(), "skipped_ns": self._skipped, "next_seq": seq}
+
+    def load_state(self, data: dict) -> None:
+        """Continue from a saved time; every timer is dropped (owners re-arm theirs)."""
+        for timer in self._heap:
+            timer.cancelled = True
+        self._heap = []
+        self._seq = itertools.count(int(data["next_seq"]))
+        self._skipped = int(data["skipped_ns"])
+        if not self.deterministic:
+            self._start = time.monotonic_ns() - int(data["now_ns"])
+
+    def rearm(self, saved: list | None, callback: Callable[[], None], name: str) -> Timer | None:
+        """Re-create a timer from ``timer_ref``: same deadline, same place among equals."""
+        if saved is None:
+            return None
+        timer = Timer(int(saved[0]), int(saved[1]), callback, name)
+        heapq.heappush(self._heap, timer)
+        return timer
+
+
+def timer_ref(timer: Timer | None) -> list | None:
+    """What a snapshot keeps of an armed timer: ``[deadline_ns, seq]`` (None if not armed)."""
+    if timer is None or timer.cancelled:
+        return None
+    return [timer.deadline_ns, timer.seq]

@@ -332,7 +332,11 @@ class Machine:
         vcpu = self.vcpu
         cfg = self.config
         self._deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
+        if self.power_on is None and self.monitor is not None:
+            self.capture_power_on()
         while self.status is None:
+            if self.save_points and vcpu.instructions >= self.save_points[0][0]:
+                self._save_due()
             if self.monitor is not None:
                 self._service_monitor()
                 if self.status is not None:
@@ -422,7 +426,7 @@ class Machine:
         deadline; when no timer is armed and nothing else could wake the
         vCPU, the run ends instead of hanging the host (status 1).
         """
-        while self.status is None:
+        while self.status is None and vcpu.halted:         # a loadvm/reset may wake it
             if self.gdb is not None and self.gdb.wants_service():
                 return                        # the run loop services gdb; the vCPU stays asleep
             self.clock.run_due()
@@ -661,6 +665,55 @@ class Machine:
             self.gdb.close(None)
         for vcpu in self.vcpus:
             vcpu.close()
+
+    # ------------------------------------------------------------------
+    # snapshots (platform/snapshot.py): taken and loaded between guest runs
+    # ------------------------------------------------------------------
+    power_on = None                  # the machine before its first instruction, for system_reset
+    save_points: list = []           # [(instructions, path)] for --savevm FILE@N, sorted
+
+    def save_snapshot(self, path: str):
+        """Write the whole machine to ``path`` (savevm); call between runs."""
+        from . import snapshot
+        return snapshot.save(self, path)
+
+    def load_snapshot(self, path: str):
+        """Continue from the snapshot in ``path`` (loadvm); checked completely before anything changes."""
+        from . import snapshot
+        return snapshot.load(self, path)
+
+    def save_at(self, instructions: int, path: str) -> None:
+        """Save a snapshot at the first pause between two runs once ``instructions`` have run.
+
+        Not in the middle of a run: ending a run early changes when the run
+        loop next looks at interrupts and timers, so the saved run would no
+        longer be the run the user would have had. The snapshot's header
+        records the exact count it was taken at.
+        """
+        if not self.vcpu.count_instructions:
+            raise ValueError("saving at an instruction count needs an instruction-counting machine "
+                             "(MachineConfig.count_instructions or --clock deterministic)")
+        self.save_points = sorted([*self.save_points, (int(instructions), path)])
+
+    def _save_due(self) -> None:
+        while self.save_points and self.vcpu.instructions >= self.save_points[0][0]:
+            _, path = self.save_points[0]
+            self.save_points = self.save_points[1:]
+            self.save_snapshot(path)
+            if self.tracer.active:
+                self.tracer.emit("exits", f"snapshot saved to {path} at {self.vcpu.instructions} instructions")
+
+    def capture_power_on(self) -> None:
+        """Keep the state before the first instruction in memory (what system_reset restores)."""
+        from . import snapshot
+        self.power_on = snapshot.capture(self)
+
+    def system_reset(self) -> None:
+        """Back to power-on: RAM (the kernel as loaded), CPU, devices, Xen, time."""
+        from . import snapshot
+        if self.power_on is None:
+            raise snapshot.SnapshotError("no power-on state was kept (call capture_power_on() before run())")
+        snapshot.restore(self, self.power_on, "power-on state")
 
 
 def boot(config: MachineConfig, kernel_path: str, *, initrd: str | None = None,

@@ -207,3 +207,12 @@ class GuestMemory:
             self._mm.close()
         except BufferError:       # Unicorn or a ctypes view may still hold it
             pass
+
+    def unmap_frame(self, index: int) -> None:
+        """Take hypervisor frame ``index`` out of the guest's physical map (RAM under it shows again)."""
+        gpa = self.frames.pop(index, None)
+        if gpa is None:
+            return
+        self.regions.remove((gpa, PAGE_SIZE, self._frame_offset(index)))
+        for uc in self.uc_list:
+            self._unmap_overlay(uc, gpa)

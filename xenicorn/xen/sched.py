@@ -59,12 +59,24 @@ def _poll(call, arg: int) -> int:
     vs = xen.vcpu_state(call.vcpu.index)
     vs.poll_done = False
     if timeout:
-        def expire():
-            vs.poll_done = True
-        xen.machine.clock.add_timer(timeout, expire, "poll")
+        xen.machine.clock.add_timer(timeout, poll_expired(vs), f"vcpu{call.vcpu.index}-poll")
     call.note(f"poll {nr} ports, timeout {timeout} ns")
     xen.machine.idle(call.vcpu, "SCHEDOP_poll")
     return 0
+
+
+def poll_expired(vs):
+    """The callback of a SCHEDOP_poll timeout (also re-armed by a snapshot restore)."""
+    def expire():
+        vs.poll_done = True
+    return expire
+
+
+def watchdog_bite(xen, wid: int):
+    """The callback of domain watchdog ``wid`` (also re-armed by a snapshot restore)."""
+    def bite():
+        xen.machine.shutdown("watchdog", STATUS["watchdog"], f"domain watchdog {wid} expired")
+    return bite
 
 
 def _watchdog(call, arg: int) -> int:
@@ -87,11 +99,8 @@ def _watchdog(call, arg: int) -> int:
         call.note(f"watchdog {wid} stopped")
         return 0
     deadline = xen.now_ns() + timeout * 1_000_000_000
-
-    def bite():
-        xen.machine.shutdown("watchdog", STATUS["watchdog"], f"domain watchdog {wid} expired")
     dogs[wid] = deadline
-    xen.watchdog_timers[wid] = xen.machine.clock.add_timer(deadline, bite, f"watchdog{wid}")
+    xen.watchdog_timers[wid] = xen.machine.clock.add_timer(deadline, watchdog_bite(xen, wid), f"watchdog{wid}")
     call.note(f"watchdog {wid}: {timeout} s")
     return wid
 

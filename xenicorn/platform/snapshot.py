@@ -1,0 +1,286 @@
+"""Snapshots of the whole machine: ``savevm``/``loadvm`` and ``system_reset``.
+
+A snapshot is everything that decides what the machine does next:
+
+================  ============================================================
+part              what, and why it is machine state
+================  ============================================================
+RAM               guest RAM and the hypervisor frames after it (grant table
+                  frames, the xenstore and console rings): the guest's
+                  memory, page tables, code and Xen's shared pages
+vCPU              Unicorn's saved context (``CPUX86State``: registers,
+                  segment caches, hflags with CPL and mode, CRs, EFER and
+                  the other MSRs, FPU/SSE, the MSR/RDTSC intercept fields),
+                  the executed-instruction count (deterministic time is made
+                  of it), halted/sleep kind, the MSR window's interests and
+                  permission map, pages mapped as MMIO on demand
+memory map        where hypervisor frames are mapped (they hide RAM there)
+clock             skipped time (deterministic) or guest time (host), the
+                  timer sequence counter; each timer is re-armed by its
+                  owner (PIT, LAPIC, Xen) with its deadline and sequence
+devices           8259 pair, IOAPIC, LAPIC (and its timer), PIT, UART,
+                  PCI configuration spaces + PIIX3 routing + xen-platform,
+                  ACPI PM control, the level of every interrupt line and
+                  each source of a shared line
+Xen               :mod:`xenicorn.xen.savestate`
+================  ============================================================
+
+Not saved: host-side things a user sets up again on the same command line
+(the console streams, the QMP socket, ``--xenstore-watch`` printers,
+``--xen-event-inject`` timers, tracing). As QEMU requires for ``-loadvm``,
+load a snapshot into a machine built with the same options: the options
+that change the machine's shape (RAM size, Xen, vendor, clock, callback
+deassert mode, grant frames, serial port present) must match.
+
+File format (version 1), all integers little-endian::
+
+    magic        b"XENICORN SNAPSHOT\\0"                  18 bytes
+    version      u32 format version (1)
+    header_len   u32
+    header       JSON: xenicorn and unicorn versions, the machine config
+                 that must match, and the sections: name, encoding
+                 (json | raw | zlib), stored length, SHA-256
+    header_sha   SHA-256 of the 26 + header_len bytes before it
+    sections     their stored bytes, in header order, nothing after
+
+A snapshot file is untrusted input, so it holds no pickles: JSON for the
+structured state, raw bytes for RAM and the CPU context. :func:`read`
+checks the magic, the version, the length of every part, every checksum,
+and decodes every section before anything else happens; :func:`restore`
+then checks the config and parses every component's state, and only then
+changes the machine. Every refusal is a :class:`SnapshotError` with one line.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+
+import unicorn
+from unicorn.unicorn_const import UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE
+
+MAGIC = b"XENICORN SNAPSHOT\0"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<II")
+CTX_HEADER = 40                    # uc_context's own header before CPUX86State (see rawctx.py)
+
+
+class SnapshotError(Exception):
+    """A snapshot that cannot be written, read or loaded (one line for the user)."""
+
+
+@dataclass
+class Snapshot:
+    """A decoded snapshot: the header and each section's content."""
+
+    header: dict
+    state: dict                    # the "state" section (JSON)
+    blobs: dict[str, bytes]        # raw sections: RAM, CPU contexts, MSR shadow pages
+
+
+# -- what must match -------------------------------------------------------------
+def compat_config(machine) -> dict:
+    """The options that change the machine's shape; a snapshot needs the same ones."""
+    c = machine.config
+    return {"ram_mib": c.ram_mib, "xen": c.xen, "xen_version": list(c.xen_version), "vendor": c.vendor,
+            "clock": c.clock, "ns_per_insn": c.ns_per_insn, "callback_deassert": c.callback_deassert,
+            "gnttab_max_frames": c.gnttab_max_frames, "serial": machine.serial is not None,
+            "vcpus": len(machine.vcpus)}
+
+
+def _describe(key: str, value) -> str:
+    return {"ram_mib": f"{value} MiB of RAM", "xen": "Xen" if value else "no Xen",
+            "clock": f"--clock {value}", "vcpus": f"{value} vCPUs"}.get(key, f"{key} {value}")
+
+
+# -- capture -----------------------------------------------------------------------
+def capture(machine) -> Snapshot:
+    """Take the machine's state now (between two guest runs, never inside a hook)."""
+    if any(v._in_emu for v in machine.vcpus):
+        raise SnapshotError("cannot take a snapshot while the guest is running (only between runs)")
+    if machine.status is not None:
+        raise SnapshotError(f"cannot take a snapshot of a machine that has ended ({machine.shutdown_reason})")
+    from . import devstate
+    blobs: dict[str, bytes] = {"memory": bytes(machine.memory.buf)}
+    vcpus = []
+    for v in machine.vcpus:
+        vcpus.append(devstate.save_vcpu(v))
+        blobs[f"vcpu{v.index}.context"] = devstate.context_bytes(v.uc)
+        blobs[f"vcpu{v.index}.msr-shadow"] = devstate.msr_shadow(v)
+    state = {"vcpus": vcpus, **devstate.save_platform(machine)}
+    if machine.xen is not None:
+        from ..xen import savestate
+        state["xen"] = savestate.save(machine.xen)
+    header = {"xenicorn": _xenicorn_version(), "unicorn": unicorn.__version__,
+              "config": compat_config(machine), "instructions": machine.vcpu.instructions,
+              "guest_ns": machine.clock.now_ns()}
+    return Snapshot(header, state, blobs)
+
+
+def _xenicorn_version() -> str:
+    from .. import __version__
+    return __version__
+
+
+# -- the file -------------------------------------------------------------------------
+def encode(snap: Snapshot) -> bytes:
+    parts: list[tuple[str, str, bytes]] = [("state", "json", json.dumps(snap.state, sort_keys=True).encode())]
+    for name, blob in snap.blobs.items():
+        if name.endswith(".context"):
+            parts.append((name, "raw", blob))
+        else:
+            parts.append((name, "zlib", zlib.compress(blob, 1)))
+    header = dict(snap.header)
+    header["sections"] = [{"name": n, "encoding": e, "length": len(b), "size": _plain_size(snap, n, b),
+                           "sha256": hashlib.sha256(b).hexdigest()} for n, e, b in parts]
+    hdr = json.dumps(header, sort_keys=True).encode()
+    head = MAGIC + _PREFIX.pack(FORMAT_VERSION, len(hdr)) + hdr
+    return head + hashlib.sha256(head).digest() + b"".join(b for _, _, b in parts)
+
+
+def _plain_size(snap: Snapshot, name: str, stored: bytes) -> int:
+    return len(snap.blobs[name]) if name in snap.blobs else len(stored)
+
+
+def save(machine, path: str) -> Snapshot:
+    """Write a snapshot file (atomically: a half-written file never has the final name)."""
+    snap = capture(machine)
+    data = encode(snap)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise SnapshotError(f"cannot write snapshot {path}: {e.strerror or e}") from None
+    return snap
+
+
+def read(path: str) -> Snapshot:
+    """Read and verify a snapshot file completely (nothing is loaded here)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise SnapshotError(f"cannot read snapshot {path}: {e.strerror or e}") from None
+    return decode(data, path)
+
+
+def decode(data: bytes, where: str = "snapshot") -> Snapshot:
+    def bad(why: str) -> SnapshotError:
+        return SnapshotError(f"{where}: {why}")
+
+    if not data.startswith(MAGIC):
+        raise bad("not a xenicorn snapshot (bad magic)")
+    pos = len(MAGIC)
+    if len(data) < pos + _PREFIX.size:
+        raise bad("truncated (no header)")
+    version, hlen = _PREFIX.unpack_from(data, pos)
+    if version != FORMAT_VERSION:
+        raise bad(f"snapshot format version {version}; this xenicorn reads version {FORMAT_VERSION}")
+    pos += _PREFIX.size
+    if len(data) < pos + hlen + 32:
+        raise bad("truncated (in the header)")
+    hdr = data[pos:pos + hlen]
+    if hashlib.sha256(data[:pos + hlen]).digest() != data[pos + hlen:pos + hlen + 32]:
+        raise bad("header checksum mismatch (the file is corrupt)")
+    pos += hlen + 32
+    try:
+        header = json.loads(hdr)
+        sections = [(s["name"], s["encoding"], int(s["length"]), int(s["size"]), s["sha256"])
+                    for s in header["sections"]]
+    except (ValueError, KeyError, TypeError):
+        raise bad("header is not valid JSON of a snapshot") from None
+    total = pos + sum(n for _, _, n, _, _ in sections)
+    if len(data) < total:
+        raise bad(f"truncated: {len(data)} bytes, the header describes {total}")
+    if len(data) > total:
+        raise bad(f"{len(data) - total} unexpected bytes after the last section")
+    state, blobs = None, {}
+    for name, enc, length, size, digest in sections:
+        stored = data[pos:pos + length]
+        pos += length
+        if hashlib.sha256(stored).hexdigest() != digest:
+            raise bad(f"section {name!r} checksum mismatch (the file is corrupt)")
+        try:
+            if enc == "zlib":
+                d = zlib.decompressobj()
+                plain = d.decompress(stored, size + 1)
+                if not d.eof or len(plain) != size:
+                    raise ValueError("length")
+            elif enc in ("raw", "json"):
+                plain = stored
+            else:
+                raise ValueError(enc)
+            if enc == "json":
+                state = json.loads(plain)
+            else:
+                blobs[name] = plain
+        except (ValueError, zlib.error):
+            raise bad(f"section {name!r} does not decode") from None
+    if not isinstance(state, dict):
+        raise bad("no machine state section")
+    return Snapshot(header, state, blobs)
+
+
+# -- restore ----------------------------------------------------------------------------
+def check_compatible(machine, snap: Snapshot, where: str = "snapshot") -> None:
+    h = snap.header
+    if h.get("unicorn") != unicorn.__version__:
+        raise SnapshotError(f"{where}: taken with unicorn {h.get('unicorn')}, this is unicorn {unicorn.__version__}"
+                            " (CPU contexts do not carry over)")
+    mine = compat_config(machine)
+    theirs = h.get("config", {})
+    for key, value in mine.items():
+        if theirs.get(key) != value:
+            raise SnapshotError(f"{where}: snapshot of a machine with {_describe(key, theirs.get(key))}, "
+                                f"this one has {_describe(key, value)}")
+    if len(snap.blobs.get("memory", b"")) != len(machine.memory.buf):
+        raise SnapshotError(f"{where}: RAM section has the wrong size")
+    for v in machine.vcpus:
+        ctx = snap.blobs.get(f"vcpu{v.index}.context")
+        if ctx is None or len(ctx) != v.uc.context_save().size - CTX_HEADER:
+            raise SnapshotError(f"{where}: vCPU {v.index} context missing or of another size")
+        if len(snap.blobs.get(f"vcpu{v.index}.msr-shadow", b"")) != 0x3000:
+            raise SnapshotError(f"{where}: vCPU {v.index} MSR window pages missing")
+
+
+def restore(machine, snap: Snapshot, where: str = "snapshot") -> None:
+    """Make ``machine`` continue from ``snap``: all checks first, then every change."""
+    if any(v._in_emu for v in machine.vcpus):
+        raise SnapshotError("cannot load a snapshot while the guest is running (only between runs)")
+    check_compatible(machine, snap, where)
+    from . import devstate
+    st = snap.state
+    try:
+        if (machine.xen is None) != ("xen" not in st) or len(st["vcpus"]) != len(machine.vcpus):
+            raise ValueError("machine shape")
+        plan = [devstate.prepare_platform(machine, st, snap.blobs)]
+        if machine.xen is not None:
+            from ..xen import savestate
+            plan.append(savestate.prepare(machine.xen, st["xen"]))
+        plan.append(devstate.prepare_lines(machine, st["lines"]))
+        plan.append(devstate.prepare_timers(machine, st))
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise SnapshotError(f"{where}: machine state does not parse ({type(e).__name__}: {e})") from None
+    for apply in plan:
+        apply()
+    machine.status = None
+    for v in machine.vcpus:
+        # Python wrote RAM and the whole CPU state: drop translated code and TLB entries
+        v.uc.ctl_flush_tb()
+        v.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+
+
+def load(machine, path: str) -> Snapshot:
+    snap = read(path)
+    restore(machine, snap, path)
+    return snap
+
