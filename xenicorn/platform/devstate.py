@@ -28,15 +28,25 @@ CTX_HEADER = 40
 
 
 # -- vCPU -----------------------------------------------------------------------------
-def context_bytes(uc) -> bytes:
-    """CPUX86State as Unicorn saves it (without uc_context's own header).
+# Host pointers inside CPUX86State (unicorn 2.1.4): cpu_breakpoint[4] (QEMU's
+# objects for DR0-3 breakpoints) and retaddr (the TCG return address an SVM
+# intercept helper unwinds with, left behind after each use). They mean
+# nothing in another process, so a snapshot stores zeros there.
+HOST_POINTERS = ((5464, 32), (5560, 8))
 
-    Two fresh engines save identical bytes (no host pointers inside), and
-    restoring them into a fresh engine reproduces registers, segment caches,
-    hflags, EFER and the other MSRs, FPU and SSE (docs/unicorn-notes.md).
+
+def context_bytes(uc) -> bytes:
+    """CPUX86State as Unicorn saves it (without uc_context's own header), host pointers zeroed.
+
+    Restoring these bytes into a fresh engine reproduces registers, segment
+    caches, hflags, EFER and the other MSRs, FPU and SSE, and the MSR/RDTSC
+    intercept fields (docs/unicorn-notes.md).
     """
     ctx = RawContext(uc)
-    return bytes(ctx._mem[:ctx.ctx.size - CTX_HEADER])
+    raw = bytearray(ctx._mem[:ctx.ctx.size - CTX_HEADER])
+    for off, size in HOST_POINTERS:
+        raw[off:off + size] = bytes(size)
+    return bytes(raw)
 
 
 def context_into(uc, blob: bytes) -> None:
@@ -174,9 +184,15 @@ def prepare_platform(machine, st: dict, blobs: dict):
         m.pci.extra_intx = {(int(d), int(pn)): bool(lv) for d, pn, lv in pci["extra_intx"]}
         mem.buf[:] = blobs["memory"]
         for v, ctx, shadow, d in vcpus:
-            for page in d["mmio_pages"]:
-                if int(page) not in v._mmio_pages:
-                    v.map_mmio(int(page), PAGE_SIZE)
+            missing = sorted(int(pg) for pg in d["mmio_pages"] if int(pg) not in v._mmio_pages)
+            start = prev = None
+            for page in missing + [None]:         # one mapping per run of pages, as the machine made them
+                if page is not None and prev is not None and page == prev + PAGE_SIZE:
+                    prev = page
+                    continue
+                if start is not None:
+                    v.map_mmio(start, prev + PAGE_SIZE - start)
+                start = prev = page
             v.disarm_interrupt_window()
             context_into(v.uc, ctx)
             v.uc.mem_write(SHADOW_BASE, shadow)
