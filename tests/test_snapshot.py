@@ -265,3 +265,92 @@ def test_a_section_that_does_not_parse_is_refused_before_anything_changes(tmp_pa
 def test_a_missing_file_is_one_line():
     with pytest.raises(SnapshotError, match="cannot read snapshot /nonexistent.snap: No such file"):
         make().load_snapshot("/nonexistent.snap")
+
+
+# -- system_reset, the CLI and the monitor --------------------------------------------------
+def test_system_reset_boots_the_guest_again_from_power_on():
+    m = make()
+    m.capture_power_on()
+    assert m.run() == 0
+    first = bytes(m.console.data)
+    end_state = machine_state(m)
+    m.system_reset()                        # RAM, CPU, devices, Xen and time as before the first instruction
+    assert m.status is None and m.vcpu.instructions == 0 and m.clock.now_ns() == 0
+    assert m.xen.state.shared_info_gpa is None and not m.xen.evtchn.virqs
+    assert m.run() == 0
+    assert bytes(m.console.data) == first + first
+    assert differences(end_state, machine_state(m)) == []
+
+
+def cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "xenicorn", "run", *args], capture_output=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()}, **kw)
+
+
+def test_cli_savevm_then_loadvm_continues_byte_for_byte(tmp_path):
+    snap = str(tmp_path / "cli.snap")
+    common = ["evtchn64", "--append", "via=gsi", "--clock", "deterministic", "-m", "32"]
+    saved = cli(*common, "--savevm", f"{snap}@40000")
+    assert saved.returncode == 0, saved.stderr
+    n = int(saved.stderr.decode().split(" at ")[1].split()[0])
+    assert f"snapshot saved to {snap} at {n} instructions" in saved.stderr.decode() and n >= 40000
+    loaded = cli(*common, "--loadvm", snap)
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout and saved.stdout.endswith(loaded.stdout) and len(loaded.stdout) < len(saved.stdout)
+    assert b"Test result: SUCCESS" in loaded.stdout
+    bad = cli("evtchn64", "--clock", "deterministic", "--loadvm", snap)          # 128 MiB, not 32
+    assert bad.returncode == 2 and bad.stdout == b""
+    assert bad.stderr.decode().splitlines() == [
+        f"xenicorn: error: --loadvm: {snap}: snapshot of a machine with 32 MiB of RAM, this one has 128 MiB of RAM"]
+    with open(snap, "r+b") as f:
+        f.truncate(5000)
+    cut = cli(*common, "--loadvm", snap)
+    assert cut.returncode == 2 and b"truncated" in cut.stderr and len(cut.stderr.splitlines()) == 1
+
+
+def test_qmp_system_reset_and_hmp_savevm_loadvm(tmp_path):
+    qmp = pytest.importorskip("qemu.qmp")
+    import asyncio
+    import time
+    sock = str(tmp_path / "qmp.sock")
+    snap = str(tmp_path / "hmp.snap")
+    proc = subprocess.Popen([sys.executable, "-m", "xenicorn", "run", "spin32", "-qmp", f"unix:{sock},server,wait=off",
+                             "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    for _ in range(200):
+        if os.path.exists(sock):
+            break
+        time.sleep(0.05)
+
+    async def go():
+        client = qmp.QMPClient("test")
+        await client.connect(sock)
+        events = []
+
+        async def collect():
+            async for ev in client.events:
+                events.append(ev)
+        task = asyncio.create_task(collect())
+        await asyncio.sleep(0.3)                             # the guest printed its banner and spins
+        assert await client.execute("system_reset") == {}
+        await asyncio.sleep(0.3)
+        hmp = lambda line: client.execute("human-monitor-command", {"command-line": line})   # noqa: E731
+        assert await hmp(f"savevm {snap}") == ""
+        assert await hmp(f"loadvm {snap}") == ""
+        assert (await hmp(f"loadvm {snap}.missing")).startswith(f"Error: cannot read snapshot {snap}.missing")
+        assert (await client.execute("query-status"))["status"] == "running"
+        await client.execute("quit")
+        await asyncio.sleep(0.2)
+        task.cancel()
+        try:
+            await client.disconnect()
+        except EOFError:
+            pass
+        return events
+    events = asyncio.run(go())
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    resets = [e for e in events if e["event"] == "RESET"]
+    assert len(resets) == 1 and resets[0]["data"] == {"guest": False, "reason": "host-qmp-system-reset"}
+    assert out.count(b"spinning forever") == 2                 # booted again from the start
+    assert os.path.getsize(snap) > 0

@@ -94,6 +94,11 @@ def _run_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("-S", dest="start_stopped", action="store_true",
                    help="do not run the first guest instruction until gdb continues (or, with only "
                         "-qmp, until the monitor's cont)")
+    r.add_argument("--savevm", action="append", default=[], metavar="FILE@N",
+                   help="save a snapshot of the whole machine to FILE at the first pause between two "
+                        "guest runs once N instructions have run (counts instructions); repeatable")
+    r.add_argument("--loadvm", metavar="FILE",
+                   help="continue from a snapshot taken with the same kernel and options")
 
 
 def _resolve_kernel(name: str) -> str:
@@ -109,6 +114,7 @@ def _resolve_kernel(name: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from .platform.loader import LoadError
+    from .platform.snapshot import SnapshotError
     from .platform.machine import boot
     if args.kernel_deb:
         if args.kernel:
@@ -143,6 +149,9 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.gnttab_max_frames <= 128:
         raise UsageError(f"--gnttab-max-frames {args.gnttab_max_frames}: expected 1 to 128")
     config.gnttab_max_frames = args.gnttab_max_frames
+    save_points = [_save_point(spec) for spec in args.savevm]
+    if save_points:
+        config.count_instructions = True
     serial = args.serial
     if serial not in ("stdio", "none") and not serial.startswith("file:"):
         raise UsageError(f"--serial {serial}: expected stdio, file:PATH or none")
@@ -158,10 +167,20 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{which}: {e.strerror or e}") from None
     if args.start_stopped and not config.gdb:
         machine.monitor.paused = True
-    for spec in args.xenstore:
-        _seed_xenstore(machine, spec)
     for path in args.xenstore_watch:
         _watch_xenstore(machine, path)
+    for spec in args.xenstore:
+        _seed_xenstore(machine, spec)
+    if args.loadvm:
+        from .platform.snapshot import SnapshotError
+        if machine.monitor is not None:
+            machine.capture_power_on()        # system_reset goes back to boot, not to the snapshot
+        try:
+            machine.load_snapshot(args.loadvm)
+        except SnapshotError as e:
+            raise UsageError(f"--loadvm: {e}") from None
+    for n, path in save_points:
+        machine.save_at(n, path)
     if args.console_input == "stdin":
         if machine.xen is None:
             raise UsageError("--console-input needs Xen (drop --no-xen)")
@@ -177,6 +196,8 @@ def run(args: argparse.Namespace) -> int:
         Stepper(machine, from_insn=args.from_insn)
     try:
         status = machine.run()
+    except SnapshotError as e:                 # --savevm could not write its file
+        raise UsageError(str(e)) from None
     except KeyboardInterrupt:
         machine.console.flush()
         print("xenicorn: interrupted", file=sys.stderr)
@@ -186,6 +207,11 @@ def run(args: argparse.Namespace) -> int:
             rec.close()
             rec.stream.close()
     machine.console.flush()
+    for path, n in machine.snapshots_saved:
+        print(f"xenicorn: snapshot saved to {path} at {n} instructions", file=sys.stderr)
+    for n, path in machine.save_points:
+        print(f"xenicorn: --savevm {path}@{n}: not saved, the guest ended at {machine.vcpu.instructions} "
+              "instructions", file=sys.stderr)
     if machine.shutdown_reason not in ("poweroff", "debug-exit", "quit") or status == STATUS_CRASH:
         print(f"xenicorn: {machine.shutdown_reason}: {machine.shutdown_message}", file=sys.stderr)
     if args.xen_event_list:
@@ -228,6 +254,21 @@ def _gdb_options(args: argparse.Namespace, config: MachineConfig) -> None:
     if args.start_stopped and not (config.gdb or config.qmp):
         raise UsageError("-S waits for a debugger or monitor: add -s, -gdb tcp::PORT or -qmp")
     config.gdb_wait = args.start_stopped and bool(config.gdb)
+
+
+def _save_point(spec: str) -> tuple[int, str]:
+    """--savevm FILE@N: where to save, and after how many guest instructions."""
+    path, at, count = spec.rpartition("@")
+    try:
+        n = int(count, 0)
+    except ValueError:
+        n = -1
+    if not at or not path or n < 0:
+        raise UsageError(f"--savevm {spec}: expected FILE@N, N the guest instructions to run first")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"--savevm {spec}: cannot write in {folder}")
+    return n, path
 
 
 def _seed_xenstore(machine, spec: str) -> None:

@@ -671,6 +671,7 @@ class Machine:
     # ------------------------------------------------------------------
     power_on = None                  # the machine before its first instruction, for system_reset
     save_points: list = []           # [(instructions, path)] for --savevm FILE@N, sorted
+    snapshots_saved: list = []       # [(path, instructions)] as they were written
 
     def save_snapshot(self, path: str):
         """Write the whole machine to ``path`` (savevm); call between runs."""
@@ -700,8 +701,7 @@ class Machine:
             _, path = self.save_points[0]
             self.save_points = self.save_points[1:]
             self.save_snapshot(path)
-            if self.tracer.active:
-                self.tracer.emit("exits", f"snapshot saved to {path} at {self.vcpu.instructions} instructions")
+            self.snapshots_saved = [*self.snapshots_saved, (path, self.vcpu.instructions)]
 
     def capture_power_on(self) -> None:
         """Keep the state before the first instruction in memory (what system_reset restores)."""

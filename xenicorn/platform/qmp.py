@@ -256,4 +256,25 @@ class QmpServer:
         if words[0] == "xenstore-write" and len(words) == 3:
             self._xen().xenstore_write(words[1], words[2].encode())
             return ""
+        if words[0] in ("savevm", "loadvm") and len(words) == 2:
+            return self._hmp_snapshot(words[0], words[1])
         return f"unknown command: '{words[0]}'\r\n"
+
+    # -- snapshots (platform/snapshot.py) ---------------------------------------------------
+    def _cmd_system_reset(self) -> dict:
+        """Back to the power-on state kept before the first instruction; QEMU's RESET event."""
+        self.machine.system_reset()
+        self.event("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
+        return {}
+
+    def _hmp_snapshot(self, verb: str, path: str) -> str:
+        """HMP ``savevm FILE`` / ``loadvm FILE``: a snapshot file (QEMU takes a tag in a disk image)."""
+        from .snapshot import SnapshotError
+        try:
+            if verb == "savevm":
+                self.machine.save_snapshot(path)
+            else:
+                self.machine.load_snapshot(path)
+        except SnapshotError as e:
+            return f"Error: {e}\r\n"
+        return ""
