@@ -8,9 +8,9 @@ difference even if the guest's output happens not to change.
 """
 import hashlib
 import os
-import types
 import subprocess
 import sys
+import types
 from collections import deque
 
 import pytest
@@ -19,14 +19,14 @@ from xenicorn import firmware
 from xenicorn.devices.console import ConsoleSink
 from xenicorn.platform import devstate
 from xenicorn.platform.machine import MachineConfig, boot
-from xenicorn.platform.snapshot import SnapshotError, MAGIC, decode, encode, capture
+from xenicorn.platform.snapshot import MAGIC, SnapshotError, decode, encode
 
 # Host-side or per-run transient attributes, not machine state: host objects
 # (engine, threads, streams, sockets), the mmap's host address, a host
 # clock origin, exits and stop reasons of the run in flight.
 SKIP = {"uc", "uc_list", "_mm", "buf", "host_addr", "tracer", "console", "monitor", "stop_timer", "tsc",
         "_start", "_seq", "_internal", "_pending_exit", "_stop_reasons", "_in_emu", "sink", "stream",
-        "power_on", "save_points", "kernel", "_handlers", "_console_input", "host_watches", "f",
+        "power_on", "save_points", "snapshots_saved", "kernel", "_handlers", "_console_input", "host_watches", "f",
         "_poll_hook", "_poll_vcpu", "_window_hook", "_cache", "tree", "serial_file"}
 
 
@@ -181,8 +181,8 @@ def test_power_on_snapshot_of_the_xenstore_kernel(tmp_path):
 
 
 def test_xenstore_transactions_watches_and_events_round_trip():
-    from xenicorn.xen.savestate import save_store, prepare_store
-    from xenicorn.xen.xenstore.store import Store, Perm
+    from xenicorn.xen.savestate import prepare_store, save_store
+    from xenicorn.xen.xenstore.store import Perm, Store
     a = Store()
     a.write(0, "/local/domain/1/x", b"1")
     a.set_perms(0, "/local/domain/1/x", [Perm(1, "n")])
@@ -283,7 +283,7 @@ def test_system_reset_boots_the_guest_again_from_power_on():
 
 
 def cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "xenicorn", "run", *args], capture_output=True, timeout=120,
+    return subprocess.run([sys.executable, "-m", "xenicorn", "run", *args], capture_output=True, timeout=120, check=False,
                           env={**os.environ, "PYTHONPATH": os.getcwd()}, **kw)
 
 
@@ -334,7 +334,7 @@ def test_qmp_system_reset_and_hmp_savevm_loadvm(tmp_path):
         await asyncio.sleep(0.3)                             # the guest printed its banner and spins
         assert await client.execute("system_reset") == {}
         await asyncio.sleep(0.3)
-        hmp = lambda line: client.execute("human-monitor-command", {"command-line": line})   # noqa: E731
+        hmp = lambda line: client.execute("human-monitor-command", {"command-line": line})
         assert await hmp(f"savevm {snap}") == ""
         assert await hmp(f"loadvm {snap}") == ""
         assert (await hmp(f"loadvm {snap}.missing")).startswith(f"Error: cannot read snapshot {snap}.missing")

@@ -114,8 +114,8 @@ def _resolve_kernel(name: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from .platform.loader import LoadError
-    from .platform.snapshot import SnapshotError
     from .platform.machine import boot
+    from .platform.snapshot import SnapshotError
     if args.kernel_deb:
         if args.kernel:
             raise UsageError("give either KERNEL or --kernel-deb, not both")

@@ -12,17 +12,17 @@ from __future__ import annotations
 import ctypes
 from dataclasses import asdict
 
-from .clock import timer_ref
-from .memory import E820Entry, PAGE_SIZE
-from .msr import SHADOW_BASE
-from .rawctx import RawContext
 from ..devices.i8259 import PicState
+from ..devices.ioapic import NUM_PINS, IoapicState
 from ..devices.irq import IrqLine, SharedLine
-from ..devices.ioapic import IoapicState, NUM_PINS
 from ..devices.lapic import LapicState
 from ..devices.pit8254 import CounterState
 from ..devices.uart16550 import UartState
 from ..devices.xen_platform import XenPlatformState
+from .clock import timer_ref
+from .memory import PAGE_SIZE, E820Entry
+from .msr import SHADOW_BASE
+from .rawctx import RawContext
 
 CTX_HEADER = 40
 
@@ -110,7 +110,7 @@ def save_platform(machine) -> dict:
 def prepare_platform(machine, st: dict, blobs: dict):
     """Parse the platform state; the returned apply() installs it (timers excepted)."""
     m = machine
-    p = st["platform"] if "platform" in st else st
+    p = st
     vcpus = [(v, blobs[f"vcpu{v.index}.context"], blobs[f"vcpu{v.index}.msr-shadow"], d)
              for v, d in zip(m.vcpus, st["vcpus"])]
     for _, _, _, d in vcpus:

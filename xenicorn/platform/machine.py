@@ -670,8 +670,8 @@ class Machine:
     # snapshots (platform/snapshot.py): taken and loaded between guest runs
     # ------------------------------------------------------------------
     power_on = None                  # the machine before its first instruction, for system_reset
-    save_points: list = []           # [(instructions, path)] for --savevm FILE@N, sorted
-    snapshots_saved: list = []       # [(path, instructions)] as they were written
+    save_points: tuple = ()          # ((instructions, path), ...) for --savevm FILE@N, sorted
+    snapshots_saved: tuple = ()      # ((path, instructions), ...) as they were written
 
     def save_snapshot(self, path: str):
         """Write the whole machine to ``path`` (savevm); call between runs."""
@@ -694,14 +694,14 @@ class Machine:
         if not self.vcpu.count_instructions:
             raise ValueError("saving at an instruction count needs an instruction-counting machine "
                              "(MachineConfig.count_instructions or --clock deterministic)")
-        self.save_points = sorted([*self.save_points, (int(instructions), path)])
+        self.save_points = tuple(sorted([*self.save_points, (int(instructions), path)]))
 
     def _save_due(self) -> None:
         while self.save_points and self.vcpu.instructions >= self.save_points[0][0]:
             _, path = self.save_points[0]
             self.save_points = self.save_points[1:]
             self.save_snapshot(path)
-            self.snapshots_saved = [*self.snapshots_saved, (path, self.vcpu.instructions)]
+            self.snapshots_saved = (*self.snapshots_saved, (path, self.vcpu.instructions))
 
     def capture_power_on(self) -> None:
         """Keep the state before the first instruction in memory (what system_reset restores)."""

@@ -60,7 +60,7 @@ import zlib
 from dataclasses import dataclass
 
 import unicorn
-from unicorn.unicorn_const import UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE
+from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
 MAGIC = b"XENICORN SNAPSHOT\0"
 FORMAT_VERSION = 1

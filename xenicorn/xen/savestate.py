@@ -35,7 +35,7 @@ snapshot never leaves the Xen layer half loaded.
 from __future__ import annotations
 
 from ..platform.clock import timer_ref
-from .evtchn import Port, BackendPort, VIRQ, PIRQ, UNBOUND, INTERDOMAIN, IPI
+from .evtchn import INTERDOMAIN, IPI, PIRQ, UNBOUND, VIRQ, BackendPort, Port
 from .gnttab import GrantMapping
 from .platform import VcpuState
 from .sched import poll_expired, watchdog_bite
