@@ -19,7 +19,7 @@ from xenicorn import firmware
 from xenicorn.devices.console import ConsoleSink
 from xenicorn.platform import devstate
 from xenicorn.platform.machine import MachineConfig, boot
-from xenicorn.platform.snapshot import MAGIC, SnapshotError, decode, encode
+from xenicorn.platform.snapshot import MAGIC, SnapshotError, capture, decode, encode
 
 # Host-side or per-run transient attributes, not machine state: host objects
 # (engine, threads, streams, sockets), the mmap's host address, a host
@@ -252,6 +252,31 @@ def test_a_snapshot_of_another_machine_shape_is_refused(tmp_path, good):
     assert "unicorn 2.0.1" in refused(tmp_path, encode(snap))
 
 
+def reheader(data: bytes, change) -> bytes:
+    """The same file with its JSON header edited (and its checksum made right again)."""
+    import hashlib
+    import json
+    import struct
+    version, hlen = struct.unpack_from("<II", data, len(MAGIC))
+    start = len(MAGIC) + 8
+    header = json.loads(data[start:start + hlen])
+    change(header)
+    hdr = json.dumps(header).encode()
+    head = MAGIC + struct.pack("<II", version, len(hdr)) + hdr
+    return head + hashlib.sha256(head).digest() + data[start + hlen + 32:]
+
+
+def test_a_header_that_lies_about_sizes_is_refused_without_inflating(tmp_path, good):
+    def huge(h):
+        next(s for s in h["sections"] if s["name"] == "memory")["size"] = 1 << 40
+    assert "RAM section has the wrong size" in refused(tmp_path, reheader(good, huge))
+
+    def shorter(h):
+        next(s for s in h["sections"] if s["name"] == "state")["length"] -= 1
+    assert "unexpected bytes" in refused(tmp_path, reheader(good, shorter))
+    assert "header has no machine config" in refused(tmp_path, reheader(good, lambda h: h.pop("config")))
+
+
 def test_a_section_that_does_not_parse_is_refused_before_anything_changes(tmp_path, good):
     snap = decode(good)
     snap.state["xen"]["evtchn"]["ports"].append([5000, {"type": "ipi", "vcpu": 0, "remote_domid": 0,
@@ -354,3 +379,14 @@ def test_qmp_system_reset_and_hmp_savevm_loadvm(tmp_path):
     assert len(resets) == 1 and resets[0]["data"] == {"guest": False, "reason": "host-qmp-system-reset"}
     assert out.count(b"spinning forever") == 2                 # booted again from the start
     assert os.path.getsize(snap) > 0
+
+
+def test_a_timer_no_component_restores_makes_saving_fail(tmp_path):
+    m = make()
+    m.clock.add_timer(10**9, lambda: None, "inject port 3")        # the command line's: left out, listed
+    snap = capture(m)
+    assert snap.header["host_timers"] == ["inject port 3"]
+    m.clock.add_timer(10**9, lambda: None, "mystery")
+    with pytest.raises(SnapshotError, match="armed timer.s. mystery would not be restored"):
+        m.save_snapshot(str(tmp_path / "x.snap"))
+    assert not os.path.exists(tmp_path / "x.snap")

@@ -280,6 +280,10 @@ def prepare_lines(machine, data: dict):
               for n, d in data.items()}
 
     def apply() -> None:
+        for name in parsed:                 # 8259 inputs a source was wired to (Xen's callback GSI < 16)
+            irq, arrow, source = name.partition("<-")
+            if arrow and irq.startswith("PIC") and irq[3:].isdigit() and int(irq[3:]) < 16:
+                machine.pic_input(int(irq[3:]), source)
         for name, line in all_lines(machine).items():       # after Xen's callback made its sources
             if name not in parsed:
                 line.level = False

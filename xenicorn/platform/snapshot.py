@@ -116,8 +116,39 @@ def capture(machine) -> Snapshot:
         state["xen"] = savestate.save(machine.xen)
     header = {"xenicorn": _xenicorn_version(), "unicorn": unicorn.__version__,
               "config": compat_config(machine), "instructions": machine.vcpu.instructions,
-              "guest_ns": machine.clock.now_ns()}
+              "guest_ns": machine.clock.now_ns(), "host_timers": _check_timers(machine, state)}
     return Snapshot(header, state, blobs)
+
+
+HOST_TIMERS = ("inject port ",)           # set up again by the command line (--xen-event-inject)
+
+
+def _check_timers(machine, state: dict) -> list[str]:
+    """Every armed timer must belong to a component that re-arms it on load.
+
+    A timer nobody saved would silently vanish from the loaded machine, so
+    taking the snapshot fails instead; host-side timers (the command line's
+    event injections) are listed in the header and left out. A reference
+    to a timer that has already fired is dropped.
+    """
+    pending = {(t.deadline_ns, t.seq): t.name for t in machine.clock.pending()}
+    holders = [(state["lapic"], "timer")] + [(c, "timer") for c in state["pit"]["counters"]]
+    if "xen" in state:
+        x = state["xen"]
+        holders += [(v["timers"], name) for _, v in x["state"]["vcpus"] for name in v["timers"]]
+        holders += [(pair, 1) for pair in x["watchdog_timers"] + x["poll_timers"]]
+    owned = set()
+    for holder, key in holders:
+        ref = holder[key]
+        if ref is not None and tuple(ref) not in pending:
+            holder[key] = None
+        elif ref is not None:
+            owned.add(tuple(ref))
+    lost = [pending[k] for k in sorted(pending) if k not in owned]
+    unknown = [name for name in lost if not name.startswith(HOST_TIMERS)]
+    if unknown:
+        raise SnapshotError(f"cannot save: armed timer(s) {', '.join(unknown)} would not be restored")
+    return lost
 
 
 def _xenicorn_version() -> str:
@@ -163,17 +194,22 @@ def save(machine, path: str) -> Snapshot:
     return snap
 
 
-def read(path: str) -> Snapshot:
-    """Read and verify a snapshot file completely (nothing is loaded here)."""
+def read(path: str, machine=None) -> Snapshot:
+    """Read and verify a snapshot file completely (nothing is loaded here).
+
+    With ``machine``, the header is checked against it before any section
+    is decompressed, so a file for another machine (or one that claims a
+    huge RAM) is refused without inflating anything.
+    """
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
         raise SnapshotError(f"cannot read snapshot {path}: {e.strerror or e}") from None
-    return decode(data, path)
+    return decode(data, path, machine)
 
 
-def decode(data: bytes, where: str = "snapshot") -> Snapshot:
+def decode(data: bytes, where: str = "snapshot", machine=None) -> Snapshot:
     def bad(why: str) -> SnapshotError:
         return SnapshotError(f"{where}: {why}")
 
@@ -196,8 +232,12 @@ def decode(data: bytes, where: str = "snapshot") -> Snapshot:
         header = json.loads(hdr)
         sections = [(s["name"], s["encoding"], int(s["length"]), int(s["size"]), s["sha256"])
                     for s in header["sections"]]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise bad("header is not valid JSON of a snapshot") from None
+    if machine is not None:
+        _check_header(machine, header, where)
+        if dict((n, size) for n, _, _, size, _ in sections).get("memory") != len(machine.memory.buf):
+            raise bad("RAM section has the wrong size")
     total = pos + sum(n for _, _, n, _, _ in sections)
     if len(data) < total:
         raise bad(f"truncated: {len(data)} bytes, the header describes {total}")
@@ -223,7 +263,7 @@ def decode(data: bytes, where: str = "snapshot") -> Snapshot:
                 state = json.loads(plain)
             else:
                 blobs[name] = plain
-        except (ValueError, zlib.error):
+        except (ValueError, zlib.error, RecursionError, MemoryError):
             raise bad(f"section {name!r} does not decode") from None
     if not isinstance(state, dict):
         raise bad("no machine state section")
@@ -231,17 +271,23 @@ def decode(data: bytes, where: str = "snapshot") -> Snapshot:
 
 
 # -- restore ----------------------------------------------------------------------------
-def check_compatible(machine, snap: Snapshot, where: str = "snapshot") -> None:
-    h = snap.header
+def _check_header(machine, h: dict, where: str) -> None:
     if h.get("unicorn") != unicorn.__version__:
         raise SnapshotError(f"{where}: taken with unicorn {h.get('unicorn')}, this is unicorn {unicorn.__version__}"
                             " (CPU contexts do not carry over)")
     mine = compat_config(machine)
-    theirs = h.get("config", {})
+    theirs = h.get("config")
+    if not isinstance(theirs, dict):
+        raise SnapshotError(f"{where}: header has no machine config")
     for key, value in mine.items():
         if theirs.get(key) != value:
             raise SnapshotError(f"{where}: snapshot of a machine with {_describe(key, theirs.get(key))}, "
                                 f"this one has {_describe(key, value)}")
+
+
+def check_compatible(machine, snap: Snapshot, where: str = "snapshot") -> None:
+    """Refuse a snapshot of another machine shape or Unicorn build, or with missing parts."""
+    _check_header(machine, snap.header, where)
     if len(snap.blobs.get("memory", b"")) != len(machine.memory.buf):
         raise SnapshotError(f"{where}: RAM section has the wrong size")
     for v in machine.vcpus:
@@ -268,11 +314,12 @@ def restore(machine, snap: Snapshot, where: str = "snapshot") -> None:
             plan.append(savestate.prepare(machine.xen, st["xen"]))
         plan.append(devstate.prepare_lines(machine, st["lines"]))
         plan.append(devstate.prepare_timers(machine, st))
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError) as e:
         raise SnapshotError(f"{where}: machine state does not parse ({type(e).__name__}: {e})") from None
     for apply in plan:
         apply()
-    machine.status = None
+    machine.status = None                     # a machine that had ended runs again
+    machine.shutdown_reason = machine.shutdown_message = ""
     for v in machine.vcpus:
         # Python wrote RAM and the whole CPU state: drop translated code and TLB entries
         v.uc.ctl_flush_tb()
@@ -280,7 +327,7 @@ def restore(machine, snap: Snapshot, where: str = "snapshot") -> None:
 
 
 def load(machine, path: str) -> Snapshot:
-    snap = read(path)
+    snap = read(path, machine)
     restore(machine, snap, path)
     return snap
 

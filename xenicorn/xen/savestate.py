@@ -212,7 +212,8 @@ def prepare(xen, data: dict):
         for index, (vs, timers) in vcpus.items():
             st.vcpus[index] = vs
             for name, ref in timers.items():
-                vs.timers[name] = clock.rearm(ref, _vcpu_timer(xen, index, name), f"vcpu{index}-{name}")
+                if ref is not None:
+                    vs.timers[name] = clock.rearm(ref, _vcpu_timer(xen, index, name), f"vcpu{index}-{name}")
         for name, ref in polls:
             clock.rearm(ref, poll_expired(xen.vcpu_state(int(name[4:].split("-")[0]))), name)
         xen.watchdog_timers = {wid: clock.rearm(ref, watchdog_bite(xen, wid), f"watchdog{wid}")
