@@ -172,7 +172,6 @@ def run(args: argparse.Namespace) -> int:
     for spec in args.xenstore:
         _seed_xenstore(machine, spec)
     if args.loadvm:
-        from .platform.snapshot import SnapshotError
         if machine.monitor is not None:
             machine.capture_power_on()        # system_reset goes back to boot, not to the snapshot
         try:
