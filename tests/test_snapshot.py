@@ -308,9 +308,13 @@ def test_system_reset_boots_the_guest_again_from_power_on():
     assert differences(end_state, machine_state(m)) == []
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "PYTHONPATH": ROOT}        # this checkout's xenicorn, whatever is installed
+
+
 def cli(*args, **kw):
     return subprocess.run([sys.executable, "-m", "xenicorn", "run", *args], capture_output=True, timeout=120, check=False,
-                          env={**os.environ, "PYTHONPATH": os.getcwd()}, **kw)
+                          env=ENV, **kw)
 
 
 def test_cli_savevm_then_loadvm_continues_byte_for_byte(tmp_path):
@@ -342,7 +346,7 @@ def test_qmp_system_reset_and_hmp_savevm_loadvm(tmp_path):
     snap = str(tmp_path / "hmp.snap")
     proc = subprocess.Popen([sys.executable, "-m", "xenicorn", "run", "spin32", "-qmp", f"unix:{sock},server,wait=off",
                              "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+                            env=ENV)
     for _ in range(200):
         if os.path.exists(sock):
             break

@@ -236,7 +236,7 @@ def decode(data: bytes, where: str = "snapshot", machine=None) -> Snapshot:
         raise bad("header is not valid JSON of a snapshot") from None
     if machine is not None:
         _check_header(machine, header, where)
-        if dict((n, size) for n, _, _, size, _ in sections).get("memory") != len(machine.memory.buf):
+        if {n: size for n, _, _, size, _ in sections}.get("memory") != len(machine.memory.buf):
             raise bad("RAM section has the wrong size")
     total = pos + sum(n for _, _, n, _, _ in sections)
     if len(data) < total:
