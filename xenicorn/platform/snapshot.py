@@ -92,8 +92,14 @@ def compat_config(machine) -> dict:
 
 
 def _describe(key: str, value) -> str:
+    if value is None:
+        return f"no {key} recorded"
     return {"ram_mib": f"{value} MiB of RAM", "xen": "Xen" if value else "no Xen",
-            "clock": f"--clock {value}", "vcpus": f"{value} vCPUs"}.get(key, f"{key} {value}")
+            "clock": f"--clock {value}", "vcpus": f"{value} vCPUs", "vendor": f"--vendor {value}",
+            "xen_version": "Xen {}.{}".format(*value) if isinstance(value, list) and len(value) == 2 else value,
+            "serial": "a serial port" if value else "no serial port",
+            "callback_deassert": f"--callback-deassert {value}", "gnttab_max_frames": f"{value} grant frames",
+            "ns_per_insn": f"{value} ns per instruction"}.get(key, f"{key} {value}")
 
 
 # -- capture -----------------------------------------------------------------------
