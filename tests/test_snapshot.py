@@ -288,6 +288,28 @@ def test_a_section_that_does_not_parse_is_refused_before_anything_changes(tmp_pa
     assert "does not parse" in refused(tmp_path, encode(snap))
 
 
+def test_a_state_this_machine_cannot_take_is_rolled_back(tmp_path, good):
+    """Parsed fine, refused while being applied (xen-platform's BAR1 onto the IOAPIC): all or nothing."""
+    snap = decode(good)
+    for devfn, fn in snap.state["pci"]["functions"]:
+        if devfn == 0x10:
+            cfg = bytearray.fromhex(fn["config"])
+            cfg[0x14:0x18] = (0xFEC00000 | 8).to_bytes(4, "little")
+            fn["config"] = cfg.hex()
+    msg = refused(tmp_path, encode(snap))
+    assert "cannot take that state (BusConflict" in msg and "nothing was changed" in msg
+    # a machine in the middle of its run, with a host-side timer armed, is put back just as well
+    (tmp_path / "good.snap").write_bytes(good)
+    busy = make()
+    busy.load_snapshot(str(tmp_path / "good.snap"))
+    busy.clock.add_timer(busy.clock.now_ns() + 5, lambda: None, "inject port 1")
+    before = machine_state(busy)
+    with pytest.raises(SnapshotError, match="nothing was changed"):
+        busy.load_snapshot(str(tmp_path / "bad.snap"))
+    assert differences(before, machine_state(busy)) == []
+    assert busy.run() == 0 and b"Test result: SUCCESS" in busy.console.data
+
+
 def test_a_missing_file_is_one_line():
     with pytest.raises(SnapshotError, match="cannot read snapshot /nonexistent.snap: No such file"):
         make().load_snapshot("/nonexistent.snap")

@@ -48,7 +48,10 @@ structured state, raw bytes for RAM and the CPU context. :func:`read`
 checks the magic, the version, the length of every part, every checksum,
 and decodes every section before anything else happens; :func:`restore`
 then checks the config and parses every component's state, and only then
-changes the machine. Every refusal is a :class:`SnapshotError` with one line.
+changes the machine. If the machine still refuses the state while it is
+being installed (a PCI BAR moved onto another device), it is put back as
+it was from a capture taken just before: a load is all or nothing. Every
+refusal is a :class:`SnapshotError` with one line.
 """
 from __future__ import annotations
 
@@ -103,11 +106,11 @@ def _describe(key: str, value) -> str:
 
 
 # -- capture -----------------------------------------------------------------------
-def capture(machine) -> Snapshot:
+def capture(machine, *, ended_ok: bool = False, strict_timers: bool = True) -> Snapshot:
     """Take the machine's state now (between two guest runs, never inside a hook)."""
     if any(v._in_emu for v in machine.vcpus):
         raise SnapshotError("cannot take a snapshot while the guest is running (only between runs)")
-    if machine.status is not None:
+    if machine.status is not None and not ended_ok:
         raise SnapshotError(f"cannot take a snapshot of a machine that has ended ({machine.shutdown_reason})")
     from . import devstate
     blobs: dict[str, bytes] = {"memory": bytes(machine.memory.buf)}
@@ -122,14 +125,14 @@ def capture(machine) -> Snapshot:
         state["xen"] = savestate.save(machine.xen)
     header = {"xenicorn": _xenicorn_version(), "unicorn": unicorn.__version__,
               "config": compat_config(machine), "instructions": machine.vcpu.instructions,
-              "guest_ns": machine.clock.now_ns(), "host_timers": _check_timers(machine, state)}
+              "guest_ns": machine.clock.now_ns(), "host_timers": _check_timers(machine, state, strict_timers)}
     return Snapshot(header, state, blobs)
 
 
 HOST_TIMERS = ("inject port ",)           # set up again by the command line (--xen-event-inject)
 
 
-def _check_timers(machine, state: dict) -> list[str]:
+def _check_timers(machine, state: dict, strict: bool = True) -> list[str]:
     """Every armed timer must belong to a component that re-arms it on load.
 
     A timer nobody saved would silently vanish from the loaded machine, so
@@ -152,7 +155,7 @@ def _check_timers(machine, state: dict) -> list[str]:
             owned.add(tuple(ref))
     lost = [pending[k] for k in sorted(pending) if k not in owned]
     unknown = [name for name in lost if not name.startswith(HOST_TIMERS)]
-    if unknown:
+    if unknown and strict:
         raise SnapshotError(f"cannot save: armed timer(s) {', '.join(unknown)} would not be restored")
     return lost
 
@@ -304,7 +307,7 @@ def check_compatible(machine, snap: Snapshot, where: str = "snapshot") -> None:
             raise SnapshotError(f"{where}: vCPU {v.index} MSR window pages missing")
 
 
-def restore(machine, snap: Snapshot, where: str = "snapshot") -> None:
+def restore(machine, snap: Snapshot, where: str = "snapshot", *, rollback: bool = True) -> None:
     """Make ``machine`` continue from ``snap``: all checks first, then every change."""
     if any(v._in_emu for v in machine.vcpus):
         raise SnapshotError("cannot load a snapshot while the guest is running (only between runs)")
@@ -322,6 +325,28 @@ def restore(machine, snap: Snapshot, where: str = "snapshot") -> None:
         plan.append(devstate.prepare_timers(machine, st))
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError) as e:
         raise SnapshotError(f"{where}: machine state does not parse ({type(e).__name__}: {e})") from None
+    # Everything parsed; what can still fail is the machine refusing a layout
+    # (a BAR moved onto another device, a frame where nothing may be mapped).
+    # Then the machine goes back to how it was: a load is all or nothing.
+    before = capture(machine, ended_ok=True, strict_timers=False) if rollback else None
+    timers = machine.clock.pending()
+    status = (machine.status, machine.shutdown_reason, machine.shutdown_message)
+    try:
+        _apply(machine, plan)
+    except Exception as e:                    # noqa: BLE001 - reported as one line, machine restored
+        if before is None:
+            raise
+        restore(machine, before, "the state before the failed load", rollback=False)
+        rearmed = {(t.deadline_ns, t.seq) for t in machine.clock.pending()}
+        for t in timers:                      # timers no component owns (host-side) come back as they were
+            if (t.deadline_ns, t.seq) not in rearmed:
+                machine.clock.rearm([t.deadline_ns, t.seq], t.callback, t.name)
+        machine.status, machine.shutdown_reason, machine.shutdown_message = status
+        raise SnapshotError(f"{where}: this machine cannot take that state ({type(e).__name__}: {e}); "
+                            "nothing was changed") from None
+
+
+def _apply(machine, plan) -> None:
     for apply in plan:
         apply()
     machine.status = None                     # a machine that had ended runs again
