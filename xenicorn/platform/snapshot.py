@@ -333,7 +333,7 @@ def restore(machine, snap: Snapshot, where: str = "snapshot", *, rollback: bool 
     status = (machine.status, machine.shutdown_reason, machine.shutdown_message)
     try:
         _apply(machine, plan)
-    except Exception as e:                    # noqa: BLE001 - reported as one line, machine restored
+    except Exception as e:                    # any refusal: reported as one line, machine restored
         if before is None:
             raise
         restore(machine, before, "the state before the failed load", rollback=False)
