@@ -182,7 +182,6 @@ def test_power_on_snapshot_of_the_xenstore_kernel(tmp_path):
 
 
 def test_xenstore_transactions_watches_and_events_round_trip():
-    from xenicorn.xen.savestate import prepare_store, save_store
     from xenicorn.xen.xenstore.store import Perm, Store
     a = Store()
     a.write(0, "/local/domain/1/x", b"1")
@@ -192,13 +191,13 @@ def test_xenstore_transactions_watches_and_events_round_trip():
     a.write(1, "/local/domain/1/x", b"2", tx)
     a.set_perms(1, "/local/domain/1/x", [Perm(1, "r")], tx)
     b = Store()
-    prepare_store(b, save_store(a))()
-    assert save_store(b) == save_store(a)
+    b.prepare_state(a.save_state())()
+    assert b.save_state() == a.save_state()
     for s in (a, b):                                  # they go on alike
         s.write(0, "/local/domain/1/x", b"3")
         with pytest.raises(Exception, match="EAGAIN"):
             s.transaction_end(1, tx, True)
-    assert save_store(b) == save_store(a) and b.take_events(1) == a.take_events(1)
+    assert b.save_state() == a.save_state() and b.take_events(1) == a.take_events(1)
 
 
 # -- refusals -----------------------------------------------------------------------

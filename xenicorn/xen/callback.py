@@ -230,3 +230,33 @@ class Callback:
             self._resample(f"8259 IRQ {irq}")
         elif self.kind == "intx" and irq == self.machine.piix3.pirq_route(self.gsi - 16):
             self._resample(f"8259 IRQ {irq}")
+
+    # -- snapshots (platform/snapshot.py) -------------------------------------------------------
+    def save_state(self) -> dict:
+        """The via, the line's level (its sources' levels are saved with the machine's lines), a
+        vector waiting for IF=1, and whether the deassert poll is wanted or running."""
+        return {"via": self.via, "kind": self.kind, "gsi": self.gsi, "intx": self.intx, "vector": self.vector,
+                "level": self.level, "direct": sorted(self.direct.items()),
+                "poll": self.poll_wanted or self.polling, "stats": dict(self.stats)}
+
+    def prepare_state(self, data: dict):
+        kind, gsi = data["kind"], data["gsi"]
+        if kind not in ("none", "gsi", "intx", "vector") or (kind == "gsi" and not 0 < gsi < len(self.machine.gsi)):
+            raise ValueError(f"callback via {kind!r}")
+        intx = tuple(int(x) for x in data["intx"]) if data["intx"] is not None else None
+        direct = {int(k): int(v) for k, v in data["direct"]}
+        via, vector, level, poll = int(data["via"]), int(data["vector"]), bool(data["level"]), bool(data["poll"])
+        stats = {str(k): int(v) for k, v in data["stats"].items()}
+
+        def apply() -> None:
+            m = self.machine
+            self.disarm_poll()
+            self.via, self.kind, self.gsi, self.intx, self.vector, self.level = via, kind, gsi, intx, vector, level
+            self._sources = []
+            if kind == "gsi":                 # the same sub-lines set_via makes
+                self._sources = [m.gsi[gsi].source("xen-callback")]
+                if gsi < 16:
+                    self._sources.append(m.pic_input(gsi, "xen-callback"))
+            self.direct, self.stats = direct, stats
+            self.poll_wanted = poll           # the run loop installs the block hook again
+        return apply

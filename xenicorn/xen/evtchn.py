@@ -466,3 +466,38 @@ class EventChannels:
         if port not in self.ports:
             raise ValueError(f"port {port} is not open")
         self.set_pending(port)
+
+    # -- snapshots (platform/snapshot.py) -------------------------------------------------------
+    def save_state(self) -> dict:
+        """The port table is hypervisor state: which port is a VIRQ, an IPI, a PIRQ, or the guest's
+        end of a channel to dom0 (the pending and mask bits themselves live in shared_info, in RAM)."""
+        return {"ports": [[n, vars(p)] for n, p in self.ports.items()],
+                "virqs": [[v, q, port] for (v, q), port in self.virqs.items()],
+                "pirqs": sorted(self.pirqs.items()),
+                "backends": [[n, b.guest_port, b.received] for n, b in self.backends.items()],
+                "next_backend": self._next_backend, "sends": self.sends, "upcalls": self.upcalls}
+
+    def prepare_state(self, data: dict):
+        """Check saved ports; return ``apply()``. Dom0's ends the machine built keep their callbacks."""
+        ports = {}
+        for n, p in data["ports"]:
+            port = Port(**{k: (str(v) if k == "type" else int(v)) for k, v in p.items()})
+            if port.type not in STATUS or not 0 < int(n) < 4096:
+                raise ValueError(f"event channel port {n} of type {port.type!r}")
+            ports[int(n)] = port
+        virqs = {(int(v), int(q)): int(port) for v, q, port in data["virqs"]}
+        pirqs = {int(k): int(v) for k, v in data["pirqs"]}
+        if any(p not in ports for p in list(virqs.values()) + list(pirqs.values())):
+            raise ValueError("a VIRQ or PIRQ is bound to a closed port")
+        backends = [(int(n), int(g), int(r)) for n, g, r in data["backends"]]
+        counters = int(data["next_backend"]), int(data["sends"]), int(data["upcalls"])
+
+        def apply() -> None:
+            self.ports, self.virqs, self.pirqs = ports, virqs, pirqs
+            old, self.backends = self.backends, {}
+            for n, guest_port, received in backends:
+                be = old.get(n) or BackendPort(self, n, None)
+                be.guest_port, be.received = guest_port, received
+                self.backends[n] = be
+            self._next_backend, self.sends, self.upcalls = counters
+        return apply

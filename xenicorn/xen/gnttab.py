@@ -200,3 +200,20 @@ class GrantTable:
         if offset < 0 or offset + len(data) > 4096:
             raise GrantError(GNTST_general_error, "copy beyond the frame")
         self.xen.machine.memory.write(self._check(ref, True, domid) + offset, data)
+
+    # -- snapshots (platform/snapshot.py) -------------------------------------------------------
+    def save_state(self) -> dict:
+        """The table's size and dom0's live mappings (the entries and their GTF_reading/writing
+        bits are in the grant frames, saved with RAM)."""
+        return {"nr_frames": self.nr_frames,
+                "mappings": [[m.ref, m.gpa, m.writable] for ms in self.mappings.values() for m in ms]}
+
+    def prepare_state(self, data: dict):
+        nr = int(data["nr_frames"])
+        mappings = [GrantMapping(int(r), int(g), bool(w)) for r, g, w in data["mappings"]]
+
+        def apply() -> None:
+            self.nr_frames, self.mappings = nr, {}
+            for m in mappings:
+                self.mappings.setdefault(m.ref, []).append(m)
+        return apply

@@ -132,3 +132,19 @@ class Physdev:
         if gsi is not None:                                # hand the line back to the IOAPIC
             self.xen.machine.ioapic.set_irq(gsi, self.levels[gsi])
 
+
+    # -- snapshots (platform/snapshot.py) -------------------------------------------------------
+    def save_state(self) -> dict:
+        """PIRQ <-> GSI mappings, and each GSI's last level (a rising edge is what raises the event)."""
+        return {"mapped": sorted(self.mapped.items()), "levels": list(self.levels)}
+
+    def prepare_state(self, data: dict):
+        mapped = {int(p): int(g) for p, g in data["mapped"]}
+        levels = [bool(x) for x in data["levels"]]
+        if len(levels) != NR_GSIS or any(not 0 <= g < NR_GSIS for g in mapped.values()):
+            raise ValueError("physdev GSI table")
+
+        def apply() -> None:
+            self.mapped, self.levels = mapped, levels
+            self.by_gsi = {gsi: pirq for pirq, gsi in mapped.items()}
+        return apply

@@ -58,3 +58,15 @@ class PvConsole:
         if n:
             self.notify()
         return n
+
+    # -- snapshots (platform/snapshot.py) -------------------------------------------------------
+    def save_state(self) -> dict:
+        """Input still waiting for room in the ring (the ring itself is in RAM)."""
+        return {"received": self.received, "broken": self.broken, "pending": bytes(self.pending).hex()}
+
+    def prepare_state(self, data: dict):
+        received, broken, pending = int(data["received"]), bool(data["broken"]), bytes.fromhex(data["pending"])
+
+        def apply() -> None:
+            self.received, self.broken, self.pending = received, broken, bytearray(pending)
+        return apply

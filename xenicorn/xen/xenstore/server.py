@@ -248,3 +248,21 @@ class XenstoreServer:
         if kind in (XS_INTRODUCE, XS_RELEASE, XS_RESUME, XS_SET_TARGET, XS_DEBUG, XS_RESTRICT):
             raise XsError("EACCES", "only dom0 may")
         raise XsError("EINVAL", f"message type {kind}")
+
+    # -- snapshots (platform/snapshot.py) -------------------------------------------------------
+    def save_state(self) -> dict:
+        """A request taken off the ring but not yet complete, replies waiting for ring space, and
+        which watches were registered with relative paths (their events name relative paths)."""
+        return {"in": bytes(self._in).hex(), "out": bytes(self._out).hex(),
+                "relative_watches": sorted(list(w) for w in self.relative_watches),
+                "broken": self.broken, "requests": self.requests}
+
+    def prepare_state(self, data: dict):
+        buf_in, buf_out = bytes.fromhex(data["in"]), bytes.fromhex(data["out"])
+        rel = {(str(p), str(t)) for p, t in data["relative_watches"]}
+        broken, requests = bool(data["broken"]), int(data["requests"])
+
+        def apply() -> None:
+            self._in, self._out = bytearray(buf_in), bytearray(buf_out)
+            self.relative_watches, self.broken, self.requests = rel, broken, requests
+        return apply

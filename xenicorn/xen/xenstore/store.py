@@ -370,3 +370,65 @@ class Store:
         out = [(p, t) for d, p, t in self.fired if d == domid]
         self.fired = [f for f in self.fired if f[0] != domid]
         return out
+
+    # -- snapshots (platform/snapshot.py) -------------------------------------------------------
+    def save_state(self) -> dict:
+        """The tree (values, permissions, generations), open transactions with their private trees
+        and pending changes, watches, and watch events not yet delivered."""
+        return {"root": _node_out(self.root), "gen": self.gen, "next_tx": self._next_tx,
+                "transactions": [[tx, {"domid": t.domid, "root": _node_out(t.root), "start_gen": t.start_gen,
+                                       "touched": sorted(t.touched), "ops": [_op_out(o) for o in t.ops]}]
+                                 for tx, t in self.transactions.items()],
+                "watches": [list(w) for w in self.watches], "fired": [list(f) for f in self.fired]}
+
+    def prepare_state(self, data: dict):
+        """Parse a saved store completely; the returned ``apply()`` installs it."""
+        root = _node_in(data["root"])
+        txs = {int(tx): Transaction(int(t["domid"]), _node_in(t["root"]), int(t["start_gen"]),
+                                    {str(p) for p in t["touched"]}, [_op_in(o) for o in t["ops"]])
+               for tx, t in data["transactions"]}
+        watches = [(int(d), str(p), str(t)) for d, p, t in data["watches"]]
+        fired = [(int(d), str(p), str(t)) for d, p, t in data["fired"]]
+        gen, next_tx = int(data["gen"]), int(data["next_tx"])
+
+        def apply() -> None:
+            self.root, self.gen, self._next_tx = root, gen, next_tx
+            self.transactions, self.watches, self.fired = txs, watches, fired
+            self._count()                      # nodes per owner: derived from the tree
+        return apply
+
+
+# A snapshot's JSON form of nodes and transaction changes.
+def _node_out(node: Node) -> dict:
+    return {"v": node.value.hex(), "p": [[p.domid, p.access] for p in node.perms], "g": node.gen,
+            "c": [[name, _node_out(child)] for name, child in node.children.items()]}
+
+
+def _node_in(data: dict) -> Node:
+    perms = [Perm(int(d), str(a)) for d, a in data["p"]]
+    if not perms or any(p.access not in ("n", "r", "w", "b") for p in perms):
+        raise ValueError("xenstore node with invalid permissions")
+    node = Node(bytes.fromhex(data["v"]), perms, {}, int(data["g"]))
+    for name, child in data["c"]:
+        node.children[str(name)] = _node_in(child)
+    return node
+
+
+def _op_out(op: tuple) -> list:
+    kind, path, *rest = op
+    if kind == "write":
+        return [kind, path, rest[0].hex()]
+    if kind == "set_perms":
+        return [kind, path, [[p.domid, p.access] for p in rest[0]]]
+    return [kind, path]
+
+
+def _op_in(data: list) -> tuple:
+    kind, path, *rest = data
+    if kind == "write":
+        return (kind, str(path), bytes.fromhex(rest[0]))
+    if kind == "set_perms":
+        return (kind, str(path), [Perm(int(d), str(a)) for d, a in rest[0]])
+    if kind not in ("mkdir", "rm"):
+        raise ValueError(f"xenstore transaction op {kind!r}")
+    return (kind, str(path))
