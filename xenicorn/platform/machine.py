@@ -704,9 +704,13 @@ class Machine:
             self.snapshots_saved = (*self.snapshots_saved, (path, self.vcpu.instructions))
 
     def capture_power_on(self) -> None:
-        """Keep the state before the first instruction in memory (what system_reset restores)."""
+        """Keep the state before the first instruction in memory (what system_reset restores).
+
+        Timers no component owns (the command line's event injections) are
+        left out: after a reset they are gone, as a host-side action is.
+        """
         from . import snapshot
-        self.power_on = snapshot.capture(self)
+        self.power_on = snapshot.capture(self, ended_ok=True, strict_timers=False)
 
     def system_reset(self) -> None:
         """Back to power-on: RAM (the kernel as loaded), CPU, devices, Xen, time."""
