@@ -416,3 +416,25 @@ def test_a_timer_no_component_restores_makes_saving_fail(tmp_path):
     with pytest.raises(SnapshotError, match="armed timer.s. mystery would not be restored"):
         m.save_snapshot(str(tmp_path / "x.snap"))
     assert not os.path.exists(tmp_path / "x.snap")
+
+
+def test_unicorn_context_bytes_carry_the_whole_cpu_into_a_fresh_engine():
+    """The Unicorn fact the vCPU section rests on (docs/unicorn-notes.md)."""
+    from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
+    from unicorn import x86_const as X
+    a = Uc(UC_ARCH_X86, UC_MODE_64)
+    a.mem_map(0, 0x10000)
+    code = bytes.fromhex("66480f6ed8" "d9e8" "f4")          # movq xmm3, rax; fld1; hlt
+    a.mem_write(0x1000, code)
+    a.reg_write(X.UC_X86_REG_RAX, 0x1122334455667788)
+    a.emu_start(0x1000, 0x1000 + len(code) - 1)
+    a.msr_write(0xC0000082, 0xFFFF800000001234)             # LSTAR
+    a.reg_write(X.UC_X86_REG_FS_BASE, 0x7777000)
+    b = Uc(UC_ARCH_X86, UC_MODE_64)
+    devstate.context_into(b, devstate.context_bytes(a))
+    for reg in (X.UC_X86_REG_XMM3, X.UC_X86_REG_ST0, X.UC_X86_REG_FPSW, X.UC_X86_REG_RIP, X.UC_X86_REG_FS_BASE,
+                X.UC_X86_REG_CR0, X.UC_X86_REG_CR4, X.UC_X86_REG_RFLAGS):
+        assert b.reg_read(reg) == a.reg_read(reg)
+    for msr in (0xC0000080, 0xC0000082):                    # EFER, LSTAR
+        assert b.msr_read(msr) == a.msr_read(msr)
+    assert devstate.context_bytes(b) == devstate.context_bytes(a)
