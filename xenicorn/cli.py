@@ -66,6 +66,9 @@ def _run_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--clock", choices=("host", "deterministic"), default="host",
                    help="guest time: host clock (fast) or executed instructions (repeatable, ~3x slower)")
     r.add_argument("--no-xen", action="store_true", help="a plain PC: no Xen CPUID leaves or hypercalls")
+    r.add_argument("--no-acpi", action="store_true",
+                   help="no ACPI tables (by default the guest gets an RSDP, FADT, DSDT and a MADT listing "
+                        "the LAPIC and IOAPIC, as Xen gives PVH guests)")
     r.add_argument("--xen-version", default="4.17", metavar="MAJOR.MINOR",
                    help="what XENVER_version and CPUID report (default 4.17)")
     r.add_argument("--callback-deassert", choices=("poll", "eoi"), default="poll",
@@ -135,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError:
         raise UsageError(f"--xen-version {args.xen_version}: expected MAJOR.MINOR, e.g. 4.17") from None
     config.xen = not args.no_xen
+    config.acpi = not args.no_acpi
     config.clock = args.clock
     config.xen_version = (major, minor)
     config.callback_deassert = args.callback_deassert

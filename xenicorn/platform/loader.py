@@ -43,6 +43,7 @@ XEN_ELFNOTE_PHYS32_ENTRY = 18
 EM_386, EM_X86_64 = 3, 62
 
 START_INFO_ADDR = 0x6000         # one page: start_info, then the tables after it
+START_INFO_RSDP = 0x20           # offset of rsdp_paddr
 MODLIST_ADDR = 0x6100
 MEMMAP_ADDR = 0x6200
 CMDLINE_ADDR = 0x7000            # one page for the command line

@@ -60,6 +60,7 @@ class MachineConfig:
     xen_version: tuple[int, int] = (4, 17)
     record_console: bool = True
     count_instructions: bool = False     # exact instruction counts and stops (stepper, gdb, records)
+    acpi: bool = True                    # ACPI tables (MADT: LAPIC, IOAPIC) for the OS, as Xen gives PVH guests
     observe: set[str] = field(default_factory=set)   # trace categories delivered to observers, unprinted
 
 
@@ -179,6 +180,7 @@ class Machine:
         self.pic = PicPair(output=lambda level: self.kick("PIC INT") if level else None)
         self.lapic = Lapic(self.clock, notify=lambda: self.kick("LAPIC"), pic=self.pic)
         self.ioapic = Ioapic(self.lapic)
+        self.ioapic.state.id = 1             # APIC IDs are unique: the LAPIC has 0 (Xen's vIOAPIC is 1 too)
         self.lapic.ioapics.append(self.ioapic)
         self.interrupt_source = self.lapic
         if self.tracer.on("irq"):
@@ -732,6 +734,10 @@ def boot(config: MachineConfig, kernel_path: str, *, initrd: str | None = None,
     if initrd:
         load_module(machine.memory, kernel, initrd)
     start_info = write_start_info(machine.memory, kernel, config.cmdline)
+    if config.acpi:
+        from . import acpi
+        from .loader import START_INFO_RSDP
+        machine.memory.write_struct(start_info + START_INFO_RSDP, "<Q", acpi.install(machine))
     machine.kernel = kernel
     machine.vcpu.reset_to_flat32(kernel.entry, ebx=start_info)
     return machine, kernel

@@ -188,13 +188,16 @@ class XenPlatform:
             st.mkdir(0, f"{home}/{sub}")
             st.set_perms(0, f"{home}/{sub}", [Perm(me, "n")])       # the guest's own
         st.write(0, f"{home}/control/platform-feature-multiprocessor-suspend", b"1")
-        # the console as a xenbus device pair (state 4: XenbusStateConnected)
+        # The primary console as the toolstack describes it (state 4: XenbusStateConnected).
+        # Its frontend is <home>/console, not device/console/0: a guest's xenbus
+        # only enumerates device/*, and Linux, finding a "connected" device
+        # there at boot, resets it and waits 3 x 5 s for a backend that
+        # nothing drives (measured with Debian's 6.1).
         back = f"/local/domain/0/backend/console/{me}/0"
-        front = f"{home}/device/console/0"
+        front = f"{home}/console"
         for path, value in [(f"{back}/frontend", front), (f"{back}/frontend-id", str(me)), (f"{back}/state", "4"),
                             (f"{front}/backend", back), (f"{front}/backend-id", "0"), (f"{front}/state", "4"),
-                            (f"{front}/ring-ref", str(self.CONSOLE_PFN)), (f"{front}/port", str(con_port)),
-                            (f"{front}/limit", "1048576"), (f"{front}/type", "xenconsoled")]:
+                            (f"{front}/limit", "1048576")]:
             st.write(0, path, value.encode())
         for path in self._tree(back):
             st.set_perms(0, path, readable)

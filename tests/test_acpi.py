@@ -1,0 +1,65 @@
+"""The ACPI tables a PVH guest is given: RSDP -> XSDT -> FADT, DSDT, MADT."""
+import struct
+
+from xenicorn import firmware
+from xenicorn.devices.console import ConsoleSink
+from xenicorn.platform import acpi
+from xenicorn.platform.loader import START_INFO_RSDP
+from xenicorn.platform.machine import MachineConfig, boot
+
+
+def booted(**kw):
+    machine, kernel = boot(MachineConfig(debugcon="none", **kw), firmware.find("hello64"), console=ConsoleSink(None))
+    return machine, kernel
+
+
+def test_start_info_points_at_valid_tables():
+    machine, kernel = booted()
+    rsdp = machine.memory.read_int(kernel.start_info + START_INFO_RSDP, 8)
+    assert rsdp == acpi.ACPI_BASE and rsdp % 16 == 0            # where a legacy scan also looks
+    tables = acpi.parse(machine.memory.read, rsdp)
+    assert set(tables) == {b"FACP", b"APIC", b"DSDT"}
+    fadt = tables[b"FACP"]
+    assert struct.unpack_from("<I", fadt, 112)[0] & acpi.FADT_HW_REDUCED_ACPI
+    madt = tables[b"APIC"]
+    lapic_base, flags = struct.unpack_from("<II", madt, 36)
+    assert lapic_base == 0xFEE00000 and flags & acpi.MADT_PCAT_COMPAT
+    entries, pos = [], 44
+    while pos < len(madt):
+        kind, length = madt[pos], madt[pos + 1]
+        entries.append((kind, madt[pos:pos + length]))
+        pos += length
+    assert pos == len(madt)
+    kinds = [k for k, _ in entries]
+    assert kinds == [acpi.MADT_LAPIC, acpi.MADT_IOAPIC, acpi.MADT_ISO, acpi.MADT_LAPIC_NMI]
+    _, io = entries[1]
+    io_id, io_addr, gsi_base = io[2], *struct.unpack_from("<II", io, 4)
+    assert (io_id, io_addr, gsi_base) == (machine.ioapic.state.id, 0xFEC00000, 0)
+    assert io_id != 0                                          # not the LAPIC's ID
+    _, iso = entries[2]
+    assert iso[3] == 0 and struct.unpack_from("<I", iso, 4)[0] == 2    # IRQ0 -> GSI 2, as wired
+
+
+def test_the_machine_reports_the_ioapic_id_the_madt_gives():
+    machine, _ = booted()
+    machine.ioapic.mmio_write(0x00, 4, 0)
+    assert machine.ioapic.mmio_read(0x10, 4) >> 24 == 1
+
+
+def test_no_acpi_leaves_rsdp_zero():
+    machine, kernel = booted(acpi=False)
+    assert machine.memory.read_int(kernel.start_info + START_INFO_RSDP, 8) == 0
+
+
+def test_a_corrupt_table_is_caught_by_the_parser():
+    machine, kernel = booted()
+    blob = bytearray(machine.memory.read(acpi.ACPI_BASE, acpi.ACPI_SIZE))
+    base = acpi.ACPI_BASE
+    madt_at = next(i for i in range(0, len(blob), 16) if blob[i:i + 4] == b"APIC")
+    blob[madt_at + 40] ^= 1
+    try:
+        acpi.parse(lambda a, n: bytes(blob[a - base:a - base + n]), base)
+    except ValueError as e:
+        assert "APIC" in str(e)
+    else:
+        raise AssertionError("a flipped bit went unnoticed")

@@ -1,0 +1,140 @@
+"""ACPI tables: how the firmware tells an OS which interrupt controllers exist.
+
+An x86 OS cannot probe for a local APIC per CPU or for IOAPICs; firmware
+lists them in ACPI's *Multiple APIC Description Table* (MADT). Without it
+Linux assumes a uniprocessor PC with only the 8259s ("APIC: ACPI MADT or
+MP tables are not detected"), keeps interrupts in virtual-wire mode and,
+measured here, never sets up a per-CPU timer at all: not the LAPIC timer
+and not Xen's PV timer (``x86_init.timers.setup_percpu_clockev`` is skipped
+in that mode), so jiffies never advance. Xen gives PVH guests these tables
+(``hvm_start_info.rsdp_paddr``) and hvmloader gives HVM guests theirs.
+
+The chain an OS follows (ACPI 6.5 spec, chapter 5.2):
+
+=======  =========================================================
+RSDP     "RSD PTR " on a 16-byte boundary (the OS scans 0xE0000-0xFFFFF,
+         or is told the address); checksums; points to the XSDT
+XSDT     "XSDT": 64-bit pointers to every other table
+FADT     "FACP": fixed hardware; here *hardware-reduced* (flag bit 20: no
+         PM timer, no SCI, no fixed events, as Xen's PVH tables), and the
+         pointer to the DSDT
+DSDT     "DSDT": the AML namespace; empty here (no devices to describe yet)
+MADT     "APIC": the LAPIC address, "PC-AT compatible 8259s present", and
+         entries: processor local APIC 0, the IOAPIC (id, 0xFEC00000, GSI
+         base 0), the interrupt source override IRQ0 -> GSI 2 (the PIT is
+         wired to pin 2, as on every PC), and LINT1 as NMI
+=======  =========================================================
+
+Every table starts with the same 36-byte header, and the byte sum of each
+table (and of the RSDP's first 20 and all 36 bytes) must be 0 mod 256.
+"""
+from __future__ import annotations
+
+import struct
+
+ACPI_BASE = 0xE0000                # in the BIOS area below 1 MiB: a legacy scan finds the RSDP too
+ACPI_SIZE = 0x1000
+OEM_ID = b"XENICO"
+OEM_TABLE_ID = b"XENICORN"
+CREATOR_ID = b"XNCN"
+
+FADT_HW_REDUCED_ACPI = 1 << 20
+MADT_PCAT_COMPAT = 1 << 0
+MADT_LAPIC, MADT_IOAPIC, MADT_ISO, MADT_LAPIC_NMI = 0, 1, 2, 4
+
+
+def checksum(data: bytes) -> int:
+    """The byte that makes the sum of ``data`` plus it zero mod 256."""
+    return (-sum(data)) & 0xFF
+
+
+def table(signature: bytes, revision: int, body: bytes) -> bytes:
+    """A system description table: the common header, the body, a valid checksum."""
+    length = 36 + len(body)
+    head = struct.pack("<4sIBB6s8sI4sI", signature, length, revision, 0, OEM_ID, OEM_TABLE_ID, 1,
+                       CREATOR_ID, 1)
+    raw = bytearray(head + body)
+    raw[9] = checksum(raw)
+    return bytes(raw)
+
+
+def madt(lapic_base: int, ioapic_id: int, ioapic_base: int, pit_gsi: int = 2) -> bytes:
+    entries = b"".join((
+        struct.pack("<BBBBI", MADT_LAPIC, 8, 0, 0, 1),                        # UID 0, APIC 0, enabled
+        struct.pack("<BBBBII", MADT_IOAPIC, 12, ioapic_id, 0, ioapic_base, 0),
+        struct.pack("<BBBBIH", MADT_ISO, 10, 0, 0, pit_gsi, 0),               # ISA IRQ0 -> GSI 2
+        struct.pack("<BBBHB", MADT_LAPIC_NMI, 6, 0xFF, 0, 1),                 # all CPUs: LINT1 = NMI
+    ))
+    return table(b"APIC", 4, struct.pack("<II", lapic_base, MADT_PCAT_COMPAT) + entries)
+
+
+def fadt(dsdt_addr: int) -> bytes:
+    """FADT revision 6 (276 bytes) with only what a hardware-reduced platform fills in."""
+    body = bytearray(276 - 36)
+    struct.pack_into("<I", body, 40 - 36, dsdt_addr)              # DSDT (32-bit pointer)
+    struct.pack_into("<I", body, 112 - 36, FADT_HW_REDUCED_ACPI)  # Flags
+    body[131 - 36] = 5                                            # FADT minor version: 6.5
+    struct.pack_into("<Q", body, 140 - 36, dsdt_addr)             # X_DSDT
+    body[268 - 36:276 - 36] = b"XenVMM\0\0"                       # hypervisor vendor identity
+    return table(b"FACP", 6, bytes(body))
+
+
+def rsdp(xsdt_addr: int) -> bytes:
+    raw = bytearray(struct.pack("<8sB6sBIIQB3x", b"RSD PTR ", 0, OEM_ID, 2, 0, 36, xsdt_addr, 0))
+    raw[8] = checksum(raw[:20])
+    raw[32] = checksum(raw)
+    return bytes(raw)
+
+
+def build(base: int, ioapic_id: int, ioapic_base: int, lapic_base: int) -> tuple[int, bytes]:
+    """All tables laid out from ``base``: (RSDP address, the bytes to write at ``base``)."""
+    out = bytearray()
+
+    def place(blob: bytes) -> int:
+        out.extend(b"\0" * (-len(out) % 16))
+        addr = base + len(out)
+        out.extend(blob)
+        return addr
+
+    rsdp_at = place(b"\0" * 36)                                   # filled in last
+    dsdt_at = place(table(b"DSDT", 2, b""))
+    fadt_at = place(fadt(dsdt_at))
+    madt_at = place(madt(lapic_base, ioapic_id, ioapic_base))
+    xsdt_at = place(table(b"XSDT", 1, struct.pack("<QQ", fadt_at, madt_at)))
+    out[rsdp_at - base:rsdp_at - base + 36] = rsdp(xsdt_at)
+    if len(out) > ACPI_SIZE:
+        raise ValueError("ACPI tables outgrew their area")
+    return rsdp_at, bytes(out)
+
+
+def install(machine) -> int:
+    """Write the machine's tables at :data:`ACPI_BASE`; return the RSDP's address."""
+    from ..devices.ioapic import IOAPIC_BASE
+    from ..devices.lapic import LAPIC_BASE
+    addr, blob = build(ACPI_BASE, machine.ioapic.state.id, IOAPIC_BASE, LAPIC_BASE)
+    machine.memory.write(ACPI_BASE, blob)
+    return addr
+
+
+def parse(read, rsdp_addr: int) -> dict[bytes, bytes]:
+    """Follow RSDP -> XSDT -> tables (tests); ValueError on a bad checksum or signature."""
+    r = read(rsdp_addr, 36)
+    if r[:8] != b"RSD PTR " or sum(r[:20]) & 0xFF or sum(r) & 0xFF:
+        raise ValueError("bad RSDP")
+    xsdt_addr = struct.unpack_from("<Q", r, 24)[0]
+    tables = {}
+
+    def load(addr: int) -> bytes:
+        length = struct.unpack("<I", read(addr + 4, 4))[0]
+        raw = read(addr, length)
+        if sum(raw) & 0xFF:
+            raise ValueError(f"bad checksum in {raw[:4]!r}")
+        return raw
+    xsdt = load(xsdt_addr)
+    for (ptr,) in struct.iter_unpack("<Q", xsdt[36:]):
+        raw = load(ptr)
+        tables[raw[:4]] = raw
+        if raw[:4] == b"FACP":
+            dsdt = load(struct.unpack_from("<Q", raw, 140)[0])
+            tables[b"DSDT"] = dsdt
+    return tables
