@@ -85,3 +85,40 @@ def test_run_ends_leave_cr2_and_the_double_fault_state_alone():
         assert vcpu.reg("cr2") == 0x1234000
         assert RawContext(vcpu.uc).read(OFF_OLD_EXCEPTION, "<i") == -1
     machine.close()
+
+
+
+# mov dword [0x3000], 1 (a device register) ; inc dword [0x2000] ; hlt
+MMIO_THEN_RMW = bytes.fromhex("c704250030000001000000" "ff042500200000" "f4")
+
+
+def _mmio_stop_engine(stop):
+    """A counting engine whose device asks for a stop when written, as a LAPIC ICR write does."""
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 0x3000)
+    writes = []
+
+    def write(uc, offset, size, value, _):
+        writes.append(value)
+        stop(uc)
+    uc.mmio_map(0x3000, 0x1000, lambda *a: 0, None, write, None)
+    uc.mem_write(0x1000, MMIO_THEN_RMW)
+    uc.emu_start(0x1000, 0xFFFF_FFFF_FFFF, count=1 << 40)
+    return uc, writes
+
+
+def test_emu_stop_inside_a_device_write_replays_it_in_counting_mode():
+    uc, writes = _mmio_stop_engine(lambda uc: uc.emu_stop())
+    assert writes == [1] and uc.reg_read(X.UC_X86_REG_RIP) == 0x1000    # put back before the store
+    uc.emu_start(0x1000, 0xFFFF_FFFF_FFFF, count=1 << 40)
+    assert writes == [1, 1]                                                # the device saw it twice
+
+
+def test_a_lowered_count_limit_stops_right_after_the_device_write():
+    from xenicorn.platform import icount
+    uc, writes = _mmio_stop_engine(icount.stop_before_next_instruction)
+    assert writes == [1] and uc.reg_read(X.UC_X86_REG_RIP) == 0x100B     # the next instruction
+    assert uc.mem_read(0x2000, 4) == bytes(4)                              # ... which has not run
+    assert icount.read_counter(uc) == 2 and icount.read_limit(uc) == 1    # one instruction executed
+    uc.emu_start(0x100B, 0xFFFF_FFFF_FFFF, count=1 << 40)
+    assert writes == [1] and int.from_bytes(uc.mem_read(0x2000, 4), "little") == 1

@@ -64,7 +64,7 @@ def msr_shadow(vcpu) -> bytes:
 def save_vcpu(v) -> dict:
     """What Python keeps about a vCPU beside Unicorn's context."""
     return {"index": v.index, "instructions": v.instructions, "halted": v.halted, "sleep_kind": v.sleep_kind,
-            "deferred_kick": v.deferred_kick, "mmio_pages": sorted(v._mmio_pages),
+            "mmio_pages": sorted(v._mmio_pages),
             "msr": {"interests": sorted(v.msr.interests), "extra": v.msr.extra, "exits": v.msr.exits}}
 
 
@@ -198,7 +198,6 @@ def prepare_platform(machine, st: dict, blobs: dict):
             v.uc.mem_write(SHADOW_BASE, shadow)
             v.instructions = int(d["instructions"])
             v.halted, v.sleep_kind = bool(d["halted"]), d["sleep_kind"]
-            v.deferred_kick = str(d["deferred_kick"])
             v.msr.interests = set(d["msr"]["interests"])
             v.msr.extra, v.msr.exits = int(d["msr"]["extra"]), int(d["msr"]["exits"])
         m.exit_counts = dict(mc["exit_counts"])

@@ -51,6 +51,29 @@ def counter_offset() -> int:
     return _OFFSET
 
 
+def stop_before_next_instruction(uc: Uc) -> None:
+    """Make the counting hook end the run before the next instruction executes.
+
+    Unicorn's hook counts an instruction, then stops the run once the count
+    passes ``uc_struct.emu_count`` (right after ``emu_counter``), and checks
+    for that stop *before* the instruction runs. Lowering the limit to the
+    count so far is therefore a stop request that lands exactly between two
+    instructions, where ``uc_emu_stop()`` from inside an instruction (an I/O
+    or MMIO callback) would be noticed after the *next* memory access and
+    replay that instruction (docs/unicorn-notes.md). Safe from any thread.
+    """
+    handle = ctypes.cast(uc._uch, ctypes.c_void_p).value
+    off = counter_offset()
+    counted = struct.unpack("<Q", ctypes.string_at(handle + off, 8))[0]
+    ctypes.memmove(handle + off + 8, struct.pack("<Q", counted), 8)
+
+
+def read_limit(uc: Uc) -> int:
+    """The limit of the current/last run (``count=``, or lower after a stop request)."""
+    handle = ctypes.cast(uc._uch, ctypes.c_void_p).value
+    return struct.unpack("<Q", ctypes.string_at(handle + counter_offset() + 8, 8))[0]
+
+
 def read_counter(uc: Uc) -> int:
     """Instructions Unicorn counted in the current/last ``emu_start(count>0)``."""
     handle = ctypes.cast(uc._uch, ctypes.c_void_p).value

@@ -531,10 +531,6 @@ class Machine:
         kind = type(ex)
         self.exit_counts[kind.__name__] = self.exit_counts.get(kind.__name__, 0) + 1
         action = self._handlers[kind](vcpu, ex)
-        if vcpu.deferred_kick and not vcpu.in_mmio:
-            reason, vcpu.deferred_kick = vcpu.deferred_kick, ""
-            if vcpu._in_emu:
-                vcpu.request_stop(reason)
         if self.tracer.on("exits"):
             self.tracer.emit("exits", self.describe_exit(vcpu, ex))
         for listener in self.exit_listeners:

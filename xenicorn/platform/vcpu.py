@@ -135,8 +135,7 @@ class VCpu:
         self.sleep_kind = ""                 # HLT, SCHEDOP_block, SCHEDOP_poll while halted
         self._window_hook = None
         self._mmio_pages: set[int] = set()
-        self.in_mmio = False                 # inside an mmio_map callback: no emu_stop here
-        self.deferred_kick = ""              # a stop wanted during MMIO, taken at the next exit
+        self.in_mmio = False                 # inside an mmio_map callback
         uc = self.uc
         uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
@@ -321,16 +320,20 @@ class VCpu:
 
         Normally the stop lands at the start of the next block
         (:mod:`stopcheck`). A counting vCPU keeps Unicorn's per-access stop
-        checks, which would abandon and later restart the instruction
-        inside an MMIO callback, replaying the device access (measured: a
-        self-IPI written to the ICR repeated forever); there a request made
-        during MMIO waits for the next exit or the end of the run quantum.
+        checks, where ``emu_stop()`` from inside an MMIO callback is noticed
+        right after the access and puts RIP back to the instruction, which
+        then runs, and writes the device, again (measured: a self-IPI written
+        to the ICR repeated forever). It lowers the counting hook's limit
+        instead, which stops the run exactly before the next instruction
+        (:func:`icount.stop_before_next_instruction`), so an interrupt an
+        MMIO write raises is taken at once instead of at the end of the
+        run quantum.
         """
-        if self.in_mmio and not self.precise_stops:
-            self.deferred_kick = self.deferred_kick or reason
-            return
         self._stop_reasons.append(reason)
-        self.uc.emu_stop()
+        if self.count_instructions:
+            icount.stop_before_next_instruction(self.uc)
+        else:
+            self.uc.emu_stop()
 
     def stop_with(self, exit_: E.Exit) -> None:
         """From inside a hook: end emu_start and make run() return ``exit_``."""
@@ -363,8 +366,10 @@ class VCpu:
             timed_out = self.stop_timer.disarm() if timeout_us else False
         internal = internal or self._internal
         if self.count_instructions:
+            # a stop request lowers the limit: the instruction it was
+            # counted for did not run
             n = icount.read_counter(self.uc)
-            self.instructions += min(n, count)
+            self.instructions += min(n, icount.read_limit(self.uc))
         pc = self.pc
         if internal is not None:
             return self._internal_error(internal, pc)
