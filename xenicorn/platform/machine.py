@@ -78,6 +78,7 @@ class Machine:
         engines = lambda uc: next(v for v in self.vcpus if v.uc is uc)       # noqa: E731
         self.memory.on_overlay = lambda uc, gpa, host: engines(uc).map_overlay(gpa, host)
         self.memory._unmap_overlay = lambda uc, gpa: engines(uc).unmap_overlay(gpa)
+        self.memory.physical_view = lambda uc: engines(uc).physical_view()
         self.pio = PioBus("pio", self._unclaimed("port"))
         self.mmio = MmioBus("mmio", self._unclaimed("mmio"))
         self.cpuid = CpuidPolicy(vendor=self.config.vendor)

@@ -25,6 +25,8 @@ The physical map follows a PC (and hvmloader's E820):
 """
 from __future__ import annotations
 
+import contextlib
+
 import ctypes
 import mmap
 import struct
@@ -116,12 +118,17 @@ class GuestMemory:
     on_overlay = staticmethod(lambda uc, gpa, host: None)
     _unmap_overlay = staticmethod(lambda uc, gpa: None)
 
+    # set by the machine: the engine with paging off (VCpu.physical_view), because
+    # Unicorn walks the guest's page tables for the address of ctl_remove_cache
+    physical_view = staticmethod(lambda uc: contextlib.nullcontext())
+
     def code_written(self, addr: int, size: int) -> None:
         """Drop translated code for a range Python wrote (see module doc)."""
         start = addr & ~(PAGE_SIZE - 1)
         end = (addr + size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
         for uc in self.uc_list:
-            uc.ctl_remove_cache(start, end)
+            with self.physical_view(uc):
+                uc.ctl_remove_cache(start, end)
 
     # -- address translation ----------------------------------------------
     def offset(self, addr: int, size: int) -> int:

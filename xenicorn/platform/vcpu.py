@@ -29,6 +29,7 @@ the PVH ABI starts a guest.
 """
 from __future__ import annotations
 
+import contextlib
 import struct
 
 from typing import TYPE_CHECKING
@@ -53,6 +54,7 @@ UNTIL = (1 << 64) - 1            # emu_start's stop address: never reached
 NO_LIMIT = 1 << 62               # an instruction "limit" that is never reached
 EFER = 0xC0000080
 EFER_LME, EFER_LMA, EFER_NXE = 1 << 8, 1 << 10, 1 << 11
+CR0_PG = 1 << 31
 RFLAGS_IF = 1 << 9
 PAGE = 4096
 
@@ -563,6 +565,34 @@ class VCpu:
         self.machine.handle_exit(self, ex)
         return self._pending_exit is None
 
+    @contextlib.contextmanager
+    def physical_view(self):
+        """Paging off in the engine while Unicorn changes its memory map.
+
+        Unicorn treats the *physical* addresses of ``mem_unmap`` and
+        ``ctl_remove_cache`` as *virtual* ones: it walks the guest's page
+        tables for them (to find the translated code to drop) and flushes
+        the TLB entries of those virtual addresses. With the guest's paging
+        on, that walk can fault: the fault is swallowed, but it leaves CR2
+        overwritten and Unicorn's double-fault bookkeeping set, so the
+        guest's next real page fault arrives as a #DF (measured: Linux's
+        first user-mode fault after it mapped its grant frames); and the
+        TLB entries of the virtual addresses that really map the page stay
+        stale. With paging off for the change, virtual is physical; writing
+        CR0 flushes the whole TLB; the saved context then comes back whole.
+        """
+        uc = self.uc
+        cr0 = uc.reg_read(X.UC_X86_REG_CR0)
+        if not cr0 & CR0_PG:
+            yield
+            return
+        saved = uc.context_save()
+        uc.reg_write(X.UC_X86_REG_CR0, cr0 & ~CR0_PG)
+        try:
+            yield
+        finally:
+            uc.context_restore(saved)
+
     def map_overlay(self, gpa: int, host: int) -> None:
         """Put one host page at guest-physical ``gpa``, over RAM or a device range.
 
@@ -571,6 +601,10 @@ class VCpu:
         base, so an MMIO region is unmapped whole and its two sides mapped
         again on their own.
         """
+        with self.physical_view():
+            self._map_overlay(gpa, host)
+
+    def _map_overlay(self, gpa: int, host: int) -> None:
         uc = self.uc
         if gpa in self._mmio_pages:
             for begin, end, _ in list(uc.mem_regions()):
@@ -588,6 +622,10 @@ class VCpu:
 
     def unmap_overlay(self, gpa: int) -> None:
         """Take an overlay page away: RAM under it shows again; elsewhere it floats."""
+        with self.physical_view():
+            self._unmap_overlay(gpa)
+
+    def _unmap_overlay(self, gpa: int) -> None:
         self.uc.mem_unmap(gpa, PAGE)
         mem = self.machine.memory
         for base, length, off in mem.ram_regions:
@@ -601,6 +639,10 @@ class VCpu:
         inside Unicorn's callback (about 0.5 us on top of a RAM access).
         Unicorn maps whole pages, so the range is widened to 4 KiB bounds.
         """
+        with self.physical_view():
+            self._map_mmio(base, size)
+
+    def _map_mmio(self, base: int, size: int) -> None:
         start = base & ~(PAGE - 1)
         end = (base + size + PAGE - 1) & ~(PAGE - 1)
         pages = range(start, end, PAGE)
