@@ -63,3 +63,19 @@ def test_a_corrupt_table_is_caught_by_the_parser():
         assert "APIC" in str(e)
     else:
         raise AssertionError("a flipped bit went unnoticed")
+
+
+def test_s5_and_the_sleep_registers_power_off():
+    machine, kernel = booted()
+    tables = acpi.parse(machine.memory.read, acpi.ACPI_BASE)
+    assert tables[b"DSDT"][36:] == acpi.AML_S5 and b"_S5_" in tables[b"DSDT"]
+    fadt = tables[b"FACP"]
+    ctl = struct.unpack_from("<BBBBQ", fadt, 244)
+    sts = struct.unpack_from("<BBBBQ", fadt, 256)
+    assert ctl == (1, 8, 0, 1, acpi.SLEEP_CONTROL_PORT) and sts == (1, 8, 0, 1, acpi.SLEEP_CONTROL_PORT + 1)
+    machine.pio.write(acpi.SLEEP_CONTROL_PORT, 1, (3 << 2) | 0x20)      # S3: not offered, ignored
+    assert machine.status is None
+    machine.pio.write(acpi.SLEEP_CONTROL_PORT + 1, 1, 0x80)             # clearing WAK_STS: nothing happens
+    assert machine.status is None and machine.pio.read(acpi.SLEEP_CONTROL_PORT + 1, 1) == 0
+    machine.pio.write(acpi.SLEEP_CONTROL_PORT, 1, (5 << 2) | 0x20)      # what Linux writes for S5
+    assert machine.status == 0 and machine.shutdown_reason == "poweroff"

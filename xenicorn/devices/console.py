@@ -76,6 +76,30 @@ class DebugExit:
         self.shutdown("debug-exit", status, f"isa-debug-exit wrote {value:#x}")
 
 
+class AcpiSleepRegisters:
+    r"""The hardware-reduced ACPI sleep control (0x608) and status (0x609) registers.
+
+    A hardware-reduced platform has no PM1 blocks; the FADT points to these
+    two byte registers instead (ACPI 6.5 §4.8.3.7). To enter S5 the OS
+    writes ``SLP_TYP << 2 | SLP_EN (0x20)`` to the control register, with
+    ``SLP_TYP`` from the ``\_S5`` package in the DSDT (5 here); the status
+    register's WAK_STS (bit 7) is write-1-to-clear and reads 0.
+    """
+
+    PORT = 0x608
+    SLP_EN, SLP_TYP_S5 = 1 << 5, 5
+
+    def __init__(self, shutdown: Callable[[str, int, str], None]):
+        self.shutdown = shutdown
+
+    def pio_read(self, offset: int, size: int) -> int:
+        return 0
+
+    def pio_write(self, offset: int, size: int, value: int) -> None:
+        if offset == 0 and value & self.SLP_EN and (value >> 2) & 7 == self.SLP_TYP_S5:
+            self.shutdown("poweroff", 0, "ACPI S5 (sleep control register)")
+
+
 class AcpiPmControl:
     """PM1a_CNT at 0x604: SLP_EN with SLP_TYP=S5 powers off."""
 

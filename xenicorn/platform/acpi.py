@@ -1,4 +1,4 @@
-"""ACPI tables: how the firmware tells an OS which interrupt controllers exist.
+r"""ACPI tables: how the firmware tells an OS which interrupt controllers exist.
 
 An x86 OS cannot probe for a local APIC per CPU or for IOAPICs; firmware
 lists them in ACPI's *Multiple APIC Description Table* (MADT). Without it
@@ -18,7 +18,9 @@ XSDT     "XSDT": 64-bit pointers to every other table
 FADT     "FACP": fixed hardware; here *hardware-reduced* (flag bit 20: no
          PM timer, no SCI, no fixed events, as Xen's PVH tables), and the
          pointer to the DSDT
-DSDT     "DSDT": the AML namespace; empty here (no devices to describe yet)
+DSDT     "DSDT": the AML namespace; here only ``\_S5`` (the sleep type that
+         powers off), which with the FADT's sleep control and status
+         registers (I/O ports 0x608/0x609) lets the OS power the machine off
 MADT     "APIC": the LAPIC address, "PC-AT compatible 8259s present", and
          entries: processor local APIC 0, the IOAPIC (id, 0xFEC00000, GSI
          base 0), the interrupt source override IRQ0 -> GSI 2 (the PIT is
@@ -39,6 +41,10 @@ OEM_TABLE_ID = b"XENICORN"
 CREATOR_ID = b"XNCN"
 
 FADT_HW_REDUCED_ACPI = 1 << 20
+SLEEP_CONTROL_PORT = 0x608           # devices/console.py AcpiSleepRegisters; status is the next port
+# Name (\_S5, Package (4) {5, 5, 0, 0}): NameOp, "_S5_", PackageOp, PkgLength 8,
+# 4 elements: BytePrefix 5, BytePrefix 5, ZeroOp, ZeroOp (ACPI 6.5 §20, AML encoding)
+AML_S5 = bytes.fromhex("085f53355f" "1208" "04" "0a05" "0a05" "00" "00")
 MADT_PCAT_COMPAT = 1 << 0
 MADT_LAPIC, MADT_IOAPIC, MADT_ISO, MADT_LAPIC_NMI = 0, 1, 2, 4
 
@@ -75,6 +81,10 @@ def fadt(dsdt_addr: int) -> bytes:
     struct.pack_into("<I", body, 112 - 36, FADT_HW_REDUCED_ACPI)  # Flags
     body[131 - 36] = 5                                            # FADT minor version: 6.5
     struct.pack_into("<Q", body, 140 - 36, dsdt_addr)             # X_DSDT
+    # SLEEP_CONTROL_REG and SLEEP_STATUS_REG: generic addresses in system I/O
+    # space (id 1), 8 bits wide, byte access (size 1)
+    for off, port in ((244, SLEEP_CONTROL_PORT), (256, SLEEP_CONTROL_PORT + 1)):
+        struct.pack_into("<BBBBQ", body, off - 36, 1, 8, 0, 1, port)
     body[268 - 36:276 - 36] = b"XenVMM\0\0"                       # hypervisor vendor identity
     return table(b"FACP", 6, bytes(body))
 
@@ -97,7 +107,7 @@ def build(base: int, ioapic_id: int, ioapic_base: int, lapic_base: int) -> tuple
         return addr
 
     rsdp_at = place(b"\0" * 36)                                   # filled in last
-    dsdt_at = place(table(b"DSDT", 2, b""))
+    dsdt_at = place(table(b"DSDT", 2, AML_S5))
     fadt_at = place(fadt(dsdt_at))
     madt_at = place(madt(lapic_base, ioapic_id, ioapic_base))
     xsdt_at = place(table(b"XSDT", 1, struct.pack("<QQ", fadt_at, madt_at)))

@@ -27,7 +27,7 @@ from .memory import GuestMemory, PAGE_SIZE
 from .trace import Tracer, disassemble
 from .vcpu import VCpu
 from ..devices.bus import PioBus, MmioBus
-from ..devices.console import ConsoleSink, DebugCon, DebugExit, AcpiPmControl, stdout_sink
+from ..devices.console import ConsoleSink, DebugCon, DebugExit, AcpiPmControl, AcpiSleepRegisters, stdout_sink
 
 STATUS_OK, STATUS_CRASH, STATUS_USAGE, STATUS_TIMEOUT = 0, 1, 2, 124
 
@@ -122,6 +122,7 @@ class Machine:
         self.pio.register(DebugCon.PORT, 1, DebugCon(self.console))
         self.pio.register(DebugExit.PORT, 1, DebugExit(self.shutdown))
         self.pio.register(AcpiPmControl.PORT, 2, AcpiPmControl(self.shutdown))
+        self.pio.register(AcpiSleepRegisters.PORT, 2, AcpiSleepRegisters(self.shutdown))
         from ..devices.uart16550 import attach_serial
         attach_serial(self, irq=self.isa_irq[4])
         self._build_pci()
