@@ -1,8 +1,9 @@
 """A Debian kernel and a busybox initramfs, ready for ``xenicorn run``.
 
 ``--kernel-deb linux-image-cloud-amd64`` resolves the metapackage, downloads
-the kernel package and busybox-static with ``apt-get download``, unpacks the
-``vmlinux`` from the package's bzImage and writes an initramfs whose
+the kernel package and busybox-static with ``apt-get download``, takes the
+package's bzImage (:func:`bzimage`, for the Linux boot protocol) or unpacks
+the ``vmlinux`` inside it (:func:`kernel`, for PVH), and writes an initramfs whose
 ``/init`` prints a marker, shows how the Xen upcall is counted in
 ``/proc/interrupts``, and powers off. Everything is cached under
 ``$XDG_CACHE_HOME/xenicorn/linux`` (``~/.cache/...``), so only the first run
