@@ -29,7 +29,7 @@ itself. That is what xenicorn does, because there is no BIOS to call:
 ==========  ===================  ==============================================
 offset      field                what xenicorn puts there
 ==========  ===================  ==============================================
-0x070       acpi_rsdp_addr       0: no ACPI tables (Linux scans for the MP table)
+0x070       acpi_rsdp_addr       the ACPI RSDP (:mod:`.acpi`), or 0 for none
 0x0C0       ext_ramdisk_image    ramdisk_image bits 63:32
 0x0C4       ext_ramdisk_size     ramdisk_size bits 63:32
 0x0C8       ext_cmd_line_ptr     cmd_line_ptr bits 63:32
@@ -196,7 +196,7 @@ def _choose_load_addr(mem: GuestMemory, hdr: SetupHeader, name: str) -> int:
 
 
 def load_bzimage(mem: GuestMemory, path: str, cmdline: str, initrd: str | None = None,
-                 data: bytes | None = None) -> tuple[LoadedKernel, LinuxBoot]:
+                 data: bytes | None = None, rsdp: int = 0) -> tuple[LoadedKernel, LinuxBoot]:
     """Load a bzImage, its command line and initrd, and build the zero page (see module doc)."""
     image = _read_file(path) if data is None else data
     hdr = parse_header(image, path)
@@ -226,7 +226,7 @@ def load_bzimage(mem: GuestMemory, path: str, cmdline: str, initrd: str | None =
         boot.initrd = (addr, len(blob))
 
     mem.write(CMDLINE_ADDR, raw_cmdline + b"\0")
-    mem.write(ZERO_PAGE_ADDR, build_zero_page(hdr, load_addr, CMDLINE_ADDR, boot.initrd, e820))
+    mem.write(ZERO_PAGE_ADDR, build_zero_page(hdr, load_addr, CMDLINE_ADDR, boot.initrd, e820, rsdp))
     mem.write(BOOT_GDT_ADDR, boot_gdt())
     # The BIOS data area, as a PC BIOS leaves it: the EBDA's segment and the
     # KiB of conventional memory (Linux's early code reads both to keep the
@@ -241,7 +241,7 @@ def load_bzimage(mem: GuestMemory, path: str, cmdline: str, initrd: str | None =
 
 
 def build_zero_page(hdr: SetupHeader, load_addr: int, cmdline: int, initrd: tuple[int, int] | None,
-                    e820) -> bytes:
+                    e820, rsdp: int = 0) -> bytes:
     """``struct boot_params`` for the 32-bit entry (module doc has the fields)."""
     bp = bytearray(BOOT_PARAMS_SIZE)
     bp[HDR_START:HDR_START + len(hdr.raw)] = hdr.raw
@@ -254,7 +254,7 @@ def build_zero_page(hdr: SetupHeader, load_addr: int, cmdline: int, initrd: tupl
     struct.pack_into("<II", bp, BP_EXT_RAMDISK_IMAGE, addr >> 32, size >> 32)
     struct.pack_into("<I", bp, CMD_LINE_PTR, cmdline & 0xFFFFFFFF)
     struct.pack_into("<I", bp, BP_EXT_CMD_LINE_PTR, cmdline >> 32)
-    struct.pack_into("<Q", bp, BP_ACPI_RSDP_ADDR, 0)
+    struct.pack_into("<Q", bp, BP_ACPI_RSDP_ADDR, rsdp)
     bp[BP_E820_ENTRIES] = len(e820)
     for i, e in enumerate(e820):
         struct.pack_into("<QQI", bp, BP_E820_TABLE + 20 * i, e.addr, e.size, e.type)

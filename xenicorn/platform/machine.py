@@ -727,15 +727,17 @@ def boot(config: MachineConfig, kernel_path: str, *, initrd: str | None = None,
 
     ``protocol`` "pvh": a PVH ELF (or the ELF inside a bzImage) or a flat
     binary, entered with hvm_start_info; "linux": a bzImage through the
-    Linux/x86 boot protocol's 32-bit entry, with an MP table
-    (:mod:`.linuxboot`, :mod:`.mptable`).
+    Linux/x86 boot protocol's 32-bit entry, with an MP table and an ACPI
+    MADT (:mod:`.linuxboot`, :mod:`.mptable`, :mod:`.acpi`).
     """
     from .loader import load_elf, load_flat, load_module, write_start_info
     machine = Machine(config, console=console)
     if protocol == "linux":
-        from . import linuxboot, mptable
-        kernel, machine.linux_boot = linuxboot.load_bzimage(machine.memory, kernel_path, config.cmdline, initrd)
+        from . import acpi, linuxboot, mptable
         mptable.write(machine)
+        rsdp = acpi.write(machine)
+        kernel, machine.linux_boot = linuxboot.load_bzimage(machine.memory, kernel_path, config.cmdline, initrd,
+                                                            rsdp=rsdp)
         machine.kernel = kernel
         linuxboot.enter_32bit(machine.vcpu, machine.linux_boot)
         return machine, kernel
