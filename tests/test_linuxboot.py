@@ -246,13 +246,15 @@ def test_mp_table_pci_entries_match_the_wiring(machine):
     assert [e.dest_pin for e in pci if e.irq == (2 << 2)] == [17]
 
 
-def test_an_mp_table_is_harmless_to_the_firmware_kernels():
-    path = firmware.find("irq64")
+@pytest.mark.parametrize("name", ["irq64", "evtchn32"])
+def test_the_firmware_tables_are_harmless_to_the_pvh_kernels(name):
+    path = firmware.find(name)
     outs = []
     for with_table in (False, True):
         machine, _ = boot(MachineConfig(debugcon="none"), path, console=ConsoleSink(None))
         if with_table:
             mptable.write(machine)
+            acpi.write(machine)
         status = machine.run()
         outs.append((status, machine.console.text().count("Test result: SUCCESS")))
         machine.close()
