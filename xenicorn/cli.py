@@ -55,7 +55,8 @@ def _run_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("-m", "--memory", type=_int, default=None, metavar="MiB",
                    help="guest RAM (default 128, 512 with --kernel-deb)")
     r.add_argument("--append", "-append", default="", metavar="CMDLINE", help="kernel command line")
-    r.add_argument("--initrd", "-initrd", metavar="FILE", help="initrd: module 0 of hvm_start_info (pvh), the zero page's ramdisk (linux)")
+    r.add_argument("--initrd", "-initrd", metavar="FILE",
+                   help="initrd: module 0 of hvm_start_info (pvh), the zero page's ramdisk (linux)")
     r.add_argument("--load-addr", type=_int, metavar="ADDR", help="load KERNEL as a flat binary here")
     r.add_argument("--boot", choices=("auto", "pvh", "linux"), default="auto",
                    help="pvh: enter the ELF's PVH entry (a bzImage: the ELF inside it); linux: a bzImage "
