@@ -76,6 +76,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from unicorn import x86_const as X
+
 from .loader import LoadedKernel, LoadError, _read_file
 from .memory import PAGE_SIZE, GuestMemory
 
@@ -278,5 +280,4 @@ def enter_32bit(vcpu, boot: LinuxBoot) -> None:
     """The CPU state of the protocol's 32-bit entry (module doc)."""
     vcpu.reset_to_flat32(boot.load_addr)             # flat CS 0x10 / DS 0x18, PE only, IF = 0
     vcpu.set_reg("rsi", boot.zero_page)              # EBX, EBP, EDI and the rest stay 0
-    from unicorn import x86_const as X
     vcpu.uc.reg_write(X.UC_X86_REG_GDTR, (0, BOOT_GDT_ADDR, 4 * 8 - 1, 0))
