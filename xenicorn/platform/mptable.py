@@ -3,12 +3,12 @@
 Before ACPI's MADT, an OS learned from the *MP table* (Intel
 MultiProcessor Specification, version 1.4, 1997) which processors exist,
 where the I/O APIC is, and which I/O APIC pin each interrupt source is
-wired to. Linux still reads it when there are no ACPI tables, which is the
-case here: without either, Linux says "APIC: ACPI MADT or MP tables are not
-detected" and drives interrupts through the 8259 only (Xen's hvmloader
-writes both tables for HVM guests; xenicorn writes the MP table). Only
-kernels built with ``CONFIG_X86_MPPARSE`` look for it; Debian's
-``cloud-amd64`` kernel is not one of them, and needs an ACPI MADT instead.
+wired to. Linux still reads it when it finds no ACPI MADT; with neither,
+it says "APIC: ACPI MADT or MP tables are not detected" and drives
+interrupts through the 8259 only. Xen's hvmloader writes both for HVM
+guests, and so does xenicorn's Linux boot (the MADT is :mod:`.acpi`).
+Only kernels built with ``CONFIG_X86_MPPARSE`` look for the MP table;
+Debian's ``cloud-amd64`` kernel is not one of them.
 
 **Floating pointer** (16 bytes, on a 16-byte boundary in the first KiB of
 the EBDA, the last KiB of base memory, or the BIOS ROM area 0xF0000-0xFFFFF,
