@@ -55,8 +55,13 @@ def _run_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("-m", "--memory", type=_int, default=None, metavar="MiB",
                    help="guest RAM (default 128, 512 with --kernel-deb)")
     r.add_argument("--append", "-append", default="", metavar="CMDLINE", help="kernel command line")
-    r.add_argument("--initrd", "-initrd", metavar="FILE", help="module 0 of hvm_start_info")
+    r.add_argument("--initrd", "-initrd", metavar="FILE",
+                   help="initrd: module 0 of hvm_start_info (pvh), the zero page's ramdisk (linux)")
     r.add_argument("--load-addr", type=_int, metavar="ADDR", help="load KERNEL as a flat binary here")
+    r.add_argument("--boot", choices=("auto", "pvh", "linux"), default="auto",
+                   help="pvh: enter the ELF's PVH entry (a bzImage: the ELF inside it); linux: a bzImage "
+                        "through the Linux/x86 boot protocol as an HVM guest, with an MP table and an ACPI "
+                        "MADT; auto (default): linux for --kernel-deb, pvh for KERNEL")
     r.add_argument("--serial", "-serial", default="stdio", metavar="stdio|file:PATH|none", help="COM1 output")
     r.add_argument("--trace", default="", metavar="CATS", help="comma-separated: exits,io,int,cpuid,mem,...,all")
     r.add_argument("--max-insns", type=_int, default=0, metavar="N", help="stop after N guest instructions")
@@ -119,13 +124,17 @@ def run(args: argparse.Namespace) -> int:
     from .platform.loader import LoadError
     from .platform.machine import boot
     from .platform.snapshot import SnapshotError
+    protocol = "pvh" if args.boot == "auto" else args.boot
     if args.kernel_deb:
         if args.kernel:
             raise UsageError("give either KERNEL or --kernel-deb, not both")
-        args.kernel, initrd = _debian_guest(args.kernel_deb)
+        protocol = "pvh" if args.boot == "pvh" else "linux"     # the path: HVM
+        args.kernel, initrd = _debian_guest(args.kernel_deb, protocol)
         args.initrd = args.initrd or initrd
     elif not args.kernel:
         raise UsageError("no kernel: give KERNEL (a file or a firmware name) or --kernel-deb PACKAGE")
+    if protocol == "linux" and args.load_addr is not None:
+        raise UsageError("--load-addr loads a flat binary; --boot linux takes a bzImage")
     if args.memory is None:
         args.memory = 512 if args.kernel_deb else 128
     if args.memory < 2 or args.memory > 3584:
@@ -161,7 +170,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--serial {serial}: expected stdio, file:PATH or none")
     config.serial = serial
     try:
-        machine, _ = boot(config, _resolve_kernel(args.kernel), initrd=args.initrd, load_addr=args.load_addr)
+        machine, _ = boot(config, _resolve_kernel(args.kernel), initrd=args.initrd, load_addr=args.load_addr,
+                          protocol=protocol)
     except LoadError as e:
         raise UsageError(str(e)) from None
     except ValueError as e:            # bad trace category, bad RAM size, bad -qmp
@@ -223,11 +233,12 @@ def run(args: argparse.Namespace) -> int:
     return status
 
 
-def _debian_guest(package: str) -> tuple[str, str]:
+def _debian_guest(package: str, protocol: str) -> tuple[str, str]:
     from .linux import guest
     from .linux.debian import PackageError
     try:
-        return guest.kernel(package), guest.initramfs()
+        image = guest.bzimage(package) if protocol == "linux" else guest.kernel(package)
+        return image, guest.initramfs()
     except PackageError as e:
         raise UsageError(str(e)) from None
     except OSError as e:

@@ -1,8 +1,9 @@
 """A Debian kernel and a busybox initramfs, ready for ``xenicorn run``.
 
 ``--kernel-deb linux-image-cloud-amd64`` resolves the metapackage, downloads
-the kernel package and busybox-static with ``apt-get download``, unpacks the
-``vmlinux`` from the package's bzImage and writes an initramfs whose
+the kernel package and busybox-static with ``apt-get download``, takes the
+package's bzImage (:func:`bzimage`, for the Linux boot protocol) or unpacks
+the ``vmlinux`` inside it (:func:`kernel`, for PVH), and writes an initramfs whose
 ``/init`` prints a marker, shows how the Xen upcall is counted in
 ``/proc/interrupts``, and powers off. Everything is cached under
 ``$XDG_CACHE_HOME/xenicorn/linux`` (``~/.cache/...``), so only the first run
@@ -33,6 +34,29 @@ def cache_dir() -> str:
     return path
 
 
+def _vmlinuz(cache: str, name: str) -> bytes:
+    """The bzImage (``boot/vmlinuz-*``) of kernel package ``name``, downloaded once."""
+    deb = debian.download(name, cache)
+    with open(deb, "rb") as f:
+        files = debian.read_files(f.read(), lambda p: p.startswith("boot/vmlinuz-"))
+    if not files:
+        raise debian.PackageError(f"{name}: no boot/vmlinuz-* in the package (not a kernel image package?)")
+    return next(iter(files.values()))
+
+
+def bzimage(package: str = "linux-image-cloud-amd64") -> str:
+    """Path of the bzImage of a Debian kernel package, for the Linux boot protocol (cached)."""
+    cache = cache_dir()
+    name = debian.resolve(package)
+    out = os.path.join(cache, f"{name}.vmlinuz")
+    if not os.path.exists(out):
+        tmp = out + ".part"
+        with open(tmp, "wb") as f:
+            f.write(_vmlinuz(cache, name))
+        os.replace(tmp, out)
+    return out
+
+
 def kernel(package: str = "linux-image-cloud-amd64") -> str:
     """Path of the ELF vmlinux of a Debian kernel package (downloaded and unpacked once)."""
     cache = cache_dir()
@@ -40,13 +64,8 @@ def kernel(package: str = "linux-image-cloud-amd64") -> str:
     out = os.path.join(cache, f"{name}.vmlinux")
     if os.path.exists(out):
         return out
-    deb = debian.download(name, cache)
-    with open(deb, "rb") as f:
-        files = debian.read_files(f.read(), lambda p: p.startswith("boot/vmlinuz-"))
-    if not files:
-        raise debian.PackageError(f"{name}: no boot/vmlinuz-* in the package (not a kernel image package?)")
     try:
-        elf = bzimage.vmlinux(next(iter(files.values())))
+        elf = bzimage.vmlinux(_vmlinuz(cache, name))
     except bzimage.KernelImageError as e:
         raise debian.PackageError(f"{name}: {e}") from None
     tmp = out + ".part"

@@ -148,3 +148,39 @@ def parse(read, rsdp_addr: int) -> dict[bytes, bytes]:
             dsdt = load(struct.unpack_from("<Q", raw, 140)[0])
             tables[b"DSDT"] = dsdt
     return tables
+
+
+# -- the names the Linux boot and its tests use ------------------------------------
+RSDP_ADDR = ACPI_BASE
+write = install
+
+
+def _madt_offset() -> int:
+    _, blob = build(ACPI_BASE, 1, 0xFEC00000, 0xFEE00000)
+    return next(i for i in range(0, len(blob), 16) if blob[i:i + 4] == b"APIC")
+
+
+MADT_ADDR = ACPI_BASE + _madt_offset()      # the layout does not depend on the values
+
+
+def find_rsdp(read, start: int = 0xE0000, end: int = 0x100000) -> int | None:
+    """The legacy scan: an "RSD PTR " on a 16-byte boundary with both checksums right."""
+    for addr in range(start, end, 16):
+        raw = read(addr, 36)
+        if raw[:8] == b"RSD PTR " and not sum(raw[:20]) & 0xFF and not sum(raw) & 0xFF:
+            return addr
+    return None
+
+
+def parse_madt(read, rsdp_addr: int) -> tuple[int, int, list[tuple[int, bytes]]]:
+    """(local APIC address, flags, [(structure type, bytes)]) of the MADT; ValueError on bad checksums."""
+    madt = parse(read, rsdp_addr)[b"APIC"]
+    lapic, flags = struct.unpack_from("<II", madt, 36)
+    out, pos = [], 44
+    while pos + 2 <= len(madt):
+        kind, length = madt[pos], madt[pos + 1]
+        if length < 2 or pos + length > len(madt):
+            raise ValueError("MADT structure runs past the table")
+        out.append((kind, bytes(madt[pos:pos + length])))
+        pos += length
+    return lapic, flags, out

@@ -721,10 +721,28 @@ class Machine:
 
 
 def boot(config: MachineConfig, kernel_path: str, *, initrd: str | None = None,
-         load_addr: int | None = None, console: ConsoleSink | None = None) -> "tuple[Machine, object]":
-    """Build a machine, load a kernel (PVH ELF or flat binary) and reset the vCPU to its entry."""
+         load_addr: int | None = None, console: ConsoleSink | None = None,
+         protocol: str = "pvh") -> "tuple[Machine, object]":
+    """Build a machine, load a kernel and reset the vCPU to its entry.
+
+    ``protocol`` "pvh": a PVH ELF (or the ELF inside a bzImage) or a flat
+    binary, entered with hvm_start_info; "linux": a bzImage through the
+    Linux/x86 boot protocol's 32-bit entry, with an MP table and an ACPI
+    MADT (:mod:`.linuxboot`, :mod:`.mptable`, :mod:`.acpi`).
+    """
     from .loader import load_elf, load_flat, load_module, write_start_info
     machine = Machine(config, console=console)
+    if protocol == "linux":
+        from . import acpi, linuxboot, mptable
+        mptable.write(machine)
+        rsdp = acpi.write(machine) if config.acpi else 0
+        kernel, machine.linux_boot = linuxboot.load_bzimage(machine.memory, kernel_path, config.cmdline, initrd,
+                                                            rsdp=rsdp)
+        machine.kernel = kernel
+        linuxboot.enter_32bit(machine.vcpu, machine.linux_boot)
+        return machine, kernel
+    if protocol != "pvh":
+        raise ValueError(f"boot protocol {protocol!r}: expected pvh or linux")
     if load_addr is not None:
         kernel = load_flat(machine.memory, kernel_path, load_addr)
     else:
