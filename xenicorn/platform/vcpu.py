@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from .machine import Machine
 
 UNTIL = (1 << 64) - 1            # emu_start's stop address: never reached
+NO_RIP = (1 << 64) - 1           # a hook range no instruction is at (non-canonical)
 NO_LIMIT = 1 << 62               # an instruction "limit" that is never reached
 EFER = 0xC0000080
 EFER_LME, EFER_LMA, EFER_NXE = 1 << 8, 1 << 10, 1 << 11
@@ -139,11 +140,18 @@ class VCpu:
         self._mmio_pages: set[int] = set()
         self.in_mmio = False                 # inside an mmio_map callback
         uc = self.uc
-        uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
-        uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
+        # Order and ranges matter (docs/unicorn-notes.md, "A pending stop makes
+        # Unicorn skip..."): once a stop is pending, Unicorn's CPUID/SYSCALL/
+        # SYSENTER dispatch gives up after the first instruction hook whose
+        # range covers RIP. CPUID comes first; IN and OUT, whose dispatch
+        # ignores ranges, get one no instruction has, so they never end it.
+        # SYSCALL and SYSENTER stay exposed until stops stop setting
+        # stop_request mid-block (the open fix).
         uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
         uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
         uc.hook_add(UC_HOOK_INSN, self._on_sysenter, None, 1, 0, X.UC_X86_INS_SYSENTER)
+        uc.hook_add(UC_HOOK_INSN, self._on_in, None, NO_RIP, NO_RIP, X.UC_X86_INS_IN)
+        uc.hook_add(UC_HOOK_INSN, self._on_out, None, NO_RIP, NO_RIP, X.UC_X86_INS_OUT)
         uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
         uc.hook_add(UC_HOOK_INTR, self._on_intr)
         uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
