@@ -170,3 +170,21 @@ def test_the_vcpu_keeps_its_cpuid_with_a_stop_pending():
     ours = m.cpuid.query(0, 0, 0)
     assert m.exit_counts.get("Cpuid") == 1
     assert (uc.reg_read(X.UC_X86_REG_RAX) & 0xFFFFFFFF, uc.reg_read(X.UC_X86_REG_RBX) & 0xFFFFFFFF) == ours[:2]
+
+
+def test_our_stops_leave_no_stop_request_for_the_rest_of_the_block():
+    """VCpu.request_stop is a soft stop: the run ends at the next block, every hook still runs."""
+    from unicorn import UC_HOOK_CODE
+    from xenicorn.platform.machine import Machine
+    m = Machine(MachineConfig(xen=False, debugcon="none"))
+    # nop ; xor eax,eax ; cpuid ; jmp next ; next: hlt
+    m.memory.write(0x1000, bytes.fromhex("90" "31c0" "0fa2" "eb00" "f4"))
+    uc = m.vcpu.uc
+    uc.reg_write(X.UC_X86_REG_CR0, 0x11)
+    uc.hook_add(UC_HOOK_CODE, lambda uc, a, s, _: m.vcpu.request_stop("test"), None, 0x1000, 0x1000)
+    m.vcpu.pc = 0x1000
+    ex = m.vcpu.run()
+    ours = m.cpuid.query(0, 0, 0)
+    assert ex.kind == "Request" and ex.pc == 0x1007          # ended where the next block starts
+    assert m.exit_counts.get("Cpuid") == 1
+    assert (uc.reg_read(X.UC_X86_REG_RAX) & 0xFFFFFFFF, uc.reg_read(X.UC_X86_REG_RBX) & 0xFFFFFFFF) == ours[:2]

@@ -70,8 +70,10 @@ class Machine:
     def __init__(self, config: MachineConfig | None = None, console: ConsoleSink | None = None):
         from .rawctx import selftest
         from .msr import selftest as msr_selftest
+        from .stopcheck import soft_stop_selftest
         selftest()
         msr_selftest()
+        soft_stop_selftest()
         self.config = config or MachineConfig()
         self.tracer = Tracer(self.config.trace, observed=self.config.observe)
         self.memory = GuestMemory(self.config.ram_mib << 20)

@@ -105,3 +105,61 @@ def offset() -> int:
 def stop_between_blocks(uc: Uc) -> None:
     """From now on, blocks this engine translates check for stops only at their start."""
     ctypes.c_uint8.from_address(_handle(uc) + offset()).value = 1
+
+
+# -- stopping without a visible stop_request -------------------------------------------
+#
+# ``uc_emu_stop()`` sets ``uc_struct.stop_request`` at once, and while it is
+# set Unicorn skips instruction hooks (its CPUID, SYSCALL and SYSENTER hook
+# loops end early) and block hooks for the rest of the block, which with
+# stops between blocks still runs (docs/unicorn-notes.md). A *soft stop*
+# keeps the part that ends the run at the next block start (``cpu_exit``,
+# inside ``emu_stop``) and takes ``stop_request`` back at once; the run
+# then ends because ``invalid_error`` holds a value no Unicorn error has,
+# which ``tcg_cpu_exec`` treats as "finish", and ``emu_start`` returns it
+# as its error code. The fields sit at fixed distances from the instruction
+# counter that :mod:`icount` locates (uc_priv.h of 2.1.4: ``emu_counter``,
+# ``emu_count``, ``size_recur_mem``, ``init_tcg``, ``stop_request``, ...,
+# ``invalid_addr``, ``invalid_error``); :func:`soft_stop_selftest` checks
+# them by behaviour.
+SOFT_STOP = 0x5A57                       # emu_start's error code after a soft stop
+STOP_REQUEST_FROM_COUNTER = 21
+INVALID_ERROR_FROM_COUNTER = 56
+
+
+def soft_stop(uc: Uc) -> None:
+    """End the run at the next block start; hooks still run until then. Safe from any thread."""
+    from . import icount
+    base = _handle(uc) + icount.counter_offset()
+    ctypes.c_int32.from_address(base + INVALID_ERROR_FROM_COUNTER).value = SOFT_STOP
+    uc.emu_stop()
+    ctypes.c_uint8.from_address(base + STOP_REQUEST_FROM_COUNTER).value = 0
+
+
+_SOFT_STOP_CHECKED = False
+
+
+def soft_stop_selftest() -> None:
+    """Check once per process: a soft stop ends the run after the block, and CPUID is still ours."""
+    global _SOFT_STOP_CHECKED
+    if _SOFT_STOP_CHECKED:
+        return
+    from unicorn import UcError
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 0x4000)
+    # out 0x80, al ; cpuid ; jmp L ; L: hlt    (the jmp ends the block)
+    uc.mem_write(0x1000, bytes.fromhex("e680" "0fa2" "eb00" "f4"))
+    seen = []
+    uc.hook_add(UC_HOOK_INSN, lambda u, _: (seen.append("cpuid"), u.reg_write(X.UC_X86_REG_RAX, 0x77))[-1] or 1,
+                None, 1, 0, X.UC_X86_INS_CPUID)
+    uc.hook_add(UC_HOOK_INSN, lambda u, port, size, value, _: soft_stop(u), None, 1, 0, X.UC_X86_INS_OUT)
+    stop_between_blocks(uc)
+    err = None
+    try:
+        uc.emu_start(0x1000, 0x1007)
+    except UcError as e:
+        err = e.errno
+    if err != SOFT_STOP or seen != ["cpuid"] or uc.reg_read(X.UC_X86_REG_RIP) != 0x1006 \
+            or uc.reg_read(X.UC_X86_REG_RAX) != 0x77:
+        raise FlagNotFound("Unicorn's stop fields are not where unicorn 2.1.4 keeps them; install unicorn==2.1.4")
+    _SOFT_STOP_CHECKED = True

@@ -32,8 +32,9 @@ IDLE_EXIT_S = 1.0         # the thread ends after this long unarmed (restarted o
 class StopTimer:
     """Stop one Unicorn engine at a monotonic-clock deadline."""
 
-    def __init__(self, uc):
+    def __init__(self, uc, stop=None):
         self._uc = uc
+        self._stop = stop or uc.emu_stop       # stopcheck.soft_stop for engines that stop between blocks
         self._cv = threading.Condition()
         self._deadline: float | None = None
         self._gen = 0
@@ -80,7 +81,7 @@ class StopTimer:
                     continue
                 self._fired_gen = self._gen
                 self.stops += 1
-                self._uc.emu_stop()
+                self._stop()
                 self._deadline = time.monotonic() + REPEAT_S
             if not self._closed:
                 self._thread = None          # idle exit; arm() starts a new thread

@@ -168,9 +168,12 @@ class VCpu:
         # (docs/unicorn-notes.md). Unicorn's counting needs the per-access
         # checks, so a counting vCPU keeps them and avoids stopping in MMIO.
         self.precise_stops = not count_instructions
-        self.stop_timer = StopTimer(uc)
         if self.precise_stops:
             stopcheck.stop_between_blocks(uc)
+            # and stop without a stop_request the rest of the block would see
+            self.stop_timer = StopTimer(uc, stop=lambda: stopcheck.soft_stop(uc))
+        else:
+            self.stop_timer = StopTimer(uc)
 
     # ------------------------------------------------------------------
     # register access
@@ -343,7 +346,7 @@ class VCpu:
         if self.count_instructions:
             icount.stop_before_next_instruction(self.uc)
         else:
-            self.uc.emu_stop()
+            stopcheck.soft_stop(self.uc)
 
     def stop_with(self, exit_: E.Exit) -> None:
         """From inside a hook: end emu_start and make run() return ``exit_``."""
@@ -368,7 +371,8 @@ class VCpu:
         try:
             self.uc.emu_start(start, UNTIL, count=count)
         except UcError as e:
-            err = e
+            if e.errno != stopcheck.SOFT_STOP:   # a soft stop is how our stops end a run
+                err = e
         except Exception as e:          # a bug of ours, raised inside a hook
             internal = e
         finally:
