@@ -133,3 +133,29 @@ def test_kernel_arguments_are_checked():
     assert r.returncode == 2 and "no kernel" in r.stderr and r.stderr.count("\n") == 1
     r = cli("run", "hello64", "--kernel-deb", "linux-image-cloud-amd64")
     assert r.returncode == 2 and "not both" in r.stderr
+
+
+def test_a_package_is_unpacked_into_the_cache_once(tmp_path, monkeypatch):
+    """guest.kernel/bzimage/initramfs on a fake package set: what --kernel-deb does, minus apt-get."""
+    from xenicorn.linux import guest
+    elf = open(firmware.find("hello64"), "rb").read()
+    image = make_bzimage(elf, "gzip")
+    kernel_deb = tmp_path / "kernel.deb"
+    kernel_deb.write_bytes(make_deb({"boot/vmlinuz-6.1.0-test": image}))
+    busybox_deb = tmp_path / "busybox.deb"
+    busybox_deb.write_bytes(make_deb({"bin/busybox": b"\x7fELF fake busybox"}))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(debian, "resolve", lambda package: "linux-image-test")
+    downloads = []
+
+    def download(name, dest):
+        downloads.append(name)
+        return str(busybox_deb if name == "busybox-static" else kernel_deb)
+    monkeypatch.setattr(debian, "download", download)
+    vmlinux = guest.kernel("linux-image-cloud-amd64")
+    assert open(vmlinux, "rb").read() == elf
+    assert open(guest.bzimage("linux-image-cloud-amd64"), "rb").read() == image
+    assert guest.kernel("linux-image-cloud-amd64") == vmlinux            # cached: no second unpack
+    fs = initramfs.parse(open(guest.initramfs(), "rb").read())
+    assert fs["bin/busybox"].data == b"\x7fELF fake busybox" and guest.MARKER.encode() in fs["init"].data
+    assert downloads == ["linux-image-test", "linux-image-test", "busybox-static"]

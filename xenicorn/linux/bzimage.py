@@ -13,7 +13,6 @@ loader wants: it carries the ``XEN_ELFNOTE_PHYS32_ENTRY`` note.
 """
 from __future__ import annotations
 
-import gzip
 import lzma
 import shutil
 import struct

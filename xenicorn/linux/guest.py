@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from . import bzimage, debian
+from . import bzimage as bzimage_format, debian
 from .initramfs import busybox_initramfs
 
 MARKER = "XENICORN-USERSPACE-REACHED"
@@ -65,8 +65,8 @@ def kernel(package: str = "linux-image-cloud-amd64") -> str:
     if os.path.exists(out):
         return out
     try:
-        elf = bzimage.vmlinux(_vmlinuz(cache, name))
-    except bzimage.KernelImageError as e:
+        elf = bzimage_format.vmlinux(_vmlinuz(cache, name))
+    except bzimage_format.KernelImageError as e:
         raise debian.PackageError(f"{name}: {e}") from None
     tmp = out + ".part"
     with open(tmp, "wb") as f:
