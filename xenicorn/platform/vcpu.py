@@ -89,6 +89,16 @@ def _guarded(default):
     return wrap
 
 
+def _paging_off(method):
+    """Run a VCpu method that changes Unicorn's memory map inside ``physical_view``."""
+    def wrapped(self, *args):
+        with self.physical_view():
+            return method(self, *args)
+    wrapped.__name__ = method.__name__
+    wrapped.__doc__ = method.__doc__
+    return wrapped
+
+
 GPR_INDEX = {"rax": 0, "rcx": 1, "rdx": 2, "rbx": 3, "rsp": 4, "rbp": 5, "rsi": 6, "rdi": 7,
              **{f"r{i}": i for i in range(8, 16)}}
 
@@ -138,7 +148,6 @@ class VCpu:
         self.sleep_kind = ""                 # HLT, SCHEDOP_block, SCHEDOP_poll while halted
         self._window_hook = None
         self._mmio_pages: set[int] = set()
-        self.in_mmio = False                 # inside an mmio_map callback
         uc = self.uc
         # Order and ranges matter (docs/unicorn-notes.md, "A pending stop makes
         # Unicorn skip..."): once a stop is pending, Unicorn's CPUID/SYSCALL/
@@ -605,6 +614,7 @@ class VCpu:
         finally:
             uc.context_restore(saved)
 
+    @_paging_off
     def map_overlay(self, gpa: int, host: int) -> None:
         """Put one host page at guest-physical ``gpa``, over RAM or a device range.
 
@@ -613,10 +623,6 @@ class VCpu:
         base, so an MMIO region is unmapped whole and its two sides mapped
         again on their own.
         """
-        with self.physical_view():
-            self._map_overlay(gpa, host)
-
-    def _map_overlay(self, gpa: int, host: int) -> None:
         uc = self.uc
         if gpa in self._mmio_pages:
             for begin, end, _ in list(uc.mem_regions()):
@@ -632,18 +638,16 @@ class VCpu:
         uc.mem_map_ptr(gpa, PAGE, 7, host)
         self.machine.memory.code_written(gpa, PAGE)
 
+    @_paging_off
     def unmap_overlay(self, gpa: int) -> None:
         """Take an overlay page away: RAM under it shows again; elsewhere it floats."""
-        with self.physical_view():
-            self._unmap_overlay(gpa)
-
-    def _unmap_overlay(self, gpa: int) -> None:
         self.uc.mem_unmap(gpa, PAGE)
         mem = self.machine.memory
         for base, length, off in mem.ram_regions:
             if base <= gpa < base + length:
                 self.uc.mem_map_ptr(gpa, PAGE, 7, mem.host_addr + off + gpa - base)
 
+    @_paging_off
     def map_mmio(self, base: int, size: int) -> None:
         """Route physical ``[base, base+size)`` to the machine's MMIO bus.
 
@@ -651,10 +655,6 @@ class VCpu:
         inside Unicorn's callback (about 0.5 us on top of a RAM access).
         Unicorn maps whole pages, so the range is widened to 4 KiB bounds.
         """
-        with self.physical_view():
-            self._map_mmio(base, size)
-
-    def _map_mmio(self, base: int, size: int) -> None:
         start = base & ~(PAGE - 1)
         end = (base + size + PAGE - 1) & ~(PAGE - 1)
         pages = range(start, end, PAGE)
@@ -675,20 +675,12 @@ class VCpu:
     @_guarded(0)
     def _on_mmio_read(self, uc, offset, size, base):
         ex = E.Mmio(self._trace_pc(), base + offset, size, False)
-        self.in_mmio = True
-        try:
-            self.machine.handle_exit(self, ex)
-        finally:
-            self.in_mmio = False
+        self.machine.handle_exit(self, ex)
         return ex.value
 
     @_guarded(None)
     def _on_mmio_write(self, uc, offset, size, value, base):
-        self.in_mmio = True
-        try:
-            self.machine.handle_exit(self, E.Mmio(self._trace_pc(), base + offset, size, True, value))
-        finally:
-            self.in_mmio = False
+        self.machine.handle_exit(self, E.Mmio(self._trace_pc(), base + offset, size, True, value))
 
     def close(self) -> None:
         self.stop_timer.close()
