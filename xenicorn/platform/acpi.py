@@ -117,7 +117,7 @@ def build(base: int, ioapic_id: int, ioapic_base: int, lapic_base: int) -> tuple
     return rsdp_at, bytes(out)
 
 
-def install(machine) -> int:
+def write(machine) -> int:
     """Write the machine's tables at :data:`ACPI_BASE`; return the RSDP's address."""
     from ..devices.ioapic import IOAPIC_BASE
     from ..devices.lapic import LAPIC_BASE
@@ -126,10 +126,15 @@ def install(machine) -> int:
     return addr
 
 
+def _is_rsdp(raw: bytes) -> bool:
+    """The signature, and both checksums (the first 20 bytes, all 36) right."""
+    return raw[:8] == b"RSD PTR " and not sum(raw[:20]) & 0xFF and not sum(raw) & 0xFF
+
+
 def parse(read, rsdp_addr: int) -> dict[bytes, bytes]:
     """Follow RSDP -> XSDT -> tables (tests); ValueError on a bad checksum or signature."""
     r = read(rsdp_addr, 36)
-    if r[:8] != b"RSD PTR " or sum(r[:20]) & 0xFF or sum(r) & 0xFF:
+    if not _is_rsdp(r):
         raise ValueError("bad RSDP")
     xsdt_addr = struct.unpack_from("<Q", r, 24)[0]
     tables = {}
@@ -152,7 +157,6 @@ def parse(read, rsdp_addr: int) -> dict[bytes, bytes]:
 
 # -- the names the Linux boot and its tests use ------------------------------------
 RSDP_ADDR = ACPI_BASE
-write = install
 
 
 def _madt_offset() -> int:
@@ -166,8 +170,7 @@ MADT_ADDR = ACPI_BASE + _madt_offset()      # the layout does not depend on the 
 def find_rsdp(read, start: int = 0xE0000, end: int = 0x100000) -> int | None:
     """The legacy scan: an "RSD PTR " on a 16-byte boundary with both checksums right."""
     for addr in range(start, end, 16):
-        raw = read(addr, 36)
-        if raw[:8] == b"RSD PTR " and not sum(raw[:20]) & 0xFF and not sum(raw) & 0xFF:
+        if _is_rsdp(read(addr, 36)):
             return addr
     return None
 

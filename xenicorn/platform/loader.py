@@ -173,8 +173,8 @@ def load_module(mem: GuestMemory, kernel: LoadedKernel, path: str) -> tuple[int,
     return addr, len(data)
 
 
-def write_start_info(mem: GuestMemory, kernel: LoadedKernel, cmdline: str) -> int:
-    """Build hvm_start_info (version 1) with the command line, modules and E820 map."""
+def write_start_info(mem: GuestMemory, kernel: LoadedKernel, cmdline: str, rsdp: int = 0) -> int:
+    """Build hvm_start_info (version 1) with the command line, modules, E820 map and ACPI RSDP."""
     raw = cmdline.encode()
     if len(raw) > MAX_CMDLINE:
         raise LoadError(f"command line is {len(raw)} bytes; the limit is {MAX_CMDLINE}")
@@ -186,7 +186,7 @@ def write_start_info(mem: GuestMemory, kernel: LoadedKernel, cmdline: str) -> in
         mem.write_struct(MEMMAP_ADDR + 24 * i, "<QQII", e.addr, e.size, e.type, 0)
     mem.write_struct(START_INFO_ADDR, "<IIIIQQQQII",
                      HVM_START_MAGIC, 1, 0, len(kernel.modules),
-                     MODLIST_ADDR if kernel.modules else 0, CMDLINE_ADDR, 0,
+                     MODLIST_ADDR if kernel.modules else 0, CMDLINE_ADDR, rsdp,
                      MEMMAP_ADDR, len(e820), 0)
     kernel.start_info = START_INFO_ADDR
     return START_INFO_ADDR

@@ -732,10 +732,11 @@ def boot(config: MachineConfig, kernel_path: str, *, initrd: str | None = None,
     Linux/x86 boot protocol's 32-bit entry, with an MP table and an ACPI
     MADT (:mod:`.linuxboot`, :mod:`.mptable`, :mod:`.acpi`).
     """
+    from . import acpi
     from .loader import load_elf, load_flat, load_module, write_start_info
     machine = Machine(config, console=console)
     if protocol == "linux":
-        from . import acpi, linuxboot, mptable
+        from . import linuxboot, mptable
         mptable.write(machine)
         rsdp = acpi.write(machine) if config.acpi else 0
         kernel, machine.linux_boot = linuxboot.load_bzimage(machine.memory, kernel_path, config.cmdline, initrd,
@@ -751,11 +752,8 @@ def boot(config: MachineConfig, kernel_path: str, *, initrd: str | None = None,
         kernel = load_elf(machine.memory, kernel_path)
     if initrd:
         load_module(machine.memory, kernel, initrd)
-    start_info = write_start_info(machine.memory, kernel, config.cmdline)
-    if config.acpi:
-        from . import acpi
-        from .loader import START_INFO_RSDP
-        machine.memory.write_struct(start_info + START_INFO_RSDP, "<Q", acpi.install(machine))
+    rsdp = acpi.write(machine) if config.acpi else 0
+    start_info = write_start_info(machine.memory, kernel, config.cmdline, rsdp)
     machine.kernel = kernel
     machine.vcpu.reset_to_flat32(kernel.entry, ebx=start_info)
     return machine, kernel

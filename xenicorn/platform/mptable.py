@@ -96,9 +96,7 @@ class IrqEntry:
     dest_pin: int        # I/O APIC input, or LINT0/LINT1
 
 
-def _checksum(data: bytes) -> int:
-    """The byte that makes ``data`` plus it sum to 0 mod 256."""
-    return -sum(data) & 0xFF
+from .acpi import checksum as _checksum        # the same rule: all bytes sum to 0 mod 256
 
 
 def interrupt_entries(pci_slots, pirq_of) -> list[IrqEntry]:
