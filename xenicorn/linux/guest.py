@@ -34,6 +34,17 @@ def cache_dir() -> str:
     return path
 
 
+def _cached(path: str, make) -> str:
+    """``path``, written from ``make()`` the first time (whole or not at all: via a .part file)."""
+    if not os.path.exists(path):
+        data = make()
+        tmp = path + ".part"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    return path
+
+
 def _vmlinuz(cache: str, name: str) -> bytes:
     """The bzImage (``boot/vmlinuz-*``) of kernel package ``name``, downloaded once."""
     deb = debian.download(name, cache)
@@ -48,31 +59,20 @@ def bzimage(package: str = "linux-image-cloud-amd64") -> str:
     """Path of the bzImage of a Debian kernel package, for the Linux boot protocol (cached)."""
     cache = cache_dir()
     name = debian.resolve(package)
-    out = os.path.join(cache, f"{name}.vmlinuz")
-    if not os.path.exists(out):
-        tmp = out + ".part"
-        with open(tmp, "wb") as f:
-            f.write(_vmlinuz(cache, name))
-        os.replace(tmp, out)
-    return out
+    return _cached(os.path.join(cache, f"{name}.vmlinuz"), lambda: _vmlinuz(cache, name))
 
 
 def kernel(package: str = "linux-image-cloud-amd64") -> str:
     """Path of the ELF vmlinux of a Debian kernel package (downloaded and unpacked once)."""
     cache = cache_dir()
     name = debian.resolve(package)
-    out = os.path.join(cache, f"{name}.vmlinux")
-    if os.path.exists(out):
-        return out
-    try:
-        elf = bzimage_format.vmlinux(_vmlinuz(cache, name))
-    except bzimage_format.KernelImageError as e:
-        raise debian.PackageError(f"{name}: {e}") from None
-    tmp = out + ".part"
-    with open(tmp, "wb") as f:
-        f.write(elf)
-    os.replace(tmp, out)
-    return out
+
+    def unpack() -> bytes:
+        try:
+            return bzimage_format.vmlinux(_vmlinuz(cache, name))
+        except bzimage_format.KernelImageError as e:
+            raise debian.PackageError(f"{name}: {e}") from None
+    return _cached(os.path.join(cache, f"{name}.vmlinux"), unpack)
 
 
 def initramfs(init: str = INIT) -> str:
@@ -80,15 +80,12 @@ def initramfs(init: str = INIT) -> str:
     cache = cache_dir()
     import hashlib
     out = os.path.join(cache, f"initramfs-{hashlib.sha256(init.encode()).hexdigest()[:12]}.cpio")
-    if os.path.exists(out):
-        return out
-    deb = debian.download("busybox-static", cache)
-    with open(deb, "rb") as f:
-        files = debian.read_files(f.read(), lambda p: p == "bin/busybox")
-    if "bin/busybox" not in files:
-        raise debian.PackageError("busybox-static: no bin/busybox in the package")
-    tmp = out + ".part"
-    with open(tmp, "wb") as f:
-        f.write(busybox_initramfs(files["bin/busybox"], init))
-    os.replace(tmp, out)
-    return out
+
+    def build() -> bytes:
+        deb = debian.download("busybox-static", cache)
+        with open(deb, "rb") as f:
+            files = debian.read_files(f.read(), lambda p: p == "bin/busybox")
+        if "bin/busybox" not in files:
+            raise debian.PackageError("busybox-static: no bin/busybox in the package")
+        return busybox_initramfs(files["bin/busybox"], init)
+    return _cached(out, build)
