@@ -51,6 +51,11 @@ def counter_offset() -> int:
     return _OFFSET
 
 
+def field_address(uc: Uc, delta: int = 0) -> int:
+    """Host address of the ``uc_struct`` field ``delta`` bytes after the instruction counter."""
+    return ctypes.cast(uc._uch, ctypes.c_void_p).value + counter_offset() + delta
+
+
 def stop_before_next_instruction(uc: Uc) -> None:
     """Make the counting hook end the run before the next instruction executes.
 
@@ -58,23 +63,18 @@ def stop_before_next_instruction(uc: Uc) -> None:
     passes ``uc_struct.emu_count`` (right after ``emu_counter``), and checks
     for that stop *before* the instruction runs. Lowering the limit to the
     count so far is therefore a stop request that lands exactly between two
-    instructions, where ``uc_emu_stop()`` from inside an instruction (an I/O
-    or MMIO callback) would be noticed after the *next* memory access and
-    replay that instruction (docs/unicorn-notes.md). Safe from any thread.
+    instructions, where ``uc_emu_stop()`` from inside an MMIO callback is
+    noticed right after the access and puts RIP back to that instruction,
+    which then runs again (docs/unicorn-notes.md). Safe from any thread.
     """
-    handle = ctypes.cast(uc._uch, ctypes.c_void_p).value
-    off = counter_offset()
-    counted = struct.unpack("<Q", ctypes.string_at(handle + off, 8))[0]
-    ctypes.memmove(handle + off + 8, struct.pack("<Q", counted), 8)
+    ctypes.c_uint64.from_address(field_address(uc, 8)).value = read_counter(uc)
 
 
 def read_limit(uc: Uc) -> int:
     """The limit of the current/last run (``count=``, or lower after a stop request)."""
-    handle = ctypes.cast(uc._uch, ctypes.c_void_p).value
-    return struct.unpack("<Q", ctypes.string_at(handle + counter_offset() + 8, 8))[0]
+    return ctypes.c_uint64.from_address(field_address(uc, 8)).value
 
 
 def read_counter(uc: Uc) -> int:
     """Instructions Unicorn counted in the current/last ``emu_start(count>0)``."""
-    handle = ctypes.cast(uc._uch, ctypes.c_void_p).value
-    return struct.unpack("<Q", ctypes.string_at(handle + counter_offset(), 8))[0]
+    return ctypes.c_uint64.from_address(field_address(uc)).value

@@ -129,11 +129,10 @@ INVALID_ERROR_FROM_COUNTER = 56
 
 def soft_stop(uc: Uc) -> None:
     """End the run at the next block start; hooks still run until then. Safe from any thread."""
-    from . import icount
-    base = _handle(uc) + icount.counter_offset()
-    ctypes.c_int32.from_address(base + INVALID_ERROR_FROM_COUNTER).value = SOFT_STOP
+    from .icount import field_address
+    ctypes.c_int32.from_address(field_address(uc, INVALID_ERROR_FROM_COUNTER)).value = SOFT_STOP
     uc.emu_stop()
-    ctypes.c_uint8.from_address(base + STOP_REQUEST_FROM_COUNTER).value = 0
+    ctypes.c_uint8.from_address(field_address(uc, STOP_REQUEST_FROM_COUNTER)).value = 0
 
 
 _SOFT_STOP_CHECKED = False
