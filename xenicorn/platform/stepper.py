@@ -147,6 +147,7 @@ _KINDS = (   # (category, text fragment, kind): the first match names the event
     ("irq", "IRR gets", "lapic-irr"),
     ("irq", "takes vector", "lapic-ack"),
     ("irq", "ExtINT", "lapic-extint"),
+    ("irq", " EOI vector", "lapic-eoi"),
     ("irq", "LAPIC", "lapic"),
     ("irq", "8259 INTA", "pic-inta"),
     ("irq", "8259 EOI", "pic-eoi"),
@@ -155,10 +156,7 @@ _KINDS = (   # (category, text fragment, kind): the first match names the event
 
 
 def classify(category: str, text: str) -> str:
-    kind = next((k for cat, frag, k in _KINDS if cat == category and frag in text), "")
-    if kind == "lapic" and " EOI " in text:
-        return "lapic-eoi"
-    return kind or category
+    return next((k for cat, frag, k in _KINDS if cat == category and frag in text), category)
 
 
 @dataclass
