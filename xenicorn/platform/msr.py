@@ -28,6 +28,8 @@ such as 0x40000000, always exit; inside them, a set bit in the map
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Callable
 
 from .rawctx import RawContext
@@ -120,14 +122,9 @@ class MsrInterceptor:
         self._set(self.is_open)
 
 
-_SELFTEST_DONE = False
-
-
+@functools.cache
 def selftest() -> None:
     """Check, once per process, that an open window really traps WRMSR 0x40000000."""
-    global _SELFTEST_DONE
-    if _SELFTEST_DONE:
-        return
     from unicorn import Uc, UC_ARCH_X86, UC_MODE_64, UC_HOOK_INTR
     from unicorn import x86_const as X
     from .rawctx import UnsupportedUnicornBuild
@@ -151,4 +148,3 @@ def selftest() -> None:
     uc.emu_start(0x1000, 0x1000 + len(code))
     if seen != [(EXIT_VECTOR, 1, 0x1000 + 12)]:
         raise UnsupportedUnicornBuild(f"MSR intercept window does not work on this Unicorn build ({seen})")
-    _SELFTEST_DONE = True

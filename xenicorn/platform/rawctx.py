@@ -33,6 +33,8 @@ rather than corrupting guest state.
 """
 from __future__ import annotations
 
+import functools
+
 import ctypes
 import struct
 from dataclasses import dataclass
@@ -248,18 +250,13 @@ class RawContext:
         self.hflags = (self.hflags & ~HF_CPL_MASK) | cpl
 
 
-_SELFTEST_DONE = False
-
-
 class UnsupportedUnicornBuild(RuntimeError):
     """The Unicorn library differs from the build whose layout is known."""
 
 
+@functools.cache
 def selftest() -> None:
     """Check the offsets above against real behaviour, once per process."""
-    global _SELFTEST_DONE
-    if _SELFTEST_DONE:
-        return
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     uc.mem_map(0, 0x10000)
     # Leave long mode (reset state of UC_MODE_64) for a flat 32-bit CPU.
@@ -297,4 +294,3 @@ def selftest() -> None:
         raise UnsupportedUnicornBuild(
             "this Unicorn build's CPU state layout differs from unicorn 2.1.4's; "
             f"install unicorn==2.1.4 (probe saw {seen})")
-    _SELFTEST_DONE = True

@@ -32,6 +32,8 @@ check to stop before the instruction after the last counted one.
 """
 from __future__ import annotations
 
+import functools
+
 import ctypes
 import struct
 
@@ -135,14 +137,9 @@ def soft_stop(uc: Uc) -> None:
     ctypes.c_uint8.from_address(field_address(uc, STOP_REQUEST_FROM_COUNTER)).value = 0
 
 
-_SOFT_STOP_CHECKED = False
-
-
+@functools.cache
 def soft_stop_selftest() -> None:
     """Check once per process: a soft stop ends the run after the block, and CPUID is still ours."""
-    global _SOFT_STOP_CHECKED
-    if _SOFT_STOP_CHECKED:
-        return
     from unicorn import UcError
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     uc.mem_map(0, 0x4000)
@@ -161,4 +158,3 @@ def soft_stop_selftest() -> None:
     if err != SOFT_STOP or seen != ["cpuid"] or uc.reg_read(X.UC_X86_REG_RIP) != 0x1006 \
             or uc.reg_read(X.UC_X86_REG_RAX) != 0x77:
         raise FlagNotFound("Unicorn's stop fields are not where unicorn 2.1.4 keeps them; install unicorn==2.1.4")
-    _SOFT_STOP_CHECKED = True
