@@ -21,6 +21,8 @@ def test_start_info_points_at_valid_tables():
     assert set(tables) == {b"FACP", b"APIC", b"DSDT"}
     fadt = tables[b"FACP"]
     assert struct.unpack_from("<I", fadt, 112)[0] & acpi.FADT_HW_REDUCED_ACPI
+    # no RTC and no VGA on this machine: Linux must not poll CMOS ports 0x70/0x71
+    assert struct.unpack_from("<H", fadt, 109)[0] == acpi.FADT_BOOT_NO_CMOS_RTC | acpi.FADT_BOOT_NO_VGA
     madt = tables[b"APIC"]
     lapic_base, flags = struct.unpack_from("<II", madt, 36)
     assert lapic_base == 0xFEE00000 and flags & acpi.MADT_PCAT_COMPAT

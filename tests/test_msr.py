@@ -1,4 +1,8 @@
 """The MSR intercept window: WRMSR/RDMSR exits only while someone asks."""
+import struct
+
+from unicorn import x86_const as X
+
 from xenicorn.platform import exits as E
 from xenicorn.platform.msr import msrpm_position
 
@@ -55,3 +59,52 @@ def test_permission_map_positions_follow_the_amd_layout():
     assert msrpm_position(0xC0000080) == (0x800 + 0x80 // 4, 0)   # EFER
     assert msrpm_position(0xC0010117) == (0x1000 + 0x117 // 4, (0x117 % 4) * 2)
     assert msrpm_position(0x40000000) is None             # outside: always exits
+
+
+# int3 (handler: iret) ; then GUEST's WRMSR/RDMSR of the Xen MSR
+AFTER_INT3 = bytes.fromhex("cc") + GUEST
+
+
+def _int3_then(machine, code: bytes):
+    """Flat 32-bit code at 0x100000 (CS 0x10, as the PVH entry) whose #BP handler is IRET."""
+    from test_interrupts import CODE32_DPL0, DATA_DPL0, GDT, IDT, gate32
+    load(machine, code)
+    machine.memory.write(GDT, struct.pack("<4Q", 0, 0, CODE32_DPL0, DATA_DPL0))
+    machine.memory.write(IDT + 8 * 3, gate32(0x400000, selector=0x10))
+    machine.memory.write(0x400000, bytes.fromhex("cf"))                  # iret
+    uc = machine.vcpu.uc
+    uc.reg_write(X.UC_X86_REG_GDTR, (0, GDT, 4 * 8 - 1, 0))
+    uc.reg_write(X.UC_X86_REG_IDTR, (0, IDT, 256 * 8 - 1, 0))
+
+
+def test_an_intercept_after_int3_keeps_its_own_rip(machine):
+    """Unicorn leaves exception_is_int set after INT3; the next SVM exit must not
+    jump back to the INT3's return address (what broke Linux's int3 self-test)."""
+    seen = []
+
+    def handler(vcpu, ex: E.Msr):
+        seen.append((ex.pc, ex.write))
+        if not ex.write:
+            ex.value = 0x5566_7788
+
+    machine.msr_handlers[0x40000000] = handler
+    machine.vcpu.msr.open("test")
+    _int3_then(machine, AFTER_INT3)
+    assert machine.run() == 0
+    wrmsr = 0x100000 + 1 + 15
+    assert seen == [(wrmsr, True), (wrmsr + 2, False)]
+    assert machine.memory.read_u32(0x2000) == 0x5566_7788
+
+
+def test_intercepted_rdtsc_and_rdtscp_after_int3(machine):
+    # int3 ; rdtsc ; mov [0x2000],eax ; mov ecx,0xC0000103 ; mov eax,7 ; xor edx,edx ; wrmsr ;
+    # rdtscp ; mov [0x2004],eax ; mov [0x2008],ecx ; poweroff
+    code = (bytes.fromhex("cc" "0f31" "a300200000" "b9030100c0" "b807000000" "31d2" "0f30"
+                          "0f01f9" "a304200000" "890d08200000") + POWEROFF + CLI_HLT)
+    machine.guest_tsc = lambda: 0x1234_5678_9ABC
+    machine.vcpu.msr.intercept_rdtsc()
+    _int3_then(machine, code)
+    assert machine.run() == 0
+    assert machine.memory.read_u32(0x2000) == 0x5678_9ABC
+    assert machine.memory.read_u32(0x2004) == 0x5678_9ABC
+    assert machine.memory.read_u32(0x2008) == 7                       # RDTSCP's ECX = TSC_AUX

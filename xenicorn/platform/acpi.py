@@ -41,6 +41,12 @@ OEM_TABLE_ID = b"XENICORN"
 CREATOR_ID = b"XNCN"
 
 FADT_HW_REDUCED_ACPI = 1 << 20
+# IA-PC boot architecture flags (FADT offset 109): no VGA, no CMOS RTC. The
+# machine has neither; without the RTC bit Linux polls ports 0x70/0x71 for
+# the RTC's "update in progress" bit to clear (100 x 100 us per read), as Xen
+# tells PVH guests, which have no RTC either (tools/libacpi).
+FADT_BOOT_NO_VGA = 1 << 2
+FADT_BOOT_NO_CMOS_RTC = 1 << 5
 SLEEP_CONTROL_PORT = 0x608           # devices/console.py AcpiSleepRegisters; status is the next port
 # Name (\_S5, Package (4) {5, 5, 0, 0}): NameOp, "_S5_", PackageOp, PkgLength 8,
 # 4 elements: BytePrefix 5, BytePrefix 5, ZeroOp, ZeroOp (ACPI 6.5 §20, AML encoding)
@@ -78,6 +84,7 @@ def fadt(dsdt_addr: int) -> bytes:
     """FADT revision 6 (276 bytes) with only what a hardware-reduced platform fills in."""
     body = bytearray(276 - 36)
     struct.pack_into("<I", body, 40 - 36, dsdt_addr)              # DSDT (32-bit pointer)
+    struct.pack_into("<H", body, 109 - 36, FADT_BOOT_NO_VGA | FADT_BOOT_NO_CMOS_RTC)
     struct.pack_into("<I", body, 112 - 36, FADT_HW_REDUCED_ACPI)  # Flags
     body[131 - 36] = 5                                            # FADT minor version: 6.5
     struct.pack_into("<Q", body, 140 - 36, dsdt_addr)             # X_DSDT

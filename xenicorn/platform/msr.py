@@ -140,7 +140,7 @@ def selftest() -> None:
     def hook(uc, intno, _):
         ctx = RawContext(uc)
         seen.append((intno, ctx.error_code, uc.reg_read(X.UC_X86_REG_RIP)))
-        ctx.clear_old_exception()
+        ctx.consume_exception()
         ctx.commit()
         uc.reg_write(X.UC_X86_REG_RIP, uc.reg_read(X.UC_X86_REG_RIP) + 2)
 

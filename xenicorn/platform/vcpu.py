@@ -54,6 +54,7 @@ UNTIL = (1 << 64) - 1            # emu_start's stop address: never reached
 NO_RIP = (1 << 64) - 1           # a hook range no instruction is at (non-canonical)
 NO_LIMIT = 1 << 62               # an instruction "limit" that is never reached
 EFER = 0xC0000080
+TSC_AUX = 0xC0000103
 EFER_LME, EFER_LMA, EFER_NXE = 1 << 8, 1 << 10, 1 << 11
 CR0_PG = 1 << 31
 RFLAGS_IF = 1 << 9
@@ -545,21 +546,27 @@ class VCpu:
         ctx = RawContext(uc)
         if intno == MSR_EXIT_VECTOR:
             write = ctx.error_code == 1
-            ctx.clear_old_exception()
+            ctx.consume_exception()
             ctx.commit()
             self._on_msr(write)
             return
         if intno == RDTSC_EXIT_VECTOR:
-            ctx.clear_old_exception()
+            ctx.consume_exception()
             ctx.commit()
             tsc = self.machine.guest_tsc()
             uc.reg_write(X.UC_X86_REG_RAX, tsc & 0xFFFFFFFF)
             uc.reg_write(X.UC_X86_REG_RDX, (tsc >> 32) & 0xFFFFFFFF)
-            uc.reg_write(X.UC_X86_REG_RIP, uc.reg_read(X.UC_X86_REG_RIP) + 2)
+            rip = uc.reg_read(X.UC_X86_REG_RIP)
+            length = 2
+            # QEMU checks the RDTSC intercept for RDTSCP too (0F 01 F9), which also loads TSC_AUX.
+            if self.read_linear(rip, 3, fetch=True) == b"\x0f\x01\xf9":
+                uc.reg_write(X.UC_X86_REG_RCX, uc.msr_read(TSC_AUX) & 0xFFFFFFFF)
+                length = 3
+            uc.reg_write(X.UC_X86_REG_RIP, rip + length)
             return
         software = ctx.exception_is_int
         err = ctx.error_code if (intno in ERROR_CODE_VECTORS and not software) else None
-        ctx.clear_old_exception()
+        ctx.consume_exception()
         ctx.commit()
         cr2 = uc.reg_read(X.UC_X86_REG_CR2) if intno == 14 and not software else None
         self.machine.handle_exit(self, E.Exception_(self.pc, intno, err, software, cr2))
