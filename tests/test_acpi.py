@@ -4,6 +4,7 @@ import struct
 from xenicorn import firmware
 from xenicorn.devices.console import ConsoleSink
 from xenicorn.platform import acpi
+from xenicorn.platform import exits as E
 from xenicorn.platform.loader import START_INFO_RSDP
 from xenicorn.platform.machine import MachineConfig, boot
 
@@ -81,3 +82,26 @@ def test_s5_and_the_sleep_registers_power_off():
     assert machine.status is None and machine.pio.read(acpi.SLEEP_CONTROL_PORT + 1, 1) == 0
     machine.pio.write(acpi.SLEEP_CONTROL_PORT, 1, (5 << 2) | 0x20)      # what Linux writes for S5
     assert machine.status == 0 and machine.shutdown_reason == "poweroff"
+
+
+def test_hvm_tables_have_a_full_fadt_with_pm1_blocks_and_an_rtc():
+    """What Xen gives HVM guests: without it Linux drops the 8259 and calls the guest PVH."""
+    _, blob = acpi.build(acpi.ACPI_BASE, 1, 0xFEC00000, 0xFEE00000, hw_reduced=False)
+    tables = acpi.parse(lambda a, n: blob[a - acpi.ACPI_BASE:a - acpi.ACPI_BASE + n], acpi.ACPI_BASE)
+    fadt = tables[b"FACP"]
+    assert struct.unpack_from("<I", fadt, 112)[0] == 0                     # not hardware-reduced
+    assert struct.unpack_from("<H", fadt, 109)[0] == acpi.FADT_BOOT_NO_VGA  # the RTC is there
+    assert struct.unpack_from("<H", fadt, 46)[0] == 9                      # SCI_INT
+    assert struct.unpack_from("<II", fadt, 56)[0] == 0x600                 # PM1a_EVT_BLK
+    assert struct.unpack_from("<I", fadt, 64)[0] == 0x604                  # PM1a_CNT_BLK
+    assert fadt[88:90] == bytes([4, 2])
+    assert struct.unpack_from("<BBBBQ", fadt, 172) == (1, 16, 0, 1, 0x604)  # X_PM1a_CNT_BLK
+
+
+def test_pm1_event_block_and_the_dsdt_s5_type_power_off(machine):
+    machine.handle_exit(machine.vcpu, E.PortIO(-1, 0x602, 2, True, 0x0120))   # PM1_EN
+    status = E.PortIO(-1, 0x600, 4, False)
+    machine.handle_exit(machine.vcpu, status)
+    assert status.value == 0x0120 << 16                                       # status 0, enable kept
+    machine.handle_exit(machine.vcpu, E.PortIO(-1, 0x604, 2, True, (5 << 10) | (1 << 13)))
+    assert machine.shutdown_reason == "poweroff" and machine.status == 0

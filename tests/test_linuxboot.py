@@ -341,9 +341,9 @@ def test_debian_kernel_boots_as_a_xen_hvm_guest(tmp_path):
     The run is stopped once Linux has set up Xen's event delivery and
     started Xen's per-CPU timer (about 10 s here). Debian's cloud kernel is
     built without CONFIG_X86_MPPARSE: it finds the IOAPIC in the ACPI MADT,
-    not in the MP table. The FADT is hardware-reduced, so Linux runs no
-    PIT check through IOAPIC pin 2 ("..TIMER: ..."), which the MP-table-only
-    boot showed.
+    not in the MP table. The FADT is a full PC one (SCI, PM1 blocks, RTC
+    present), so Linux keeps its 8259 and the 16 ISA IRQs, checks the PIT
+    through IOAPIC pin 2 ("..TIMER: ...") and calls the guest HVM, not PVH.
     """
     import time
     image = debian_bzimage()
@@ -386,4 +386,6 @@ def test_debian_kernel_boots_as_a_xen_hvm_guest(tmp_path):
     assert "APIC: Switch to symmetric I/O mode setup" in text
     assert WANTED[1] in text and WANTED[2] in text, text[-3000:]
     assert "timer not connected" not in text and "..MP-BIOS bug" not in text
+    assert "preallocated irqs: 16" in text                 # legacy PIC kept (no hardware-reduced FADT)
+    assert "..TIMER: vector=0x30 apic1=0 pin1=2" in text
     assert "MADT or MP tables are not detected" not in text

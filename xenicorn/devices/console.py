@@ -100,11 +100,44 @@ class AcpiSleepRegisters:
             self.shutdown("poweroff", 0, "ACPI S5 (sleep control register)")
 
 
+class AcpiPmEvent:
+    """PM1a_EVT_BLK at 0x600 (ACPI 6.5 §4.8.3.1): PM1 status, then PM1 enable.
+
+    A full (not hardware-reduced) ACPI platform has this block; the OS
+    clears the status bits by writing ones and sets enable bits for the
+    fixed events it wants as SCIs (power button, RTC alarm, ...). This
+    machine raises no fixed events: status reads 0, enable is kept.
+    """
+
+    PORT = 0x600
+
+    def __init__(self):
+        self.enable = 0
+
+    def pio_read(self, offset: int, size: int) -> int:
+        value = self.enable << 16                  # bytes 0-1 status (0), 2-3 enable
+        return (value >> (8 * offset)) & ((1 << (8 * size)) - 1)
+
+    def pio_write(self, offset: int, size: int, value: int) -> None:
+        for i in range(size):
+            byte = (value >> (8 * i)) & 0xFF
+            if offset + i == 2:
+                self.enable = (self.enable & 0xFF00) | byte
+            elif offset + i == 3:
+                self.enable = (self.enable & 0x00FF) | byte << 8
+
+
 class AcpiPmControl:
-    """PM1a_CNT at 0x604: SLP_EN with SLP_TYP=S5 powers off."""
+    r"""PM1a_CNT at 0x604: SLP_EN with the S5 sleep type powers off.
+
+    The sleep type that means S5 is whatever the DSDT's ``\_S5`` package
+    says: 5 in xenicorn's DSDT (what Linux writes), 0 in QEMU's PIIX4
+    DSDT (the classic ``outw(0x604, 0x2000)``); both are accepted.
+    """
 
     PORT = 0x604
     SLP_EN = 1 << 13
+    S5_TYPES = (0, 5)
 
     def __init__(self, shutdown: Callable[[str, int, str], None]):
         self.shutdown = shutdown
@@ -115,5 +148,5 @@ class AcpiPmControl:
 
     def pio_write(self, offset: int, size: int, value: int) -> None:
         self.value = value & ~self.SLP_EN
-        if value & self.SLP_EN and ((value >> 10) & 7) == 0:
+        if value & self.SLP_EN and ((value >> 10) & 7) in self.S5_TYPES:
             self.shutdown("poweroff", 0, "ACPI S5 (PM1a_CNT SLP_EN)")

@@ -41,12 +41,14 @@ OEM_TABLE_ID = b"XENICORN"
 CREATOR_ID = b"XNCN"
 
 FADT_HW_REDUCED_ACPI = 1 << 20
-# IA-PC boot architecture flags (FADT offset 109): no VGA, no CMOS RTC. The
-# machine has neither; without the RTC bit Linux polls ports 0x70/0x71 for
-# the RTC's "update in progress" bit to clear (100 x 100 us per read), as Xen
-# tells PVH guests, which have no RTC either (tools/libacpi).
+# IA-PC boot architecture flags (FADT offset 109). Xen's PVH tables say "no
+# VGA, no CMOS RTC" (tools/libacpi), and Linux reads exactly that pair as
+# "this is PVH" (xen_hvm_guest_late_init); HVM tables leave the RTC present.
 FADT_BOOT_NO_VGA = 1 << 2
 FADT_BOOT_NO_CMOS_RTC = 1 << 5
+SCI_IRQ = 9                          # as Xen's and QEMU's PCs
+PM1A_EVT_PORT = 0x600                # devices/console.py AcpiPmEvent
+PM1A_CNT_PORT = 0x604                # devices/console.py AcpiPmControl
 SLEEP_CONTROL_PORT = 0x608           # devices/console.py AcpiSleepRegisters; status is the next port
 # Name (\_S5, Package (4) {5, 5, 0, 0}): NameOp, "_S5_", PackageOp, PkgLength 8,
 # 4 elements: BytePrefix 5, BytePrefix 5, ZeroOp, ZeroOp (ACPI 6.5 §20, AML encoding)
@@ -80,18 +82,40 @@ def madt(lapic_base: int, ioapic_id: int, ioapic_base: int, pit_gsi: int = 2) ->
     return table(b"APIC", 4, struct.pack("<II", lapic_base, MADT_PCAT_COMPAT) + entries)
 
 
-def fadt(dsdt_addr: int) -> bytes:
-    """FADT revision 6 (276 bytes) with only what a hardware-reduced platform fills in."""
+def _gas_io(body: bytearray, off: int, port: int, bits: int) -> None:
+    """A Generic Address Structure in system I/O space (id 1), byte-granular access."""
+    struct.pack_into("<BBBBQ", body, off - 36, 1, bits, 0, 1, port)
+
+
+def fadt(dsdt_addr: int, hw_reduced: bool = True) -> bytes:
+    """FADT revision 6 (276 bytes).
+
+    ``hw_reduced``: what Xen gives a PVH guest, no fixed hardware at all,
+    sleep through the sleep control register. Otherwise the classic PC
+    layout Xen and QEMU give HVM guests, which Linux needs to keep its
+    legacy 8259 PIC and ISA IRQs (in hardware-reduced mode it installs a
+    null PIC, and a UART's IRQ 4 can no longer be requested): SCI on IRQ 9,
+    no SMI command port (the machine is always in ACPI mode), PM1a event
+    block at 0x600 and PM1a control at 0x604 (QEMU's PM base), no PM timer.
+    """
     body = bytearray(276 - 36)
     struct.pack_into("<I", body, 40 - 36, dsdt_addr)              # DSDT (32-bit pointer)
-    struct.pack_into("<H", body, 109 - 36, FADT_BOOT_NO_VGA | FADT_BOOT_NO_CMOS_RTC)
-    struct.pack_into("<I", body, 112 - 36, FADT_HW_REDUCED_ACPI)  # Flags
+    struct.pack_into("<H", body, 109 - 36, FADT_BOOT_NO_VGA | (FADT_BOOT_NO_CMOS_RTC if hw_reduced else 0))
+    struct.pack_into("<I", body, 112 - 36, FADT_HW_REDUCED_ACPI if hw_reduced else 0)  # Flags
+    if not hw_reduced:
+        struct.pack_into("<H", body, 46 - 36, SCI_IRQ)                # SCI_INT
+        struct.pack_into("<I", body, 56 - 36, PM1A_EVT_PORT)          # PM1a_EVT_BLK
+        struct.pack_into("<I", body, 64 - 36, PM1A_CNT_PORT)          # PM1a_CNT_BLK
+        body[88 - 36], body[89 - 36] = 4, 2                           # PM1_EVT_LEN, PM1_CNT_LEN
+        _gas_io(body, 148, PM1A_EVT_PORT, 32)                         # X_PM1a_EVT_BLK
+        _gas_io(body, 172, PM1A_CNT_PORT, 16)                         # X_PM1a_CNT_BLK
     body[131 - 36] = 5                                            # FADT minor version: 6.5
     struct.pack_into("<Q", body, 140 - 36, dsdt_addr)             # X_DSDT
     # SLEEP_CONTROL_REG and SLEEP_STATUS_REG: generic addresses in system I/O
     # space (id 1), 8 bits wide, byte access (size 1)
-    for off, port in ((244, SLEEP_CONTROL_PORT), (256, SLEEP_CONTROL_PORT + 1)):
-        struct.pack_into("<BBBBQ", body, off - 36, 1, 8, 0, 1, port)
+    if hw_reduced:
+        for off, port in ((244, SLEEP_CONTROL_PORT), (256, SLEEP_CONTROL_PORT + 1)):
+            _gas_io(body, off, port, 8)
     body[268 - 36:276 - 36] = b"XenVMM\0\0"                       # hypervisor vendor identity
     return table(b"FACP", 6, bytes(body))
 
@@ -103,7 +127,8 @@ def rsdp(xsdt_addr: int) -> bytes:
     return bytes(raw)
 
 
-def build(base: int, ioapic_id: int, ioapic_base: int, lapic_base: int) -> tuple[int, bytes]:
+def build(base: int, ioapic_id: int, ioapic_base: int, lapic_base: int,
+          hw_reduced: bool = True) -> tuple[int, bytes]:
     """All tables laid out from ``base``: (RSDP address, the bytes to write at ``base``)."""
     out = bytearray()
 
@@ -115,7 +140,7 @@ def build(base: int, ioapic_id: int, ioapic_base: int, lapic_base: int) -> tuple
 
     rsdp_at = place(b"\0" * 36)                                   # filled in last
     dsdt_at = place(table(b"DSDT", 2, AML_S5))
-    fadt_at = place(fadt(dsdt_at))
+    fadt_at = place(fadt(dsdt_at, hw_reduced))
     madt_at = place(madt(lapic_base, ioapic_id, ioapic_base))
     xsdt_at = place(table(b"XSDT", 1, struct.pack("<QQ", fadt_at, madt_at)))
     out[rsdp_at - base:rsdp_at - base + 36] = rsdp(xsdt_at)
@@ -124,11 +149,14 @@ def build(base: int, ioapic_id: int, ioapic_base: int, lapic_base: int) -> tuple
     return rsdp_at, bytes(out)
 
 
-def write(machine) -> int:
-    """Write the machine's tables at :data:`ACPI_BASE`; return the RSDP's address."""
+def write(machine, hw_reduced: bool = True) -> int:
+    """Write the machine's tables at :data:`ACPI_BASE`; return the RSDP's address.
+
+    ``hw_reduced`` for a PVH guest (as Xen); a full FADT for an HVM guest.
+    """
     from ..devices.ioapic import IOAPIC_BASE
     from ..devices.lapic import LAPIC_BASE
-    addr, blob = build(ACPI_BASE, machine.ioapic.state.id, IOAPIC_BASE, LAPIC_BASE)
+    addr, blob = build(ACPI_BASE, machine.ioapic.state.id, IOAPIC_BASE, LAPIC_BASE, hw_reduced)
     machine.memory.write(ACPI_BASE, blob)
     return addr
 

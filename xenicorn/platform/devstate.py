@@ -104,6 +104,10 @@ def save_platform(machine) -> dict:
     acpi = _device_on(m.pio, 0x604)
     if acpi is not None:
         out["acpi_pm"] = acpi.value
+    pm_event = _device_on(m.pio, 0x600)
+    if pm_event is not None:
+        out["acpi_pm_enable"] = pm_event.enable
+    out["rtc"] = m.rtc.save()
     return out
 
 
@@ -164,6 +168,10 @@ def prepare_platform(machine, st: dict, blobs: dict):
     if set(configs) != set(m.pci.functions):
         raise ValueError("PCI functions differ")
     xp = XenPlatformState(**p["xen_platform"]) if m.xen_platform is not None else None
+    rtc = p.get("rtc")
+    if rtc is not None:
+        from ..devices.rtc import Rtc
+        Rtc(m.clock.now_ns).restore(rtc)          # refuses a bad image before anything changes
     mc = p["machine"]
 
     def apply() -> None:
@@ -222,6 +230,11 @@ def prepare_platform(machine, st: dict, blobs: dict):
         acpi = _device_on(m.pio, 0x604)
         if acpi is not None and "acpi_pm" in p:
             acpi.value = int(p["acpi_pm"])
+        pm_event = _device_on(m.pio, 0x600)
+        if pm_event is not None and "acpi_pm_enable" in p:
+            pm_event.enable = int(p["acpi_pm_enable"]) & 0xFFFF
+        if rtc is not None:
+            m.rtc.restore(rtc)
     return apply
 
 

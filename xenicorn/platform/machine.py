@@ -27,7 +27,8 @@ from .memory import GuestMemory, PAGE_SIZE
 from .trace import Tracer, disassemble
 from .vcpu import VCpu
 from ..devices.bus import PioBus, MmioBus
-from ..devices.console import ConsoleSink, DebugCon, DebugExit, AcpiPmControl, AcpiSleepRegisters, stdout_sink
+from ..devices.console import (ConsoleSink, DebugCon, DebugExit, AcpiPmControl, AcpiPmEvent, AcpiSleepRegisters,
+                               stdout_sink)
 
 STATUS_OK, STATUS_CRASH, STATUS_USAGE, STATUS_TIMEOUT = 0, 1, 2, 124
 
@@ -123,8 +124,12 @@ class Machine:
         self._build_interrupts()
         self.pio.register(DebugCon.PORT, 1, DebugCon(self.console))
         self.pio.register(DebugExit.PORT, 1, DebugExit(self.shutdown))
+        self.pio.register(AcpiPmEvent.PORT, 4, AcpiPmEvent())
         self.pio.register(AcpiPmControl.PORT, 2, AcpiPmControl(self.shutdown))
         self.pio.register(AcpiSleepRegisters.PORT, 2, AcpiSleepRegisters(self.shutdown))
+        from ..devices.rtc import INDEX_PORT, Rtc
+        self.rtc = Rtc(self.clock.now_ns, deterministic=self.clock.deterministic)
+        self.pio.register(INDEX_PORT, 2, self.rtc)
         from ..devices.uart16550 import attach_serial
         attach_serial(self, irq=self.isa_irq[4])
         self._build_pci()
@@ -738,7 +743,7 @@ def boot(config: MachineConfig, kernel_path: str, *, initrd: str | None = None,
     if protocol == "linux":
         from . import linuxboot, mptable
         mptable.write(machine)
-        rsdp = acpi.write(machine) if config.acpi else 0
+        rsdp = acpi.write(machine, hw_reduced=False) if config.acpi else 0
         kernel, machine.linux_boot = linuxboot.load_bzimage(machine.memory, kernel_path, config.cmdline, initrd,
                                                             rsdp=rsdp)
         machine.kernel = kernel
