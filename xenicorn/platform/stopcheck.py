@@ -132,9 +132,35 @@ INVALID_ERROR_FROM_COUNTER = 56
 def soft_stop(uc: Uc) -> None:
     """End the run at the next block start; hooks still run until then. Safe from any thread."""
     from .icount import field_address
+    sync_pc_on_exit(uc)
     ctypes.c_int32.from_address(field_address(uc, INVALID_ERROR_FROM_COUNTER)).value = SOFT_STOP
     uc.emu_stop()
     ctypes.c_uint8.from_address(field_address(uc, STOP_REQUEST_FROM_COUNTER)).value = 0
+
+
+# -- a stale "skip the PC sync" flag -----------------------------------------------------
+#
+# ``uc_reg_write(RIP)`` sets ``uc_struct.skip_sync_pc_on_exit`` (so that the
+# exit it forces keeps the new RIP), and only ``emu_start`` or an exit through
+# the block-start stop check clears it. When a hook writes RIP while handling
+# an exception (every interrupt xenicorn delivers from a hook, SYSCALL, a
+# hypercall), the exit it forces is taken elsewhere and the flag stays set;
+# the *next* stop at a block start then leaves RIP as it was last written,
+# not at that block: the run returned an old RIP and the guest resumed there,
+# re-running code. Measured: int3 handled in a hook, then a loop whose OUT hook
+# stops the run: RIP came back as the int3's return address. That was the
+# random memory corruption of Linux boots with the host clock (~half of them);
+# counting runs sync RIP before every instruction and never showed it.
+# Every stop xenicorn requests clears the flag first (:func:`sync_pc_on_exit`).
+# The field is the last of ``uc_struct`` (uc_priv.h, 2.1.4); it is found from
+# ``no_exit_request`` across the 64 jump buffers and the fields between, and
+# checked by behaviour in :func:`soft_stop_selftest`.
+SKIP_SYNC_FROM_NO_EXIT_REQUEST = 6 + JMP_BUFS + 58
+
+
+def sync_pc_on_exit(uc: Uc) -> None:
+    """Make the next stop restore RIP from the block it lands at (clears ``skip_sync_pc_on_exit``)."""
+    ctypes.c_uint8.from_address(_handle(uc) + offset() + SKIP_SYNC_FROM_NO_EXIT_REQUEST).value = 0
 
 
 @functools.cache
@@ -158,3 +184,11 @@ def soft_stop_selftest() -> None:
     if err != SOFT_STOP or seen != ["cpuid"] or uc.reg_read(X.UC_X86_REG_RIP) != 0x1006 \
             or uc.reg_read(X.UC_X86_REG_RAX) != 0x77:
         raise FlagNotFound("Unicorn's stop fields are not where unicorn 2.1.4 keeps them; install unicorn==2.1.4")
+    # skip_sync_pc_on_exit: set by a RIP write, cleared by emu_start
+    flag = ctypes.c_uint8.from_address(_handle(uc) + offset() + SKIP_SYNC_FROM_NO_EXIT_REQUEST)
+    uc.reg_write(X.UC_X86_REG_RIP, 0x1006)
+    was_set = flag.value
+    uc.emu_start(0x1006, 0x1007)
+    if was_set != 1 or flag.value != 0:
+        raise FlagNotFound("Unicorn's skip_sync_pc_on_exit is not where unicorn 2.1.4 keeps it; "
+                           "install unicorn==2.1.4")

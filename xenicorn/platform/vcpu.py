@@ -183,7 +183,7 @@ class VCpu:
             # and stop without a stop_request the rest of the block would see
             self.stop_timer = StopTimer(uc, stop=lambda: stopcheck.soft_stop(uc))
         else:
-            self.stop_timer = StopTimer(uc)
+            self.stop_timer = StopTimer(uc, stop=lambda: (stopcheck.sync_pc_on_exit(uc), uc.emu_stop()))
 
     # ------------------------------------------------------------------
     # register access
@@ -354,6 +354,7 @@ class VCpu:
         """
         self._stop_reasons.append(reason)
         if self.count_instructions:
+            stopcheck.sync_pc_on_exit(self.uc)
             icount.stop_before_next_instruction(self.uc)
         else:
             stopcheck.soft_stop(self.uc)
@@ -361,6 +362,7 @@ class VCpu:
     def stop_with(self, exit_: E.Exit) -> None:
         """From inside a hook: end emu_start and make run() return ``exit_``."""
         self._pending_exit = exit_
+        stopcheck.sync_pc_on_exit(self.uc)
         self.uc.emu_stop()
 
     def run(self, timeout_us: int = 0, count: int = 0) -> E.Exit:
@@ -466,6 +468,7 @@ class VCpu:
         """A hook raised: keep the first error, end the run, give Unicorn a sane value."""
         if self._internal is None:
             self._internal = exc
+        stopcheck.sync_pc_on_exit(self.uc)
         self.uc.emu_stop()
         return default
 
