@@ -54,7 +54,9 @@ def _run_options(r: argparse.ArgumentParser) -> None:
                         "unpack its vmlinux, and (without --initrd) a busybox initramfs; cached")
     r.add_argument("-m", "--memory", type=_int, default=None, metavar="MiB",
                    help="guest RAM (default 128, 512 with --kernel-deb)")
-    r.add_argument("--append", "-append", default="", metavar="CMDLINE", help="kernel command line")
+    r.add_argument("--append", "-append", default=None, metavar="CMDLINE",
+                   help="kernel command line (with --kernel-deb, default: "
+                        "'console=ttyS0 panic=-1 cryptomgr.notests')")
     r.add_argument("--initrd", "-initrd", metavar="FILE",
                    help="initrd: module 0 of hvm_start_info (pvh), the zero page's ramdisk (linux)")
     r.add_argument("--load-addr", type=_int, metavar="ADDR", help="load KERNEL as a flat binary here")
@@ -131,10 +133,15 @@ def run(args: argparse.Namespace) -> int:
         protocol = "pvh" if args.boot == "pvh" else "linux"     # the path: HVM
         args.kernel, initrd = _debian_guest(args.kernel_deb, protocol)
         args.initrd = args.initrd or initrd
+        if args.append is None:
+            from .linux.guest import DEFAULT_CMDLINE
+            args.append = DEFAULT_CMDLINE
     elif not args.kernel:
         raise UsageError("no kernel: give KERNEL (a file or a firmware name) or --kernel-deb PACKAGE")
     if protocol == "linux" and args.load_addr is not None:
         raise UsageError("--load-addr loads a flat binary; --boot linux takes a bzImage")
+    if args.append is None:
+        args.append = ""
     if args.memory is None:
         args.memory = 512 if args.kernel_deb else 128
     if args.memory < 2 or args.memory > 3584:
