@@ -71,7 +71,7 @@ def test_a_corrupt_table_is_caught_by_the_parser():
 def test_s5_and_the_sleep_registers_power_off():
     machine, kernel = booted()
     tables = acpi.parse(machine.memory.read, acpi.ACPI_BASE)
-    assert tables[b"DSDT"][36:] == acpi.AML_S5 and b"_S5_" in tables[b"DSDT"]
+    assert tables[b"DSDT"][36:].startswith(acpi.AML_S5) and b"PCI0" in tables[b"DSDT"]
     fadt = tables[b"FACP"]
     ctl = struct.unpack_from("<BBBBQ", fadt, 244)
     sts = struct.unpack_from("<BBBBQ", fadt, 256)

@@ -82,6 +82,11 @@ def _run_options(r: argparse.ArgumentParser) -> None:
                    help="how Xen's level-triggered callback (GSI, PCI INTx) drops: poll vCPU0's "
                         "upcall_pending at every block while asserted (as Xen and QEMU), or "
                         "resample it when the guest EOIs the interrupt")
+    r.add_argument("--pci-irqs", choices=("isa", "apic"), default="isa",
+                   help="PCI interrupt routing the ACPI _PRT describes: isa (default) routes PIRQ A-D "
+                        "to ISA IRQs 10,10,11,11 as SeaBIOS does on QEMU's PC (Linux then asks Xen "
+                        "for its callback on that GSI); apic gives PIRQ n IOAPIC input 16+n (Linux "
+                        "asks for the xen-platform device's PCI INTx)")
     r.add_argument("--xen-event-list", action="store_true",
                    help="at the end, print every event channel port (like QMP's xen-event-list)")
     r.add_argument("--xen-event-inject", action="append", default=[], metavar="PORT[@MS]",
@@ -158,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
     config.clock = args.clock
     config.xen_version = (major, minor)
     config.callback_deassert = args.callback_deassert
+    config.pci_irqs = args.pci_irqs
     config.qmp = args.qmp
     _gdb_options(args, config)
     stepping = args.command == "step"

@@ -57,6 +57,60 @@ MADT_PCAT_COMPAT = 1 << 0
 MADT_LAPIC, MADT_IOAPIC, MADT_ISO, MADT_LAPIC_NMI = 0, 1, 2, 4
 
 
+# -- a little AML (ACPI 6.5 §20.2): enough for \_SB.PCI0 and its _PRT --------------------
+def _pkg_length(content: int) -> bytes:
+    """PkgLength: the length of itself plus ``content`` bytes, in 1 to 4 bytes."""
+    if content + 1 < 0x40:
+        return bytes([content + 1])
+    for extra in (1, 2, 3):
+        total = content + 1 + extra
+        if total < 1 << (4 + 8 * extra):
+            return bytes([(extra << 6) | (total & 0x0F)]) + (total >> 4).to_bytes(extra, "little")
+    raise ValueError("AML package too long")
+
+
+def _aml_int(v: int) -> bytes:
+    if v in (0, 1):
+        return bytes([v])                                      # ZeroOp, OneOp
+    for prefix, size in ((0x0A, 1), (0x0B, 2), (0x0C, 4)):    # Byte/Word/DWordPrefix
+        if v < 1 << (8 * size):
+            return bytes([prefix]) + v.to_bytes(size, "little")
+    return b"\x0E" + v.to_bytes(8, "little")
+
+
+def _aml_package(*elements: bytes) -> bytes:
+    body = bytes([len(elements)]) + b"".join(elements)
+    return b"\x12" + _pkg_length(len(body)) + body
+
+
+def _aml_name(seg: str, value: bytes) -> bytes:
+    return b"\x08" + seg.encode() + value
+
+
+def _aml_block(op: bytes, name: bytes, body: bytes) -> bytes:
+    return op + _pkg_length(len(name) + len(body)) + name + body
+
+
+EISA_PNP0A03 = 0x030AD041            # EisaId ("PNP0A03"): a PCI host bridge
+
+
+def pci_root_aml(prt: list[tuple[int, int, int]]) -> bytes:
+    """Scope (\_SB) { Device (PCI0) { _HID PNP0A03, _UID 0, _PRT } }.
+
+    The _PRT (PCI Routing Table) is how an ACPI OS learns where each PCI
+    interrupt pin goes: one entry per (slot, pin) with address
+    ``slot << 16 | 0xFFFF`` (any function), the pin (0 = INTA), and a
+    source of 0, which makes the last field a GSI ("static" routing; in
+    8259 mode, an ISA IRQ). Without one Linux reports "can't find IRQ for
+    PCI INT A" and the xen-platform device has no interrupt.
+    """
+    entries = [_aml_package(_aml_int((slot << 16) | 0xFFFF), _aml_int(pin), _aml_int(0), _aml_int(gsi))
+               for slot, pin, gsi in prt]
+    device = (_aml_name("_HID", _aml_int(EISA_PNP0A03)) + _aml_name("_UID", _aml_int(0))
+              + _aml_name("_PRT", _aml_package(*entries)))
+    return _aml_block(b"\x10", b"\\_SB_", _aml_block(b"\x5b\x82", b"PCI0", device))
+
+
 def checksum(data: bytes) -> int:
     """The byte that makes the sum of ``data`` plus it zero mod 256."""
     return (-sum(data)) & 0xFF
@@ -128,7 +182,7 @@ def rsdp(xsdt_addr: int) -> bytes:
 
 
 def build(base: int, ioapic_id: int, ioapic_base: int, lapic_base: int,
-          hw_reduced: bool = True) -> tuple[int, bytes]:
+          hw_reduced: bool = True, prt: list[tuple[int, int, int]] | None = None) -> tuple[int, bytes]:
     """All tables laid out from ``base``: (RSDP address, the bytes to write at ``base``)."""
     out = bytearray()
 
@@ -139,7 +193,7 @@ def build(base: int, ioapic_id: int, ioapic_base: int, lapic_base: int,
         return addr
 
     rsdp_at = place(b"\0" * 36)                                   # filled in last
-    dsdt_at = place(table(b"DSDT", 2, AML_S5))
+    dsdt_at = place(table(b"DSDT", 2, AML_S5 + (pci_root_aml(prt) if prt else b"")))
     fadt_at = place(fadt(dsdt_at, hw_reduced))
     madt_at = place(madt(lapic_base, ioapic_id, ioapic_base))
     xsdt_at = place(table(b"XSDT", 1, struct.pack("<QQ", fadt_at, madt_at)))
@@ -156,7 +210,8 @@ def write(machine, hw_reduced: bool = True) -> int:
     """
     from ..devices.ioapic import IOAPIC_BASE
     from ..devices.lapic import LAPIC_BASE
-    addr, blob = build(ACPI_BASE, machine.ioapic.state.id, IOAPIC_BASE, LAPIC_BASE, hw_reduced)
+    prt = [(slot, pin, machine.pci_gsi(slot, pin)) for slot in range(1, 32) for pin in range(4)]
+    addr, blob = build(ACPI_BASE, machine.ioapic.state.id, IOAPIC_BASE, LAPIC_BASE, hw_reduced, prt)
     machine.memory.write(ACPI_BASE, blob)
     return addr
 

@@ -296,6 +296,9 @@ def prepare_lines(machine, data: dict):
             irq, arrow, source = name.partition("<-")
             if arrow and irq.startswith("PIC") and irq[3:].isdigit() and int(irq[3:]) < 16:
                 machine.pic_input(int(irq[3:]), source)
+            elif arrow and irq.startswith("GSI") and source.startswith("pirq") and irq[3:].isdigit() \
+                    and 0 < int(irq[3:]) < 16:
+                machine._isa_gsi_input(int(irq[3:]), source)     # a PIRQ the PIIX3 routed to that IRQ
         for name, line in all_lines(machine).items():       # after Xen's callback made its sources
             if name not in parsed:
                 line.level = False

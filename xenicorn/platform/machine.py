@@ -38,6 +38,9 @@ HOST_NS_PER_INSN_GUESS = 10.0      # a counting vCPU on host time runs at ~100 M
 IO_PORT_NS = 1000                  # deterministic time: one port access, as on an ISA bus
 
 
+PCI_ISA_IRQS = (10, 10, 11, 11)          # PIRQ A-D with pci_irqs="isa", as SeaBIOS routes them
+
+
 @dataclass
 class MachineConfig:
     """Everything a user chooses about a machine (the CLI fills it)."""
@@ -54,6 +57,12 @@ class MachineConfig:
     ns_per_insn: float = 1.0             # deterministic time: guest ns per instruction
     xen: bool = True                     # the Xen HVM platform (CPUID leaves, hypercalls)
     callback_deassert: str = "poll"      # poll | eoi: how Xen's level callback line drops
+    # apic: PIRQ n is wired to IOAPIC input 16+n (and to the 8259 only if the
+    # guest routes it in the PIIX3), as on QEMU's q35; isa: the firmware routes
+    # PIRQ A-D to ISA IRQs 10,10,11,11 in the PIIX3 and that ISA IRQ is the only
+    # way in, to the 8259 and IOAPIC input n, as SeaBIOS on QEMU's i440FX. The
+    # ACPI _PRT and the MP table describe whichever is chosen.
+    pci_irqs: str = "apic"
     gnttab_max_frames: int = 64          # grant table frames the guest may use
     qmp: str = ""                        # -qmp unix:PATH,server,wait=off
     gdb: str = ""                        # -gdb tcp::PORT (-s: tcp::1234), see platform/gdbstub.py
@@ -172,6 +181,23 @@ class Machine:
             self.register_pio(FIXED_IOPORT, 16, dev.fixed_ports)
             dev.config_write(0x10, 4, 0xC000)
             dev.config_write(0x14, 4, 0xF0000000)
+        if self.config.pci_irqs == "isa":
+            # what SeaBIOS does on QEMU's i440FX: PIRQ A-D -> IRQ 10, 10, 11, 11,
+            # and each function's Interrupt Line register says where its pin went
+            for pirq, irq in enumerate(PCI_ISA_IRQS):
+                self.piix3.config_write(0x60 + pirq, 1, irq)
+        for devfn, dev in self.pci.functions.items():
+            pin = dev.state.config[0x3D]
+            if pin:
+                self.pci.functions[devfn].state.config[0x3C] = self.pci_gsi(devfn >> 3, pin - 1)
+
+    def pci_gsi(self, slot: int, pin: int) -> int:
+        """The GSI (= ISA IRQ below 16) that INTA+``pin`` of ``slot`` reaches: what the _PRT says."""
+        from ..devices.pci import PciBus
+        pirq = PciBus.pirq_of(slot << 3, pin + 1)
+        if self.config.pci_irqs == "isa":
+            return self.piix3.pirq_route(pirq) or PCI_ISA_IRQS[pirq]
+        return 16 + pirq
 
     def _build_interrupts(self) -> None:
         """8259 pair, IOAPIC and local APIC, and the lines between them.
@@ -281,22 +307,40 @@ class Machine:
         self.kick("timer-armed", force=True)
 
     def _pirq_changed(self, pirq: int, level: bool) -> None:
-        """A PCI PIRQ line changed: GSI 16+n, and the ISA IRQ the PIIX3 routes it to."""
+        """A PCI PIRQ line changed: GSI 16+n (apic wiring), and the ISA IRQ the PIIX3 routes it to."""
         self._pirq_level[pirq] = level
-        self._pirq_gsi[pirq].set_level(level)
+        if self.config.pci_irqs == "apic":
+            self._pirq_gsi[pirq].set_level(level)
         self._route_pirqs()
 
     def _route_pirqs(self) -> None:
-        """Re-drive the 8259 inputs after a PIRQ level or a PIIX3 route change."""
+        """Re-drive the ISA IRQ lines after a PIRQ level or a PIIX3 route change.
+
+        A PIRQ the PIIX3 routes to ISA IRQ n drives 8259 input n; with the
+        isa wiring it is an ISA IRQ like any other and drives IOAPIC input n
+        too (the IOAPIC's first 16 inputs are the ISA IRQs).
+        """
         piix = getattr(self, "piix3", None)
         for pirq in range(4):
             irq = piix.pirq_route(pirq) if piix is not None else None
             name = f"pirq{'ABCD'[pirq]}"
-            if self._pirq_pic[pirq] not in (None, irq):
-                self.pic_input(self._pirq_pic[pirq], name).set_level(False)
+            old = self._pirq_pic[pirq]
+            isa = self.config.pci_irqs == "isa"
+            if old not in (None, irq):
+                self.pic_input(old, name).set_level(False)
+                if isa:
+                    self._isa_gsi_input(old, name).set_level(False)
             self._pirq_pic[pirq] = irq
             if irq is not None:
                 self.pic_input(irq, name).set_level(self._pirq_level[pirq])
+                if isa:
+                    self._isa_gsi_input(irq, name).set_level(self._pirq_level[pirq])
+
+    def _isa_gsi_input(self, irq: int, source: str):
+        key = (-1 - irq, source)                 # beside the 8259 sources, keyed apart
+        if key not in self._pic_sources:
+            self._pic_sources[key] = self.gsi[2 if irq == 0 else irq].source(source)
+        return self._pic_sources[key]
 
     def register_mmio(self, base: int, size: int, device) -> None:
         """Put a device on the memory bus and route that range to it on every vCPU."""

@@ -80,7 +80,6 @@ MP_PROCESSOR, MP_BUS, MP_IOAPIC, MP_INTSRC, MP_LINTSRC = range(5)
 INT, NMI, SMI, EXTINT = range(4)
 CONFORMS, ACTIVE_HIGH_EDGE, ACTIVE_LOW_LEVEL = 0x0, 0x5, 0xF
 CPU_ENABLED, CPU_BSP = 1 << 0, 1 << 1
-PIRQ_GSI_BASE = 16
 
 
 @dataclass(frozen=True)
@@ -99,7 +98,7 @@ class IrqEntry:
 from .acpi import checksum as _checksum        # the same rule: all bytes sum to 0 mod 256
 
 
-def interrupt_entries(pci_slots, pirq_of) -> list[IrqEntry]:
+def interrupt_entries(pci_slots, gsi_of) -> list[IrqEntry]:
     """The machine's wiring as type 3 and 4 entries (module doc)."""
     out = []
     for irq in range(16):
@@ -108,14 +107,14 @@ def interrupt_entries(pci_slots, pirq_of) -> list[IrqEntry]:
         out.append(IrqEntry(MP_INTSRC, INT, CONFORMS, ISA_BUS, irq, IOAPIC_ID, 2 if irq == 0 else irq))
     for slot in sorted(set(pci_slots)):
         for pin in range(4):
-            gsi = PIRQ_GSI_BASE + pirq_of(slot << 3, pin + 1)
+            gsi = gsi_of(slot, pin)              # the machine's wiring (Machine.pci_gsi)
             out.append(IrqEntry(MP_INTSRC, INT, ACTIVE_LOW_LEVEL, PCI_BUS, (slot << 2) | pin, IOAPIC_ID, gsi))
     out.append(IrqEntry(MP_LINTSRC, EXTINT, CONFORMS, ISA_BUS, 0, 0xFF, 0))
     out.append(IrqEntry(MP_LINTSRC, NMI, CONFORMS, ISA_BUS, 0, 0xFF, 1))
     return out
 
 
-def build(*, lapic_version: int, cpu_signature: int, cpu_features: int, pci_slots, pirq_of,
+def build(*, lapic_version: int, cpu_signature: int, cpu_features: int, pci_slots, gsi_of,
           config_addr: int = CONFIG_ADDR) -> tuple[bytes, bytes]:
     """(floating pointer, configuration table) for one CPU, one I/O APIC, buses PCI 0 and ISA."""
     entries = [struct.pack("<BBBBII8x", MP_PROCESSOR, 0, lapic_version, CPU_ENABLED | CPU_BSP,
@@ -123,7 +122,7 @@ def build(*, lapic_version: int, cpu_signature: int, cpu_features: int, pci_slot
     entries.append(struct.pack("<BB6s", MP_BUS, PCI_BUS, b"PCI   "))
     entries.append(struct.pack("<BB6s", MP_BUS, ISA_BUS, b"ISA   "))
     entries.append(struct.pack("<BBBBI", MP_IOAPIC, IOAPIC_ID, IOAPIC_VERSION, 1, IOAPIC_BASE))
-    for e in interrupt_entries(pci_slots, pirq_of):
+    for e in interrupt_entries(pci_slots, gsi_of):
         entries.append(struct.pack("<BBHBBBB", e.kind, e.irqtype, e.flags, e.bus, e.irq, e.dest_apic, e.dest_pin))
     body = b"".join(entries)
     header = bytearray(struct.pack("<4sHBB8s12sIHHIHBB", b"PCMP", 44 + len(body), SPEC_REV, 0,
@@ -144,7 +143,7 @@ def write(machine, addr: int = FLOATING_ADDR) -> int:
     slots = {devfn >> 3 for devfn in machine.pci.functions}
     floating, table = build(lapic_version=machine.lapic.mmio_read(0x30, 4) & 0xFF,
                             cpu_signature=eax & 0xFFF, cpu_features=edx, pci_slots=slots,
-                            pirq_of=machine.pci.pirq_of, config_addr=addr + 16)
+                            gsi_of=machine.pci_gsi, config_addr=addr + 16)
     machine.memory.write(addr, floating + table)
     machine.ioapic.state.id = IOAPIC_ID
     return len(floating) + len(table)
