@@ -95,7 +95,7 @@ EISA_PNP0A03 = 0x030AD041            # EisaId ("PNP0A03"): a PCI host bridge
 
 
 def pci_root_aml(prt: list[tuple[int, int, int]]) -> bytes:
-    """Scope (\_SB) { Device (PCI0) { _HID PNP0A03, _UID 0, _PRT } }.
+    r"""Scope (\_SB) { Device (PCI0) { _HID PNP0A03, _UID 0, _PRT } }.
 
     The _PRT (PCI Routing Table) is how an ACPI OS learns where each PCI
     interrupt pin goes: one entry per (slot, pin) with address
