@@ -13,6 +13,16 @@ def xenicorn(*args, timeout=60):
     return res.returncode, res.stdout, res.stderr
 
 
+def guest_failure(stderr):
+    """A guest that ends badly: one line saying why, then where it was and its last exits."""
+    assert "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert lines[1].startswith("xenicorn: guest at "), stderr
+    assert lines[2].startswith("xenicorn: last ") and "exits (oldest first)" in lines[2], stderr
+    assert all(line.startswith("xenicorn:   ") for line in lines[3:]), stderr
+    return lines[0]
+
+
 def one_line(stderr):
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
@@ -76,18 +86,20 @@ def test_truncated_elf(tmp_path):
 def test_guest_that_jumps_to_unmapped_memory():
     status, out, err = xenicorn("run", "wild32")
     assert status == 1 and out == "W\n"
-    assert "0xc0000000" in one_line(err)
+    assert "0xc0000000" in guest_failure(err)
+    assert "UnmappedAccess addr=0xc0000000" in err                   # the exit that ended it
 
 
 def test_guest_that_triple_faults():
     status, out, err = xenicorn("run", "triple32")
-    assert status == 1 and "triple fault" in one_line(err)
+    assert status == 1 and "triple fault" in guest_failure(err)
 
 
 def test_guest_that_spins_forever_hits_the_timeout():
     status, out, err = xenicorn("run", "spin32", "--timeout", "2")
     assert status == 124 and out == "spinning forever\n"
-    assert "--timeout" in one_line(err)
+    assert "--timeout" in guest_failure(err)
+    assert "jmp" in err.splitlines()[1]                              # guest at ...: the spin loop
 
 
 def test_max_insns_stops_exactly(tmp_path):

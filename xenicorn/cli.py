@@ -127,6 +127,11 @@ def _resolve_kernel(name: str) -> str:
     return path
 
 
+# the ends that print where the guest was and its last exits (a guest panic
+# reaches us as SCHEDOP_shutdown(crash) or a triple fault; a hang as the timeout)
+BAD_ENDS = ("crash", "triple-fault", "timeout", "halted", "watchdog", "internal-error", "emulator-error")
+
+
 def run(args: argparse.Namespace) -> int:
     from .platform.loader import LoadError
     from .platform.machine import boot
@@ -240,6 +245,9 @@ def run(args: argparse.Namespace) -> int:
               "instructions", file=sys.stderr)
     if machine.shutdown_reason not in ("poweroff", "debug-exit", "quit") or status == STATUS_CRASH:
         print(f"xenicorn: {machine.shutdown_reason}: {machine.shutdown_message}", file=sys.stderr)
+        if machine.shutdown_reason in BAD_ENDS:
+            for line in machine.crash_report():
+                print(f"xenicorn: {line}", file=sys.stderr)
     if args.xen_event_list:
         _print_events(machine)
     machine.close()

@@ -38,6 +38,7 @@ HOST_NS_PER_INSN_GUESS = 10.0      # a counting vCPU on host time runs at ~100 M
 IO_PORT_NS = 1000                  # deterministic time: one port access, as on an ISA bus
 
 
+RECENT_EXITS = 12                        # exits kept for the report after a crash or hang
 PCI_ISA_IRQS = (10, 10, 11, 11)          # PIRQ A-D with pci_irqs="isa", as SeaBIOS routes them
 
 
@@ -99,6 +100,9 @@ class Machine:
         self.shutdown_reason = ""
         self.shutdown_message = ""
         self.exit_counts: dict[str, int] = {}
+        # the last exits, for the report when a run ends badly (a flight recorder:
+        # one append per exit, formatted only if someone asks)
+        self.recent_exits: collections.deque = collections.deque(maxlen=RECENT_EXITS)
         self.xen = None                      # the Xen layer, when built with one
         self._console_input: collections.deque = collections.deque()
         self.interrupt_source = None         # object with pending()/acknowledge(): the APIC/PIC
@@ -583,6 +587,7 @@ class Machine:
             return E.Action.STOP
         kind = type(ex)
         self.exit_counts[kind.__name__] = self.exit_counts.get(kind.__name__, 0) + 1
+        self.recent_exits.append(ex)
         action = self._handlers[kind](vcpu, ex)
         if self.tracer.on("exits"):
             self.tracer.emit("exits", self.describe_exit(vcpu, ex))
@@ -591,6 +596,17 @@ class Machine:
         if action is E.Action.STOP and vcpu._in_emu and vcpu._pending_exit is None:
             vcpu.stop_with(ex)
         return action
+
+    def crash_report(self) -> list[str]:
+        """Where the guest is and the exits that led there, oldest first (for a bad end)."""
+        vcpu = self.vcpu
+        pc = vcpu.pc
+        code = vcpu.fetch_bytes(pc, 16)
+        where = disassemble(code, pc, vcpu.code_bits())[0] if code else f"{pc:#x} (not readable)"
+        lines = [f"guest at {where}, cpl {vcpu.cpl()}, {vcpu.instructions or 'uncounted'} instructions",
+                 f"last {len(self.recent_exits)} exits (oldest first):"]
+        lines += ["  " + self.describe_exit(vcpu, ex) for ex in self.recent_exits]
+        return lines
 
     def describe_exit(self, vcpu: VCpu, ex: E.Exit) -> str:
         fields = {k: v for k, v in vars(ex).items() if k != "pc"}
