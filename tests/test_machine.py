@@ -127,3 +127,17 @@ def test_mmio_device_sees_guest_loads_and_stores_as_offsets(machine):
     assert dev.log == [("w", 0x10, 4, 0x12345678), ("r", 0x40, 4)]
     assert machine.memory.read_u32(0x2000) == 0xCAFEF00D
     assert machine.exit_counts["Mmio"] == 2
+
+
+def test_cpuid_leaf_15_gives_the_tsc_rate_and_the_lapic_crystal(machine):
+    """Linux computes crystal_kHz * EBX / EAX in 32 bits and sets the LAPIC timer period from ECX."""
+    from xenicorn.platform.cpuid import CRYSTAL_HZ
+    assert machine.cpuid.query(0, 0)[0] >= 0x15
+    eax, ebx, ecx, edx = machine.cpuid.query(0x15, 0)
+    assert ecx == CRYSTAL_HZ == 1_000_000_000                       # the LAPIC timer's bus clock
+    assert (CRYSTAL_HZ // 1000) * ebx < 1 << 32                      # no overflow in Linux's arithmetic
+    tsc_khz = (CRYSTAL_HZ // 1000) * ebx // eax
+    assert abs(tsc_khz * 1000 - machine._tsc_hz()) < 0.002 * machine._tsc_hz()
+    machine.cpuid.tsc_hz = lambda: 5.5e9                             # a fast host: the ratio is halved
+    eax, ebx, _, _ = machine.cpuid.query(0x15, 0)
+    assert (CRYSTAL_HZ // 1000) * ebx < 1 << 32 and abs((CRYSTAL_HZ // 1000) * ebx // eax - 5_500_000) < 5_000

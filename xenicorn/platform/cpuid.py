@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import Callable
 
 
 def _regs(text: str) -> tuple[int, int, int]:
@@ -34,6 +35,8 @@ LEAF1_EDX = ((1 << 0) | (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (
 LEAF1_ECX = (1 << 0) | (1 << 13) | (1 << 23) | (1 << 31)
 EXT1_EDX = (1 << 11) | (1 << 20) | (1 << 29)
 EXT1_ECX = 1 << 0
+MAX_BASIC_LEAF = 0x15
+CRYSTAL_HZ = 1_000_000_000            # = the LAPIC timer's bus clock (devices/lapic.py)
 
 
 @dataclass
@@ -43,6 +46,7 @@ class CpuidPolicy:
     vendor: str = "intel"
     providers: list = field(default_factory=list)   # callables(leaf, sub, vcpu_index) -> tuple|None
     brand: str = "xenicorn virtual CPU"
+    tsc_hz: Callable[[], float] | None = None      # the guest's TSC rate, for leaf 0x15
 
     def query(self, leaf: int, sub: int, vcpu_index: int = 0) -> tuple[int, int, int, int]:
         for provider in self.providers:
@@ -51,12 +55,22 @@ class CpuidPolicy:
                 return res
         v = _regs(VENDORS[self.vendor])
         if leaf == 0:
-            return (0xD, v[0], v[2], v[1])
+            return (MAX_BASIC_LEAF, v[0], v[2], v[1])
         if leaf == 1:
             # family 6 model 0x3a stepping 9; APIC id in EBX[31:24], CLFLUSH size 8*8
             ebx = (vcpu_index << 24) | (1 << 16) | (8 << 8)
             return (0x000306A9, ebx, LEAF1_ECX, LEAF1_EDX)
-        if 2 <= leaf <= 0xD:
+        if leaf == 0x15 and self.tsc_hz is not None:
+            # TSC / core crystal clock: TSC = crystal * EBX / EAX. The crystal
+            # is the LAPIC timer's 1 GHz bus clock; Linux then knows both rates
+            # without calibrating against the PIT (which exit-timing jitter fails).
+            # Linux multiplies crystal kHz by EBX in 32 bits: keep EBX small
+            # (the TSC in MHz over 1000; halved again for TSCs of 4.29 GHz and up).
+            mhz, den = round(self.tsc_hz() / 1e6), 1000
+            while mhz * (CRYSTAL_HZ // 1000) >= 1 << 32:
+                mhz, den = (mhz + 1) // 2, den // 2
+            return (den, mhz, CRYSTAL_HZ, 0)
+        if 2 <= leaf <= MAX_BASIC_LEAF:
             return (0, 0, 0, 0)            # caches, topology, xsave: none described
         if leaf == 0x80000000:
             return (0x80000008, *((v[0], v[2], v[1]) if self.vendor == "amd" else (0, 0, 0)))

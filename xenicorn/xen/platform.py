@@ -103,7 +103,7 @@ class XenPlatform:
         self.state.pages = self.max_pages()
         self.boot_ns = 0
         clock = machine.clock
-        self.tsc = pvclock.ClockTsc(clock) if clock.deterministic else pvclock.TscSource()
+        self.tsc = pvclock.ClockTsc(clock) if clock.deterministic else pvclock.TscSource.shared()
         self.watchdog_timers: dict = {}
         self.evtchn = EventChannels(self)
         self.physdev = Physdev(self)

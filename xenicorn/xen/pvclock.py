@@ -27,6 +27,7 @@ clock once per process.
 """
 from __future__ import annotations
 
+import functools
 import math
 import struct
 import time
@@ -49,6 +50,12 @@ class TscSource:
         self.uc = Uc(UC_ARCH_X86, UC_MODE_32)
         self.uc.mem_map(0, 0x1000)
         self.uc.mem_write(0, b"\x0f\x31")     # rdtsc
+
+    @classmethod
+    @functools.cache
+    def shared(cls) -> "TscSource":
+        """One per process (each holds a small Unicorn engine)."""
+        return cls()
 
     def read(self) -> int:
         self.uc.emu_start(0, 2)
