@@ -3,8 +3,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -48,14 +46,3 @@ def test_evtchn_benchmark_quick_run_reports_every_design():
     # the poll design deasserts at the next block; the resample waits for the EOI
     assert data["64-bit gsi-poll"]["deassert_latency_insns"] < data["64-bit gsi-eoi"]["deassert_latency_insns"]
 
-
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_linux_boot_benchmark_quick_run_reaches_the_marker():
-    import glob
-    from xenicorn.linux import guest
-    if not glob.glob(os.path.join(guest.cache_dir(), "linux-image-*-cloud-amd64.vmlinuz")):
-        pytest.skip("Debian's kernel is not cached (tests/test_linuxboot.py downloads it)")
-    data = quick_json("linux_boot.py", timeout=280)
-    assert data["xenicorn"]["reached"] == 1 and data["xenicorn"]["to_marker_s"] > 0
-    assert data["qemu_tcg"] is None                       # --quick skips QEMU

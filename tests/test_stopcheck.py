@@ -259,3 +259,21 @@ def test_vcpu_stops_after_a_delivered_exception_resume_where_they_stopped():
     _int3_then(m, code)
     assert m.run() == 0
     assert seen == [6, 5, 4, 3, 2, 1]                               # no OUT ran twice
+
+
+def test_a_stale_double_fault_state_does_not_wedge_the_vcpu():
+    """old_exception = 8 left in the CPU makes Unicorn end every run at the next exception.
+
+    Seen in Linux boots: the vCPU sat at a VMCALL (a #UD to Unicorn, which it
+    took for a triple fault: EXCP_HLT, RIP unchanged, no hook) while the run
+    loop spun. A run that ends for no reason clears the stale state.
+    """
+    from xenicorn.platform.machine import Machine
+    from test_machine import load, POWEROFF, CLI_HLT
+    m = Machine(MachineConfig(debugcon="none"))
+    # mov eax, 17 (xen_version) ; xor ebx, ebx ; vmcall ; poweroff
+    load(m, bytes.fromhex("b811000000" "31db" "0f01c1") + POWEROFF + CLI_HLT)
+    with RawContext(m.vcpu.uc) as ctx:
+        ctx.write(OFF_OLD_EXCEPTION, "<i", 8)
+    assert m.run() == 0
+    assert m.exit_counts.get("Hypercall") == 1 and m.vcpu.stale_double_faults == 1

@@ -45,7 +45,7 @@ from . import icount, stopcheck
 from .stoptimer import StopTimer
 from .msr import MsrInterceptor, EXIT_VECTOR as MSR_EXIT_VECTOR, RDTSC_EXIT_VECTOR
 from .rawctx import (RawContext, flat_code32, flat_data, SegmentCache, HF_INHIBIT_IRQ, HF_CS32, HF_CS64,
-                     OFF_CR, OFF_EIP)
+                     OFF_CR, OFF_EIP, OFF_OLD_EXCEPTION)
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -148,6 +148,7 @@ class VCpu:
         self.halted = False
         self.sleep_kind = ""                 # HLT, SCHEDOP_block, SCHEDOP_poll while halted
         self._window_hook = None
+        self.stale_double_faults = 0          # see _drop_stale_double_fault
         self._mmio_pages: set[int] = set()
         uc = self.uc
         # Order and ranges matter (docs/unicorn-notes.md, "A pending stop makes
@@ -415,7 +416,24 @@ class VCpu:
             return E.Limit(pc, "timeout")
         if self._just_halted(pc):
             return E.Hlt(pc)
+        self._drop_stale_double_fault()
         return E.Limit(pc, "stopped")
+
+    def _drop_stale_double_fault(self) -> None:
+        """Clear an ``old_exception`` of #DF that nothing delivered (runs then resume).
+
+        With ``old_exception`` = 8 Unicorn treats the next exception as a
+        triple fault: QEMU's ``check_exception`` returns EXCP_HLT, so a
+        VMCALL (a #UD to Unicorn) ends every run at once, RIP unchanged, no
+        hook called, no error: Linux hung at a hypercall, the run loop
+        spinning. Between runs no exception is ever half-delivered (xenicorn
+        delivers them itself), so the field is always stale here.
+        """
+        ctx = RawContext(self.uc)
+        if ctx.read(OFF_OLD_EXCEPTION, "<i") != -1:
+            ctx.consume_exception()
+            ctx.commit()
+            self.stale_double_faults += 1
 
     def _internal_error(self, exc: Exception, pc: int) -> E.Exit:
         """An emulator bug must not look like a guest bug, nor print a traceback."""
