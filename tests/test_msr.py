@@ -23,19 +23,25 @@ def test_closed_window_lets_unicorn_drop_the_msr(machine):
     assert machine.memory.read_u32(0x2000) == 0          # dropped write, read as 0
 
 
-def test_open_window_traps_write_and_read_of_the_xen_msr(machine):
+def _trap_xen_msr(machine, read_value: int) -> list:
+    """Open the window on MSR 0x40000000; record (pc, msr, write, value); reads return ``read_value``."""
     seen = []
 
     def handler(vcpu, ex: E.Msr):
-        seen.append((ex.msr, ex.write, ex.value))
+        seen.append((ex.pc, ex.msr, ex.write, ex.value))
         if not ex.write:
-            ex.value = 0xAABBCCDD_11223344
+            ex.value = read_value
 
     machine.msr_handlers[0x40000000] = handler
     machine.vcpu.msr.open("test")
+    return seen
+
+
+def test_open_window_traps_write_and_read_of_the_xen_msr(machine):
+    seen = _trap_xen_msr(machine, 0xAABBCCDD_11223344)
     load(machine, GUEST)
     assert machine.run() == 0
-    assert seen == [(0x40000000, True, 0x12_00345000), (0x40000000, False, 0)]
+    assert [x[1:] for x in seen] == [(0x40000000, True, 0x12_00345000), (0x40000000, False, 0)]
     assert machine.memory.read_u32(0x2000) == 0x11223344
     assert machine.memory.read_u32(0x2004) == 0xAABBCCDD
     assert machine.exit_counts["Msr"] == 2
@@ -80,19 +86,11 @@ def _int3_then(machine, code: bytes):
 def test_an_intercept_after_int3_keeps_its_own_rip(machine):
     """Unicorn leaves exception_is_int set after INT3; the next SVM exit must not
     jump back to the INT3's return address (what broke Linux's int3 self-test)."""
-    seen = []
-
-    def handler(vcpu, ex: E.Msr):
-        seen.append((ex.pc, ex.write))
-        if not ex.write:
-            ex.value = 0x5566_7788
-
-    machine.msr_handlers[0x40000000] = handler
-    machine.vcpu.msr.open("test")
+    seen = _trap_xen_msr(machine, 0x5566_7788)
     _int3_then(machine, AFTER_INT3)
     assert machine.run() == 0
     wrmsr = 0x100000 + 1 + 15
-    assert seen == [(wrmsr, True), (wrmsr + 2, False)]
+    assert [(pc, write) for pc, _, write, _ in seen] == [(wrmsr, True), (wrmsr + 2, False)]
     assert machine.memory.read_u32(0x2000) == 0x5566_7788
 
 
