@@ -105,3 +105,12 @@ def test_pm1_event_block_and_the_dsdt_s5_type_power_off(machine):
     assert status.value == 0x0120 << 16                                       # status 0, enable kept
     machine.handle_exit(machine.vcpu, E.PortIO(-1, 0x604, 2, True, (5 << 10) | (1 << 13)))
     assert machine.shutdown_reason == "poweroff" and machine.status == 0
+
+
+def test_the_keyboard_controller_reset_ends_the_run(machine):
+    """Linux's reboot after a panic (panic=-1) pulses RESET# through the 8042: the run ends."""
+    status = E.PortIO(-1, 0x64, 1, False)
+    machine.handle_exit(machine.vcpu, status)
+    assert status.value == 0xFF and machine.status is None          # no 8042: reads float
+    machine.handle_exit(machine.vcpu, E.PortIO(-1, 0x64, 1, True, 0xFE))
+    assert machine.shutdown_reason == "reboot" and machine.status == 0

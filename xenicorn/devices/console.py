@@ -76,6 +76,32 @@ class DebugExit:
         self.shutdown("debug-exit", status, f"isa-debug-exit wrote {value:#x}")
 
 
+class KeyboardControllerReset:
+    """Port 0x64 command 0xFE: pull the CPU's reset line, the PC/AT way.
+
+    The 8042 keyboard controller's output port bit 0 is wired to RESET#;
+    command 0xFE pulses it. Linux uses it to reboot (and after a panic with
+    ``panic=-1``), after the ACPI reset register and before port 0xCF9
+    (handled by the PCI bus). The machine has no 8042 otherwise: reads
+    float to 0xFF. xenicorn cannot restart a guest (as QEMU's
+    ``-no-reboot``), so the reset ends the run with status 0; the console
+    already shows why.
+    """
+
+    PORT = 0x64
+    PULSE_RESET = 0xFE
+
+    def __init__(self, shutdown: Callable[[str, int, str], None]):
+        self.shutdown = shutdown
+
+    def pio_read(self, offset: int, size: int) -> int:
+        return (1 << (8 * size)) - 1
+
+    def pio_write(self, offset: int, size: int, value: int) -> None:
+        if value & 0xFF == self.PULSE_RESET:
+            self.shutdown("reboot", 0, "reset through the keyboard controller (port 0x64)")
+
+
 class AcpiSleepRegisters:
     r"""The hardware-reduced ACPI sleep control (0x608) and status (0x609) registers.
 

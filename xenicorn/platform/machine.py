@@ -28,7 +28,7 @@ from .trace import Tracer, disassemble
 from .vcpu import VCpu
 from ..devices.bus import PioBus, MmioBus
 from ..devices.console import (ConsoleSink, DebugCon, DebugExit, AcpiPmControl, AcpiPmEvent, AcpiSleepRegisters,
-                               stdout_sink)
+                               KeyboardControllerReset, stdout_sink)
 
 STATUS_OK, STATUS_CRASH, STATUS_USAGE, STATUS_TIMEOUT = 0, 1, 2, 124
 
@@ -138,6 +138,7 @@ class Machine:
         self.pio.register(DebugCon.PORT, 1, DebugCon(self.console))
         self.pio.register(DebugExit.PORT, 1, DebugExit(self.shutdown))
         self.pio.register(AcpiPmEvent.PORT, 4, AcpiPmEvent())
+        self.pio.register(KeyboardControllerReset.PORT, 1, KeyboardControllerReset(self.shutdown))
         self.pio.register(AcpiPmControl.PORT, 2, AcpiPmControl(self.shutdown))
         self.pio.register(AcpiSleepRegisters.PORT, 2, AcpiSleepRegisters(self.shutdown))
         from ..devices.rtc import INDEX_PORT, Rtc
