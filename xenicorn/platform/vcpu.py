@@ -29,6 +29,7 @@ the PVH ABI starts a guest.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import struct
 
@@ -138,6 +139,7 @@ class VCpu:
         self.machine = machine
         self.index = index
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        self._keep_callbacks_alive(self.uc)
         machine.memory.map_into(self.uc)
         self.count_instructions = count_instructions
         self.instructions = 0            # exact only when counting
@@ -359,6 +361,31 @@ class VCpu:
             icount.stop_before_next_instruction(self.uc)
         else:
             stopcheck.soft_stop(self.uc)
+
+    def _keep_callbacks_alive(self, uc: Uc) -> None:
+        """Hold the ctypes thunks of deleted hooks and unmapped MMIO ranges.
+
+        Unicorn's Python binding frees a hook's thunk at ``hook_del`` and an
+        MMIO range's at ``mem_unmap``; a later call that still reaches a freed
+        thunk is a segfault inside ``emu_start`` (Linux boots: libffi calling
+        ``_CallPythonObject`` with a NULL callable, about one boot in four).
+        Releasing them when the next ``emu_start`` returns was not enough
+        (measured: still 2 in 6), keeping them was (0 in 6), so they are kept:
+        the last 65,536 deleted hooks (the interrupt-window hook comes and
+        goes; a few hundred bytes each) and every unmapped MMIO range (only
+        overlays move those). docs/unicorn-notes.md.
+        """
+        self._retired_callbacks: collections.deque = collections.deque(maxlen=1 << 16)
+        hook_del, mem_unmap = uc.hook_del, uc.mem_unmap
+
+        def keeping_hook_del(handle):
+            self._retired_callbacks.append(getattr(uc, "_callbacks", {}).get(handle))
+            hook_del(handle)
+
+        def keeping_mem_unmap(address, size):
+            self._retired_callbacks.append(dict(getattr(uc, "_mmio_callbacks", {})))
+            mem_unmap(address, size)
+        uc.hook_del, uc.mem_unmap = keeping_hook_del, keeping_mem_unmap
 
     def stop_with(self, exit_: E.Exit) -> None:
         """From inside a hook: end emu_start and make run() return ``exit_``."""
