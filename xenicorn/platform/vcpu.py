@@ -404,6 +404,7 @@ class VCpu:
         elif count == 0:
             count = NO_LIMIT            # Unicorn counts only when given a limit
         err = None
+        self._drop_stale_double_fault()     # no exception is ever half-delivered between runs
         self._in_emu = True
         internal = None
         if timeout_us:
@@ -447,14 +448,16 @@ class VCpu:
         return E.Limit(pc, "stopped")
 
     def _drop_stale_double_fault(self) -> None:
-        """Clear an ``old_exception`` of #DF that nothing delivered (runs then resume).
+        """Clear a stale ``old_exception`` (checked before every run and after an unexplained end).
 
-        With ``old_exception`` = 8 Unicorn treats the next exception as a
-        triple fault: QEMU's ``check_exception`` returns EXCP_HLT, so a
-        VMCALL (a #UD to Unicorn) ends every run at once, RIP unchanged, no
-        hook called, no error: Linux hung at a hypercall, the run loop
-        spinning. Between runs no exception is ever half-delivered (xenicorn
-        delivers them itself), so the field is always stale here.
+        Unicorn's nested-exception bookkeeping promotes the next fault: with
+        14 (#PF) left there a real #PF becomes a #DF (Linux: "double fault"
+        for a user-mode stack fault); with 8 the next exception is a *triple
+        fault*, which QEMU's ``check_exception`` turns into EXCP_HLT, so a
+        VMCALL (a #UD to Unicorn) ended every run at once, RIP unchanged, no
+        hook called: Linux hung at a hypercall. Between runs no exception is
+        ever half-delivered (xenicorn delivers them itself), so the field is
+        always stale here. One context copy per run (a few microseconds).
         """
         ctx = RawContext(self.uc)
         if ctx.read(OFF_OLD_EXCEPTION, "<i") != -1:
