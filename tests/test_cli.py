@@ -130,3 +130,10 @@ def test_serial_output_to_a_file(tmp_path):
     status, out, err = xenicorn("run", str(flat), "--load-addr", "0x100000", "--serial", f"file:{log}")
     assert status == 0 and out == ""
     assert log.read_text() == "U\n"
+
+
+def test_pci_irqs_defaults_to_the_machines_wiring():
+    """The CLI and MachineConfig agree on the PCI interrupt wiring a run gets by default."""
+    from xenicorn.cli import _parser
+    from xenicorn.platform.machine import MachineConfig
+    assert _parser().parse_args(["run", "hello64"]).pci_irqs == MachineConfig().pci_irqs == "apic"

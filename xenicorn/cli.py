@@ -82,11 +82,11 @@ def _run_options(r: argparse.ArgumentParser) -> None:
                    help="how Xen's level-triggered callback (GSI, PCI INTx) drops: poll vCPU0's "
                         "upcall_pending at every block while asserted (as Xen and QEMU), or "
                         "resample it when the guest EOIs the interrupt")
-    r.add_argument("--pci-irqs", choices=("isa", "apic"), default="isa",
-                   help="PCI interrupt routing the ACPI _PRT describes: isa (default) routes PIRQ A-D "
-                        "to ISA IRQs 10,10,11,11 as SeaBIOS does on QEMU's PC (Linux then asks Xen "
-                        "for its callback on that GSI); apic gives PIRQ n IOAPIC input 16+n (Linux "
-                        "asks for the xen-platform device's PCI INTx)")
+    r.add_argument("--pci-irqs", choices=("isa", "apic"), default=MachineConfig.pci_irqs,
+                   help="PCI interrupt routing the ACPI _PRT describes: apic (default) gives PIRQ n "
+                        "IOAPIC input 16+n (Linux asks for the xen-platform device's PCI INTx); isa "
+                        "routes PIRQ A-D to ISA IRQs 10,10,11,11 as SeaBIOS does on QEMU's PC (Linux "
+                        "then asks Xen for its callback on that GSI)")
     r.add_argument("--xen-event-list", action="store_true",
                    help="at the end, print every event channel port (like QMP's xen-event-list)")
     r.add_argument("--xen-event-inject", action="append", default=[], metavar="PORT[@MS]",
