@@ -163,6 +163,12 @@ def sync_pc_on_exit(uc: Uc) -> None:
     ctypes.c_uint8.from_address(_handle(uc) + offset() + SKIP_SYNC_FROM_NO_EXIT_REQUEST).value = 0
 
 
+def emu_stop(uc: Uc) -> None:
+    """``uc.emu_stop()`` whose run still ends with RIP at the block it stops at."""
+    sync_pc_on_exit(uc)
+    uc.emu_stop()
+
+
 @functools.cache
 def soft_stop_selftest() -> None:
     """Check once per process: a soft stop ends the run after the block, and CPUID is still ours."""

@@ -186,7 +186,7 @@ class VCpu:
             # and stop without a stop_request the rest of the block would see
             self.stop_timer = StopTimer(uc, stop=lambda: stopcheck.soft_stop(uc))
         else:
-            self.stop_timer = StopTimer(uc, stop=lambda: (stopcheck.sync_pc_on_exit(uc), uc.emu_stop()))
+            self.stop_timer = StopTimer(uc, stop=lambda: stopcheck.emu_stop(uc))
 
     # ------------------------------------------------------------------
     # register access
@@ -390,8 +390,7 @@ class VCpu:
     def stop_with(self, exit_: E.Exit) -> None:
         """From inside a hook: end emu_start and make run() return ``exit_``."""
         self._pending_exit = exit_
-        stopcheck.sync_pc_on_exit(self.uc)
-        self.uc.emu_stop()
+        stopcheck.emu_stop(self.uc)
 
     def run(self, timeout_us: int = 0, count: int = 0) -> E.Exit:
         """Run the guest until something needs the platform; return why."""
@@ -516,8 +515,7 @@ class VCpu:
         """A hook raised: keep the first error, end the run, give Unicorn a sane value."""
         if self._internal is None:
             self._internal = exc
-        stopcheck.sync_pc_on_exit(self.uc)
-        self.uc.emu_stop()
+        stopcheck.emu_stop(self.uc)
         return default
 
     def guarded_hook(self, fn, default=None):
