@@ -266,7 +266,7 @@ def test_a_stale_double_fault_state_does_not_wedge_the_vcpu():
 
     Seen in Linux boots: the vCPU sat at a VMCALL (a #UD to Unicorn, which it
     took for a triple fault: EXCP_HLT, RIP unchanged, no hook) while the run
-    loop spun. A run that ends for no reason clears the stale state.
+    loop spun. Every run starts with the stale state cleared.
     """
     from xenicorn.platform.machine import Machine
     from test_machine import load, POWEROFF, CLI_HLT
@@ -276,4 +276,4 @@ def test_a_stale_double_fault_state_does_not_wedge_the_vcpu():
     with RawContext(m.vcpu.uc) as ctx:
         ctx.write(OFF_OLD_EXCEPTION, "<i", 8)
     assert m.run() == 0
-    assert m.exit_counts.get("Hypercall") == 1 and m.vcpu.stale_double_faults == 1
+    assert m.exit_counts.get("Hypercall") == 1 and m.vcpu.stale_exception_states == 1

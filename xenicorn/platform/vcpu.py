@@ -150,7 +150,7 @@ class VCpu:
         self.halted = False
         self.sleep_kind = ""                 # HLT, SCHEDOP_block, SCHEDOP_poll while halted
         self._window_hook = None
-        self.stale_double_faults = 0          # see _drop_stale_double_fault
+        self.stale_exception_states = 0          # see _drop_stale_exception_state
         self._mmio_pages: set[int] = set()
         uc = self.uc
         # Order and ranges matter (docs/unicorn-notes.md, "A pending stop makes
@@ -403,7 +403,7 @@ class VCpu:
         elif count == 0:
             count = NO_LIMIT            # Unicorn counts only when given a limit
         err = None
-        self._drop_stale_double_fault()     # no exception is ever half-delivered between runs
+        self._drop_stale_exception_state()     # no exception is ever half-delivered between runs
         self._in_emu = True
         internal = None
         if timeout_us:
@@ -443,11 +443,10 @@ class VCpu:
             return E.Limit(pc, "timeout")
         if self._just_halted(pc):
             return E.Hlt(pc)
-        self._drop_stale_double_fault()
         return E.Limit(pc, "stopped")
 
-    def _drop_stale_double_fault(self) -> None:
-        """Clear a stale ``old_exception`` (checked before every run and after an unexplained end).
+    def _drop_stale_exception_state(self) -> None:
+        """Clear a stale ``old_exception`` (checked before every run).
 
         Unicorn's nested-exception bookkeeping promotes the next fault: with
         14 (#PF) left there a real #PF becomes a #DF (Linux: "double fault"
@@ -462,7 +461,7 @@ class VCpu:
         if ctx.read(OFF_OLD_EXCEPTION, "<i") != -1:
             ctx.consume_exception()
             ctx.commit()
-            self.stale_double_faults += 1
+            self.stale_exception_states += 1
 
     def _internal_error(self, exc: Exception, pc: int) -> E.Exit:
         """An emulator bug must not look like a guest bug, nor print a traceback."""
