@@ -94,7 +94,7 @@ class Machine:
         self.memory.physical_view = lambda uc: engines(uc).physical_view()
         self.pio = PioBus("pio", self._unclaimed("port"))
         self.mmio = MmioBus("mmio", self._unclaimed("mmio"))
-        self.cpuid = CpuidPolicy(vendor=self.config.vendor, tsc_hz=self._tsc_hz)
+        self.cpuid = CpuidPolicy(vendor=self.config.vendor, tsc_hz=lambda: self.tsc.hz())
         self.console = console or (stdout_sink() if self.config.debugcon == "stdio" else ConsoleSink(None))
         self.status: int | None = None
         self.shutdown_reason = ""
@@ -114,6 +114,10 @@ class Machine:
         self.clock = VirtualClock(self.config.clock, self.config.ns_per_insn,
                                   instructions=lambda: self.vcpu.instructions_now())
         self.clock.on_new_first = self._timer_armed
+        # the TSC the guest reads: machine ns when RDTSC is trapped, else the
+        # host's (Xen's PV clock and CPUID leaf 0x15 both describe it)
+        from ..xen.pvclock import ClockTsc, TscSource
+        self.tsc = ClockTsc(self.clock) if self.clock.deterministic else TscSource.shared()
         if self.clock.deterministic:
             # RDTSC reads the host TSC in Unicorn; trap it so guest time repeats.
             for vcpu in self.vcpus:
@@ -352,13 +356,6 @@ class Machine:
         self.mmio.register(base, size, device)
         for vcpu in self.vcpus:
             vcpu.map_mmio(base, size)
-
-    def _tsc_hz(self) -> float:
-        """The rate of the TSC the guest reads: machine ns when RDTSC is trapped, else the host's."""
-        if self.clock.deterministic:
-            return 1e9
-        from ..xen.pvclock import TscSource
-        return TscSource.shared().hz()
 
     def guest_tsc(self) -> int:
         """The TSC a trapped RDTSC returns in deterministic mode: 1 GHz of machine time."""

@@ -102,8 +102,7 @@ class XenPlatform:
         self.hypercall_counts: dict[str, int] = {}
         self.state.pages = self.max_pages()
         self.boot_ns = 0
-        clock = machine.clock
-        self.tsc = pvclock.ClockTsc(clock) if clock.deterministic else pvclock.TscSource.shared()
+        self.tsc = machine.tsc
         self.watchdog_timers: dict = {}
         self.evtchn = EventChannels(self)
         self.physdev = Physdev(self)
