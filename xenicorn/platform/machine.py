@@ -198,7 +198,7 @@ class Machine:
         for devfn, dev in self.pci.functions.items():
             pin = dev.state.config[0x3D]
             if pin:
-                self.pci.functions[devfn].state.config[0x3C] = self.pci_gsi(devfn >> 3, pin - 1)
+                dev.state.config[0x3C] = self.pci_gsi(devfn >> 3, pin - 1)
 
     def pci_gsi(self, slot: int, pin: int) -> int:
         """The GSI (= ISA IRQ below 16) that INTA+``pin`` of ``slot`` reaches: what the _PRT says."""
@@ -330,11 +330,11 @@ class Machine:
         too (the IOAPIC's first 16 inputs are the ISA IRQs).
         """
         piix = getattr(self, "piix3", None)
+        isa = self.config.pci_irqs == "isa"
         for pirq in range(4):
             irq = piix.pirq_route(pirq) if piix is not None else None
             name = f"pirq{'ABCD'[pirq]}"
             old = self._pirq_pic[pirq]
-            isa = self.config.pci_irqs == "isa"
             if old not in (None, irq):
                 self.pic_input(old, name).set_level(False)
                 if isa:
