@@ -3,7 +3,7 @@
 from xenicorn import firmware
 from xenicorn.devices.console import ConsoleSink
 from xenicorn.platform.machine import Machine, MachineConfig, boot
-from xenicorn.xen import errno
+from xenicorn.xen import errno, pvclock
 
 from test_xen_core import call32
 
@@ -83,3 +83,48 @@ def test_poll_port_checks():
     assert call32(m, 29, 3, BUF) == -errno.EINVAL
     m.memory.write_struct(BUF, "<IIQ", 0xC0000000, 1, 0)
     assert call32(m, 29, 3, BUF) == -errno.EFAULT
+
+
+class SkewedTsc:
+    """A TSC 0.2% slower than the rate it reports: a calibration error made visible."""
+
+    def __init__(self, clock):
+        self.clock = clock
+
+    def read(self) -> int:
+        return self.clock.now_ns() * 998 // 1000
+
+    def hz(self) -> float:
+        return 1e9
+
+
+def test_xen_time_is_the_guests_pv_clock_and_timers_wait_for_it():
+    """Xen compares deadlines with the time the guest computes, not its own clock.
+
+    With the TSC rate 0.2% off, the machine clock runs ahead of the guest's
+    PV clock. A single-shot deadline the guest set 1 ms ahead must not fire
+    when 1 ms of machine time has passed (the guest would find nothing
+    expired and set it again: Linux's timer storm), only when the guest's
+    clock reaches it.
+    """
+    m = deterministic_machine()
+    m.xen.tsc, m.xen.time_base = SkewedTsc(m.clock), None
+    m.clock.wait_until(5_000_000)
+    m.xen.map_shared_info(0x5000, 64)
+    m.clock.wait_until(9_000_000)
+    record = pvclock.TimeInfo.unpack(m.memory.read(m.xen.vcpu_info(0).time_gpa, pvclock.VCPU_TIME_INFO_SIZE))
+    guest_now = record.system_time + pvclock.ticks_to_ns(m.xen.tsc.read() - record.tsc_timestamp,
+                                                         record.mul, record.shift)
+    assert abs(m.xen.now_ns() - guest_now) <= 1
+    assert m.clock.now_ns() - guest_now > 7_000                # 0.2% of the 4 ms since: the clocks differ
+
+    m.memory.write_struct(BUF, "<QI", guest_now + 1_000_000, 0)
+    assert call32(m, 24, 8, 0, BUF) == 0                       # VCPUOP_set_singleshot_timer
+    vs = m.xen.vcpu_state(0)
+    m.clock.wait_until(9_000_000 + 1_000_000)
+    m.clock.run_due()
+    assert vs.timer_events == 0 and vs.singleshot_ns == guest_now + 1_000_000
+    m.clock.wait_until(9_000_000 + 1_000_000 + 30_000)          # guest clock: ~1.01 ms later
+    m.clock.run_due()
+    assert vs.timer_events == 1 and vs.singleshot_ns is None
+    assert m.xen.now_ns() >= guest_now + 1_000_000

@@ -103,6 +103,10 @@ class XenPlatform:
         self.state.pages = self.max_pages()
         self.boot_ns = 0
         self.tsc = machine.tsc
+        # (TSC, Xen ns, mul, shift): see now_ns. Deterministic: TSC 0 is time 0,
+        # the same line in every run and after every restore.
+        self.time_base: tuple[int, int, int, int] | None = (
+            (0, 0, *pvclock.scale_for(self.tsc.hz())) if machine.clock.deterministic else None)
         self.watchdog_timers: dict = {}
         self.evtchn = EventChannels(self)
         self.physdev = Physdev(self)
@@ -320,8 +324,55 @@ class XenPlatform:
         return (base + length) // 4096 - 1
 
     def now_ns(self) -> int:
-        """Xen system time: nanoseconds since this domain started (the machine clock)."""
-        return self.machine.clock.now_ns()
+        """Xen system time: what the guest's PV clock reads now.
+
+        The guest never asks Xen for the time: it converts its own TSC with
+        the ``vcpu_time_info`` record. So Xen's idea of "now", against which
+        it compares the guest's absolute deadlines, must be the *same*
+        function of the TSC, or the two clocks drift apart. A guest behind
+        Xen sets a deadline that Xen finds already past, takes the timer
+        interrupt, sees nothing expired on its clock, sets the same deadline
+        again: an interrupt storm that lasts as long as the lag (Linux did
+        this, with our TSC rate 0.14% off after a 20 ms calibration).
+
+        The conversion is fixed when first needed (``time_base``: a TSC
+        value, the machine time then, and the scale) and every record Xen
+        publishes is a point on that same line. In deterministic mode the
+        TSC *is* the machine clock at 1 GHz, so this equals the machine
+        clock exactly.
+        """
+        if self.time_base is None:
+            self.time_base = (self.tsc.read(), self.machine.clock.now_ns(), *pvclock.scale_for(self.tsc.hz()))
+        return self._time_at(self.tsc.read())
+
+    def _time_at(self, tsc: int) -> int:
+        base_tsc, base_ns, mul, shift = self.time_base
+        return base_ns + pvclock.ticks_to_ns(tsc - base_tsc, mul, shift)
+
+    def machine_deadline(self, xen_ns: int) -> int:
+        """The machine-clock time at which Xen's clock reaches ``xen_ns``.
+
+        Exact in deterministic mode; in host mode the two rates differ by the
+        TSC calibration error, so a timer armed this way may fire a few µs
+        early for a far deadline: :meth:`set_singleshot` looks again.
+        """
+        return self.machine.clock.now_ns() + (xen_ns - self.now_ns())
+
+    def restart_time(self) -> None:
+        """A snapshot was restored: continue Xen time from the machine clock.
+
+        The host TSC of this process has nothing to do with the saved one,
+        so the conversion starts again from the restored machine time and
+        every vCPU gets a fresh record (the guest's clock continues). In
+        deterministic mode the TSC is machine time, restored exactly: nothing
+        to do.
+        """
+        if self.machine.clock.deterministic:
+            return
+        self.time_base = None
+        if self.state.shared_info_gpa is not None:
+            for i in range(len(self.machine.vcpus)):
+                self.update_time(i)
 
     def vcpu_state(self, index: int) -> VcpuState:
         return self.state.vcpus.setdefault(index, VcpuState())
@@ -364,8 +415,9 @@ class XenPlatform:
 
     def update_time(self, index: int) -> None:
         """Publish the PV clock in vcpu_info.time (and the registered time area)."""
-        mul, shift = pvclock.scale_for(self.tsc.hz())
-        tsc, now = self.tsc.read(), self.now_ns()
+        self.now_ns()                         # fixes time_base if not yet
+        tsc = self.tsc.read()
+        now, (_, _, mul, shift) = self._time_at(tsc), self.time_base
         info = self.vcpu_info(index)
         if info is not None:
             pvclock.publish(self.machine.memory, info.time_gpa, tsc, now, mul, shift)
@@ -380,6 +432,7 @@ class XenPlatform:
 
     # -- timers (VIRQ_TIMER is raised once event channels exist) ---------------
     def _arm(self, index: int, name: str, deadline: int, fire) -> None:
+        """Arm vCPU timer ``name`` at machine-clock time ``deadline``."""
         vs = self.vcpu_state(index)
         self.machine.clock.cancel(vs.timers.pop(name, None))
         vs.timers[name] = self.machine.clock.add_timer(deadline, fire, f"vcpu{index}-{name}")
@@ -388,17 +441,34 @@ class XenPlatform:
         self.machine.clock.cancel(self.vcpu_state(index).timers.pop(name, None))
 
     def set_singleshot(self, index: int, deadline: int | None) -> None:
+        """Arm (or with None stop) vCPU ``index``'s single-shot timer at Xen time ``deadline``."""
         vs = self.vcpu_state(index)
         vs.singleshot_ns = deadline
         if deadline is None:
             self._disarm(index, "singleshot")
             return
+        self._arm(index, "singleshot", self.machine_deadline(deadline), self.singleshot_expiry(index))
+
+    def singleshot_expiry(self, index: int):
+        """The machine-clock callback of the single-shot timer (also re-armed by a snapshot).
+
+        It fires VIRQ_TIMER only once *Xen's* clock has reached the
+        deadline: the machine clock may be a little ahead of it.
+        """
+        vs = self.vcpu_state(index)
 
         def fire():
             vs.timers.pop("singleshot", None)
+            deadline = vs.singleshot_ns
+            if deadline is None:
+                return
+            early = deadline - self.now_ns()
+            if early > 0:
+                self._arm(index, "singleshot", self.machine.clock.now_ns() + early, fire)
+                return
             vs.singleshot_ns = None
             self.timer_fired(index)
-        self._arm(index, "singleshot", deadline, fire)
+        return fire
 
     def set_periodic(self, index: int, period: int) -> None:
         vs = self.vcpu_state(index)

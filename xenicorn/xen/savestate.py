@@ -131,6 +131,7 @@ def prepare(xen, data: dict):
         xen.hypercall_counts = dict(data["hypercall_counts"])
         for apply_component in components:
             apply_component()
+        xen.restart_time()
     return apply
 
 
@@ -138,11 +139,7 @@ def _vcpu_timer(xen, index: int, name: str):
     """The callback ``set_singleshot``/``set_periodic`` would have armed."""
     vs = xen.vcpu_state(index)
     if name == "singleshot":
-        def fire():
-            vs.timers.pop("singleshot", None)
-            vs.singleshot_ns = None
-            xen.timer_fired(index)
-        return fire
+        return xen.singleshot_expiry(index)
     if name == "periodic":
         def tick():
             xen.timer_fired(index)

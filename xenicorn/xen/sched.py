@@ -59,7 +59,7 @@ def _poll(call, arg: int) -> int:
     vs = xen.vcpu_state(call.vcpu.index)
     vs.poll_done = False
     if timeout:
-        xen.machine.clock.add_timer(timeout, poll_expired(vs), f"vcpu{call.vcpu.index}-poll")
+        xen.machine.clock.add_timer(xen.machine_deadline(timeout), poll_expired(vs), f"vcpu{call.vcpu.index}-poll")
     call.note(f"poll {nr} ports, timeout {timeout} ns")
     xen.machine.idle(call.vcpu, "SCHEDOP_poll")
     return 0
@@ -98,7 +98,7 @@ def _watchdog(call, arg: int) -> int:
         dogs.pop(wid, None)
         call.note(f"watchdog {wid} stopped")
         return 0
-    deadline = xen.now_ns() + timeout * 1_000_000_000
+    deadline = xen.machine.clock.now_ns() + timeout * 1_000_000_000
     dogs[wid] = deadline
     xen.watchdog_timers[wid] = xen.machine.clock.add_timer(deadline, watchdog_bite(xen, wid), f"watchdog{wid}")
     call.note(f"watchdog {wid}: {timeout} s")
