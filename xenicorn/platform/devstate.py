@@ -65,7 +65,8 @@ def save_vcpu(v) -> dict:
     """What Python keeps about a vCPU beside Unicorn's context."""
     return {"index": v.index, "instructions": v.instructions, "halted": v.halted, "sleep_kind": v.sleep_kind,
             "mmio_pages": sorted(v._mmio_pages),
-            "msr": {"interests": sorted(v.msr.interests), "extra": v.msr.extra, "exits": v.msr.exits}}
+            "msr": {"interests": sorted(v.msr.interests), "extra": v.msr.extra, "exits": v.msr.exits},
+            "window_exits": v.window_exits}
 
 
 # -- devices and the machine -------------------------------------------------------------
@@ -208,6 +209,8 @@ def prepare_platform(machine, st: dict, blobs: dict):
             v.halted, v.sleep_kind = bool(d["halted"]), d["sleep_kind"]
             v.msr.interests = set(d["msr"]["interests"])
             v.msr.extra, v.msr.exits = int(d["msr"]["extra"]), int(d["msr"]["exits"])
+            v.window_exits = int(d.get("window_exits", 0))
+            v.msr.reassert()        # the saved context may hold an armed window's intercept
         m.exit_counts = dict(mc["exit_counts"])
         m._pirq_pic = [None if x is None else int(x) for x in mc["pirq_pic"]]
         m._pirq_level = [bool(x) for x in mc["pirq_level"]]

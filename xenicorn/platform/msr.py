@@ -77,6 +77,7 @@ class MsrInterceptor:
         self.handler: Callable[[int, bool, int], int | None] | None = None
         self.exits = 0
         self.extra = 0                     # more intercepts while open (RDTSC)
+        self.interrupt_window = False      # the VINTR intercept (:mod:`irqwindow`)
 
     @property
     def is_open(self) -> bool:
@@ -104,12 +105,26 @@ class MsrInterceptor:
             if not self.interests:
                 self._set(False)
 
+    def watch_interrupt_window(self, on: bool) -> None:
+        """Add or remove the VINTR intercept (the interrupt-window exit, :mod:`irqwindow`).
+
+        Independent of the MSR interests: with only this one, MSRs are not
+        intercepted (RDMSR/WRMSR behave as with the window closed).
+        """
+        if on != self.interrupt_window:
+            self.interrupt_window = on
+            self._set(self.is_open)
+
     def _set(self, on: bool) -> None:
+        intercepts = (INTERCEPT_MSR_PROT | self.extra) if on else 0
+        if self.interrupt_window:
+            from .irqwindow import INTERCEPT_VINTR
+            intercepts |= INTERCEPT_VINTR
         with RawContext(self.uc) as ctx:
             hf = ctx.hflags
-            ctx.hflags = hf | HF_GUEST if on else hf & ~HF_GUEST
-            ctx.write(OFF_VM_VMCB, "<Q", VMCB if on else 0)
-            ctx.write(OFF_INTERCEPT, "<Q", (INTERCEPT_MSR_PROT | self.extra) if on else 0)
+            ctx.hflags = hf | HF_GUEST if intercepts else hf & ~HF_GUEST
+            ctx.write(OFF_VM_VMCB, "<Q", VMCB if intercepts else 0)
+            ctx.write(OFF_INTERCEPT, "<Q", intercepts)
 
     def intercept_rdtsc(self) -> None:
         """Trap RDTSC too (deterministic time): it reaches UC_HOOK_INTR as 0x16E."""

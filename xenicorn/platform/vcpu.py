@@ -42,9 +42,10 @@ from unicorn import (Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_HOOK_INSN, UC_HOOK
 from unicorn import x86_const as X
 
 from . import exits as E
-from . import icount, stopcheck
+from . import icount, irqwindow, stopcheck
 from .stoptimer import StopTimer
 from .msr import MsrInterceptor, EXIT_VECTOR as MSR_EXIT_VECTOR, RDTSC_EXIT_VECTOR
+from .irqwindow import EXIT_VECTOR as IRQ_WINDOW_EXIT_VECTOR
 from .rawctx import (RawContext, flat_code32, flat_data, SegmentCache, HF_INHIBIT_IRQ, HF_CS32, HF_CS64,
                      OFF_CR, OFF_EIP, OFF_OLD_EXCEPTION)
 
@@ -150,6 +151,9 @@ class VCpu:
         self.halted = False
         self.sleep_kind = ""                 # HLT, SCHEDOP_block, SCHEDOP_poll while halted
         self._window_hook = None
+        # The exact, hook-free interrupt window when this Unicorn build allows it
+        self._irq_request = irqwindow.InterruptRequest(self.uc) if irqwindow.available() else None
+        self.window_exits = 0
         self.stale_exception_states = 0          # see _drop_stale_exception_state
         self._mmio_pages: set[int] = set()
         uc = self.uc
@@ -495,16 +499,23 @@ class VCpu:
         return E.Shutdown(pc, "emulator-error", 1, f"CPU engine error at {pc:#x}: {err}")
 
     # ------------------------------------------------------------------
-    # interrupt window: a block hook that exists only while an interrupt waits
+    # interrupt window: an exit armed only while an interrupt waits
     # ------------------------------------------------------------------
     def arm_interrupt_window(self) -> None:
-        """Watch for the guest opening the interrupt window (IF=1, no shadow).
+        """Ask for an exit when the guest opens the interrupt window (IF=1, no shadow).
 
-        Installed only while an interrupt is pending with IF=0; Unicorn
-        instruments only blocks translated while a hook exists, so we flush
-        the translation cache when arming (blocks re-translate with the hook)
-        and remove the hook as soon as the window opens.
+        Armed only while an interrupt is pending with IF=0. The exit is
+        QEMU's own window check turned into an SVM VINTR exit
+        (:mod:`irqwindow`): nothing runs per block. Where that is not
+        available, a block hook checks IF instead; Unicorn instruments only
+        blocks translated while a hook exists, so arming it flushes the
+        translation cache, and it is removed as soon as the window opens.
         """
+        if self._irq_request is not None:
+            if not self._irq_request.virq:
+                self.msr.watch_interrupt_window(True)
+                self._irq_request.virq = True
+            return
         if self._window_hook is not None:
             return
         self._window_hook = self.uc.hook_add(UC_HOOK_BLOCK, self._on_window_block)
@@ -527,6 +538,11 @@ class VCpu:
         return hook
 
     def disarm_interrupt_window(self) -> None:
+        if self._irq_request is not None:
+            if self._irq_request.virq or self.msr.interrupt_window:
+                self._irq_request.virq = False
+                self.msr.watch_interrupt_window(False)
+            return
         if self._window_hook is not None:
             self.uc.hook_del(self._window_hook)
             self._window_hook = None
@@ -591,6 +607,13 @@ class VCpu:
 
     @_guarded(None)
     def _on_intr(self, uc, intno, _):
+        if intno == IRQ_WINDOW_EXIT_VECTOR:
+            # The request must go before the hook returns: Unicorn checks it
+            # again before it looks at the stop, and would exit again forever.
+            self._irq_request.virq = False
+            self.window_exits += 1
+            self.request_stop("interrupt-window")
+            return
         ctx = RawContext(uc)
         if intno == MSR_EXIT_VECTOR:
             write = ctx.error_code == 1

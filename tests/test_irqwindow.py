@@ -1,0 +1,96 @@
+"""The interrupt window: an exit exactly where x86 would take a pending interrupt.
+
+While an interrupt waits and the guest has interrupts off, the vCPU asks for
+an exit when IF becomes 1 (after STI's one-instruction shadow, after POPF
+or IRET). xenicorn gets it from QEMU's own window check as an SVM VINTR exit
+(platform/irqwindow.py): no block hook, no translation flush.
+"""
+import struct
+
+import pytest
+
+from xenicorn.platform import irqwindow
+
+from test_interrupts import protected
+
+VECTOR = 0x40
+HANDLER = 0x400000 + 16 * VECTOR
+
+
+class OneInterrupt:
+    """An interrupt controller with one interrupt pending."""
+
+    def __init__(self, vector):
+        self.vector = vector
+
+    def pending(self):
+        return self.vector is not None
+
+    def acknowledge(self):
+        vector, self.vector = self.vector, None
+        return vector
+
+
+def run_with_interrupt_waiting(machine, code: bytes) -> int:
+    """Run ``code`` (IF=0) with an interrupt pending; the EIP it interrupted."""
+    vcpu = protected(machine)
+    vcpu.set_reg("rflags", 0x2)                                     # interrupts off
+    machine.memory.write(0x100000, code)
+    machine.memory.write(HANDLER, bytes.fromhex("5b" "f4"))         # pop ebx (the return EIP) ; hlt
+    machine.interrupt_source = OneInterrupt(VECTOR)
+    machine.config.max_insns = 1_000_000
+    machine.run()
+    assert machine.interrupt_source.vector is None, "the interrupt was never taken"
+    return vcpu.reg("rbx") & 0xFFFFFFFF
+
+
+def test_the_exit_and_its_self_test_work_on_the_pinned_unicorn():
+    assert irqwindow.available()
+
+
+def test_sti_opens_the_window_after_the_instruction_in_its_shadow(machine):
+    # mov ecx, 100000 ; l: dec ecx ; jnz l ; sti ; nop ; inc eax ; hlt
+    code = bytes.fromhex("b9a0860100" "ffc9" "75fc" "fb" "90" "40" "f4")
+    interrupted = run_with_interrupt_waiting(machine, code)
+    assert interrupted == 0x100000 + 11                              # the inc, after sti; nop
+    assert machine.vcpu.reg("rcx") == 0 and machine.vcpu.reg("rax") == 0
+    assert machine.vcpu.window_exits == 1
+    assert machine.vcpu._window_hook is None                         # no block hook was needed
+
+
+def test_popf_opens_the_window_right_after_it(machine):
+    # pushfd ; or dword [esp], 0x200 ; popfd ; inc eax ; hlt
+    code = bytes.fromhex("9c" "810c2400020000" "9d" "40" "f4")
+    assert run_with_interrupt_waiting(machine, code) == 0x100000 + 9
+    assert machine.vcpu.window_exits == 1
+
+
+def test_iret_to_code_with_if_set_opens_the_window(machine):
+    # push 0x202 ; push 0x08 ; push 0x100020 ; iretd  ...  0x100020: inc eax ; hlt
+    code = bytes.fromhex("6802020000" "6a08" "6820001000" "cf").ljust(0x20, b"\x90") + bytes.fromhex("40f4")
+    assert run_with_interrupt_waiting(machine, code) == 0x100020
+    assert machine.vcpu.window_exits == 1
+
+
+def test_sti_hlt_sleeps_then_takes_the_interrupt_after_the_hlt(machine):
+    code = bytes.fromhex("fb" "f4" "40" "f4")                         # sti ; hlt ; inc eax ; hlt
+    assert run_with_interrupt_waiting(machine, code) == 0x100000 + 2
+
+
+def test_a_disarmed_window_leaves_no_request_behind(machine):
+    vcpu = machine.vcpu
+    protected(machine)
+    vcpu.arm_interrupt_window()
+    assert vcpu._irq_request.virq and vcpu.msr.interrupt_window
+    vcpu.disarm_interrupt_window()
+    assert not vcpu._irq_request.virq and not vcpu.msr.interrupt_window
+    # and the SVM intercept state is gone with it: MSRs behave as with the window closed
+    assert not vcpu.msr.is_open
+
+
+def test_the_block_hook_fallback_opens_the_same_window(machine):
+    """Builds where the exit does not work keep the block hook: same semantics, slower."""
+    machine.vcpu._irq_request = None
+    code = bytes.fromhex("b9a0860100" "ffc9" "75fc" "fb" "90" "40" "f4")
+    assert run_with_interrupt_waiting(machine, code) == 0x100000 + 11
+    assert machine.vcpu.window_exits == 0

@@ -1,0 +1,121 @@
+"""The interrupt window without a block hook: QEMU's own check, made to exit.
+
+A maskable interrupt can be taken only between instructions, with RFLAGS.IF
+set and outside the one-instruction shadow of STI or MOV SS (SDM vol. 3
+§6.8.3). When one is pending while the guest has interrupts off, a
+hypervisor asks the CPU for an *interrupt-window exit*: VMX's "interrupt-
+window exiting" control, SVM's virtual interrupt with the VINTR intercept.
+KVM user space sets ``request_interrupt_window`` for the same thing.
+
+Unicorn has no such exit, and a Python hook on every block that checks IF
+costs about 14x while it exists; worse, Unicorn only instruments blocks
+translated while a hook is present, so arming one means flushing the whole
+translation cache. Linux spends much of its time with interrupts off (every
+interrupt handler, every spinlock with ``irqsave``), so a booting kernel
+armed it thousands of times: profiles showed 800,000 hook calls in one boot,
+each followed by re-translating the guest's hot code.
+
+QEMU's TCG already watches the window, for its own interrupt controller: a
+pending request sits in ``CPUState.interrupt_request``, and every
+instruction that can set IF (STI, POPF, IRET, RSM) ends its translated block
+and returns to the execution loop, which checks the request before the next
+block; STI's shadow is honoured by translating the following instruction
+alone. Unicorn keeps that loop. Its hardware-interrupt request delivers
+vector 0 (it has no PIC), but the *SVM virtual interrupt* request
+(``CPU_INTERRUPT_VIRQ``) first checks the VINTR intercept, and with our SVM
+intercept window open (:mod:`msr`: ``HF_GUEST`` and the intercept word in
+CPU state, no VMRUN) that intercept is a VM exit. Unicorn reports VM exits to
+``UC_HOOK_INTR`` as ``0x100 + exit code``: 0x164 for VINTR.
+
+So arming the window is: set the VIRQ bit and the VINTR intercept. The guest
+then runs at full speed (no hook, no flush) until the exact instruction
+boundary where x86 would take an interrupt; the hook clears the request and
+stops the run there; Python injects the interrupt. Disarming clears both.
+
+``CPUState`` is not part of the saved context; the library exports
+``qemu_get_cpu`` (Unicorn's one CPU has index -1, "unassigned"), and
+``interrupt_request`` is a ``uint32_t`` at a fixed offset of this pinned build
+(after eight bytes of counts, a thread pointer and seven bools).
+:func:`selftest` checks all of it against behaviour: ``cli; sti; nop; nop``
+must exit exactly after the ``nop`` in STI's shadow, and a loop with IF=0
+must not exit at all. A build where that fails keeps the block hook.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import sys
+
+from unicorn import Uc, UC_ARCH_X86, UC_MODE_64, UC_HOOK_INTR
+from unicorn import x86_const as X
+
+CPU_INTERRUPT_VIRQ = 0x100                     # CPU_INTERRUPT_TGT_INT_0 (qemu/include/exec/cpu-all.h)
+SVM_EXIT_VINTR = 0x64
+INTERCEPT_VINTR = 1 << (SVM_EXIT_VINTR - 0x60)  # intercept word bits start at SVM_EXIT_INTR
+EXIT_VECTOR = 0x100 + SVM_EXIT_VINTR           # what UC_HOOK_INTR reports
+# CPUState.interrupt_request: nr_cores, nr_threads, thread*, [Windows: HANDLE], 7 bools, cflags_next_tb
+OFF_INTERRUPT_REQUEST = 36 if sys.platform == "win32" else 28
+
+
+def _lib():
+    from unicorn.unicorn_py3.unicorn import uclib
+    fn = uclib.qemu_get_cpu_x86_64
+    fn.restype, fn.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_int]
+    return fn
+
+
+class InterruptRequest:
+    """The ``interrupt_request`` word of one engine's CPU."""
+
+    def __init__(self, uc: Uc):
+        handle = ctypes.cast(uc._uch, ctypes.c_void_p).value
+        cpu = _lib()(handle, -1)
+        if not cpu:
+            raise RuntimeError("Unicorn engine has no CPU")
+        self._word = ctypes.c_uint32.from_address(cpu + OFF_INTERRUPT_REQUEST)
+        self._uc = uc                              # the word lives as long as the engine
+
+    @property
+    def virq(self) -> bool:
+        return bool(self._word.value & CPU_INTERRUPT_VIRQ)
+
+    @virq.setter
+    def virq(self, on: bool) -> None:
+        value = self._word.value
+        self._word.value = value | CPU_INTERRUPT_VIRQ if on else value & ~CPU_INTERRUPT_VIRQ
+
+
+def _exits(code: bytes) -> list[tuple[int, int]]:
+    """Run ``code`` at 0x1000 with the window armed; the (vector, RIP) of each exit."""
+    from .msr import MsrInterceptor
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 0x10000)
+    uc.mem_write(0x1000, code)
+    uc.reg_write(X.UC_X86_REG_RSP, 0x8000)
+    request = InterruptRequest(uc)
+    svm = MsrInterceptor(uc)
+    svm.watch_interrupt_window(True)
+    seen = []
+
+    def hook(uc, intno, _):
+        seen.append((intno, uc.reg_read(X.UC_X86_REG_RIP)))
+        request.virq = False
+        uc.emu_stop()
+
+    uc.hook_add(UC_HOOK_INTR, hook)
+    request.virq = True
+    uc.emu_start(0x1000, 0x1000 + len(code))
+    return seen
+
+
+@functools.cache
+def available() -> bool:
+    """Does this Unicorn build give exact interrupt-window exits? (checked once per process)"""
+    try:
+        # cli; nop; sti; nop; nop; hlt: the window opens after the nop in STI's shadow
+        opened = _exits(bytes.fromhex("fa90fb9090f4"))
+        # cli; mov ecx, 1000; l: dec ecx; jnz l; hlt: never opens
+        closed = _exits(bytes.fromhex("fab9e8030000ffc975fcf4"))
+    except Exception:                              # noqa: BLE001 - any failure: keep the block hook
+        return False
+    return opened == [(EXIT_VECTOR, 0x1004)] and closed == []
