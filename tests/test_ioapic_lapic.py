@@ -131,6 +131,34 @@ def test_extint_through_lint0_takes_the_pic_vector():
     assert apic.pending() and apic.acknowledge() == 0x21   # works with the APIC software-disabled
 
 
+def test_extint_survives_the_guest_reprogramming_lint0():
+    """Linux with ``noapic`` writes LINT0 = ExtINT (0x700) itself: the delivery mode must stick."""
+    clock, _ = deterministic_clock()
+    pic = PicPair()
+    apic = Lapic(clock, pic=pic)
+    apic.mmio_write(0xF0, 4, 0x1FF)
+    apic.mmio_write(0x350, 4, 0x10000)                    # clear_local_APIC: masked
+    apic.mmio_write(0x350, 4, 0x700)                      # setup_local_APIC: ExtINT, unmasked
+    apic.mmio_write(0x360, 4, 0x400)                      # LINT1: NMI
+    assert apic.mmio_read(0x350, 4) == 0x700 and apic.mmio_read(0x360, 4) == 0x400
+    m = pic.master_ports
+    for v in (0x11, 0x30, 0x04, 0x01):
+        m.pio_write(0 if v == 0x11 else 1, 1, v)
+    m.pio_write(1, 1, 0)
+    pic.set_irq(4, True)
+    assert apic.pending() and apic.acknowledge() == 0x34
+
+
+def test_lvt_read_only_and_reserved_bits_do_not_stick():
+    apic, *_ = rig()
+    apic.mmio_write(0x370, 4, 0xFFFFFFFF)                 # error LVT: vector and mask only
+    assert apic.mmio_read(0x370, 4) == 0x100FF
+    apic.mmio_write(0x350, 4, 0xFFFFFFFF)                 # LINT0: no delivery status, no remote IRR
+    assert apic.mmio_read(0x350, 4) == 0x1A7FF
+    apic.mmio_write(0x320, 4, 0xFFFFFFFF)                 # timer: mode, mask, vector
+    assert apic.mmio_read(0x320, 4) == 0x700FF
+
+
 def test_self_ipi_and_save_restore():
     apic, *_ = rig()
     apic.mmio_write(0x310, 4, 0)

@@ -47,6 +47,19 @@ LVT_TIMER, LVT_THERMAL, LVT_PERF, LVT_LINT0, LVT_LINT1, LVT_ERROR = range(6)
 LVT_OFFSETS = {0x320: LVT_TIMER, 0x330: LVT_THERMAL, 0x340: LVT_PERF, 0x350: LVT_LINT0,
                0x360: LVT_LINT1, 0x370: LVT_ERROR}
 LVT_MASKED = 1 << 16
+# Writable bits of each LVT entry (SDM vol. 3 §10.5.1, figure 10-8): all have
+# the vector and the mask; the timer its mode (17-18); thermal and perf a
+# delivery mode (8-10); LINT0/1 a delivery mode, pin polarity (13) and
+# trigger mode (15). Delivery status (12) and remote IRR (14) are read-only.
+_DM, _POLARITY, _TRIGGER = 0x700, 1 << 13, 1 << 15
+LVT_WRITABLE = {
+    LVT_TIMER: 0xFF | LVT_MASKED | (3 << 17),
+    LVT_THERMAL: 0xFF | LVT_MASKED | _DM,
+    LVT_PERF: 0xFF | LVT_MASKED | _DM,
+    LVT_LINT0: 0xFF | LVT_MASKED | _DM | _POLARITY | _TRIGGER,
+    LVT_LINT1: 0xFF | LVT_MASKED | _DM | _POLARITY | _TRIGGER,
+    LVT_ERROR: 0xFF | LVT_MASKED,
+}
 DM_FIXED, DM_LOWEST, DM_SMI, DM_NMI, DM_INIT, DM_STARTUP, DM_EXTINT = 0, 1, 2, 4, 5, 6, 7
 SVR_ENABLE, SVR_SUPPRESS_EOI = 1 << 8, 1 << 12
 
@@ -299,7 +312,7 @@ class Lapic:
             idx = LVT_OFFSETS[reg]
             if not self.enabled:
                 value |= LVT_MASKED
-            st.lvt[idx] = value & (0x710FF if idx != LVT_TIMER else 0x710FF | (3 << 17))
+            st.lvt[idx] = value & LVT_WRITABLE[idx]
             if idx == LVT_TIMER:
                 self._arm()
             self.notify()
