@@ -37,8 +37,10 @@ def test_xen_platform_inta_drives_gsi17_and_the_routed_pic_irq(machine):
     dev = machine.xen_platform
     dev.set_irq(True)                                   # slot 2 INTA -> PIRQB
     assert machine.gsi[17].level
-    assert machine.pic.master.state.irr == 0 and machine.pic.slave.state.irr == 0   # not routed yet
-    machine.piix3.config_write(0x61, 1, 11)             # PIRQB -> IRQ 11 (what firmware does)
+    assert machine.pic.slave.state.irr == 1 << 2        # the firmware routed PIRQB -> IRQ 10
+    machine.piix3.config_write(0x61, 1, 0x80)           # routing off: the 8259 input drops
+    assert not machine.pic_inputs[10].level
+    machine.piix3.config_write(0x61, 1, 11)             # PIRQB -> IRQ 11
     machine.pic.elcr_ports.pio_write(1, 1, 0x08)        # IRQ 11 level-triggered
     assert machine.pic.slave.state.irr & (1 << 3)
     machine.piix3.config_write(0x61, 1, 10)             # re-route: 11 drops, 10 rises
@@ -55,12 +57,15 @@ def test_uart_interrupt_reaches_irq4(machine):
     assert not machine.isa_irq[4].level
 
 
-def _prt(machine) -> list[tuple[int, int, int]]:
-    """(slot, pin, GSI) entries of the _PRT in the machine's DSDT, decoded from the AML."""
+def _prt(machine, table: str = "PRTA") -> list[tuple[int, int, int]]:
+    """(slot, pin, GSI or IRQ) entries of a routing table in the machine's DSDT, decoded from the AML.
+
+    PRTA is what _PRT returns in the IOAPIC model, PRTP in the 8259 model.
+    """
     from xenicorn.platform import acpi
     rsdp = acpi.write(machine, hw_reduced=False)
     dsdt = acpi.parse(machine.memory.read, rsdp)[b"DSDT"]
-    body = dsdt[dsdt.index(b"_PRT") + 4:]
+    body = dsdt[dsdt.index(b"\x08" + table.encode()) + 5:]
     assert body[0] == 0x12                               # PackageOp
     out, pos = [], body.index(b"\x12", 1)
     while pos < len(body) and body[pos] == 0x12:
@@ -84,6 +89,14 @@ def _prt(machine) -> list[tuple[int, int, int]]:
     return out
 
 
+def test_prt_is_a_method_that_answers_per_interrupt_model(machine):
+    """_PIC(0) (8259) or _PIC(1) (IOAPIC) picks the table, as in Xen's and QEMU's DSDTs."""
+    from xenicorn.platform import acpi
+    dsdt = acpi.parse(machine.memory.read, acpi.write(machine, hw_reduced=False))[b"DSDT"]
+    assert b"_PIC\x01\x70\x68PICF" in dsdt                          # Method (_PIC, 1) { PICF = Arg0 }
+    assert b"_PRT\x00\xa0\x0b\\PICF\xa4PRTA\xa4PRTP" in dsdt   # If (\PICF) { Return (PRTA) } Return (PRTP)
+
+
 def _wired(machine, slot, pin):
     machine.pci.set_extra_intx(slot << 3, pin + 1, True)
     gsis = [n for n, line in enumerate(machine.gsi) if line.level]
@@ -93,12 +106,13 @@ def _wired(machine, slot, pin):
 
 
 def test_prt_matches_the_apic_wiring(machine):
-    """apic (default): each PCI interrupt has its own IOAPIC input 16-19; the _PRT says which."""
-    prt = _prt(machine)
-    assert len(prt) == 31 * 4
-    assert (2, 0, 17) in prt                             # xen-platform INTA -> PIRQB -> GSI 17
-    for slot, pin, gsi in prt[:12]:
-        assert _wired(machine, slot, pin) == ([gsi], [])  # PIIX3 routes nothing: no 8259 input
+    """apic (default): each PCI interrupt has its own IOAPIC input 16-19 and, through the PIIX3,
+    an 8259 input (10 or 11) for an OS without the IOAPIC; each _PRT table says which."""
+    prt, prt_pic = _prt(machine, "PRTA"), _prt(machine, "PRTP")
+    assert len(prt) == len(prt_pic) == 31 * 4
+    assert (2, 0, 17) in prt and (2, 0, 10) in prt_pic  # xen-platform INTA -> PIRQB -> GSI 17 / IRQ 10
+    for (slot, pin, gsi), (_, _, irq) in list(zip(prt, prt_pic))[:12]:
+        assert _wired(machine, slot, pin) == ([gsi], [irq])
 
 
 def test_isa_wiring_routes_pci_interrupts_to_irq_10_and_11():
@@ -107,7 +121,7 @@ def test_isa_wiring_routes_pci_interrupts_to_irq_10_and_11():
     m = Machine(MachineConfig(ram_mib=16, debugcon="none", pci_irqs="isa"))
     assert [m.piix3.pirq_route(p) for p in range(4)] == [10, 10, 11, 11]
     prt = _prt(m)
-    assert (2, 0, 10) in prt
+    assert (2, 0, 10) in prt and _prt(m, "PRTP") == prt   # one answer in both models
     for slot, pin, gsi in prt[:12]:
         assert _wired(m, slot, pin) == ([gsi], [gsi])
     assert m.xen_platform.state.config[0x3C] == 10       # Interrupt Line, as the firmware writes it

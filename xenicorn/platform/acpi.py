@@ -94,8 +94,18 @@ def _aml_block(op: bytes, name: bytes, body: bytes) -> bytes:
 EISA_PNP0A03 = 0x030AD041            # EisaId ("PNP0A03"): a PCI host bridge
 
 
-def pci_root_aml(prt: list[tuple[int, int, int]]) -> bytes:
-    r"""Scope (\_SB) { Device (PCI0) { _HID PNP0A03, _UID 0, _PRT } }.
+def _aml_method(name: str, nargs: int, body: bytes) -> bytes:
+    """Method (name, nargs, NotSerialized) { body }."""
+    return _aml_block(b"\x14", name.encode(), bytes([nargs]) + body)
+
+
+def _prt_package(entries: list[tuple[int, int, int]]) -> bytes:
+    return _aml_package(*(_aml_package(_aml_int((slot << 16) | 0xFFFF), _aml_int(pin), _aml_int(0), _aml_int(irq))
+                          for slot, pin, irq in entries))
+
+
+def pci_root_aml(prt: list[tuple[int, int, int]], prt_pic: list[tuple[int, int, int]] | None = None) -> bytes:
+    r"""``\_PIC``, and Scope (\_SB) { Device (PCI0) { _HID PNP0A03, _UID 0, _PRT } }.
 
     The _PRT (PCI Routing Table) is how an ACPI OS learns where each PCI
     interrupt pin goes: one entry per (slot, pin) with address
@@ -103,12 +113,23 @@ def pci_root_aml(prt: list[tuple[int, int, int]]) -> bytes:
     source of 0, which makes the last field a GSI ("static" routing; in
     8259 mode, an ISA IRQ). Without one Linux reports "can't find IRQ for
     PCI INT A" and the xen-platform device has no interrupt.
+
+    The answer depends on the interrupt model the OS chose, which it tells
+    the firmware by calling ``\_PIC`` (0: 8259, 1: IOAPIC): the same PCI
+    pin may be IOAPIC input 17 but 8259 input 10 (through the PIIX3's PIRQ
+    routing). So, as Xen's and QEMU's DSDTs do, ``_PIC`` stores the model
+    in ``PICF`` and ``_PRT`` is a method returning ``PRTA`` (IOAPIC
+    model: ``prt``) or ``PRTP`` (8259 model: ``prt_pic``, default ``prt``).
     """
-    entries = [_aml_package(_aml_int((slot << 16) | 0xFFFF), _aml_int(pin), _aml_int(0), _aml_int(gsi))
-               for slot, pin, gsi in prt]
+    prt_pic = prt if prt_pic is None else prt_pic
+    pick = (_aml_block(b"\xA0", b"", b"\\PICF" + b"\xA4PRTA")     # If (\PICF) { Return (PRTA) }
+            + b"\xA4PRTP")                                             # Return (PRTP)
     device = (_aml_name("_HID", _aml_int(EISA_PNP0A03)) + _aml_name("_UID", _aml_int(0))
-              + _aml_name("_PRT", _aml_package(*entries)))
-    return _aml_block(b"\x10", b"\\_SB_", _aml_block(b"\x5b\x82", b"PCI0", device))
+              + _aml_name("PRTA", _prt_package(prt)) + _aml_name("PRTP", _prt_package(prt_pic))
+              + _aml_method("_PRT", 0, pick))
+    root = (_aml_name("PICF", _aml_int(0))
+            + _aml_method("_PIC", 1, b"\x70\x68PICF"))                  # Store (Arg0, PICF)
+    return root + _aml_block(b"\x10", b"\\_SB_", _aml_block(b"\x5b\x82", b"PCI0", device))
 
 
 def checksum(data: bytes) -> int:
@@ -182,7 +203,8 @@ def rsdp(xsdt_addr: int) -> bytes:
 
 
 def build(base: int, ioapic_id: int, ioapic_base: int, lapic_base: int,
-          hw_reduced: bool = True, prt: list[tuple[int, int, int]] | None = None) -> tuple[int, bytes]:
+          hw_reduced: bool = True, prt: list[tuple[int, int, int]] | None = None,
+          prt_pic: list[tuple[int, int, int]] | None = None) -> tuple[int, bytes]:
     """All tables laid out from ``base``: (RSDP address, the bytes to write at ``base``)."""
     out = bytearray()
 
@@ -193,7 +215,7 @@ def build(base: int, ioapic_id: int, ioapic_base: int, lapic_base: int,
         return addr
 
     rsdp_at = place(b"\0" * 36)                                   # filled in last
-    dsdt_at = place(table(b"DSDT", 2, AML_S5 + (pci_root_aml(prt) if prt else b"")))
+    dsdt_at = place(table(b"DSDT", 2, AML_S5 + (pci_root_aml(prt, prt_pic) if prt else b"")))
     fadt_at = place(fadt(dsdt_at, hw_reduced))
     madt_at = place(madt(lapic_base, ioapic_id, ioapic_base))
     xsdt_at = place(table(b"XSDT", 1, struct.pack("<QQ", fadt_at, madt_at)))
@@ -210,8 +232,10 @@ def write(machine, hw_reduced: bool = True) -> int:
     """
     from ..devices.ioapic import IOAPIC_BASE
     from ..devices.lapic import LAPIC_BASE
-    prt = [(slot, pin, machine.pci_gsi(slot, pin)) for slot in range(1, 32) for pin in range(4)]
-    addr, blob = build(ACPI_BASE, machine.ioapic.state.id, IOAPIC_BASE, LAPIC_BASE, hw_reduced, prt)
+    slots = [(slot, pin) for slot in range(1, 32) for pin in range(4)]
+    prt = [(slot, pin, machine.pci_gsi(slot, pin)) for slot, pin in slots]
+    prt_pic = [(slot, pin, machine.pci_pic_irq(slot, pin)) for slot, pin in slots]
+    addr, blob = build(ACPI_BASE, machine.ioapic.state.id, IOAPIC_BASE, LAPIC_BASE, hw_reduced, prt, prt_pic)
     machine.memory.write(ACPI_BASE, blob)
     return addr
 

@@ -190,11 +190,13 @@ class Machine:
             self.register_pio(FIXED_IOPORT, 16, dev.fixed_ports)
             dev.config_write(0x10, 4, 0xC000)
             dev.config_write(0x14, 4, 0xF0000000)
-        if self.config.pci_irqs == "isa":
-            # what SeaBIOS does on QEMU's i440FX: PIRQ A-D -> IRQ 10, 10, 11, 11,
-            # and each function's Interrupt Line register says where its pin went
-            for pirq, irq in enumerate(PCI_ISA_IRQS):
-                self.piix3.config_write(0x60 + pirq, 1, irq)
+        # What SeaBIOS does on QEMU's i440FX: PIRQ A-D -> IRQ 10, 10, 11, 11 in
+        # the PIIX3. With the isa wiring that is the PCI interrupts' only path;
+        # with apic it is their 8259 path, for an OS that keeps the PIC
+        # (Linux's noapic; the DSDT's _PRT answers per interrupt model).
+        for pirq, irq in enumerate(PCI_ISA_IRQS):
+            self.piix3.config_write(0x60 + pirq, 1, irq)
+        # each function's Interrupt Line register says where its pin went
         for devfn, dev in self.pci.functions.items():
             pin = dev.state.config[0x3D]
             if pin:
@@ -205,8 +207,14 @@ class Machine:
         from ..devices.pci import PciBus
         pirq = PciBus.pirq_of(slot << 3, pin + 1)
         if self.config.pci_irqs == "isa":
-            return self.piix3.pirq_route(pirq) or PCI_ISA_IRQS[pirq]
+            return self.pci_pic_irq(slot, pin)
         return 16 + pirq
+
+    def pci_pic_irq(self, slot: int, pin: int) -> int:
+        """The 8259 input (ISA IRQ) that INTA+``pin`` of ``slot`` reaches through the PIIX3."""
+        from ..devices.pci import PciBus
+        pirq = PciBus.pirq_of(slot << 3, pin + 1)
+        return self.piix3.pirq_route(pirq) or PCI_ISA_IRQS[pirq]
 
     def _build_interrupts(self) -> None:
         """8259 pair, IOAPIC and local APIC, and the lines between them.
