@@ -94,3 +94,20 @@ def test_the_block_hook_fallback_opens_the_same_window(machine):
     code = bytes.fromhex("b9a0860100" "ffc9" "75fc" "fb" "90" "40" "f4")
     assert run_with_interrupt_waiting(machine, code) == 0x100000 + 11
     assert machine.vcpu.window_exits == 0
+
+
+def test_live_context_is_the_engines_cpu_state_not_a_copy():
+    """LiveContext reads and writes CPUX86State in place (found through qemu_get_cpu)."""
+    from unicorn import Uc, UC_ARCH_X86, UC_MODE_64
+    from unicorn import x86_const as X
+    from xenicorn.platform.rawctx import LiveContext, RawContext, OFF_REGS, OFF_OLD_EXCEPTION
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    live = LiveContext(uc)
+    uc.reg_write(X.UC_X86_REG_RBX, 0x1234)
+    assert live.read(OFF_REGS + 3 * 8, "<Q") == 0x1234                  # regs[R_EBX]
+    live.write(OFF_REGS + 3 * 8, "<Q", 0x5678)
+    assert uc.reg_read(X.UC_X86_REG_RBX) == 0x5678                      # no commit needed
+    live.write(OFF_OLD_EXCEPTION, "<i", 8)
+    assert RawContext(uc).read(OFF_OLD_EXCEPTION, "<i") == 8            # a saved copy sees it too
+    live.consume_exception()
+    assert RawContext(uc).read(OFF_OLD_EXCEPTION, "<i") == -1

@@ -27,7 +27,7 @@ from xenicorn.platform.snapshot import MAGIC, SnapshotError, capture, decode, en
 SKIP = {"uc", "uc_list", "_mm", "buf", "host_addr", "tracer", "console", "monitor", "stop_timer", "tsc",
         "_start", "_seq", "_internal", "_pending_exit", "_stop_reasons", "_in_emu", "sink", "stream",
         "power_on", "save_points", "snapshots_saved", "kernel", "_handlers", "_console_input", "host_watches", "f",
-        "_poll_hook", "_poll_vcpu", "_window_hook", "_retired_callbacks", "_cache", "tree", "serial_file",
+        "_poll_hook", "_poll_vcpu", "_window_hook", "_retired_callbacks", "live", "_irq_request", "_cache", "tree", "serial_file",
         "last_delivery"}   # the last IDT delivery, kept for diagnostics: it never steers execution
 
 

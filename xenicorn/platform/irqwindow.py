@@ -57,22 +57,12 @@ EXIT_VECTOR = 0x100 + SVM_EXIT_VINTR           # what UC_HOOK_INTR reports
 OFF_INTERRUPT_REQUEST = 36 if sys.platform == "win32" else 28
 
 
-def _lib():
-    from unicorn.unicorn_py3.unicorn import uclib
-    fn = uclib.qemu_get_cpu_x86_64
-    fn.restype, fn.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_int]
-    return fn
-
-
 class InterruptRequest:
     """The ``interrupt_request`` word of one engine's CPU."""
 
     def __init__(self, uc: Uc):
-        handle = ctypes.cast(uc._uch, ctypes.c_void_p).value
-        cpu = _lib()(handle, -1)
-        if not cpu:
-            raise RuntimeError("Unicorn engine has no CPU")
-        self._word = ctypes.c_uint32.from_address(cpu + OFF_INTERRUPT_REQUEST)
+        from .rawctx import cpu_state_address
+        self._word = ctypes.c_uint32.from_address(cpu_state_address(uc) + OFF_INTERRUPT_REQUEST)
         self._uc = uc                              # the word lives as long as the engine
 
     @property

@@ -32,6 +32,7 @@ import functools
 
 from typing import Callable
 
+from .irqwindow import INTERCEPT_VINTR
 from .rawctx import RawContext
 
 SHADOW_BASE = 0xFD_0000_0000          # below the 40-bit physical limit CPUID reports
@@ -118,7 +119,6 @@ class MsrInterceptor:
     def _set(self, on: bool) -> None:
         intercepts = (INTERCEPT_MSR_PROT | self.extra) if on else 0
         if self.interrupt_window:
-            from .irqwindow import INTERCEPT_VINTR
             intercepts |= INTERCEPT_VINTR
         with RawContext(self.uc) as ctx:
             hf = ctx.hflags

@@ -264,6 +264,62 @@ class RawContext:
         self.hflags = (self.hflags & ~HF_CPL_MASK) | cpl
 
 
+def cpu_state_address(uc: Uc) -> int:
+    """Address of the engine's QEMU ``CPUState`` (``X86CPU``), from the exported ``qemu_get_cpu``.
+
+    Unicorn's one CPU keeps the "unassigned" index, -1.
+    """
+    from unicorn.unicorn_py3.unicorn import uclib
+    fn = uclib.qemu_get_cpu_x86_64
+    fn.restype, fn.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_int]
+    cpu = fn(ctypes.cast(uc._uch, ctypes.c_void_p).value, -1)
+    if not cpu:
+        raise UnsupportedUnicornBuild("qemu_get_cpu found no CPU in this Unicorn engine")
+    return cpu
+
+
+@functools.cache
+def _env_ptr_offset() -> int:
+    """Where ``CPUState.env_ptr`` sits: the word that points at a CPUX86State holding our RAX.
+
+    Found once per process on a probe engine: only words pointing into the
+    X86CPU object itself (CPUState, then the CPUX86State it points at) are
+    followed, so nothing outside that allocation is read.
+    """
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    magic = 0x5845_4E49_434F_524E                        # "XENICORN"
+    uc.reg_write(X.UC_X86_REG_RAX, magic)
+    cpu = cpu_state_address(uc)
+    size = uc.context_save().size - _HDR
+    for off in range(0, 1024, 8):
+        ptr = ctypes.c_uint64.from_address(cpu + off).value
+        if cpu < ptr < cpu + 0x40000 and ctypes.c_uint64.from_address(ptr + OFF_REGS).value == magic:
+            if bytes((ctypes.c_char * size).from_address(ptr)) == RawContext(uc).read_block(0, size):
+                return off
+    raise UnsupportedUnicornBuild("cannot find CPUState.env_ptr in this Unicorn build")
+
+
+class LiveContext(RawContext):
+    """The engine's CPU state itself, not a saved copy: every write takes effect at once.
+
+    ``uc_context_save``/``uc_context_restore`` are a ``memcpy`` of the whole
+    CPUX86State (about 25 KiB) each way; the hot paths that touch one or two
+    fields (every exception a hook handles, the check before every run)
+    read and write them in place instead.
+    """
+
+    def __init__(self, uc: Uc):
+        self.uc = uc
+        self.ctx = None
+        size = uc.context_save().size - _HDR
+        self._ptr = ctypes.c_uint64.from_address(cpu_state_address(uc) + _env_ptr_offset()).value
+        self._mem = memoryview((ctypes.c_char * size).from_address(self._ptr)).cast("B")
+        self.dirty = False
+
+    def commit(self) -> None:
+        self.dirty = False
+
+
 class UnsupportedUnicornBuild(RuntimeError):
     """The Unicorn library differs from the build whose layout is known."""
 

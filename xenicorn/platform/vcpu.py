@@ -46,7 +46,7 @@ from . import icount, irqwindow, stopcheck
 from .stoptimer import StopTimer
 from .msr import MsrInterceptor, EXIT_VECTOR as MSR_EXIT_VECTOR, RDTSC_EXIT_VECTOR
 from .irqwindow import EXIT_VECTOR as IRQ_WINDOW_EXIT_VECTOR
-from .rawctx import (RawContext, flat_code32, flat_data, SegmentCache, HF_INHIBIT_IRQ, HF_CS32, HF_CS64,
+from .rawctx import (RawContext, LiveContext, flat_code32, flat_data, SegmentCache, HF_INHIBIT_IRQ, HF_CS32, HF_CS64,
                      OFF_CR, OFF_EIP, OFF_OLD_EXCEPTION)
 
 if TYPE_CHECKING:
@@ -153,6 +153,7 @@ class VCpu:
         self._window_hook = None
         # The exact, hook-free interrupt window when this Unicorn build allows it
         self._irq_request = irqwindow.InterruptRequest(self.uc) if irqwindow.available() else None
+        self.live = LiveContext(self.uc)         # CPU fields read and written in place
         self.window_exits = 0
         self.stale_exception_states = 0          # see _drop_stale_exception_state
         self._mmio_pages: set[int] = set()
@@ -459,12 +460,10 @@ class VCpu:
         VMCALL (a #UD to Unicorn) ended every run at once, RIP unchanged, no
         hook called: Linux hung at a hypercall. Between runs no exception is
         ever half-delivered (xenicorn delivers them itself), so the field is
-        always stale here. One context copy per run (a few microseconds).
+        always stale here. Read in place (:class:`LiveContext`): no copy.
         """
-        ctx = RawContext(self.uc)
-        if ctx.read(OFF_OLD_EXCEPTION, "<i") != -1:
-            ctx.consume_exception()
-            ctx.commit()
+        if self.live.read(OFF_OLD_EXCEPTION, "<i") != -1:
+            self.live.consume_exception()
             self.stale_exception_states += 1
 
     def _internal_error(self, exc: Exception, pc: int) -> E.Exit:
@@ -614,16 +613,14 @@ class VCpu:
             self.window_exits += 1
             self.request_stop("interrupt-window")
             return
-        ctx = RawContext(uc)
+        ctx = self.live
         if intno == MSR_EXIT_VECTOR:
             write = ctx.error_code == 1
             ctx.consume_exception()
-            ctx.commit()
             self._on_msr(write)
             return
         if intno == RDTSC_EXIT_VECTOR:
             ctx.consume_exception()
-            ctx.commit()
             tsc = self.machine.guest_tsc()
             uc.reg_write(X.UC_X86_REG_RAX, tsc & 0xFFFFFFFF)
             uc.reg_write(X.UC_X86_REG_RDX, (tsc >> 32) & 0xFFFFFFFF)
@@ -638,7 +635,6 @@ class VCpu:
         software = ctx.exception_is_int
         err = ctx.error_code if (intno in ERROR_CODE_VECTORS and not software) else None
         ctx.consume_exception()
-        ctx.commit()
         cr2 = uc.reg_read(X.UC_X86_REG_CR2) if intno == 14 and not software else None
         self.machine.handle_exit(self, E.Exception_(self.pc, intno, err, software, cr2))
 
