@@ -11,7 +11,9 @@ import pytest
 
 from xenicorn.platform import irqwindow
 
-from test_interrupts import protected
+from xenicorn.platform.rawctx import RawContext, SegmentCache, DESC_P
+
+from test_interrupts import protected, TSS
 
 VECTOR = 0x40
 HANDLER = 0x400000 + 16 * VECTOR
@@ -111,3 +113,50 @@ def test_live_context_is_the_engines_cpu_state_not_a_copy():
     assert RawContext(uc).read(OFF_OLD_EXCEPTION, "<i") == 8            # a saved copy sees it too
     live.consume_exception()
     assert RawContext(uc).read(OFF_OLD_EXCEPTION, "<i") == -1
+
+
+@pytest.mark.parametrize("cpl", [0, 3])
+def test_the_engine_delivers_external_interrupts_as_python_does(cpl):
+    """With nobody watching deliveries, the CPU engine delivers the vector itself (VMCB int_vector).
+
+    The frame it pushes, the registers and the handler it enters must be
+    those of xenicorn's own delivery (platform/interrupts.py), which the
+    firmware tests hold to the SDM: same guest, delivered both ways.
+    """
+    from xenicorn.devices.console import ConsoleSink
+    from xenicorn.platform.machine import Machine, MachineConfig
+    from test_interrupts import stack
+    results = []
+    for watched in (False, True):
+        m = Machine(MachineConfig(ram_mib=16, debugcon="none"), console=ConsoleSink(None))
+        vcpu = protected(m, cpl=cpl)
+        with RawContext(vcpu.uc) as ctx:                                    # TR as LTR leaves it: available type
+            ctx.set_segment("tr", SegmentCache(0x28, TSS, 0x67, DESC_P | (0x9 << 8)))
+        m.memory.write(0x100000, bytes.fromhex("90" "90" "f4"))             # nop ; nop ; hlt
+        m.memory.write(HANDLER, bytes.fromhex("f4"))                        # hlt
+        if watched:
+            m.tracer.listeners.append(lambda *a: None)                       # someone watches: Python delivers
+        m.interrupt_source = OneInterrupt(VECTOR)
+        m.config.max_insns = 100_000
+        m.run()
+        sp = vcpu.reg("rsp") & 0xFFFFFFFF
+        regs = {r: vcpu.reg(r) for r in ("rip", "rsp", "rflags", "cs", "ss")}
+        results.append((regs, stack(m, sp, 5 if cpl else 3), vcpu.engine_deliveries))
+        m.close()
+    (engine_regs, engine_frame, n_engine), (python_regs, python_frame, n_python) = results
+    assert n_engine == 1 and n_python == 0
+    assert engine_regs == python_regs and engine_frame == python_frame
+    assert engine_regs["rip"] == HANDLER + 1 and engine_frame[0] == 0x100000   # taken before the first nop
+    if cpl:
+        assert engine_regs["rsp"] & 0xFFFFFFFF == 0x9000 - 20                 # ring-0 stack from the TSS
+
+
+def test_a_tss_the_engine_would_abort_on_is_left_to_python(machine):
+    """QEMU aborts the process on a busy-type TR cache during a stack switch; Python delivers then."""
+    vcpu = protected(machine, cpl=3)                 # the PVH-style busy 32-bit TSS in the TR cache
+    machine.memory.write(0x100000, bytes.fromhex("90" "f4"))
+    machine.memory.write(HANDLER, bytes.fromhex("f4"))
+    machine.interrupt_source = OneInterrupt(VECTOR)
+    machine.run()
+    assert machine.interrupt_source.vector is None and vcpu.engine_deliveries == 0
+    assert vcpu.reg("rip") == HANDLER + 1 and vcpu.reg("rsp") & 0xFFFFFFFF == 0x9000 - 20

@@ -564,6 +564,8 @@ class Machine:
             except TripleFault as tf:
                 self.shutdown("triple-fault", STATUS_CRASH, str(tf))
             return
+        if vcpu.engine_delivery_pending:
+            return                      # one at a time: the engine takes it as the next run starts
         direct = self.xen.callback.direct_pending(vcpu.index) if self.xen is not None else None
         if direct is None and (src is None or not src.pending()):
             vcpu.disarm_interrupt_window()
@@ -581,6 +583,9 @@ class Machine:
         if vector is None:
             return
         vcpu.halted = False
+        if vcpu.engine_delivers():
+            vcpu.engine_deliver(vector)
+            return
         from .interrupts import deliver, EventType, TripleFault
         try:
             deliver(vcpu, vector, EventType.EXTERNAL)

@@ -39,6 +39,7 @@ SHADOW_BASE = 0xFD_0000_0000          # below the 40-bit physical limit CPUID re
 VMCB = SHADOW_BASE
 MSRPM = SHADOW_BASE + 0x1000          # 8 KiB permission map
 VMCB_MSRPM_BASE_PA = 0x48             # vmcb.control.msrpm_base_pa
+VMCB_INT_VECTOR = 0x64                # vmcb.control.int_vector: the virtual interrupt's vector
 SVM_EXIT_MSR = 0x7C
 EXIT_VECTOR = 0x100 + SVM_EXIT_MSR    # what UC_HOOK_INTR reports
 
@@ -79,6 +80,7 @@ class MsrInterceptor:
         self.exits = 0
         self.extra = 0                     # more intercepts while open (RDTSC)
         self.interrupt_window = False      # the VINTR intercept (:mod:`irqwindow`)
+        self._set(False)                   # points vm_vmcb at our VMCB
 
     @property
     def is_open(self) -> bool:
@@ -123,7 +125,8 @@ class MsrInterceptor:
         with RawContext(self.uc) as ctx:
             hf = ctx.hflags
             ctx.hflags = hf | HF_GUEST if intercepts else hf & ~HF_GUEST
-            ctx.write(OFF_VM_VMCB, "<Q", VMCB if intercepts else 0)
+            # always set: a virtual interrupt reads its vector from here, window open or not
+            ctx.write(OFF_VM_VMCB, "<Q", VMCB)
             ctx.write(OFF_INTERCEPT, "<Q", intercepts)
 
     def intercept_rdtsc(self) -> None:

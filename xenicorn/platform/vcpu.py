@@ -44,10 +44,10 @@ from unicorn import x86_const as X
 from . import exits as E
 from . import icount, irqwindow, stopcheck
 from .stoptimer import StopTimer
-from .msr import MsrInterceptor, EXIT_VECTOR as MSR_EXIT_VECTOR, RDTSC_EXIT_VECTOR
+from .msr import MsrInterceptor, EXIT_VECTOR as MSR_EXIT_VECTOR, RDTSC_EXIT_VECTOR, VMCB, VMCB_INT_VECTOR
 from .irqwindow import EXIT_VECTOR as IRQ_WINDOW_EXIT_VECTOR
 from .rawctx import (RawContext, LiveContext, flat_code32, flat_data, SegmentCache, HF_INHIBIT_IRQ, HF_CS32, HF_CS64,
-                     OFF_CR, OFF_EIP, OFF_OLD_EXCEPTION)
+                     OFF_CR, OFF_EIP, OFF_OLD_EXCEPTION, OFF_TR, OFF_HFLAGS, HF_LMA, HF_CPL_MASK)
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -153,6 +153,8 @@ class VCpu:
         self._window_hook = None
         # The exact, hook-free interrupt window when this Unicorn build allows it
         self._irq_request = irqwindow.InterruptRequest(self.uc) if irqwindow.available() else None
+        self._engine_vector: int | None = None   # handed to the CPU engine, not yet delivered
+        self.engine_deliveries = 0
         self.live = LiveContext(self.uc)         # CPU fields read and written in place
         self.window_exits = 0
         self.stale_exception_states = 0          # see _drop_stale_exception_state
@@ -423,6 +425,7 @@ class VCpu:
         finally:
             self._in_emu = False
             timed_out = self.stop_timer.disarm() if timeout_us else False
+            self._engine_delivery_done()
         internal = internal or self._internal
         if self.count_instructions:
             # a stop request lowers the limit: the instruction it was
@@ -511,7 +514,7 @@ class VCpu:
         translation cache, and it is removed as soon as the window opens.
         """
         if self._irq_request is not None:
-            if not self._irq_request.virq:
+            if self._engine_vector is None and not self._irq_request.virq:
                 self.msr.watch_interrupt_window(True)
                 self._irq_request.virq = True
             return
@@ -538,13 +541,66 @@ class VCpu:
 
     def disarm_interrupt_window(self) -> None:
         if self._irq_request is not None:
-            if self._irq_request.virq or self.msr.interrupt_window:
-                self._irq_request.virq = False
+            if self.msr.interrupt_window:
+                if self._engine_vector is None:
+                    self._irq_request.virq = False
                 self.msr.watch_interrupt_window(False)
             return
         if self._window_hook is not None:
             self.uc.hook_del(self._window_hook)
             self._window_hook = None
+
+    # ------------------------------------------------------------------
+    # external interrupts delivered by the CPU engine itself
+    # ------------------------------------------------------------------
+    @property
+    def engine_delivery_pending(self) -> bool:
+        return self._engine_vector is not None
+
+    def engine_delivers(self) -> bool:
+        """May the next external interrupt be delivered by Unicorn instead of Python?
+
+        The same SVM virtual-interrupt request as the window exit, without
+        the VINTR intercept, makes QEMU deliver the vector in the VMCB's
+        ``int_vector`` through the IDT itself, at the first instruction
+        boundary where x86 would (platform/irqwindow.py): no exit, no
+        Python page walks. Python delivers instead whenever someone watches
+        deliveries (``--trace int``, the stepper, gdb) or time is counted in
+        instructions, and when a snapshot could be taken between the
+        request and the run (the request is not part of the CPU context).
+        """
+        m = self.machine
+        return (self._irq_request is not None and not self.count_instructions and not m.tracer.on("int")
+                and not m.tracer.listeners and m.gdb is None and m.monitor is None and not m.save_points
+                and self._engine_can_read_the_tss())
+
+    def _engine_can_read_the_tss(self) -> bool:
+        """Would QEMU's delivery accept the TSS, if it needs one?
+
+        QEMU *aborts the process* (``cpu_abort("invalid tss")``) where a CPU
+        would raise #TS: when a stack switch finds TR not present or, in
+        32-bit mode, its cached type not an *available* TSS. QEMU's own LTR
+        and task switches cache the available type; xenicorn's PVH start
+        state caches the busy type, as hardware does. Any doubt: Python
+        delivers.
+        """
+        flags = self.live.read(OFF_TR + 20, "<I")                   # SegmentCache.flags of TR
+        if not flags & (1 << 15):                                    # not present
+            return False
+        hflags = self.live.read(OFF_HFLAGS, "<I")
+        return bool(hflags & HF_LMA) or ((flags >> 8) & 7) == 1 or not hflags & HF_CPL_MASK
+
+    def engine_deliver(self, vector: int) -> None:
+        """Hand ``vector`` to the CPU engine; it is delivered when the next run starts."""
+        self.uc.mem_write(VMCB + VMCB_INT_VECTOR, struct.pack("<I", vector))
+        self._engine_vector = vector
+        self._irq_request.virq = True
+
+    def _engine_delivery_done(self) -> None:
+        """After a run: the engine clears the request once it has delivered the vector."""
+        if self._engine_vector is not None and not self._irq_request.virq:
+            self._engine_vector = None
+            self.engine_deliveries += 1
 
     @_guarded(None)
     def _on_window_block(self, uc, address, size, _):
