@@ -341,9 +341,13 @@ class XenPlatform:
         TSC *is* the machine clock at 1 GHz, so this equals the machine
         clock exactly.
         """
+        self._fix_time_base()
+        return self._time_at(self.tsc.read())
+
+    def _fix_time_base(self) -> tuple[int, int, int, int]:
         if self.time_base is None:
             self.time_base = (self.tsc.read(), self.machine.clock.now_ns(), *pvclock.scale_for(self.tsc.hz()))
-        return self._time_at(self.tsc.read())
+        return self.time_base
 
     def _time_at(self, tsc: int) -> int:
         base_tsc, base_ns, mul, shift = self.time_base
@@ -415,9 +419,9 @@ class XenPlatform:
 
     def update_time(self, index: int) -> None:
         """Publish the PV clock in vcpu_info.time (and the registered time area)."""
-        self.now_ns()                         # fixes time_base if not yet
+        _, _, mul, shift = self._fix_time_base()
         tsc = self.tsc.read()
-        now, (_, _, mul, shift) = self._time_at(tsc), self.time_base
+        now = self._time_at(tsc)
         info = self.vcpu_info(index)
         if info is not None:
             pvclock.publish(self.machine.memory, info.time_gpa, tsc, now, mul, shift)
