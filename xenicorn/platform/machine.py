@@ -205,10 +205,9 @@ class Machine:
     def pci_gsi(self, slot: int, pin: int) -> int:
         """The GSI (= ISA IRQ below 16) that INTA+``pin`` of ``slot`` reaches: what the _PRT says."""
         from ..devices.pci import PciBus
-        pirq = PciBus.pirq_of(slot << 3, pin + 1)
         if self.config.pci_irqs == "isa":
             return self.pci_pic_irq(slot, pin)
-        return 16 + pirq
+        return 16 + PciBus.pirq_of(slot << 3, pin + 1)
 
     def pci_pic_irq(self, slot: int, pin: int) -> int:
         """The 8259 input (ISA IRQ) that INTA+``pin`` of ``slot`` reaches through the PIIX3."""
@@ -552,7 +551,10 @@ class Machine:
         x86 accepts a maskable interrupt only between instructions, with
         RFLAGS.IF = 1 and outside the one-instruction shadow of STI/MOV SS
         (SDM vol. 3 §6.8.3). When one waits but the window is closed, the
-        vCPU arms a block hook that lives only until the window opens.
+        vCPU asks for an exit when it opens (:mod:`irqwindow`). When it is
+        open, the interrupt controller gives up its vector and either the
+        CPU engine delivers it as the next run starts or, when deliveries
+        are being watched, Python does (``VCpu.engine_delivers``).
         """
         src = self.interrupt_source
         if getattr(src, "nmi_pending", False):
