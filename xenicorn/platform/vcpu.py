@@ -47,7 +47,7 @@ from .stoptimer import StopTimer
 from .msr import MsrInterceptor, EXIT_VECTOR as MSR_EXIT_VECTOR, RDTSC_EXIT_VECTOR, VMCB, VMCB_INT_VECTOR
 from .irqwindow import EXIT_VECTOR as IRQ_WINDOW_EXIT_VECTOR
 from .rawctx import (RawContext, LiveContext, flat_code32, flat_data, SegmentCache, HF_INHIBIT_IRQ, HF_CS32, HF_CS64,
-                     OFF_CR, OFF_EIP, OFF_OLD_EXCEPTION, OFF_TR, OFF_HFLAGS, HF_LMA, HF_CPL_MASK)
+                     OFF_CR, OFF_EIP, OFF_OLD_EXCEPTION, OFF_HFLAGS, HF_LMA, HF_CPL_MASK, DESC_P)
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -584,8 +584,8 @@ class VCpu:
         state caches the busy type, as hardware does. Any doubt: Python
         delivers.
         """
-        flags = self.live.read(OFF_TR + 20, "<I")                   # SegmentCache.flags of TR
-        if not flags & (1 << 15):                                    # not present
+        flags = self.live.segment("tr").flags
+        if not flags & DESC_P:
             return False
         hflags = self.live.read(OFF_HFLAGS, "<I")
         return bool(hflags & HF_LMA) or ((flags >> 8) & 7) == 1 or not hflags & HF_CPL_MASK
