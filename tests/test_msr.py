@@ -106,3 +106,38 @@ def test_intercepted_rdtsc_and_rdtscp_after_int3(machine):
     assert machine.memory.read_u32(0x2000) == 0x5678_9ABC
     assert machine.memory.read_u32(0x2004) == 0x5678_9ABC
     assert machine.memory.read_u32(0x2008) == 7                       # RDTSCP's ECX = TSC_AUX
+
+
+# mov eax,7 ; xor ecx,ecx ; cpuid ; mov [0x2008],edx ; mov ecx,0x10a ; rdmsr ;
+# mov [0x2000],eax ; mov [0x2004],edx ; poweroff
+ARCH_CAP_GUEST = (bytes.fromhex("b807000000" "31c9" "0fa2" "891508200000" "b90a010000" "0f32"
+                                "a300200000" "891504200000") + POWEROFF + CLI_HLT)
+
+
+def test_the_cpu_reports_no_meltdown_class_flaws_through_arch_capabilities(machine):
+    """CPUID.7:EDX[29] offers IA32_ARCH_CAPABILITIES; the MSR answers from the window it opens."""
+    from xenicorn.platform.cpuid import ARCH_CAPABILITIES
+    load(machine, ARCH_CAP_GUEST)
+    assert machine.run() == 0
+    assert machine.memory.read_u32(0x2008) & (1 << 29)
+    value = machine.memory.read_u32(0x2000) | machine.memory.read_u32(0x2004) << 32
+    assert value == ARCH_CAPABILITIES
+    assert value & 1 and value & (1 << 5) and value & (1 << 4)        # RDCL_NO, MDS_NO, SSB_NO
+    assert "arch-capabilities" in machine.vcpu.msr.interests           # open until user mode
+
+
+def test_the_arch_capabilities_window_closes_at_the_first_syscall(machine, monkeypatch):
+    from xenicorn.platform import syscall
+    load(machine, ARCH_CAP_GUEST)
+    machine.run()
+    monkeypatch.setattr(syscall, "do_syscall", lambda vcpu: None)
+    assert machine.vcpu.msr.is_open
+    machine._handle_syscall(machine.vcpu, E.Syscall(0x100000, "syscall"))
+    assert not machine.vcpu.msr.is_open
+
+
+def test_writing_arch_capabilities_is_a_gp(machine, monkeypatch):
+    delivered = []
+    monkeypatch.setattr(machine, "_deliver", lambda vcpu, vector, etype, code=None: delivered.append((vector, code)))
+    machine._arch_capabilities(machine.vcpu, E.Msr(0x100000, 0x10A, True, 0))
+    assert delivered == [(13, 0)]

@@ -11,8 +11,18 @@ Feature bits advertised (SDM vol. 2A, CPUID):
 leaf 1 EDX     FPU VME DE PSE TSC MSR PAE MCE CX8 APIC SEP MTRR PGE MCA CMOV
                PAT PSE36 CLFSH MMX FXSR SSE SSE2
 leaf 1 ECX     SSE3, CX16, POPCNT, and bit 31 "hypervisor present"
+leaf 7 EDX     ARCH_CAPABILITIES: the MSR (0x10A) that says which speculative-
+               execution flaws the CPU does not have (:data:`ARCH_CAPABILITIES`)
 0x80000001     EDX: SYSCALL, NX, LM; ECX: LAHF/SAHF
 =============  ===============================================================
+
+An emulated CPU does not speculate, so it reports itself immune where x86
+has a bit to say so: without that, Linux takes a family 6 model 0x3A CPU
+for vulnerable to Meltdown and friends and turns on page-table isolation
+(a CR3 switch, so a full TLB flush in Unicorn, on every kernel entry and
+exit), buffer clearing on every return to user mode and more: a quarter of
+a Linux boot here. Spectre v1/v2 have no such bit and keep their
+mitigations.
 """
 from __future__ import annotations
 
@@ -35,6 +45,13 @@ LEAF1_EDX = ((1 << 0) | (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (
 LEAF1_ECX = (1 << 0) | (1 << 13) | (1 << 23) | (1 << 31)
 EXT1_EDX = (1 << 11) | (1 << 20) | (1 << 29)
 EXT1_ECX = 1 << 0
+LEAF7_EDX_ARCH_CAPABILITIES = 1 << 29
+MSR_ARCH_CAPABILITIES = 0x10A
+# IA32_ARCH_CAPABILITIES (SDM vol. 4, table 2-2; Linux's msr-index.h names):
+# RDCL_NO 0 (no Meltdown), SSB_NO 4, MDS_NO 5, PSCHANGE_MC_NO 6, TAA_NO 8,
+# SBDR_SSDP_NO 13, FBSDP_NO 14, PSDP_NO 15 (no MMIO stale data), BHI_NO 20,
+# PBRSB_NO 24, GDS_NO 26, RFDS_NO 27, ITS_NO 62.
+ARCH_CAPABILITIES = sum(1 << b for b in (0, 4, 5, 6, 8, 13, 14, 15, 20, 24, 26, 27, 62))
 MAX_BASIC_LEAF = 0x15
 CRYSTAL_HZ = 1_000_000_000            # = the LAPIC timer's bus clock (devices/lapic.py)
 
@@ -70,6 +87,8 @@ class CpuidPolicy:
             while mhz * (CRYSTAL_HZ // 1000) >= 1 << 32:
                 mhz, den = (mhz + 1) // 2, den // 2
             return (den, mhz, CRYSTAL_HZ, 0)
+        if leaf == 7:
+            return (0, 0, 0, LEAF7_EDX_ARCH_CAPABILITIES) if sub == 0 else (0, 0, 0, 0)
         if 2 <= leaf <= MAX_BASIC_LEAF:
             return (0, 0, 0, 0)            # caches, topology, xsave: none described
         if leaf == 0x80000000:

@@ -22,7 +22,9 @@ import time
 from dataclasses import dataclass, field
 
 from . import exits as E
-from .cpuid import CpuidPolicy
+from .cpuid import CpuidPolicy, ARCH_CAPABILITIES, LEAF7_EDX_ARCH_CAPABILITIES, MSR_ARCH_CAPABILITIES
+
+ARCH_CAPABILITIES_INTEREST = "arch-capabilities"     # the MSR window while the kernel starts
 from .memory import GuestMemory, PAGE_SIZE
 from .trace import Tracer, disassemble
 from .vcpu import VCpu
@@ -106,7 +108,8 @@ class Machine:
         self.xen = None                      # the Xen layer, when built with one
         self._console_input: collections.deque = collections.deque()
         self.interrupt_source = None         # object with pending()/acknowledge(): the APIC/PIC
-        self.msr_handlers: dict = {}         # msr -> handler(vcpu, Msr exit), see platform/msr.py
+        self.msr_handlers: dict = {          # msr -> handler(vcpu, Msr exit), see platform/msr.py
+            MSR_ARCH_CAPABILITIES: self._arch_capabilities}
         counting = (self.config.count_instructions or bool(self.config.max_insns)
                     or self.config.clock == "deterministic" or bool(self.config.gdb))
         self.vcpus = [VCpu(self, 0, count_instructions=counting)]
@@ -659,6 +662,11 @@ class Machine:
 
     def _handle_cpuid(self, vcpu: VCpu, ex: E.Cpuid) -> E.Action:
         ex.result = self.cpuid.query(ex.leaf, ex.subleaf, vcpu.index)
+        if ex.leaf == 7 and ex.result[3] & LEAF7_EDX_ARCH_CAPABILITIES:
+            # The kernel is looking at its features and may read the MSR (Unicorn
+            # would answer 0, "vulnerable to everything"): catch it until user mode.
+            vcpu.msr.watch(MSR_ARCH_CAPABILITIES, read=True, write=True)
+            vcpu.msr.open(ARCH_CAPABILITIES_INTEREST)
         if self.tracer.on("cpuid"):
             self.tracer.emit("cpuid", f"leaf {ex.leaf:#x}.{ex.subleaf} -> "
                              + " ".join(f"{r:#010x}" for r in ex.result))
@@ -711,7 +719,18 @@ class Machine:
             etype = EventType.HARDWARE_EXCEPTION
         return self._deliver(vcpu, ex.vector, etype, ex.error_code)
 
+    def _arch_capabilities(self, vcpu: VCpu, ex: E.Msr):
+        """RDMSR 0x10A: the flaws this CPU does not have (cpuid.ARCH_CAPABILITIES); read-only."""
+        if ex.write:
+            from .interrupts import EventType
+            return self._deliver(vcpu, 13, EventType.HARDWARE_EXCEPTION, 0)
+        ex.value = ARCH_CAPABILITIES
+        return E.Action.CONTINUE
+
     def _handle_syscall(self, vcpu: VCpu, ex: E.Syscall) -> E.Action:
+        # User mode has started: the kernel has read its capabilities. Close the
+        # MSR window they needed (an open window slows plain code ~9%).
+        vcpu.msr.close(ARCH_CAPABILITIES_INTEREST)
         from . import syscall
         (syscall.do_syscall if ex.insn == "syscall" else syscall.do_sysenter)(vcpu)
         return E.Action.CONTINUE

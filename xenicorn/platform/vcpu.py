@@ -174,7 +174,12 @@ class VCpu:
         uc.hook_add(UC_HOOK_INSN, self._on_out, None, NO_RIP, NO_RIP, X.UC_X86_INS_OUT)
         uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
         uc.hook_add(UC_HOOK_INTR, self._on_intr)
-        uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
+        # Only where there is no RAM: Unicorn never lets a store clear a
+        # page's "not dirty" TLB flag if any memory hook, even an unmapped
+        # one, covers that page, so a hook over all of memory sent every
+        # guest store down the slow path (docs/unicorn-notes.md).
+        for begin, end in self._gaps_in(machine.memory.ram_regions):
+            uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped, None, begin, end)
         self.msr = MsrInterceptor(uc)
         # No "until" address. At the end of every emu_start Unicorn flushes
         # the block at until-1, translating that address as an instruction
@@ -368,6 +373,17 @@ class VCpu:
             icount.stop_before_next_instruction(self.uc)
         else:
             stopcheck.soft_stop(self.uc)
+
+    @staticmethod
+    def _gaps_in(ram_regions) -> list[tuple[int, int]]:
+        """Inclusive physical ranges not covered by RAM, up to 2^64 - 1."""
+        gaps, cur = [], 0
+        for base, length, _ in sorted(ram_regions):
+            if base > cur:
+                gaps.append((cur, base - 1))
+            cur = max(cur, base + length)
+        gaps.append((cur, (1 << 64) - 1))
+        return gaps
 
     def _keep_callbacks_alive(self, uc: Uc) -> None:
         """Hold the ctypes thunks of deleted hooks and unmapped MMIO ranges.
