@@ -160,3 +160,13 @@ def test_a_tss_the_engine_would_abort_on_is_left_to_python(machine):
     machine.run()
     assert machine.interrupt_source.vector is None and vcpu.engine_deliveries == 0
     assert vcpu.reg("rip") == HANDLER + 1 and vcpu.reg("rsp") & 0xFFFFFFFF == 0x9000 - 20
+
+
+def test_the_unmapped_memory_hook_leaves_ram_alone():
+    """Unicorn keeps stores to any page a memory hook covers on its slow path: the hook covers gaps only."""
+    from xenicorn.platform.vcpu import VCpu
+    top = (1 << 64) - 1
+    assert VCpu._gaps_in([(0, 0x1000000, 0)]) == [(0x1000000, top)]
+    assert VCpu._gaps_in([(0x100000000, 0x1000, 0x2000), (0, 0xC0000000, 0)]) == [
+        (0xC0000000, 0xFFFFFFFF), (0x100001000, top)]
+    assert VCpu._gaps_in([(0x1000, 0x1000, 0)]) == [(0, 0xFFF), (0x2000, top)]
