@@ -448,3 +448,28 @@ def test_debian_kernel_reaches_userspace_through_the_platform_pci_interrupt(tmp_
         assert "ACPI: Using PIC for interrupt routing" in text
     else:
         assert "ACPI: Using IOAPIC for interrupt routing" in text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_debian_kernel_reaches_userspace_as_a_pvh_guest(tmp_path):
+    """The vmlinux inside the bzImage, through its PVH entry, with Xen's PV console.
+
+    A PVH guest has no 8259 (hardware-reduced ACPI), so its console is hvc0:
+    Linux's hvc driver over the console ring and its event channel.
+    """
+    from xenicorn.devices.console import ConsoleSink
+    from xenicorn.linux import debian, guest
+    try:
+        vmlinux, initrd = guest.kernel(), guest.initramfs()
+    except (debian.PackageError, OSError) as e:
+        pytest.skip(f"Debian's kernel is not cached and cannot be downloaded: {e}")
+    sink = ConsoleSink(None)
+    config = MachineConfig(ram_mib=512, cmdline=guest.PVH_CMDLINE, serial="none", timeout=240, debugcon="none")
+    machine, _ = boot(config, vmlinux, initrd=initrd, protocol="pvh", console=sink)
+    machine.run()
+    text = bytes(sink.data).decode(errors="replace")
+    assert machine.shutdown_reason == "poweroff", machine.shutdown_message + text[-3000:]
+    assert "Booting kernel on Xen PVH" in text, text[:3000]
+    counts = _interrupt_lines(text)
+    assert counts["hvc_console"][0] > 0 and counts["timer0"][0] > 0, text[-2000:]

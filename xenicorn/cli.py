@@ -144,8 +144,8 @@ def run(args: argparse.Namespace) -> int:
         args.kernel, initrd = _debian_guest(args.kernel_deb, protocol)
         args.initrd = args.initrd or initrd
         if args.append is None:
-            from .linux.guest import DEFAULT_CMDLINE
-            args.append = DEFAULT_CMDLINE
+            from .linux.guest import DEFAULT_CMDLINE, PVH_CMDLINE
+            args.append = PVH_CMDLINE if protocol == "pvh" else DEFAULT_CMDLINE
     elif not args.kernel:
         raise UsageError("no kernel: give KERNEL (a file or a firmware name) or --kernel-deb PACKAGE")
     if protocol == "linux" and args.load_addr is not None:
