@@ -159,3 +159,28 @@ def test_a_package_is_unpacked_into_the_cache_once(tmp_path, monkeypatch):
     fs = initramfs.parse(open(guest.initramfs(), "rb").read())
     assert fs["bin/busybox"].data == b"\x7fELF fake busybox" and guest.MARKER.encode() in fs["init"].data
     assert downloads == ["linux-image-test", "linux-image-test", "busybox-static"]
+
+
+def test_a_metapackage_is_resolved_once_a_day_and_remembered_offline(tmp_path, monkeypatch):
+    """apt-cache costs ~0.8 s a run: its answer is kept a day, and serves when apt-cache fails."""
+    from xenicorn.linux import guest
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    calls = []
+
+    def resolve(package):
+        calls.append(package)
+        if len(calls) > 2:
+            raise debian.PackageError("apt-cache: no package lists")
+        return f"linux-image-{len(calls)}"
+    monkeypatch.setattr(debian, "resolve", resolve)
+    cache = guest.cache_dir()
+    assert guest._resolve(cache, "linux-image-cloud-amd64") == "linux-image-1"
+    assert guest._resolve(cache, "linux-image-cloud-amd64") == "linux-image-1" and len(calls) == 1
+    path = os.path.join(cache, "resolved-linux-image-cloud-amd64")
+    day_old = os.path.getmtime(path) - guest.RESOLVE_TTL_S - 1
+    os.utime(path, (day_old, day_old))
+    assert guest._resolve(cache, "linux-image-cloud-amd64") == "linux-image-2" and len(calls) == 2
+    os.utime(path, (day_old, day_old))
+    assert guest._resolve(cache, "linux-image-cloud-amd64") == "linux-image-2"   # apt-cache failed: remembered
+    with pytest.raises(debian.PackageError):
+        guest._resolve(cache, "linux-image-other")                              # nothing remembered
