@@ -54,9 +54,10 @@ def _run_options(r: argparse.ArgumentParser) -> None:
                         "unpack its vmlinux, and (without --initrd) a busybox initramfs; cached")
     r.add_argument("-m", "--memory", type=_int, default=None, metavar="MiB",
                    help="guest RAM (default 128, 512 with --kernel-deb)")
+    from .linux.guest import DEFAULT_CMDLINE, PVH_CMDLINE
     r.add_argument("--append", "-append", default=None, metavar="CMDLINE",
-                   help="kernel command line (with --kernel-deb, default: "
-                        "'console=ttyS0 panic=-1 cryptomgr.notests')")
+                   help=f"kernel command line (with --kernel-deb, default: '{DEFAULT_CMDLINE}'; "
+                        f"with --boot pvh too: '{PVH_CMDLINE}')")
     r.add_argument("--initrd", "-initrd", metavar="FILE",
                    help="initrd: module 0 of hvm_start_info (pvh), the zero page's ramdisk (linux)")
     r.add_argument("--load-addr", type=_int, metavar="ADDR", help="load KERNEL as a flat binary here")

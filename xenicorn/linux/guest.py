@@ -46,12 +46,16 @@ def cache_dir() -> str:
 def _cached(path: str, make) -> str:
     """``path``, written from ``make()`` the first time (whole or not at all: via a .part file)."""
     if not os.path.exists(path):
-        data = make()
-        tmp = path + ".part"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        _write_whole(path, make())
     return path
+
+
+def _write_whole(path: str, data: bytes) -> None:
+    """Write ``path`` whole or not at all (through a .part file)."""
+    tmp = path + ".part"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 RESOLVE_TTL_S = 24 * 3600
@@ -78,15 +82,8 @@ def _resolve(cache: str, package: str) -> str:
         if remembered:
             return remembered
         raise
-    _cached_text(path, name)
+    _write_whole(path, name.encode())
     return name
-
-
-def _cached_text(path: str, text: str) -> None:
-    tmp = path + ".part"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _vmlinuz(cache: str, name: str) -> bytes:
