@@ -36,9 +36,9 @@ stops the run there; Python injects the interrupt. Disarming clears both.
 ``qemu_get_cpu`` (Unicorn's one CPU has index -1, "unassigned"), and
 ``interrupt_request`` is a ``uint32_t`` at a fixed offset of this pinned build
 (after eight bytes of counts, a thread pointer and seven bools).
-:func:`selftest` checks all of it against behaviour: ``cli; sti; nop; nop``
-must exit exactly after the ``nop`` in STI's shadow, and a loop with IF=0
-must not exit at all. A build where that fails keeps the block hook.
+:func:`available` checks all of it against behaviour: ``cli; nop; sti; nop;
+nop`` must exit exactly after the ``nop`` in STI's shadow, and a loop with
+IF=0 must not exit at all. A build where that fails keeps the block hook.
 """
 from __future__ import annotations
 

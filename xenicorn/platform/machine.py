@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 
 from . import exits as E
 from .cpuid import CpuidPolicy, ARCH_CAPABILITIES, LEAF7_EDX_ARCH_CAPABILITIES, MSR_ARCH_CAPABILITIES
-
-ARCH_CAPABILITIES_INTEREST = "arch-capabilities"     # the MSR window while the kernel starts
 from .memory import GuestMemory, PAGE_SIZE
 from .trace import Tracer, disassemble
 from .vcpu import VCpu
@@ -40,6 +38,7 @@ HOST_NS_PER_INSN_GUESS = 10.0      # a counting vCPU on host time runs at ~100 M
 IO_PORT_NS = 1000                  # deterministic time: one port access, as on an ISA bus
 
 
+ARCH_CAPABILITIES_INTEREST = "arch-capabilities"     # the MSR window while the kernel starts
 RECENT_EXITS = 12                        # exits kept for the report after a crash or hang
 PCI_ISA_IRQS = (10, 10, 11, 11)          # PIRQ A-D with pci_irqs="isa", as SeaBIOS routes them
 
@@ -60,11 +59,11 @@ class MachineConfig:
     ns_per_insn: float = 1.0             # deterministic time: guest ns per instruction
     xen: bool = True                     # the Xen HVM platform (CPUID leaves, hypercalls)
     callback_deassert: str = "poll"      # poll | eoi: how Xen's level callback line drops
-    # apic: PIRQ n is wired to IOAPIC input 16+n (and to the 8259 only if the
-    # guest routes it in the PIIX3), as on QEMU's q35; isa: the firmware routes
-    # PIRQ A-D to ISA IRQs 10,10,11,11 in the PIIX3 and that ISA IRQ is the only
-    # way in, to the 8259 and IOAPIC input n, as SeaBIOS on QEMU's i440FX. The
-    # ACPI _PRT and the MP table describe whichever is chosen.
+    # apic: PIRQ n is wired to IOAPIC input 16+n, as on QEMU's q35, and to the
+    # 8259 input the PIIX3 routes it to (the firmware sets 10,10,11,11) for an OS
+    # in 8259 mode; isa: that ISA IRQ is the only way in, to the 8259 and IOAPIC
+    # input n, as SeaBIOS on QEMU's i440FX. The ACPI _PRT (per interrupt model)
+    # and the MP table describe whichever is chosen.
     pci_irqs: str = "apic"
     gnttab_max_frames: int = 64          # grant table frames the guest may use
     qmp: str = ""                        # -qmp unix:PATH,server,wait=off

@@ -394,8 +394,8 @@ class VCpu:
         ``_CallPythonObject`` with a NULL callable, about one boot in four).
         Releasing them when the next ``emu_start`` returns was not enough
         (measured: still 2 in 6), keeping them was (0 in 6), so they are kept:
-        the last 65,536 deleted hooks (the interrupt-window hook comes and
-        goes; a few hundred bytes each) and every unmapped MMIO range (only
+        the last 65,536 deleted hooks (the callback poll hook and the
+        fallback interrupt-window hook come and go; a few hundred bytes each) and every unmapped MMIO range (only
         overlays move those). docs/unicorn-notes.md.
         """
         self._retired_callbacks: collections.deque = collections.deque(maxlen=1 << 16)
