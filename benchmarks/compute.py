@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from xenicorn.devices.console import ConsoleSink                     # noqa: E402
-from xenicorn.platform.machine import Machine, MachineConfig           # noqa: E402
+from xenicorn.machine.machine import Machine, MachineConfig  # noqa: E402
 
 BASE = 0x100000
 VARIANTS = {"registers": (0x000, 0x080), "load": (0x100, 0x180), "store": (0x200, 0x280)}

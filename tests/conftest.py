@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from xenicorn.devices.console import ConsoleSink
-from xenicorn.platform.machine import Machine, MachineConfig
+from xenicorn.machine.machine import Machine, MachineConfig
 
 
 @pytest.fixture
@@ -27,6 +27,6 @@ class InstructionCount:
 
 def deterministic_clock():
     """(clock, counter): advance guest time by adding to ``counter.n``."""
-    from xenicorn.platform.clock import VirtualClock
+    from xenicorn.machine.clock import VirtualClock
     counter = InstructionCount()
     return VirtualClock("deterministic", instructions=counter), counter

@@ -3,10 +3,10 @@ import struct
 
 from xenicorn import firmware
 from xenicorn.devices.console import ConsoleSink
-from xenicorn.platform import acpi
-from xenicorn.platform import exits as E
-from xenicorn.platform.loader import START_INFO_RSDP
-from xenicorn.platform.machine import MachineConfig, boot
+from xenicorn.boot import acpi
+from xenicorn import exits as E
+from xenicorn.boot.loader import START_INFO_RSDP
+from xenicorn.machine.machine import MachineConfig, boot
 
 
 def booted(**kw):

@@ -109,7 +109,7 @@ def test_max_insns_stops_exactly(tmp_path):
 
 def test_max_insns_counts_exactly_through_the_api():
     from xenicorn.devices.console import ConsoleSink
-    from xenicorn.platform.machine import MachineConfig, boot
+    from xenicorn.machine.machine import MachineConfig, boot
     machine, _ = boot(MachineConfig(max_insns=1000), firmware.find("spin32"), console=ConsoleSink(None))
     assert machine.run() == 124
     assert machine.vcpu.instructions == 1000
@@ -135,5 +135,5 @@ def test_serial_output_to_a_file(tmp_path):
 def test_pci_irqs_defaults_to_the_machines_wiring():
     """The CLI and MachineConfig agree on the PCI interrupt wiring a run gets by default."""
     from xenicorn.cli import _parser
-    from xenicorn.platform.machine import MachineConfig
+    from xenicorn.machine.machine import MachineConfig
     assert _parser().parse_args(["run", "hello64"]).pci_irqs == MachineConfig().pci_irqs == "apic"

@@ -1,7 +1,7 @@
 """The machine clock: timer ordering, cancelling, deterministic time."""
 import pytest
 
-from xenicorn.platform.clock import VirtualClock
+from xenicorn.machine.clock import VirtualClock
 
 
 class Counter:

@@ -22,15 +22,8 @@ import pytest
 from unicorn.x86_const import UC_X86_REG_XMM0
 
 from xenicorn.devices.console import ConsoleSink
-from xenicorn.platform.gdbstub import (
-    MAX_WATCH,
-    GdbStub,
-    checksum,
-    frame,
-    parse_spec,
-    target_xml,
-)
-from xenicorn.platform.machine import Machine, MachineConfig
+from xenicorn.debug.gdbstub import MAX_WATCH, GdbStub, checksum, frame, parse_spec, target_xml
+from xenicorn.machine.machine import Machine, MachineConfig
 
 ENTRY = 0x100000
 COUNTER, FLAG = 0x101000, 0x101004
@@ -345,7 +338,7 @@ def test_a_client_that_disconnects_leaves_the_machine_running(session):
 
 def test_a_client_that_stops_reading_is_dropped_not_waited_for(monkeypatch):
     """Replies are sent from the machine's thread: a full socket must not hang the machine."""
-    from xenicorn.platform import gdbstub
+    from xenicorn.debug import gdbstub
     monkeypatch.setattr(gdbstub, "SEND_TIMEOUT_S", 0.3)
     m = build_machine()
     m.gdb = GdbStub(m, "127.0.0.1", 0, wait=True)
@@ -452,7 +445,7 @@ def test_unicorn_facts_the_stub_relies_on():
     )
     from unicorn import x86_const as X
 
-    from xenicorn.platform import icount
+    from xenicorn.engine import icount
     uc = Uc(UC_ARCH_X86, UC_MODE_32)
     uc.mem_map(0, 0x10000)
     # inc dword [0x3000]; out 0xe9, al; vmcall; inc ebx; jmp 0x1000

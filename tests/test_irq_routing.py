@@ -62,7 +62,7 @@ def _prt(machine, table: str = "PRTA") -> list[tuple[int, int, int]]:
 
     PRTA is what _PRT returns in the IOAPIC model, PRTP in the 8259 model.
     """
-    from xenicorn.platform import acpi
+    from xenicorn.boot import acpi
     rsdp = acpi.write(machine, hw_reduced=False)
     dsdt = acpi.parse(machine.memory.read, rsdp)[b"DSDT"]
     body = dsdt[dsdt.index(b"\x08" + table.encode()) + 5:]
@@ -91,7 +91,7 @@ def _prt(machine, table: str = "PRTA") -> list[tuple[int, int, int]]:
 
 def test_prt_is_a_method_that_answers_per_interrupt_model(machine):
     """_PIC(0) (8259) or _PIC(1) (IOAPIC) picks the table, as in Xen's and QEMU's DSDTs."""
-    from xenicorn.platform import acpi
+    from xenicorn.boot import acpi
     dsdt = acpi.parse(machine.memory.read, acpi.write(machine, hw_reduced=False))[b"DSDT"]
     assert b"_PIC\x01\x70\x68PICF" in dsdt                          # Method (_PIC, 1) { PICF = Arg0 }
     assert b"_PRT\x00\xa0\x0b\\PICF\xa4PRTA\xa4PRTP" in dsdt   # If (\PICF) { Return (PRTA) } Return (PRTP)
@@ -117,7 +117,7 @@ def test_prt_matches_the_apic_wiring(machine):
 
 def test_isa_wiring_routes_pci_interrupts_to_irq_10_and_11():
     """isa: SeaBIOS's routing on QEMU's i440FX; the PIRQ reaches the 8259 and IOAPIC input 10/11 only."""
-    from xenicorn.platform.machine import Machine, MachineConfig
+    from xenicorn.machine.machine import Machine, MachineConfig
     m = Machine(MachineConfig(ram_mib=16, debugcon="none", pci_irqs="isa"))
     assert [m.piix3.pirq_route(p) for p in range(4)] == [10, 10, 11, 11]
     prt = _prt(m)

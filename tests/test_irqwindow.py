@@ -3,15 +3,15 @@
 While an interrupt waits and the guest has interrupts off, the vCPU asks for
 an exit when IF becomes 1 (after STI's one-instruction shadow, after POPF
 or IRET). xenicorn gets it from QEMU's own window check as an SVM VINTR exit
-(platform/irqwindow.py): no block hook, no translation flush.
+(engine/irqwindow.py): no block hook, no translation flush.
 """
 import struct
 
 import pytest
 
-from xenicorn.platform import irqwindow
+from xenicorn.engine import irqwindow
 
-from xenicorn.platform.rawctx import RawContext, SegmentCache, DESC_P
+from xenicorn.engine.rawctx import RawContext, SegmentCache, DESC_P
 
 from test_interrupts import protected, TSS
 
@@ -102,7 +102,7 @@ def test_live_context_is_the_engines_cpu_state_not_a_copy():
     """LiveContext reads and writes CPUX86State in place (found through qemu_get_cpu)."""
     from unicorn import Uc, UC_ARCH_X86, UC_MODE_64
     from unicorn import x86_const as X
-    from xenicorn.platform.rawctx import LiveContext, RawContext, OFF_REGS, OFF_OLD_EXCEPTION
+    from xenicorn.engine.rawctx import LiveContext, RawContext, OFF_REGS, OFF_OLD_EXCEPTION
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     live = LiveContext(uc)
     uc.reg_write(X.UC_X86_REG_RBX, 0x1234)
@@ -120,11 +120,11 @@ def test_the_engine_delivers_external_interrupts_as_python_does(cpl):
     """With nobody watching deliveries, the CPU engine delivers the vector itself (VMCB int_vector).
 
     The frame it pushes, the registers and the handler it enters must be
-    those of xenicorn's own delivery (platform/interrupts.py), which the
+    those of xenicorn's own delivery (x86/interrupts.py), which the
     firmware tests hold to the SDM: same guest, delivered both ways.
     """
     from xenicorn.devices.console import ConsoleSink
-    from xenicorn.platform.machine import Machine, MachineConfig
+    from xenicorn.machine.machine import Machine, MachineConfig
     from test_interrupts import stack
     results = []
     for watched in (False, True):
@@ -164,7 +164,7 @@ def test_a_tss_the_engine_would_abort_on_is_left_to_python(machine):
 
 def test_the_unmapped_memory_hook_leaves_ram_alone():
     """Unicorn keeps stores to any page a memory hook covers on its slow path: the hook covers gaps only."""
-    from xenicorn.platform.vcpu import VCpu
+    from xenicorn.engine.vcpu import VCpu
     top = (1 << 64) - 1
     assert VCpu._gaps_in([(0, 0x1000000, 0)]) == [(0x1000000, top)]
     assert VCpu._gaps_in([(0x100000000, 0x1000, 0x2000), (0, 0xC0000000, 0)]) == [

@@ -20,11 +20,11 @@ from xenicorn.devices.console import ConsoleSink
 from xenicorn.devices.ioapic import IOAPIC_BASE
 from xenicorn.devices.ioapic import VERSION as IOAPIC_VERSION
 from xenicorn.devices.lapic import LAPIC_BASE
-from xenicorn.platform import acpi, mptable
-from xenicorn.platform import linuxboot as lb
-from xenicorn.platform.loader import LoadError
-from xenicorn.platform.machine import Machine, MachineConfig, boot
-from xenicorn.platform.memory import E820_RESERVED, GuestMemory
+from xenicorn.boot import acpi, mptable
+from xenicorn.boot import linuxboot as lb
+from xenicorn.boot.loader import LoadError
+from xenicorn.machine.machine import Machine, MachineConfig, boot
+from xenicorn.machine.memory import E820_RESERVED, GuestMemory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

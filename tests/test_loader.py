@@ -4,9 +4,8 @@ import struct
 import pytest
 
 from xenicorn import firmware
-from xenicorn.platform.loader import (HVM_START_MAGIC, LoadError, load_elf, load_flat, load_module,
-                                      write_start_info)
-from xenicorn.platform.memory import GuestMemory
+from xenicorn.boot.loader import HVM_START_MAGIC, LoadError, load_elf, load_flat, load_module, write_start_info
+from xenicorn.machine.memory import GuestMemory
 
 
 def image(name):

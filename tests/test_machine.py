@@ -1,7 +1,7 @@
 """The run loop and exit dispatch, with synthetic exits and tiny guests."""
 import struct
 
-from xenicorn.platform import exits as E
+from xenicorn import exits as E
 
 ENTRY = 0x100000
 
@@ -131,7 +131,7 @@ def test_mmio_device_sees_guest_loads_and_stores_as_offsets(machine):
 
 def test_cpuid_leaf_15_gives_the_tsc_rate_and_the_lapic_crystal(machine):
     """Linux computes crystal_kHz * EBX / EAX in 32 bits and sets the LAPIC timer period from ECX."""
-    from xenicorn.platform.cpuid import CRYSTAL_HZ
+    from xenicorn.x86.cpuid import CRYSTAL_HZ
     assert machine.cpuid.query(0, 0)[0] >= 0x15
     eax, ebx, ecx, edx = machine.cpuid.query(0x15, 0)
     assert ecx == CRYSTAL_HZ == 1_000_000_000                       # the LAPIC timer's bus clock

@@ -12,8 +12,8 @@ import struct
 
 from unicorn import x86_const as X
 
-from xenicorn.platform import exits as E
-from xenicorn.platform.machine import Machine, MachineConfig
+from xenicorn import exits as E
+from xenicorn.machine.machine import Machine, MachineConfig
 
 # PML4 0x10000 -> PDPT 0x11000 -> PD 0x12000: [0] = 2 MiB identity page,
 # [3] (virtual 0x600000) -> PT 0x13000 whose first entry maps physical 0x5000

@@ -3,8 +3,8 @@ import struct
 
 from unicorn import x86_const as X
 
-from xenicorn.platform import exits as E
-from xenicorn.platform.msr import msrpm_position
+from xenicorn import exits as E
+from xenicorn.engine.msr import msrpm_position
 
 from test_machine import POWEROFF, CLI_HLT, load
 
@@ -116,7 +116,7 @@ ARCH_CAP_GUEST = (bytes.fromhex("b807000000" "31c9" "0fa2" "891508200000" "b90a0
 
 def test_the_cpu_reports_no_meltdown_class_flaws_through_arch_capabilities(machine):
     """CPUID.7:EDX[29] offers IA32_ARCH_CAPABILITIES; the MSR answers from the window it opens."""
-    from xenicorn.platform.cpuid import ARCH_CAPABILITIES
+    from xenicorn.x86.cpuid import ARCH_CAPABILITIES
     load(machine, ARCH_CAP_GUEST)
     assert machine.run() == 0
     assert machine.memory.read_u32(0x2008) & (1 << 29)
@@ -127,7 +127,7 @@ def test_the_cpu_reports_no_meltdown_class_flaws_through_arch_capabilities(machi
 
 
 def test_the_arch_capabilities_window_closes_at_the_first_syscall(machine, monkeypatch):
-    from xenicorn.platform import syscall
+    from xenicorn.x86 import syscall
     load(machine, ARCH_CAP_GUEST)
     machine.run()
     monkeypatch.setattr(syscall, "do_syscall", lambda vcpu: None)

@@ -7,8 +7,7 @@ random tables, since that is the MMU the guest really runs on.
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from xenicorn.platform.paging import (PF_I, PF_P, PF_RSVD, PF_U, PF_W, PageFault, PagingRegs, Translation,
-                                      translate)
+from xenicorn.x86.paging import PF_I, PF_P, PF_RSVD, PF_U, PF_W, PageFault, PagingRegs, Translation, translate
 
 P, RW, US, A, D, PS = 1, 2, 4, 0x20, 0x40, 0x80
 XD = 1 << 63
@@ -208,7 +207,7 @@ def _unicorn_access(leaf_flags, upper_flags, access, cpl3, wp, nxe):
     """Run one access in Unicorn (long mode) and report fault or value."""
     from unicorn import Uc, UC_ARCH_X86, UC_MODE_64, UC_HOOK_INTR
     from unicorn import x86_const as X
-    from xenicorn.platform.rawctx import RawContext, flat_code64, flat_data
+    from xenicorn.engine.rawctx import RawContext, flat_code64, flat_data
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     uc.mem_map(0, 0x400000)
     mem = Phys()

@@ -2,7 +2,7 @@
 import pytest
 from hypothesis import given, strategies as st
 
-from xenicorn.platform.memory import GuestMemory
+from xenicorn.machine.memory import GuestMemory
 from xenicorn.xen import pvclock
 
 

@@ -17,9 +17,9 @@ import pytest
 
 from xenicorn import firmware
 from xenicorn.devices.console import ConsoleSink
-from xenicorn.platform import devstate
-from xenicorn.platform.machine import MachineConfig, boot
-from xenicorn.platform.snapshot import MAGIC, SnapshotError, capture, decode, encode
+from xenicorn.snapshot import devstate
+from xenicorn.machine.machine import MachineConfig, boot
+from xenicorn.snapshot import MAGIC, SnapshotError, capture, decode, encode
 
 # Host-side or per-run transient attributes, not machine state: host objects
 # (engine, threads, streams, sockets), the mmap's host address, a host

@@ -14,8 +14,8 @@ import pytest
 
 from xenicorn import firmware
 from xenicorn.devices.console import ConsoleSink
-from xenicorn.platform import stepper as S
-from xenicorn.platform.machine import MachineConfig, boot
+from xenicorn.debug import stepper as S
+from xenicorn.machine.machine import MachineConfig, boot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = {"poll", "poll-hook", "via", "line-lower", "pic-int-low"}

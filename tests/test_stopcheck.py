@@ -10,10 +10,10 @@ Unicorn's double-fault bookkeeping.
 from unicorn import Uc, UcError, UC_ARCH_X86, UC_MODE_64
 from unicorn import x86_const as X
 
-from xenicorn.platform import stopcheck
-from xenicorn.platform.stoptimer import StopTimer
-from xenicorn.platform.machine import MachineConfig
-from xenicorn.platform.rawctx import RawContext, OFF_OLD_EXCEPTION
+from xenicorn.engine import stopcheck
+from xenicorn.engine.stoptimer import StopTimer
+from xenicorn.machine.machine import MachineConfig
+from xenicorn.engine.rawctx import RawContext, OFF_OLD_EXCEPTION
 
 # L: inc ecx ; inc dword [0x2000] ; add dword [0x2004], 3 ; jmp L
 LOOP = bytes.fromhex("ffc1" "ff042500200000" "8304250420000003" "ebed")
@@ -73,7 +73,7 @@ def test_run_ends_leave_cr2_and_the_double_fault_state_alone():
     """A 64-bit paged guest stopped many times: no phantom #PF from the run end."""
     from xenicorn import firmware
     from xenicorn.devices.console import ConsoleSink
-    from xenicorn.platform.machine import boot
+    from xenicorn.machine.machine import boot
     machine, _ = boot(MachineConfig(debugcon="none"), firmware.find("hello64"), console=ConsoleSink(None))
     vcpu = machine.vcpu
     # run until paging is on, then stop it repeatedly at block boundaries
@@ -115,7 +115,7 @@ def test_emu_stop_inside_a_device_write_replays_it_in_counting_mode():
 
 
 def test_a_lowered_count_limit_stops_right_after_the_device_write():
-    from xenicorn.platform import icount
+    from xenicorn.engine import icount
     uc, writes = _mmio_stop_engine(icount.stop_before_next_instruction)
     assert writes == [1] and uc.reg_read(X.UC_X86_REG_RIP) == 0x100B     # the next instruction
     assert uc.mem_read(0x2000, 4) == bytes(4)                              # ... which has not run
@@ -159,7 +159,7 @@ def test_a_pending_stop_skips_the_cpuid_hook():
 def test_the_vcpu_keeps_its_cpuid_with_a_stop_pending():
     """Our hook order: CPUID first, IN/OUT out of the way, so a pending stop cannot skip it."""
     from unicorn import UC_HOOK_CODE
-    from xenicorn.platform.machine import Machine
+    from xenicorn.machine.machine import Machine
     m = Machine(MachineConfig(xen=False, debugcon="none"))
     m.memory.write(0x1000, bytes.fromhex("90" "31c0" "0fa2" "f4"))      # nop ; xor eax,eax ; cpuid ; hlt
     uc = m.vcpu.uc
@@ -175,7 +175,7 @@ def test_the_vcpu_keeps_its_cpuid_with_a_stop_pending():
 def test_our_stops_leave_no_stop_request_for_the_rest_of_the_block():
     """VCpu.request_stop is a soft stop: the run ends at the next block, every hook still runs."""
     from unicorn import UC_HOOK_CODE
-    from xenicorn.platform.machine import Machine
+    from xenicorn.machine.machine import Machine
     m = Machine(MachineConfig(xen=False, debugcon="none"))
     # nop ; xor eax,eax ; cpuid ; jmp next ; next: hlt
     m.memory.write(0x1000, bytes.fromhex("90" "31c0" "0fa2" "eb00" "f4"))
@@ -239,7 +239,7 @@ def test_vcpu_stops_after_a_delivered_exception_resume_where_they_stopped():
     only a stop that restores RIP from its block comes back at the right
     place. Before the fix the OUT ran again after each stop.
     """
-    from xenicorn.platform.machine import Machine
+    from xenicorn.machine.machine import Machine
     from test_machine import POWEROFF, CLI_HLT
     from test_msr import _int3_then
     m = Machine(MachineConfig(xen=False, debugcon="none"))
@@ -268,7 +268,7 @@ def test_a_stale_double_fault_state_does_not_wedge_the_vcpu():
     took for a triple fault: EXCP_HLT, RIP unchanged, no hook) while the run
     loop spun. Every run starts with the stale state cleared.
     """
-    from xenicorn.platform.machine import Machine
+    from xenicorn.machine.machine import Machine
     from test_machine import load, POWEROFF, CLI_HLT
     m = Machine(MachineConfig(debugcon="none"))
     # mov eax, 17 (xen_version) ; xor ebx, ebx ; vmcall ; poweroff

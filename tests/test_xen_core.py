@@ -10,8 +10,8 @@ import subprocess
 
 import pytest
 
-from xenicorn.platform import exits as E
-from xenicorn.platform.rawctx import RawContext
+from xenicorn import exits as E
+from xenicorn.engine.rawctx import RawContext
 from xenicorn.xen import errno
 
 BUF = 0x3000
@@ -58,7 +58,7 @@ def test_cpuid_leaf_2_opens_the_msr_window_and_the_msr_write_closes_it(xen):
 
 def test_amd_vendor_fills_the_page_with_vmmcall(machine):
     from xenicorn.devices.console import ConsoleSink
-    from xenicorn.platform.machine import Machine, MachineConfig
+    from xenicorn.machine.machine import Machine, MachineConfig
     m = Machine(MachineConfig(ram_mib=16, vendor="amd"), console=ConsoleSink(None))
     m.xen.fill_hypercall_page(0x5000)
     assert m.memory.read(0x5000 + 32 * 29, 9) == bytes.fromhex("b81d000000" "0f01d9" "c3")

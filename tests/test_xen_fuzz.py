@@ -7,8 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from xenicorn.devices.console import ConsoleSink
-from xenicorn.platform import exits as E
-from xenicorn.platform.machine import Machine, MachineConfig
+from xenicorn import exits as E
+from xenicorn.machine.machine import Machine, MachineConfig
 from xenicorn.xen import errno
 
 from test_xen_hypercalls import enter_long_mode

@@ -4,8 +4,8 @@ import struct
 import pytest
 from unicorn import x86_const as X
 
-from xenicorn.platform import exits as E
-from xenicorn.platform.rawctx import RawContext, flat_code64, flat_data
+from xenicorn import exits as E
+from xenicorn.engine.rawctx import RawContext, flat_code64, flat_data
 from xenicorn.xen import errno
 from xenicorn.xen.pvclock import TimeInfo, ticks_to_ns
 

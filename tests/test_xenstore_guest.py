@@ -3,7 +3,7 @@ import pytest
 
 from xenicorn import firmware
 from xenicorn.devices.console import ConsoleSink
-from xenicorn.platform.machine import MachineConfig, boot
+from xenicorn.machine.machine import MachineConfig, boot
 from xenicorn.xen.gnttab import GrantError, GNTST_permission_denied, GTF_readonly, GTF_permit_access
 
 

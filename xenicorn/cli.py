@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from .platform.machine import MachineConfig, STATUS_USAGE, STATUS_CRASH
+from .machine.machine import MachineConfig, STATUS_USAGE, STATUS_CRASH
 
 
 class UsageError(Exception):
@@ -134,9 +134,9 @@ BAD_ENDS = ("crash", "triple-fault", "timeout", "halted", "watchdog", "internal-
 
 
 def run(args: argparse.Namespace) -> int:
-    from .platform.loader import LoadError
-    from .platform.machine import boot
-    from .platform.snapshot import SnapshotError
+    from .boot.loader import LoadError
+    from .machine.machine import boot
+    from .snapshot import SnapshotError
     protocol = "pvh" if args.boot == "auto" else args.boot
     if args.kernel_deb:
         if args.kernel:
@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     stepping = args.command == "step"
     json_path = args.trace_json or getattr(args, "record", None)
     if stepping or json_path:
-        from .platform.stepper import OBSERVED
+        from .debug.stepper import OBSERVED
         config.count_instructions = True          # exact positions, one-instruction steps
         config.observe = set(OBSERVED)
     if not 1 <= args.gnttab_max_frames <= 128:
@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
         if path:
             records.append(_open_record(machine, path, exits))
     if stepping:
-        from .platform.stepper import Stepper
+        from .debug.stepper import Stepper
         Stepper(machine, from_insn=args.from_insn)
     try:
         status = machine.run()
@@ -268,7 +268,7 @@ def _debian_guest(package: str, protocol: str) -> tuple[str, str]:
 
 
 def _open_record(machine, path: str, exits: bool):
-    from .platform.stepper import JsonLines
+    from .debug.stepper import JsonLines
     try:
         stream = open(path, "w", encoding="utf-8")
     except OSError as e:
@@ -278,7 +278,7 @@ def _open_record(machine, path: str, exits: bool):
 
 def _gdb_options(args: argparse.Namespace, config: MachineConfig) -> None:
     """-s, -gdb SPEC and -S (QEMU's spellings) into the machine's configuration."""
-    from .platform.gdbstub import DEFAULT_PORT, parse_spec
+    from .debug.gdbstub import DEFAULT_PORT, parse_spec
     if args.gdb_default and args.gdb:
         raise UsageError("-s and -gdb both choose the gdb port: give one of them")
     config.gdb = f"tcp::{DEFAULT_PORT}" if args.gdb_default else args.gdb

@@ -231,7 +231,7 @@ class Callback:
         elif self.kind == "intx" and irq == self.machine.piix3.pirq_route(self.gsi - 16):
             self._resample(f"8259 IRQ {irq}")
 
-    # -- snapshots (platform/snapshot.py) -------------------------------------------------------
+    # -- snapshots (snapshot/) -------------------------------------------------------
     def save_state(self) -> dict:
         """The via, the line's level (its sources' levels are saved with the machine's lines), a
         vector waiting for IF=1, and whether the deassert poll is wanted or running."""

@@ -467,7 +467,7 @@ class EventChannels:
             raise ValueError(f"port {port} is not open")
         self.set_pending(port)
 
-    # -- snapshots (platform/snapshot.py) -------------------------------------------------------
+    # -- snapshots (snapshot/) -------------------------------------------------------
     def save_state(self) -> dict:
         """The port table is hypervisor state: which port is a VIRQ, an IPI, a PIRQ, or the guest's
         end of a channel to dom0 (the pending and mask bits themselves live in shared_info, in RAM)."""

@@ -201,7 +201,7 @@ class GrantTable:
             raise GrantError(GNTST_general_error, "copy beyond the frame")
         self.xen.machine.memory.write(self._check(ref, True, domid) + offset, data)
 
-    # -- snapshots (platform/snapshot.py) -------------------------------------------------------
+    # -- snapshots (snapshot/) -------------------------------------------------------
     def save_state(self) -> dict:
         """The table's size and dom0's live mappings (the entries and their GTF_reading/writing
         bits are in the grant frames, saved with RAM)."""

@@ -48,8 +48,8 @@ class GuestAccess:
         return data
 
     def _read(self, linear: int, size: int) -> bytes:
-        from ..platform.paging import PageFault
-        from ..platform.memory import GuestMemoryError
+        from ..x86.paging import PageFault
+        from ..machine.memory import GuestMemoryError
         try:
             data = self.vcpu.read_linear(linear & ((1 << 64) - 1), size)
         except GuestMemoryError as e:
@@ -59,8 +59,8 @@ class GuestAccess:
         return data
 
     def write(self, linear: int, data: bytes) -> None:
-        from ..platform.paging import PageFault
-        from ..platform.memory import GuestMemoryError
+        from ..x86.paging import PageFault
+        from ..machine.memory import GuestMemoryError
         if len(data) > MAX_COPY:
             raise GuestFault(linear, len(data), "(size)")
         try:

@@ -133,7 +133,7 @@ class Physdev:
             self.xen.machine.ioapic.set_irq(gsi, self.levels[gsi])
 
 
-    # -- snapshots (platform/snapshot.py) -------------------------------------------------------
+    # -- snapshots (snapshot/) -------------------------------------------------------
     def save_state(self) -> dict:
         """PIRQ <-> GSI mappings, and each GSI's last level (a rising edge is what raises the event)."""
         return {"mapped": sorted(self.mapped.items()), "levels": list(self.levels)}

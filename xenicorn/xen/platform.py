@@ -12,7 +12,7 @@ provides each of them (QEMU's equivalent is ``target/i386/kvm/xen-emu.c``):
    number N: ``mov eax, N ; vmcall ; ret`` (``vmmcall`` on AMD), the rest of
    the page ``int3``. Stub 23 (``iret``, PV only) is ``ud2``. Unicorn cannot
    hook WRMSR, so the guest's CPUID 0x40000002 query opens the vCPU's MSR
-   intercept window (:mod:`xenicorn.platform.msr`) and the MSR write closes
+   intercept window (:mod:`xenicorn.engine.msr`) and the MSR write closes
    it: nothing is paid before or after.
 3. **Hypercalls**: ``VMCALL``/``VMMCALL`` anywhere (Linux 6.x also calls them
    inline) reaches :meth:`XenPlatform.handle_hypercall`, which dispatches by
@@ -24,7 +24,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from ..platform import exits as E
+from .. import exits as E
 from . import hypercall, version, console, sched, memory, hvm, vcpu_op, pvclock, timers
 from .callback import Callback
 from .evtchn import EventChannels, VIRQ_TIMER, Port, UNBOUND, BACKEND_DOMID
@@ -277,7 +277,7 @@ class XenPlatform:
         """
         gpa = ex.value & ~0xFFF
         if not ex.write or ex.value & 0xFFF or not self.machine.memory.is_ram(gpa, 4096):
-            from ..platform.interrupts import EventType
+            from ..x86.interrupts import EventType
             return self.machine._deliver(vcpu, 13, EventType.HARDWARE_EXCEPTION, 0)
         self.fill_hypercall_page(gpa)
         vcpu.msr.close(MSR_INTEREST)

@@ -59,7 +59,7 @@ class PvConsole:
             self.notify()
         return n
 
-    # -- snapshots (platform/snapshot.py) -------------------------------------------------------
+    # -- snapshots (snapshot/) -------------------------------------------------------
     def save_state(self) -> dict:
         """Input still waiting for room in the ring (the ring itself is in RAM)."""
         return {"received": self.received, "broken": self.broken, "pending": bytes(self.pending).hex()}

@@ -38,7 +38,7 @@ snapshot never leaves the Xen layer half loaded.
 """
 from __future__ import annotations
 
-from ..platform.clock import timer_ref
+from ..machine.clock import timer_ref
 from .platform import VcpuState
 from .sched import poll_expired, watchdog_bite
 

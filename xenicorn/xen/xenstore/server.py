@@ -249,7 +249,7 @@ class XenstoreServer:
             raise XsError("EACCES", "only dom0 may")
         raise XsError("EINVAL", f"message type {kind}")
 
-    # -- snapshots (platform/snapshot.py) -------------------------------------------------------
+    # -- snapshots (snapshot/) -------------------------------------------------------
     def save_state(self) -> dict:
         """A request taken off the ring but not yet complete, replies waiting for ring space, and
         which watches were registered with relative paths (their events name relative paths)."""

@@ -371,7 +371,7 @@ class Store:
         self.fired = [f for f in self.fired if f[0] != domid]
         return out
 
-    # -- snapshots (platform/snapshot.py) -------------------------------------------------------
+    # -- snapshots (snapshot/) -------------------------------------------------------
     def save_state(self) -> dict:
         """The tree (values, permissions, generations), open transactions with their private trees
         and pending changes, watches, and watch events not yet delivered."""

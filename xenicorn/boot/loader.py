@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from .memory import GuestMemory, PAGE_SIZE
+from ..machine.memory import GuestMemory, PAGE_SIZE
 
 HVM_START_MAGIC = 0x336EC578
 XEN_ELFNOTE_PHYS32_ENTRY = 18

@@ -7,7 +7,7 @@
         machine.handle_exit(exit)     # Python does what hardware/Xen would
 
 :meth:`Machine.handle_exit` maps each exit type to one handler and returns an
-:class:`~xenicorn.platform.exits.Action`. Handlers reached from inside a
+:class:`~xenicorn.exits.Action`. Handlers reached from inside a
 Unicorn hook (port I/O, CPUID, exceptions, ...) run the same way; if one
 decides to stop, the vCPU ends ``emu_start`` and ``run()`` returns that exit.
 
@@ -21,11 +21,11 @@ import collections
 import time
 from dataclasses import dataclass, field
 
-from . import exits as E
-from .cpuid import CpuidPolicy, ARCH_CAPABILITIES, LEAF7_EDX_ARCH_CAPABILITIES, MSR_ARCH_CAPABILITIES
+from .. import exits as E
+from ..x86.cpuid import CpuidPolicy, ARCH_CAPABILITIES, LEAF7_EDX_ARCH_CAPABILITIES, MSR_ARCH_CAPABILITIES
 from .memory import GuestMemory, PAGE_SIZE
 from .trace import Tracer, disassemble
-from .vcpu import VCpu
+from ..engine.vcpu import VCpu
 from ..devices.bus import PioBus, MmioBus
 from ..devices.console import (ConsoleSink, DebugCon, DebugExit, AcpiPmControl, AcpiPmEvent, AcpiSleepRegisters,
                                KeyboardControllerReset, stdout_sink)
@@ -55,7 +55,7 @@ class MachineConfig:
     max_insns: int = 0                   # 0 = no limit
     timeout: float = 0.0                 # seconds of host time, 0 = none
     vendor: str = "intel"
-    clock: str = "host"                  # host | deterministic (see platform/clock.py)
+    clock: str = "host"                  # host | deterministic (see machine/clock.py)
     ns_per_insn: float = 1.0             # deterministic time: guest ns per instruction
     xen: bool = True                     # the Xen HVM platform (CPUID leaves, hypercalls)
     callback_deassert: str = "poll"      # poll | eoi: how Xen's level callback line drops
@@ -67,7 +67,7 @@ class MachineConfig:
     pci_irqs: str = "apic"
     gnttab_max_frames: int = 64          # grant table frames the guest may use
     qmp: str = ""                        # -qmp unix:PATH,server,wait=off
-    gdb: str = ""                        # -gdb tcp::PORT (-s: tcp::1234), see platform/gdbstub.py
+    gdb: str = ""                        # -gdb tcp::PORT (-s: tcp::1234), see debug/gdbstub.py
     gdb_wait: bool = False               # -S: no guest instruction runs until gdb continues
     xen_version: tuple[int, int] = (4, 17)
     record_console: bool = True
@@ -80,9 +80,9 @@ class Machine:
     """A one-socket x86 PC around Unicorn vCPUs."""
 
     def __init__(self, config: MachineConfig | None = None, console: ConsoleSink | None = None):
-        from .rawctx import selftest
-        from .msr import selftest as msr_selftest
-        from .stopcheck import soft_stop_selftest
+        from ..engine.rawctx import selftest
+        from ..engine.msr import selftest as msr_selftest
+        from ..engine.stopcheck import soft_stop_selftest
         selftest()
         msr_selftest()
         soft_stop_selftest()
@@ -107,7 +107,7 @@ class Machine:
         self.xen = None                      # the Xen layer, when built with one
         self._console_input: collections.deque = collections.deque()
         self.interrupt_source = None         # object with pending()/acknowledge(): the APIC/PIC
-        self.msr_handlers: dict = {          # msr -> handler(vcpu, Msr exit), see platform/msr.py
+        self.msr_handlers: dict = {          # msr -> handler(vcpu, Msr exit), see engine/msr.py
             MSR_ARCH_CAPABILITIES: self._arch_capabilities}
         counting = (self.config.count_instructions or bool(self.config.max_insns)
                     or self.config.clock == "deterministic" or bool(self.config.gdb))
@@ -159,11 +159,11 @@ class Machine:
         self.exit_listeners: list = []       # callables(vcpu, exit) after each handled exit: records
         self.monitor = None
         if self.config.qmp:
-            from .qmp import QmpServer, parse_spec
+            from ..debug.qmp import QmpServer, parse_spec
             self.monitor = QmpServer(self, parse_spec(self.config.qmp))
         self.gdb = None
         if self.config.gdb:
-            from .gdbstub import GdbStub, parse_spec as parse_gdb_spec
+            from ..debug.gdbstub import GdbStub, parse_spec as parse_gdb_spec
             self.gdb = GdbStub(self, *parse_gdb_spec(self.config.gdb), wait=self.config.gdb_wait)
         if self.config.xen:
             from ..xen.platform import XenPlatform, XenConfig
@@ -562,7 +562,7 @@ class Machine:
         if getattr(src, "nmi_pending", False):
             src.nmi_pending = False
             vcpu.halted = False
-            from .interrupts import deliver, EventType, TripleFault
+            from ..x86.interrupts import deliver, EventType, TripleFault
             try:
                 deliver(vcpu, 2, EventType.NMI)
             except TripleFault as tf:
@@ -590,7 +590,7 @@ class Machine:
         if vcpu.engine_delivers():
             vcpu.engine_deliver(vector)
             return
-        from .interrupts import deliver, EventType, TripleFault
+        from ..x86.interrupts import deliver, EventType, TripleFault
         try:
             deliver(vcpu, vector, EventType.EXTERNAL)
         except TripleFault as tf:
@@ -692,7 +692,7 @@ class Machine:
             vcpu.request_stop(why)
 
     def _deliver(self, vcpu: VCpu, vector: int, etype, error_code: int | None = None) -> E.Action:
-        from .interrupts import deliver, TripleFault
+        from ..x86.interrupts import deliver, TripleFault
         try:
             deliver(vcpu, vector, etype, error_code)
         except TripleFault as tf:
@@ -701,17 +701,17 @@ class Machine:
         return E.Action.CONTINUE
 
     def _handle_invalid(self, vcpu: VCpu, ex: E.InvalidInstruction) -> E.Action:
-        from .interrupts import EventType
+        from ..x86.interrupts import EventType
         return self._deliver(vcpu, 6, EventType.HARDWARE_EXCEPTION)
 
     def _handle_hypercall(self, vcpu: VCpu, ex: E.Hypercall) -> E.Action:
         if self.xen is not None:
             return self.xen.handle_hypercall(vcpu, ex)
-        from .interrupts import EventType
+        from ..x86.interrupts import EventType
         return self._deliver(vcpu, 6, EventType.HARDWARE_EXCEPTION)   # no Xen: VMCALL is #UD
 
     def _handle_exception(self, vcpu: VCpu, ex: E.Exception_) -> E.Action:
-        from .interrupts import EventType
+        from ..x86.interrupts import EventType
         if ex.software:
             etype = EventType.SOFTWARE_INTERRUPT
         else:
@@ -721,7 +721,7 @@ class Machine:
     def _arch_capabilities(self, vcpu: VCpu, ex: E.Msr):
         """RDMSR 0x10A: the flaws this CPU does not have (cpuid.ARCH_CAPABILITIES); read-only."""
         if ex.write:
-            from .interrupts import EventType
+            from ..x86.interrupts import EventType
             return self._deliver(vcpu, 13, EventType.HARDWARE_EXCEPTION, 0)
         ex.value = ARCH_CAPABILITIES
         return E.Action.CONTINUE
@@ -730,7 +730,7 @@ class Machine:
         # User mode has started: the kernel has read its capabilities. Close the
         # MSR window they needed (an open window slows plain code ~9%).
         vcpu.msr.close(ARCH_CAPABILITIES_INTEREST)
-        from . import syscall
+        from ..x86 import syscall
         (syscall.do_syscall if ex.insn == "syscall" else syscall.do_sysenter)(vcpu)
         return E.Action.CONTINUE
 
@@ -777,7 +777,7 @@ class Machine:
             vcpu.close()
 
     # ------------------------------------------------------------------
-    # snapshots (platform/snapshot.py): taken and loaded between guest runs
+    # snapshots (snapshot/): taken and loaded between guest runs
     # ------------------------------------------------------------------
     power_on = None                  # the machine before its first instruction, for system_reset
     save_points: tuple = ()          # ((instructions, path), ...) for --savevm FILE@N, sorted
@@ -785,12 +785,12 @@ class Machine:
 
     def save_snapshot(self, path: str):
         """Write the whole machine to ``path`` (savevm); call between runs."""
-        from . import snapshot
+        from .. import snapshot
         return snapshot.save(self, path)
 
     def load_snapshot(self, path: str):
         """Continue from the snapshot in ``path`` (loadvm); checked completely before anything changes."""
-        from . import snapshot
+        from .. import snapshot
         return snapshot.load(self, path)
 
     def save_at(self, instructions: int, path: str) -> None:
@@ -819,12 +819,12 @@ class Machine:
         Timers no component owns (the command line's event injections) are
         left out: after a reset they are gone, as a host-side action is.
         """
-        from . import snapshot
+        from .. import snapshot
         self.power_on = snapshot.capture(self, ended_ok=True, strict_timers=False)
 
     def system_reset(self) -> None:
         """Back to power-on: RAM (the kernel as loaded), CPU, devices, Xen, time."""
-        from . import snapshot
+        from .. import snapshot
         if self.power_on is None:
             raise snapshot.SnapshotError("no power-on state was kept (call capture_power_on() before run())")
         snapshot.restore(self, self.power_on, "power-on state")
@@ -840,11 +840,11 @@ def boot(config: MachineConfig, kernel_path: str, *, initrd: str | None = None,
     Linux/x86 boot protocol's 32-bit entry, with an MP table and an ACPI
     MADT (:mod:`.linuxboot`, :mod:`.mptable`, :mod:`.acpi`).
     """
-    from . import acpi
-    from .loader import load_elf, load_flat, load_module, write_start_info
+    from ..boot import acpi
+    from ..boot.loader import load_elf, load_flat, load_module, write_start_info
     machine = Machine(config, console=console)
     if protocol == "linux":
-        from . import linuxboot, mptable
+        from ..boot import linuxboot, mptable
         mptable.write(machine)
         rsdp = acpi.write(machine, hw_reduced=False) if config.acpi else 0
         kernel, machine.linux_boot = linuxboot.load_bzimage(machine.memory, kernel_path, config.cmdline, initrd,

@@ -18,7 +18,7 @@ guest's handler runs, and each piece is a place where a bug hides:
    vmexit, or (``--callback-deassert eoi``) resamples it at the EOI.
 
 Every step above is an *event* the platform already reports to its
-:class:`~xenicorn.platform.trace.Tracer` (categories ``evtchn``, ``irq``,
+:class:`~xenicorn.machine.trace.Tracer` (categories ``evtchn``, ``irq``,
 ``int``). :class:`InterruptWatcher` observes those events and, at each one,
 takes a snapshot of the interrupt state (:func:`interrupt_state`) and keeps
 the difference from the previous snapshot: *what this step changed*. The
@@ -182,9 +182,9 @@ class IrqEvent:
 
 
 def delivery_record(vcpu, rec) -> dict:
-    """A :class:`~xenicorn.platform.interrupts.Delivery` as JSON, with the handler's first instructions."""
-    from .interrupts import vector_name
-    from .trace import disassemble
+    """A :class:`~xenicorn.x86.interrupts.Delivery` as JSON, with the handler's first instructions."""
+    from ..x86.interrupts import vector_name
+    from ..machine.trace import disassemble
     new = rec.new
     where = new.get("cs_base", 0) + new.get("rip", 0)
     code = vcpu.fetch_bytes(where, 48)
@@ -375,7 +375,7 @@ class Stepper:
                 self.queue.clear()
                 return 0
             elif cmd == "q":
-                from .machine import STATUS_OK
+                from ..machine.machine import STATUS_OK
                 self.machine.shutdown("quit", STATUS_OK, "quit from the stepper")
                 return 0
             elif cmd == "i":
@@ -399,8 +399,8 @@ class Stepper:
 
     @staticmethod
     def _insn_text(vcpu, pc: int) -> str:
-        from .trace import disassemble
-        from .rawctx import RawContext
+        from ..machine.trace import disassemble
+        from ..engine.rawctx import RawContext
         linear = RawContext(vcpu.uc).segment("cs").base + pc
         code = vcpu.fetch_bytes(linear, 16)
         return disassemble(code, pc, vcpu.code_bits())[0] if code else f"{pc:#x}: (unreadable)"

@@ -13,7 +13,7 @@ delivery), ``cpuid``, ``mem`` (unassigned physical memory), ``hypercalls``,
 Tools that want the events without the text on stderr (the interrupt
 stepper, ``--trace-json``, run records) *observe* categories: the call
 sites emit as if the category were on, and observers get each line with
-its structured payload (a :class:`~xenicorn.platform.interrupts.Delivery`
+its structured payload (a :class:`~xenicorn.x86.interrupts.Delivery`
 for ``int``), but nothing is printed.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """One virtual CPU: a Unicorn instance, its hooks, and ``run()``.
 
 This is xenicorn's ``KVM_RUN``. :meth:`VCpu.run` starts Unicorn at the
-current instruction and returns a typed :mod:`exit <xenicorn.platform.exits>`
+current instruction and returns a typed :mod:`exit <xenicorn.exits>`
 when it stops. Unicorn reports events through hooks; each hook here is a thin
 adaptor that builds the exit record and passes it to the machine:
 
@@ -41,7 +41,7 @@ from unicorn import (Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_HOOK_INSN, UC_HOOK
                      UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED)
 from unicorn import x86_const as X
 
-from . import exits as E
+from .. import exits as E
 from . import icount, irqwindow, stopcheck
 from .stoptimer import StopTimer
 from .msr import MsrInterceptor, EXIT_VECTOR as MSR_EXIT_VECTOR, RDTSC_EXIT_VECTOR, VMCB, VMCB_INT_VECTOR
@@ -50,7 +50,7 @@ from .rawctx import (RawContext, LiveContext, flat_code32, flat_data, SegmentCac
                      OFF_CR, OFF_EIP, OFF_OLD_EXCEPTION, OFF_HFLAGS, HF_LMA, HF_CPL_MASK, DESC_P)
 
 if TYPE_CHECKING:
-    from .machine import Machine
+    from ..machine.machine import Machine
 
 UNTIL = (1 << 64) - 1            # emu_start's stop address: never reached
 NO_RIP = (1 << 64) - 1           # a hook range no instruction is at (non-canonical)
@@ -129,7 +129,7 @@ class CpuSnapshot:
         return 32 if self.hflags & HF_CS32 else 16
 
     def paging_regs(self):
-        from .paging import PagingRegs
+        from ..x86.paging import PagingRegs
         return PagingRegs(cr0=self.cr0, cr3=self.cr3, cr4=self.cr4, efer=self.efer)
 
 
@@ -261,20 +261,20 @@ class VCpu:
     # linear (virtual) memory, through the guest's page tables
     # ------------------------------------------------------------------
     def paging_regs(self):
-        from .paging import PagingRegs
+        from ..x86.paging import PagingRegs
         return PagingRegs(cr0=self.reg("cr0"), cr3=self.reg("cr3"), cr4=self.reg("cr4"), efer=self.efer())
 
     def translate(self, linear: int, *, write: bool = False, user: bool = False, fetch: bool = False,
                   regs=None):
         """Linear → physical; returns a Translation or a PageFault (never raises for the guest's sake)."""
-        from .paging import translate
+        from ..x86.paging import translate
         mem = self.machine.memory
         return translate(regs or self.paging_regs(), linear, mem.read_int, write=write, user=user,
                          fetch=fetch, write_phys=mem.write_int)
 
     def read_linear(self, linear: int, size: int, *, user: bool = False, fetch: bool = False, regs=None):
         """Read guest-linear bytes; returns bytes or a PageFault."""
-        from .paging import PageFault
+        from ..x86.paging import PageFault
         regs = regs or self.paging_regs()
         out = bytearray()
         while size:
@@ -289,7 +289,7 @@ class VCpu:
 
     def write_linear(self, linear: int, data: bytes, *, user: bool = False):
         """Write guest-linear bytes; returns None or a PageFault (nothing written then)."""
-        from .paging import PageFault
+        from ..x86.paging import PageFault
         regs = self.paging_regs()
         pieces = []
         pos = 0
@@ -500,7 +500,7 @@ class VCpu:
 
     def fetch_bytes(self, linear: int, size: int, regs=None) -> bytes:
         """Instruction bytes at a linear address, or b"" when they cannot be read."""
-        from .memory import GuestMemoryError
+        from ..machine.memory import GuestMemoryError
         try:
             data = self.read_linear(linear, size, fetch=True, regs=regs)
         except GuestMemoryError:
@@ -579,7 +579,7 @@ class VCpu:
         The same SVM virtual-interrupt request as the window exit, without
         the VINTR intercept, makes QEMU deliver the vector in the VMCB's
         ``int_vector`` through the IDT itself, at the first instruction
-        boundary where x86 would (platform/irqwindow.py): no exit, no
+        boundary where x86 would (engine/irqwindow.py): no exit, no
         Python page walks. Python delivers instead whenever someone watches
         deliveries (``--trace int``, the stepper, gdb) or time is counted in
         instructions, and when a snapshot could be taken between the

@@ -19,10 +19,10 @@ from ..devices.lapic import LapicState
 from ..devices.pit8254 import CounterState
 from ..devices.uart16550 import UartState
 from ..devices.xen_platform import XenPlatformState
-from .clock import timer_ref
-from .memory import PAGE_SIZE, E820Entry
-from .msr import SHADOW_BASE
-from .rawctx import RawContext
+from ..machine.clock import timer_ref
+from ..machine.memory import PAGE_SIZE, E820Entry
+from ..engine.msr import SHADOW_BASE
+from ..engine.rawctx import RawContext
 
 CTX_HEADER = 40
 

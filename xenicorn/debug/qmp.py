@@ -260,7 +260,7 @@ class QmpServer:
             return self._hmp_snapshot(words[0], words[1])
         return f"unknown command: '{words[0]}'\r\n"
 
-    # -- snapshots (platform/snapshot.py) ---------------------------------------------------
+    # -- snapshots (snapshot/) ---------------------------------------------------
     def _cmd_system_reset(self) -> dict:
         """Back to the power-on state kept before the first instruction; QEMU's RESET event."""
         self.machine.system_reset()
@@ -269,7 +269,7 @@ class QmpServer:
 
     def _hmp_snapshot(self, verb: str, path: str) -> str:
         """HMP ``savevm FILE`` / ``loadvm FILE``: a snapshot file (QEMU takes a tag in a disk image)."""
-        from .snapshot import SnapshotError
+        from ..snapshot import SnapshotError
         try:
             if verb == "savevm":
                 self.machine.save_snapshot(path)

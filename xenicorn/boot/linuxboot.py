@@ -79,7 +79,7 @@ from dataclasses import dataclass
 from unicorn import x86_const as X
 
 from .loader import LoadedKernel, LoadError, _read_file
-from .memory import PAGE_SIZE, GuestMemory
+from ..machine.memory import PAGE_SIZE, GuestMemory
 
 HDR_MAGIC = b"HdrS"
 MIN_VERSION = 0x020C                   # 2.12: xloadflags and the ext_* fields

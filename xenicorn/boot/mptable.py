@@ -95,7 +95,7 @@ class IrqEntry:
     dest_pin: int        # I/O APIC input, or LINT0/LINT1
 
 
-from .acpi import checksum as _checksum        # the same rule: all bytes sum to 0 mod 256
+from .acpi import checksum as _checksum  # the same rule: all bytes sum to 0 mod 256
 
 
 def interrupt_entries(pci_slots, gsi_of) -> list[IrqEntry]:

@@ -39,10 +39,10 @@ from dataclasses import dataclass, field
 
 from unicorn import x86_const as X
 
-from .memory import GuestMemoryError
+from ..machine.memory import GuestMemoryError
 from .paging import PageFault, PagingRegs, translate
-from .rawctx import (RawContext, SegmentCache, DESC_B, DESC_L, DESC_P, DESC_S,
-                     DESC_DPL_SHIFT, OFF_CR, OFF_EIP, OFF_REGS)
+from ..engine.rawctx import (RawContext, SegmentCache, DESC_B, DESC_L, DESC_P, DESC_S,
+                             DESC_DPL_SHIFT, OFF_CR, OFF_EIP, OFF_REGS)
 
 IF, TF, NT, RF, VM, AC = 1 << 9, 1 << 8, 1 << 14, 1 << 16, 1 << 17, 1 << 18
 EFER, EFER_LMA = 0xC0000080, 1 << 10

@@ -107,10 +107,10 @@ import traceback
 from unicorn import UC_HOOK_CODE, UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE
 from unicorn import x86_const as X
 
-from . import exits as E
-from . import icount
-from .memory import PAGE_SIZE, GuestMemoryError
-from .paging import CR4_SMAP, PageFault, translate
+from .. import exits as E
+from ..engine import icount
+from ..machine.memory import PAGE_SIZE, GuestMemoryError
+from ..x86.paging import CR4_SMAP, PageFault, translate
 
 DEFAULT_PORT = 1234
 PACKET_SIZE = 0x4000             # the largest packet we accept and advertise (qSupported)

@@ -58,7 +58,7 @@ class Cpuid(Exit):
 
 @dataclass
 class Msr(Exit):
-    """RDMSR/WRMSR caught by the MSR intercept window (see platform/msr.py)."""
+    """RDMSR/WRMSR caught by the MSR intercept window (see engine/msr.py)."""
 
     msr: int
     write: bool

@@ -27,7 +27,7 @@ from __future__ import annotations
 from unicorn import x86_const as X
 
 from .interrupts import EventType, deliver
-from .rawctx import RawContext, flat_code32, flat_code64, flat_data
+from ..engine.rawctx import RawContext, flat_code32, flat_code64, flat_data
 
 EFER, STAR, LSTAR, CSTAR, FMASK = 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084
 SYSENTER_CS, SYSENTER_ESP, SYSENTER_EIP = 0x174, 0x175, 0x176
