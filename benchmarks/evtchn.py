@@ -34,7 +34,8 @@ from unicorn import UC_HOOK_CODE                                    # noqa: E402
 import common                                                      # noqa: E402
 from xenicorn import firmware                                      # noqa: E402
 from xenicorn.devices.console import ConsoleSink                  # noqa: E402
-from xenicorn.machine.machine import MachineConfig, boot  # noqa: E402
+from xenicorn.machine.machine import MachineConfig  # noqa: E402
+from xenicorn.boot import boot  # noqa: E402
 from xenicorn.xen.pvclock import TscSource                        # noqa: E402
 
 DESIGNS = {"vector": ("vector", "poll"), "gsi-poll": ("gsi", "poll"), "gsi-eoi": ("gsi", "eoi")}

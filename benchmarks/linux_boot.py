@@ -64,7 +64,8 @@ def xenicorn_boot(image: str, initrd: str, timeout: float) -> dict:
 
 def xenicorn_instructions(image: str, initrd: str, timeout: float) -> int | None:
     """Instructions to the marker, from a counting run stopped there."""
-    from xenicorn.machine.machine import MachineConfig, boot
+    from xenicorn.machine.machine import MachineConfig
+    from xenicorn.boot import boot
     from xenicorn.devices.console import ConsoleSink
 
     class Watch(ConsoleSink):

@@ -6,7 +6,8 @@ from xenicorn.devices.console import ConsoleSink
 from xenicorn.boot import acpi
 from xenicorn import exits as E
 from xenicorn.boot.loader import START_INFO_RSDP
-from xenicorn.machine.machine import MachineConfig, boot
+from xenicorn.machine.machine import MachineConfig
+from xenicorn.boot import boot
 
 
 def booted(**kw):

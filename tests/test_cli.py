@@ -109,7 +109,8 @@ def test_max_insns_stops_exactly(tmp_path):
 
 def test_max_insns_counts_exactly_through_the_api():
     from xenicorn.devices.console import ConsoleSink
-    from xenicorn.machine.machine import MachineConfig, boot
+    from xenicorn.machine.machine import MachineConfig
+    from xenicorn.boot import boot
     machine, _ = boot(MachineConfig(max_insns=1000), firmware.find("spin32"), console=ConsoleSink(None))
     assert machine.run() == 124
     assert machine.vcpu.instructions == 1000

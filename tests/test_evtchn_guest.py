@@ -11,7 +11,8 @@ import pytest
 
 from xenicorn import firmware
 from xenicorn.devices.console import ConsoleSink
-from xenicorn.machine.machine import MachineConfig, boot
+from xenicorn.machine.machine import MachineConfig
+from xenicorn.boot import boot
 
 LEVEL_VIAS = {"gsi": (20, 0x50), "pic": (10, 0x2A), "intx": (17, 0x51), "intxpic": (17, 0x2B)}
 

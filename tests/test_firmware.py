@@ -14,7 +14,8 @@ import pytest
 
 from xenicorn import firmware
 from xenicorn.devices.console import ConsoleSink
-from xenicorn.machine.machine import MachineConfig, boot
+from xenicorn.machine.machine import MachineConfig
+from xenicorn.boot import boot
 
 RF = 1 << 16
 FAULTS = {0, 6, 13, 14}

@@ -23,7 +23,8 @@ from xenicorn.devices.lapic import LAPIC_BASE
 from xenicorn.boot import acpi, mptable
 from xenicorn.boot import linuxboot as lb
 from xenicorn.boot.loader import LoadError
-from xenicorn.machine.machine import Machine, MachineConfig, boot
+from xenicorn.machine.machine import Machine, MachineConfig
+from xenicorn.boot import boot
 from xenicorn.machine.memory import E820_RESERVED, GuestMemory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -76,6 +76,6 @@ def test_a_map_change_leaves_cr2_and_the_next_page_fault_alone():
         faults.append(ex)
         vcpu.stop_with(ex)
         return E.Action.STOP
-    m._handlers[E.Exception_] = record
+    m.dispatch._handlers[E.Exception_] = record
     ex = run_at(m, 0x1100)
     assert isinstance(ex, E.Exception_) and ex.vector == 14 and ex.cr2 == 0x800000   # a #PF, not a #DF

@@ -132,12 +132,12 @@ def test_the_arch_capabilities_window_closes_at_the_first_syscall(machine, monke
     machine.run()
     monkeypatch.setattr(syscall, "do_syscall", lambda vcpu: None)
     assert machine.vcpu.msr.is_open
-    machine._handle_syscall(machine.vcpu, E.Syscall(0x100000, "syscall"))
+    machine.dispatch._syscall(machine.vcpu, E.Syscall(0x100000, "syscall"))
     assert not machine.vcpu.msr.is_open
 
 
 def test_writing_arch_capabilities_is_a_gp(machine, monkeypatch):
     delivered = []
-    monkeypatch.setattr(machine, "_deliver", lambda vcpu, vector, etype, code=None: delivered.append((vector, code)))
-    machine._arch_capabilities(machine.vcpu, E.Msr(0x100000, 0x10A, True, 0))
+    monkeypatch.setattr(machine.dispatch, "deliver", lambda vcpu, vector, etype, code=None: delivered.append((vector, code)))
+    machine.dispatch._arch_capabilities(machine.vcpu, E.Msr(0x100000, 0x10A, True, 0))
     assert delivered == [(13, 0)]

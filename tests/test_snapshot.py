@@ -18,7 +18,8 @@ import pytest
 from xenicorn import firmware
 from xenicorn.devices.console import ConsoleSink
 from xenicorn.snapshot import devstate
-from xenicorn.machine.machine import MachineConfig, boot
+from xenicorn.machine.machine import MachineConfig
+from xenicorn.boot import boot
 from xenicorn.snapshot import MAGIC, SnapshotError, capture, decode, encode
 
 # Host-side or per-run transient attributes, not machine state: host objects
@@ -26,7 +27,7 @@ from xenicorn.snapshot import MAGIC, SnapshotError, capture, decode, encode
 # clock origin, exits and stop reasons of the run in flight.
 SKIP = {"uc", "uc_list", "_mm", "buf", "host_addr", "tracer", "console", "monitor", "stop_timer", "tsc",
         "_start", "_seq", "_internal", "_pending_exit", "_stop_reasons", "_in_emu", "sink", "stream",
-        "power_on", "save_points", "snapshots_saved", "kernel", "_handlers", "_console_input", "host_watches", "f",
+        "power_on", "save_points", "snapshots_saved", "kernel", "_handlers", "console_input", "agents", "host_watches", "f",
         "_poll_hook", "_poll_vcpu", "_window_hook", "_retired_callbacks", "live", "_irq_request", "_cache", "tree", "serial_file",
         "last_delivery"}   # the last IDT delivery, kept for diagnostics: it never steers execution
 

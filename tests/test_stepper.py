@@ -15,7 +15,8 @@ import pytest
 from xenicorn import firmware
 from xenicorn.devices.console import ConsoleSink
 from xenicorn.debug import stepper as S
-from xenicorn.machine.machine import MachineConfig, boot
+from xenicorn.machine.machine import MachineConfig
+from xenicorn.boot import boot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = {"poll", "poll-hook", "via", "line-lower", "pic-int-low"}

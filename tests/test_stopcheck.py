@@ -73,7 +73,7 @@ def test_run_ends_leave_cr2_and_the_double_fault_state_alone():
     """A 64-bit paged guest stopped many times: no phantom #PF from the run end."""
     from xenicorn import firmware
     from xenicorn.devices.console import ConsoleSink
-    from xenicorn.machine.machine import boot
+    from xenicorn.boot import boot
     machine, _ = boot(MachineConfig(debugcon="none"), firmware.find("hello64"), console=ConsoleSink(None))
     vcpu = machine.vcpu
     # run until paging is on, then stop it repeatedly at block boundaries

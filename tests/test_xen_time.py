@@ -2,7 +2,8 @@
 
 from xenicorn import firmware
 from xenicorn.devices.console import ConsoleSink
-from xenicorn.machine.machine import Machine, MachineConfig, boot
+from xenicorn.machine.machine import Machine, MachineConfig
+from xenicorn.boot import boot
 from xenicorn.xen import errno, pvclock
 
 from test_xen_core import call32

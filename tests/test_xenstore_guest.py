@@ -3,7 +3,8 @@ import pytest
 
 from xenicorn import firmware
 from xenicorn.devices.console import ConsoleSink
-from xenicorn.machine.machine import MachineConfig, boot
+from xenicorn.machine.machine import MachineConfig
+from xenicorn.boot import boot
 from xenicorn.xen.gnttab import GrantError, GNTST_permission_denied, GTF_readonly, GTF_permit_access
 
 

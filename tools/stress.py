@@ -17,7 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from xenicorn import firmware                                      # noqa: E402
 from xenicorn.devices.console import ConsoleSink                  # noqa: E402
-from xenicorn.machine.machine import MachineConfig, boot  # noqa: E402
+from xenicorn.machine.machine import MachineConfig  # noqa: E402
+from xenicorn.boot import boot  # noqa: E402
 
 
 def main(argv=None) -> int:

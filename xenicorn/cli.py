@@ -135,7 +135,7 @@ BAD_ENDS = ("crash", "triple-fault", "timeout", "halted", "watchdog", "internal-
 
 def run(args: argparse.Namespace) -> int:
     from .boot.loader import LoadError
-    from .machine.machine import boot
+    from .boot import boot
     from .snapshot import SnapshotError
     protocol = "pvh" if args.boot == "auto" else args.boot
     if args.kernel_deb:

@@ -56,7 +56,7 @@ ExtINT; flags: polarity bits 1:0 and trigger mode bits 3:2, each 0 =
 source bus id; source IRQ; destination APIC id; destination pin). A PCI
 source IRQ is ``device << 2 | pin`` with pin 0 = INTA (§D.3).
 
-The wiring described is the machine's own (``Machine._build_interrupts``,
+The wiring described is the machine's own (:mod:`xenicorn.machine.wiring`,
 ``devices/pci.py``): ISA IRQ n drives GSI n except IRQ 0 on GSI 2, and a
 PCI slot's pins are swizzled onto PIRQ A-D, which drive GSI 16-19
 (level-triggered, active low). ISA entries say "conforms": edge, active

@@ -33,6 +33,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
+from ..machine.runloop import Agent
+
 OBSERVED = {"irq", "evtchn", "int"}
 RFLAGS_IF = 1 << 9
 
@@ -299,7 +301,7 @@ HELP = """keys:  Enter or n  next interrupt event
        ?          this help"""
 
 
-class Stepper:
+class Stepper(Agent):
     """``xenicorn step``: stop at each interrupt event, show it, wait for a key.
 
     A run-loop agent (:attr:`Machine.agents`). Events happen inside Unicorn
@@ -342,7 +344,14 @@ class Stepper:
             vcpu.request_stop("stepper")
 
     # -- the run loop asks before each guest run --------------------------------------
-    def before_run(self, vcpu) -> int:
+    def before_run(self, vcpu, count: int) -> int:
+        """Show what happened since the last run and wait for a key; bound the next run."""
+        most = self._pause(vcpu)
+        if most:
+            return min(count, most) if count else most
+        return count
+
+    def _pause(self, vcpu) -> int:
         if self.mode == "skip":
             left = self.from_insn - vcpu.instructions
             if left > 0:

@@ -222,11 +222,23 @@ class PciBus:
     machine turns it into IOAPIC GSI 16 + pirq and the PIIX3-routed ISA IRQ.
     """
 
-    def __init__(self, machine=None, pirq_sink: Callable[[int, bool], None] | None = None):
-        self.machine = machine
+    def __init__(self, pirq_sink: Callable[[int, bool], None] | None = None,
+                 reset: Callable[[], None] | None = None,
+                 map_range: Callable[[str, int, int, object], None] | None = None,
+                 unmap_range: Callable[[str, object], None] | None = None):
+        """Wiring, all optional (a bus on its own decodes configuration cycles only).
+
+        ``pirq_sink(pirq, level)``: a PIRQ line changed. ``reset()``: the
+        PIIX3's reset control register (0xCF9) asked for a reset.
+        ``map_range(space, addr, size, device)`` / ``unmap_range(space,
+        device)``: put a BAR's device on the ``"pio"`` or ``"mmio"`` bus, or
+        take it off.
+        """
         self.functions: dict[int, PciFunction] = {}
         self.address = 0
         self.pirq_sink = pirq_sink or (lambda pirq, level: None)
+        self.reset = reset
+        self.map_range, self.unmap_range = map_range, unmap_range
         self.pirq_levels = [False] * 4
         self.extra_intx: dict[tuple[int, int], bool] = {}   # (devfn, pin) -> level, for non-device sources
         self._mapped: dict[tuple[int, int], tuple[str, int]] = {}   # (devfn, bar) -> (space, addr)
@@ -254,9 +266,9 @@ class PciBus:
         if offset < 4:
             if size == 4 and offset == 0:
                 self.address = value & 0x80FFFFFC
-            elif offset == 1 and size == 1 and value & 0x04 and self.machine is not None:
+            elif offset == 1 and size == 1 and value & 0x04 and self.reset is not None:
                 # PIIX3 reset control register (0xCF9): RST_CPU with SYS_RST/soft reset
-                self.machine.shutdown("reboot", 0, "reset through port 0xCF9")
+                self.reset()
             return
         dev, reg = self._target(offset - 4)
         if dev is not None:
@@ -270,7 +282,7 @@ class PciBus:
 
     # -- BAR decoding -------------------------------------------------------
     def map_bars(self, dev: PciFunction) -> None:
-        if self.machine is None:
+        if self.map_range is None:
             return
         for idx, bar in dev.bars.items():
             space = "pio" if bar.kind == BAR_IO else "mmio"
@@ -281,15 +293,11 @@ class PciBus:
             have = self._mapped.get(key)
             if have == want:
                 continue
-            bus = self.machine.pio if space == "pio" else self.machine.mmio
             if have is not None:
-                bus.unregister(bar.device)
+                self.unmap_range(have[0], bar.device)
                 del self._mapped[key]
             if want is not None:
-                if space == "pio":
-                    self.machine.register_pio(addr, bar.size, bar.device)
-                else:
-                    self.machine.register_mmio(addr, bar.size, bar.device)
+                self.map_range(space, addr, bar.size, bar.device)
                 self._mapped[key] = want
 
     # -- INTx -----------------------------------------------------------------

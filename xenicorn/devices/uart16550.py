@@ -232,23 +232,24 @@ class _FileSink:
         self.f.flush()
 
 
-def attach_serial(machine, irq=None) -> Uart16550 | None:
-    """COM1 per ``MachineConfig.serial``: stdio (the console), file:PATH, or none."""
-    mode = machine.config.serial
+def attach_serial(mode: str, console, register_pio, irq=None) -> tuple["Uart16550 | None", "BinaryIO | None"]:
+    """COM1 per ``MachineConfig.serial``: stdio (``console``), file:PATH, or none.
+
+    ``register_pio(base, size, device)`` puts the UART on the I/O bus.
+    Returns the UART (None for "none") and the file it writes, if any.
+    """
     if mode == "none":
-        machine.serial = None
-        return None
+        return None, None
+    f = None
     if mode.startswith("file:"):
         path = mode[5:]
         try:
             f = open(path, "wb")
         except OSError as e:
             raise ValueError(f"--serial {mode}: cannot open {path} ({e.strerror})") from None
-        machine.serial_file = f
         sink = _FileSink(f)
     else:
-        sink = machine.console
+        sink = console
     uart = Uart16550(sink, irq)
-    machine.register_pio(COM1, 8, uart)
-    machine.serial = uart
-    return uart
+    register_pio(COM1, 8, uart)
+    return uart, f

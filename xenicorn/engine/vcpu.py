@@ -587,7 +587,7 @@ class VCpu:
         """
         m = self.machine
         return (self._irq_request is not None and not self.count_instructions and not m.tracer.on("int")
-                and not m.tracer.listeners and m.gdb is None and m.monitor is None and not m.save_points
+                and not m.tracer.listeners and not m.agents
                 and self._engine_can_read_the_tss())
 
     def _engine_can_read_the_tss(self) -> bool:

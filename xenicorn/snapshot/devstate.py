@@ -82,8 +82,8 @@ def save_platform(machine) -> dict:
         "clock": m.clock.save_state(),
         "memory": {"frames": [[i, gpa] for i, gpa in m.memory.frames.items()],
                    "reserved": [[e.addr, e.size, e.type] for e in m.memory.reserved]},
-        "machine": {"exit_counts": dict(m.exit_counts), "pirq_pic": list(m._pirq_pic),
-                    "pirq_level": list(m._pirq_level),
+        "machine": {"exit_counts": dict(m.exit_counts), "pirq_pic": list(m.wiring.pirq_pic),
+                    "pirq_level": list(m.wiring.pirq_level),
                     "unclaimed_reported": {"pio": sorted(m.pio._reported), "mmio": sorted(m.mmio._reported)}},
         "pic": {"master": asdict(m.pic.master.state), "slave": asdict(m.pic.slave.state),
                 "int_levels": [m.pic.master.int_level, m.pic.slave.int_level, m.pic.int_level]},
@@ -212,8 +212,8 @@ def prepare_platform(machine, st: dict, blobs: dict):
             v.window_exits = int(d.get("window_exits", 0))
             v.msr.reassert()        # the saved context may hold an armed window's intercept
         m.exit_counts = dict(mc["exit_counts"])
-        m._pirq_pic = [None if x is None else int(x) for x in mc["pirq_pic"]]
-        m._pirq_level = [bool(x) for x in mc["pirq_level"]]
+        m.wiring.pirq_pic = [None if x is None else int(x) for x in mc["pirq_pic"]]
+        m.wiring.pirq_level = [bool(x) for x in mc["pirq_level"]]
         m.pio._reported = set(mc["unclaimed_reported"]["pio"])
         m.mmio._reported = set(mc["unclaimed_reported"]["mmio"])
         m.pic.master.state, m.pic.slave.state = pic
@@ -269,7 +269,7 @@ def all_lines(machine) -> dict[str, IrqLine]:
     lines: dict[str, IrqLine] = {}
     for line in list(m.gsi) + list(m.pic_inputs) + list(m.isa_irq):
         lines[line.name] = line
-    subs = list(m._pirq_gsi) + list(m._pic_sources.values())
+    subs = list(m.wiring.pirq_gsi) + list(m.wiring.pic_sources.values())
     for line in m.isa_irq:
         subs += [s.__self__ for s in line.sinks if isinstance(getattr(s, "__self__", None), IrqLine)]
     if m.xen is not None:

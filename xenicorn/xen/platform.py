@@ -277,8 +277,7 @@ class XenPlatform:
         """
         gpa = ex.value & ~0xFFF
         if not ex.write or ex.value & 0xFFF or not self.machine.memory.is_ram(gpa, 4096):
-            from ..x86.interrupts import EventType
-            return self.machine._deliver(vcpu, 13, EventType.HARDWARE_EXCEPTION, 0)
+            return self.machine.deliver_exception(vcpu, 13, 0)
         self.fill_hypercall_page(gpa)
         vcpu.msr.close(MSR_INTEREST)
         if self.machine.tracer.on("hypercalls"):

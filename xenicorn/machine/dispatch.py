@@ -1,0 +1,238 @@
+"""Exit dispatch: what the platform does for each exit a vCPU reports.
+
+A KVM user space switches on ``kvm_run->exit_reason`` after ``KVM_RUN``
+returns (firecracker's ``handle_kvm_exit``, QEMU's ``kvm_cpu_exec``);
+:meth:`ExitDispatcher.handle` is that switch. Each exit type has one
+handler, which does what the hardware (or Xen) would and returns an
+:class:`~xenicorn.exits.Action`:
+
+=====================  ==================================================
+exit                   handler does
+=====================  ==================================================
+PortIO, Mmio           the bus finds the device at that port or address
+Cpuid                  the CPUID policy answers (and watches leaf 7)
+Msr                    the handler registered for that MSR, else reads 0
+Hlt                    the vCPU sleeps until an interrupt
+InvalidInstruction     #UD through the IDT
+Hypercall              the hypercall handler (Xen), else #UD
+Exception_             delivered through the guest's IDT
+Syscall                SYSCALL/SYSENTER's architectural effect
+UnmappedAccess         reads float high (page becomes MMIO); a fetch is fatal
+Shutdown, Limit        the machine ends (status, reason)
+Request, Debug         nothing / the debugger's stop
+=====================  ==================================================
+
+Handlers reached from inside a Unicorn hook (port I/O, CPUID, exceptions)
+run the same way; if one decides to stop, the vCPU ends the run and
+``run()`` returns that exit.
+"""
+from __future__ import annotations
+
+import collections
+
+from .. import exits as E
+from ..x86.cpuid import ARCH_CAPABILITIES, LEAF7_EDX_ARCH_CAPABILITIES, MSR_ARCH_CAPABILITIES
+from ..x86.interrupts import EventType, TripleFault, deliver
+from .memory import PAGE_SIZE
+from .trace import disassemble
+
+STATUS_OK, STATUS_CRASH, STATUS_USAGE, STATUS_TIMEOUT = 0, 1, 2, 124
+IO_PORT_NS = 1000                  # deterministic time: one port access, as on an ISA bus
+RECENT_EXITS = 12                  # exits kept for the report after a crash or hang
+ARCH_CAPABILITIES_INTEREST = "arch-capabilities"     # the MSR window while the kernel starts
+
+
+class ExitDispatcher:
+    """One handler per exit type; counts exits and keeps the last few for crash reports."""
+
+    def __init__(self, machine):
+        self.machine = machine
+        self.counts: dict[str, int] = {}
+        # the last exits, for the report when a run ends badly (a flight
+        # recorder: one append per exit, formatted only if someone asks)
+        self.recent: collections.deque = collections.deque(maxlen=RECENT_EXITS)
+        self.listeners: list = []            # callables(vcpu, exit) after each handled exit: records
+        self.hypercall_handler = None        # callable(vcpu, Hypercall) -> Action: Xen, when present
+        self.msr_handlers: dict = {          # msr -> handler(vcpu, Msr exit), see engine/msr.py
+            MSR_ARCH_CAPABILITIES: self._arch_capabilities}
+        self._handlers = {
+            E.PortIO: self._pio,
+            E.Mmio: self._mmio,
+            E.Cpuid: self._cpuid,
+            E.Msr: self._msr,
+            E.Hlt: self._hlt,
+            E.InvalidInstruction: self._invalid,
+            E.Hypercall: self._hypercall,
+            E.Exception_: self._exception,
+            E.Syscall: self._syscall,
+            E.UnmappedAccess: self._unmapped,
+            E.Shutdown: self._shutdown,
+            E.Limit: self.limit,
+            E.Request: self._request,
+            E.Debug: self._debug,
+        }
+
+    def handle(self, vcpu, ex: E.Exit) -> E.Action:
+        m = self.machine
+        if m.status is not None and not isinstance(ex, (E.Shutdown, E.Limit)):
+            # emu_stop() takes effect at the end of the translated block, so
+            # a few more instructions may run after a shutdown: they must not
+            # reach devices or deliver exceptions any more.
+            if isinstance(ex, E.PortIO) and not ex.write:
+                ex.value = (1 << (8 * ex.size)) - 1
+            return E.Action.STOP
+        kind = type(ex)
+        self.counts[kind.__name__] = self.counts.get(kind.__name__, 0) + 1
+        self.recent.append(ex)
+        action = self._handlers[kind](vcpu, ex)
+        if m.tracer.on("exits"):
+            m.tracer.emit("exits", self.describe(vcpu, ex))
+        for listener in self.listeners:
+            listener(vcpu, ex)
+        if action is E.Action.STOP and vcpu._in_emu and vcpu._pending_exit is None:
+            vcpu.stop_with(ex)
+        return action
+
+    # -- reports ------------------------------------------------------------------------
+    def crash_report(self, vcpu) -> list[str]:
+        """Where the guest is and the exits that led there, oldest first (for a bad end)."""
+        pc = vcpu.pc
+        code = vcpu.fetch_bytes(pc, 16)
+        where = disassemble(code, pc, vcpu.code_bits())[0] if code else f"{pc:#x} (not readable)"
+        lines = [f"guest at {where}, cpl {vcpu.cpl()}, {vcpu.instructions or 'uncounted'} instructions",
+                 f"last {len(self.recent)} exits (oldest first):"]
+        lines += ["  " + self.describe(vcpu, ex) for ex in self.recent]
+        return lines
+
+    @staticmethod
+    def describe(vcpu, ex: E.Exit) -> str:
+        """One line: the exit's fields and the guest instruction that caused it."""
+        parts = []
+        for k, v in vars(ex).items():
+            if k == "pc":
+                continue
+            parts.append(f"{k}={v:#x}" if isinstance(v, int) and not isinstance(v, bool) else f"{k}={v}")
+        text = f"{ex.kind} " + " ".join(parts)
+        if ex.pc >= 0:
+            code = vcpu.fetch_bytes(ex.pc, 16)
+            text += f"  @ {disassemble(code, ex.pc, vcpu.code_bits())[0]}" if code else f"  @ {ex.pc:#x}"
+        return text
+
+    # -- delivering an exception --------------------------------------------------------
+    def deliver(self, vcpu, vector: int, etype: EventType, error_code: int | None = None) -> E.Action:
+        """Deliver an exception through the guest's IDT; a triple fault ends the machine."""
+        try:
+            deliver(vcpu, vector, etype, error_code)
+        except TripleFault as tf:
+            self.machine.shutdown("triple-fault", STATUS_CRASH, str(tf))
+            return E.Action.STOP
+        return E.Action.CONTINUE
+
+    # -- the handlers -------------------------------------------------------------------
+    def _pio(self, vcpu, ex: E.PortIO) -> E.Action:
+        m = self.machine
+        m.clock.charge(IO_PORT_NS)
+        if ex.write:
+            m.pio.write(ex.port, ex.size, ex.value)
+        else:
+            ex.value = m.pio.read(ex.port, ex.size)
+        return E.Action.STOP if m.status is not None else E.Action.CONTINUE
+
+    def _mmio(self, vcpu, ex: E.Mmio) -> E.Action:
+        m = self.machine
+        if ex.write:
+            m.mmio.write(ex.addr, ex.size, ex.value)
+        else:
+            ex.value = m.mmio.read(ex.addr, ex.size)
+        return E.Action.STOP if m.status is not None else E.Action.CONTINUE
+
+    def _cpuid(self, vcpu, ex: E.Cpuid) -> E.Action:
+        m = self.machine
+        ex.result = m.cpuid.query(ex.leaf, ex.subleaf, vcpu.index)
+        if ex.leaf == 7 and ex.result[3] & LEAF7_EDX_ARCH_CAPABILITIES:
+            # The kernel is looking at its features and may read the MSR (Unicorn
+            # would answer 0, "vulnerable to everything"): catch it until user mode.
+            vcpu.msr.watch(MSR_ARCH_CAPABILITIES, read=True, write=True)
+            vcpu.msr.open(ARCH_CAPABILITIES_INTEREST)
+        if m.tracer.on("cpuid"):
+            m.tracer.emit("cpuid", f"leaf {ex.leaf:#x}.{ex.subleaf} -> " + " ".join(f"{r:#010x}" for r in ex.result))
+        return E.Action.CONTINUE
+
+    def _msr(self, vcpu, ex: E.Msr) -> E.Action:
+        handler = self.msr_handlers.get(ex.msr)
+        if handler is not None:
+            return handler(vcpu, ex) or E.Action.CONTINUE
+        # Same as outside the window, where Unicorn drops unknown MSRs: reads 0.
+        tracer = self.machine.tracer
+        if tracer.on("io"):
+            tracer.emit("io", f"unhandled {'WRMSR' if ex.write else 'RDMSR'} {ex.msr:#x}")
+        return E.Action.CONTINUE
+
+    def _arch_capabilities(self, vcpu, ex: E.Msr):
+        """RDMSR 0x10A: the flaws this CPU does not have (cpuid.ARCH_CAPABILITIES); read-only."""
+        if ex.write:
+            return self.deliver(vcpu, 13, EventType.HARDWARE_EXCEPTION, 0)
+        ex.value = ARCH_CAPABILITIES
+        return E.Action.CONTINUE
+
+    def _hlt(self, vcpu, ex: E.Hlt) -> E.Action:
+        self.machine.idle(vcpu, "HLT")
+        return E.Action.CONTINUE
+
+    def _invalid(self, vcpu, ex: E.InvalidInstruction) -> E.Action:
+        return self.deliver(vcpu, 6, EventType.HARDWARE_EXCEPTION)
+
+    def _hypercall(self, vcpu, ex: E.Hypercall) -> E.Action:
+        if self.hypercall_handler is not None:
+            return self.hypercall_handler(vcpu, ex)
+        return self.deliver(vcpu, 6, EventType.HARDWARE_EXCEPTION)   # no Xen: VMCALL is #UD
+
+    def _exception(self, vcpu, ex: E.Exception_) -> E.Action:
+        etype = EventType.SOFTWARE_INTERRUPT if ex.software else EventType.HARDWARE_EXCEPTION
+        return self.deliver(vcpu, ex.vector, etype, ex.error_code)
+
+    def _syscall(self, vcpu, ex: E.Syscall) -> E.Action:
+        # User mode has started: the kernel has read its capabilities. Close the
+        # MSR window they needed (an open window slows plain code ~9%).
+        vcpu.msr.close(ARCH_CAPABILITIES_INTEREST)
+        from ..x86 import syscall
+        (syscall.do_syscall if ex.insn == "syscall" else syscall.do_sysenter)(vcpu)
+        return E.Action.CONTINUE
+
+    def _unmapped(self, vcpu, ex: E.UnmappedAccess) -> E.Action:
+        m = self.machine
+        if ex.access == "fetch":
+            m.shutdown("crash", STATUS_CRASH, f"guest jumped to {ex.addr:#x}, where there is no RAM to execute")
+            return E.Action.STOP
+        page = ex.addr & ~(PAGE_SIZE - 1)
+        if m.tracer.on("mem"):
+            m.tracer.emit("mem", f"{ex.access} of unassigned physical {ex.addr:#x}: "
+                          "reads float high, writes are dropped")
+        vcpu.map_mmio(page, PAGE_SIZE)
+        return E.Action.CONTINUE
+
+    def _shutdown(self, vcpu, ex: E.Shutdown) -> E.Action:
+        self.machine.shutdown(ex.reason, ex.status, ex.message)
+        return E.Action.STOP
+
+    def limit(self, vcpu, ex: E.Limit) -> E.Action:
+        """A run limit: the user's ``--timeout`` or ``--max-insns`` ends the machine."""
+        m = self.machine
+        if ex.what == "stopped":
+            # a run that ended for no reason we know: a stop-timer repeat that
+            # reached the engine between two runs (its cpu_exit is seen at the
+            # next run's first block). Nothing to do but go on.
+            return E.Action.CONTINUE
+        if ex.what == "timeout":
+            m.shutdown("timeout", STATUS_TIMEOUT, f"--timeout of {m.config.timeout:g}s reached")
+        else:
+            m.shutdown("max-insns", STATUS_TIMEOUT, f"--max-insns {m.config.max_insns} reached")
+        return E.Action.STOP
+
+    def _request(self, vcpu, ex: E.Request) -> E.Action:
+        return E.Action.CONTINUE
+
+    def _debug(self, vcpu, ex: E.Debug) -> E.Action:
+        for agent in self.machine.agents:
+            agent.on_debug_exit(vcpu, ex)
+        return E.Action.CONTINUE

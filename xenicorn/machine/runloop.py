@@ -1,0 +1,309 @@
+"""The run loop: KVM_RUN in a loop, timers, sleep, interrupt injection, agents.
+
+:meth:`RunLoop.run` is the loop a KVM user space runs around ``KVM_RUN``::
+
+    while running:
+        run timers that are due
+        inject an interrupt if one waits and the guest accepts it
+        exit = vcpu.run(budget)       # Unicorn executes guest code
+        handle(exit)                  # Python does what hardware/Xen would
+
+A vCPU that halts (``HLT``, ``SCHEDOP_block``, ``SCHEDOP_poll``) costs
+nothing: the loop lets time pass to the next timer deadline instead of
+running it. Between runs the loop consults its *agents*, the things that
+watch or steer a machine from outside: the interrupt stepper, the gdb stub,
+the QMP monitor, ``--savevm`` save points (:class:`Agent`).
+"""
+from __future__ import annotations
+
+import time
+
+from .. import exits as E
+from ..x86.interrupts import EventType, TripleFault, deliver
+from .dispatch import STATUS_CRASH
+
+COUNT_QUANTUM = 1_000_000          # longest run of a counting vCPU between looks at its timers
+HOST_NS_PER_INSN_GUESS = 10.0      # a counting vCPU on host time runs at ~100 MIPS
+RFLAGS_IF = 1 << 9
+
+
+class Agent:
+    """Something the run loop consults between guest runs; every method has a no-op default.
+
+    An agent sees the machine only between runs, on the machine's thread,
+    so it may read and change anything there. While any agent is attached,
+    external interrupts are delivered by Python (where they can be seen and
+    stopped at), not by the CPU engine.
+    """
+
+    def at_start(self) -> None:
+        """The run loop starts (before the first guest instruction of this ``run()``)."""
+
+    def service(self) -> None:
+        """Top of each loop iteration: take requests; may block while the agent holds the guest stopped."""
+
+    def holds_interrupts(self) -> bool:
+        """True while no interrupt may be injected (a debugger's single step: QEMU's SSTEP_NOIRQ)."""
+        return False
+
+    def before_run(self, vcpu, count: int) -> int:
+        """The guest is about to run ``count`` instructions (0: unbounded); return the bound wanted."""
+        return count
+
+    def wants_service(self) -> bool:
+        """While the vCPU sleeps: True to come back to the loop (and :meth:`service`) now."""
+        return False
+
+    def takes_host_input(self) -> bool:
+        """True if a host-side request (a monitor command) may wake the guest while it sleeps."""
+        return False
+
+    def wait_for_input(self, seconds: float) -> None:
+        """The vCPU sleeps: wait up to ``seconds`` for a host request and carry it out."""
+
+    def keeps_alive(self) -> bool:
+        """True if a guest that can never wake should stay (a debugger may still want to look)."""
+        return False
+
+    def max_sleep(self) -> float | None:
+        """The longest the loop may sleep at once without looking at this agent (None: no limit)."""
+        return None
+
+    def on_debug_exit(self, vcpu, ex: E.Debug) -> None:
+        """A breakpoint or watchpoint ended the run."""
+
+    def at_end(self, status: int | None) -> None:
+        """The machine has stopped with ``status``."""
+
+
+class RunLoop:
+    """Runs a machine's vCPU until the guest shuts down or a limit is hit."""
+
+    def __init__(self, machine):
+        self.machine = machine
+        self.deadline: float | None = None        # --timeout, in host monotonic seconds
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(self) -> int:
+        """Run until the guest shuts down or a limit is hit; return the exit status."""
+        m = self.machine
+        vcpu = m.vcpu
+        cfg = m.config
+        self.deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
+        agents = m.agents
+        for agent in agents:
+            agent.at_start()
+        while m.status is None:
+            for agent in agents:
+                agent.service()
+                if m.status is not None:
+                    break
+            if m.status is not None:
+                break
+            m.clock.run_due()
+            if m.console_input:
+                m.take_console_input()
+            if vcpu.halted:
+                self.sleep(vcpu)
+                continue
+            if any(agent.holds_interrupts() for agent in agents):
+                vcpu.disarm_interrupt_window()
+            else:
+                self.inject_pending_interrupt(vcpu)
+            if m.status is not None or vcpu.halted:
+                continue
+            if m.xen is not None and m.xen.callback.poll_wanted:
+                m.xen.callback.arm_poll(vcpu)
+            timeout_us, count = self.budget(vcpu)
+            # The last attached agent bounds the run first; the first (the
+            # monitor, then the debugger) has the last word and sees the
+            # bound the run really gets.
+            for agent in reversed(agents):
+                count = agent.before_run(vcpu, count)
+            if m.status is not None:
+                break
+            ex = vcpu.run(timeout_us=timeout_us, count=count)
+            if isinstance(ex, E.Limit) and not self._limit_reached(vcpu):
+                continue                  # a clock deadline, not the user's limit
+            m.handle_exit(vcpu, ex)
+        m.console.flush()
+        for agent in agents:
+            agent.at_end(m.status)
+        return m.status
+
+    def budget(self, vcpu) -> tuple[int, int]:
+        """How long emu_start may run: until the user's limits or the next timer."""
+        m = self.machine
+        cfg = m.config
+        timeout_us = 0
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                m.dispatch.limit(vcpu, E.Limit(vcpu.pc, "timeout"))
+                return 0, 0
+            timeout_us = max(1, int(left * 1e6))
+        count = 0
+        if cfg.max_insns:
+            count = cfg.max_insns - vcpu.instructions
+            if count <= 0:
+                m.dispatch.limit(vcpu, E.Limit(vcpu.pc, "max-insns"))
+                return 0, 0
+        budget = m.clock.budget()
+        if vcpu.count_instructions:
+            # Bounded by instruction counts only: an asynchronous stop could
+            # replay a memory access in this mode (docs/unicorn-notes.md).
+            # The quantum bounds how late a stop requested during MMIO is.
+            insns = COUNT_QUANTUM
+            if budget is not None:
+                per_insn = m.clock.ns_per_insn if m.clock.deterministic else HOST_NS_PER_INSN_GUESS
+                insns = min(insns, max(1, int(budget / per_insn)))
+            count = min(count, insns) if count else insns
+        elif budget is not None:
+            us = max(1, budget // 1000)
+            timeout_us = min(timeout_us, us) if timeout_us else us
+        return timeout_us, count
+
+    def _limit_reached(self, vcpu) -> bool:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return True
+        max_insns = self.machine.config.max_insns
+        return bool(max_insns) and vcpu.instructions >= max_insns
+
+    def _timed_out(self, vcpu) -> bool:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self.machine.dispatch.limit(vcpu, E.Limit(vcpu.pc, "timeout"))
+            return True
+        return False
+
+    # -- sleeping ------------------------------------------------------------------------
+    def sleep(self, vcpu) -> None:
+        """The vCPU sleeps (HLT, SCHEDOP_block/poll): let time pass until it wakes.
+
+        A maskable interrupt the guest accepts, an event for a blocked vCPU,
+        or a poll timeout ends the sleep. Time passes to the next timer
+        deadline; when no timer is armed and nothing else could wake the
+        vCPU, the run ends instead of hanging the host (status 1).
+        """
+        m = self.machine
+        agents = m.agents
+        while m.status is None and vcpu.halted:         # a loadvm/reset may wake it
+            if any(agent.wants_service() for agent in agents):
+                return                        # the loop services the agent; the vCPU stays asleep
+            m.clock.run_due()
+            if self._wakes(vcpu):
+                vcpu.halted = False
+                vcpu.sleep_kind = ""
+                return
+            nxt = m.clock.next_deadline()
+            listening = [a for a in agents if a.takes_host_input()]
+            if listening and not m.clock.deterministic:
+                # a monitor command (an injected event, quit) may wake it: wait for one
+                wait = 0.05 if nxt is None else max(0.0, min(0.05, (nxt - m.clock.now_ns()) / 1e9))
+                for agent in listening:
+                    agent.service()
+                for agent in listening:
+                    agent.wait_for_input(wait)
+                if self._timed_out(vcpu):
+                    return
+                continue
+            cannot_wake = vcpu.sleep_kind == "HLT" and not vcpu.reg("rflags") & RFLAGS_IF
+            if nxt is None or cannot_wake:
+                if any(agent.keeps_alive() for agent in agents):
+                    time.sleep(0.05)          # a debugger may still want to look (Ctrl-C)
+                    continue
+                pc = vcpu.pc
+                if cannot_wake:
+                    msg = f"vCPU halted at {pc:#x} with interrupts disabled"
+                else:
+                    msg = f"vCPU asleep ({vcpu.sleep_kind}) at {pc:#x} and nothing is left that could wake it"
+                m.shutdown("halted", STATUS_CRASH, msg)
+                return
+            limit = None
+            if self.deadline is not None:
+                limit = self.deadline - time.monotonic()
+                if limit <= 0:
+                    self._timed_out(vcpu)
+                    return
+            for agent in agents:
+                most = agent.max_sleep()
+                if most is not None:
+                    limit = min(limit, most) if limit is not None else most
+            m.clock.wait_until(nxt, limit)
+
+    def _wakes(self, vcpu) -> bool:
+        m = self.machine
+        src = m.interrupt_source
+        direct = m.xen is not None and m.xen.callback.direct_pending(vcpu.index) is not None
+        if (direct or (src is not None and src.pending())) and vcpu.reg("rflags") & RFLAGS_IF:
+            return True
+        if vcpu.sleep_kind != "HLT" and m.xen is not None:
+            return m.xen.wakes(vcpu)
+        return False
+
+    # -- interrupts ----------------------------------------------------------------------
+    def inject_pending_interrupt(self, vcpu) -> None:
+        """Deliver an external interrupt if one waits and the guest accepts it.
+
+        x86 accepts a maskable interrupt only between instructions, with
+        RFLAGS.IF = 1 and outside the one-instruction shadow of STI/MOV SS
+        (SDM vol. 3 §6.8.3). When one waits but the window is closed, the
+        vCPU asks for an exit when it opens (:mod:`~xenicorn.engine.irqwindow`).
+        When it is open, the interrupt controller gives up its vector and
+        either the CPU engine delivers it as the next run starts or, when
+        deliveries are being watched, Python does (``VCpu.engine_delivers``).
+        """
+        m = self.machine
+        src = m.interrupt_source
+        if getattr(src, "nmi_pending", False):
+            src.nmi_pending = False
+            vcpu.halted = False
+            self._deliver(vcpu, 2, EventType.NMI)
+            return
+        if vcpu.engine_delivery_pending:
+            return                      # one at a time: the engine takes it as the next run starts
+        direct = m.xen.callback.direct_pending(vcpu.index) if m.xen is not None else None
+        if direct is None and (src is None or not src.pending()):
+            vcpu.disarm_interrupt_window()
+            return
+        if not (vcpu.reg("rflags") & RFLAGS_IF) or vcpu.interrupt_shadow():
+            vcpu.arm_interrupt_window()
+            return
+        vcpu.disarm_interrupt_window()
+        if direct is not None:
+            # Xen's callback vector: injected past the LAPIC (hvm_vcpu_has_pending_irq)
+            m.xen.callback.direct_taken(vcpu.index)
+            vector = direct
+        else:
+            vector = src.acknowledge()
+        if vector is None:
+            return
+        vcpu.halted = False
+        if vcpu.engine_delivers():
+            vcpu.engine_deliver(vector)
+            return
+        self._deliver(vcpu, vector, EventType.EXTERNAL)
+
+    def _deliver(self, vcpu, vector: int, etype: EventType) -> None:
+        try:
+            deliver(vcpu, vector, etype)
+        except TripleFault as tf:
+            self.machine.shutdown("triple-fault", STATUS_CRASH, str(tf))
+
+    # -- getting the loop's attention ------------------------------------------------------
+    def kick(self, why: str, force: bool = False) -> None:
+        """Something may want the CPU's attention: stop emu_start so the run loop looks."""
+        m = self.machine
+        vcpu = m.vcpus[0]
+        if vcpu._in_emu and (force or (m.interrupt_source is not None and m.interrupt_source.pending())):
+            vcpu.request_stop(why)
+
+    def kick_until(self, taken, why: str) -> None:
+        """From another thread: stop the guest until the run loop has taken what was posted.
+
+        A stop that reaches Unicorn just before ``emu_start`` clears its
+        stop flag is lost (see :mod:`~xenicorn.engine.stoptimer`), so it is
+        repeated every few milliseconds while ``taken()`` is false.
+        """
+        while not taken() and self.machine.status is None:
+            self.kick(why, force=True)
+            time.sleep(0.005)
