@@ -90,6 +90,19 @@ def test_an_unexpected_error_inside_a_self_test_becomes_the_one_error(monkeypatc
     refused(capfd, "instruction counter (icount) self-test failed", "struct.error")
 
 
+def test_a_binding_without_its_callback_dicts_is_refused(monkeypatch, capfd):
+    """Deleted hooks' thunks are kept through the binding's private dicts; without them, refuse."""
+    import unicorn
+    real_hook_add = unicorn.Uc.hook_add
+
+    def forgetful_hook_add(self, *args, **kwargs):
+        handle = real_hook_add(self, *args, **kwargs)
+        self._callbacks.pop(handle, None)                  # as a binding that keeps them elsewhere
+        return handle
+    monkeypatch.setattr(unicorn.Uc, "hook_add", forgetful_hook_add)
+    refused(capfd, "Uc._callbacks", "2.1.4")
+
+
 def test_the_old_error_classes_are_the_one_error():
     for cls in (rawctx.UnsupportedUnicornBuild, stopcheck.FlagNotFound, icount.CounterNotFound):
         assert issubclass(cls, engine.EngineUnsupported)

@@ -12,7 +12,8 @@ module              what it gives the rest of xenicorn
                     :class:`EngineUnsupported`, its one error
 ``vcpu``            :class:`~xenicorn.engine.vcpu.VCpu`: registers, MSRs,
                     ``cpu_state()``, ``run()`` returning typed exits, stops
-``hooks``           the Unicorn hook → exit adaptors (the table of reports)
+``hooks``           the Unicorn hook → exit adaptors (the table of which
+                    report becomes which exit is in ``vcpu``)
 ``delivery``        the interrupt window, interrupts the engine delivers
 ``memmap``          guest RAM, MMIO ranges and overlay pages in the engine
 ``tsc``             the host TSC, read and calibrated

@@ -27,13 +27,15 @@ Three rules every adaptor follows:
 from __future__ import annotations
 
 import collections
+import functools
 
-from unicorn import (UC_HOOK_BLOCK, UC_HOOK_INSN, UC_HOOK_INSN_INVALID, UC_HOOK_INTR, UC_HOOK_MEM_UNMAPPED,
-                     UC_MEM_FETCH_UNMAPPED, UC_MEM_WRITE_UNMAPPED)
+from unicorn import (Uc, UC_ARCH_X86, UC_MODE_64, UC_HOOK_BLOCK, UC_HOOK_INSN, UC_HOOK_INSN_INVALID,
+                     UC_HOOK_INTR, UC_HOOK_MEM_UNMAPPED, UC_MEM_FETCH_UNMAPPED, UC_MEM_WRITE_UNMAPPED)
 from unicorn import x86_const as X
 
 from .. import exits as E
 from . import stopcheck
+from .startup import EngineUnsupported
 from .irqwindow import EXIT_VECTOR as IRQ_WINDOW_EXIT_VECTOR
 from .msr import EXIT_VECTOR as MSR_EXIT_VECTOR, RDTSC_EXIT_VECTOR
 
@@ -61,6 +63,23 @@ def guarded(default):
         hook.__doc__ = fn.__doc__
         return hook
     return wrap
+
+
+@functools.cache
+def binding_selftest() -> None:
+    """Check, once per process, that the binding keeps thunks where ``_keep_callbacks_alive`` looks.
+
+    The binding's ``Uc._callbacks`` (hook handle -> ctypes thunk) and
+    ``Uc._mmio_callbacks`` (range -> callbacks) are private; a binding that
+    renamed them would let the crash come back silently.
+    """
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    handle = uc.hook_add(UC_HOOK_BLOCK, lambda *args: None)
+    uc.mmio_map(0x1000, 0x1000, lambda *args: 0, None, lambda *args: None, None)
+    callbacks, mmio = getattr(uc, "_callbacks", None), getattr(uc, "_mmio_callbacks", None)
+    if not (isinstance(callbacks, dict) and callbacks.get(handle) is not None and isinstance(mmio, dict) and mmio):
+        raise EngineUnsupported("the unicorn binding no longer keeps hook callbacks in Uc._callbacks and "
+                                "Uc._mmio_callbacks; install unicorn==2.1.4")
 
 
 class ExitHooks:

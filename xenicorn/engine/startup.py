@@ -21,6 +21,8 @@ icount counter             instruction counts, deterministic time
 stopcheck (flag + soft     stops that replay a memory access, RIP left at
 stop + skip_sync)          an old value after a stop
 msr.selftest               the MSR intercept (hypercall page, TSC deadline)
+hooks.binding_selftest     the binding's private callback dicts, which keep
+                           deleted hooks' thunks alive (a crash otherwise)
 irqwindow.available        nothing: a failure only falls back to a block
                            hook for the interrupt window (~14x slower
                            while it is armed), said once on stderr
@@ -104,8 +106,9 @@ def _check_host() -> str:
 
 def _self_tests() -> None:
     """Every layout self-test; anything unexpected inside one is a failed check too."""
-    from . import icount, msr, rawctx, stopcheck
+    from . import hooks, icount, msr, rawctx, stopcheck
     checks = (
+        ("callback keeping (hooks)", hooks.binding_selftest),
         ("CPU state layout (rawctx)", rawctx.selftest),
         ("CPUState.env_ptr (LiveContext)", rawctx.env_ptr_offset),
         ("instruction counter (icount)", icount.counter_offset),
@@ -142,11 +145,11 @@ def probe() -> EngineInfo:
 def reset_probe() -> None:
     """Forget the cached result and the self-tests' caches (for tests that fake a failure)."""
     global _info
-    from . import icount, irqwindow, msr, rawctx, stopcheck
+    from . import hooks, icount, irqwindow, msr, rawctx, stopcheck
     _info = None
     _notes_said.clear()
     for cached in (rawctx.selftest, rawctx.env_ptr_offset, msr.selftest, stopcheck.soft_stop_selftest,
-                   irqwindow.available):
+                   irqwindow.available, hooks.binding_selftest):
         getattr(cached, "cache_clear", lambda: None)()      # a test may have replaced one
     icount.forget_offset()
     stopcheck.forget_offset()
