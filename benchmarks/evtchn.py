@@ -36,7 +36,7 @@ from xenicorn import firmware                                      # noqa: E402
 from xenicorn.devices.console import ConsoleSink                  # noqa: E402
 from xenicorn.machine.machine import MachineConfig  # noqa: E402
 from xenicorn.boot import boot  # noqa: E402
-from xenicorn.xen.pvclock import TscSource                        # noqa: E402
+from xenicorn.engine.tsc import HostTsc                           # noqa: E402
 
 DESIGNS = {"vector": ("vector", "poll"), "gsi-poll": ("gsi", "poll"), "gsi-eoi": ("gsi", "eoi")}
 
@@ -73,7 +73,7 @@ def latency(name: str, via: str, mode: str) -> float:
 
 
 def measure(n: int, reps: int) -> dict:
-    tsc = TscSource().hz()
+    tsc = HostTsc().hz()
     out = {}
     for bits in (32, 64):
         name = f"evtchn{bits}"

@@ -27,7 +27,7 @@ from xenicorn import firmware                                      # noqa: E402
 from xenicorn.devices.console import ConsoleSink                  # noqa: E402
 from xenicorn.machine.machine import MachineConfig  # noqa: E402
 from xenicorn.boot import boot  # noqa: E402
-from xenicorn.xen.pvclock import TscSource                        # noqa: E402
+from xenicorn.engine.tsc import HostTsc                           # noqa: E402
 
 
 def run(name: str, n: int, hz: int, clock: str = "host"):
@@ -49,7 +49,7 @@ def insns_per_iteration(name: str) -> float:
 
 
 def measure(n: int, reps: int) -> dict:
-    tsc_hz = TscSource().hz()
+    tsc_hz = HostTsc().hz()
     out = {}
     for bits in (32, 64):
         name = f"tickbench{bits}"

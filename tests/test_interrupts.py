@@ -10,7 +10,8 @@ import pytest
 from unicorn import x86_const as X
 
 from xenicorn.x86.interrupts import EventType, TripleFault, deliver
-from xenicorn.engine.rawctx import RawContext, SegmentCache, DESC_P, DESC_S, flat_code32, flat_data
+from xenicorn.engine.rawctx import RawContext
+from xenicorn.x86.segments import SegmentCache, DESC_P, DESC_S, flat_code32, flat_data
 
 GDT, IDT, TSS = 0x1000, 0x2000, 0x3000
 CODE32_DPL0 = 0x00CF9A000000FFFF

@@ -11,7 +11,8 @@ import pytest
 
 from xenicorn.engine import irqwindow
 
-from xenicorn.engine.rawctx import RawContext, SegmentCache, DESC_P
+from xenicorn.engine.rawctx import RawContext
+from xenicorn.x86.segments import SegmentCache, DESC_P
 
 from test_interrupts import protected, TSS
 

@@ -207,7 +207,8 @@ def _unicorn_access(leaf_flags, upper_flags, access, cpl3, wp, nxe):
     """Run one access in Unicorn (long mode) and report fault or value."""
     from unicorn import Uc, UC_ARCH_X86, UC_MODE_64, UC_HOOK_INTR
     from unicorn import x86_const as X
-    from xenicorn.engine.rawctx import RawContext, flat_code64, flat_data
+    from xenicorn.engine.rawctx import RawContext
+    from xenicorn.x86.segments import flat_code64, flat_data
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     uc.mem_map(0, 0x400000)
     mem = Phys()

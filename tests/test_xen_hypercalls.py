@@ -5,7 +5,8 @@ import pytest
 from unicorn import x86_const as X
 
 from xenicorn import exits as E
-from xenicorn.engine.rawctx import RawContext, flat_code64, flat_data
+from xenicorn.engine.rawctx import RawContext
+from xenicorn.x86.segments import flat_code64, flat_data
 from xenicorn.xen import errno
 from xenicorn.xen.pvclock import TimeInfo, ticks_to_ns
 

@@ -3,7 +3,9 @@
 ``xenicorn run KERNEL`` boots a PVH ELF kernel (or a firmware image by name,
 e.g. ``hello64``) and returns the machine's exit status: 0 after a clean
 poweroff, ``(v << 1) | 1`` after ``isa-debug-exit``, 1 when the guest
-crashed, 2 for bad input, 124 when ``--timeout``/``--max-insns`` ran out.
+crashed, 2 for bad input or a CPU engine xenicorn cannot use (one line
+naming what is unsupported: ``engine.probe()``), 124 when
+``--timeout``/``--max-insns`` ran out.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import argparse
 import os
 import sys
 
+from .engine import EngineUnsupported
 from .machine.machine import MachineConfig, STATUS_USAGE, STATUS_CRASH
 
 
@@ -137,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
     from .boot.loader import LoadError
     from .boot import boot
     from .snapshot import SnapshotError
+    from . import engine
+    engine.probe()                              # refuse an unknown engine before fetching a kernel
     protocol = "pvh" if args.boot == "auto" else args.boot
     if args.kernel_deb:
         if args.kernel:
@@ -395,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     except UsageError as e:
         print(f"xenicorn: error: {e}", file=sys.stderr)
+        return STATUS_USAGE
+    except EngineUnsupported as e:              # this host or Unicorn build: nothing the guest did
+        print(f"xenicorn: error: unsupported CPU engine: {e}", file=sys.stderr)
         return STATUS_USAGE
 
 

@@ -76,8 +76,6 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from unicorn import x86_const as X
-
 from .loader import LoadedKernel, LoadError, _read_file
 from ..machine.memory import PAGE_SIZE, GuestMemory
 
@@ -144,9 +142,14 @@ def parse_header(image: bytes, name: str = "kernel") -> SetupHeader:
     """Read and check a bzImage's setup header; :class:`LoadError` with one line if unusable."""
     if len(image) < 0x270 or image[HEADER:HEADER + 4] != HDR_MAGIC:
         raise LoadError(f"{name}: not a bzImage (no HdrS setup header at 0x202)")
-    u8 = lambda off: image[off]
-    u16 = lambda off: struct.unpack_from("<H", image, off)[0]
-    u32 = lambda off: struct.unpack_from("<I", image, off)[0]
+    def u8(off: int) -> int:
+        return image[off]
+
+    def u16(off: int) -> int:
+        return struct.unpack_from("<H", image, off)[0]
+
+    def u32(off: int) -> int:
+        return struct.unpack_from("<I", image, off)[0]
     version = u16(VERSION)
     if version < MIN_VERSION:
         raise LoadError(f"{name}: boot protocol {version >> 8}.{version & 0xFF} is too old "
@@ -280,4 +283,4 @@ def enter_32bit(vcpu, boot: LinuxBoot) -> None:
     """The CPU state of the protocol's 32-bit entry (module doc)."""
     vcpu.reset_to_flat32(boot.load_addr)             # flat CS 0x10 / DS 0x18, PE only, IF = 0
     vcpu.set_reg("rsi", boot.zero_page)              # EBX, EBP, EDI and the rest stay 0
-    vcpu.uc.reg_write(X.UC_X86_REG_GDTR, (0, BOOT_GDT_ADDR, 4 * 8 - 1, 0))
+    vcpu.set_descriptor_table("gdtr", BOOT_GDT_ADDR, 4 * 8 - 1)

@@ -19,10 +19,12 @@ import struct
 
 from unicorn import Uc, UC_ARCH_X86, UC_MODE_32
 
+from .startup import EngineUnsupported
+
 _OFFSET: int | None = None
 
 
-class CounterNotFound(RuntimeError):
+class CounterNotFound(EngineUnsupported):
     """This Unicorn build keeps its instruction counter somewhere unexpected."""
 
 
@@ -45,10 +47,17 @@ def _find_offset() -> int:
 
 
 def counter_offset() -> int:
+    """Where ``uc_struct.emu_counter`` is (found on the first call; checked by ``engine.probe()``)."""
     global _OFFSET
     if _OFFSET is None:
         _OFFSET = _find_offset()
     return _OFFSET
+
+
+def forget_offset() -> None:
+    """Look for the counter again on the next call (``engine.reset_probe()``)."""
+    global _OFFSET
+    _OFFSET = None
 
 
 def field_address(uc: Uc, delta: int = 0) -> int:

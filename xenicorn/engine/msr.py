@@ -142,7 +142,12 @@ class MsrInterceptor:
 
 @functools.cache
 def selftest() -> None:
-    """Check, once per process, that an open window really traps WRMSR 0x40000000."""
+    """Check, once per process, that an open window really traps WRMSR 0x40000000.
+
+    This is the probe of :data:`OFF_VM_VMCB`, :data:`OFF_INTERCEPT` and
+    :data:`HF_GUEST`: with any of them wrong the WRMSR is not intercepted
+    (or faults), and the exits seen differ.
+    """
     from unicorn import Uc, UC_ARCH_X86, UC_MODE_64, UC_HOOK_INTR
     from unicorn import x86_const as X
     from .rawctx import UnsupportedUnicornBuild
@@ -165,4 +170,5 @@ def selftest() -> None:
     uc.hook_add(UC_HOOK_INTR, hook)
     uc.emu_start(0x1000, 0x1000 + len(code))
     if seen != [(EXIT_VECTOR, 1, 0x1000 + 12)]:
-        raise UnsupportedUnicornBuild(f"MSR intercept window does not work on this Unicorn build ({seen})")
+        raise UnsupportedUnicornBuild(f"MSR intercept window does not work on this Unicorn build (exits seen: "
+                                      f"{seen}); install unicorn==2.1.4")

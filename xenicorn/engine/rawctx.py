@@ -34,9 +34,16 @@ field             why xenicorn needs it
 ================  ==========================================================
 
 The offsets belong to the exact Unicorn build this package pins (2.1.4, the
-PyPI wheel, x86-64 host). :func:`selftest` checks them against behaviour the
-first time a machine is built and refuses to run on a build that differs,
-rather than corrupting guest state.
+PyPI wheel, x86-64 host). :func:`selftest` checks every one of them against
+behaviour, and :func:`env_ptr_offset` finds the live state's address, when
+:func:`xenicorn.engine.probe` runs (once per process, before a machine is
+built); a build that differs is refused rather than left to corrupt guest
+state.
+
+The architecture code (:mod:`xenicorn.x86`) sees none of this: it gets a
+context from ``VCpu.cpu_state()`` and uses the typed accessors
+(:meth:`RawContext.segment`, :meth:`~RawContext.load_segments`,
+:meth:`~RawContext.gprs`, :attr:`~RawContext.rip`, :meth:`~RawContext.cr`).
 """
 from __future__ import annotations
 
@@ -44,18 +51,18 @@ import functools
 
 import ctypes
 import struct
-from dataclasses import dataclass
 
 from unicorn import Uc, UC_ARCH_X86, UC_MODE_64, UC_HOOK_INTR
 from unicorn import x86_const as X
+
+from ..x86.segments import SegmentCache, DESC_B, DESC_L, flat_code32, flat_data
+from .startup import EngineUnsupported
 
 # Offsets inside bytes(context): a 40-byte uc_context header, then CPUX86State.
 _HDR = 40
 OFF_REGS = 0              # target_ulong regs[16]
 OFF_EIP = 128
-OFF_EFLAGS = 136
 OFF_HFLAGS = 176
-OFF_HFLAGS2 = 180
 OFF_SEGS = 184            # SegmentCache segs[6]: ES CS SS DS FS GS
 OFF_LDT = 328
 OFF_TR = 352
@@ -68,6 +75,7 @@ OFF_EXCEPTION_NEXT_EIP = 5392
 OFF_OLD_EXCEPTION = 5496
 SEG_SIZE = 24             # {u32 selector; u32 pad; u64 base; u32 limit; u32 flags}
 _SEG = struct.Struct("<IIQII")
+_GPRS = struct.Struct("<16Q")
 
 # Segment register numbers in QEMU's order (R_ES..R_GS).
 ES, CS, SS, DS, FS, GS = range(6)
@@ -82,58 +90,6 @@ HF_ADDSEG = 1 << 6
 HF_PE = 1 << 7
 HF_LMA = 1 << 14
 HF_CS64 = 1 << 15
-
-# Attribute bits of a segment cache: the descriptor's high dword, as QEMU keeps it.
-DESC_TYPE_SHIFT = 8
-DESC_S = 1 << 12          # code/data (1) or system (0)
-DESC_DPL_SHIFT = 13
-DESC_P = 1 << 15
-DESC_L = 1 << 21          # 64-bit code
-DESC_B = 1 << 22          # 32-bit default size
-DESC_G = 1 << 23
-
-
-@dataclass
-class SegmentCache:
-    """One hidden segment register: what the CPU loaded from a descriptor."""
-
-    selector: int
-    base: int
-    limit: int
-    flags: int            # descriptor high dword attributes (DESC_* bits)
-
-    @property
-    def dpl(self) -> int:
-        return (self.flags >> DESC_DPL_SHIFT) & 3
-
-    @classmethod
-    def from_descriptor(cls, selector: int, raw: int) -> "SegmentCache":
-        """Decode an 8-byte GDT/LDT descriptor (SDM vol. 3 §3.4.5)."""
-        lo, hi = raw & 0xFFFFFFFF, raw >> 32
-        base = (lo >> 16) | ((hi & 0xFF) << 16) | (hi & 0xFF000000)
-        limit = (lo & 0xFFFF) | (hi & 0x000F0000)
-        if hi & DESC_G:
-            limit = (limit << 12) | 0xFFF
-        return cls(selector, base, limit, hi & 0x00FFFF00)
-
-
-def flat_code32(selector: int, dpl: int = 0) -> SegmentCache:
-    """A flat 32-bit execute/read code segment, as the PVH ABI asks for CS."""
-    return SegmentCache(selector, 0, 0xFFFFFFFF,
-                        DESC_G | DESC_B | DESC_P | DESC_S | (dpl << DESC_DPL_SHIFT) | (0xB << DESC_TYPE_SHIFT))
-
-
-def flat_code64(selector: int, dpl: int = 0) -> SegmentCache:
-    """A 64-bit code segment (L=1, D=0)."""
-    return SegmentCache(selector, 0, 0xFFFFFFFF,
-                        DESC_G | DESC_L | DESC_P | DESC_S | (dpl << DESC_DPL_SHIFT) | (0xB << DESC_TYPE_SHIFT))
-
-
-def flat_data(selector: int, dpl: int = 0) -> SegmentCache:
-    """A flat read/write data segment (accessed)."""
-    return SegmentCache(selector, 0, 0xFFFFFFFF,
-                        DESC_G | DESC_B | DESC_P | DESC_S | (dpl << DESC_DPL_SHIFT) | (0x3 << DESC_TYPE_SHIFT))
-
 
 _STRUCTS: dict[str, struct.Struct] = {}
 
@@ -184,6 +140,18 @@ class RawContext:
             self.commit()
 
     # -- fields -----------------------------------------------------------
+    def gprs(self) -> tuple[int, ...]:
+        """The 16 general registers in encoding order: RAX RCX RDX RBX RSP RBP RSI RDI R8..R15."""
+        return _GPRS.unpack_from(self._mem, OFF_REGS)
+
+    @property
+    def rip(self) -> int:
+        return self.read(OFF_EIP, "<Q")
+
+    def cr(self, n: int) -> int:
+        """Control register ``n`` (0, 2, 3 or 4) as the CPU holds it."""
+        return self.read(OFF_CR + 8 * n, "<Q")
+
     @property
     def hflags(self) -> int:
         return self.read(OFF_HFLAGS, "<I")
@@ -279,7 +247,7 @@ def cpu_state_address(uc: Uc) -> int:
 
 
 @functools.cache
-def _env_ptr_offset() -> int:
+def env_ptr_offset() -> int:
     """Where ``CPUState.env_ptr`` sits: the word that points at a CPUX86State holding our RAX.
 
     Found once per process on a probe engine: only words pointing into the
@@ -312,7 +280,7 @@ class LiveContext(RawContext):
         self.uc = uc
         self.ctx = None
         size = uc.context_save().size - _HDR
-        self._ptr = ctypes.c_uint64.from_address(cpu_state_address(uc) + _env_ptr_offset()).value
+        self._ptr = ctypes.c_uint64.from_address(cpu_state_address(uc) + env_ptr_offset()).value
         self._mem = memoryview((ctypes.c_char * size).from_address(self._ptr)).cast("B")
         self.dirty = False
 
@@ -320,13 +288,24 @@ class LiveContext(RawContext):
         self.dirty = False
 
 
-class UnsupportedUnicornBuild(RuntimeError):
+class UnsupportedUnicornBuild(EngineUnsupported):
     """The Unicorn library differs from the build whose layout is known."""
 
 
 @functools.cache
 def selftest() -> None:
-    """Check the offsets above against real behaviour, once per process."""
+    """Check every offset above against real behaviour, once per process.
+
+    A flat 32-bit CPU with GDTR, IDTR, TR and LDTR loaded through the public
+    API runs ``mov ax, 0x1234; mov ds, ax`` (a #GP with error code 0x1234,
+    a hardware exception) and ``int 0x0d`` (the same vector as software).
+    Each field must hold what the public API or the instruction put there:
+    the registers, EIP at each exception, the hflags the segment loads
+    implied, the four table caches, the error code, ``exception_is_int``,
+    ``exception_next_eip`` and ``old_exception``; and a segment cache
+    loaded here must be the one the CPU executes with (a 16-bit CS would
+    decode the ``mov`` with a 32-bit immediate and fault elsewhere).
+    """
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     uc.mem_map(0, 0x10000)
     # Leave long mode (reset state of UC_MODE_64) for a flat 32-bit CPU.
@@ -335,6 +314,11 @@ def selftest() -> None:
     gdt = struct.pack("<QQQ", 0, 0x00CF9B000000FFFF, 0x00CF93000000FFFF)
     uc.mem_write(0x1000, gdt)
     uc.reg_write(X.UC_X86_REG_GDTR, (0, 0x1000, 23, 0))
+    uc.reg_write(X.UC_X86_REG_IDTR, (0, 0x3000, 0x7FF, 0))
+    uc.reg_write(X.UC_X86_REG_TR, (0x20, 0x4000, 0x67, 0x8B00))
+    uc.reg_write(X.UC_X86_REG_LDTR, (0x28, 0x5000, 0xFFF, 0x8200))
+    magic = 0x5845_4E49_434F_524E                        # "XENICORN"
+    uc.reg_write(X.UC_X86_REG_RBX, magic)
     with RawContext(uc) as ctx:
         ctx.load_segments(cs=flat_code32(8), ss=flat_data(16), ds=flat_data(16))
     # mov ax, 0x1234 ; mov ds, ax  (-> #GP(0x1234)) ; int 0x0d
@@ -344,7 +328,8 @@ def selftest() -> None:
 
     def hook(uc, intno, _):
         ctx = RawContext(uc)
-        seen.append((intno, ctx.error_code, ctx.exception_is_int, ctx.read(OFF_EIP, "<Q")))
+        seen.append((intno, ctx.error_code, ctx.exception_is_int, ctx.rip, ctx.read(OFF_OLD_EXCEPTION, "<i"),
+                     ctx.exception_next_eip if ctx.exception_is_int else None))
         ctx.consume_exception()
         ctx.commit()
         if len(seen) == 1:
@@ -355,12 +340,30 @@ def selftest() -> None:
     h = uc.hook_add(UC_HOOK_INTR, hook)
     uc.emu_start(0x2000, 0x2009)
     uc.hook_del(h)
-    ok = (len(seen) == 2 and seen[0][:3] == (13, 0x1234, False) and seen[0][3] == 0x2004
-          and seen[1][:3] == (13, 0, True) and seen[1][3] == 0x2008)
+    expected = [(13, 0x1234, False, 0x2004, 13, None),        # #GP(sel), old_exception set by it
+                (13, 0, True, 0x2008, -1, 0x2008)]            # INT 0x0d: already past, consumed before
     ctx = RawContext(uc)
-    ok = ok and ctx.read(OFF_CR, "<Q") == uc.reg_read(X.UC_X86_REG_CR0)
-    ok = ok and ctx.segment(CS).selector == 8 and ctx.segment("gdt").base == 0x1000
-    if not ok:
+    tables = {name: ctx.segment(name) for name in ("gdt", "idt", "tr", "ldt")}
+    problems = []
+    if seen != expected:
+        problems.append(f"exceptions {seen}")
+    gprs = ctx.gprs()
+    if gprs[0] & 0xFFFF != 0x1234 or gprs[3] != magic:
+        problems.append("regs")
+    if ctx.cr(0) != uc.reg_read(X.UC_X86_REG_CR0) or ctx.cr(3) != uc.reg_read(X.UC_X86_REG_CR3):
+        problems.append("cr")
+    if ctx.hflags & (HF_PE | HF_CS32 | HF_SS32 | HF_CS64 | HF_CPL_MASK) != HF_PE | HF_CS32 | HF_SS32:
+        problems.append(f"hflags {ctx.hflags:#x}")
+    if (uc.reg_read(X.UC_X86_REG_CS), uc.reg_read(X.UC_X86_REG_SS)) != (8, 16) or \
+            ctx.segment(CS).selector != 8 or ctx.segment("ss").base != 0:
+        problems.append("segs")                  # the public API reads the selectors we loaded
+    if (tables["gdt"].base, tables["gdt"].limit) != (0x1000, 23) or \
+            (tables["idt"].base, tables["idt"].limit) != (0x3000, 0x7FF):
+        problems.append("gdt/idt")
+    if (tables["tr"].selector, tables["tr"].base, tables["tr"].limit) != (0x20, 0x4000, 0x67) or \
+            (tables["ldt"].selector, tables["ldt"].base) != (0x28, 0x5000):
+        problems.append("tr/ldt")
+    if problems:
         raise UnsupportedUnicornBuild(
-            "this Unicorn build's CPU state layout differs from unicorn 2.1.4's; "
-            f"install unicorn==2.1.4 (probe saw {seen})")
+            "this Unicorn build's CPU state layout differs from unicorn 2.1.4's "
+            f"(mismatched: {', '.join(problems)}); install unicorn==2.1.4")

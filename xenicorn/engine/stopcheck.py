@@ -40,11 +40,13 @@ import struct
 from unicorn import Uc, UC_ARCH_X86, UC_MODE_64, UC_HOOK_INSN
 from unicorn import x86_const as X
 
+from .startup import EngineUnsupported
+
 JMP_BUFS = 64 * 200               # UC_MAX_NESTED_LEVEL sigjmp_bufs before nested_level
 _OFFSET: int | None = None
 
 
-class FlagNotFound(RuntimeError):
+class FlagNotFound(EngineUnsupported):
     """This Unicorn build does not lay out ``uc_struct`` as 2.1.4 does."""
 
 
@@ -98,10 +100,17 @@ def _stops_once(offset: int) -> bool:
 
 
 def offset() -> int:
+    """Where ``uc_struct.no_exit_request`` is (found on the first call; checked by ``engine.probe()``)."""
     global _OFFSET
     if _OFFSET is None:
         _OFFSET = _find_offset()
     return _OFFSET
+
+
+def forget_offset() -> None:
+    """Look for the flag again on the next call (``engine.reset_probe()``)."""
+    global _OFFSET
+    _OFFSET = None
 
 
 def stop_between_blocks(uc: Uc) -> None:

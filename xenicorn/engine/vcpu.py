@@ -2,8 +2,9 @@
 
 This is xenicorn's ``KVM_RUN``. :meth:`VCpu.run` starts Unicorn at the
 current instruction and returns a typed :mod:`exit <xenicorn.exits>`
-when it stops. Unicorn reports events through hooks; each hook here is a thin
-adaptor that builds the exit record and passes it to the machine:
+when it stops. Unicorn reports events through hooks; each hook
+(:mod:`~xenicorn.engine.hooks`) is a thin adaptor that builds the exit
+record and passes it to the machine:
 
 =====================  ==========================  =========================
 Unicorn report         exit                        handled
@@ -22,6 +23,16 @@ UC_HOOK_MEM_UNMAPPED   :class:`UnmappedAccess`     floats high / fatal fetch
 emu_start returns      :class:`Hlt`, :class:`Limit`, :class:`Request`
 =====================  ==========================  =========================
 
+The rest of xenicorn sees the vCPU through a small typed interface:
+registers by name (:meth:`~VCpu.reg`, :meth:`~VCpu.set_reg`), MSRs
+(:meth:`~VCpu.msr_read`), the hidden CPU state (:meth:`~VCpu.cpu_state`:
+segment caches, CPL), guest-linear memory, :meth:`~VCpu.run` and stops,
+the interrupt window (:mod:`~xenicorn.engine.delivery`), the memory map
+(:mod:`~xenicorn.engine.memmap`) and block-start checks
+(:meth:`~VCpu.add_block_check`). Code outside the engine should not need
+the Unicorn handle (``vcpu.uc``); ``tests/test_architecture.py`` lists the
+modules that still do while they move behind this interface.
+
 Every Unicorn instance is created in 64-bit mode: it can run real, protected
 and long mode code, and a 32-bit PVH entry can switch itself to long mode.
 Reset leaves the engine in long mode; :meth:`reset_to_flat32` puts it where
@@ -29,41 +40,33 @@ the PVH ABI starts a guest.
 """
 from __future__ import annotations
 
-import collections
-import contextlib
 import struct
 
 from typing import TYPE_CHECKING
 
-from unicorn import (Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_HOOK_INSN, UC_HOOK_INTR,
-                     UC_HOOK_INSN_INVALID, UC_HOOK_MEM_UNMAPPED, UC_HOOK_BLOCK,
-                     UC_MEM_FETCH_UNMAPPED, UC_MEM_WRITE_UNMAPPED, UC_ERR_FETCH_UNMAPPED, UC_ERR_FETCH_PROT,
+from unicorn import (Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_ERR_FETCH_UNMAPPED, UC_ERR_FETCH_PROT,
                      UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED)
 from unicorn import x86_const as X
 
 from .. import exits as E
 from . import icount, irqwindow, stopcheck
+from .delivery import InterruptDelivery
+from .hooks import ExitHooks
+from .memmap import MemoryMap, gaps_in
+from .msr import MsrInterceptor
+from .rawctx import RawContext, LiveContext, HF_INHIBIT_IRQ, HF_CS32, HF_CS64, OFF_CR, OFF_OLD_EXCEPTION
+from .startup import probe
 from .stoptimer import StopTimer
-from .msr import MsrInterceptor, EXIT_VECTOR as MSR_EXIT_VECTOR, RDTSC_EXIT_VECTOR, VMCB, VMCB_INT_VECTOR
-from .irqwindow import EXIT_VECTOR as IRQ_WINDOW_EXIT_VECTOR
-from .rawctx import (RawContext, LiveContext, flat_code32, flat_data, SegmentCache, HF_INHIBIT_IRQ, HF_CS32, HF_CS64,
-                     OFF_CR, OFF_EIP, OFF_OLD_EXCEPTION, OFF_HFLAGS, HF_LMA, HF_CPL_MASK, DESC_P)
+from ..x86.segments import SegmentCache, flat_code32, flat_data
 
 if TYPE_CHECKING:
     from ..machine.machine import Machine
 
 UNTIL = (1 << 64) - 1            # emu_start's stop address: never reached
-NO_RIP = (1 << 64) - 1           # a hook range no instruction is at (non-canonical)
 NO_LIMIT = 1 << 62               # an instruction "limit" that is never reached
 EFER = 0xC0000080
-TSC_AUX = 0xC0000103
 EFER_LME, EFER_LMA, EFER_NXE = 1 << 8, 1 << 10, 1 << 11
-CR0_PG = 1 << 31
-RFLAGS_IF = 1 << 9
 PAGE = 4096
-
-# Vectors whose exceptions push an error code (SDM vol. 3 table 6-1).
-ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 
 _GPR64 = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
           "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
@@ -71,36 +74,8 @@ REG = {name: getattr(X, f"UC_X86_REG_{name.upper()}") for name in _GPR64}
 REG.update({n: getattr(X, f"UC_X86_REG_{n.upper()}") for n in
             ("cr0", "cr2", "cr3", "cr4", "cs", "ds", "es", "fs", "gs", "ss",
              "eax", "ebx", "ecx", "edx", "esi", "edi", "ebp", "esp", "eip", "eflags")})
-
-
-def _guarded(default):
-    """Wrap a Unicorn hook: a Python exception becomes an internal-error exit.
-
-    Unicorn's binding would re-raise it after ``emu_start``, but only after
-    handing ctypes a ``None`` it cannot convert; catching it here keeps the
-    engine's return value sane and the report to one line.
-    """
-    def wrap(fn):
-        def hook(self, *args):
-            try:
-                return fn(self, *args)
-            except Exception as exc:          # noqa: BLE001 - reported, not hidden
-                return self._hook_failed(exc, default)
-        hook.__name__ = fn.__name__
-        hook.__doc__ = fn.__doc__
-        return hook
-    return wrap
-
-
-def _paging_off(method):
-    """Run a VCpu method that changes Unicorn's memory map inside ``physical_view``."""
-    def wrapped(self, *args):
-        with self.physical_view():
-            return method(self, *args)
-    wrapped.__name__ = method.__name__
-    wrapped.__doc__ = method.__doc__
-    return wrapped
-
+# The descriptor-table registers: (selector, base, limit, flags) tuples in Unicorn.
+TABLE_REG = {"gdtr": X.UC_X86_REG_GDTR, "idtr": X.UC_X86_REG_IDTR}
 
 GPR_INDEX = {"rax": 0, "rcx": 1, "rdx": 2, "rbx": 3, "rsp": 4, "rbp": 5, "rsi": 6, "rdi": 7,
              **{f"r{i}": i for i in range(8, 16)}}
@@ -133,15 +108,21 @@ class CpuSnapshot:
         return PagingRegs(cr0=self.cr0, cr3=self.cr3, cr4=self.cr4, efer=self.efer)
 
 
-class VCpu:
-    """A vCPU: owns a Unicorn engine and turns its reports into exits."""
+class VCpu(ExitHooks, InterruptDelivery, MemoryMap):
+    """A vCPU: owns a Unicorn engine and turns its reports into exits.
+
+    The hook adaptors, the interrupt window and the memory map are written
+    in their own modules as mixins of this one class, so a hot path pays
+    no extra indirection.
+    """
 
     def __init__(self, machine: "Machine", index: int = 0, count_instructions: bool = False):
+        engine = probe()                         # cached: the layout checks ran before the machine was built
         self.machine = machine
         self.index = index
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self._keep_callbacks_alive(self.uc)
-        machine.memory.map_into(self.uc)
+        self._map_ram(machine.memory)
         self.count_instructions = count_instructions
         self.instructions = 0            # exact only when counting
         self._stop_reasons: list[str] = []
@@ -152,34 +133,14 @@ class VCpu:
         self.sleep_kind = ""                 # HLT, SCHEDOP_block, SCHEDOP_poll while halted
         self._window_hook = None
         # The exact, hook-free interrupt window when this Unicorn build allows it
-        self._irq_request = irqwindow.InterruptRequest(self.uc) if irqwindow.available() else None
+        self._irq_request = irqwindow.InterruptRequest(self.uc) if engine.interrupt_window_exits else None
         self._engine_vector: int | None = None   # handed to the CPU engine, not yet delivered
         self.engine_deliveries = 0
         self.live = LiveContext(self.uc)         # CPU fields read and written in place
         self.window_exits = 0
         self.stale_exception_states = 0          # see _drop_stale_exception_state
-        self._mmio_pages: set[int] = set()
         uc = self.uc
-        # Order and ranges matter (docs/unicorn-notes.md, "A pending stop makes
-        # Unicorn skip..."): once a stop is pending, Unicorn's CPUID/SYSCALL/
-        # SYSENTER dispatch gives up after the first instruction hook whose
-        # range covers RIP. CPUID comes first; IN and OUT, whose dispatch
-        # ignores ranges, get one no instruction has, so they never end it.
-        # SYSCALL and SYSENTER stay exposed until stops stop setting
-        # stop_request mid-block (the open fix).
-        uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
-        uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
-        uc.hook_add(UC_HOOK_INSN, self._on_sysenter, None, 1, 0, X.UC_X86_INS_SYSENTER)
-        uc.hook_add(UC_HOOK_INSN, self._on_in, None, NO_RIP, NO_RIP, X.UC_X86_INS_IN)
-        uc.hook_add(UC_HOOK_INSN, self._on_out, None, NO_RIP, NO_RIP, X.UC_X86_INS_OUT)
-        uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
-        uc.hook_add(UC_HOOK_INTR, self._on_intr)
-        # Only where there is no RAM: Unicorn never lets a store clear a
-        # page's "not dirty" TLB flag if any memory hook, even an unmapped
-        # one, covers that page, so a hook over all of memory sent every
-        # guest store down the slow path (docs/unicorn-notes.md).
-        for begin, end in self._gaps_in(machine.memory.ram_regions):
-            uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped, None, begin, end)
+        self._install_hooks(gaps_in(machine.memory.ram_regions))
         self.msr = MsrInterceptor(uc)
         # No "until" address. At the end of every emu_start Unicorn flushes
         # the block at until-1, translating that address as an instruction
@@ -204,10 +165,39 @@ class VCpu:
     # register access
     # ------------------------------------------------------------------
     def reg(self, name: str) -> int:
+        """A register by its lower-case name: ``rax`` .. ``r15``, ``rip``, ``rflags``, ``cr0``-``cr4``..."""
         return self.uc.reg_read(REG[name])
 
     def set_reg(self, name: str, value: int) -> None:
+        """Write a register by name (see :meth:`reg`)."""
         self.uc.reg_write(REG[name], value)
+
+    def msr_read(self, msr: int) -> int:
+        """Read a model-specific register as the CPU holds it (EFER, STAR, LSTAR, SYSENTER_*...)."""
+        return self.uc.msr_read(msr)
+
+    def msr_write(self, msr: int, value: int) -> None:
+        """Write a model-specific register into the CPU (no intercept is consulted)."""
+        self.uc.msr_write(msr, value)
+
+    def set_descriptor_table(self, name: str, base: int, limit: int) -> None:
+        """Load GDTR or IDTR (``name`` is ``"gdtr"`` or ``"idtr"``), as LGDT/LIDT would."""
+        self.uc.reg_write(TABLE_REG[name], (0, base, limit, 0))
+
+    def cpu_state(self) -> RawContext:
+        """The CPU's hidden state, opened for field access: use as ``with vcpu.cpu_state() as s:``.
+
+        A saved copy of the whole CPU state (about 3 µs): read segment
+        caches (``s.segment("cs")``, ``"gdt"``, ``"tr"``...), the CPL, the
+        general registers (``s.gprs()``), RIP, control registers
+        (``s.cr(3)``); load segment caches (``s.load_segments(cs=...,
+        ss=...)`` keeps the CPU's derived mode bits in step, as a real
+        segment load does) or set the CPL. Changes reach the CPU when the
+        ``with`` block ends, and only if something was written. Register
+        writes through :meth:`set_reg` inside the block would be undone by
+        that commit: make them after it.
+        """
+        return RawContext(self.uc)
 
     @property
     def pc(self) -> int:
@@ -248,10 +238,8 @@ class VCpu:
         as hypercalls.
         """
         ctx = RawContext(self.uc)
-        raw = ctx.read_block(0, 128)
-        gprs = struct.unpack("<16Q", raw)
         cr = struct.unpack("<5Q", ctx.read_block(OFF_CR, 40))
-        return CpuSnapshot(gprs, ctx.read(OFF_EIP, "<Q"), ctx.hflags, cr[0], cr[3], cr[4], self.efer())
+        return CpuSnapshot(ctx.gprs(), ctx.rip, ctx.hflags, cr[0], cr[3], cr[4], self.efer())
 
     def interrupt_shadow(self) -> bool:
         """True right after STI or MOV SS: interrupts wait one instruction."""
@@ -333,15 +321,15 @@ class VCpu:
         uc.msr_write(EFER, 0)
         uc.reg_write(X.UC_X86_REG_CR4, 0)
         uc.reg_write(X.UC_X86_REG_CR3, 0)
-        with RawContext(uc) as ctx:
+        with self.cpu_state() as ctx:
             data = flat_data(0x18)
             ctx.load_segments(cs=flat_code32(0x10), ss=data, ds=data, es=data,
                               fs=flat_data(0), gs=flat_data(0))
             ctx.set_segment("tr", SegmentCache(0x20, 0, 0x67, (1 << 15) | (0xB << 8)))
             ctx.set_segment("ldt", SegmentCache(0, 0, 0xFFFF, (1 << 15) | (0x2 << 8)))
             ctx.set_cpl(0)
-        uc.reg_write(X.UC_X86_REG_GDTR, (0, 0, 0xFFFF, 0))
-        uc.reg_write(X.UC_X86_REG_IDTR, (0, 0, 0xFFFF, 0))
+        self.set_descriptor_table("gdtr", 0, 0xFFFF)
+        self.set_descriptor_table("idtr", 0, 0xFFFF)
         for r in ("rax", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11",
                   "r12", "r13", "r14", "r15"):
             self.set_reg(r, 0)
@@ -373,42 +361,6 @@ class VCpu:
             icount.stop_before_next_instruction(self.uc)
         else:
             stopcheck.soft_stop(self.uc)
-
-    @staticmethod
-    def _gaps_in(ram_regions) -> list[tuple[int, int]]:
-        """Inclusive physical ranges not covered by RAM, up to 2^64 - 1."""
-        gaps, cur = [], 0
-        for base, length, _ in sorted(ram_regions):
-            if base > cur:
-                gaps.append((cur, base - 1))
-            cur = max(cur, base + length)
-        gaps.append((cur, (1 << 64) - 1))
-        return gaps
-
-    def _keep_callbacks_alive(self, uc: Uc) -> None:
-        """Hold the ctypes thunks of deleted hooks and unmapped MMIO ranges.
-
-        Unicorn's Python binding frees a hook's thunk at ``hook_del`` and an
-        MMIO range's at ``mem_unmap``; a later call that still reaches a freed
-        thunk is a segfault inside ``emu_start`` (Linux boots: libffi calling
-        ``_CallPythonObject`` with a NULL callable, about one boot in four).
-        Releasing them when the next ``emu_start`` returns was not enough
-        (measured: still 2 in 6), keeping them was (0 in 6), so they are kept:
-        the last 65,536 deleted hooks (the callback poll hook and the
-        fallback interrupt-window hook come and go; a few hundred bytes each) and every unmapped MMIO range (only
-        overlays move those). docs/unicorn-notes.md.
-        """
-        self._retired_callbacks: collections.deque = collections.deque(maxlen=1 << 16)
-        hook_del, mem_unmap = uc.hook_del, uc.mem_unmap
-
-        def keeping_hook_del(handle):
-            self._retired_callbacks.append(getattr(uc, "_callbacks", {}).get(handle))
-            hook_del(handle)
-
-        def keeping_mem_unmap(address, size):
-            self._retired_callbacks.append(dict(getattr(uc, "_mmio_callbacks", {})))
-            mem_unmap(address, size)
-        uc.hook_del, uc.mem_unmap = keeping_hook_del, keeping_mem_unmap
 
     def stop_with(self, exit_: E.Exit) -> None:
         """From inside a hook: end emu_start and make run() return ``exit_``."""
@@ -515,318 +467,6 @@ class VCpu:
         if code in (UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED):
             return E.UnmappedAccess(pc, pc, 1, "read" if code == UC_ERR_READ_UNMAPPED else "write")
         return E.Shutdown(pc, "emulator-error", 1, f"CPU engine error at {pc:#x}: {err}")
-
-    # ------------------------------------------------------------------
-    # interrupt window: an exit armed only while an interrupt waits
-    # ------------------------------------------------------------------
-    def arm_interrupt_window(self) -> None:
-        """Ask for an exit when the guest opens the interrupt window (IF=1, no shadow).
-
-        Armed only while an interrupt is pending with IF=0. The exit is
-        QEMU's own window check turned into an SVM VINTR exit
-        (:mod:`irqwindow`): nothing runs per block. Where that is not
-        available, a block hook checks IF instead; Unicorn instruments only
-        blocks translated while a hook exists, so arming it flushes the
-        translation cache, and it is removed as soon as the window opens.
-        """
-        if self._irq_request is not None:
-            if self._engine_vector is None and not self._irq_request.virq:
-                self.msr.watch_interrupt_window(True)
-                self._irq_request.virq = True
-            return
-        if self._window_hook is not None:
-            return
-        self._window_hook = self.uc.hook_add(UC_HOOK_BLOCK, self._on_window_block)
-        self.uc.ctl_flush_tb()
-
-    def _hook_failed(self, exc: Exception, default):
-        """A hook raised: keep the first error, end the run, give Unicorn a sane value."""
-        if self._internal is None:
-            self._internal = exc
-        stopcheck.emu_stop(self.uc)
-        return default
-
-    def guarded_hook(self, fn, default=None):
-        """Wrap another module's Unicorn hook like ours (see ``_guarded``)."""
-        def hook(*args):
-            try:
-                return fn(*args)
-            except Exception as exc:          # noqa: BLE001 - reported, not hidden
-                return self._hook_failed(exc, default)
-        return hook
-
-    def disarm_interrupt_window(self) -> None:
-        if self._irq_request is not None:
-            if self.msr.interrupt_window:
-                if self._engine_vector is None:
-                    self._irq_request.virq = False
-                self.msr.watch_interrupt_window(False)
-            return
-        if self._window_hook is not None:
-            self.uc.hook_del(self._window_hook)
-            self._window_hook = None
-
-    # ------------------------------------------------------------------
-    # external interrupts delivered by the CPU engine itself
-    # ------------------------------------------------------------------
-    @property
-    def engine_delivery_pending(self) -> bool:
-        return self._engine_vector is not None
-
-    def engine_delivers(self) -> bool:
-        """May the next external interrupt be delivered by Unicorn instead of Python?
-
-        The same SVM virtual-interrupt request as the window exit, without
-        the VINTR intercept, makes QEMU deliver the vector in the VMCB's
-        ``int_vector`` through the IDT itself, at the first instruction
-        boundary where x86 would (engine/irqwindow.py): no exit, no
-        Python page walks. Python delivers instead whenever someone watches
-        deliveries (``--trace int``, the stepper, gdb) or time is counted in
-        instructions, and when a snapshot could be taken between the
-        request and the run (the request is not part of the CPU context).
-        """
-        m = self.machine
-        return (self._irq_request is not None and not self.count_instructions and not m.tracer.on("int")
-                and not m.tracer.listeners and not m.agents
-                and self._engine_can_read_the_tss())
-
-    def _engine_can_read_the_tss(self) -> bool:
-        """Would QEMU's delivery accept the TSS, if it needs one?
-
-        QEMU *aborts the process* (``cpu_abort("invalid tss")``) where a CPU
-        would raise #TS: when a stack switch finds TR not present or, in
-        32-bit mode, its cached type not an *available* TSS. QEMU's own LTR
-        and task switches cache the available type; xenicorn's PVH start
-        state caches the busy type, as hardware does. Any doubt: Python
-        delivers.
-        """
-        flags = self.live.segment("tr").flags
-        if not flags & DESC_P:
-            return False
-        hflags = self.live.read(OFF_HFLAGS, "<I")
-        return bool(hflags & HF_LMA) or ((flags >> 8) & 7) == 1 or not hflags & HF_CPL_MASK
-
-    def engine_deliver(self, vector: int) -> None:
-        """Hand ``vector`` to the CPU engine; it is delivered when the next run starts."""
-        self.uc.mem_write(VMCB + VMCB_INT_VECTOR, struct.pack("<I", vector))
-        self._engine_vector = vector
-        self._irq_request.virq = True
-
-    def _engine_delivery_done(self) -> None:
-        """After a run: the engine clears the request once it has delivered the vector."""
-        if self._engine_vector is not None and not self._irq_request.virq:
-            self._engine_vector = None
-            self.engine_deliveries += 1
-
-    @_guarded(None)
-    def _on_window_block(self, uc, address, size, _):
-        # A block that starts in the STI/MOV SS shadow must run its first
-        # instruction first (``sti; hlt`` halts, then takes the interrupt):
-        # stopping here would only come back to the same place.
-        if uc.reg_read(X.UC_X86_REG_RFLAGS) & RFLAGS_IF and not self.interrupt_shadow():
-            self.request_stop("interrupt-window")
-
-    # ------------------------------------------------------------------
-    # hooks: each builds an exit and hands it to the machine
-    # ------------------------------------------------------------------
-    def _trace_pc(self) -> int:
-        return self.uc.reg_read(X.UC_X86_REG_RIP) if self.machine.tracer.active else -1
-
-    @_guarded(0)
-    def _on_in(self, uc, port, size, _):
-        ex = E.PortIO(self._trace_pc(), port, size, False)
-        self.machine.handle_exit(self, ex)
-        return ex.value
-
-    @_guarded(None)
-    def _on_out(self, uc, port, size, value, _):
-        self.machine.handle_exit(self, E.PortIO(self._trace_pc(), port, size, True, value))
-
-    @_guarded(1)
-    def _on_cpuid(self, uc, _):
-        leaf = uc.reg_read(X.UC_X86_REG_EAX) & 0xFFFFFFFF
-        sub = uc.reg_read(X.UC_X86_REG_ECX) & 0xFFFFFFFF
-        ex = E.Cpuid(self._trace_pc(), leaf, sub)
-        self.machine.handle_exit(self, ex)
-        a, b, c, d = ex.result
-        uc.reg_write(X.UC_X86_REG_RAX, a)
-        uc.reg_write(X.UC_X86_REG_RBX, b)
-        uc.reg_write(X.UC_X86_REG_RCX, c)
-        uc.reg_write(X.UC_X86_REG_RDX, d)
-        return 1                                   # skip Unicorn's own CPUID
-
-    @_guarded(None)
-    def _on_syscall(self, uc, _):
-        self.machine.handle_exit(self, E.Syscall(self.pc, "syscall"))
-
-    @_guarded(None)
-    def _on_sysenter(self, uc, _):
-        self.machine.handle_exit(self, E.Syscall(self.pc, "sysenter"))
-
-    @_guarded(False)
-    def _on_invalid(self, uc, _) -> bool:
-        snap = self.snapshot()
-        pc = snap.rip
-        insn = self.fetch_bytes(pc, 3, regs=snap.paging_regs())
-        if insn in (b"\x0f\x01\xc1", b"\x0f\x01\xd9"):         # vmcall, vmmcall
-            ex: E.Exit = E.Hypercall(pc, -1)
-            ex.snapshot = snap
-        else:
-            ex = E.InvalidInstruction(pc, insn)
-        self.machine.handle_exit(self, ex)
-        return self._pending_exit is None             # True: handled, keep running
-
-    @_guarded(None)
-    def _on_intr(self, uc, intno, _):
-        if intno == IRQ_WINDOW_EXIT_VECTOR:
-            # The request must go before the hook returns: Unicorn checks it
-            # again before it looks at the stop, and would exit again forever.
-            self._irq_request.virq = False
-            self.window_exits += 1
-            self.request_stop("interrupt-window")
-            return
-        ctx = self.live
-        if intno == MSR_EXIT_VECTOR:
-            write = ctx.error_code == 1
-            ctx.consume_exception()
-            self._on_msr(write)
-            return
-        if intno == RDTSC_EXIT_VECTOR:
-            ctx.consume_exception()
-            tsc = self.machine.guest_tsc()
-            uc.reg_write(X.UC_X86_REG_RAX, tsc & 0xFFFFFFFF)
-            uc.reg_write(X.UC_X86_REG_RDX, (tsc >> 32) & 0xFFFFFFFF)
-            rip = uc.reg_read(X.UC_X86_REG_RIP)
-            length = 2
-            # QEMU checks the RDTSC intercept for RDTSCP too (0F 01 F9), which also loads TSC_AUX.
-            if self.read_linear(rip, 3, fetch=True) == b"\x0f\x01\xf9":
-                uc.reg_write(X.UC_X86_REG_RCX, uc.msr_read(TSC_AUX) & 0xFFFFFFFF)
-                length = 3
-            uc.reg_write(X.UC_X86_REG_RIP, rip + length)
-            return
-        software = ctx.exception_is_int
-        err = ctx.error_code if (intno in ERROR_CODE_VECTORS and not software) else None
-        ctx.consume_exception()
-        cr2 = uc.reg_read(X.UC_X86_REG_CR2) if intno == 14 and not software else None
-        self.machine.handle_exit(self, E.Exception_(self.pc, intno, err, software, cr2))
-
-    def _on_msr(self, write: bool) -> None:
-        uc = self.uc
-        msr = uc.reg_read(X.UC_X86_REG_RCX) & 0xFFFFFFFF
-        value = ((uc.reg_read(X.UC_X86_REG_RDX) & 0xFFFFFFFF) << 32) | (uc.reg_read(X.UC_X86_REG_RAX) & 0xFFFFFFFF)
-        pc = uc.reg_read(X.UC_X86_REG_RIP)
-        ex = E.Msr(pc, msr, write, value if write else 0)
-        self.machine.handle_exit(self, ex)
-        if self._pending_exit is not None:
-            return
-        if not write:
-            uc.reg_write(X.UC_X86_REG_RAX, ex.value & 0xFFFFFFFF)
-            uc.reg_write(X.UC_X86_REG_RDX, ex.value >> 32)
-        if uc.reg_read(X.UC_X86_REG_RIP) == pc:       # a handler may have injected #GP instead
-            uc.reg_write(X.UC_X86_REG_RIP, pc + 2)
-
-    @_guarded(False)
-    def _on_unmapped(self, uc, access, address, size, value, _) -> bool:
-        kind = {UC_MEM_FETCH_UNMAPPED: "fetch", UC_MEM_WRITE_UNMAPPED: "write"}.get(access, "read")
-        ex = E.UnmappedAccess(self.pc, address, size, kind)
-        self.machine.handle_exit(self, ex)
-        return self._pending_exit is None
-
-    @contextlib.contextmanager
-    def physical_view(self):
-        """Paging off in the engine while Unicorn changes its memory map.
-
-        Unicorn treats the *physical* addresses of ``mem_unmap`` and
-        ``ctl_remove_cache`` as *virtual* ones: it walks the guest's page
-        tables for them (to find the translated code to drop) and flushes
-        the TLB entries of those virtual addresses. With the guest's paging
-        on, that walk can fault: the fault is swallowed, but it leaves CR2
-        overwritten and Unicorn's double-fault bookkeeping set, so the
-        guest's next real page fault arrives as a #DF (measured: Linux's
-        first user-mode fault after it mapped its grant frames); and the
-        TLB entries of the virtual addresses that really map the page stay
-        stale. With paging off for the change, virtual is physical; writing
-        CR0 flushes the whole TLB; the saved context then comes back whole.
-        """
-        uc = self.uc
-        cr0 = uc.reg_read(X.UC_X86_REG_CR0)
-        if not cr0 & CR0_PG:
-            yield
-            return
-        saved = uc.context_save()
-        uc.reg_write(X.UC_X86_REG_CR0, cr0 & ~CR0_PG)
-        try:
-            yield
-        finally:
-            uc.context_restore(saved)
-
-    @_paging_off
-    def map_overlay(self, gpa: int, host: int) -> None:
-        """Put one host page at guest-physical ``gpa``, over RAM or a device range.
-
-        Unicorn can unmap part of a region, but the MMIO callbacks of a split
-        region then get offsets from the new start while keeping our old
-        base, so an MMIO region is unmapped whole and its two sides mapped
-        again on their own.
-        """
-        uc = self.uc
-        if gpa in self._mmio_pages:
-            for begin, end, _ in list(uc.mem_regions()):
-                if begin <= gpa <= end:
-                    uc.mem_unmap(begin, end + 1 - begin)
-                    self._mmio_pages -= set(range(begin, end + 1, PAGE))
-                    for lo, hi in ((begin, gpa), (gpa + PAGE, end + 1)):
-                        if hi > lo:
-                            self.map_mmio(lo, hi - lo)
-                    break
-        elif any(begin <= gpa <= end for begin, end, _ in uc.mem_regions()):
-            uc.mem_unmap(gpa, PAGE)                 # a RAM page: Unicorn splits the region
-        uc.mem_map_ptr(gpa, PAGE, 7, host)
-        self.machine.memory.code_written(gpa, PAGE)
-
-    @_paging_off
-    def unmap_overlay(self, gpa: int) -> None:
-        """Take an overlay page away: RAM under it shows again; elsewhere it floats."""
-        self.uc.mem_unmap(gpa, PAGE)
-        mem = self.machine.memory
-        for base, length, off in mem.ram_regions:
-            if base <= gpa < base + length:
-                self.uc.mem_map_ptr(gpa, PAGE, 7, mem.host_addr + off + gpa - base)
-
-    @_paging_off
-    def map_mmio(self, base: int, size: int) -> None:
-        """Route physical ``[base, base+size)`` to the machine's MMIO bus.
-
-        Each guest load or store there becomes an :class:`Mmio` exit handled
-        inside Unicorn's callback (about 0.5 us on top of a RAM access).
-        Unicorn maps whole pages, so the range is widened to 4 KiB bounds.
-        """
-        start = base & ~(PAGE - 1)
-        end = (base + size + PAGE - 1) & ~(PAGE - 1)
-        pages = range(start, end, PAGE)
-        if all(p in self._mmio_pages for p in pages):
-            return
-        new = [p for p in pages if p not in self._mmio_pages]
-        # map maximal runs of new pages
-        run_start = prev = new[0]
-        for p in new[1:] + [None]:
-            if p != prev + PAGE:
-                self.uc.mmio_map(run_start, prev + PAGE - run_start, self._on_mmio_read, run_start,
-                                 self._on_mmio_write, run_start)
-                if p is not None:
-                    run_start = p
-            prev = p if p is not None else prev
-        self._mmio_pages.update(new)
-
-    @_guarded(0)
-    def _on_mmio_read(self, uc, offset, size, base):
-        ex = E.Mmio(self._trace_pc(), base + offset, size, False)
-        self.machine.handle_exit(self, ex)
-        return ex.value
-
-    @_guarded(None)
-    def _on_mmio_write(self, uc, offset, size, value, base):
-        self.machine.handle_exit(self, E.Mmio(self._trace_pc(), base + offset, size, True, value))
 
     def close(self) -> None:
         self.stop_timer.close()

@@ -77,19 +77,11 @@ class Machine:
     power_on = None                  # the machine before its first instruction, for system_reset
 
     def __init__(self, config: MachineConfig | None = None, console: ConsoleSink | None = None):
-        from ..engine.rawctx import selftest
-        from ..engine.msr import selftest as msr_selftest
-        from ..engine.stopcheck import soft_stop_selftest
-        selftest()
-        msr_selftest()
-        soft_stop_selftest()
+        from .. import engine
+        engine.probe()                   # the engine's layout checks; EngineUnsupported if unknown
         self.config = cfg = config or MachineConfig()
         self.tracer = Tracer(cfg.trace, observed=cfg.observe)
         self.memory = GuestMemory(cfg.ram_mib << 20)
-        engines = lambda uc: next(v for v in self.vcpus if v.uc is uc)       # noqa: E731
-        self.memory.on_overlay = lambda uc, gpa, host: engines(uc).map_overlay(gpa, host)
-        self.memory._unmap_overlay = lambda uc, gpa: engines(uc).unmap_overlay(gpa)
-        self.memory.physical_view = lambda uc: engines(uc).physical_view()
         self.pio = PioBus("pio", self._unclaimed("port"))
         self.mmio = MmioBus("mmio", self._unclaimed("mmio"))
         self.cpuid = CpuidPolicy(vendor=cfg.vendor, tsc_hz=lambda: self.tsc.hz())
@@ -111,8 +103,9 @@ class Machine:
         self.clock.on_new_first = self._timer_armed
         # the TSC the guest reads: machine ns when RDTSC is trapped, else the
         # host's (Xen's PV clock and CPUID leaf 0x15 both describe it)
-        from ..xen.pvclock import ClockTsc, TscSource
-        self.tsc = ClockTsc(self.clock) if self.clock.deterministic else TscSource.shared()
+        from ..engine.tsc import HostTsc
+        from ..xen.pvclock import ClockTsc
+        self.tsc = ClockTsc(self.clock) if self.clock.deterministic else HostTsc.shared()
         if self.clock.deterministic:
             # RDTSC reads the host TSC in Unicorn; trap it so guest time repeats.
             for vcpu in self.vcpus:

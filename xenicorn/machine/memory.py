@@ -12,6 +12,11 @@ stores, so Unicorn does not notice when they overwrite code it has already
 translated. Writers of code (the loader, the hypercall page) call
 :meth:`GuestMemory.code_written`.
 
+The engine side (the buffer's host address, ``mem_map_ptr``, dropping
+translated code) belongs to :mod:`xenicorn.engine`: each vCPU maps the RAM
+regions into its engine and attaches itself here (:meth:`GuestMemory.attach`)
+to hear of pages that come and go and of code Python rewrote.
+
 The physical map follows a PC (and hvmloader's E820):
 
 ==========================  ======================================
@@ -25,12 +30,12 @@ The physical map follows a PC (and hvmloader's E820):
 """
 from __future__ import annotations
 
-import contextlib
-
-import ctypes
 import mmap
 import struct
 from dataclasses import dataclass
+from typing import Protocol
+
+from ..engine.hostmem import buffer_address
 
 PAGE_SIZE = 4096
 XEN_FRAMES = 256                 # hypervisor-owned frames a guest can map (grant tables)
@@ -52,6 +57,19 @@ class GuestMemoryError(Exception):
     """A physical access outside guest RAM (a guest bug, not ours)."""
 
 
+class EngineMapping(Protocol):
+    """What the memory map asks of each engine that maps it (a vCPU)."""
+
+    def map_overlay(self, gpa: int, host: int) -> None:
+        """Show the host page at ``host`` at guest-physical page ``gpa``."""
+
+    def unmap_overlay(self, gpa: int) -> None:
+        """Take the overlay page at ``gpa`` away again."""
+
+    def drop_translations(self, start: int, end: int) -> None:
+        """Forget code translated from guest-physical ``[start, end)``."""
+
+
 class GuestMemory:
     """Guest RAM as regions of one host buffer, plus typed accessors."""
 
@@ -63,7 +81,7 @@ class GuestMemory:
         # that appear in the guest only where it maps them (see map_frame)
         self._mm = mmap.mmap(-1, size + XEN_FRAMES * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.buf = memoryview(self._mm)
-        self.host_addr = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))
+        self.host_addr = buffer_address(self._mm)
         low = min(size, LOW_RAM_LIMIT)
         # (guest physical base, length, offset into the host buffer)
         self.regions: list[tuple[int, int, int]] = [(0, low, 0)]
@@ -71,16 +89,20 @@ class GuestMemory:
             self.regions.append((HIGH_RAM_BASE, size - low, low))
         self.ram_regions = list(self.regions)
         self.frames: dict[int, int] = {}  # hypervisor frame index -> guest-physical address
-        self.uc_list: list = []          # Unicorn instances mapping this RAM
+        self.engines: list[EngineMapping] = []   # the vCPUs whose engines map this RAM
         self.reserved: list[E820Entry] = [E820Entry(0x9FC00, 0x100000 - 0x9FC00, E820_RESERVED)]
 
-    # -- mapping into Unicorn ---------------------------------------------
-    def map_into(self, uc) -> None:
-        for base, length, off in self.ram_regions:
-            uc.mem_map_ptr(base, length, 7, self.host_addr + off)
-        self.uc_list.append(uc)
+    # -- the engines that map it -------------------------------------------
+    def attach(self, engine: EngineMapping) -> None:
+        """Keep ``engine`` in step with the map: it has mapped :attr:`ram_regions` itself.
+
+        Hypervisor frames already placed are shown to it at once; later
+        moves, and code that Python rewrites, are told to every attached
+        engine.
+        """
+        self.engines.append(engine)
         for index, gpa in self.frames.items():
-            self.on_overlay(uc, gpa, self.host_addr + self._frame_offset(index))
+            engine.map_overlay(gpa, self.host_addr + self._frame_offset(index))
 
     def _frame_offset(self, index: int) -> int:
         """Where hypervisor frame ``index`` lives in the host buffer (after RAM)."""
@@ -101,34 +123,25 @@ class GuestMemory:
             return
         if old is not None:
             self.regions.remove((old, PAGE_SIZE, self._frame_offset(index)))
-            for uc in self.uc_list:
-                self._unmap_overlay(uc, old)
+            for engine in self.engines:
+                engine.unmap_overlay(old)
         for i, at in list(self.frames.items()):
             if at == gpa and i != index:           # another frame was there: it leaves
                 self.regions.remove((gpa, PAGE_SIZE, self._frame_offset(i)))
                 del self.frames[i]
-                for uc in self.uc_list:
-                    self._unmap_overlay(uc, gpa)
+                for engine in self.engines:
+                    engine.unmap_overlay(gpa)
         self.frames[index] = gpa
         self.regions.insert(0, (gpa, PAGE_SIZE, self._frame_offset(index)))
-        for uc in self.uc_list:
-            self.on_overlay(uc, gpa, self.host_addr + self._frame_offset(index))
-
-    # set by the machine: put a host page at a guest-physical page in one engine
-    on_overlay = staticmethod(lambda uc, gpa, host: None)
-    _unmap_overlay = staticmethod(lambda uc, gpa: None)
-
-    # set by the machine: the engine with paging off (VCpu.physical_view), because
-    # Unicorn walks the guest's page tables for the address of ctl_remove_cache
-    physical_view = staticmethod(lambda uc: contextlib.nullcontext())
+        for engine in self.engines:
+            engine.map_overlay(gpa, self.host_addr + self._frame_offset(index))
 
     def code_written(self, addr: int, size: int) -> None:
         """Drop translated code for a range Python wrote (see module doc)."""
         start = addr & ~(PAGE_SIZE - 1)
         end = (addr + size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
-        for uc in self.uc_list:
-            with self.physical_view(uc):
-                uc.ctl_remove_cache(start, end)
+        for engine in self.engines:
+            engine.drop_translations(start, end)
 
     # -- address translation ----------------------------------------------
     def offset(self, addr: int, size: int) -> int:
@@ -212,7 +225,7 @@ class GuestMemory:
         self.buf.release()
         try:
             self._mm.close()
-        except BufferError:       # Unicorn or a ctypes view may still hold it
+        except BufferError:       # an engine's mapping (a buffer export) may still hold it
             pass
 
     def unmap_frame(self, index: int) -> None:
@@ -221,5 +234,5 @@ class GuestMemory:
         if gpa is None:
             return
         self.regions.remove((gpa, PAGE_SIZE, self._frame_offset(index)))
-        for uc in self.uc_list:
-            self._unmap_overlay(uc, gpa)
+        for engine in self.engines:
+            engine.unmap_overlay(gpa)

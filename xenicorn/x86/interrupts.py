@@ -30,6 +30,10 @@ Error codes (SDM §6.13): bit 0 EXT = the event was not caused by the
 program (external interrupt, or a fault while delivering one); bit 1 IDT =
 the index names an IDT gate; bit 2 TI = the index names an LDT entry;
 bits 15:3 the index. #PF has its own format (see :mod:`paging`).
+
+The CPU state comes through the vCPU's typed interface (:mod:`.cpu`):
+registers and MSRs by name, and ``cpu_state()`` for the segment caches a
+delivery reads and loads. Nothing here knows the engine behind it.
 """
 from __future__ import annotations
 
@@ -37,12 +41,10 @@ import enum
 import struct
 from dataclasses import dataclass, field
 
-from unicorn import x86_const as X
-
 from ..machine.memory import GuestMemoryError
+from .cpu import Vcpu
 from .paging import PageFault, PagingRegs, translate
-from ..engine.rawctx import (RawContext, SegmentCache, DESC_B, DESC_L, DESC_P, DESC_S,
-                             DESC_DPL_SHIFT, OFF_CR, OFF_EIP, OFF_REGS)
+from .segments import SegmentCache, DESC_B, DESC_L, DESC_P, DESC_S, DESC_DPL_SHIFT
 
 IF, TF, NT, RF, VM, AC = 1 << 9, 1 << 8, 1 << 14, 1 << 16, 1 << 17, 1 << 18
 EFER, EFER_LMA = 0xC0000080, 1 << 10
@@ -113,25 +115,23 @@ class Delivery:
 class _Cpu:
     """A snapshot of the state delivery reads, and linear memory through paging."""
 
-    def __init__(self, vcpu):
+    def __init__(self, vcpu: Vcpu):
         self.vcpu = vcpu
-        uc = vcpu.uc
-        self.ctx = RawContext(uc)
-        regs = struct.unpack_from("<16Q", self.ctx.read_block(OFF_REGS, 128))
-        self.rsp = regs[4]
-        self.rip = self.ctx.read(OFF_EIP, "<Q")
-        self.rflags = uc.reg_read(X.UC_X86_REG_RFLAGS)
-        self.cr0 = self.ctx.read(OFF_CR, "<Q")
-        self.cr3 = self.ctx.read(OFF_CR + 24, "<Q")
-        self.cr4 = self.ctx.read(OFF_CR + 32, "<Q")
-        self.efer = uc.msr_read(EFER)
-        self.cs = self.ctx.segment("cs")
-        self.ss = self.ctx.segment("ss")
-        self.idt = self.ctx.segment("idt")
-        self.gdt = self.ctx.segment("gdt")
-        self.ldt = self.ctx.segment("ldt")
-        self.tr = self.ctx.segment("tr")
-        self.cpl = self.ctx.cpl
+        with vcpu.cpu_state() as state:          # one copy of the whole state, read only
+            self.rsp = state.gprs()[4]
+            self.rip = state.rip
+            self.cr0 = state.cr(0)
+            self.cr3 = state.cr(3)
+            self.cr4 = state.cr(4)
+            self.cs = state.segment("cs")
+            self.ss = state.segment("ss")
+            self.idt = state.segment("idt")
+            self.gdt = state.segment("gdt")
+            self.ldt = state.segment("ldt")
+            self.tr = state.segment("tr")
+            self.cpl = state.cpl
+        self.rflags = vcpu.reg("rflags")
+        self.efer = vcpu.msr_read(EFER)
         self.paging = PagingRegs(self.cr0, self.cr3, self.cr4, self.efer)
         self.mem = vcpu.machine.memory
 
@@ -371,22 +371,21 @@ def _deliver_long(cpu: _Cpu, rec: Delivery, ext: int) -> tuple:
     return frame, pieces, new_cs, ss, new_rsp, cpu.rflags & ~clear, offset
 
 
-def _apply(vcpu, cpu: _Cpu, frame: bytes, pieces, new_cs, new_ss, rsp: int, rflags: int, rip: int,
+def _apply(vcpu: Vcpu, cpu: _Cpu, frame: bytes, pieces, new_cs, new_ss, rsp: int, rflags: int, rip: int,
            rec: Delivery) -> None:
     """Commit: write the frame, load CS/SS caches, RSP, RFLAGS, RIP (in that order)."""
     pos = 0
     for phys, n in pieces:
         cpu.mem.write(phys, frame[pos:pos + n])
         pos += n
-    uc = vcpu.uc
     caches = {"cs": new_cs}
     if new_ss is not None:
         caches["ss"] = new_ss
-    with RawContext(uc) as ctx:
-        ctx.load_segments(**caches)
-    uc.reg_write(X.UC_X86_REG_RSP, rsp)
-    uc.reg_write(X.UC_X86_REG_RFLAGS, rflags)
-    uc.reg_write(X.UC_X86_REG_RIP, rip)
+    with vcpu.cpu_state() as state:
+        state.load_segments(**caches)
+    vcpu.set_reg("rsp", rsp)
+    vcpu.set_reg("rflags", rflags)
+    vcpu.set_reg("rip", rip)
     rec.new = {"cs": new_cs.selector, "rip": rip, "ss": (new_ss or cpu.ss).selector, "rsp": rsp,
                "rflags": rflags, "cpl": new_cs.selector & 3 if cpu.cr0 & 1 else 0, "cs_base": new_cs.base}
 
@@ -399,7 +398,7 @@ def _combine(first: int, second: int) -> bool:
     return first_pf and (second_pf or second in CONTRIBUTORY)
 
 
-def deliver(vcpu, vector: int, etype: EventType, error_code: int | None = None) -> Delivery:
+def deliver(vcpu: Vcpu, vector: int, etype: EventType, error_code: int | None = None) -> Delivery:
     """Deliver one event through the guest's IVT/IDT, handling nested faults."""
     chain: list[str] = []
     pending_cr2 = None
@@ -428,7 +427,7 @@ def deliver(vcpu, vector: int, etype: EventType, error_code: int | None = None) 
             etype = EventType.HARDWARE_EXCEPTION
             pending_cr2 = f.cr2 if f.vector == 14 else pending_cr2
             if vector == 14 and pending_cr2 is not None:
-                vcpu.uc.reg_write(X.UC_X86_REG_CR2, pending_cr2)
+                vcpu.set_reg("cr2", pending_cr2)
             continue
         _apply(vcpu, cpu, *parts, rec)
         tracer = vcpu.machine.tracer

@@ -20,14 +20,14 @@ SYSENTER     CS ← IA32_SYSENTER_CS (#GP(0) if null), SS ← CS + 8,
 One Unicorn detail shapes the code: when the hook returns, Unicorn adds
 the instruction's length (2) to RIP, so the hook leaves RIP two bytes
 *before* the target (measured for both instructions; see
-docs/unicorn-notes.md).
+docs/unicorn-notes.md). The vCPU is reached through its typed interface
+(:mod:`.cpu`), never the engine's handle.
 """
 from __future__ import annotations
 
-from unicorn import x86_const as X
-
+from .cpu import Vcpu
 from .interrupts import EventType, deliver
-from ..engine.rawctx import RawContext, flat_code32, flat_code64, flat_data
+from .segments import flat_code32, flat_code64, flat_data
 
 EFER, STAR, LSTAR, CSTAR, FMASK = 0xC0000080, 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084
 SYSENTER_CS, SYSENTER_ESP, SYSENTER_EIP = 0x174, 0x175, 0x176
@@ -36,61 +36,58 @@ IF, RF, VM = 1 << 9, 1 << 16, 1 << 17
 INSN_LEN = 2
 
 
-def _fault(vcpu, vector: int, error_code: int | None) -> None:
+def _fault(vcpu: Vcpu, vector: int, error_code: int | None) -> None:
     """Raise an exception at the instruction, undoing Unicorn's +2."""
     rec = deliver(vcpu, vector, EventType.HARDWARE_EXCEPTION, error_code)
-    vcpu.uc.reg_write(X.UC_X86_REG_RIP, rec.new["rip"] - INSN_LEN)
+    vcpu.set_reg("rip", rec.new["rip"] - INSN_LEN)
 
 
-def _enter(vcpu, cs, ss, rip: int, rsp: int | None, rflags: int) -> None:
-    uc = vcpu.uc
-    with RawContext(uc) as ctx:
-        ctx.load_segments(cs=cs, ss=ss)
+def _enter(vcpu: Vcpu, cs, ss, rip: int, rsp: int | None, rflags: int) -> None:
+    with vcpu.cpu_state() as state:
+        state.load_segments(cs=cs, ss=ss)
     if rsp is not None:
-        uc.reg_write(X.UC_X86_REG_RSP, rsp)
-    uc.reg_write(X.UC_X86_REG_RFLAGS, rflags)
-    uc.reg_write(X.UC_X86_REG_RIP, rip - INSN_LEN)
+        vcpu.set_reg("rsp", rsp)
+    vcpu.set_reg("rflags", rflags)
+    vcpu.set_reg("rip", rip - INSN_LEN)
 
 
-def do_syscall(vcpu) -> None:
+def do_syscall(vcpu: Vcpu) -> None:
     """SYSCALL from the UC_HOOK_INSN hook (RIP is at the instruction)."""
-    uc = vcpu.uc
-    efer = uc.msr_read(EFER)
+    efer = vcpu.msr_read(EFER)
     if not efer & EFER_SCE:
         return _fault(vcpu, 6, None)
-    rip = uc.reg_read(X.UC_X86_REG_RIP)
-    rflags = uc.reg_read(X.UC_X86_REG_RFLAGS)
-    star = uc.msr_read(STAR)
+    rip = vcpu.reg("rip")
+    rflags = vcpu.reg("rflags")
+    star = vcpu.msr_read(STAR)
     sel = (star >> 32) & 0xFFFC
     bits = vcpu.code_bits()
     if efer & EFER_LMA:
         if bits != 64 and vcpu.machine.config.vendor != "amd":
             return _fault(vcpu, 6, None)
-        uc.reg_write(X.UC_X86_REG_RCX, rip + INSN_LEN)
-        uc.reg_write(X.UC_X86_REG_R11, rflags & ~RF)
-        target = uc.msr_read(LSTAR if bits == 64 else CSTAR)
-        new_flags = rflags & ~uc.msr_read(FMASK) & ~RF
+        vcpu.set_reg("rcx", rip + INSN_LEN)
+        vcpu.set_reg("r11", rflags & ~RF)
+        target = vcpu.msr_read(LSTAR if bits == 64 else CSTAR)
+        new_flags = rflags & ~vcpu.msr_read(FMASK) & ~RF
         _enter(vcpu, flat_code64(sel), flat_data(sel + 8), target, None, new_flags | 2)
         return None
     if vcpu.machine.config.vendor != "amd":
         return _fault(vcpu, 6, None)
     # AMD legacy mode: ECX = return EIP, target in STAR[31:0]
-    uc.reg_write(X.UC_X86_REG_RCX, (rip + INSN_LEN) & 0xFFFFFFFF)
+    vcpu.set_reg("rcx", (rip + INSN_LEN) & 0xFFFFFFFF)
     _enter(vcpu, flat_code32(sel), flat_data(sel + 8), star & 0xFFFFFFFF, None,
            (rflags & ~(IF | VM | RF)) | 2)
     return None
 
 
-def do_sysenter(vcpu) -> None:
+def do_sysenter(vcpu: Vcpu) -> None:
     """SYSENTER from the UC_HOOK_INSN hook (RIP is at the instruction)."""
-    uc = vcpu.uc
-    cs = uc.msr_read(SYSENTER_CS) & 0xFFFC
+    cs = vcpu.msr_read(SYSENTER_CS) & 0xFFFC
     if not vcpu.reg("cr0") & 1 or cs == 0:
         return _fault(vcpu, 13, 0)
-    rflags = uc.reg_read(X.UC_X86_REG_RFLAGS)
+    rflags = vcpu.reg("rflags")
     new_flags = (rflags & ~(IF | VM | RF)) | 2
-    esp, eip = uc.msr_read(SYSENTER_ESP), uc.msr_read(SYSENTER_EIP)
-    if uc.msr_read(EFER) & EFER_LMA:
+    esp, eip = vcpu.msr_read(SYSENTER_ESP), vcpu.msr_read(SYSENTER_EIP)
+    if vcpu.msr_read(EFER) & EFER_LMA:
         _enter(vcpu, flat_code64(cs), flat_data(cs + 8), eip, esp, new_flags)
     else:
         _enter(vcpu, flat_code32(cs), flat_data(cs + 8), eip & 0xFFFFFFFF, esp & 0xFFFFFFFF, new_flags)

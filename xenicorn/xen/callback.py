@@ -28,11 +28,12 @@ a byte in guest RAM. Two designs, chosen with ``--callback-deassert``:
 
 ``poll`` (what Xen and QEMU do)
     While the line is asserted, look at the flag at every exit. Here the
-    exit is the start of every translated block: a ``UC_HOOK_BLOCK`` hook
-    that exists only while the line is high (Unicorn instruments only the
-    blocks translated while a hook exists, so arming flushes the cache and
-    disarming costs nothing afterwards). The line drops at the first block
-    after the guest's store.
+    exit is the start of every translated block: a *block check* the vCPU
+    runs only while the line is high (``vcpu.add_block_check``, an engine
+    service: Unicorn instruments only the blocks translated while it is
+    armed, so arming flushes the translation cache and disarming costs
+    nothing afterwards). The line drops at the first block after the
+    guest's store.
 ``eoi`` (the resample the seed wished for)
     No polling at all. When the guest EOIs the callback's interrupt at the
     IOAPIC (EOI register or the LAPIC's broadcast) or at the 8259, look at
@@ -40,8 +41,6 @@ a byte in guest RAM. Two designs, chosen with ``--callback-deassert``:
     delivers the still-asserted level again, as it would for any device.
 """
 from __future__ import annotations
-
-from unicorn import UC_HOOK_BLOCK
 
 CALLBACK_TYPE_GSI, CALLBACK_TYPE_PCI_INTX, CALLBACK_TYPE_VECTOR = 0, 1, 2
 DEASSERT_MODES = ("poll", "eoi")
@@ -178,7 +177,7 @@ class Callback:
 
     # -- deassert by polling at block starts -------------------------------------------
     def arm_poll(self, vcpu) -> None:
-        """From the run loop (never inside a hook): install the block hook."""
+        """From the run loop (never inside a hook): ask ``vcpu`` for a check at every block start."""
         self.poll_wanted = False
         if self._poll_hook is not None or not self.level:
             return
@@ -191,19 +190,18 @@ class Callback:
         tracer = self.machine.tracer
         each = tracer.on("evtchn")
 
-        def on_block(uc, address, size, _):
+        def on_block(address: int) -> None:
             self.stats["polls"] += 1
             if not mem.read_u8(gpa):
                 self._lower(f"upcall_pending read 0 at block {address:#x}")
             elif each:
                 tracer.emit("evtchn", f"poll at block {address:#x}: upcall_pending 1, line stays asserted")
-        self._poll_hook = vcpu.uc.hook_add(UC_HOOK_BLOCK, vcpu.guarded_hook(on_block))
-        vcpu.uc.ctl_flush_tb()
+        self._poll_hook = vcpu.add_block_check(on_block)
         self._trace("poll hook armed")
 
     def disarm_poll(self) -> None:
         if self._poll_hook is not None:
-            self._poll_vcpu.uc.hook_del(self._poll_hook)
+            self._poll_vcpu.remove_block_check(self._poll_hook)
             self._poll_hook = None
             self._trace("poll hook removed")
 

@@ -20,74 +20,23 @@ offset   field                  meaning
 the fields, then ``version`` again, and retries if it changed or was odd.
 
 Under Unicorn, RDTSC returns the host's TSC, which xenicorn cannot set or
-trap cheaply. So the hypervisor side *measures* it: :class:`TscSource` runs
-an RDTSC in a private two-byte Unicorn guest whenever it needs the current
-value (about 5 µs), and calibrates its rate against the host's monotonic
-clock once per process.
+trap cheaply. So the hypervisor side *measures* it: the machine hands the
+Xen layer a TSC source (``machine.tsc``, an object with ``read()`` and
+``hz()``): the engine's host-TSC reader (``xenicorn.engine.tsc``), which
+calibrates its rate against the host's monotonic clock once per process,
+or :class:`ClockTsc` when the machine traps RDTSC for deterministic time.
+This module keeps the arithmetic and the record's layout, nothing that
+runs guest code.
 """
 from __future__ import annotations
 
-import functools
 import math
 import struct
-import time
 from dataclasses import dataclass
-
-from unicorn import Uc, UC_ARCH_X86, UC_MODE_32
-from unicorn import x86_const as X
 
 XEN_PVCLOCK_TSC_STABLE_BIT = 1 << 0
 VCPU_TIME_INFO_FMT = "<IIQQIbB2x"          # 32 bytes
 VCPU_TIME_INFO_SIZE = struct.calcsize(VCPU_TIME_INFO_FMT)
-
-_TSC_HZ: float | None = None
-
-
-class TscSource:
-    """The guest-visible TSC (the host's), read and calibrated from Python."""
-
-    def __init__(self):
-        self.uc = Uc(UC_ARCH_X86, UC_MODE_32)
-        self.uc.mem_map(0, 0x1000)
-        self.uc.mem_write(0, b"\x0f\x31")     # rdtsc
-
-    @classmethod
-    @functools.cache
-    def shared(cls) -> "TscSource":
-        """One per process (each holds a small Unicorn engine)."""
-        return cls()
-
-    def read(self) -> int:
-        self.uc.emu_start(0, 2)
-        return ((self.uc.reg_read(X.UC_X86_REG_EDX) & 0xFFFFFFFF) << 32) | (
-            self.uc.reg_read(X.UC_X86_REG_EAX) & 0xFFFFFFFF)
-
-    def hz(self) -> float:
-        """TSC ticks per second, measured once per process over ~50 ms.
-
-        Each end of the interval pairs a TSC read with the host clock read
-        just before and after it, keeping the tightest of a few tries: a
-        pair taken across a Python hiccup would put the rate off by the
-        hiccup over the interval (a single 20 ms sample was 0.14% off here).
-        """
-        global _TSC_HZ
-        if _TSC_HZ is None:
-            t0, n0 = self._paired_read()
-            time.sleep(0.05)
-            t1, n1 = self._paired_read()
-            _TSC_HZ = (t1 - t0) * 1e9 / max(1, n1 - n0)
-        return _TSC_HZ
-
-    def _paired_read(self, tries: int = 16) -> tuple[int, int]:
-        """(TSC, monotonic ns) taken as close together as we can manage."""
-        best = None
-        for _ in range(tries):
-            before = time.monotonic_ns()
-            tsc = self.read()
-            after = time.monotonic_ns()
-            if best is None or after - before < best[0]:
-                best = (after - before, tsc, (before + after) // 2)
-        return best[1], best[2]
 
 
 class ClockTsc:
