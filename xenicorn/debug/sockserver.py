@@ -142,7 +142,8 @@ class SocketServer:
         self.inbox: queue.Queue = queue.Queue()      # (kind, connection, data)
         self.connections: list[Connection] = []
         self.closed = False
-        threading.Thread(target=self._accept, name=name, daemon=True).start()
+        self.thread = threading.Thread(target=self._accept, name=name, daemon=True)   # the accept thread
+        self.thread.start()
 
     @property
     def address(self):
@@ -155,6 +156,9 @@ class SocketServer:
             try:
                 sock, _ = self.listener.accept()
             except OSError:
+                return
+            if self.closed:                          # it arrived as we closed
+                sock.close()
                 return
             if self._nodelay:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -213,10 +217,14 @@ class SocketServer:
     def close(self) -> None:
         """Stop accepting, close every connection (their readers end), remove a UNIX socket's file."""
         self.closed = True
-        try:
-            self.listener.close()
-        except OSError:
-            pass
+        # close() alone neither wakes an accept() blocked on another thread
+        # nor stops the kernel from queueing connections while it waits;
+        # shutdown() does both on Linux (accept fails with EINVAL)
+        for end in (lambda: self.listener.shutdown(socket.SHUT_RDWR), self.listener.close):
+            try:
+                end()
+            except OSError:
+                pass
         for conn in list(self.connections):
             conn.close()
         if self._unlink is not None and os.path.exists(self._unlink):
