@@ -5,8 +5,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from xenicorn.debug.gdb.protocol import (MAX_INPUT, BadArgument, PacketReader, addr_len, checksum,
-                                         decode_payload, escape_binary, frame, parse_hex, thread_ok, unhex)
+from xenicorn.debug.gdb.protocol import (
+    MAX_INPUT,
+    BadArgument,
+    PacketReader,
+    addr_len,
+    checksum,
+    decode_payload,
+    escape_binary,
+    frame,
+    parse_hex,
+    thread_ok,
+    unhex,
+)
 
 
 def feed_all(reader: PacketReader, *chunks: bytes) -> list[tuple[str, bytes]]:

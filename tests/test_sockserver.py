@@ -8,7 +8,12 @@ import time
 
 import pytest
 
-from xenicorn.debug.sockserver import Connection, SocketServer, tcp_listener, unix_listener
+from xenicorn.debug.sockserver import (
+    Connection,
+    SocketServer,
+    tcp_listener,
+    unix_listener,
+)
 
 
 def lines(conn: Connection):
