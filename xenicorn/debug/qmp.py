@@ -8,19 +8,23 @@ echoed), plus asynchronous events ``{"event": "STOP", "timestamp": ...}``.
 Names, arguments and results follow QEMU's QAPI schema, so existing clients
 (the ``qemu.qmp`` package, ``qmp-shell``) work.
 
-Threads: one accepts connections and reads them; commands are queued and
-run by the machine's run loop between two guest runs (it is kicked out of
+Threads (:mod:`.sockserver`, shared with the gdb stub): one accepts
+connections, one per client reads it; commands are queued and run by the
+machine's run loop between two guest runs (it is kicked out of
 ``emu_start`` when one arrives), so no command ever races the guest. A
-client that goes away in the middle of a command loses only its reply.
+client that goes away in the middle of a command loses only its reply; one
+that stops reading replies and events is dropped after
+:data:`SEND_TIMEOUT_S` rather than stalling the machine.
 """
 from __future__ import annotations
 
 import json
 import os
-import queue
-import socket
-import threading
 import time
+
+from .sockserver import Connection, SocketServer, unix_listener
+
+SEND_TIMEOUT_S = 2               # a client that stops reading this long is dropped
 
 GREETING = {"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": "xenicorn"},
                     "capabilities": []}}
@@ -39,22 +43,42 @@ def parse_spec(spec: str) -> str:
     return path
 
 
-class _Client:
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self.negotiated = False
-        self.lock = threading.Lock()
-        self.alive = True
+class _Client(Connection):
+    """A monitor client: JSON out, and whether it has negotiated capabilities yet."""
 
-    def send(self, obj: dict) -> None:
-        data = (json.dumps(obj) + "\r\n").encode()
-        with self.lock:
-            if not self.alive:
-                return
+    def __init__(self, sock):
+        super().__init__(sock)
+        self.negotiated = False
+
+    def send_json(self, obj: dict) -> None:
+        self.send((json.dumps(obj) + "\r\n").encode())
+
+
+def _json_objects(client: _Client):
+    """The reader thread's decoder: one ``command`` per JSON value, however the bytes are split.
+
+    An incomplete value waits for more bytes; a malformed one is answered
+    at once (QEMU's "JSON parse error") and the rest of the buffer dropped.
+    """
+    buf, decoder = "", json.JSONDecoder()
+
+    def feed(data: bytes):
+        nonlocal buf
+        buf += data.decode("utf-8", "replace")
+        while buf.strip():
+            buf = buf.lstrip()
             try:
-                self.sock.sendall(data)
-            except OSError:
-                self.alive = False
+                msg, end = decoder.raw_decode(buf)
+            except json.JSONDecodeError as e:
+                if e.msg.startswith("Unterminated string") or (
+                        e.msg.startswith("Expecting") and e.pos >= len(buf.rstrip()) - 1):
+                    break                         # incomplete: wait for the rest
+                client.send_json({"error": {"class": "GenericError", "desc": f"JSON parse error, {e.msg}"}})
+                buf = ""
+                break
+            buf = buf[end:]
+            yield "command", msg
+    return feed
 
 
 class QmpServer:
@@ -63,100 +87,54 @@ class QmpServer:
     def __init__(self, machine, path: str):
         self.machine = machine
         self.path = path
-        if os.path.exists(path):
-            os.unlink(path)
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(path)
-        self.listener.listen(4)
-        self.clients: list[_Client] = []
-        self.commands: queue.Queue = queue.Queue()
         self.paused = False
-        self.closed = False
-        threading.Thread(target=self._accept, name="xenicorn-qmp", daemon=True).start()
+        self.listener = unix_listener(path, backlog=4)
+        self.server = SocketServer(self.listener, name="xenicorn-qmp", decoder=_json_objects, connection=_Client,
+                                   on_accept=self._greet, on_queued=self._kick, send_timeout=SEND_TIMEOUT_S,
+                                   unlink=path)
 
-    # -- threads: accept and read -------------------------------------------------------
-    def _accept(self) -> None:
-        while not self.closed:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            client = _Client(sock)
-            self.clients.append(client)
-            client.send(GREETING)
-            threading.Thread(target=self._read, args=(client,), daemon=True).start()
+    @property
+    def closed(self) -> bool:
+        """The machine has ended and the socket is gone."""
+        return self.server.closed
 
-    def _read(self, client: _Client) -> None:
-        buf, decoder = "", json.JSONDecoder()
-        while client.alive:
-            try:
-                data = client.sock.recv(65536)
-            except OSError:
-                data = b""
-            if not data:
-                client.alive = False
-                break
-            buf += data.decode("utf-8", "replace")
-            while buf.strip():
-                buf = buf.lstrip()
-                try:
-                    msg, end = decoder.raw_decode(buf)
-                except json.JSONDecodeError as e:
-                    if e.msg.startswith("Unterminated string") or (
-                            e.msg.startswith("Expecting") and e.pos >= len(buf.rstrip()) - 1):
-                        break                         # incomplete: wait for the rest
-                    client.send({"error": {"class": "GenericError", "desc": f"JSON parse error, {e.msg}"}})
-                    buf = ""
-                    break
-                buf = buf[end:]
-                self.commands.put((client, msg))
-                self.machine.kick_until(lambda: self.commands.empty() or self.closed, "monitor")
-        if client in self.clients:
-            self.clients.remove(client)
+    @property
+    def clients(self) -> list[_Client]:
+        """The connected clients."""
+        return self.server.connections
+
+    def _greet(self, client: _Client) -> bool:
+        client.send_json(GREETING)
+        return True
+
+    def _kick(self) -> None:
+        # a command waits between two guest runs: get the guest out of Unicorn until it is taken
+        self.machine.kick_until(lambda: not self.server.pending() or self.closed, "monitor")
 
     # -- the run loop's side -------------------------------------------------------------------
     def service(self, wait: float = 0.0) -> bool:
         """Run queued commands (waiting up to ``wait`` s for one); True if any ran."""
         ran = False
-        try:
-            item = self.commands.get(timeout=wait) if wait > 0 else self.commands.get_nowait()
-        except queue.Empty:
-            return False
-        while item is not None:
-            client, msg = item
+        for _, client, msg in self.server.events(wait):
             reply = self._execute(client, msg)
             if reply is not None:
-                client.send(reply)
+                client.send_json(reply)
             ran = True
-            try:
-                item = self.commands.get_nowait()
-            except queue.Empty:
-                item = None
         return ran
 
     def event(self, name: str, data: dict | None = None) -> None:
+        """Send an asynchronous event (STOP, RESUME, SHUTDOWN...) to every negotiated client."""
         now = time.time()
         msg = {"event": name, "timestamp": {"seconds": int(now), "microseconds": int(now % 1 * 1e6)}}
         if data is not None:
             msg["data"] = data
         for c in list(self.clients):
             if c.negotiated:
-                c.send(msg)
+                c.send_json(msg)
 
     def close(self) -> None:
-        self.closed = True
-        try:
-            self.listener.close()
-        except OSError:
-            pass
-        for c in list(self.clients):
-            c.alive = False
-            try:
-                c.sock.close()
-            except OSError:
-                pass
-        if os.path.exists(self.path):
-            os.unlink(self.path)
+        """Close every client and the socket, and remove the socket's file."""
+        self.server.close()
 
     # -- commands ----------------------------------------------------------------------------
     def _execute(self, client: _Client, msg) -> dict | None:
