@@ -33,12 +33,9 @@ ENGINE_ONLY = ("unicorn", "ctypes")
 ENGINE_IMPORT_EXCEPTIONS = {
     "xenicorn/snapshot/__init__.py",
     "xenicorn/snapshot/devstate.py",
-    "xenicorn/debug/gdbstub.py",
 }
 # Being split by other branches of issue 15.
-LENGTH_EXCEPTIONS = {
-    "xenicorn/debug/gdbstub.py",
-}
+LENGTH_EXCEPTIONS: set[str] = set()
 
 
 def modules() -> list[Path]:
