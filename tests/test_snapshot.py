@@ -17,9 +17,9 @@ import pytest
 
 from xenicorn import firmware
 from xenicorn.devices.console import ConsoleSink
-from xenicorn.snapshot import devstate
+from xenicorn.engine import vcpustate
 from xenicorn.machine.machine import MachineConfig, boot
-from xenicorn.snapshot import MAGIC, SnapshotError, capture, decode, encode
+from xenicorn.snapshot import MAGIC, RAM_SECTION, SnapshotError, capture, decode, encode
 
 # Host-side or per-run transient attributes, not machine state: host objects
 # (engine, threads, streams, sockets), the mmap's host address, a host
@@ -68,7 +68,7 @@ def machine_state(machine) -> dict:
     walk(machine, "m")
     out["ram"] = hashlib.sha256(machine.memory.buf).hexdigest()
     for v in machine.vcpus:
-        out[f"cpu{v.index}"] = devstate.context_bytes(v.uc)
+        out[f"cpu{v.index}"] = vcpustate.context_bytes(v.uc)
     out["timers"] = [(t.deadline_ns, t.seq, t.name) for t in machine.clock.pending()]
     out["now"] = machine.clock.now_ns()
     return out
@@ -191,13 +191,13 @@ def test_xenstore_transactions_watches_and_events_round_trip():
     a.write(1, "/local/domain/1/x", b"2", tx)
     a.set_perms(1, "/local/domain/1/x", [Perm(1, "r")], tx)
     b = Store()
-    b.prepare_state(a.save_state())()
-    assert b.save_state() == a.save_state()
+    b.apply_record(b.check_record(a.save_record()))
+    assert b.save_record() == a.save_record()
     for s in (a, b):                                  # they go on alike
         s.write(0, "/local/domain/1/x", b"3")
         with pytest.raises(Exception, match="EAGAIN"):
             s.transaction_end(1, tx, True)
-    assert b.save_state() == a.save_state() and b.take_events(1) == a.take_events(1)
+    assert b.save_record() == a.save_record() and b.take_events(1) == a.take_events(1)
 
 
 # -- refusals -----------------------------------------------------------------------
@@ -240,8 +240,8 @@ def test_a_flipped_byte_anywhere_is_refused(tmp_path, good):
 def test_foreign_files_and_other_versions_are_refused(tmp_path, good):
     assert "not a xenicorn snapshot" in refused(tmp_path, os.urandom(4096))
     assert "not a xenicorn snapshot" in refused(tmp_path, b"")
-    v2 = good[:len(MAGIC)] + (2).to_bytes(4, "little") + good[len(MAGIC) + 4:]
-    assert "format version 2" in refused(tmp_path, v2)
+    v3 = good[:len(MAGIC)] + (3).to_bytes(4, "little") + good[len(MAGIC) + 4:]
+    assert "format version 3" in refused(tmp_path, v3)
     assert "unexpected bytes" in refused(tmp_path, good + b"\0")
 
 
@@ -268,7 +268,7 @@ def reheader(data: bytes, change) -> bytes:
 
 def test_a_header_that_lies_about_sizes_is_refused_without_inflating(tmp_path, good):
     def huge(h):
-        next(s for s in h["sections"] if s["name"] == "memory")["size"] = 1 << 40
+        next(s for s in h["sections"] if s["name"] == RAM_SECTION)["size"] = 1 << 40
     assert "RAM section has the wrong size" in refused(tmp_path, reheader(good, huge))
 
     def shorter(h):
@@ -279,22 +279,22 @@ def test_a_header_that_lies_about_sizes_is_refused_without_inflating(tmp_path, g
 
 def test_a_section_that_does_not_parse_is_refused_before_anything_changes(tmp_path, good):
     snap = decode(good)
-    snap.state["xen"]["evtchn"]["ports"].append([5000, {"type": "ipi", "vcpu": 0, "remote_domid": 0,
+    snap.state["xen.evtchn"]["state"]["ports"].append([5000, {"type": "ipi", "vcpu": 0, "remote_domid": 0,
                                                        "remote_port": 0, "virq": 0, "pirq": 0}])
     assert "does not parse" in refused(tmp_path, encode(snap))
     snap = decode(good)
-    del snap.state["lapic"]["timer"]
+    del snap.state["lapic"]["state"]["timers"]
     assert "does not parse" in refused(tmp_path, encode(snap))
 
 
 def test_a_state_this_machine_cannot_take_is_rolled_back(tmp_path, good):
     """Parsed fine, refused while being applied (xen-platform's BAR1 onto the IOAPIC): all or nothing."""
     snap = decode(good)
-    for devfn, fn in snap.state["pci"]["functions"]:
+    for devfn, fn in snap.state["pci"]["state"]["functions"]:
         if devfn == 0x10:
-            cfg = bytearray.fromhex(fn["config"])
-            cfg[0x14:0x18] = (0xFEC00000 | 8).to_bytes(4, "little")
-            fn["config"] = cfg.hex()
+            cfg = bytearray.fromhex(fn["state"]["config"])
+            cfg[0x14:0x18] = (0xFE000000 | 8).to_bytes(4, "little")     # 16 MiB over the IOAPIC and LAPIC
+            fn["state"]["config"] = cfg.hex()
     msg = refused(tmp_path, encode(snap))
     assert "cannot take that state (BusConflict" in msg and "nothing was changed" in msg
     # a machine in the middle of its run, with a host-side timer armed, is put back just as well
@@ -431,10 +431,10 @@ def test_unicorn_context_bytes_carry_the_whole_cpu_into_a_fresh_engine():
     a.msr_write(0xC0000082, 0xFFFF800000001234)             # LSTAR
     a.reg_write(X.UC_X86_REG_FS_BASE, 0x7777000)
     b = Uc(UC_ARCH_X86, UC_MODE_64)
-    devstate.context_into(b, devstate.context_bytes(a))
+    vcpustate.context_into(b, vcpustate.context_bytes(a))
     for reg in (X.UC_X86_REG_XMM3, X.UC_X86_REG_ST0, X.UC_X86_REG_FPSW, X.UC_X86_REG_RIP, X.UC_X86_REG_FS_BASE,
                 X.UC_X86_REG_CR0, X.UC_X86_REG_CR4, X.UC_X86_REG_RFLAGS):
         assert b.reg_read(reg) == a.reg_read(reg)
     for msr in (0xC0000080, 0xC0000082):                    # EFER, LSTAR
         assert b.msr_read(msr) == a.msr_read(msr)
-    assert devstate.context_bytes(b) == devstate.context_bytes(a)
+    assert vcpustate.context_bytes(b) == vcpustate.context_bytes(a)
