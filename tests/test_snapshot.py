@@ -6,6 +6,7 @@ the machine (devices, lines, Xen layer, xenstore tree, timers) and records
 every plain value, so an attribute the snapshot forgot shows up as a
 difference even if the guest's output happens not to change.
 """
+import gzip
 import hashlib
 import os
 import subprocess
@@ -307,6 +308,118 @@ def test_a_state_this_machine_cannot_take_is_rolled_back(tmp_path, good):
         busy.load_snapshot(str(tmp_path / "bad.snap"))
     assert differences(before, machine_state(busy)) == []
     assert busy.run() == 0 and b"Test result: SUCCESS" in busy.console.data
+
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def test_a_version_1_file_from_before_the_records_is_refused_with_one_line(tmp_path):
+    """A real file of format 1, written by the code before this layout (tests/data/README.md)."""
+    with gzip.open(os.path.join(DATA, "evtchn64-format1.snap.gz")) as f:
+        old = f.read()
+    assert old.startswith(MAGIC) and int.from_bytes(old[len(MAGIC):len(MAGIC) + 4], "little") == 1
+    msg = refused(tmp_path, old, ram_mib=2)           # the machine it was taken of
+    assert msg.endswith(": snapshot format version 1 (written before components saved their own records); "
+                        "this xenicorn reads version 2")
+    path = str(tmp_path / "bad.snap")
+    loaded = cli("evtchn64", "--append", "via=gsi", "--clock", "deterministic", "-m", "2", "--loadvm", path)
+    assert loaded.returncode == 2 and loaded.stdout == b""
+    assert loaded.stderr.decode().splitlines() == [f"xenicorn: error: --loadvm: {msg}"]
+
+
+def _set(path: str, value):
+    """A change to one field of a record's state, by a dotted path (list indexes are numbers)."""
+    def change(state):
+        *parents, last = path.split(".")
+        for key in parents:
+            state = state[int(key)] if isinstance(state, list) else state[key]
+        if isinstance(state, list):
+            state[int(last)] = value(state[int(last)]) if callable(value) else value
+        else:
+            state[last] = value(state[last]) if callable(value) else value
+    return change
+
+
+# component -> (a change to its state that no hardware or Xen could reach, words of the refusal)
+IMPOSSIBLE = {
+    "pic": [(_set("master.elcr", 0x01), "ELCR makes IRQ 0 level-triggered"),
+            (_set("slave.elcr", 0x21), "ELCR makes IRQ 8, 13 level-triggered"),
+            (_set("master.vector_base", 0x21), "8259 master: ICW2 vector base 0x21 has bits 2:0 set"),
+            (lambda st: st["slave"].update(init_step=3, single=True), "step 3 cannot follow its ICW1"),
+            (_set("master.imr", 0x100), "8259 master: imr 256 out of range")],
+    "ioapic": [(_set("redirtbl.3", lambda x: x | 1 << 40), "redirection entry 3"),
+               (_set("redirtbl.5", 1 << 64), "redirection entry 5 0x10000000000000000 out of range"),
+               (_set("redirtbl.7", lambda x: x & ~(1 << 15) | 1 << 14), "redirection entry 7"),
+               (_set("redirtbl", lambda t: t + [0x10000]), "not a list of at most 24"),
+               (_set("id", 16), "id 16 out of range")],
+    "lapic": [(_set("lvt.0", lambda x: x | 1 << 12), "LVT entry timer"),
+              (_set("lvt.3", lambda x: x | 1 << 20), "LVT entry LINT0"),
+              (_set("irr", 1 << 3), "irr 0x8 sets reserved bits"),
+              (_set("dfr", 0), "DFR 0x0")],
+    "pit": [(_set("counters.0.mode", 6), "counter 0 mode 6 out of range"),
+            (_set("counters.1.count", 0), "counter 1 count 0"),
+            (_set("counters.2.rw", 0), "counter 2 access mode 0")],
+    "uart": [(_set("ier", 0x10), "ier 16 out of range"),
+             (_set("rx", [1, 2]), "rx is not a list of at most 1 items"),
+             (_set("lsr", 0x61), "line status 0x61 with 0 bytes received")],
+    "rtc": [(_set("cmos", "00" * 64), "cmos is 64 bytes long"),
+            (_set("frozen", 1767225600), "frozen time without register B's SET bit")],
+    "pci": [(_set("address", 0x80000003), "address 0x80000003 sets reserved bits"),
+            (_set("functions.0.1.state.config", lambda c: "ffff" + c[4:]), "byte 0x00 is 0xff"),
+            (_set("functions.2.1.state.platform.unplugged", 8), "unplugged 8 out of range")],
+    "acpi-pm1-control": [(_set("value", 1 << 13), "value 0x2000 sets reserved bits")],
+    "clock": [(_set("mode", "host"), "clock mode 'host'")],
+    "memory": [(_set("frames", [[300, 0x1000]]), "frame index 300 out of range")],
+    "vcpu0": [(_set("sleep_kind", "nap"), "sleep kind 'nap'"), (_set("index", 1), "vCPU 1 for vCPU 0")],
+    "machine": [(_set("lines.GSI4.level", True), "shared line GSI4 high"),
+                (_set("lines.IRQ4.edges", -1), "line IRQ4 edges -1 out of range")],
+    "xen": [(_set("upcall_vectors", [[0, 5]]), "upcall vector below 0x10"),
+            (_set("timers", {"watchdog9": [1, 1]}), "timer watchdog9 armed for nothing")],
+    "xen.evtchn": [(_set("ports.0.1.type", "bogus"), "port 1 (bogus"),
+                   (_set("ports.2.1.vcpu", 5), "port 3 vCPU 5 out of range"),
+                   (_set("backends.0.1", 2), "interdomain port 1: its other end does not name it")],
+    "xen.callback": [(_set("via", 0), "callback via 0x0 with vector 0x0, level True"),
+                     (lambda st: st.update(level=False, lines=[["GSI20<-xen-callback", False, 1]]), "poll True")],
+    "xen.physdev": [(_set("levels", [False] * 3), "3 GSI levels")],
+    "xen.gnttab": [(_set("nr_frames", 1000), "1000 grant frames, this domain may have 64")],
+    "xen.store": [(_set("root.p", [[0, "x"]]), "invalid permissions")],
+    "xen.xenstore": [(_set("in", "00" * 5000), "in is 5000 bytes long")],
+}
+
+
+@pytest.mark.parametrize("component", sorted(IMPOSSIBLE))
+def test_a_state_no_hardware_reaches_is_refused_and_the_machine_untouched(tmp_path, good, component):
+    """Each component checks its record as Xen's *_check functions do; the refusal names it."""
+    for change, words in IMPOSSIBLE[component]:
+        snap = decode(good)
+        change(snap.state[component]["state"])
+        msg = refused(tmp_path, encode(snap))
+        assert f"machine state does not parse ({component}: " in msg and words in msg, msg
+
+
+def test_a_record_of_another_type_or_version_is_refused(tmp_path, good):
+    snap = decode(good)
+    snap.state["lapic"]["version"] = 2
+    assert "(lapic: lapic record version 2; this xenicorn reads version 1)" in refused(tmp_path, encode(snap))
+    snap = decode(good)
+    snap.state["pic"], snap.state["ioapic"] = snap.state["ioapic"], snap.state["pic"]
+    assert "(pic: a 'ioapic' record where a 'i8259-pair' record belongs)" in refused(tmp_path, encode(snap))
+    snap = decode(good)
+    snap.state["mystery"] = snap.state.pop("rtc")
+    assert "snapshot has state for mystery, which this machine does not have" in refused(tmp_path, encode(snap))
+
+
+def test_every_component_reads_back_the_record_it_was_loaded_from(tmp_path, good):
+    """save -> restore -> save: each component's record survives a load unchanged."""
+    (tmp_path / "good.snap").write_bytes(good)
+    m = make()
+    snap = m.load_snapshot(str(tmp_path / "good.snap"))
+    again = capture(m)
+    assert set(again.state) == set(snap.state) and again.blobs.keys() == snap.blobs.keys()
+    for name in snap.state:
+        assert again.state[name] == snap.state[name], name
+    for name in snap.blobs:
+        assert again.blobs[name] == snap.blobs[name], name
 
 
 def test_a_missing_file_is_one_line():

@@ -310,20 +310,26 @@ class PicPair:
 
 
 def _check_chip(st: dict, name: str, elcr_mask: int) -> PicState:
-    regs = {k: uint(st, k, 8) for k in ("irr", "isr", "imr", "last_input", "elcr", "icw3")}
-    flags = {k: flag(st, k) for k in ("needs_icw4", "single", "level_all", "auto_eoi", "rotate_on_auto_eoi",
-                                      "special_mask", "read_isr", "poll")}
-    vector_base = uint(st, "vector_base", 8, reserved=7)
-    priority_add = uint(st, "priority_add", 3)
-    init_step = uint(st, "init_step", 3)
+    try:
+        regs = {k: uint(st, k, 8) for k in ("irr", "isr", "imr", "last_input", "elcr", "icw3", "vector_base")}
+        flags = {k: flag(st, k) for k in ("needs_icw4", "single", "level_all", "auto_eoi", "rotate_on_auto_eoi",
+                                          "special_mask", "read_isr", "poll")}
+        priority_add = uint(st, "priority_add", 3)
+        init_step = uint(st, "init_step", 3)
+    except RecordError as e:
+        raise RecordError(f"8259 {name}: {e}") from None
+    if regs["vector_base"] & 7:
+        raise RecordError(f"8259 {name}: ICW2 vector base {regs['vector_base']:#x} has bits 2:0 set "
+                          "(the chip puts the IRQ number there)")
     if regs["elcr"] & ~elcr_mask:
-        irqs = [i + (8 if name == "slave" else 0) for i in range(8) if regs["elcr"] & ~elcr_mask >> i & 1]
+        bad = regs["elcr"] & ~elcr_mask
+        irqs = [i + (8 if name == "slave" else 0) for i in range(8) if bad >> i & 1]
         raise RecordError(f"8259 {name}: ELCR makes IRQ {', '.join(map(str, irqs))} level-triggered, "
                           "which the PIIX keeps edge-triggered")
     if init_step not in (0, 2, 3, 4) or (init_step == 3 and flags["single"]) \
             or (init_step == 4 and not flags["needs_icw4"]):
         raise RecordError(f"8259 {name}: initialisation step {init_step} cannot follow its ICW1")
-    return PicState(**regs, **flags, vector_base=vector_base, priority_add=priority_add, init_step=init_step)
+    return PicState(**regs, **flags, priority_add=priority_add, init_step=init_step)
 
 
 class _ChipPorts:
