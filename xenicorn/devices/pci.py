@@ -237,7 +237,8 @@ class PciFunction:
             else:
                 ok = off in (0x0C, 0x0D, 0x0F, 0x3C) or old == new
             if not ok:
-                raise RecordError(f"{where} configuration byte {off:#04x} is {new:#04x}, this device's reads {old:#04x}")
+                raise RecordError(f"{where} configuration byte {off:#04x} is {new:#04x}, "
+                                  f"this device's reads {old:#04x}")
         for idx in range(6):
             off = 0x10 + 4 * idx
             value = int.from_bytes(raw[off:off + 4], "little")

@@ -41,7 +41,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..records import RecordError, boolean, integer, listing, make_record, open_record, uint
-
 from . import errno
 from .guest import HypercallError
 

@@ -34,7 +34,7 @@ import re
 from dataclasses import dataclass, field
 
 from ...records import RecordError, hexbytes, integer, listing, make_record, open_record, uint
-from ...records import field as record_field
+from ...records import field as record_field         # dataclasses' field is the other one here
 
 MAX_ABS_PATH, MAX_REL_PATH = 3072, 2048
 QUOTA_NODES, QUOTA_VALUE, QUOTA_WATCHES, QUOTA_TRANSACTIONS = 1000, 2048, 128, 10
@@ -414,7 +414,10 @@ class Store:
         self._count()
 
 
-# A snapshot's JSON form of nodes and transaction changes.
+# A snapshot's JSON form of nodes and transaction changes. Values: a guest's are
+# at most QUOTA_VALUE, dom0 (the host side) writes through Python unchecked.
+MAX_VALUE = 1 << 20
+
 def _node_out(node: Node) -> dict:
     return {"v": node.value.hex(), "p": [[p.domid, p.access] for p in node.perms], "g": node.gen,
             "c": [[name, _node_out(child)] for name, child in node.children.items()]}
@@ -438,7 +441,7 @@ def _perms(data) -> list[Perm]:
 
 
 def _node_in(data, gen: int) -> Node:
-    node = Node(hexbytes(data, "v", most=4096), _perms(record_field(data, "p")), {},
+    node = Node(hexbytes(data, "v", most=MAX_VALUE), _perms(record_field(data, "p")), {},
                 integer(record_field(data, "g"), "xenstore node generation", 0, gen))
     for item in listing(data, "c", 1 << 16):
         if not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str) \
@@ -469,7 +472,7 @@ def _op_in(data) -> tuple:
         raise RecordError(f"xenstore transaction op {data!r:.60}")
     kind, path = data[0], _path(data[1])
     if kind == "write":
-        return (kind, path, hexbytes({"value": data[2]}, "value", most=4096))
+        return (kind, path, hexbytes({"value": data[2]}, "value", most=MAX_VALUE))
     if kind == "set_perms":
         return (kind, path, _perms(data[2]))
     return (kind, path)
