@@ -6,6 +6,7 @@ the machine (devices, lines, Xen layer, xenstore tree, timers) and records
 every plain value, so an attribute the snapshot forgot shows up as a
 difference even if the guest's output happens not to change.
 """
+import gzip
 import hashlib
 import os
 import subprocess
@@ -17,10 +18,10 @@ import pytest
 
 from xenicorn import firmware
 from xenicorn.devices.console import ConsoleSink
-from xenicorn.snapshot import devstate
+from xenicorn.engine import vcpustate
 from xenicorn.machine.machine import MachineConfig
 from xenicorn.boot import boot
-from xenicorn.snapshot import MAGIC, SnapshotError, capture, decode, encode
+from xenicorn.snapshot import MAGIC, RAM_SECTION, SnapshotError, capture, decode, encode
 
 # Host-side or per-run transient attributes, not machine state: host objects
 # (engine, threads, streams, sockets), the mmap's host address, a host
@@ -69,7 +70,7 @@ def machine_state(machine) -> dict:
     walk(machine, "m")
     out["ram"] = hashlib.sha256(machine.memory.buf).hexdigest()
     for v in machine.vcpus:
-        out[f"cpu{v.index}"] = devstate.context_bytes(v.uc)
+        out[f"cpu{v.index}"] = vcpustate.context_bytes(v.uc)
     out["timers"] = [(t.deadline_ns, t.seq, t.name) for t in machine.clock.pending()]
     out["now"] = machine.clock.now_ns()
     return out
@@ -192,13 +193,13 @@ def test_xenstore_transactions_watches_and_events_round_trip():
     a.write(1, "/local/domain/1/x", b"2", tx)
     a.set_perms(1, "/local/domain/1/x", [Perm(1, "r")], tx)
     b = Store()
-    b.prepare_state(a.save_state())()
-    assert b.save_state() == a.save_state()
+    b.apply_record(b.check_record(a.save_record()))
+    assert b.save_record() == a.save_record()
     for s in (a, b):                                  # they go on alike
         s.write(0, "/local/domain/1/x", b"3")
         with pytest.raises(Exception, match="EAGAIN"):
             s.transaction_end(1, tx, True)
-    assert b.save_state() == a.save_state() and b.take_events(1) == a.take_events(1)
+    assert b.save_record() == a.save_record() and b.take_events(1) == a.take_events(1)
 
 
 # -- refusals -----------------------------------------------------------------------
@@ -241,8 +242,8 @@ def test_a_flipped_byte_anywhere_is_refused(tmp_path, good):
 def test_foreign_files_and_other_versions_are_refused(tmp_path, good):
     assert "not a xenicorn snapshot" in refused(tmp_path, os.urandom(4096))
     assert "not a xenicorn snapshot" in refused(tmp_path, b"")
-    v2 = good[:len(MAGIC)] + (2).to_bytes(4, "little") + good[len(MAGIC) + 4:]
-    assert "format version 2" in refused(tmp_path, v2)
+    v3 = good[:len(MAGIC)] + (3).to_bytes(4, "little") + good[len(MAGIC) + 4:]
+    assert "format version 3" in refused(tmp_path, v3)
     assert "unexpected bytes" in refused(tmp_path, good + b"\0")
 
 
@@ -269,7 +270,7 @@ def reheader(data: bytes, change) -> bytes:
 
 def test_a_header_that_lies_about_sizes_is_refused_without_inflating(tmp_path, good):
     def huge(h):
-        next(s for s in h["sections"] if s["name"] == "memory")["size"] = 1 << 40
+        next(s for s in h["sections"] if s["name"] == RAM_SECTION)["size"] = 1 << 40
     assert "RAM section has the wrong size" in refused(tmp_path, reheader(good, huge))
 
     def shorter(h):
@@ -280,22 +281,22 @@ def test_a_header_that_lies_about_sizes_is_refused_without_inflating(tmp_path, g
 
 def test_a_section_that_does_not_parse_is_refused_before_anything_changes(tmp_path, good):
     snap = decode(good)
-    snap.state["xen"]["evtchn"]["ports"].append([5000, {"type": "ipi", "vcpu": 0, "remote_domid": 0,
+    snap.state["xen.evtchn"]["state"]["ports"].append([5000, {"type": "ipi", "vcpu": 0, "remote_domid": 0,
                                                        "remote_port": 0, "virq": 0, "pirq": 0}])
     assert "does not parse" in refused(tmp_path, encode(snap))
     snap = decode(good)
-    del snap.state["lapic"]["timer"]
+    del snap.state["lapic"]["state"]["timers"]
     assert "does not parse" in refused(tmp_path, encode(snap))
 
 
 def test_a_state_this_machine_cannot_take_is_rolled_back(tmp_path, good):
     """Parsed fine, refused while being applied (xen-platform's BAR1 onto the IOAPIC): all or nothing."""
     snap = decode(good)
-    for devfn, fn in snap.state["pci"]["functions"]:
+    for devfn, fn in snap.state["pci"]["state"]["functions"]:
         if devfn == 0x10:
-            cfg = bytearray.fromhex(fn["config"])
-            cfg[0x14:0x18] = (0xFEC00000 | 8).to_bytes(4, "little")
-            fn["config"] = cfg.hex()
+            cfg = bytearray.fromhex(fn["state"]["config"])
+            cfg[0x14:0x18] = (0xFE000000 | 8).to_bytes(4, "little")     # 16 MiB over the IOAPIC and LAPIC
+            fn["state"]["config"] = cfg.hex()
     msg = refused(tmp_path, encode(snap))
     assert "cannot take that state (BusConflict" in msg and "nothing was changed" in msg
     # a machine in the middle of its run, with a host-side timer armed, is put back just as well
@@ -308,6 +309,118 @@ def test_a_state_this_machine_cannot_take_is_rolled_back(tmp_path, good):
         busy.load_snapshot(str(tmp_path / "bad.snap"))
     assert differences(before, machine_state(busy)) == []
     assert busy.run() == 0 and b"Test result: SUCCESS" in busy.console.data
+
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+
+
+def test_a_version_1_file_from_before_the_records_is_refused_with_one_line(tmp_path):
+    """A real file of format 1, written by the code before this layout (tests/data/README.md)."""
+    with gzip.open(os.path.join(DATA, "evtchn64-format1.snap.gz")) as f:
+        old = f.read()
+    assert old.startswith(MAGIC) and int.from_bytes(old[len(MAGIC):len(MAGIC) + 4], "little") == 1
+    msg = refused(tmp_path, old, ram_mib=2)           # the machine it was taken of
+    assert msg.endswith(": snapshot format version 1 (written before components saved their own records); "
+                        "this xenicorn reads version 2")
+    path = str(tmp_path / "bad.snap")
+    loaded = cli("evtchn64", "--append", "via=gsi", "--clock", "deterministic", "-m", "2", "--loadvm", path)
+    assert loaded.returncode == 2 and loaded.stdout == b""
+    assert loaded.stderr.decode().splitlines() == [f"xenicorn: error: --loadvm: {msg}"]
+
+
+def _set(path: str, value):
+    """A change to one field of a record's state, by a dotted path (list indexes are numbers)."""
+    def change(state):
+        *parents, last = path.split(".")
+        for key in parents:
+            state = state[int(key)] if isinstance(state, list) else state[key]
+        if isinstance(state, list):
+            state[int(last)] = value(state[int(last)]) if callable(value) else value
+        else:
+            state[last] = value(state[last]) if callable(value) else value
+    return change
+
+
+# component -> (a change to its state that no hardware or Xen could reach, words of the refusal)
+IMPOSSIBLE = {
+    "pic": [(_set("master.elcr", 0x01), "ELCR makes IRQ 0 level-triggered"),
+            (_set("slave.elcr", 0x21), "ELCR makes IRQ 8, 13 level-triggered"),
+            (_set("master.vector_base", 0x21), "8259 master: ICW2 vector base 0x21 has bits 2:0 set"),
+            (lambda st: st["slave"].update(init_step=3, single=True), "step 3 cannot follow its ICW1"),
+            (_set("master.imr", 0x100), "8259 master: imr 256 out of range")],
+    "ioapic": [(_set("redirtbl.3", lambda x: x | 1 << 40), "redirection entry 3"),
+               (_set("redirtbl.5", 1 << 64), "redirection entry 5 0x10000000000000000 out of range"),
+               (_set("redirtbl.7", lambda x: x & ~(1 << 15) | 1 << 14), "redirection entry 7"),
+               (_set("redirtbl", lambda t: t + [0x10000]), "not a list of at most 24"),
+               (_set("id", 16), "id 16 out of range")],
+    "lapic": [(_set("lvt.0", lambda x: x | 1 << 12), "LVT entry timer"),
+              (_set("lvt.3", lambda x: x | 1 << 20), "LVT entry LINT0"),
+              (_set("irr", 1 << 3), "irr 0x8 sets reserved bits"),
+              (_set("dfr", 0), "DFR 0x0")],
+    "pit": [(_set("counters.0.mode", 6), "counter 0 mode 6 out of range"),
+            (_set("counters.1.count", 0), "counter 1 count 0"),
+            (_set("counters.2.rw", 0), "counter 2 access mode 0")],
+    "uart": [(_set("ier", 0x10), "ier 16 out of range"),
+             (_set("rx", [1, 2]), "rx is not a list of at most 1 items"),
+             (_set("lsr", 0x61), "line status 0x61 with 0 bytes received")],
+    "rtc": [(_set("cmos", "00" * 64), "cmos is 64 bytes long"),
+            (_set("frozen", 1767225600), "frozen time without register B's SET bit")],
+    "pci": [(_set("address", 0x80000003), "address 0x80000003 sets reserved bits"),
+            (_set("functions.0.1.state.config", lambda c: "ffff" + c[4:]), "byte 0x00 is 0xff"),
+            (_set("functions.2.1.state.platform.unplugged", 8), "unplugged 8 out of range")],
+    "acpi-pm1-control": [(_set("value", 1 << 13), "value 0x2000 sets reserved bits")],
+    "clock": [(_set("mode", "host"), "clock mode 'host'")],
+    "memory": [(_set("frames", [[300, 0x1000]]), "frame index 300 out of range")],
+    "vcpu0": [(_set("sleep_kind", "nap"), "sleep kind 'nap'"), (_set("index", 1), "vCPU 1 for vCPU 0")],
+    "machine": [(_set("lines.GSI4.level", True), "shared line GSI4 high"),
+                (_set("lines.IRQ4.edges", -1), "line IRQ4 edges -1 out of range")],
+    "xen": [(_set("upcall_vectors", [[0, 5]]), "upcall vector below 0x10"),
+            (_set("timers", {"watchdog9": [1, 1]}), "timer watchdog9 armed for nothing")],
+    "xen.evtchn": [(_set("ports.0.1.type", "bogus"), "port 1 (bogus"),
+                   (_set("ports.2.1.vcpu", 5), "port 3 vCPU 5 out of range"),
+                   (_set("backends.0.1", 2), "interdomain port 1: its other end does not name it")],
+    "xen.callback": [(_set("via", 0), "callback via 0x0 with vector 0x0, level True"),
+                     (lambda st: st.update(level=False, lines=[["GSI20<-xen-callback", False, 1]]), "poll True")],
+    "xen.physdev": [(_set("levels", [False] * 3), "3 GSI levels")],
+    "xen.gnttab": [(_set("nr_frames", 1000), "1000 grant frames, this domain may have 64")],
+    "xen.store": [(_set("root.p", [[0, "x"]]), "invalid permissions")],
+    "xen.xenstore": [(_set("in", "00" * 5000), "in is 5000 bytes long")],
+}
+
+
+@pytest.mark.parametrize("component", sorted(IMPOSSIBLE))
+def test_a_state_no_hardware_reaches_is_refused_and_the_machine_untouched(tmp_path, good, component):
+    """Each component checks its record as Xen's *_check functions do; the refusal names it."""
+    for change, words in IMPOSSIBLE[component]:
+        snap = decode(good)
+        change(snap.state[component]["state"])
+        msg = refused(tmp_path, encode(snap))
+        assert f"machine state does not parse ({component}: " in msg and words in msg, msg
+
+
+def test_a_record_of_another_type_or_version_is_refused(tmp_path, good):
+    snap = decode(good)
+    snap.state["lapic"]["version"] = 2
+    assert "(lapic: lapic record version 2; this xenicorn reads version 1)" in refused(tmp_path, encode(snap))
+    snap = decode(good)
+    snap.state["pic"], snap.state["ioapic"] = snap.state["ioapic"], snap.state["pic"]
+    assert "(pic: a 'ioapic' record where a 'i8259-pair' record belongs)" in refused(tmp_path, encode(snap))
+    snap = decode(good)
+    snap.state["mystery"] = snap.state.pop("rtc")
+    assert "snapshot has state for mystery, which this machine does not have" in refused(tmp_path, encode(snap))
+
+
+def test_every_component_reads_back_the_record_it_was_loaded_from(tmp_path, good):
+    """save -> restore -> save: each component's record survives a load unchanged."""
+    (tmp_path / "good.snap").write_bytes(good)
+    m = make()
+    snap = m.load_snapshot(str(tmp_path / "good.snap"))
+    again = capture(m)
+    assert set(again.state) == set(snap.state) and again.blobs.keys() == snap.blobs.keys()
+    for name in snap.state:
+        assert again.state[name] == snap.state[name], name
+    for name in snap.blobs:
+        assert again.blobs[name] == snap.blobs[name], name
 
 
 def test_a_missing_file_is_one_line():
@@ -432,10 +545,10 @@ def test_unicorn_context_bytes_carry_the_whole_cpu_into_a_fresh_engine():
     a.msr_write(0xC0000082, 0xFFFF800000001234)             # LSTAR
     a.reg_write(X.UC_X86_REG_FS_BASE, 0x7777000)
     b = Uc(UC_ARCH_X86, UC_MODE_64)
-    devstate.context_into(b, devstate.context_bytes(a))
+    vcpustate.context_into(b, vcpustate.context_bytes(a))
     for reg in (X.UC_X86_REG_XMM3, X.UC_X86_REG_ST0, X.UC_X86_REG_FPSW, X.UC_X86_REG_RIP, X.UC_X86_REG_FS_BASE,
                 X.UC_X86_REG_CR0, X.UC_X86_REG_CR4, X.UC_X86_REG_RFLAGS):
         assert b.reg_read(reg) == a.reg_read(reg)
     for msr in (0xC0000080, 0xC0000082):                    # EFER, LSTAR
         assert b.msr_read(msr) == a.msr_read(msr)
-    assert devstate.context_bytes(b) == devstate.context_bytes(a)
+    assert vcpustate.context_bytes(b) == vcpustate.context_bytes(a)

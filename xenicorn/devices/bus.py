@@ -13,6 +13,8 @@ from typing import Callable, Protocol
 
 from intervaltree import IntervalTree
 
+from ..records import integer, listing, make_record, open_record
+
 
 class PioDevice(Protocol):
     """A device on the I/O port bus."""
@@ -104,6 +106,20 @@ class Bus:
             return
         base, dev = hit
         getattr(dev, self.write_method)(addr - base, size, value & ((1 << (8 * size)) - 1))
+
+
+    # -- snapshots (a record, see xenicorn.records) -----------------------------------
+    RECORD = ("bus", 1)
+
+    def save_record(self) -> dict:
+        """Which unclaimed addresses were reported already (each is reported once, like a log)."""
+        return make_record(*self.RECORD, {"reported": sorted(self._reported)})
+
+    def check_record(self, record: dict) -> set[int]:
+        return {integer(a, "reported address") for a in listing(open_record(record, *self.RECORD), "reported")}
+
+    def apply_record(self, prepared: set[int]) -> None:
+        self._reported = set(prepared)
 
 
 class PioBus(Bus):

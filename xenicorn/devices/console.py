@@ -15,6 +15,8 @@ from __future__ import annotations
 import sys
 from typing import BinaryIO, Callable
 
+from ..records import make_record, open_record, uint
+
 
 class ConsoleSink:
     """Where guest console bytes go: a stream, plus a record for tests."""
@@ -152,6 +154,18 @@ class AcpiPmEvent:
             elif offset + i == 3:
                 self.enable = (self.enable & 0x00FF) | byte << 8
 
+    RECORD = ("acpi-pm1-event", 1)
+
+    def save_record(self) -> dict:
+        """PM1 enable (status always reads 0 here)."""
+        return make_record(*self.RECORD, {"enable": self.enable})
+
+    def check_record(self, record: dict) -> int:
+        return uint(open_record(record, *self.RECORD), "enable", 16)
+
+    def apply_record(self, prepared: int) -> None:
+        self.enable = prepared
+
 
 class AcpiPmControl:
     r"""PM1a_CNT at 0x604: SLP_EN with the S5 sleep type powers off.
@@ -176,3 +190,15 @@ class AcpiPmControl:
         self.value = value & ~self.SLP_EN
         if value & self.SLP_EN and ((value >> 10) & 7) in self.S5_TYPES:
             self.shutdown("poweroff", 0, "ACPI S5 (PM1a_CNT SLP_EN)")
+
+    RECORD = ("acpi-pm1-control", 1)
+
+    def save_record(self) -> dict:
+        """PM1a_CNT as last written; SLP_EN is write-only and reads 0."""
+        return make_record(*self.RECORD, {"value": self.value})
+
+    def check_record(self, record: dict) -> int:
+        return uint(open_record(record, *self.RECORD), "value", 32, reserved=self.SLP_EN)   # a dword OUT reaches it too
+
+    def apply_record(self, prepared: int) -> None:
+        self.value = prepared

@@ -34,8 +34,10 @@ setting ISR, which is how real hardware behaves and what Linux checks for.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass, asdict, replace
 from typing import Callable
+
+from ..records import RecordError, field, flag, make_record, open_record, uint
 
 
 @dataclass
@@ -269,21 +271,65 @@ class PicPair:
             return self.slave.state.vector_base + sirq
         return self.master.state.vector_base + irq
 
+    # -- snapshots (a record, see xenicorn.records) -----------------------------------
+    RECORD = ("i8259-pair", 1)
+
     def save(self) -> dict:
+        """Both chips' registers (a copy)."""
         return {"master": asdict(self.master.state), "slave": asdict(self.slave.state)}
 
     def restore(self, data: dict) -> None:
-        for chip, name in ((self.master, "master"), (self.slave, "slave")):
-            st = PicState(**data[name])
-            for k in ("irr", "isr", "imr", "last_input", "elcr", "vector_base", "icw3"):
-                if not 0 <= getattr(st, k) <= 0xFF:
-                    raise ValueError(f"8259 {name}: {k} out of range")
-            if st.elcr & ~chip.elcr_mask or st.vector_base & 7 or st.init_step not in (0, 2, 3, 4):
-                raise ValueError(f"8259 {name}: state no 8259A can be in")
-            chip.state = st
-            chip.int_level = False
+        """Load :meth:`save`'s output (validated) and drive the INT output from it."""
+        self.apply_record(self.check_record(make_record(*self.RECORD, data)))
+        self.master.int_level = self.int_level = False
         self.slave.update()
         self.master.update()
+
+    def save_record(self) -> dict:
+        return make_record(*self.RECORD, self.save())
+
+    def check_record(self, record: dict) -> tuple[PicState, PicState]:
+        """What Xen's ``vpic_check`` refuses, and what else no 8259A can be in.
+
+        ELCR bits only where the PIIX has them (master 0xF8, slave 0xDE:
+        IRQ 0, 1, 2, 8 and 13 are edge-only; Xen's ``vpic_elcr_mask``,
+        QEMU's ``elcr_mask``); an ICW2 vector base has bits 2:0 clear (the
+        chip puts the IRQ number there); an initialisation step the ICW1
+        bits say comes next (ICW3 only in cascade mode, ICW4 only if asked).
+        """
+        st = open_record(record, *self.RECORD)
+        return tuple(_check_chip(field(st, name), name, chip.elcr_mask)
+                     for chip, name in ((self.master, "master"), (self.slave, "slave")))
+
+    def apply_record(self, prepared: tuple[PicState, PicState]) -> None:
+        """Install both chips; their INT outputs follow from the registers (derived, not re-driven)."""
+        self.master.state, self.slave.state = (replace(s) for s in prepared)
+        for chip in (self.slave, self.master):
+            chip.int_level = chip.pending_irq() is not None
+        self.int_level = self.master.int_level
+
+
+def _check_chip(st: dict, name: str, elcr_mask: int) -> PicState:
+    try:
+        regs = {k: uint(st, k, 8) for k in ("irr", "isr", "imr", "last_input", "elcr", "icw3", "vector_base")}
+        flags = {k: flag(st, k) for k in ("needs_icw4", "single", "level_all", "auto_eoi", "rotate_on_auto_eoi",
+                                          "special_mask", "read_isr", "poll")}
+        priority_add = uint(st, "priority_add", 3)
+        init_step = uint(st, "init_step", 3)
+    except RecordError as e:
+        raise RecordError(f"8259 {name}: {e}") from None
+    if regs["vector_base"] & 7:
+        raise RecordError(f"8259 {name}: ICW2 vector base {regs['vector_base']:#x} has bits 2:0 set "
+                          "(the chip puts the IRQ number there)")
+    if regs["elcr"] & ~elcr_mask:
+        bad = regs["elcr"] & ~elcr_mask
+        irqs = [i + (8 if name == "slave" else 0) for i in range(8) if bad >> i & 1]
+        raise RecordError(f"8259 {name}: ELCR makes IRQ {', '.join(map(str, irqs))} level-triggered, "
+                          "which the PIIX keeps edge-triggered")
+    if init_step not in (0, 2, 3, 4) or (init_step == 3 and flags["single"]) \
+            or (init_step == 4 and not flags["needs_icw4"]):
+        raise RecordError(f"8259 {name}: initialisation step {init_step} cannot follow its ICW1")
+    return PicState(**regs, **flags, priority_add=priority_add, init_step=init_step)
 
 
 class _ChipPorts:

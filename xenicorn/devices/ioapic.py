@@ -38,10 +38,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from ..records import RecordError, integer, listing, make_record, open_record, uint
+
 NUM_PINS = 24
 IOAPIC_BASE = 0xFEC00000
 VERSION = 0x20
 RTE_MASK, RTE_LEVEL, RTE_REMOTE_IRR, RTE_DELIVS = 1 << 16, 1 << 15, 1 << 14, 1 << 12
+RTE_RESERVED = 0x00FFFFFF << 32          # bits 55:32 (82093AA: 55:17, but 31:17 are stored as written)
 
 
 class InterruptSink(Protocol):
@@ -162,13 +165,40 @@ class Ioapic:
         if old & RTE_MASK and not new & RTE_MASK and new & RTE_LEVEL and st.irr >> pin & 1:
             self._service(pin)
 
+    # -- snapshots (a record, see xenicorn.records) -----------------------------------
+    RECORD = ("ioapic", 1)
+
     def save(self) -> dict:
+        """Registers and input levels (a copy)."""
         st = self.state
         return {"id": st.id, "ioregsel": st.ioregsel, "redirtbl": list(st.redirtbl), "irr": st.irr}
 
     def restore(self, data: dict) -> None:
-        tbl = [int(x) for x in data["redirtbl"]]
-        if len(tbl) != NUM_PINS or any(not 0 <= x < 1 << 64 for x in tbl):
-            raise ValueError("IOAPIC snapshot: redirection table is invalid")
-        self.state = IoapicState(int(data["id"]) & 0x0F, int(data["ioregsel"]) & 0xFF, tbl,
-                                 int(data["irr"]) & ((1 << NUM_PINS) - 1))
+        """Load :meth:`save`'s output, validated (nothing is delivered)."""
+        self.apply_record(self.check_record(make_record(*self.RECORD, {**data, "deliveries": self.deliveries})))
+
+    def save_record(self) -> dict:
+        return make_record(*self.RECORD, {**self.save(), "deliveries": self.deliveries})
+
+    def check_record(self, record: dict) -> tuple[IoapicState, int]:
+        """What Xen's ``ioapic_check`` refuses, and entries this model cannot hold.
+
+        The ID is 4 bits; there are 24 entries of 64 bits; bits 55:32 are
+        reserved (an IOWIN write to the high dword keeps only the
+        destination), delivery status is never set (delivery is
+        instantaneous), and only a level-triggered entry has Remote IRR.
+        """
+        st = open_record(record, *self.RECORD)
+        table = listing(st, "redirtbl", NUM_PINS)
+        if len(table) != NUM_PINS:
+            raise RecordError(f"IOAPIC with {len(table)} redirection entries, this one has {NUM_PINS}")
+        for pin, rte in enumerate(table):
+            integer(rte, f"redirection entry {pin}")
+            if rte & (RTE_RESERVED | RTE_DELIVS) or (rte & RTE_REMOTE_IRR and not rte & RTE_LEVEL):
+                raise RecordError(f"IOAPIC redirection entry {pin} {rte:#018x} is not one the IOAPIC can hold")
+        state = IoapicState(uint(st, "id", 4), uint(st, "ioregsel", 8), list(table), uint(st, "irr", NUM_PINS))
+        return state, uint(st, "deliveries")
+
+    def apply_record(self, prepared: tuple[IoapicState, int]) -> None:
+        state, self.deliveries = prepared
+        self.state = IoapicState(state.id, state.ioregsel, list(state.redirtbl), state.irr)

@@ -39,14 +39,17 @@ the TSC-deadline mode (CPUID does not advertise it).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
+
+from ..records import RecordError, flag, integer, listing, make_record, open_record, timer_refs, timers, uint
 
 LAPIC_BASE = 0xFEE00000
 LVT_TIMER, LVT_THERMAL, LVT_PERF, LVT_LINT0, LVT_LINT1, LVT_ERROR = range(6)
 LVT_OFFSETS = {0x320: LVT_TIMER, 0x330: LVT_THERMAL, 0x340: LVT_PERF, 0x350: LVT_LINT0,
                0x360: LVT_LINT1, 0x370: LVT_ERROR}
 LVT_MASKED = 1 << 16
+LVT_NAMES = ("timer", "thermal", "perf", "LINT0", "LINT1", "error")
 # Writable bits of each LVT entry (SDM vol. 3 §10.5.1, figure 10-8): all have
 # the vector and the mask; the timer its mode (17-18); thermal and perf a
 # delivery mode (8-10); LINT0/1 a delivery mode, pin polarity (13) and
@@ -338,20 +341,68 @@ class Lapic:
                 self.notify()
             # INIT and STARTUP need more CPUs: ignored on a uniprocessor
 
+    # -- snapshots (a record, see xenicorn.records) -----------------------------------
+    RECORD = ("lapic", 1)
+    REGISTERS = ("id", "tpr", "ldr", "dfr", "svr", "isr", "tmr", "irr", "esr", "esr_pending", "icr",
+                 "initial_count", "divide", "timer_start_ns")
+
     def save(self) -> dict:
+        """The registers (a copy)."""
         st = self.state
-        d = {k: getattr(st, k) for k in ("id", "tpr", "ldr", "dfr", "svr", "isr", "tmr", "irr", "esr",
-                                         "esr_pending", "icr", "initial_count", "divide", "timer_start_ns")}
+        d = {k: getattr(st, k) for k in self.REGISTERS}
         d["lvt"] = list(st.lvt)
         return d
 
     def restore(self, data: dict) -> None:
-        lvt = [int(x) for x in data["lvt"]]
-        if len(lvt) != 6:
-            raise ValueError("LAPIC snapshot: LVT table is invalid")
-        for k in ("isr", "tmr", "irr"):
-            if not 0 <= int(data[k]) < 1 << 256:
-                raise ValueError(f"LAPIC snapshot: {k} out of range")
-        self.state = LapicState(**{k: int(v) for k, v in data.items() if k != "lvt"}, lvt=lvt)
+        """Load :meth:`save`'s output, validated; the timer starts again from the registers."""
+        prepared = self.check_record(make_record(*self.RECORD, {**data, "nmi_pending": self.nmi_pending,
+                                                                "timer_fires": self.timer_fires, "timers": {}}))
+        self.apply_record(prepared)
         self._arm()
         self.notify()
+
+    def save_record(self) -> dict:
+        return make_record(*self.RECORD, {**self.save(), "nmi_pending": self.nmi_pending,
+                                          "timer_fires": self.timer_fires,
+                                          "timers": timer_refs(self.clock, {"lapic-timer": self.timer})})
+
+    def check_record(self, record: dict):
+        """Registers only as the register writes leave them (what Xen's ``lapic_check_regs`` guards).
+
+        Each LVT entry holds only its writable bits (SDM vol. 3 §10.5.1:
+        delivery status and remote IRR are read-only, the rest reserved);
+        vectors 0-15 are never requested or in service (they are illegal,
+        §10.5.3); LDR keeps bits 31:24, DFR's bits 27:0 read as ones, SVR
+        has bits 12, 8 and 7:0, TDCR bits 3 and 1:0, ESR eight bits.
+        """
+        st = open_record(record, *self.RECORD)
+        lvt = listing(st, "lvt", 6)
+        if len(lvt) != 6:
+            raise RecordError(f"LAPIC with {len(lvt)} LVT entries, this one has 6")
+        for idx, entry in enumerate(lvt):
+            integer(entry, f"LVT entry {idx}", 0, 0xFFFFFFFF)
+            if entry & ~LVT_WRITABLE[idx]:
+                raise RecordError(f"LAPIC LVT entry {LVT_NAMES[idx]} {entry:#x} sets reserved or read-only "
+                                  f"bits {entry & ~LVT_WRITABLE[idx]:#x}")
+        regs = {"id": uint(st, "id", 8), "tpr": uint(st, "tpr", 8), "ldr": uint(st, "ldr", 32, reserved=0x00FFFFFF),
+                "svr": uint(st, "svr", 32, reserved=~0x11FF), "esr": uint(st, "esr", 8),
+                "esr_pending": uint(st, "esr_pending", 8), "icr": uint(st, "icr", 64),
+                "initial_count": uint(st, "initial_count", 32), "divide": uint(st, "divide", 32, reserved=~0xB),
+                "timer_start_ns": uint(st, "timer_start_ns", 63)}
+        regs.update({k: uint(st, k, 256, reserved=0xFFFF) for k in ("isr", "tmr", "irr")})
+        dfr = uint(st, "dfr", 32)
+        if dfr & 0x0FFFFFFF != 0x0FFFFFFF:
+            raise RecordError(f"LAPIC DFR {dfr:#x}: bits 27:0 read as ones")
+        armed = timers(st, ("lapic-timer",))
+        if armed and not regs["initial_count"]:
+            raise RecordError("LAPIC timer armed with an initial count of 0")
+        return (LapicState(**regs, dfr=dfr, lvt=list(lvt)), flag(st, "nmi_pending"), uint(st, "timer_fires"),
+                armed.get("lapic-timer"))
+
+    def apply_record(self, prepared) -> None:
+        """Install the registers and re-arm the timer at its saved deadline (after the clock's record)."""
+        state, self.nmi_pending, self.timer_fires, timer = prepared
+        self.state = replace(state, lvt=list(state.lvt))
+        if self.clock is not None:
+            self.clock.cancel(self.timer)
+            self.timer = self.clock.rearm(timer, self._expire, "lapic-timer")

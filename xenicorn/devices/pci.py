@@ -48,6 +48,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..records import RecordError, boolean, flag, hexbytes, integer, listing, make_record, open_record, uint
+
 CONFIG_ADDRESS, CONFIG_DATA = 0xCF8, 0xCFC
 PCI_COMMAND_IO, PCI_COMMAND_MEMORY, PCI_COMMAND_INTX_DISABLE = 1 << 0, 1 << 1, 1 << 10
 PCI_STATUS_INTERRUPT = 1 << 3
@@ -180,17 +182,76 @@ class PciFunction:
         """What the pin drives: the level, unless the command register disables INTx."""
         return self.state.intx_level and not self.command & PCI_COMMAND_INTX_DISABLE
 
+    # -- snapshots (a record, see xenicorn.records) -----------------------------------
+    RECORD = ("pci-function", 1)
+
     def save(self) -> dict:
+        """Configuration space and the INTx level (a copy)."""
         return {"config": bytes(self.state.config).hex(), "intx_level": self.state.intx_level}
 
     def restore(self, data: dict) -> None:
-        raw = bytes.fromhex(data["config"])
-        if len(raw) != 256 or raw[0:4] != bytes(self.state.config[0:4]):
-            raise ValueError("PCI snapshot is for another device")
-        self.state.config[:] = raw
-        self.state.intx_level = bool(data["intx_level"])
+        """Load :meth:`save`'s output, validated; BARs are decoded and INTx driven from it."""
+        PciFunction.apply_record(self, self.check_config(data))
         self.update_mappings()
         self._intx_changed()
+
+    def save_record(self) -> dict:
+        return make_record(*self.RECORD, self.save())
+
+    def check_record(self, record: dict) -> PciFunctionState:
+        return self.check_config(open_record(record, *self.RECORD))
+
+    def apply_record(self, prepared: PciFunctionState) -> None:
+        """Install configuration space silently (the bus decodes BARs and INTx once all are in)."""
+        self.state.config[:] = prepared.config
+        self.state.intx_level = prepared.intx_level
+
+    def check_config(self, st: dict) -> PciFunctionState:
+        """Configuration space as :meth:`config_write` can leave it, from this function's reset state.
+
+        The header's read-only fields (IDs, class, header type, subsystem,
+        pin) are this device's; the command register differs only in its
+        writable bits, status only by cleared error bits and the interrupt
+        status, which is the INTx level; a BAR holds an address aligned to
+        its size with its type bits, an unimplemented one 0. Bytes 0x40 and
+        up are the device's own registers.
+        """
+        raw = hexbytes(st, "config", 256)
+        intx = flag(st, "intx_level")
+        now = self.state.config
+        where = f"PCI {self.devfn >> 3:02x}.{self.devfn & 7}"
+        if bool(raw[0x06] & PCI_STATUS_INTERRUPT) != intx:
+            raise RecordError(f"{where} interrupt status bit and INTx level {intx} disagree")
+        for off in range(0x40):
+            old, new = now[off], raw[off]
+            if 0x10 <= off < 0x28:
+                continue
+            if off == 0x04:
+                ok = (old ^ new) & ~0x07 == 0
+            elif off == 0x05:
+                ok = (old ^ new) & ~0x04 == 0
+            elif off == 0x06:
+                ok = (old ^ new) & ~PCI_STATUS_INTERRUPT == 0
+            elif off == 0x07:
+                ok = new & ~old == 0                        # error bits only ever get cleared
+            else:
+                ok = off in (0x0C, 0x0D, 0x0F, 0x3C) or old == new
+            if not ok:
+                raise RecordError(f"{where} configuration byte {off:#04x} is {new:#04x}, "
+                                  f"this device's reads {old:#04x}")
+        for idx in range(6):
+            off = 0x10 + 4 * idx
+            value = int.from_bytes(raw[off:off + 4], "little")
+            bar = self.bars.get(idx)
+            if bar is None:
+                ok = value == 0
+            else:
+                low = 0x1 if bar.kind == BAR_IO else 0xF
+                ok = value & low == self._get32(off) & low and not value & ~low & (bar.size - 1) \
+                    and (bar.kind != BAR_IO or value < 0x10000)
+            if not ok:
+                raise RecordError(f"{where} BAR{idx} {value:#x} is not an address this BAR can hold")
+        return PciFunctionState(bytearray(raw), intx)
 
 
 class Piix3Isa(PciFunction):
@@ -316,6 +377,58 @@ class PciBus:
         self.intx_changed()
 
     def intx_changed(self, _dev: PciFunction | None = None) -> None:
+        for pirq, level in enumerate(self._pirq_levels()):
+            if level != self.pirq_levels[pirq]:
+                self.pirq_levels[pirq] = level
+                self.pirq_sink(pirq, level)
+
+
+    # -- snapshots (a record, see xenicorn.records) -----------------------------------
+    RECORD = ("pci-bus", 1)
+
+    def save_record(self) -> dict:
+        """CONFIG_ADDRESS, INTx driven from outside a device, and each function's own record."""
+        return make_record(*self.RECORD, {
+            "address": self.address, "extra_intx": [[d, p, lv] for (d, p), lv in self.extra_intx.items()],
+            "functions": [[devfn, f.save_record()] for devfn, f in self.functions.items()]})
+
+    def check_record(self, record: dict):
+        st = open_record(record, *self.RECORD)
+        address = uint(st, "address", 32, reserved=~0x80FFFFFC)
+        extra = {}
+        for item in listing(st, "extra_intx", 1024):
+            if not isinstance(item, list) or len(item) != 3:
+                raise RecordError("INTx source is not [devfn, pin, level]")
+            extra[(integer(item[0], "INTx devfn", 0, 0xFF), integer(item[1], "INTx pin", 1, 4))] = \
+                boolean(item[2], "INTx level")
+        functions = {}
+        for item in listing(st, "functions", 256):
+            if not isinstance(item, list) or len(item) != 2:
+                raise RecordError("PCI function entry is not [devfn, record]")
+            dev = self.functions.get(item[0]) if type(item[0]) is int else None
+            if dev is None or item[0] in functions:
+                raise RecordError(f"PCI function {item[0]!r}: no such function on this bus")
+            functions[item[0]] = dev.check_record(item[1])
+        if set(functions) != set(self.functions):
+            raise RecordError(f"PCI functions {sorted(functions)}, this bus has {sorted(self.functions)}")
+        return address, extra, functions
+
+    def apply_record(self, prepared) -> None:
+        """Install every function, then decode the BARs where the guest put them.
+
+        The PIRQ levels follow from the functions' INTx levels (derived, not
+        re-driven). A BAR that lands on another device raises BusConflict:
+        the snapshot layer then puts the whole machine back.
+        """
+        self.address, extra, functions = prepared
+        self.extra_intx = dict(extra)
+        for devfn, state in functions.items():
+            self.functions[devfn].apply_record(state)
+        self.pirq_levels = self._pirq_levels()
+        for dev in self.functions.values():
+            self.map_bars(dev)
+
+    def _pirq_levels(self) -> list[bool]:
         levels = [False] * 4
         for dev in self.functions.values():
             pin = dev.state.config[0x3D]
@@ -324,10 +437,7 @@ class PciBus:
         for (devfn, pin), level in self.extra_intx.items():
             if level:
                 levels[self.pirq_of(devfn, pin)] = True
-        for pirq, level in enumerate(levels):
-            if level != self.pirq_levels[pirq]:
-                self.pirq_levels[pirq] = level
-                self.pirq_sink(pirq, level)
+        return levels
 
 
 def host_bridge() -> PciFunction:

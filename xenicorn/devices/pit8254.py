@@ -26,7 +26,10 @@ bit 5 (read) OUT2, bit 4 (read) toggles, like the refresh clock.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from ..records import (RecordError, field, flag, integer, listing, make_record, open_record, optional,
+                       timer_refs, timers, uint)
 
 PIT_HZ = 1_193_182
 PIT_PORT, SPEAKER_PORT = 0x40, 0x61
@@ -248,16 +251,64 @@ class Pit8254:
         st.armed = False
         self.reschedule(c)
 
+    # -- snapshots (a record, see xenicorn.records) -----------------------------------
+    RECORD = ("i8254", 1)
+
     def save(self) -> dict:
+        """Counters and the speaker port bits (a copy)."""
         return {"counters": [dict(vars(c.state)) for c in self.counters], "speaker": self.speaker}
 
     def restore(self, data: dict) -> None:
-        for c, st in zip(self.counters, data["counters"]):
-            if not 1 <= int(st["count"]) <= 0x10000 or not 0 <= int(st["mode"]) <= 5:
-                raise ValueError("PIT snapshot: counter state is invalid")
-            c.state = CounterState(**st)
-        self.speaker = int(data["speaker"]) & 3
+        """Load :meth:`save`'s output, validated; counter 0's IRQ timer starts again from it."""
+        state = {"counters": [{**c, "last_edge_ns": ctr.last_edge_ns} for c, ctr in zip(data["counters"],
+                                                                                         self.counters)],
+                 "speaker": data["speaker"], "irq_edges": self.irq_edges, "toggle": self.speaker_port.toggle,
+                 "timers": {}}
+        self.apply_record(self.check_record(make_record(*self.RECORD, state)))
         self.reschedule(self.counters[0])
+
+    def save_record(self) -> dict:
+        counters = [{**vars(c.state), "last_edge_ns": c.last_edge_ns} for c in self.counters]
+        return make_record(*self.RECORD, {"counters": counters, "speaker": self.speaker, "irq_edges": self.irq_edges,
+                                          "toggle": self.speaker_port.toggle,
+                                          "timers": timer_refs(self.clock, {"pit": self.counters[0].timer})})
+
+    def check_record(self, record: dict):
+        """Counters as the control word and count writes leave them (Xen's ``hvm_hw_pit_channel``).
+
+        Modes 0-5 (6 and 7 are stored as 2 and 3), access modes 1-3 (0 is
+        the latch command, never stored), counts 1-65536, latched values of
+        16 bits and status bytes of 8; port 0x61 keeps two bits. Only
+        counter 0 drives an interrupt, so only it has a timer.
+        """
+        st = open_record(record, *self.RECORD)
+        saved = listing(st, "counters", 3)
+        if len(saved) != 3:
+            raise RecordError(f"PIT with {len(saved)} counters")
+        counters = []
+        for i, c in enumerate(saved):
+            cs = CounterState(count=integer(field(c, "count"), f"counter {i} count", 1, 0x10000),
+                              mode=integer(field(c, "mode"), f"counter {i} mode", 0, 5),
+                              rw=integer(field(c, "rw"), f"counter {i} access mode", 1, 3),
+                              bcd=flag(c, "bcd"), start_ns=uint(c, "start_ns", 63), gate=flag(c, "gate"),
+                              latched=optional(c, "latched", 16), status_latched=optional(c, "status_latched", 8),
+                              read_high=flag(c, "read_high"), write_high=flag(c, "write_high"),
+                              low_byte=uint(c, "low_byte", 8), armed=flag(c, "armed"),
+                              null_count=flag(c, "null_count"))
+            counters.append((cs, integer(field(c, "last_edge_ns"), f"counter {i} last edge", -1, (1 << 63) - 1)))
+        return (counters, uint(st, "speaker", 2), uint(st, "irq_edges"), flag(st, "toggle"),
+                timers(st, ("pit",)).get("pit"))
+
+    def apply_record(self, prepared) -> None:
+        """Install the counters and re-arm counter 0's next IRQ edge at its saved deadline."""
+        counters, self.speaker, self.irq_edges, self.speaker_port.toggle, timer = prepared
+        for c, (cs, edge) in zip(self.counters, counters):
+            if self.clock is not None:
+                self.clock.cancel(c.timer)
+            c.state, c.last_edge_ns, c.timer = replace(cs), edge, None
+        if timer is not None and self.clock is not None:
+            when = timer[0]
+            self.counters[0].timer = self.clock.rearm(timer, lambda: self._irq0_edge(when), "pit")
 
 
 class _SpeakerPort:

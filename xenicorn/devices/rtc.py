@@ -32,6 +32,8 @@ from __future__ import annotations
 import calendar
 import time
 
+from ..records import RecordError, field, hexbytes, integer, make_record, open_record, uint
+
 INDEX_PORT = 0x70
 REG_A, REG_B, REG_C, REG_D = 0x0A, 0x0B, 0x0C, 0x0D
 CENTURY = 0x32
@@ -40,6 +42,9 @@ REG_A_DEFAULT = 0x26                  # 32.768 kHz divider, 1024 Hz rate; UIP 0
 D_VRT = 0x80
 TIME_FIELDS = (0x00, 0x02, 0x04, 0x06, 0x07, 0x08, 0x09)
 DETERMINISTIC_EPOCH = 1767225600      # 2026-01-01 00:00:00 UTC, as the Xen wall clock
+# Times a snapshot may hold: gmtime() fails past about 2**55 s, and machine time (63-bit ns)
+# adds less than 2**34 s; BCD years the guest writes (1900-9999, or nonsense digits) fit well.
+MAX_SECONDS = 1 << 48
 
 
 def _bcd(v: int) -> int:
@@ -147,14 +152,33 @@ class Rtc:
             return                                # writes outside SET are ignored
         self.cmos[reg] = value
 
+    # -- snapshots (a record, see xenicorn.records) -----------------------------------
+    RECORD = ("mc146818", 1)
+
     def save(self) -> dict:
+        """The time base, the index register, CMOS RAM and the frozen time (a copy)."""
         return {"base": self.base, "index": self.index, "cmos": self.cmos.hex(), "frozen": self.frozen}
 
     def restore(self, data: dict) -> None:
-        self.base = int(data["base"])
-        self.index = int(data["index"]) & 0x7F
-        raw = bytes.fromhex(data["cmos"])
-        if len(raw) != 128:
-            raise ValueError("RTC CMOS image is not 128 bytes")
-        self.cmos[:] = raw
-        self.frozen = None if data.get("frozen") is None else int(data["frozen"])
+        """Load :meth:`save`'s output, validated."""
+        self.apply_record(self.check_record(make_record(*self.RECORD, data)))
+
+    def save_record(self) -> dict:
+        return make_record(*self.RECORD, self.save())
+
+    def check_record(self, record: dict):
+        """128 bytes of CMOS, a 7-bit index, a clock frozen exactly while register B's SET is 1,
+        and times within :data:`MAX_SECONDS` of 1970 (the registers are computed with gmtime)."""
+        st = open_record(record, *self.RECORD)
+        cmos = hexbytes(st, "cmos", 128)
+        base = integer(field(st, "base"), "RTC time base", -MAX_SECONDS, MAX_SECONDS)
+        frozen = field(st, "frozen")
+        if frozen is not None:
+            integer(frozen, "RTC frozen time", -MAX_SECONDS, MAX_SECONDS)
+        if (frozen is not None) != bool(cmos[REG_B] & B_SET):
+            raise RecordError("RTC frozen time without register B's SET bit, or SET without one")
+        return base, uint(st, "index", 7), cmos, frozen
+
+    def apply_record(self, prepared) -> None:
+        self.base, self.index, cmos, self.frozen = prepared
+        self.cmos[:] = cmos

@@ -33,8 +33,10 @@ has no baud rate, so THR is always empty again when the guest looks.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import BinaryIO
+
+from ..records import RecordError, flag, integer, listing, make_record, open_record, uint
 
 COM1, IRQ_COM1 = 0x3F8, 4
 IER_RDI, IER_THRI, IER_RLSI, IER_MSI = 1, 2, 4, 8
@@ -200,27 +202,46 @@ class Uart16550:
     def irq_level(self) -> bool:
         return self._level
 
-    # -- snapshot ---------------------------------------------------------
+    # -- snapshots (a record, see xenicorn.records) -----------------------------------
+    RECORD = ("uart16550", 1)
+    REGISTERS = ("ier", "lcr", "mcr", "lsr", "msr", "scr", "dll", "dlm", "fcr")
+
     def save(self) -> dict:
+        """Registers and the receive FIFO (a copy)."""
         st = self.state
-        data = {k: getattr(st, k) for k in ("ier", "lcr", "mcr", "lsr", "msr", "scr", "dll", "dlm", "fcr",
-                                             "thr_ipending")}
+        data = {k: getattr(st, k) for k in self.REGISTERS}
+        data["thr_ipending"] = st.thr_ipending
         data["rx"] = list(st.rx)
         return data
 
     def restore(self, data: dict) -> None:
-        rx = data.get("rx", [])
-        if len(rx) > FIFO_SIZE or any(not 0 <= b <= 255 for b in rx):
-            raise ValueError("UART snapshot: receive FIFO is invalid")
-        for k in ("ier", "lcr", "mcr", "lsr", "msr", "scr", "dll", "dlm", "fcr"):
-            if not 0 <= int(data[k]) <= 0xFF:
-                raise ValueError(f"UART snapshot: {k} out of range")
-        st = UartState(**{k: int(data[k]) for k in ("ier", "lcr", "mcr", "lsr", "msr", "scr", "dll", "dlm",
-                                                      "fcr")}, thr_ipending=bool(data["thr_ipending"]),
-                       rx=deque(rx))
-        self.state = st
+        """Load :meth:`save`'s output, validated, and drive the interrupt line from it."""
+        self.apply_record(self.check_record(make_record(*self.RECORD, data)))
         self._level = False
         self._update()
+
+    def save_record(self) -> dict:
+        return make_record(*self.RECORD, self.save())
+
+    def check_record(self, record: dict) -> UartState:
+        """Registers as the writes leave them: IER 4 bits, MCR 5, FCR bits 7:6, 3, 0; LSR's DR
+        set exactly when the FIFO holds bytes, THRE and TEMT always (transmission is instant);
+        at most 16 bytes received, or 1 with the FIFOs off."""
+        st = open_record(record, *self.RECORD)
+        regs = {k: uint(st, k, 8) for k in ("lcr", "msr", "scr", "dll", "dlm")}
+        regs.update(ier=uint(st, "ier", 4), mcr=uint(st, "mcr", 5), fcr=uint(st, "fcr", 8, reserved=~0xC9),
+                    lsr=uint(st, "lsr", 8, reserved=~(LSR_DR | LSR_OE | LSR_THRE | LSR_TEMT)))
+        rx = listing(st, "rx", FIFO_SIZE if regs["fcr"] & 1 else 1)
+        for b in rx:
+            integer(b, "received byte", 0, 0xFF)
+        if bool(regs["lsr"] & LSR_DR) != bool(rx) or regs["lsr"] & (LSR_THRE | LSR_TEMT) != LSR_THRE | LSR_TEMT:
+            raise RecordError(f"UART line status {regs['lsr']:#x} with {len(rx)} bytes received")
+        return UartState(**regs, thr_ipending=flag(st, "thr_ipending"), rx=deque(rx))
+
+    def apply_record(self, prepared: UartState) -> None:
+        """Install the registers; the interrupt output follows from them (derived, not re-driven)."""
+        self.state = replace(prepared, rx=deque(prepared.rx))
+        self._level = self._iir() != IIR_NONE and bool(self.state.mcr & MCR_OUT2)
 
 
 class _FileSink:

@@ -26,8 +26,9 @@ docs/misc/hvm-emulated-unplug.pandoc.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from ..records import RecordError, field, flag, make_record, open_record, text, uint
 from .pci import PciFunction, BAR_IO, BAR_MEM_PREFETCH, PCI_COMMAND_IO, PCI_COMMAND_MEMORY
 
 XEN_PLATFORM_VENDOR, XEN_PLATFORM_DEVICE = 0x5853, 0x0001
@@ -125,3 +126,30 @@ class XenPlatformDevice(PciFunction):
             st.log_line = ""
         else:
             st.log_line += chr(byte)
+
+    # -- snapshots (a record, see xenicorn.records) -----------------------------------
+    RECORD = ("xen-platform", 1)
+
+    def save_record(self) -> dict:
+        """Configuration space (as any PCI function) and the platform registers."""
+        st = self.platform_state
+        return make_record(*self.RECORD, {**self.save(), "platform": {
+            "flags": st.flags, "unplugged": st.unplugged, "product": st.product,
+            "driver_version": st.driver_version, "drivers_blacklisted": st.drivers_blacklisted,
+            "log_line": st.log_line}})
+
+    def check_record(self, record: dict):
+        """The PCI checks, and registers as the port writes leave them (flags bit 0, unplug mask 3 bits)."""
+        st = open_record(record, *self.RECORD)
+        ps = field(st, "platform")
+        log_line = text(ps, "log_line", 4095)
+        if any(ord(ch) > 0xFF for ch in log_line):
+            raise RecordError("xen-platform log line holds characters no byte write makes")
+        platform = XenPlatformState(uint(ps, "flags", 1), uint(ps, "unplugged", 3), uint(ps, "product", 16),
+                                    uint(ps, "driver_version", 32), flag(ps, "drivers_blacklisted"), log_line)
+        return self.check_config(st), platform
+
+    def apply_record(self, prepared) -> None:
+        config, platform = prepared
+        super().apply_record(config)
+        self.platform_state = replace(platform)

@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..records import RecordError, make_record, open_record, uint
+
 
 @dataclass(order=True)
 class Timer:
@@ -135,8 +137,10 @@ class VirtualClock:
         left = max(0, deadline - self.now_ns())
         return left if limit_ns is None else min(left, limit_ns)
 
-    # -- snapshots -------------------------------------------------------------
-    def save_state(self) -> dict:
+    # -- snapshots (a record, see xenicorn.records) ---------------------------------
+    RECORD = ("virtual-clock", 1)
+
+    def save_record(self) -> dict:
         """Machine time and the timer sequence counter (the timers belong to their owners).
 
         Deterministic time is ``instructions x ns_per_insn + skipped``; the
@@ -148,29 +152,37 @@ class VirtualClock:
         """
         seq = next(self._seq)
         self._seq = itertools.count(seq)
-        return {"mode": self.mode, "now_ns": self.now_ns(), "skipped_ns": self._skipped, "next_seq": seq}
+        return make_record(*self.RECORD, {"mode": self.mode, "now_ns": self.now_ns(), "skipped_ns": self._skipped,
+                                          "next_seq": seq})
 
-    def load_state(self, data: dict) -> None:
-        """Continue from a saved time; every timer is dropped (owners re-arm theirs)."""
+    def check_record(self, record: dict) -> tuple[int, int, int]:
+        """Machine time cannot run backwards from its own origin, nor change mode."""
+        st = open_record(record, *self.RECORD)
+        if st.get("mode") != self.mode:
+            raise RecordError(f"clock mode {st.get('mode')!r}, this machine's is {self.mode!r}")
+        return uint(st, "now_ns", 63), uint(st, "skipped_ns", 63), uint(st, "next_seq", 63)
+
+    def apply_record(self, prepared: tuple[int, int, int]) -> None:
+        """Continue from a saved time; every timer is dropped (owners re-arm theirs after this)."""
+        now, skipped, seq = prepared
         for timer in self._heap:
             timer.cancelled = True
         self._heap = []
-        self._seq = itertools.count(int(data["next_seq"]))
-        self._skipped = int(data["skipped_ns"])
+        self._seq = itertools.count(seq)
+        self._skipped = skipped
         if not self.deterministic:
-            self._start = time.monotonic_ns() - int(data["now_ns"])
+            self._start = time.monotonic_ns() - now
+
+    def ref(self, timer: Timer | None) -> list | None:
+        """What a snapshot keeps of ``timer``: ``[deadline_ns, seq]``, or None once cancelled or fired."""
+        if timer is None or timer.cancelled or timer not in self._heap:
+            return None
+        return [timer.deadline_ns, timer.seq]
 
     def rearm(self, saved: list | None, callback: Callable[[], None], name: str) -> Timer | None:
-        """Re-create a timer from ``timer_ref``: same deadline, same place among equals."""
+        """Re-create a timer from :meth:`ref`: same deadline, same place among equals."""
         if saved is None:
             return None
         timer = Timer(int(saved[0]), int(saved[1]), callback, name)
         heapq.heappush(self._heap, timer)
         return timer
-
-
-def timer_ref(timer: Timer | None) -> list | None:
-    """What a snapshot keeps of an armed timer: ``[deadline_ns, seq]`` (None if not armed)."""
-    if timer is None or timer.cancelled:
-        return None
-    return [timer.deadline_ns, timer.seq]

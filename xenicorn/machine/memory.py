@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..engine.hostmem import buffer_address
+from ..records import RecordError, blob, integer, listing, make_record, open_record
 
 PAGE_SIZE = 4096
 XEN_FRAMES = 256                 # hypervisor-owned frames a guest can map (grant tables)
@@ -236,3 +237,41 @@ class GuestMemory:
         self.regions.remove((gpa, PAGE_SIZE, self._frame_offset(index)))
         for engine in self.engines:
             engine.unmap_overlay(gpa)
+
+    # -- snapshots (a record, see xenicorn.records) ---------------------------------
+    RECORD = ("guest-memory", 1)
+
+    def save_record(self) -> dict:
+        """Where each hypervisor frame is mapped, the reserved E820 ranges, and RAM + frames as a blob."""
+        return make_record(*self.RECORD, {"frames": [[i, gpa] for i, gpa in self.frames.items()],
+                                          "reserved": [[e.addr, e.size, e.type] for e in self.reserved]},
+                           {"ram": bytes(self.buf)})
+
+    def check_record(self, record: dict):
+        """Frames: index < XEN_FRAMES, page aligned, one per page; E820 types 1-5; RAM of this size."""
+        st = open_record(record, *self.RECORD)
+        frames: dict[int, int] = {}
+        for item in listing(st, "frames", XEN_FRAMES):
+            if not isinstance(item, list) or len(item) != 2:
+                raise RecordError("frame entry is not [index, address]")
+            index = integer(item[0], "frame index", 0, XEN_FRAMES - 1)
+            gpa = integer(item[1], f"frame {index} address", 0, (1 << 52) - PAGE_SIZE)
+            if gpa % PAGE_SIZE or index in frames or gpa in frames.values():
+                raise RecordError(f"hypervisor frame {index} at {gpa:#x}: unaligned or mapped twice")
+            frames[index] = gpa
+        reserved = []
+        for item in listing(st, "reserved", 256):
+            if not isinstance(item, list) or len(item) != 3:
+                raise RecordError("E820 entry is not [address, size, type]")
+            reserved.append(E820Entry(integer(item[0], "E820 address"), integer(item[1], "E820 size", 1),
+                                      integer(item[2], "E820 type", E820_RAM, E820_UNUSABLE)))
+        return frames, reserved, blob(record, "ram", len(self.buf))
+
+    def apply_record(self, prepared) -> None:
+        frames, reserved, ram = prepared
+        for index in [i for i in self.frames if i not in frames]:
+            self.unmap_frame(index)
+        for index, gpa in frames.items():
+            self.map_frame(index, gpa)
+        self.reserved = reserved
+        self.buf[:] = ram

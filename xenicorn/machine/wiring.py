@@ -93,7 +93,8 @@ class InterruptWiring:
             self.pic_sources[key] = self.pic_inputs[irq].source(source)
         return self.pic_sources[key]
 
-    def _isa_gsi_input(self, irq: int, source: str) -> IrqLine:
+    def isa_gsi_input(self, irq: int, source: str) -> IrqLine:
+        """A PIRQ's sub-line into the GSI of ISA IRQ ``irq`` (the isa wiring; created on first use)."""
         key = (-1 - irq, source)                 # beside the 8259 sources, keyed apart
         if key not in self.pic_sources:
             self.pic_sources[key] = self.gsi[2 if irq == 0 else irq].source(source)
@@ -122,12 +123,12 @@ class InterruptWiring:
             if old not in (None, irq):
                 self.pic_input(old, name).set_level(False)
                 if isa:
-                    self._isa_gsi_input(old, name).set_level(False)
+                    self.isa_gsi_input(old, name).set_level(False)
             self.pirq_pic[pirq] = irq
             if irq is not None:
                 self.pic_input(irq, name).set_level(self.pirq_level[pirq])
                 if isa:
-                    self._isa_gsi_input(irq, name).set_level(self.pirq_level[pirq])
+                    self.isa_gsi_input(irq, name).set_level(self.pirq_level[pirq])
 
     def pci_gsi(self, slot: int, pin: int, pirq_of: Callable[[int, int], int]) -> int:
         """The GSI (= ISA IRQ below 16) that INTA+``pin`` of ``slot`` reaches: what the _PRT says."""

@@ -1,28 +1,31 @@
 """Snapshots of the whole machine: ``savevm``/``loadvm`` and ``system_reset``.
 
-A snapshot is everything that decides what the machine does next:
+A snapshot is everything that decides what the machine does next, as one
+*record* per component: each device, the machine's wiring, the clock,
+guest memory, each vCPU and each part of the Xen layer saves and restores
+itself through one interface (:mod:`xenicorn.records`), with the checks
+Xen's ``*_check`` functions make on a load. Which components there are,
+and in which order a load applies them, is :mod:`.components`:
 
 ================  ============================================================
 part              what, and why it is machine state
 ================  ============================================================
-RAM               guest RAM and the hypervisor frames after it (grant table
+memory            guest RAM and the hypervisor frames after it (grant table
                   frames, the xenstore and console rings): the guest's
-                  memory, page tables, code and Xen's shared pages
-vCPU              Unicorn's saved context (``CPUX86State``: registers,
-                  segment caches, hflags with CPL and mode, CRs, EFER and
-                  the other MSRs, FPU/SSE, the MSR/RDTSC intercept fields),
-                  the executed-instruction count (deterministic time is made
-                  of it), halted/sleep kind, the MSR window's interests and
-                  permission map, pages mapped as MMIO on demand
-memory map        where hypervisor frames are mapped (they hide RAM there)
+                  memory, page tables, code and Xen's shared pages; where
+                  hypervisor frames are mapped (they hide RAM there)
+vcpuN             Unicorn's saved context (``CPUX86State``) and what Python
+                  keeps beside it (:mod:`xenicorn.engine.vcpustate`)
 clock             skipped time (deterministic) or guest time (host), the
                   timer sequence counter; each timer is re-armed by its
                   owner (PIT, LAPIC, Xen) with its deadline and sequence
-devices           8259 pair, IOAPIC, LAPIC (and its timer), PIT, UART,
+devices           8259 pair, IOAPIC, LAPIC (and its timer), PIT, UART, RTC,
                   PCI configuration spaces + PIIX3 routing + xen-platform,
-                  ACPI PM control, the level of every interrupt line and
-                  each source of a shared line
-Xen               :mod:`xenicorn.xen.savestate`
+                  ACPI PM registers, the buses' once-only reports
+machine           the level of every interrupt line and each source of a
+                  shared line, PIRQ routing (:mod:`xenicorn.machine.
+                  wiringstate`)
+xen.*             :mod:`xenicorn.xen.savestate`
 ================  ============================================================
 
 Not saved: host-side things a user sets up again on the same command line
@@ -32,10 +35,10 @@ load a snapshot into a machine built with the same options: the options
 that change the machine's shape (RAM size, Xen, vendor, clock, callback
 deassert mode, grant frames, serial port present) must match.
 
-File format (version 1), all integers little-endian::
+File format (version 2), all integers little-endian::
 
     magic        b"XENICORN SNAPSHOT\\0"                  18 bytes
-    version      u32 format version (1)
+    version      u32 format version (2)
     header_len   u32
     header       JSON: xenicorn and unicorn versions, the machine config
                  that must match, and the sections: name, encoding
@@ -43,15 +46,20 @@ File format (version 1), all integers little-endian::
     header_sha   SHA-256 of the 26 + header_len bytes before it
     sections     their stored bytes, in header order, nothing after
 
+The ``state`` section is ``{component: {type, version, state}}``; each
+component's raw parts (RAM, a CPU context) are sections named
+``component/part``. Version 1 (before the per-component records) is
+refused with one line naming the versions.
+
 A snapshot file is untrusted input, so it holds no pickles: JSON for the
 structured state, raw bytes for RAM and the CPU context. :func:`read`
 checks the magic, the version, the length of every part, every checksum,
 and decodes every section before anything else happens; :func:`restore`
-then checks the config and parses every component's state, and only then
-changes the machine. If the machine still refuses the state while it is
-being installed (a PCI BAR moved onto another device), it is put back as
-it was from a capture taken just before: a load is all or nothing. Every
-refusal is a :class:`SnapshotError` with one line.
+then checks the config and has every component check its record, and
+only then changes the machine. If the machine still refuses the state
+while it is being installed (a PCI BAR moved onto another device), it is
+put back as it was from a capture taken just before: a load is all or
+nothing. Every refusal is a :class:`SnapshotError` with one line.
 """
 from __future__ import annotations
 
@@ -62,13 +70,12 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-import unicorn
-from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
+from ..records import RecordError
 
 MAGIC = b"XENICORN SNAPSHOT\0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2                 # 1: before per-component records (refused)
 _PREFIX = struct.Struct("<II")
-CTX_HEADER = 40                    # uc_context's own header before CPUX86State (see rawctx.py)
+RAM_SECTION = "memory/ram"
 
 
 class SnapshotError(Exception):
@@ -80,8 +87,8 @@ class Snapshot:
     """A decoded snapshot: the header and each section's content."""
 
     header: dict
-    state: dict                    # the "state" section (JSON)
-    blobs: dict[str, bytes]        # raw sections: RAM, CPU contexts, MSR shadow pages
+    state: dict                    # the "state" section (JSON): component -> record
+    blobs: dict[str, bytes]        # raw sections ("component/part"): RAM, CPU contexts, MSR shadow pages
 
 
 # -- what must match -------------------------------------------------------------
@@ -108,22 +115,22 @@ def _describe(key: str, value) -> str:
 # -- capture -----------------------------------------------------------------------
 def capture(machine, *, ended_ok: bool = False, strict_timers: bool = True) -> Snapshot:
     """Take the machine's state now (between two guest runs, never inside a hook)."""
-    if any(v._in_emu for v in machine.vcpus):
+    from ..engine.vcpustate import UNICORN_VERSION, in_guest
+    from .components import components
+    if any(in_guest(v) for v in machine.vcpus):
         raise SnapshotError("cannot take a snapshot while the guest is running (only between runs)")
     if machine.status is not None and not ended_ok:
         raise SnapshotError(f"cannot take a snapshot of a machine that has ended ({machine.shutdown_reason})")
-    from . import devstate
-    blobs: dict[str, bytes] = {"memory": bytes(machine.memory.buf)}
-    vcpus = []
-    for v in machine.vcpus:
-        vcpus.append(devstate.save_vcpu(v))
-        blobs[f"vcpu{v.index}.context"] = devstate.context_bytes(v.uc)
-        blobs[f"vcpu{v.index}.msr-shadow"] = devstate.msr_shadow(v)
-    state = {"vcpus": vcpus, **devstate.save_platform(machine)}
-    if machine.xen is not None:
-        from ..xen import savestate
-        state["xen"] = savestate.save(machine.xen)
-    header = {"xenicorn": _xenicorn_version(), "unicorn": unicorn.__version__,
+    state: dict[str, dict] = {}
+    blobs: dict[str, bytes] = {}
+    for name, part in components(machine):
+        record = part.save_record()
+        for part_name, data in record.pop("blobs", {}).items():
+            blobs[f"{name}/{part_name}"] = data
+        state[name] = record
+    # What a file would hold, in memory too (power-on state, rollback): JSON types only
+    state = json.loads(json.dumps(state))
+    header = {"xenicorn": _xenicorn_version(), "unicorn": UNICORN_VERSION,
               "config": compat_config(machine), "instructions": machine.vcpu.instructions,
               "guest_ns": machine.clock.now_ns(), "host_timers": _check_timers(machine, state, strict_timers)}
     return Snapshot(header, state, blobs)
@@ -135,24 +142,13 @@ HOST_TIMERS = ("inject port ",)           # set up again by the command line (--
 def _check_timers(machine, state: dict, strict: bool = True) -> list[str]:
     """Every armed timer must belong to a component that re-arms it on load.
 
-    A timer nobody saved would silently vanish from the loaded machine, so
-    taking the snapshot fails instead; host-side timers (the command line's
-    event injections) are listed in the header and left out. A reference
-    to a timer that has already fired is dropped.
+    Components list their armed timers in their records (``timers``). A
+    timer nobody lists would silently vanish from the loaded machine, so
+    taking the snapshot fails instead; host-side timers (the command
+    line's event injections) are listed in the header and left out.
     """
     pending = {(t.deadline_ns, t.seq): t.name for t in machine.clock.pending()}
-    holders = [(state["lapic"], "timer")] + [(c, "timer") for c in state["pit"]["counters"]]
-    if "xen" in state:
-        x = state["xen"]
-        holders += [(v["timers"], name) for _, v in x["state"]["vcpus"] for name in v["timers"]]
-        holders += [(pair, 1) for pair in x["watchdog_timers"] + x["poll_timers"]]
-    owned = set()
-    for holder, key in holders:
-        ref = holder[key]
-        if ref is not None and tuple(ref) not in pending:
-            holder[key] = None
-        elif ref is not None:
-            owned.add(tuple(ref))
+    owned = {tuple(ref) for record in state.values() for ref in record["state"].get("timers", {}).values()}
     lost = [pending[k] for k in sorted(pending) if k not in owned]
     unknown = [name for name in lost if not name.startswith(HOST_TIMERS)]
     if unknown and strict:
@@ -169,7 +165,7 @@ def _xenicorn_version() -> str:
 def encode(snap: Snapshot) -> bytes:
     parts: list[tuple[str, str, bytes]] = [("state", "json", json.dumps(snap.state, sort_keys=True).encode())]
     for name, blob in snap.blobs.items():
-        if name.endswith(".context"):
+        if name.endswith("/context"):               # CPU state: compresses poorly, read often
             parts.append((name, "raw", blob))
         else:
             parts.append((name, "zlib", zlib.compress(blob, 1)))
@@ -229,7 +225,8 @@ def decode(data: bytes, where: str = "snapshot", machine=None) -> Snapshot:
         raise bad("truncated (no header)")
     version, hlen = _PREFIX.unpack_from(data, pos)
     if version != FORMAT_VERSION:
-        raise bad(f"snapshot format version {version}; this xenicorn reads version {FORMAT_VERSION}")
+        older = " (written before components saved their own records)" if version == 1 else ""
+        raise bad(f"snapshot format version {version}{older}; this xenicorn reads version {FORMAT_VERSION}")
     pos += _PREFIX.size
     if len(data) < pos + hlen + 32:
         raise bad("truncated (in the header)")
@@ -245,7 +242,7 @@ def decode(data: bytes, where: str = "snapshot", machine=None) -> Snapshot:
         raise bad("header is not valid JSON of a snapshot") from None
     if machine is not None:
         _check_header(machine, header, where)
-        if {n: size for n, _, _, size, _ in sections}.get("memory") != len(machine.memory.buf):
+        if {n: size for n, _, _, size, _ in sections}.get(RAM_SECTION) != len(machine.memory.buf):
             raise bad("RAM section has the wrong size")
     total = pos + sum(n for _, _, n, _, _ in sections)
     if len(data) < total:
@@ -281,8 +278,9 @@ def decode(data: bytes, where: str = "snapshot", machine=None) -> Snapshot:
 
 # -- restore ----------------------------------------------------------------------------
 def _check_header(machine, h: dict, where: str) -> None:
-    if h.get("unicorn") != unicorn.__version__:
-        raise SnapshotError(f"{where}: taken with unicorn {h.get('unicorn')}, this is unicorn {unicorn.__version__}"
+    from ..engine.vcpustate import UNICORN_VERSION
+    if h.get("unicorn") != UNICORN_VERSION:
+        raise SnapshotError(f"{where}: taken with unicorn {h.get('unicorn')}, this is unicorn {UNICORN_VERSION}"
                             " (CPU contexts do not carry over)")
     mine = compat_config(machine)
     theirs = h.get("config")
@@ -295,36 +293,49 @@ def _check_header(machine, h: dict, where: str) -> None:
 
 
 def check_compatible(machine, snap: Snapshot, where: str = "snapshot") -> None:
-    """Refuse a snapshot of another machine shape or Unicorn build, or with missing parts."""
+    """Refuse a snapshot of another machine shape or Unicorn build (the components check the rest)."""
     _check_header(machine, snap.header, where)
-    if len(snap.blobs.get("memory", b"")) != len(machine.memory.buf):
+    if len(snap.blobs.get(RAM_SECTION, b"")) != len(machine.memory.buf):
         raise SnapshotError(f"{where}: RAM section has the wrong size")
-    for v in machine.vcpus:
-        ctx = snap.blobs.get(f"vcpu{v.index}.context")
-        if ctx is None or len(ctx) != v.uc.context_save().size - CTX_HEADER:
-            raise SnapshotError(f"{where}: vCPU {v.index} context missing or of another size")
-        if len(snap.blobs.get(f"vcpu{v.index}.msr-shadow", b"")) != 0x3000:
-            raise SnapshotError(f"{where}: vCPU {v.index} MSR window pages missing")
+
+
+def check(machine, snap: Snapshot, where: str = "snapshot") -> list:
+    """Have every component check its record; ``[(component, prepared)]`` in apply order.
+
+    Nothing changes here. A record that does not parse, or describes a
+    state the hardware cannot be in, is one SnapshotError naming the
+    component.
+    """
+    from .components import components
+    parts = components(machine)
+    names = {name for name, _ in parts}
+    extra = sorted(set(snap.state) - names)
+    if extra:
+        raise SnapshotError(f"{where}: snapshot has state for {', '.join(extra)}, which this machine does not have")
+    plan = []
+    for name, part in parts:
+        record = snap.state.get(name)
+        if record is None:
+            raise SnapshotError(f"{where}: snapshot has no state for {name}")
+        prefix = name + "/"
+        blobs = {k[len(prefix):]: v for k, v in snap.blobs.items() if k.startswith(prefix)}
+        try:
+            plan.append((part, part.check_record({**record, "blobs": blobs} if blobs else record)))
+        except RecordError as e:
+            raise SnapshotError(f"{where}: machine state does not parse ({name}: {e})") from None
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError) as e:
+            raise SnapshotError(f"{where}: machine state does not parse ({name}: {type(e).__name__}: {e})") \
+                from None
+    return plan
 
 
 def restore(machine, snap: Snapshot, where: str = "snapshot", *, rollback: bool = True) -> None:
     """Make ``machine`` continue from ``snap``: all checks first, then every change."""
-    if any(v._in_emu for v in machine.vcpus):
+    from ..engine.vcpustate import in_guest
+    if any(in_guest(v) for v in machine.vcpus):
         raise SnapshotError("cannot load a snapshot while the guest is running (only between runs)")
     check_compatible(machine, snap, where)
-    from . import devstate
-    st = snap.state
-    try:
-        if (machine.xen is None) != ("xen" not in st) or len(st["vcpus"]) != len(machine.vcpus):
-            raise ValueError("machine shape")
-        plan = [devstate.prepare_platform(machine, st, snap.blobs)]
-        if machine.xen is not None:
-            from ..xen import savestate
-            plan.append(savestate.prepare(machine.xen, st["xen"]))
-        plan.append(devstate.prepare_lines(machine, st["lines"]))
-        plan.append(devstate.prepare_timers(machine, st))
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError) as e:
-        raise SnapshotError(f"{where}: machine state does not parse ({type(e).__name__}: {e})") from None
+    plan = check(machine, snap, where)
     # Everything parsed; what can still fail is the machine refusing a layout
     # (a BAR moved onto another device, a frame where nothing may be mapped).
     # Then the machine goes back to how it was: a load is all or nothing.
@@ -332,7 +343,10 @@ def restore(machine, snap: Snapshot, where: str = "snapshot", *, rollback: bool 
     timers = machine.clock.pending()
     status = (machine.status, machine.shutdown_reason, machine.shutdown_message)
     try:
-        _apply(machine, plan)
+        for part, prepared in plan:
+            part.apply_record(prepared)
+        machine.status = None                 # a machine that had ended runs again
+        machine.shutdown_reason = machine.shutdown_message = ""
     except Exception as e:                    # any refusal: reported as one line, machine restored
         if before is None:
             raise
@@ -346,19 +360,8 @@ def restore(machine, snap: Snapshot, where: str = "snapshot", *, rollback: bool 
                             "nothing was changed") from None
 
 
-def _apply(machine, plan) -> None:
-    for apply in plan:
-        apply()
-    machine.status = None                     # a machine that had ended runs again
-    machine.shutdown_reason = machine.shutdown_message = ""
-    for v in machine.vcpus:
-        # Python wrote RAM and the whole CPU state: drop translated code and TLB entries
-        v.uc.ctl_flush_tb()
-        v.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
-
-
 def load(machine, path: str) -> Snapshot:
+    """Read ``path`` completely, then restore it into ``machine`` (all or nothing)."""
     snap = read(path, machine)
     restore(machine, snap, path)
     return snap
-

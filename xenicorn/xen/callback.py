@@ -42,6 +42,8 @@ a byte in guest RAM. Two designs, chosen with ``--callback-deassert``:
 """
 from __future__ import annotations
 
+from ..records import RecordError, counters, flag, integer, listing, make_record, open_record, uint
+
 CALLBACK_TYPE_GSI, CALLBACK_TYPE_PCI_INTX, CALLBACK_TYPE_VECTOR = 0, 1, 2
 DEASSERT_MODES = ("poll", "eoi")
 
@@ -86,23 +88,33 @@ class Callback:
         self._lower("via changed")
         self._drop_sources()
         self.via = value
-        kind, arg = value >> 56, value & ((1 << 56) - 1)
-        self.kind, self.gsi, self.intx = "none", None, None
-        if kind == CALLBACK_TYPE_GSI and 0 < arg < len(self.machine.gsi):
-            self.kind, self.gsi = "gsi", arg
-            self._sources = [self.machine.gsi[arg].source("xen-callback")]
-            if arg < 16:
-                self._sources.append(self.machine.pic_input(arg, "xen-callback"))
-        elif kind == CALLBACK_TYPE_PCI_INTX:
-            devfn, pin = (arg >> 8) & 0xFF, (arg & 3) + 1
-            self.kind, self.intx = "intx", (devfn, pin)
-            self.gsi = 16 + self.machine.pci.pirq_of(devfn, pin)
-        elif kind == CALLBACK_TYPE_VECTOR and arg & 0xFF >= 0x10:
-            self.kind, self.vector = "vector", arg & 0xFF
+        self.kind, self.gsi, self.intx, vector = self.decode_via(value)
+        self.vector = vector if vector is not None else self.vector
+        self._make_sources()
         self._trace(f"callback via {value:#x}: {self.describe()}")
         info = self.xen.vcpu_info(0)
         if info is not None and info.upcall_pending:
             self.upcall(0)
+
+    def decode_via(self, value: int) -> tuple[str, int | None, tuple[int, int] | None, int | None]:
+        """HVM_PARAM_CALLBACK_IRQ -> (kind, GSI, (devfn, pin), vector); an unknown type or GSI 0 is none."""
+        kind, arg = value >> 56, value & ((1 << 56) - 1)
+        if kind == CALLBACK_TYPE_GSI and 0 < arg < len(self.machine.gsi):
+            return "gsi", arg, None, None
+        if kind == CALLBACK_TYPE_PCI_INTX:
+            devfn, pin = (arg >> 8) & 0xFF, (arg & 3) + 1
+            return "intx", 16 + self.machine.pci.pirq_of(devfn, pin), (devfn, pin), None
+        if kind == CALLBACK_TYPE_VECTOR and arg & 0xFF >= 0x10:
+            return "vector", None, None, arg & 0xFF
+        return "none", None, None, None
+
+    def _make_sources(self) -> None:
+        """The GSI via drives IOAPIC pin n and, for n < 16, 8259 input n: one sub-line each."""
+        self._sources = []
+        if self.kind == "gsi":
+            self._sources = [self.machine.gsi[self.gsi].source("xen-callback")]
+            if self.gsi < 16:
+                self._sources.append(self.machine.pic_input(self.gsi, "xen-callback"))
 
     def describe(self) -> str:
         if self.kind == "gsi":
@@ -229,32 +241,53 @@ class Callback:
         elif self.kind == "intx" and irq == self.machine.piix3.pirq_route(self.gsi - 16):
             self._resample(f"8259 IRQ {irq}")
 
-    # -- snapshots (snapshot/) -------------------------------------------------------
-    def save_state(self) -> dict:
-        """The via, the line's level (its sources' levels are saved with the machine's lines), a
-        vector waiting for IF=1, and whether the deassert poll is wanted or running."""
-        return {"via": self.via, "kind": self.kind, "gsi": self.gsi, "intx": self.intx, "vector": self.vector,
-                "level": self.level, "direct": sorted(self.direct.items()),
-                "poll": self.poll_wanted or self.polling, "stats": dict(self.stats)}
+    # -- snapshots (a record, see xenicorn.records) -----------------------------------
+    RECORD = ("xen-callback", 1)
 
-    def prepare_state(self, data: dict):
-        kind, gsi = data["kind"], data["gsi"]
-        if kind not in ("none", "gsi", "intx", "vector") or (kind == "gsi" and not 0 < gsi < len(self.machine.gsi)):
-            raise ValueError(f"callback via {kind!r}")
-        intx = tuple(int(x) for x in data["intx"]) if data["intx"] is not None else None
-        direct = {int(k): int(v) for k, v in data["direct"]}
-        via, vector, level, poll = int(data["via"]), int(data["vector"]), bool(data["level"]), bool(data["poll"])
-        stats = {str(k): int(v) for k, v in data["stats"].items()}
+    def save_record(self) -> dict:
+        """The via, the line's level and its sub-lines, a vector waiting for IF=1, and whether the
+        deassert poll is wanted or running (the run loop installs it again after a load)."""
+        return make_record(*self.RECORD, {
+            "via": self.via, "vector": self.vector, "level": self.level, "direct": sorted(self.direct.items()),
+            "poll": self.poll_wanted or self.polling, "stats": dict(self.stats),
+            "lines": [[src.name, src.level, src.edges] for src in self._sources]})
 
-        def apply() -> None:
-            m = self.machine
-            self.disarm_poll()
-            self.via, self.kind, self.gsi, self.intx, self.vector, self.level = via, kind, gsi, intx, vector, level
-            self._sources = []
-            if kind == "gsi":                 # the same sub-lines set_via makes
-                self._sources = [m.gsi[gsi].source("xen-callback")]
-                if gsi < 16:
-                    self._sources.append(m.pic_input(gsi, "xen-callback"))
-            self.direct, self.stats = direct, stats
-            self.poll_wanted = poll           # the run loop installs the block hook again
-        return apply
+    def check_record(self, record: dict):
+        """The via decodes as HVMOP_set_param would; the line is high only for a GSI or INTx via, its
+        sub-lines with it; the poll runs only while the line is high, and only in poll mode."""
+        st = open_record(record, *self.RECORD)
+        via = uint(st, "via")
+        kind, gsi, intx, _ = self.decode_via(via)
+        vector, level, poll = uint(st, "vector", 8), flag(st, "level"), flag(st, "poll")
+        if 0 < vector < 0x10 or (level and kind not in ("gsi", "intx")) or (poll and not level) \
+                or (poll and self.deassert_mode != "poll"):
+            raise RecordError(f"callback via {via:#x} with vector {vector:#x}, level {level}, poll {poll}")
+        nvcpus = len(self.machine.vcpus)
+        direct = {}
+        for item in listing(st, "direct", nvcpus):
+            if not isinstance(item, list) or len(item) != 2:
+                raise RecordError("callback vector entry is not [vCPU, vector]")
+            direct[integer(item[0], "callback vCPU", 0, nvcpus - 1)] = integer(item[1], "callback vector", 0x10, 0xFF)
+        stats = counters(st, "stats")
+        if set(stats) != set(self.stats):
+            raise RecordError(f"callback statistics {sorted(stats)}")
+        names = [f"GSI{gsi}<-xen-callback"] + ([f"PIC{gsi}<-xen-callback"] if gsi < 16 else []) \
+            if kind == "gsi" else []
+        lines = listing(st, "lines", 2)
+        if [item[0] if isinstance(item, list) and len(item) == 3 else None for item in lines] != names \
+                or any(item[1] is not level for item in lines):
+            raise RecordError(f"callback sub-lines {lines}, the via drives {names} at level {level}")
+        edges = [integer(item[2], "callback line edges") for item in lines]
+        return (via, kind, gsi, intx, vector, level, direct, poll, stats, edges)
+
+    def apply_record(self, prepared) -> None:
+        """Install the via and its sub-lines at their levels (the machine's wiring record then sets its
+        shared lines' sources, after this)."""
+        via, kind, gsi, intx, vector, level, direct, poll, stats, edges = prepared
+        self.disarm_poll()
+        self.via, self.kind, self.gsi, self.intx, self.vector, self.level = via, kind, gsi, intx, vector, level
+        self._make_sources()
+        for src, n in zip(self._sources, edges):
+            src.level, src.edges = level, n
+        self.direct, self.stats = dict(direct), dict(stats)
+        self.poll_wanted = poll           # the run loop installs the block hook again

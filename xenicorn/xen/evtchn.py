@@ -53,6 +53,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from ..records import RecordError, field, integer, listing, make_record, open_record, text, uint
 from . import errno
 from .guest import HypercallError
 
@@ -467,37 +468,102 @@ class EventChannels:
             raise ValueError(f"port {port} is not open")
         self.set_pending(port)
 
-    # -- snapshots (snapshot/) -------------------------------------------------------
-    def save_state(self) -> dict:
+    # -- snapshots (a record, see xenicorn.records) -----------------------------------
+    RECORD = ("xen-evtchn", 1)
+
+    def save_record(self) -> dict:
         """The port table is hypervisor state: which port is a VIRQ, an IPI, a PIRQ, or the guest's
         end of a channel to dom0 (the pending and mask bits themselves live in shared_info, in RAM)."""
-        return {"ports": [[n, vars(p)] for n, p in self.ports.items()],
-                "virqs": [[v, q, port] for (v, q), port in self.virqs.items()],
-                "pirqs": sorted(self.pirqs.items()),
-                "backends": [[n, b.guest_port, b.received] for n, b in self.backends.items()],
-                "next_backend": self._next_backend, "sends": self.sends, "upcalls": self.upcalls}
+        return make_record(*self.RECORD, {
+            "ports": [[n, vars(p)] for n, p in self.ports.items()],
+            "virqs": [[v, q, port] for (v, q), port in self.virqs.items()],
+            "pirqs": sorted(self.pirqs.items()),
+            "backends": [[n, b.guest_port, b.received] for n, b in self.backends.items()],
+            "next_backend": self._next_backend, "sends": self.sends, "upcalls": self.upcalls})
 
-    def prepare_state(self, data: dict):
-        """Check saved ports; return ``apply()``. Dom0's ends the machine built keep their callbacks."""
-        ports = {}
-        for n, p in data["ports"]:
-            port = Port(**{k: (str(v) if k == "type" else int(v)) for k, v in p.items()})
-            if port.type not in STATUS or not 0 < int(n) < 4096:
-                raise ValueError(f"event channel port {n} of type {port.type!r}")
-            ports[int(n)] = port
-        virqs = {(int(v), int(q)): int(port) for v, q, port in data["virqs"]}
-        pirqs = {int(k): int(v) for k, v in data["pirqs"]}
-        if any(p not in ports for p in list(virqs.values()) + list(pirqs.values())):
-            raise ValueError("a VIRQ or PIRQ is bound to a closed port")
-        backends = [(int(n), int(g), int(r)) for n, g, r in data["backends"]]
-        counters = int(data["next_backend"]), int(data["sends"]), int(data["upcalls"])
+    def check_record(self, record: dict):
+        """A port table the hypercalls could have built (xen/common/event_channel.c's rules).
 
-        def apply() -> None:
-            self.ports, self.virqs, self.pirqs = ports, virqs, pirqs
-            old, self.backends = self.backends, {}
-            for n, guest_port, received in backends:
-                be = old.get(n) or BackendPort(self, n, None)
-                be.guest_port, be.received = guest_port, received
-                self.backends[n] = be
-            self._next_backend, self.sends, self.upcalls = counters
-        return apply
+        Ports 1-4095 of the five types; a port names a vCPU this domain
+        has, a VIRQ below NR_VIRQS (a global one on vCPU 0), a PIRQ below
+        NR_PIRQS, another end in this domain or dom0; both ends of a
+        channel name each other; the VIRQ and PIRQ indexes list exactly
+        the ports of those types.
+        """
+        st = open_record(record, *self.RECORD)
+        me, nvcpus = self.xen.config.domid, len(self.xen.machine.vcpus)
+        ports: dict[int, Port] = {}
+        for item in listing(st, "ports", 4096):
+            n, p = _pair(item, "port")
+            n = integer(n, "port", 1, 4095)
+            port = Port(text(p, "type", 16), integer(field(p, "vcpu"), f"port {n} vCPU", 0, nvcpus - 1),
+                        uint(p, "remote_domid", 16), uint(p, "remote_port", 32), uint(p, "virq", 32),
+                        uint(p, "pirq", 32))
+            if port.type not in STATUS or n in ports or (port.type == VIRQ and not (
+                    port.virq < NR_VIRQS and (port.virq in PER_VCPU_VIRQS or port.vcpu == 0))) \
+                    or (port.type == PIRQ and port.pirq >= NR_PIRQS) \
+                    or (port.type in (UNBOUND, INTERDOMAIN) and port.remote_domid not in (me, BACKEND_DOMID)):
+                raise RecordError(f"event channel port {n} ({port.type} {vars(port)}) is not one Xen makes")
+            ports[n] = port
+        virqs = {}
+        for item in listing(st, "virqs", 4096):
+            (vcpu, virq, port) = _triple(item, "VIRQ binding")
+            if (vcpu, virq) in virqs or ports.get(port, Port("")).type != VIRQ \
+                    or (ports[port].vcpu, ports[port].virq) != (vcpu, virq):
+                raise RecordError(f"VIRQ {virq} of vCPU {vcpu} bound to port {port}, which is not that VIRQ's")
+            virqs[(vcpu, virq)] = port
+        pirqs = {}
+        for item in listing(st, "pirqs", NR_PIRQS):
+            pirq, port = (integer(x, "PIRQ binding", 0, 4095) for x in _pair(item, "PIRQ binding"))
+            if pirq in pirqs or ports.get(port, Port("")).type != PIRQ or ports[port].pirq != pirq:
+                raise RecordError(f"PIRQ {pirq!r} bound to port {port!r}, which is not that PIRQ's")
+            pirqs[pirq] = port
+        if len(virqs) != sum(p.type == VIRQ for p in ports.values()) \
+                or len(pirqs) != sum(p.type == PIRQ for p in ports.values()):
+            raise RecordError("a VIRQ or PIRQ port missing from its index")
+        next_backend = uint(st, "next_backend", 32)
+        backends = {}
+        for item in listing(st, "backends", 4096):
+            n, guest_port, received = _triple(item, "backend port")
+            if not 0 < n < next_backend or n in backends:
+                raise RecordError(f"backend port {n}")
+            backends[n] = (guest_port, received)
+        for n, p in ports.items():
+            if p.type == INTERDOMAIN and p.remote_domid == me:
+                ok = ports.get(p.remote_port, Port("")).type == INTERDOMAIN and ports[p.remote_port].remote_port == n
+            elif p.type == INTERDOMAIN:
+                ok = backends.get(p.remote_port, (0, 0))[0] == n
+            else:
+                ok = True
+            if not ok:
+                raise RecordError(f"interdomain port {n}: its other end does not name it")
+        for n, (guest_port, _) in backends.items():
+            p = ports.get(guest_port)
+            if guest_port and (p is None or p.type != INTERDOMAIN or p.remote_domid != BACKEND_DOMID
+                               or p.remote_port != n):
+                raise RecordError(f"backend port {n} connected to guest port {guest_port}, which is not its end")
+        return ports, virqs, pirqs, backends, (next_backend, uint(st, "sends"), uint(st, "upcalls"))
+
+    def apply_record(self, prepared) -> None:
+        """Install the port table; dom0's ends the machine built keep their callbacks."""
+        ports, virqs, pirqs, backends, counts = prepared
+        self.ports = {n: Port(**vars(p)) for n, p in ports.items()}
+        self.virqs, self.pirqs = dict(virqs), dict(pirqs)
+        old, self.backends = self.backends, {}
+        for n, (guest_port, received) in backends.items():
+            be = old.get(n) or BackendPort(self, n, None)
+            be.guest_port, be.received = guest_port, received
+            self.backends[n] = be
+        self._next_backend, self.sends, self.upcalls = counts
+
+
+def _pair(item, what: str) -> tuple:
+    if not isinstance(item, list) or len(item) != 2:
+        raise RecordError(f"{what} is not a pair")
+    return item[0], item[1]
+
+
+def _triple(item, what: str) -> tuple[int, int, int]:
+    if not isinstance(item, list) or len(item) != 3:
+        raise RecordError(f"{what} is not three numbers")
+    return tuple(integer(x, what, 0, (1 << 32) - 1) for x in item)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..records import RecordError, boolean, integer, listing, make_record, open_record, uint
 from . import errno
 from .guest import HypercallError
 
@@ -202,18 +203,35 @@ class GrantTable:
         self.xen.machine.memory.write(self._check(ref, True, domid) + offset, data)
 
     # -- snapshots (snapshot/) -------------------------------------------------------
-    def save_state(self) -> dict:
+    # -- snapshots (a record, see xenicorn.records) -----------------------------------
+    RECORD = ("xen-gnttab", 1)
+
+    def save_record(self) -> dict:
         """The table's size and dom0's live mappings (the entries and their GTF_reading/writing
         bits are in the grant frames, saved with RAM)."""
-        return {"nr_frames": self.nr_frames,
-                "mappings": [[m.ref, m.gpa, m.writable] for ms in self.mappings.values() for m in ms]}
+        return make_record(*self.RECORD, {
+            "nr_frames": self.nr_frames,
+            "mappings": [[m.ref, m.gpa, m.writable] for ms in self.mappings.values() for m in ms]})
 
-    def prepare_state(self, data: dict):
-        nr = int(data["nr_frames"])
-        mappings = [GrantMapping(int(r), int(g), bool(w)) for r, g, w in data["mappings"]]
+    def check_record(self, record: dict):
+        """At most ``gnttab_max_frames`` frames; mappings of entries inside them, at page addresses."""
+        st = open_record(record, *self.RECORD)
+        nr = uint(st, "nr_frames", 32)
+        if nr > self.max_frames:
+            raise RecordError(f"{nr} grant frames, this domain may have {self.max_frames}")
+        mappings = []
+        for item in listing(st, "mappings", 1 << 16):
+            if not isinstance(item, list) or len(item) != 3:
+                raise RecordError("grant mapping is not [ref, gpa, writable]")
+            ref = integer(item[0], "grant reference", 0, nr * ENTRIES_PER_FRAME - 1)
+            gpa = integer(item[1], f"grant {ref} frame address", 0, (1 << 52) - 4096)
+            if gpa % 4096:
+                raise RecordError(f"grant {ref} mapped at {gpa:#x}, not a frame")
+            mappings.append(GrantMapping(ref, gpa, boolean(item[2], f"grant {ref} writable")))
+        return nr, mappings
 
-        def apply() -> None:
-            self.nr_frames, self.mappings = nr, {}
-            for m in mappings:
-                self.mappings.setdefault(m.ref, []).append(m)
-        return apply
+    def apply_record(self, prepared) -> None:
+        nr, mappings = prepared
+        self.nr_frames, self.mappings = nr, {}
+        for m in mappings:
+            self.mappings.setdefault(m.ref, []).append(GrantMapping(m.ref, m.gpa, m.writable))

@@ -25,6 +25,7 @@ cmd   name                   argument
 from __future__ import annotations
 
 from . import errno
+from ..records import RecordError, boolean, integer, listing, make_record, open_record
 from .evtchn import NR_PIRQS, DOMID_SELF
 from .guest import HypercallError
 
@@ -134,17 +135,30 @@ class Physdev:
 
 
     # -- snapshots (snapshot/) -------------------------------------------------------
-    def save_state(self) -> dict:
+    # -- snapshots (a record, see xenicorn.records) -----------------------------------
+    RECORD = ("xen-physdev", 1)
+
+    def save_record(self) -> dict:
         """PIRQ <-> GSI mappings, and each GSI's last level (a rising edge is what raises the event)."""
-        return {"mapped": sorted(self.mapped.items()), "levels": list(self.levels)}
+        return make_record(*self.RECORD, {"mapped": sorted(self.mapped.items()), "levels": list(self.levels)})
 
-    def prepare_state(self, data: dict):
-        mapped = {int(p): int(g) for p, g in data["mapped"]}
-        levels = [bool(x) for x in data["levels"]]
-        if len(levels) != NR_GSIS or any(not 0 <= g < NR_GSIS for g in mapped.values()):
-            raise ValueError("physdev GSI table")
+    def check_record(self, record: dict):
+        """PIRQs below NR_PIRQS, each mapped to a distinct GSI below NR_GSIS (PHYSDEVOP_map_pirq's rules)."""
+        st = open_record(record, *self.RECORD)
+        mapped = {}
+        for item in listing(st, "mapped", NR_PIRQS):
+            if not isinstance(item, list) or len(item) != 2:
+                raise RecordError("PIRQ mapping is not [pirq, gsi]")
+            pirq, gsi = integer(item[0], "PIRQ", 0, NR_PIRQS - 1), integer(item[1], "GSI", 0, NR_GSIS - 1)
+            if pirq in mapped or gsi in mapped.values():
+                raise RecordError(f"PIRQ {pirq} or GSI {gsi} mapped twice")
+            mapped[pirq] = gsi
+        levels = listing(st, "levels", NR_GSIS)
+        if len(levels) != NR_GSIS:
+            raise RecordError(f"{len(levels)} GSI levels, this machine has {NR_GSIS} GSIs")
+        return mapped, [boolean(x, "GSI level") for x in levels]
 
-        def apply() -> None:
-            self.mapped, self.levels = mapped, levels
-            self.by_gsi = {gsi: pirq for pirq, gsi in mapped.items()}
-        return apply
+    def apply_record(self, prepared) -> None:
+        mapped, levels = prepared
+        self.mapped, self.levels = dict(mapped), list(levels)
+        self.by_gsi = {gsi: pirq for pirq, gsi in mapped.items()}

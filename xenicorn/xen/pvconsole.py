@@ -13,6 +13,8 @@ machine's console and advances ``out_cons``. Input goes the other way.
 """
 from __future__ import annotations
 
+from ..records import flag, hexbytes, make_record, open_record, uint
+
 IN, OUT, IN_SIZE, OUT_SIZE = 0x000, 0x400, 1024, 2048
 IN_CONS, IN_PROD, OUT_CONS, OUT_PROD = 0xC00, 0xC04, 0xC08, 0xC0C
 
@@ -59,14 +61,19 @@ class PvConsole:
             self.notify()
         return n
 
-    # -- snapshots (snapshot/) -------------------------------------------------------
-    def save_state(self) -> dict:
+    # -- snapshots (a record, see xenicorn.records) -----------------------------------
+    RECORD = ("xen-pvconsole", 1)
+    MAX_PENDING = 16 << 20                  # host input a snapshot may carry
+
+    def save_record(self) -> dict:
         """Input still waiting for room in the ring (the ring itself is in RAM)."""
-        return {"received": self.received, "broken": self.broken, "pending": bytes(self.pending).hex()}
+        return make_record(*self.RECORD, {"received": self.received, "broken": self.broken,
+                                          "pending": bytes(self.pending).hex()})
 
-    def prepare_state(self, data: dict):
-        received, broken, pending = int(data["received"]), bool(data["broken"]), bytes.fromhex(data["pending"])
+    def check_record(self, record: dict):
+        st = open_record(record, *self.RECORD)
+        return uint(st, "received"), flag(st, "broken"), hexbytes(st, "pending", most=self.MAX_PENDING)
 
-        def apply() -> None:
-            self.received, self.broken, self.pending = received, broken, bytearray(pending)
-        return apply
+    def apply_record(self, prepared) -> None:
+        self.received, self.broken, pending = prepared
+        self.pending = bytearray(pending)

@@ -3,136 +3,209 @@
 Most of what a Xen guest shares with its hypervisor lives in *guest RAM*
 (shared_info, vcpu_info, the grant table frames, the xenstore and console
 rings) and travels with the RAM section. What lives only in the hypervisor,
-and is saved here, is the bookkeeping that gives those pages meaning:
+and is saved here, is the bookkeeping that gives those pages meaning. Each
+component saves and checks its own record (:mod:`xenicorn.records`):
 
-=================  ==========================================================
-part               why it must be saved
-=================  ==========================================================
-``XenState``       where shared_info and each vcpu_info are (without them an
-                   event has nowhere to go), the hypercall page, HVM params
-                   (the callback via among them), grant frame placement,
-                   the reservation, watchdog deadlines, per-vCPU timers
-``evtchn``         the port table: which port is a VIRQ, an IPI, a PIRQ, or
-                   the guest's end of a dom0 channel (xenstore, console)
-``callback``       the upcall via, the *level* of the callback line (high
-                   while vCPU0's upcall_pending is 1), a vector waiting for
-                   IF=1, and whether the deassert poll is running
-``physdev``        GSI <-> PIRQ mappings and the last level of each GSI
-``gnttab``         table size and dom0's live mappings
-``xenstore``       the whole tree (values, permissions, generations), open
-                   transactions with their private trees, watches and
-                   events not yet delivered, and the ring server's half-read
-                   request and unsent reply bytes
-``pvconsole``      input not yet fitted into the ring
-``timers``         each armed single-shot/periodic vCPU timer, SCHEDOP_poll
-                   timeout and watchdog, re-armed with its closure on load
-=================  ==========================================================
+=================  ======================  ====================================
+record             component               why it must be saved
+=================  ======================  ====================================
+``xen``            :class:`DomainRecord`   where shared_info and each vcpu_info
+                   (this module)           are (without them an event has
+                                           nowhere to go), the hypercall page,
+                                           HVM params (the callback via among
+                                           them), grant frame placement, the
+                                           reservation, watchdogs, and every
+                                           armed vCPU timer, SCHEDOP_poll
+                                           timeout and watchdog timer
+``xen.evtchn``     ``EventChannels``       the port table: which port is a
+                                           VIRQ, an IPI, a PIRQ, or the guest's
+                                           end of a dom0 channel
+``xen.callback``   ``Callback``            the upcall via, the *level* of the
+                                           callback line (high while vCPU0's
+                                           upcall_pending is 1), a vector
+                                           waiting for IF=1, the deassert poll
+``xen.physdev``    ``Physdev``             GSI <-> PIRQ mappings and the last
+                                           level of each GSI
+``xen.gnttab``     ``GrantTable``          table size and dom0's live mappings
+``xen.store``      ``Store``               the whole tree (values, permissions,
+                                           generations), open transactions with
+                                           their private trees, watches and
+                                           events not yet delivered
+``xen.xenstore``   ``XenstoreServer``      the ring server's half-read request
+                                           and unsent reply bytes
+``xen.pvconsole``  ``PvConsole``           input not yet fitted into the ring
+=================  ======================  ====================================
 
-Each component saves and parses its own part, next to its state
-(``EventChannels.save_state``/``prepare_state``, and so on for the
-callback, physdev, grant table, xenstore store and ring server, PV
-console); this module adds the domain's :class:`XenState` and the timers.
-Loading is two-phase (:func:`prepare`): every field is parsed and checked
-first, and only the returned ``apply()`` touches the hypervisor, so a bad
-snapshot never leaves the Xen layer half loaded.
+The domain record comes first among them and the others' ``apply_record``
+need nothing from it; :meth:`DomainRecord.apply_record` re-arms the timers
+with the callbacks their hypercalls would have armed.
 """
 from __future__ import annotations
 
-from ..machine.clock import timer_ref
+import re
+
+from ..records import (RecordError, counters, field, flag, hexbytes, integer, listing, make_record, open_record,
+                       optional, timer_refs, timers, uint)
+from .hvm import HVM_NR_PARAMS
 from .platform import VcpuState
 from .sched import poll_expired, watchdog_bite
+from .shared_info import VCPU_INFO_SIZE
+
+PAGE = 4096
+_TIMER = re.compile(r"vcpu(\d+)-(singleshot|periodic|poll)|watchdog(\d+)")
+
+
+def components(xen) -> list[tuple[str, object]]:
+    """The Xen layer's records, in the order a load applies them."""
+    return [("xen", DomainRecord(xen)), ("xen.evtchn", xen.evtchn), ("xen.callback", xen.callback),
+            ("xen.physdev", xen.physdev), ("xen.gnttab", xen.gnttab), ("xen.store", xen.store),
+            ("xen.xenstore", xen.xenstore), ("xen.pvconsole", xen.pvconsole)]
+
+
+class DomainRecord:
+    """The domain's :class:`~xenicorn.xen.platform.XenState` and Xen's own timers."""
+
+    RECORD = ("xen-domain", 1)
+
+    def __init__(self, xen):
+        self.xen = xen
+
+    def save_record(self) -> dict:
+        xen, st = self.xen, self.xen.state
+        clock = xen.machine.clock
+        armed = {f"vcpu{i}-{name}": t for i, vs in st.vcpus.items() for name, t in vs.timers.items()}
+        armed.update({f"watchdog{wid}": t for wid, t in xen.watchdog_timers.items()})
+        # SCHEDOP_poll's timeout is armed on the clock by name only (sched.py)
+        armed.update({t.name: t for t in clock.pending() if t.name.endswith("-poll")})
+        return make_record(*self.RECORD, {
+            "hypercall_page": st.hypercall_page, "width": st.width, "features": sorted(st.features),
+            "shared_info_gpa": st.shared_info_gpa, "grant_frames": sorted(st.grant_frames.items()),
+            "params": sorted(st.params.items()), "upcall_vectors": sorted(st.upcall_vectors.items()),
+            "vcpus": [[i, _vcpu_out(vs)] for i, vs in st.vcpus.items()],
+            "ballooned": sorted(st.ballooned), "pages": st.pages, "watchdogs": sorted(st.watchdogs.items()),
+            "shutdown_code": xen.shutdown_code, "console_input": bytes(xen.console_input).hex(),
+            "unimplemented_seen": sorted(xen.unimplemented_seen), "hypercall_counts": dict(xen.hypercall_counts),
+            "timers": timer_refs(clock, armed)})
+
+    def check_record(self, record: dict) -> dict:
+        """What the hypercalls that set these fields accept, and timers that belong to them.
+
+        shared_info and each vcpu_info are in RAM (XENMAPSPACE_shared_info,
+        VCPUOP_register_vcpu_info), the hypercall page too; HVM params
+        below HVM_NR_PARAMS; upcall vectors 0x10-0xFF; grant frames below
+        ``gnttab_max_frames``; a vCPU timer only while its period or
+        deadline is set, a watchdog timer only for a running watchdog.
+        """
+        xen = self.xen
+        st = open_record(record, *self.RECORD)
+        nvcpus = len(xen.machine.vcpus)
+        width = field(st, "width")
+        if width not in (None, 32, 64):
+            raise RecordError(f"guest width {width!r}")
+        out = {"width": width, "hypercall_page": self._ram(st, "hypercall_page", PAGE),
+               "shared_info_gpa": self._ram(st, "shared_info_gpa", PAGE),
+               "features": {integer(f, "feature", 0, 31) for f in listing(st, "features", 32)},
+               "grant_frames": _pairs(st, "grant_frames", xen.config.gnttab_max_frames - 1, (1 << 40) - 1),
+               "params": _pairs(st, "params", HVM_NR_PARAMS - 1, (1 << 64) - 1),
+               "upcall_vectors": _pairs(st, "upcall_vectors", nvcpus - 1, 0xFF),
+               "ballooned": {integer(f, "ballooned frame", 0, (1 << 40) - 1) for f in listing(st, "ballooned")},
+               "pages": integer(field(st, "pages"), "reservation", 0, xen.max_pages()),
+               "watchdogs": _pairs(st, "watchdogs", 0xFFFFFFFF, (1 << 63) - 1),
+               "shutdown_code": optional(st, "shutdown_code", 32),
+               "console_input": hexbytes(st, "console_input", most=1 << 20),
+               "unimplemented_seen": _names(listing(st, "unimplemented_seen", 4096)),
+               "hypercall_counts": counters(st, "hypercall_counts")}
+        if any(v < 0x10 for v in out["upcall_vectors"].values()):
+            raise RecordError("upcall vector below 0x10")
+
+        vcpus = {}
+        for item in listing(st, "vcpus", nvcpus):
+            if not isinstance(item, list) or len(item) != 2:
+                raise RecordError("vCPU entry is not [index, state]")
+            i = integer(item[0], "Xen vCPU", 0, nvcpus - 1)
+            v = item[1]
+            info = self._ram(v, "vcpu_info_gpa", VCPU_INFO_SIZE)
+            if info is not None and info % PAGE > PAGE - VCPU_INFO_SIZE:
+                raise RecordError(f"vCPU {i} vcpu_info at {info:#x} crosses a page")
+            vcpus[i] = VcpuState(info, optional(v, "runstate_area"), optional(v, "time_area"),
+                                 uint(v, "periodic_ns", 63), optional(v, "singleshot_ns", 63),
+                                 flag(v, "poll_done"), uint(v, "timer_events"))
+        armed = timers(st, _TIMER.fullmatch)
+        for name in armed:
+            m = _TIMER.fullmatch(name)
+            if m[3] is not None:
+                ok = int(m[3]) in out["watchdogs"]
+            else:
+                vs = vcpus.get(int(m[1]))
+                ok = vs is not None and {"singleshot": vs.singleshot_ns is not None,
+                                         "periodic": vs.periodic_ns > 0, "poll": True}[m[2]]
+            if not ok:
+                raise RecordError(f"timer {name} armed for nothing Xen has")
+        out["vcpus"], out["timers"] = vcpus, armed
+        return out
+
+    def _ram(self, st: dict, key: str, size: int) -> int | None:
+        """Field ``key``: null or a guest-physical range of ``size`` bytes in RAM."""
+        gpa = optional(st, key, 52)
+        regions = self.xen.machine.memory.ram_regions
+        if gpa is not None and not any(base <= gpa and gpa + size <= base + n for base, n, _ in regions):
+            raise RecordError(f"{key} {gpa:#x} is not in RAM")
+        return gpa
+
+    def apply_record(self, p: dict) -> None:
+        """Install the domain's state and re-arm every Xen timer with its callback (after the clock)."""
+        xen = self.xen
+        st, clock = xen.state, xen.machine.clock
+        st.hypercall_page, st.width, st.shared_info_gpa = p["hypercall_page"], p["width"], p["shared_info_gpa"]
+        st.features, st.ballooned = set(p["features"]), set(p["ballooned"])
+        st.grant_frames, st.params = dict(p["grant_frames"]), dict(p["params"])
+        st.upcall_vectors, st.watchdogs = dict(p["upcall_vectors"]), dict(p["watchdogs"])
+        st.pages = p["pages"]
+        st.vcpus = {i: VcpuState(vs.vcpu_info_gpa, vs.runstate_area, vs.time_area, vs.periodic_ns,
+                                 vs.singleshot_ns, vs.poll_done, vs.timer_events) for i, vs in p["vcpus"].items()}
+        for wid, t in xen.watchdog_timers.items():
+            clock.cancel(t)
+        xen.watchdog_timers = {}
+        for name, ref in sorted(p["timers"].items()):
+            m = _TIMER.fullmatch(name)
+            if m[3] is not None:
+                wid = int(m[3])
+                xen.watchdog_timers[wid] = clock.rearm(ref, watchdog_bite(xen, wid), name)
+            elif m[2] == "poll":
+                clock.rearm(ref, poll_expired(xen.vcpu_state(int(m[1]))), name)
+            else:
+                index = int(m[1])
+                xen.vcpu_state(index).timers[m[2]] = clock.rearm(ref, _vcpu_timer(xen, index, m[2]), name)
+        xen.shutdown_code = p["shutdown_code"]
+        xen.console_input = bytearray(p["console_input"])
+        xen.unimplemented_seen = set(p["unimplemented_seen"])
+        xen.hypercall_counts = dict(p["hypercall_counts"])
+        xen.restart_time()
 
 
 def _vcpu_out(vs: VcpuState) -> dict:
     return {"vcpu_info_gpa": vs.vcpu_info_gpa, "runstate_area": vs.runstate_area, "time_area": vs.time_area,
             "periodic_ns": vs.periodic_ns, "singleshot_ns": vs.singleshot_ns, "poll_done": vs.poll_done,
-            "timer_events": vs.timer_events,
-            "timers": {name: timer_ref(t) for name, t in vs.timers.items() if timer_ref(t) is not None}}
+            "timer_events": vs.timer_events}
 
 
-def save(xen) -> dict:
-    """Everything the hypervisor keeps outside guest RAM (see the module table)."""
-    st, clock = xen.state, xen.machine.clock
-    polls = [[t.name, [t.deadline_ns, t.seq]] for t in clock.pending() if t.name.endswith("-poll")]
-    return {
-        "state": {"hypercall_page": st.hypercall_page, "width": st.width, "features": sorted(st.features),
-                  "shared_info_gpa": st.shared_info_gpa, "grant_frames": sorted(st.grant_frames.items()),
-                  "params": sorted(st.params.items()), "upcall_vectors": sorted(st.upcall_vectors.items()),
-                  "vcpus": [[i, _vcpu_out(vs)] for i, vs in st.vcpus.items()],
-                  "ballooned": sorted(st.ballooned), "pages": st.pages,
-                  "watchdogs": sorted(st.watchdogs.items())},
-        "shutdown_code": xen.shutdown_code,
-        "console_input": bytes(xen.console_input).hex(),
-        "unimplemented_seen": sorted(xen.unimplemented_seen),
-        "hypercall_counts": dict(xen.hypercall_counts),
-        "watchdog_timers": [[wid, timer_ref(t)] for wid, t in xen.watchdog_timers.items()],
-        "poll_timers": polls,
-        "evtchn": xen.evtchn.save_state(),
-        "callback": xen.callback.save_state(),
-        "physdev": xen.physdev.save_state(),
-        "gnttab": xen.gnttab.save_state(),
-        "store": xen.store.save_state(),
-        "xenstore": xen.xenstore.save_state(),
-        "pvconsole": xen.pvconsole.save_state(),
-    }
+def _names(items: list) -> set[str]:
+    if not all(isinstance(s, str) and len(s) <= 256 for s in items):
+        raise RecordError("unimplemented_seen is not a list of names")
+    return set(items)
 
 
-def _pairs(items) -> dict[int, int]:
-    return {int(k): int(v) for k, v in items}
-
-
-def prepare(xen, data: dict):
-    """Check a saved Xen layer completely; return ``apply()`` that installs it."""
-    m = xen.machine
-    s = data["state"]
-    vcpus = {}
-    for i, v in s["vcpus"]:
-        vs = VcpuState(v["vcpu_info_gpa"], v["runstate_area"], v["time_area"], int(v["periodic_ns"]),
-                       v["singleshot_ns"], bool(v["poll_done"]), int(v["timer_events"]))
-        if any(name not in ("singleshot", "periodic") for name in v["timers"]):
-            raise ValueError(f"vCPU {i} timers {sorted(v['timers'])}")
-        vcpus[int(i)] = (vs, dict(v["timers"]))
-    components = [xen.evtchn.prepare_state(data["evtchn"]), xen.callback.prepare_state(data["callback"]),
-                  xen.physdev.prepare_state(data["physdev"]), xen.gnttab.prepare_state(data["gnttab"]),
-                  xen.store.prepare_state(data["store"]), xen.xenstore.prepare_state(data["xenstore"]),
-                  xen.pvconsole.prepare_state(data["pvconsole"])]
-    dogs = _pairs(s["watchdogs"])
-    dog_timers = [(int(w), ref) for w, ref in data["watchdog_timers"]]
-    polls = [(str(name), ref) for name, ref in data["poll_timers"]]
-    for name, _ in polls:
-        if int(name[4:].split("-")[0]) not in vcpus:
-            raise ValueError(f"timer {name} of a vCPU Xen does not know")
-    console_input = bytes.fromhex(data["console_input"])
-
-    def apply() -> None:
-        st, clock = xen.state, m.clock
-        st.hypercall_page, st.width = s["hypercall_page"], s["width"]
-        st.features = {int(f) for f in s["features"]}
-        st.shared_info_gpa = s["shared_info_gpa"]
-        st.grant_frames = _pairs(s["grant_frames"])
-        st.params = _pairs(s["params"])
-        st.upcall_vectors = _pairs(s["upcall_vectors"])
-        st.ballooned = {int(f) for f in s["ballooned"]}
-        st.pages = int(s["pages"])
-        st.watchdogs = dogs
-        st.vcpus = {}
-        for index, (vs, timers) in vcpus.items():
-            st.vcpus[index] = vs
-            for name, ref in timers.items():
-                if ref is not None:
-                    vs.timers[name] = clock.rearm(ref, _vcpu_timer(xen, index, name), f"vcpu{index}-{name}")
-        for name, ref in polls:
-            clock.rearm(ref, poll_expired(xen.vcpu_state(int(name[4:].split("-")[0]))), name)
-        xen.watchdog_timers = {wid: clock.rearm(ref, watchdog_bite(xen, wid), f"watchdog{wid}")
-                               for wid, ref in dog_timers if ref is not None}
-        xen.shutdown_code = data["shutdown_code"]
-        xen.console_input = bytearray(console_input)
-        xen.unimplemented_seen = set(data["unimplemented_seen"])
-        xen.hypercall_counts = dict(data["hypercall_counts"])
-        for apply_component in components:
-            apply_component()
-        xen.restart_time()
-    return apply
+def _pairs(st: dict, key: str, most_key: int, most_value: int) -> dict[int, int]:
+    """Field ``key``: ``[[k, v], ...]`` with distinct ``0 <= k <= most_key``, ``0 <= v <= most_value``."""
+    out = {}
+    for item in listing(st, key, 1 << 16):
+        if not isinstance(item, list) or len(item) != 2:
+            raise RecordError(f"{key} entry is not a pair")
+        k = integer(item[0], f"{key} key", 0, most_key)
+        if k in out:
+            raise RecordError(f"{key} {k} twice")
+        out[k] = integer(item[1], f"{key}[{k}]", 0, most_value)
+    return out
 
 
 def _vcpu_timer(xen, index: int, name: str):
@@ -140,9 +213,8 @@ def _vcpu_timer(xen, index: int, name: str):
     vs = xen.vcpu_state(index)
     if name == "singleshot":
         return xen.singleshot_expiry(index)
-    if name == "periodic":
-        def tick():
-            xen.timer_fired(index)
-            xen._arm(index, "periodic", xen.machine.clock.now_ns() + vs.periodic_ns, tick)
-        return tick
-    raise ValueError(f"vCPU timer {name!r}")
+
+    def tick():
+        xen.timer_fired(index)
+        xen._arm(index, "periodic", xen.machine.clock.now_ns() + vs.periodic_ns, tick)
+    return tick

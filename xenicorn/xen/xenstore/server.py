@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import struct
 
+from ...records import RecordError, flag, hexbytes, listing, make_record, open_record, uint
 from .store import Store, XsError, Perm, DOM0
 
 (XS_DEBUG, XS_DIRECTORY, XS_READ, XS_GET_PERMS, XS_WATCH, XS_UNWATCH, XS_TRANSACTION_START,
@@ -250,19 +251,32 @@ class XenstoreServer:
         raise XsError("EINVAL", f"message type {kind}")
 
     # -- snapshots (snapshot/) -------------------------------------------------------
-    def save_state(self) -> dict:
+    # -- snapshots (a record, see xenicorn.records) -----------------------------------
+    RECORD = ("xenstore-ring", 1)
+    MAX_REPLIES = 1 << 20                   # reply and event bytes a snapshot may hold back
+
+    def save_record(self) -> dict:
         """A request taken off the ring but not yet complete, replies waiting for ring space, and
         which watches were registered with relative paths (their events name relative paths)."""
-        return {"in": bytes(self._in).hex(), "out": bytes(self._out).hex(),
-                "relative_watches": sorted(list(w) for w in self.relative_watches),
-                "broken": self.broken, "requests": self.requests}
+        return make_record(*self.RECORD, {
+            "in": bytes(self._in).hex(), "out": bytes(self._out).hex(),
+            "relative_watches": sorted(list(w) for w in self.relative_watches),
+            "broken": self.broken, "requests": self.requests})
 
-    def prepare_state(self, data: dict):
-        buf_in, buf_out = bytes.fromhex(data["in"]), bytes.fromhex(data["out"])
-        rel = {(str(p), str(t)) for p, t in data["relative_watches"]}
-        broken, requests = bool(data["broken"]), int(data["requests"])
+    def check_record(self, record: dict):
+        """A partial request is shorter than a header plus the largest payload (a longer one breaks
+        the ring instead); watches are (path, token) strings."""
+        st = open_record(record, *self.RECORD)
+        buf_in = hexbytes(st, "in", most=HEADER.size + PAYLOAD_MAX - 1)
+        buf_out = hexbytes(st, "out", most=self.MAX_REPLIES)
+        rel = set()
+        for item in listing(st, "relative_watches", 1 << 16):
+            if not isinstance(item, list) or len(item) != 2 or not all(isinstance(x, str) for x in item):
+                raise RecordError("relative watch is not [path, token]")
+            rel.add((item[0], item[1]))
+        return buf_in, buf_out, rel, flag(st, "broken"), uint(st, "requests")
 
-        def apply() -> None:
-            self._in, self._out = bytearray(buf_in), bytearray(buf_out)
-            self.relative_watches, self.broken, self.requests = rel, broken, requests
-        return apply
+    def apply_record(self, prepared) -> None:
+        buf_in, buf_out, rel, self.broken, self.requests = prepared
+        self._in, self._out = bytearray(buf_in), bytearray(buf_out)
+        self.relative_watches = set(rel)

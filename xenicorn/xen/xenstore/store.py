@@ -33,6 +33,9 @@ import copy
 import re
 from dataclasses import dataclass, field
 
+from ...records import RecordError, hexbytes, integer, listing, make_record, open_record, uint
+from ...records import field as record_field         # dataclasses' field is the other one here
+
 MAX_ABS_PATH, MAX_REL_PATH = 3072, 2048
 QUOTA_NODES, QUOTA_VALUE, QUOTA_WATCHES, QUOTA_TRANSACTIONS = 1000, 2048, 128, 10
 _VALID = re.compile(r"^[A-Za-z0-9\-/_@]+$")
@@ -371,47 +374,87 @@ class Store:
         self.fired = [f for f in self.fired if f[0] != domid]
         return out
 
-    # -- snapshots (snapshot/) -------------------------------------------------------
-    def save_state(self) -> dict:
+    # -- snapshots (a record, see xenicorn.records) -----------------------------------
+    RECORD = ("xenstore-tree", 1)
+
+    def save_record(self) -> dict:
         """The tree (values, permissions, generations), open transactions with their private trees
         and pending changes, watches, and watch events not yet delivered."""
-        return {"root": _node_out(self.root), "gen": self.gen, "next_tx": self._next_tx,
-                "transactions": [[tx, {"domid": t.domid, "root": _node_out(t.root), "start_gen": t.start_gen,
-                                       "touched": sorted(t.touched), "ops": [_op_out(o) for o in t.ops]}]
-                                 for tx, t in self.transactions.items()],
-                "watches": [list(w) for w in self.watches], "fired": [list(f) for f in self.fired]}
+        return make_record(*self.RECORD, {
+            "root": _node_out(self.root), "gen": self.gen, "next_tx": self._next_tx,
+            "transactions": [[tx, {"domid": t.domid, "root": _node_out(t.root), "start_gen": t.start_gen,
+                                   "touched": sorted(t.touched), "ops": [_op_out(o) for o in t.ops]}]
+                             for tx, t in self.transactions.items()],
+            "watches": [list(w) for w in self.watches], "fired": [list(f) for f in self.fired]})
 
-    def prepare_state(self, data: dict):
-        """Parse a saved store completely; the returned ``apply()`` installs it."""
-        root = _node_in(data["root"])
-        txs = {int(tx): Transaction(int(t["domid"]), _node_in(t["root"]), int(t["start_gen"]),
-                                    {str(p) for p in t["touched"]}, [_op_in(o) for o in t["ops"]])
-               for tx, t in data["transactions"]}
-        watches = [(int(d), str(p), str(t)) for d, p, t in data["watches"]]
-        fired = [(int(d), str(p), str(t)) for d, p, t in data["fired"]]
-        gen, next_tx = int(data["gen"]), int(data["next_tx"])
+    def check_record(self, record: dict):
+        """Parse a saved store completely: node names and permissions as xenstored accepts them,
+        generations not after the store's, transaction ids already handed out."""
+        st = open_record(record, *self.RECORD)
+        gen, next_tx = uint(st, "gen", 63), uint(st, "next_tx", 32)
+        root = _node_in(record_field(st, "root"), gen)
+        txs = {}
+        for item in listing(st, "transactions", 1 << 12):
+            if not isinstance(item, list) or len(item) != 2 or not 0 < integer(item[0], "transaction", 1) < next_tx:
+                raise RecordError(f"transaction {item!r:.40}")
+            t = item[1]
+            txs[item[0]] = Transaction(uint(t, "domid", 16), _node_in(record_field(t, "root"), gen),
+                                       integer(record_field(t, "start_gen"), "transaction start", 0, gen),
+                                       {_path(p) for p in listing(t, "touched")},
+                                       [_op_in(o) for o in listing(t, "ops")])
+        return (root, gen, next_tx, txs, [_watch(w) for w in listing(st, "watches")],
+                [_watch(f) for f in listing(st, "fired")])
 
-        def apply() -> None:
-            self.root, self.gen, self._next_tx = root, gen, next_tx
-            self.transactions, self.watches, self.fired = txs, watches, fired
-            self._count()                      # nodes per owner: derived from the tree
-        return apply
+    def apply_record(self, prepared) -> None:
+        """Install a checked store (nodes per owner are recounted from the tree)."""
+        root, gen, next_tx, txs, watches, fired = prepared
+        self.root, self.gen, self._next_tx = copy.deepcopy(root), gen, next_tx
+        self.transactions = copy.deepcopy(txs)
+        self.watches, self.fired = list(watches), list(fired)
+        self._count()
 
 
-# A snapshot's JSON form of nodes and transaction changes.
+# A snapshot's JSON form of nodes and transaction changes. Values: a guest's are
+# at most QUOTA_VALUE, dom0 (the host side) writes through Python unchecked.
+MAX_VALUE = 1 << 20
+
 def _node_out(node: Node) -> dict:
     return {"v": node.value.hex(), "p": [[p.domid, p.access] for p in node.perms], "g": node.gen,
             "c": [[name, _node_out(child)] for name, child in node.children.items()]}
 
 
-def _node_in(data: dict) -> Node:
-    perms = [Perm(int(d), str(a)) for d, a in data["p"]]
-    if not perms or any(p.access not in ("n", "r", "w", "b") for p in perms):
-        raise ValueError("xenstore node with invalid permissions")
-    node = Node(bytes.fromhex(data["v"]), perms, {}, int(data["g"]))
-    for name, child in data["c"]:
-        node.children[str(name)] = _node_in(child)
+def _path(value) -> str:
+    if not isinstance(value, str) or len(value) > MAX_ABS_PATH:
+        raise RecordError("xenstore path is not a string of at most 3072 characters")
+    return value
+
+
+def _perms(data) -> list[Perm]:
+    if not isinstance(data, list) or not data or len(data) > 256:
+        raise RecordError("xenstore permissions are not a list of 1-256 entries")
+    perms = []
+    for item in data:
+        if not isinstance(item, list) or len(item) != 2 or item[1] not in ("n", "r", "w", "b"):
+            raise RecordError("xenstore node with invalid permissions")
+        perms.append(Perm(integer(item[0], "xenstore permission domain", 0, 0xFFFF), item[1]))
+    return perms
+
+
+def _node_in(data, gen: int) -> Node:
+    node = Node(hexbytes(data, "v", most=MAX_VALUE), _perms(record_field(data, "p")), {},
+                integer(record_field(data, "g"), "xenstore node generation", 0, gen))
+    for item in listing(data, "c", 1 << 16):
+        if not isinstance(item, list) or len(item) != 2 or not isinstance(item[0], str) \
+                or not _VALID.match(item[0]) or "/" in item[0] or item[0] in node.children:
+            raise RecordError(f"xenstore node name {item!r:.60}")
+        node.children[item[0]] = _node_in(item[1], gen)
     return node
+
+
+def _watch(data) -> tuple[int, str, str]:
+    if not isinstance(data, list) or len(data) != 3 or not isinstance(data[2], str) or len(data[2]) > 4096:
+        raise RecordError("xenstore watch is not [domid, path, token]")
+    return integer(data[0], "watch domain", 0, 0xFFFF), _path(data[1]), data[2]
 
 
 def _op_out(op: tuple) -> list:
@@ -423,12 +466,13 @@ def _op_out(op: tuple) -> list:
     return [kind, path]
 
 
-def _op_in(data: list) -> tuple:
-    kind, path, *rest = data
+def _op_in(data) -> tuple:
+    if not isinstance(data, list) or len(data) not in (2, 3) or data[0] not in ("write", "set_perms", "mkdir", "rm") \
+            or (len(data) == 3) != (data[0] in ("write", "set_perms")):
+        raise RecordError(f"xenstore transaction op {data!r:.60}")
+    kind, path = data[0], _path(data[1])
     if kind == "write":
-        return (kind, str(path), bytes.fromhex(rest[0]))
+        return (kind, path, hexbytes({"value": data[2]}, "value", most=MAX_VALUE))
     if kind == "set_perms":
-        return (kind, str(path), [Perm(int(d), str(a)) for d, a in rest[0]])
-    if kind not in ("mkdir", "rm"):
-        raise ValueError(f"xenstore transaction op {kind!r}")
-    return (kind, str(path))
+        return (kind, path, _perms(data[2]))
+    return (kind, path)
