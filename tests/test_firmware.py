@@ -121,7 +121,7 @@ def test_syscall64_round_trips_through_syscall_and_sysret():
     calls = re.findall(r"syscall (\d): kernel cs=(0x\w+) ss=(0x\w+) flags=(0x\w+) rcx=(0x\w+) r11=(0x\w+); "
                        r"user got (\d+), cs=(0x\w+) ss=(0x\w+)", text)
     assert len(calls) == 3
-    for i, (n, cs, ss, flags, rcx, r11, result, ucs, uss) in enumerate(calls):
+    for i, (_n, cs, ss, flags, rcx, r11, result, ucs, uss) in enumerate(calls):
         assert (int(cs, 16), int(ss, 16)) == (0x10, 0x18)              # from STAR[47:32]
         assert int(rcx, 16) == kernel.symbols["user_ret"]
         assert not int(flags, 16) & (1 << 9)                           # FMASK cleared IF
@@ -151,7 +151,7 @@ def test_interrupt_controllers_as_a_guest_programs_them(name, capsys):
 def test_trace_irq_int_shows_line_controller_vector_idt(capsys):
     machine, _, status, _ = run("irq64", trace={"irq", "int"})
     assert status == 0
-    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith(("[irq]", "[int]"))]
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith(("[irq]", "[int]"))]
     i = lines.index("[irq] IOAPIC pin 4 -> vector 0x44 (edge) to APIC 0 (physical)")
     assert lines[i - 2:i] == ["[irq] IRQ4 raised", "[irq] GSI4 raised"]
     assert lines[i + 1] == "[irq] LAPIC 0 IRR gets vector 0x44 (edge)"

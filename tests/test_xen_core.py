@@ -20,7 +20,7 @@ BUF = 0x3000
 def call32(machine, number, *args):
     vcpu = machine.vcpu
     vcpu.set_reg("rax", number)
-    for reg, value in zip(("rbx", "rcx", "rdx", "rsi", "rdi"), args):
+    for reg, value in zip(("rbx", "rcx", "rdx", "rsi", "rdi"), args, strict=False):
         vcpu.set_reg(reg, value)
     machine.handle_exit(vcpu, E.Hypercall(0x100000, -1))
     eax = vcpu.reg("rax") & 0xFFFFFFFF

@@ -144,9 +144,15 @@ def parse_header(image: bytes, name: str = "kernel") -> SetupHeader:
     """Read and check a bzImage's setup header; :class:`LoadError` with one line if unusable."""
     if len(image) < 0x270 or image[HEADER:HEADER + 4] != HDR_MAGIC:
         raise LoadError(f"{name}: not a bzImage (no HdrS setup header at 0x202)")
-    u8 = lambda off: image[off]
-    u16 = lambda off: struct.unpack_from("<H", image, off)[0]
-    u32 = lambda off: struct.unpack_from("<I", image, off)[0]
+    def u8(off: int) -> int:
+        return image[off]
+
+    def u16(off: int) -> int:
+        return struct.unpack_from("<H", image, off)[0]
+
+    def u32(off: int) -> int:
+        return struct.unpack_from("<I", image, off)[0]
+
     version = u16(VERSION)
     if version < MIN_VERSION:
         raise LoadError(f"{name}: boot protocol {version >> 8}.{version & 0xFF} is too old "

@@ -60,6 +60,8 @@ class CounterState:
 
 
 class Counter:
+    """One of the three counters: its registers and, for counter 0, the timer of its next IRQ 0 edge."""
+
     def __init__(self, pit: "Pit8254", index: int):
         self.pit, self.index = pit, index
         self.state = CounterState()
