@@ -1,8 +1,9 @@
 """The Xen core: CPUID leaves, the hypercall page, dispatch and error codes.
 
 Most tests set the registers of a vCPU sitting in 32-bit flat mode and feed
-a synthetic Hypercall exit to the machine, as style.md §5 suggests: no guest
-code runs, so every error path is cheap to reach.
+a synthetic Hypercall exit to ``Machine.handle_exit``, the run loop's own
+entry for every exit: no guest code runs, so every error path is cheap to
+reach.
 """
 import shutil
 import struct
