@@ -15,6 +15,18 @@ def booted(**kw):
     return machine, kernel
 
 
+def madt_entries(madt):
+    """The MADT's interrupt controller structures, (type, bytes), after its 44-byte header (ACPI 6.5 §5.2.12)."""
+    entries, pos = [], 44
+    while pos < len(madt):
+        kind, length = madt[pos], madt[pos + 1]
+        assert length >= 2, f"entry at {pos} has length {length}"
+        entries.append((kind, madt[pos:pos + length]))
+        pos += length
+    assert pos == len(madt)
+    return entries
+
+
 def test_start_info_points_at_valid_tables():
     machine, kernel = booted()
     rsdp = machine.memory.read_int(kernel.start_info + START_INFO_RSDP, 8)
@@ -28,12 +40,7 @@ def test_start_info_points_at_valid_tables():
     madt = tables[b"APIC"]
     lapic_base, flags = struct.unpack_from("<II", madt, 36)
     assert lapic_base == 0xFEE00000 and flags & acpi.MADT_PCAT_COMPAT
-    entries, pos = [], 44
-    while pos < len(madt):
-        kind, length = madt[pos], madt[pos + 1]
-        entries.append((kind, madt[pos:pos + length]))
-        pos += length
-    assert pos == len(madt)
+    entries = madt_entries(madt)
     kinds = [k for k, _ in entries]
     assert kinds == [acpi.MADT_LAPIC, acpi.MADT_IOAPIC, acpi.MADT_ISO, acpi.MADT_LAPIC_NMI]
     _, io = entries[1]
@@ -45,9 +52,24 @@ def test_start_info_points_at_valid_tables():
 
 
 def test_the_machine_reports_the_ioapic_id_the_madt_gives():
-    machine, _ = booted()
-    machine.ioapic.mmio_write(0x00, 4, 0)
-    assert machine.ioapic.mmio_read(0x10, 4) >> 24 == 1
+    """The ID in the MADT's IOAPIC entry is the one the chip's ID register holds.
+
+    A 32-bit Linux on an old Intel APIC reads register 0 and rewrites the ID
+    when it differs from the firmware's (io_apic_get_unique_id() in
+    arch/x86/kernel/apic/io_apic.c); on a real board the two agree.
+    """
+    machine, kernel = booted()
+    rsdp = machine.memory.read_int(kernel.start_info + START_INFO_RSDP, 8)
+    madt = acpi.parse(machine.memory.read, rsdp)[b"APIC"]
+    ioapics = [body for kind, body in madt_entries(madt) if kind == acpi.MADT_IOAPIC]
+    assert len(ioapics) == 1
+    io_id, io_addr = ioapics[0][2], struct.unpack_from("<I", ioapics[0], 4)[0]
+    # as the guest does it, at the address the MADT gives: IOREGSEL = 0 (ID), then read IOWIN
+    machine.handle_exit(machine.vcpu, E.Mmio(-1, io_addr + 0x00, 4, True, 0x00))
+    window = E.Mmio(-1, io_addr + 0x10, 4, False)
+    machine.handle_exit(machine.vcpu, window)
+    assert (window.value >> 24) & 0x0F == io_id              # 82093AA: ID in bits 27:24
+    assert io_id != 0                                         # the BSP's LAPIC has 0; APIC IDs are unique
 
 
 def test_no_acpi_leaves_rsdp_zero():

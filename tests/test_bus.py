@@ -5,6 +5,8 @@ from xenicorn.devices.bus import BusConflict, MmioBus, PioBus
 
 
 class Recorder:
+    """A device that logs every access it is handed."""
+
     def __init__(self):
         self.log = []
 

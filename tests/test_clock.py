@@ -5,6 +5,8 @@ from xenicorn.machine.clock import VirtualClock
 
 
 class Counter:
+    """A settable instruction count for the deterministic clock."""
+
     def __init__(self):
         self.n = 0
 

@@ -5,10 +5,13 @@ also check what it printed and the emulator's state. With
 ``XENICORN_FIRMWARE_DIR`` set (CI does, after rebuilding from source) they
 run the rebuilt images instead of the committed ones.
 """
+import importlib.util
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -106,14 +109,54 @@ def test_frames_agree_with_qemu_except_for_rf(name):
     assert ours == qemus
 
 
+BUILD_TOOL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools", "build_firmware.py")
+
+
+def build_tool():
+    """tools/build_firmware.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("build_firmware", BUILD_TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.skipif(not shutil.which("gcc") or not shutil.which("ld"), reason="needs gcc and ld")
 def test_rebuilt_firmware_is_byte_identical(tmp_path):
-    import sys
-    tool = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools", "build_firmware.py")
-    subprocess.run([sys.executable, tool, "--out", str(tmp_path)], check=True, capture_output=True)
+    tool = build_tool()
+    recorded = tool.recorded_toolchain()
+    assert recorded, f"{tool.TOOLCHAIN} is missing or malformed: rebuild the images with tools/build_firmware.py"
+    why = tool.mismatch(recorded, tool.toolchain())
+    if why:
+        pytest.skip(why)                # another gcc or ld: working images, other bytes
+    subprocess.run([sys.executable, BUILD_TOOL, "--out", str(tmp_path)], check=True, capture_output=True)
     for name in firmware.names():
         rebuilt = tmp_path / f"{name}.elf"
         assert rebuilt.read_bytes() == open(os.path.join(firmware.IMAGES, f"{name}.elf"), "rb").read(), name
+
+
+def test_the_toolchain_record_names_both_tools_and_guards_partial_rebuilds(tmp_path, monkeypatch, capsys):
+    tool = build_tool()
+    recorded = tool.recorded_toolchain()
+    assert recorded and recorded["gcc"].startswith("gcc ") and recorded["ld"].startswith("GNU ld ")
+    here = {"gcc": "gcc (Debian 12.2.0-14+deb12u1) 12.2.0", "ld": "GNU ld (GNU Binutils for Debian) 2.40"}
+    assert tool.mismatch(dict(here), here) is None
+    other = dict(here, gcc="gcc (GCC) 14.1.0")
+    why = tool.mismatch(here, other)
+    assert here["gcc"] in why and here["ld"] in why and "gcc (GCC) 14.1.0" in why
+    assert "does not say" in tool.mismatch(None, here)
+    # rebuilding a few images into images/ with another toolchain is refused: the record would lie
+    images = tmp_path / "images"
+    images.mkdir()
+    monkeypatch.setattr(tool, "IMAGES", str(images))
+    monkeypatch.setattr(tool, "TOOLCHAIN", str(images / "TOOLCHAIN.json"))
+    monkeypatch.setattr(tool, "toolchain", lambda: other)
+    monkeypatch.setattr(tool.shutil, "which", lambda name: f"/usr/bin/{name}")     # refused before gcc runs
+    (images / "TOOLCHAIN.json").write_text(json.dumps(here))
+    assert tool.main(["hello64"]) == 2
+    assert "rebuild all of them" in capsys.readouterr().err and list(images.iterdir()) == [images / "TOOLCHAIN.json"]
+    (images / "TOOLCHAIN.json").write_text("{not json")
+    assert tool.recorded_toolchain(str(images / "TOOLCHAIN.json")) is None
+    assert tool.main(["hello64"]) == 2
 
 
 def test_syscall64_round_trips_through_syscall_and_sysret():
@@ -122,7 +165,7 @@ def test_syscall64_round_trips_through_syscall_and_sysret():
     calls = re.findall(r"syscall (\d): kernel cs=(0x\w+) ss=(0x\w+) flags=(0x\w+) rcx=(0x\w+) r11=(0x\w+); "
                        r"user got (\d+), cs=(0x\w+) ss=(0x\w+)", text)
     assert len(calls) == 3
-    for i, (n, cs, ss, flags, rcx, r11, result, ucs, uss) in enumerate(calls):
+    for i, (_n, cs, ss, flags, rcx, r11, result, ucs, uss) in enumerate(calls):
         assert (int(cs, 16), int(ss, 16)) == (0x10, 0x18)              # from STAR[47:32]
         assert int(rcx, 16) == kernel.symbols["user_ret"]
         assert not int(flags, 16) & (1 << 9)                           # FMASK cleared IF
@@ -152,7 +195,7 @@ def test_interrupt_controllers_as_a_guest_programs_them(name, capsys):
 def test_trace_irq_int_shows_line_controller_vector_idt(capsys):
     machine, _, status, _ = run("irq64", trace={"irq", "int"})
     assert status == 0
-    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith(("[irq]", "[int]"))]
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith(("[irq]", "[int]"))]
     i = lines.index("[irq] IOAPIC pin 4 -> vector 0x44 (edge) to APIC 0 (physical)")
     assert lines[i - 2:i] == ["[irq] IRQ4 raised", "[irq] GSI4 raised"]
     assert lines[i + 1] == "[irq] LAPIC 0 IRR gets vector 0x44 (edge)"

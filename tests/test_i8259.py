@@ -3,6 +3,8 @@ from xenicorn.devices.i8259 import PicPair
 
 
 class Cpu:
+    """The INTR pin: records every level the PIC drives on it."""
+
     def __init__(self):
         self.levels = []
 

@@ -111,7 +111,7 @@ def test_prt_matches_the_apic_wiring(machine):
     prt, prt_pic = _prt(machine, "PRTA"), _prt(machine, "PRTP")
     assert len(prt) == len(prt_pic) == 31 * 4
     assert (2, 0, 17) in prt and (2, 0, 10) in prt_pic  # xen-platform INTA -> PIRQB -> GSI 17 / IRQ 10
-    for (slot, pin, gsi), (_, _, irq) in list(zip(prt, prt_pic))[:12]:
+    for (slot, pin, gsi), (_, _, irq) in list(zip(prt, prt_pic, strict=True))[:12]:
         assert _wired(machine, slot, pin) == ([gsi], [irq])
 
 

@@ -5,7 +5,6 @@ an exit when IF becomes 1 (after STI's one-instruction shadow, after POPF
 or IRET). xenicorn gets it from QEMU's own window check as an SVM VINTR exit
 (engine/irqwindow.py): no block hook, no translation flush.
 """
-import struct
 
 import pytest
 

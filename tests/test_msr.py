@@ -138,6 +138,7 @@ def test_the_arch_capabilities_window_closes_at_the_first_syscall(machine, monke
 
 def test_writing_arch_capabilities_is_a_gp(machine, monkeypatch):
     delivered = []
-    monkeypatch.setattr(machine.dispatch, "deliver", lambda vcpu, vector, etype, code=None: delivered.append((vector, code)))
+    monkeypatch.setattr(machine.dispatch, "deliver",
+                        lambda vcpu, vector, etype, code=None: delivered.append((vector, code)))
     machine.dispatch._arch_capabilities(machine.vcpu, E.Msr(0x100000, 0x10A, True, 0))
     assert delivered == [(13, 0)]

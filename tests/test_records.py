@@ -183,6 +183,8 @@ def test_rtc_record_round_trips_and_refuses_a_time_gmtime_cannot_show():
 
 # -- PCI, ACPI, buses, clock ------------------------------------------------------------------
 class Dummy:
+    """A device that answers nothing, to fill a bus range."""
+
     def pio_read(self, offset, size):
         return 0
 

@@ -5,6 +5,8 @@ from xenicorn.devices.rtc import Rtc, REG_A, REG_B, REG_C, REG_D, B_SET, B_DM_BI
 
 
 class Clock:
+    """A settable nanosecond clock."""
+
     def __init__(self):
         self.ns = 0
 

@@ -28,8 +28,9 @@ from xenicorn.snapshot import MAGIC, RAM_SECTION, SnapshotError, capture, decode
 # clock origin, exits and stop reasons of the run in flight.
 SKIP = {"uc", "uc_list", "_mm", "buf", "host_addr", "tracer", "console", "monitor", "stop_timer", "tsc",
         "_start", "_seq", "_internal", "_pending_exit", "_stop_reasons", "_in_emu", "sink", "stream",
-        "power_on", "save_points", "snapshots_saved", "kernel", "_handlers", "console_input", "agents", "host_watches", "f",
-        "_poll_hook", "_poll_vcpu", "_window_hook", "_retired_callbacks", "live", "_irq_request", "_cache", "tree", "serial_file",
+        "power_on", "save_points", "snapshots_saved", "kernel", "_handlers", "console_input", "agents",
+        "host_watches", "f", "_poll_hook", "_poll_vcpu", "_window_hook", "_retired_callbacks", "live",
+        "_irq_request", "_cache", "tree", "serial_file",
         "last_delivery"}   # the last IDT delivery, kept for diagnostics: it never steers execution
 
 
@@ -448,8 +449,8 @@ ENV = {**os.environ, "PYTHONPATH": ROOT}        # this checkout's xenicorn, what
 
 
 def cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "xenicorn", "run", *args], capture_output=True, timeout=120, check=False,
-                          env=ENV, **kw)
+    return subprocess.run([sys.executable, "-m", "xenicorn", "run", *args], capture_output=True, timeout=120,
+                          check=False, env=ENV, **kw)
 
 
 def test_cli_savevm_then_loadvm_continues_byte_for_byte(tmp_path):
@@ -499,7 +500,8 @@ def test_qmp_system_reset_and_hmp_savevm_loadvm(tmp_path):
         await asyncio.sleep(0.3)                             # the guest printed its banner and spins
         assert await client.execute("system_reset") == {}
         await asyncio.sleep(0.3)
-        hmp = lambda line: client.execute("human-monitor-command", {"command-line": line})
+        def hmp(line):
+            return client.execute("human-monitor-command", {"command-line": line})
         assert await hmp(f"savevm {snap}") == ""
         assert await hmp(f"loadvm {snap}") == ""
         assert (await hmp(f"loadvm {snap}.missing")).startswith(f"Error: cannot read snapshot {snap}.missing")

@@ -9,6 +9,8 @@ LCR, MCR, LSR, MSR, SCR = 3, 4, 5, 6, 7
 
 
 class Line:
+    """The UART's interrupt line: records every level it drives."""
+
     def __init__(self):
         self.levels = []
 

@@ -1,8 +1,9 @@
 """The Xen core: CPUID leaves, the hypercall page, dispatch and error codes.
 
 Most tests set the registers of a vCPU sitting in 32-bit flat mode and feed
-a synthetic Hypercall exit to the machine, as style.md §5 suggests: no guest
-code runs, so every error path is cheap to reach.
+a synthetic Hypercall exit to ``Machine.handle_exit``, the run loop's own
+entry for every exit: no guest code runs, so every error path is cheap to
+reach.
 """
 import shutil
 import struct
@@ -20,7 +21,7 @@ BUF = 0x3000
 def call32(machine, number, *args):
     vcpu = machine.vcpu
     vcpu.set_reg("rax", number)
-    for reg, value in zip(("rbx", "rcx", "rdx", "rsi", "rdi"), args):
+    for reg, value in zip(("rbx", "rcx", "rdx", "rsi", "rdi"), args, strict=False):
         vcpu.set_reg(reg, value)
     machine.handle_exit(vcpu, E.Hypercall(0x100000, -1))
     eax = vcpu.reg("rax") & 0xFFFFFFFF

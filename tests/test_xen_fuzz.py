@@ -45,7 +45,7 @@ def test_random_hypercalls_return_xen_errnos(machines, bits, number, args, junk)
     vcpu = m.vcpu
     vcpu.set_reg("rax", number)
     regs = ("rdi", "rsi", "rdx", "r10", "r8") if bits == 64 else ("rbx", "rcx", "rdx", "rsi", "rdi")
-    for reg, value in zip(regs, args):
+    for reg, value in zip(regs, args, strict=False):
         vcpu.set_reg(reg, value & ((1 << bits) - 1))
     m.handle_exit(vcpu, E.Hypercall(0x100000, -1))
     r = vcpu.reg("rax") & ((1 << bits) - 1)

@@ -43,7 +43,7 @@ def call(m, number, *args):
     vcpu = m.vcpu
     vcpu.set_reg("rax", number)
     regs = ("rdi", "rsi", "rdx", "r10", "r8") if m.bits == 64 else ("rbx", "rcx", "rdx", "rsi", "rdi")
-    for reg, value in zip(regs, args):
+    for reg, value in zip(regs, args, strict=False):
         vcpu.set_reg(reg, value)
     m.handle_exit(vcpu, E.Hypercall(0x100000, -1))
     mask = (1 << m.bits) - 1

@@ -8,10 +8,19 @@ Each image is a freestanding ELF loaded at 1 MiB with the PVH entry note
 (XEN_ELFNOTE_PHYS32_ENTRY). Builds are reproducible: the same sources and
 toolchain give byte-identical images (no build IDs, no paths, no dates), so
 CI can check the committed images against a rebuild.
+
+"The same toolchain" matters: another gcc schedules and allocates registers
+differently, another binutils (ld, and the assembler gcc runs) may encode or
+lay out sections differently, and the image still works but is not the
+same bytes. A build into the committed ``images/`` therefore records which
+gcc and ld made them, the first line of their ``--version``, in
+``images/TOOLCHAIN.json``; the byte-identical test compares bytes only when
+the local gcc and ld print the same lines, and skips naming both otherwise.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -21,6 +30,7 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SRC = os.path.join(ROOT, "xenicorn", "firmware", "src")
 IMAGES = os.path.join(ROOT, "xenicorn", "firmware", "images")
+TOOLCHAIN = os.path.join(IMAGES, "TOOLCHAIN.json")
 
 LIB = ["lib/desc.c", "lib/console.c", "lib/report.c", "lib/xen.c", "lib/xen_hcall.S"]
 
@@ -61,6 +71,46 @@ def _run(cmd: list[str]) -> None:
         raise SystemExit(f"build_firmware: {cmd[0]} failed")
 
 
+def toolchain() -> dict[str, str]:
+    """The local gcc and ld, as the first line of their ``--version``.
+
+    That line carries the version and the distribution's patch level, e.g.
+    "gcc (Debian 12.2.0-14+deb12u1) 12.2.0"; LC_ALL=C keeps it untranslated.
+    """
+    env = dict(os.environ, LC_ALL="C")
+    found = {}
+    for tool in ("gcc", "ld"):
+        try:
+            res = subprocess.run([tool, "--version"], capture_output=True, text=True, env=env)
+        except OSError:
+            found[tool] = "none"
+            continue
+        found[tool] = res.stdout.splitlines()[0].strip() if res.returncode == 0 and res.stdout else "unknown"
+    return found
+
+
+def recorded_toolchain(path: str = TOOLCHAIN) -> dict[str, str] | None:
+    """The gcc and ld that built the committed images, or None if not recorded (or unreadable)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), str) for k in ("gcc", "ld")):
+        return None
+    return {"gcc": data["gcc"], "ld": data["ld"]}
+
+
+def mismatch(recorded: dict[str, str] | None, local: dict[str, str]) -> str | None:
+    """Why images built with ``recorded`` need not match a build with ``local`` byte for byte, or None."""
+    if recorded is None:
+        return f"{TOOLCHAIN} does not say which gcc and ld built the images"
+    if recorded != local:
+        return (f"the images were built with {recorded['gcc']} and {recorded['ld']}; "
+                f"this host has {local['gcc']} and {local['ld']}")
+    return None
+
+
 def build(name: str, out_dir: str) -> str:
     bits, sources, with_lib = KERNELS[name]
     arch = ["-m32", "-march=i686"] if bits == 32 else ["-m64"]
@@ -97,11 +147,23 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"build_firmware: unknown kernel(s): {', '.join(unknown)}", file=sys.stderr)
         return 2
+    into_images = os.path.realpath(args.out) == os.path.realpath(IMAGES)
+    local = toolchain()
+    if into_images and set(names) != set(KERNELS):
+        # TOOLCHAIN.json names one toolchain for all images: a partial rebuild must not make it lie
+        why = mismatch(recorded_toolchain(), local)
+        if why:
+            print(f"build_firmware: {why}: rebuild all of them, not a few", file=sys.stderr)
+            return 2
     os.makedirs(args.out, exist_ok=True)
     for name in names:
         if not all(os.path.exists(os.path.join(SRC, s)) for s in KERNELS[name][1]):
             continue                      # sources not written yet
         print(build(name, args.out))
+    if into_images:
+        with open(TOOLCHAIN, "w") as f:
+            json.dump(local, f, indent=2)
+            f.write("\n")
     return 0
 
 

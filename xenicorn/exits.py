@@ -35,6 +35,8 @@ class Exit:
 
 @dataclass
 class PortIO(Exit):
+    """IN or OUT to an I/O port (KVM_EXIT_IO); a read returns its answer in ``value``."""
+
     port: int
     size: int
     write: bool
@@ -43,6 +45,8 @@ class PortIO(Exit):
 
 @dataclass
 class Mmio(Exit):
+    """A load or store to a device's physical page (KVM_EXIT_MMIO); a read answers in ``value``."""
+
     addr: int
     size: int
     write: bool
@@ -51,6 +55,8 @@ class Mmio(Exit):
 
 @dataclass
 class Cpuid(Exit):
+    """CPUID for ``leaf``/``subleaf``; the handler fills ``result`` with EAX, EBX, ECX, EDX."""
+
     leaf: int
     subleaf: int
     result: tuple[int, int, int, int] = (0, 0, 0, 0)
@@ -79,6 +85,8 @@ class InvalidInstruction(Exit):
 
 @dataclass
 class Hypercall(Exit):
+    """A call into Xen from the hypercall page (VMCALL/VMMCALL): number, arguments, and the value for EAX/RAX."""
+
     number: int
     args: tuple[int, ...] = ()
     result: int | None = None

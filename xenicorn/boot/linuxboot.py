@@ -150,6 +150,7 @@ def parse_header(image: bytes, name: str = "kernel") -> SetupHeader:
 
     def u32(off: int) -> int:
         return struct.unpack_from("<I", image, off)[0]
+
     version = u16(VERSION)
     if version < MIN_VERSION:
         raise LoadError(f"{name}: boot protocol {version >> 8}.{version & 0xFF} is too old "

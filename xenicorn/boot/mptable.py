@@ -70,6 +70,7 @@ from dataclasses import dataclass
 from ..devices.ioapic import IOAPIC_BASE
 from ..devices.ioapic import VERSION as IOAPIC_VERSION
 from ..devices.lapic import LAPIC_BASE
+from .acpi import checksum as _checksum  # the same rule: all bytes sum to 0 mod 256
 
 FLOATING_ADDR = 0xF0000              # start of the BIOS area Linux scans; reserved in E820
 CONFIG_ADDR = FLOATING_ADDR + 16
@@ -93,9 +94,6 @@ class IrqEntry:
     irq: int             # ISA IRQ, or PCI device << 2 | pin
     dest_apic: int       # I/O APIC id, or local APIC id (0xFF: all)
     dest_pin: int        # I/O APIC input, or LINT0/LINT1
-
-
-from .acpi import checksum as _checksum  # the same rule: all bytes sum to 0 mod 256
 
 
 def interrupt_entries(pci_slots, gsi_of) -> list[IrqEntry]:

@@ -1,8 +1,8 @@
 """The I/O APIC: 24 interrupt pins turned into messages for local APICs.
 
-At MMIO 0xFEC00000 (Intel 82093AA datasheet; version 0x20 as in PIIX/ICH
-chipsets and Xen's vIOAPIC). Software selects a register by writing its
-index to IOREGSEL and then reads or writes IOWIN:
+At MMIO 0xFEC00000, registers as in the Intel 82093AA datasheet. Software
+selects a register by writing its index to IOREGSEL and then reads or writes
+IOWIN:
 
 =========  =========  ======================================================
 offset     register   meaning
@@ -10,6 +10,7 @@ offset     register   meaning
 0x00       IOREGSEL   index of the register IOWIN accesses
 0x10       IOWIN      the selected 32-bit register
 0x40       EOI        write a vector: clears Remote IRR of level pins with it
+                      (version 0x20 only; the 82093AA has no such register)
 =========  =========  ======================================================
 
 ================  ===========================================================
@@ -20,6 +21,18 @@ index             register
 0x02              arbitration ID
 0x10 + 2n (+1)    redirection entry n, low (+ high) dword
 ================  ===========================================================
+
+**Version.** This model reports 0x20, the I/O APIC of Intel's ICH south
+bridges, which added the EOI register; it is also QEMU's default
+(``IOAPIC_VER_DEF``, the ``version`` property in QEMU's hw/intc/ioapic.c,
+which accepts 0x11 or 0x20 and decodes the EOI register only for 0x20). The
+stand-alone 82093AA of PIIX-era boards is version 0x11, and so is Xen's
+vIOAPIC (``VIOAPIC_VERSION_ID`` in xen/arch/x86/include/asm/hvm/vioapic.h;
+xen/arch/x86/hvm/vioapic.c ignores writes to 0x40 below 0x20). The number
+matters to Linux: ``__eoi_ioapic_pin()`` (arch/x86/kernel/apic/io_apic.c)
+clears a stuck Remote IRR with the EOI register from version 0x20 up, and
+below it by masking the entry and flipping it to edge and back, which this
+model also honours (an edge entry has no Remote IRR).
 
 Redirection entry: vector (7:0), delivery mode (10:8: fixed, lowest
 priority, SMI, NMI, INIT, ExtINT), destination mode (11: physical/logical),
@@ -42,7 +55,7 @@ from ..records import RecordError, integer, listing, make_record, open_record, u
 
 NUM_PINS = 24
 IOAPIC_BASE = 0xFEC00000
-VERSION = 0x20
+VERSION = 0x20                  # the ICH I/O APIC, with the EOI register (module doc)
 RTE_MASK, RTE_LEVEL, RTE_REMOTE_IRR, RTE_DELIVS = 1 << 16, 1 << 15, 1 << 14, 1 << 12
 RTE_RESERVED = 0x00FFFFFF << 32          # bits 55:32 (82093AA: 55:17, but 31:17 are stored as written)
 

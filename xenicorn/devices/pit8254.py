@@ -63,6 +63,8 @@ class CounterState:
 
 
 class Counter:
+    """One of the three counters: its registers and, for counter 0, the timer of its next IRQ 0 edge."""
+
     def __init__(self, pit: "Pit8254", index: int):
         self.pit, self.index = pit, index
         self.state = CounterState()
@@ -260,8 +262,11 @@ class Pit8254:
 
     def restore(self, data: dict) -> None:
         """Load :meth:`save`'s output, validated; counter 0's IRQ timer starts again from it."""
-        state = {"counters": [{**c, "last_edge_ns": ctr.last_edge_ns} for c, ctr in zip(data["counters"],
-                                                                                         self.counters)],
+        saved = data["counters"]
+        if not isinstance(saved, list) or len(saved) != len(self.counters):
+            raise RecordError(f"PIT: {len(saved) if isinstance(saved, list) else 'no'} counters, the 8254 has 3")
+        state = {"counters": [{**c, "last_edge_ns": ctr.last_edge_ns}
+                              for c, ctr in zip(saved, self.counters, strict=True)],
                  "speaker": data["speaker"], "irq_edges": self.irq_edges, "toggle": self.speaker_port.toggle,
                  "timers": {}}
         self.apply_record(self.check_record(make_record(*self.RECORD, state)))
@@ -302,7 +307,7 @@ class Pit8254:
     def apply_record(self, prepared) -> None:
         """Install the counters and re-arm counter 0's next IRQ edge at its saved deadline."""
         counters, self.speaker, self.irq_edges, self.speaker_port.toggle, timer = prepared
-        for c, (cs, edge) in zip(self.counters, counters):
+        for c, (cs, edge) in zip(self.counters, counters, strict=True):
             if self.clock is not None:
                 self.clock.cancel(c.timer)
             c.state, c.last_edge_ns, c.timer = replace(cs), edge, None

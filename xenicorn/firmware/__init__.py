@@ -2,8 +2,10 @@
 
 The images in ``images/`` are built from ``src/`` by ``tools/build_firmware.py``
 (gcc and ld) and committed, as QEMU ships its ``pc-bios/`` blobs, so running a
-kernel needs no compiler. ``XENICORN_FIRMWARE_DIR`` points the lookup at
-another directory (CI uses it to test freshly rebuilt images).
+kernel needs no compiler. ``images/TOOLCHAIN.json`` names the gcc and ld that
+built them: with those, a rebuild is byte-identical. ``XENICORN_FIRMWARE_DIR``
+points the lookup at another directory (CI uses it to test freshly rebuilt
+images).
 """
 from __future__ import annotations
 

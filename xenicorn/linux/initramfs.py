@@ -22,6 +22,8 @@ TRAILER = "TRAILER!!!"
 
 @dataclass
 class Entry:
+    """One archive member: a file, directory, symlink or device node."""
+
     name: str                   # without a leading slash
     mode: int                   # file type and permission bits (stat.S_IF* | 0o755)
     data: bytes = b""           # file contents, or a symlink's target

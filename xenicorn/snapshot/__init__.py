@@ -1,4 +1,4 @@
-"""Snapshots of the whole machine: ``savevm``/``loadvm`` and ``system_reset``.
+r"""Snapshots of the whole machine: ``savevm``/``loadvm`` and ``system_reset``.
 
 A snapshot is everything that decides what the machine does next, as one
 *record* per component: each device, the machine's wiring, the clock,
@@ -37,7 +37,7 @@ deassert mode, grant frames, serial port present) must match.
 
 File format (version 2), all integers little-endian::
 
-    magic        b"XENICORN SNAPSHOT\\0"                  18 bytes
+    magic        b"XENICORN SNAPSHOT\0"                  18 bytes
     version      u32 format version (2)
     header_len   u32
     header       JSON: xenicorn and unicorn versions, the machine config

@@ -287,7 +287,7 @@ class Callback:
         self.disarm_poll()
         self.via, self.kind, self.gsi, self.intx, self.vector, self.level = via, kind, gsi, intx, vector, level
         self._make_sources()
-        for src, n in zip(self._sources, edges):
+        for src, n in zip(self._sources, edges, strict=True):   # checked: one edge count per sub-line
             src.level, src.edges = level, n
         self.direct, self.stats = dict(direct), dict(stats)
         self.poll_wanted = poll           # the run loop installs the block hook again

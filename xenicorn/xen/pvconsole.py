@@ -20,6 +20,8 @@ IN_CONS, IN_PROD, OUT_CONS, OUT_PROD = 0xC00, 0xC04, 0xC08, 0xC0C
 
 
 class PvConsole:
+    """xenconsoled's end of one guest's console page: drains ``out``, fills ``in``, notifies the port."""
+
     def __init__(self, memory, gpa: int, output, notify):
         self.mem, self.gpa, self.output, self.notify = memory, gpa, output, notify
         self.received = 0

@@ -163,7 +163,7 @@ class DomainRecord:
         st.pages = p["pages"]
         st.vcpus = {i: VcpuState(vs.vcpu_info_gpa, vs.runstate_area, vs.time_area, vs.periodic_ns,
                                  vs.singleshot_ns, vs.poll_done, vs.timer_events) for i, vs in p["vcpus"].items()}
-        for wid, t in xen.watchdog_timers.items():
+        for t in xen.watchdog_timers.values():
             clock.cancel(t)
         xen.watchdog_timers = {}
         for name, ref in sorted(p["timers"].items()):

@@ -1,4 +1,4 @@
-"""xenstored's side of the guest's xenstore ring.
+r"""xenstored's side of the guest's xenstore ring.
 
 The toolstack gives an HVM guest a page and an event channel for xenstore
 (``HVM_PARAM_STORE_PFN``, ``HVM_PARAM_STORE_EVTCHN``). The page holds two
@@ -14,8 +14,8 @@ notifies the event channel; a message may wrap around the ring's end. Each
 message is a 16-byte header ``{u32 type, req_id, tx_id, len}`` and ``len``
 (at most 4096) bytes of payload: NUL-terminated strings, the value of a
 WRITE running to the end. Replies echo ``req_id`` and ``tx_id``; failures
-are ``XS_ERROR`` with the error's name ("ENOENT\\0"); watch events are
-``XS_WATCH_EVENT`` messages ("path\\0token\\0") xenstored sends unasked.
+are ``XS_ERROR`` with the error's name ("ENOENT\0"); watch events are
+``XS_WATCH_EVENT`` messages ("path\0token\0") xenstored sends unasked.
 
 A ring whose indices are impossible (the producer more than a ring ahead
 of the consumer) is broken: xenstored stops reading it and says so in the

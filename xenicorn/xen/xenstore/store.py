@@ -52,6 +52,8 @@ class XsError(Exception):
 
 @dataclass
 class Perm:
+    """One permission entry as the wire writes it: ``r5`` is "domain 5 may read"."""
+
     domid: int
     access: str                      # n, r, w or b
 
@@ -67,6 +69,8 @@ class Perm:
 
 @dataclass
 class Node:
+    """A node of the tree: its value, permissions and children."""
+
     value: bytes = b""
     perms: list[Perm] = field(default_factory=lambda: [Perm(DOM0, "n")])
     children: dict[str, "Node"] = field(default_factory=dict)
@@ -75,6 +79,8 @@ class Node:
 
 @dataclass
 class Transaction:
+    """An open transaction: a private tree, what it touched, what to replay at commit."""
+
     domid: int
     root: Node                        # a private copy of the tree
     start_gen: int
