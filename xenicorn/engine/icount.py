@@ -7,8 +7,8 @@ stops early (HLT, a stop request) would not know how far it got. This module
 finds the counter's offset once per process by running a few known
 instruction counts and looking for them, then reads it with ctypes.
 
-Two Unicorn rules shape how xenicorn uses it (measured, see
-``../shared/design.md``): blocks translated *without* counting ignore
+Two Unicorn rules shape how xenicorn uses it (measured; see
+docs/unicorn-notes.md, "Exact instruction counts"): blocks translated *without* counting ignore
 ``count=``, so a machine that counts must count from its first instruction;
 and switching back to ``count=0`` flushes the translation cache.
 """
