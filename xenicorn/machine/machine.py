@@ -34,6 +34,7 @@ from .memory import GuestMemory
 from .runloop import Agent, RunLoop
 from .trace import Tracer
 from .wiring import InterruptWiring
+from .xenhost import XenHostServices
 
 
 @dataclass
@@ -71,7 +72,7 @@ class MachineConfig:
 
 
 
-class Machine:
+class Machine(XenHostServices):
     """A one-socket x86 PC around Unicorn vCPUs."""
 
     power_on = None                  # the machine before its first instruction, for system_reset
@@ -90,6 +91,7 @@ class Machine:
         self.shutdown_reason = ""
         self.shutdown_message = ""
         self.xen = None                      # the Xen layer, when built with one
+        self._init_host_services()
         self.console_input: collections.deque = collections.deque()
         self.dispatch = ExitDispatcher(self)
         self.loop = RunLoop(self)
@@ -125,10 +127,8 @@ class Machine:
             attach_from_config(self)
         if cfg.xen:
             from ..xen.platform import XenPlatform, XenConfig
-            XenPlatform(self, XenConfig(version=cfg.xen_version, gnttab_max_frames=cfg.gnttab_max_frames),
-                        callback_deassert=cfg.callback_deassert)
-            self.dispatch.hypercall_handler = self.xen.handle_hypercall
-            self.wiring.gsi_filters.append(self.xen.physdev.gsi_changed)
+            self.xen = XenPlatform(self, XenConfig(version=cfg.xen_version, gnttab_max_frames=cfg.gnttab_max_frames),
+                                   callback_deassert=cfg.callback_deassert)
 
     # -- parts, by the names tests and tools use ---------------------------------------
     @property
@@ -275,8 +275,8 @@ class Machine:
 
     def take_console_input(self) -> None:
         """On the machine's thread: hand queued console input to Xen's PV console."""
-        while self.console_input and self.xen is not None:
-            self.xen.pvconsole.feed(self.console_input.popleft())
+        while self.console_input and self._console_feed is not None:
+            self._console_feed(self.console_input.popleft())
 
     def shutdown(self, reason: str, status: int, message: str = "") -> None:
         """Stop the machine (from any handler, inside or outside a hook)."""

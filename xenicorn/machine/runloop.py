@@ -112,8 +112,8 @@ class RunLoop:
                 self.inject_pending_interrupt(vcpu)
             if m.status is not None or vcpu.halted:
                 continue
-            if m.xen is not None and m.xen.callback.poll_wanted:
-                m.xen.callback.arm_poll(vcpu)
+            if m.block_watches:
+                m.install_block_watches()      # e.g. Xen's callback deassert poll
             timeout_us, count = self.budget(vcpu)
             # The last attached agent bounds the run first; the first (the
             # monitor, then the debugger) has the last word and sees the
@@ -233,11 +233,11 @@ class RunLoop:
     def _wakes(self, vcpu) -> bool:
         m = self.machine
         src = m.interrupt_source
-        direct = m.xen is not None and m.xen.callback.direct_pending(vcpu.index) is not None
+        direct = any(s.direct_pending(vcpu.index) is not None for s in m.direct_sources)
         if (direct or (src is not None and src.pending())) and vcpu.reg("rflags") & RFLAGS_IF:
             return True
-        if vcpu.sleep_kind != "HLT" and m.xen is not None:
-            return m.xen.wakes(vcpu)
+        if vcpu.sleep_kind != "HLT":                     # asleep in a hypercall: its owner says
+            return any(wakes(vcpu) for wakes in m.wake_sources)
         return False
 
     # -- interrupts ----------------------------------------------------------------------
@@ -261,7 +261,12 @@ class RunLoop:
             return
         if vcpu.engine_delivery_pending:
             return                      # one at a time: the engine takes it as the next run starts
-        direct = m.xen.callback.direct_pending(vcpu.index) if m.xen is not None else None
+        direct, owner = None, None
+        for source in m.direct_sources:
+            direct = source.direct_pending(vcpu.index)
+            if direct is not None:
+                owner = source
+                break
         if direct is None and (src is None or not src.pending()):
             vcpu.disarm_interrupt_window()
             return
@@ -271,7 +276,7 @@ class RunLoop:
         vcpu.disarm_interrupt_window()
         if direct is not None:
             # Xen's callback vector: injected past the LAPIC (hvm_vcpu_has_pending_irq)
-            m.xen.callback.direct_taken(vcpu.index)
+            owner.direct_taken(vcpu.index)
             vector = direct
         else:
             vector = src.acknowledge()

@@ -55,7 +55,7 @@ class Callback:
         if deassert not in DEASSERT_MODES:
             raise ValueError(f"callback deassert mode {deassert!r}: expected poll or eoi")
         self.xen = xen
-        self.machine = xen.machine
+        self.host = xen.host
         self.deassert_mode = deassert
         self.via = 0                         # HVM_PARAM_CALLBACK_IRQ as set
         self.kind: str = "none"              # none | gsi | intx | vector
@@ -65,15 +65,12 @@ class Callback:
         self.level = False                   # the GSI/INTx line as we drive it
         self.direct: dict[int, int] = {}     # vCPU -> callback vector waiting for IF=1
         self._sources: list = []             # the IrqLine sources the level drives
-        self._poll_hook = None
-        self.poll_wanted = False
+        self._poll = None                    # the host's block-start watch, while the line is high (poll mode)
         self.stats = {"asserts": 0, "deasserts": 0, "polls": 0, "eoi_checks": 0, "vectors": 0}
-        m = self.machine
-        m.ioapic.on_eoi.append(self._ioapic_eoi)
-        m.pic.on_eoi.append(self._pic_eoi)
+        self.host.on_eoi(self._ioapic_eoi, self._pic_eoi)
 
     def _trace(self, text: str) -> None:
-        tr = self.machine.tracer
+        tr = self.host.tracer
         if tr.active or tr.listeners:
             tr.emit("evtchn", text)
 
@@ -99,11 +96,11 @@ class Callback:
     def decode_via(self, value: int) -> tuple[str, int | None, tuple[int, int] | None, int | None]:
         """HVM_PARAM_CALLBACK_IRQ -> (kind, GSI, (devfn, pin), vector); an unknown type or GSI 0 is none."""
         kind, arg = value >> 56, value & ((1 << 56) - 1)
-        if kind == CALLBACK_TYPE_GSI and 0 < arg < len(self.machine.gsi):
+        if kind == CALLBACK_TYPE_GSI and 0 < arg < self.host.gsi_count:
             return "gsi", arg, None, None
         if kind == CALLBACK_TYPE_PCI_INTX:
             devfn, pin = (arg >> 8) & 0xFF, (arg & 3) + 1
-            return "intx", 16 + self.machine.pci.pirq_of(devfn, pin), (devfn, pin), None
+            return "intx", 16 + self.host.pci_pirq(devfn, pin), (devfn, pin), None
         if kind == CALLBACK_TYPE_VECTOR and arg & 0xFF >= 0x10:
             return "vector", None, None, arg & 0xFF
         return "none", None, None, None
@@ -112,9 +109,9 @@ class Callback:
         """The GSI via drives IOAPIC pin n and, for n < 16, 8259 input n: one sub-line each."""
         self._sources = []
         if self.kind == "gsi":
-            self._sources = [self.machine.gsi[self.gsi].source("xen-callback")]
+            self._sources = [self.host.gsi_source(self.gsi, "xen-callback")]
             if self.gsi < 16:
-                self._sources.append(self.machine.pic_input(self.gsi, "xen-callback"))
+                self._sources.append(self.host.pic_source(self.gsi, "xen-callback"))
 
     def describe(self) -> str:
         if self.kind == "gsi":
@@ -133,12 +130,12 @@ class Callback:
         if per_vcpu:
             self.stats["vectors"] += 1
             self._trace(f"upcall vCPU {vcpu}: LAPIC vector {per_vcpu:#x}")
-            self.machine.lapic.accept(per_vcpu)
+            self.host.lapic_accept(per_vcpu)
         elif self.kind == "vector":
             self.stats["vectors"] += 1
             self._trace(f"upcall vCPU {vcpu}: vector {self.vector:#x} (direct)")
             self.direct[vcpu] = self.vector
-            self.machine.kick("xen callback vector", force=True)
+            self.host.kick("xen callback vector", force=True)
         elif self.kind in ("gsi", "intx") and vcpu == 0:
             self._raise()
 
@@ -152,7 +149,7 @@ class Callback:
     def _set_line(self, level: bool) -> None:
         if self.kind == "intx":
             devfn, pin = self.intx
-            self.machine.pci.set_extra_intx(devfn, pin, level)
+            self.host.set_pci_intx(devfn, pin, level)
         else:
             for src in self._sources:
                 src.set_level(level)
@@ -165,8 +162,8 @@ class Callback:
         self._trace(f"callback {self.describe()} asserted")
         self._set_line(True)
         if self.deassert_mode == "poll":
-            self.poll_wanted = True
-            self.machine.kick("callback poll", force=True)
+            self.arm_poll()
+            self.host.kick("callback poll", force=True)
 
     def _lower(self, why: str) -> None:
         if not self.level:
@@ -175,12 +172,11 @@ class Callback:
         self.stats["deasserts"] += 1
         self._trace(f"callback {self.describe()} deasserted ({why})")
         self._set_line(False)
-        self.poll_wanted = False
         self.disarm_poll()
 
     def _drop_sources(self) -> None:
         if self.kind == "intx" and self.intx is not None:
-            self.machine.pci.set_extra_intx(*self.intx, False)
+            self.host.set_pci_intx(*self.intx, False)
         self._sources = []
 
     def _pending0(self) -> bool:
@@ -188,38 +184,47 @@ class Callback:
         return info is not None and bool(info.upcall_pending)
 
     # -- deassert by polling at block starts -------------------------------------------
-    def arm_poll(self, vcpu) -> None:
-        """From the run loop (never inside a hook): ask ``vcpu`` for a check at every block start."""
-        self.poll_wanted = False
-        if self._poll_hook is not None or not self.level:
-            return
-        info = self.xen.vcpu_info(0)
-        if info is None:
-            return
-        mem, gpa = self.machine.memory, info.gpa
-        self._poll_vcpu = vcpu
+    def arm_poll(self) -> None:
+        """Ask the host for a check of vCPU 0's ``upcall_pending`` at every block start.
 
-        tracer = self.machine.tracer
+        The host installs it before the guest next runs (a hook cannot be
+        added from inside another); it stays until the line drops.
+        """
+        if self._poll is not None or not self.level:
+            return
+        mem, tracer = self.host.memory, self.host.tracer
         each = tracer.on("evtchn")
+        where: list[int] = []            # vcpu_info's address, looked up at the first check (after a load too)
 
         def on_block(address: int) -> None:
+            if not where:
+                info = self.xen.vcpu_info(0)
+                if info is None:
+                    return
+                where.append(info.gpa)
             self.stats["polls"] += 1
-            if not mem.read_u8(gpa):
+            if not mem.read_u8(where[0]):
                 self._lower(f"upcall_pending read 0 at block {address:#x}")
             elif each:
                 tracer.emit("evtchn", f"poll at block {address:#x}: upcall_pending 1, line stays asserted")
-        self._poll_hook = vcpu.add_block_check(on_block)
+        self._poll = self.host.watch_block_starts(0, on_block)
         self._trace("poll hook armed")
 
     def disarm_poll(self) -> None:
-        if self._poll_hook is not None:
-            self._poll_vcpu.remove_block_check(self._poll_hook)
-            self._poll_hook = None
+        if self._poll is not None:
+            self.host.unwatch_block_starts(self._poll)
+            self._poll = None
             self._trace("poll hook removed")
 
     @property
+    def poll_wanted(self) -> bool:
+        """The poll is asked for but not yet installed (the guest has not run since)."""
+        return self._poll is not None and not self._poll.installed
+
+    @property
     def polling(self) -> bool:
-        return self._poll_hook is not None
+        """The poll runs at every block start."""
+        return self._poll is not None and self._poll.installed
 
     # -- deassert by resampling at EOI ----------------------------------------------------
     def _resample(self, where: str) -> None:
@@ -238,7 +243,7 @@ class Callback:
             return
         if self.kind == "gsi" and irq == self.gsi:
             self._resample(f"8259 IRQ {irq}")
-        elif self.kind == "intx" and irq == self.machine.piix3.pirq_route(self.gsi - 16):
+        elif self.kind == "intx" and irq == self.host.pirq_route(self.gsi - 16):
             self._resample(f"8259 IRQ {irq}")
 
     # -- snapshots (a record, see xenicorn.records) -----------------------------------
@@ -262,7 +267,7 @@ class Callback:
         if 0 < vector < 0x10 or (level and kind not in ("gsi", "intx")) or (poll and not level) \
                 or (poll and self.deassert_mode != "poll"):
             raise RecordError(f"callback via {via:#x} with vector {vector:#x}, level {level}, poll {poll}")
-        nvcpus = len(self.machine.vcpus)
+        nvcpus = len(self.host.vcpus)
         direct = {}
         for item in listing(st, "direct", nvcpus):
             if not isinstance(item, list) or len(item) != 2:
@@ -290,4 +295,5 @@ class Callback:
         for src, n in zip(self._sources, edges, strict=True):   # checked: one edge count per sub-line
             src.level, src.edges = level, n
         self.direct, self.stats = dict(direct), dict(stats)
-        self.poll_wanted = poll           # the run loop installs the block hook again
+        if poll:
+            self.arm_poll()               # the host installs the block check before the next run

@@ -31,7 +31,7 @@ def console_io(call, cmd: int, count: int, buffer: int, *_) -> int:
         done = 0
         while done < count:                  # copy in chunks, as Xen does
             n = min(CHUNK, count - done)
-            xen.machine.console.write(call.guest.read(buffer + done, n))
+            xen.host.console.write(call.guest.read(buffer + done, n))
             done += n
         return 0
     if cmd == CONSOLEIO_read:

@@ -145,12 +145,12 @@ class EventChannels:
         return 1024 if (self.xen.state.width or 64) == 32 else 4096
 
     def _trace(self, text: str) -> None:
-        tr = self.xen.machine.tracer
+        tr = self.xen.host.tracer
         if tr.active or tr.listeners:
             tr.emit("evtchn", text)
 
     def _valid_vcpu(self, vcpu: int) -> bool:
-        return 0 <= vcpu < len(self.xen.machine.vcpus)
+        return 0 <= vcpu < len(self.xen.host.vcpus)
 
     def _check_self(self, dom: int) -> None:
         if dom not in (DOMID_SELF, self.xen.config.domid):
@@ -491,7 +491,7 @@ class EventChannels:
         the ports of those types.
         """
         st = open_record(record, *self.RECORD)
-        me, nvcpus = self.xen.config.domid, len(self.xen.machine.vcpus)
+        me, nvcpus = self.xen.config.domid, len(self.xen.host.vcpus)
         ports: dict[int, Port] = {}
         for item in listing(st, "ports", 4096):
             n, p = _pair(item, "port")

@@ -145,7 +145,7 @@ class GrantTable:
 
     def entry(self, ref: int) -> tuple[int, int, int]:
         """(flags, domid, frame) of grant ``ref`` as the guest wrote it."""
-        mem = self.xen.machine.memory
+        mem = self.xen.host.memory
         gpa = self._entry_gpa(ref)
         if not mem.is_ram(gpa, 8):
             raise GrantError(GNTST_bad_gntref, f"grant frame of reference {ref} is not mapped in RAM")
@@ -160,14 +160,14 @@ class GrantTable:
         if writable and flags & GTF_readonly:
             raise GrantError(GNTST_permission_denied, f"reference {ref} is read-only")
         gpa = frame * 4096
-        if not self.xen.machine.memory.is_ram(gpa, 4096):
+        if not self.xen.host.memory.is_ram(gpa, 4096):
             raise GrantError(GNTST_bad_page, f"granted frame {frame:#x} is not RAM")
         return gpa
 
     def _set_busy(self, ref: int) -> None:
         """GTF_reading/GTF_writing while mapped, as Xen maintains them."""
         gpa = self._entry_gpa(ref)
-        mem = self.xen.machine.memory
+        mem = self.xen.host.memory
         live = self.mappings.get(ref, [])
         flags = mem.read_struct(gpa, "<H")[0] & ~(GTF_reading | GTF_writing)
         if live:
@@ -194,13 +194,13 @@ class GrantTable:
         """GNTTABOP_copy from the guest: bytes of a granted frame."""
         if offset < 0 or size < 0 or offset + size > 4096:
             raise GrantError(GNTST_general_error, "copy beyond the frame")
-        return self.xen.machine.memory.read(self._check(ref, False, domid) + offset, size)
+        return self.xen.host.memory.read(self._check(ref, False, domid) + offset, size)
 
     def write(self, ref: int, offset: int, data: bytes, domid: int = BACKEND_DOMID) -> None:
         """GNTTABOP_copy to the guest (needs a writable grant)."""
         if offset < 0 or offset + len(data) > 4096:
             raise GrantError(GNTST_general_error, "copy beyond the frame")
-        self.xen.machine.memory.write(self._check(ref, True, domid) + offset, data)
+        self.xen.host.memory.write(self._check(ref, True, domid) + offset, data)
 
     # -- snapshots (snapshot/) -------------------------------------------------------
     # -- snapshots (a record, see xenicorn.records) -----------------------------------

@@ -103,7 +103,7 @@ def hvm_op(call, cmd: int, arg: int, *_) -> int:
         vcpu_id, vector = call.guest.read_struct(arg, "<IB")
         if vector < 0x10:
             raise HypercallError(errno.EINVAL, f"upcall vector {vector:#x} < 0x10")
-        if vcpu_id >= len(xen.machine.vcpus):
+        if vcpu_id >= len(xen.host.vcpus):
             raise HypercallError(errno.ENOENT, f"vCPU {vcpu_id}")
         xen.state.upcall_vectors[vcpu_id] = vector
         call.note(f"vCPU {vcpu_id} upcall vector {vector:#x}")

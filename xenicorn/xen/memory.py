@@ -59,7 +59,7 @@ def map_space(call, space: int, idx: int, gpfn: int) -> None:
         if idx != 0:
             raise HypercallError(errno.EINVAL, f"shared_info idx {idx}")
         gpa = gpfn * PAGE
-        if not xen.machine.memory.is_ram(gpa, PAGE):
+        if not xen.host.memory.is_ram(gpa, PAGE):
             raise HypercallError(errno.EINVAL, f"gpfn {gpfn:#x} is not RAM")
         xen.map_shared_info(gpa, call.bits)
         call.note(f"shared_info at {gpa:#x}")
@@ -72,7 +72,7 @@ def map_space(call, space: int, idx: int, gpfn: int) -> None:
         if gpfn * PAGE >= 1 << 52 or gpfn * PAGE in (IOAPIC_BASE, LAPIC_BASE):
             raise HypercallError(errno.EINVAL, f"gpfn {gpfn:#x}")
         xen.state.grant_frames[idx] = gpfn
-        xen.machine.memory.map_frame(idx, gpfn * PAGE)
+        xen.host.memory.map_frame(idx, gpfn * PAGE)
         xen.gnttab.frame_mapped(idx)
         call.note(f"grant frame {idx} at gpfn {gpfn:#x}")
         return
@@ -119,7 +119,7 @@ def _add_to_physmap_batch(call, arg: int) -> int:
 def _memory_map(call, arg: int) -> int:
     fmt = "<I4xQ" if call.bits == 64 else "<II"
     nr, buf = call.guest.read_struct(arg, fmt)
-    e820 = call.xen.machine.memory.e820()
+    e820 = call.xen.host.memory.e820()
     n = min(nr, len(e820))
     raw = b"".join(struct.pack("<QQI", e.addr, e.size, e.type) for e in e820[:n])
     call.guest.write(buf, raw)
@@ -138,7 +138,7 @@ def _reservation(call, cmd: int, arg: int) -> int:
     if order > MAX_ORDER:
         call.note(f"extent_order {order} > {MAX_ORDER}")
         return 0
-    mem = xen.machine.memory
+    mem = xen.host.memory
     w = call.bits // 8
     pages_per = 1 << order
     done = 0

@@ -124,14 +124,14 @@ class Physdev:
 
     def bound(self, pirq: int) -> None:
         """A port was just bound: the IOAPIC lets go; a line already high is an event now."""
-        self.xen.machine.ioapic.set_irq(self.mapped[pirq], False)
+        self.xen.host.ioapic_input(self.mapped[pirq], False)
         if self.levels[self.mapped[pirq]]:
             self._event(pirq)
 
     def unbound(self, pirq: int) -> None:
         gsi = self.mapped.get(pirq)
         if gsi is not None:                                # hand the line back to the IOAPIC
-            self.xen.machine.ioapic.set_irq(gsi, self.levels[gsi])
+            self.xen.host.ioapic_input(gsi, self.levels[gsi])
 
 
     # -- snapshots (snapshot/) -------------------------------------------------------

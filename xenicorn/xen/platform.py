@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from .. import exits as E
 from . import hypercall, version, console, sched, memory, hvm, vcpu_op, pvclock, timers
 from .callback import Callback
+from .host import XenHost
 from .evtchn import EventChannels, VIRQ_TIMER, Port, UNBOUND, BACKEND_DOMID
 from .physdev import Physdev
 from .gnttab import GrantTable
@@ -90,10 +91,15 @@ class XenState:
 
 
 class XenPlatform:
-    """Attach with ``XenPlatform(machine)``; the machine then has ``machine.xen``."""
+    """Xen for one HVM domain, on a :class:`~xenicorn.xen.host.XenHost` (the machine).
 
-    def __init__(self, machine, config: XenConfig | None = None, callback_deassert: str = "poll"):
-        self.machine = machine
+    Building it plugs Xen into the host: its CPUID leaves, the hypercall-page
+    MSR, VMCALL, the PIRQ filter on GSIs, the callback vector as an
+    interrupt source, what wakes a blocked vCPU, and the PV console's input.
+    """
+
+    def __init__(self, host: XenHost, config: XenConfig | None = None, callback_deassert: str = "poll"):
+        self.host = host
         self.config = config or XenConfig()
         self.state = XenState()
         self.shutdown_code: int | None = None
@@ -102,11 +108,11 @@ class XenPlatform:
         self.hypercall_counts: dict[str, int] = {}
         self.state.pages = self.max_pages()
         self.boot_ns = 0
-        self.tsc = machine.tsc
+        self.tsc = host.tsc
         # (TSC, Xen ns, mul, shift): see now_ns. Deterministic: TSC 0 is time 0,
         # the same line in every run and after every restore.
         self.time_base: tuple[int, int, int, int] | None = (
-            (0, 0, *pvclock.scale_for(self.tsc.hz())) if machine.clock.deterministic else None)
+            (0, 0, *pvclock.scale_for(self.tsc.hz())) if host.clock.deterministic else None)
         self.watchdog_timers: dict = {}
         self.evtchn = EventChannels(self)
         self.physdev = Physdev(self)
@@ -124,10 +130,14 @@ class XenPlatform:
             hypercall.NUMBERS["hvm_op"]: hvm.hvm_op,
             hypercall.NUMBERS["vcpu_op"]: vcpu_op.vcpu_op,
         }
-        machine.xen = self
         self._build_dom0_services()
-        machine.cpuid.providers.append(self.cpuid)
-        machine.msr_handlers[HYPERCALL_MSR] = self.hypercall_msr
+        host.add_cpuid_provider(self.cpuid)
+        host.add_msr_handler(HYPERCALL_MSR, self.hypercall_msr)
+        host.set_hypercall_handler(self.handle_hypercall)
+        host.add_gsi_filter(self.physdev.gsi_changed)
+        host.add_interrupt_source(self.callback)
+        host.add_wake_source(self.wakes)
+        host.set_console_input(self.pvconsole.feed)
 
     # -- what the toolstack sets up before the guest runs ------------------------------
     SPECIAL_AREA = 0xFEFF8000               # hvmloader's special pages, as QEMU places them
@@ -143,20 +153,20 @@ class XenPlatform:
         already connected to xenicorn, which plays dom0: the guest finds
         both in HVM_PARAM_STORE_PFN/EVTCHN and CONSOLE_PFN/EVTCHN.
         """
-        m = self.machine
-        m.memory.reserve(self.SPECIAL_AREA, 0x8000)
-        trace = (lambda text: m.tracer.emit("xenstore", text)) if m.tracer.on("xenstore") else None
+        host = self.host
+        host.memory.reserve(self.SPECIAL_AREA, 0x8000)
+        trace = (lambda text: host.tracer.emit("xenstore", text)) if host.tracer.on("xenstore") else None
         self.store = Store()
         self.host_watches: dict = {}
         xs_gpa, con_gpa = self.XENSTORE_PFN << 12, self.CONSOLE_PFN << 12
-        m.memory.map_frame(self.XENSTORE_FRAME, xs_gpa)
-        m.memory.map_frame(self.CONSOLE_FRAME, con_gpa)
+        host.memory.map_frame(self.XENSTORE_FRAME, xs_gpa)
+        host.memory.map_frame(self.CONSOLE_FRAME, con_gpa)
         xs_port, self.xenstore_backend = self._dom0_port(self._xenstore_kick)
         con_port, self.console_backend = self._dom0_port(lambda: self.pvconsole.kick())
-        self.xenstore = XenstoreServer(self.store, m.memory, xs_gpa, self.config.domid,
+        self.xenstore = XenstoreServer(self.store, host.memory, xs_gpa, self.config.domid,
                                        self.xenstore_backend.notify, trace)
         self.xenstore.reset_page()
-        self.pvconsole = PvConsole(m.memory, con_gpa, m.console.write, self.console_backend.notify)
+        self.pvconsole = PvConsole(host.memory, con_gpa, host.console.write, self.console_backend.notify)
         p = self.state.params
         p[hvm.HVM_PARAM_STORE_PFN], p[hvm.HVM_PARAM_STORE_EVTCHN] = self.XENSTORE_PFN, xs_port
         p[hvm.HVM_PARAM_CONSOLE_PFN], p[hvm.HVM_PARAM_CONSOLE_EVTCHN] = self.CONSOLE_PFN, con_port
@@ -249,7 +259,7 @@ class XenPlatform:
             return ((major << 16) | minor, 0, 0, 0)
         if n == 2:
             # The guest is about to install the hypercall page: watch the MSR.
-            self.machine.vcpus[vcpu_index].msr.open(MSR_INTEREST)
+            self.host.vcpus[vcpu_index].msr.open(MSR_INTEREST)
             return (1, HYPERCALL_MSR, 0, 0)
         if n == 3:
             # Time leaf: sub-leaf 0 TSC mode (0 = native TSC) and the guest
@@ -276,22 +286,22 @@ class XenPlatform:
         RAM raise #GP(0), as Xen's ``guest_wrmsr_xen`` does.
         """
         gpa = ex.value & ~0xFFF
-        if not ex.write or ex.value & 0xFFF or not self.machine.memory.is_ram(gpa, 4096):
-            return self.machine.deliver_exception(vcpu, 13, 0)
+        if not ex.write or ex.value & 0xFFF or not self.host.memory.is_ram(gpa, 4096):
+            return self.host.deliver_exception(vcpu, 13, 0)
         self.fill_hypercall_page(gpa)
         vcpu.msr.close(MSR_INTEREST)
-        if self.machine.tracer.on("hypercalls"):
-            self.machine.tracer.emit("hypercalls", f"hypercall page installed at {gpa:#x}")
+        if self.host.tracer.on("hypercalls"):
+            self.host.tracer.emit("hypercalls", f"hypercall page installed at {gpa:#x}")
         return E.Action.CONTINUE
 
     def fill_hypercall_page(self, gpa: int) -> None:
-        insn = VMMCALL if self.machine.config.vendor == "amd" else VMCALL
+        insn = VMMCALL if self.host.vendor == "amd" else VMCALL
         page = bytearray(b"\xcc" * 4096)
         for n in range(4096 // 32):
             page[n * 32:n * 32 + 9] = b"\xb8" + struct.pack("<I", n) + insn + b"\xc3"
         iret = hypercall.NUMBERS["iret"] * 32
         page[iret:iret + 9] = b"\x0f\x0b" + b"\xcc" * 7
-        mem = self.machine.memory
+        mem = self.host.memory
         mem.write(gpa, bytes(page))
         mem.code_written(gpa, 4096)
         self.state.hypercall_page = gpa
@@ -303,23 +313,23 @@ class XenPlatform:
         ex.number, ex.args, ex.result = call.number, call.args, call.result
         name = hypercall.HYPERCALL_NAMES.get(call.number, str(call.number))
         self.hypercall_counts[name] = self.hypercall_counts.get(name, 0) + 1
-        if self.machine.tracer.on("hypercalls"):
+        if self.host.tracer.on("hypercalls"):
             from .errno import name as errname
             args = ", ".join(f"{a:#x}" for a in call.args[:3])
             extra = f"  [{'; '.join(call.notes)}]" if call.notes else ""
             res = errname(call.result) if call.result < 0 else f"{call.result:#x}"
-            self.machine.tracer.emit("hypercalls", f"{name}({args}) = {res}{extra}")
-        if call.stop or self.machine.status is not None:
+            self.host.tracer.emit("hypercalls", f"{name}({args}) = {res}{extra}")
+        if call.stop or self.host.status is not None:
             return E.Action.STOP
         vcpu.pc = ex.pc + 3                      # past VMCALL/VMMCALL
         return E.Action.CONTINUE
 
     # -- memory, shared_info, vcpu_info, time ----------------------------------
     def max_pages(self) -> int:
-        return self.machine.memory.size // 4096
+        return self.host.memory.size // 4096
 
     def max_ram_page(self) -> int:
-        base, length, _ = self.machine.memory.ram_regions[-1]
+        base, length, _ = self.host.memory.ram_regions[-1]
         return (base + length) // 4096 - 1
 
     def now_ns(self) -> int:
@@ -345,7 +355,7 @@ class XenPlatform:
 
     def _fix_time_base(self) -> tuple[int, int, int, int]:
         if self.time_base is None:
-            self.time_base = (self.tsc.read(), self.machine.clock.now_ns(), *pvclock.scale_for(self.tsc.hz()))
+            self.time_base = (self.tsc.read(), self.host.clock.now_ns(), *pvclock.scale_for(self.tsc.hz()))
         return self.time_base
 
     def _time_at(self, tsc: int) -> int:
@@ -359,7 +369,7 @@ class XenPlatform:
         TSC calibration error, so a timer armed this way may fire a few µs
         early for a far deadline: :meth:`set_singleshot` looks again.
         """
-        return self.machine.clock.now_ns() + (xen_ns - self.now_ns())
+        return self.host.clock.now_ns() + (xen_ns - self.now_ns())
 
     def restart_time(self) -> None:
         """A snapshot was restored: continue Xen time from the machine clock.
@@ -370,11 +380,11 @@ class XenPlatform:
         deterministic mode the TSC is machine time, restored exactly: nothing
         to do.
         """
-        if self.machine.clock.deterministic:
+        if self.host.clock.deterministic:
             return
         self.time_base = None
         if self.state.shared_info_gpa is not None:
-            for i in range(len(self.machine.vcpus)):
+            for i in range(len(self.host.vcpus)):
                 self.update_time(i)
 
     def vcpu_state(self, index: int) -> VcpuState:
@@ -382,13 +392,13 @@ class XenPlatform:
 
     def shared_info(self) -> SharedInfo | None:
         gpa = self.state.shared_info_gpa
-        return None if gpa is None else SharedInfo(self.machine.memory, gpa, self.state.width or 64)
+        return None if gpa is None else SharedInfo(self.host.memory, gpa, self.state.width or 64)
 
     def vcpu_info(self, index: int) -> VcpuInfo | None:
         """Where vCPU ``index``'s vcpu_info lives now (registered page or shared_info)."""
         vs = self.vcpu_state(index)
         if vs.vcpu_info_gpa is not None:
-            return VcpuInfo(self.machine.memory, vs.vcpu_info_gpa, layout(self.state.width or 64))
+            return VcpuInfo(self.host.memory, vs.vcpu_info_gpa, layout(self.state.width or 64))
         si = self.shared_info()
         return si.vcpu_info(index) if si is not None and index < 32 else None
 
@@ -396,23 +406,23 @@ class XenPlatform:
         """XENMAPSPACE_shared_info: that RAM page becomes shared_info."""
         self.state.width = bits
         self.state.shared_info_gpa = gpa
-        self.machine.memory.fill(gpa, 4096)
+        self.host.memory.fill(gpa, 4096)
         si = self.shared_info()
         # deterministic runs start from a fixed date (2026-01-01), so they repeat
-        wall = 1767225600 * 10**9 + self.now_ns() if self.machine.clock.deterministic else time.time_ns()
+        wall = 1767225600 * 10**9 + self.now_ns() if self.host.clock.deterministic else time.time_ns()
         si.write_wallclock(wall // 1_000_000_000, wall % 1_000_000_000)
-        for i in range(len(self.machine.vcpus)):
+        for i in range(len(self.host.vcpus)):
             self.update_time(i)
 
     def register_vcpu_info(self, index: int, gpa: int, bits: int) -> None:
         """VCPUOP_register_vcpu_info: copy the current contents, then move."""
         self.state.width = self.state.width or bits
         old = self.vcpu_info(index)
-        new = VcpuInfo(self.machine.memory, gpa, layout(self.state.width))
+        new = VcpuInfo(self.host.memory, gpa, layout(self.state.width))
         if old is not None:
             new.copy_from(old)
         else:
-            self.machine.memory.fill(gpa, 64)
+            self.host.memory.fill(gpa, 64)
         self.vcpu_state(index).vcpu_info_gpa = gpa
         self.update_time(index)
 
@@ -423,13 +433,13 @@ class XenPlatform:
         now = self._time_at(tsc)
         info = self.vcpu_info(index)
         if info is not None:
-            pvclock.publish(self.machine.memory, info.time_gpa, tsc, now, mul, shift)
+            pvclock.publish(self.host.memory, info.time_gpa, tsc, now, mul, shift)
         area = self.vcpu_state(index).time_area
         if area is not None:
             from .guest import GuestAccess, HypercallError
             record = pvclock.TimeInfo(2, tsc, now, mul, shift).pack()
             try:
-                GuestAccess(self.machine.vcpus[index]).write(area, record)
+                GuestAccess(self.host.vcpus[index]).write(area, record)
             except HypercallError:
                 pass                        # Xen ignores an unwritable area too
 
@@ -437,11 +447,11 @@ class XenPlatform:
     def _arm(self, index: int, name: str, deadline: int, fire) -> None:
         """Arm vCPU timer ``name`` at machine-clock time ``deadline``."""
         vs = self.vcpu_state(index)
-        self.machine.clock.cancel(vs.timers.pop(name, None))
-        vs.timers[name] = self.machine.clock.add_timer(deadline, fire, f"vcpu{index}-{name}")
+        self.host.clock.cancel(vs.timers.pop(name, None))
+        vs.timers[name] = self.host.clock.add_timer(deadline, fire, f"vcpu{index}-{name}")
 
     def _disarm(self, index: int, name: str) -> None:
-        self.machine.clock.cancel(self.vcpu_state(index).timers.pop(name, None))
+        self.host.clock.cancel(self.vcpu_state(index).timers.pop(name, None))
 
     def set_singleshot(self, index: int, deadline: int | None) -> None:
         """Arm (or with None stop) vCPU ``index``'s single-shot timer at Xen time ``deadline``."""
@@ -467,7 +477,7 @@ class XenPlatform:
                 return
             early = deadline - self.now_ns()
             if early > 0:
-                self._arm(index, "singleshot", self.machine.clock.now_ns() + early, fire)
+                self._arm(index, "singleshot", self.host.clock.now_ns() + early, fire)
                 return
             vs.singleshot_ns = None
             self.timer_fired(index)
@@ -482,14 +492,14 @@ class XenPlatform:
 
         def fire():
             self.timer_fired(index)
-            self._arm(index, "periodic", self.machine.clock.now_ns() + period, fire)
+            self._arm(index, "periodic", self.host.clock.now_ns() + period, fire)
         self._arm(index, "periodic", self.now_ns() + period, fire)
 
     def timer_fired(self, index: int) -> None:
         """A vCPU timer expired: Xen sends VIRQ_TIMER to that vCPU."""
         self.vcpu_state(index).timer_events += 1
-        if not self.evtchn.send_virq(VIRQ_TIMER, index) and self.machine.tracer.on("evtchn"):
-            self.machine.tracer.emit("evtchn", f"VIRQ_TIMER for vCPU {index} (no port bound)")
+        if not self.evtchn.send_virq(VIRQ_TIMER, index) and self.host.tracer.on("evtchn"):
+            self.host.tracer.emit("evtchn", f"VIRQ_TIMER for vCPU {index} (no port bound)")
 
     def callback_changed(self, old: int, new: int) -> None:
         """HVM_PARAM_CALLBACK_IRQ changed: re-plumb upcall delivery."""
@@ -499,14 +509,14 @@ class XenPlatform:
         """-ENOSYS paths: say so once per kind, as QEMU's LOG_UNIMP does."""
         if what not in self.unimplemented_seen:
             self.unimplemented_seen.add(what)
-            self.machine.tracer.emit("hypercalls", f"unimplemented: {what} -> -ENOSYS")
+            self.host.tracer.emit("hypercalls", f"unimplemented: {what} -> -ENOSYS")
 
     def feature_submap(self) -> int:
         return sum(1 << f for f in self.state.features)
 
     def block(self, vcpu) -> None:
         """SCHEDOP_block: sleep until an event or an interrupt is pending."""
-        self.machine.idle(vcpu, "SCHEDOP_block")
+        self.host.idle(vcpu, "SCHEDOP_block")
 
     def port_pending(self, port: int) -> bool:
         si = self.shared_info()

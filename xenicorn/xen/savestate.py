@@ -72,7 +72,7 @@ class DomainRecord:
 
     def save_record(self) -> dict:
         xen, st = self.xen, self.xen.state
-        clock = xen.machine.clock
+        clock = xen.host.clock
         armed = {f"vcpu{i}-{name}": t for i, vs in st.vcpus.items() for name, t in vs.timers.items()}
         armed.update({f"watchdog{wid}": t for wid, t in xen.watchdog_timers.items()})
         # SCHEDOP_poll's timeout is armed on the clock by name only (sched.py)
@@ -98,7 +98,7 @@ class DomainRecord:
         """
         xen = self.xen
         st = open_record(record, *self.RECORD)
-        nvcpus = len(xen.machine.vcpus)
+        nvcpus = len(xen.host.vcpus)
         width = field(st, "width")
         if width not in (None, 32, 64):
             raise RecordError(f"guest width {width!r}")
@@ -147,7 +147,7 @@ class DomainRecord:
     def _ram(self, st: dict, key: str, size: int) -> int | None:
         """Field ``key``: null or a guest-physical range of ``size`` bytes in RAM."""
         gpa = optional(st, key, 52)
-        regions = self.xen.machine.memory.ram_regions
+        regions = self.xen.host.memory.ram_regions
         if gpa is not None and not any(base <= gpa and gpa + size <= base + n for base, n, _ in regions):
             raise RecordError(f"{key} {gpa:#x} is not in RAM")
         return gpa
@@ -155,7 +155,7 @@ class DomainRecord:
     def apply_record(self, p: dict) -> None:
         """Install the domain's state and re-arm every Xen timer with its callback (after the clock)."""
         xen = self.xen
-        st, clock = xen.state, xen.machine.clock
+        st, clock = xen.state, xen.host.clock
         st.hypercall_page, st.width, st.shared_info_gpa = p["hypercall_page"], p["width"], p["shared_info_gpa"]
         st.features, st.ballooned = set(p["features"]), set(p["ballooned"])
         st.grant_frames, st.params = dict(p["grant_frames"]), dict(p["params"])
@@ -216,5 +216,5 @@ def _vcpu_timer(xen, index: int, name: str):
 
     def tick():
         xen.timer_fired(index)
-        xen._arm(index, "periodic", xen.machine.clock.now_ns() + vs.periodic_ns, tick)
+        xen._arm(index, "periodic", xen.host.clock.now_ns() + vs.periodic_ns, tick)
     return tick

@@ -59,9 +59,9 @@ def _poll(call, arg: int) -> int:
     vs = xen.vcpu_state(call.vcpu.index)
     vs.poll_done = False
     if timeout:
-        xen.machine.clock.add_timer(xen.machine_deadline(timeout), poll_expired(vs), f"vcpu{call.vcpu.index}-poll")
+        xen.host.clock.add_timer(xen.machine_deadline(timeout), poll_expired(vs), f"vcpu{call.vcpu.index}-poll")
     call.note(f"poll {nr} ports, timeout {timeout} ns")
-    xen.machine.idle(call.vcpu, "SCHEDOP_poll")
+    xen.host.idle(call.vcpu, "SCHEDOP_poll")
     return 0
 
 
@@ -75,7 +75,7 @@ def poll_expired(vs):
 def watchdog_bite(xen, wid: int):
     """The callback of domain watchdog ``wid`` (also re-armed by a snapshot restore)."""
     def bite():
-        xen.machine.shutdown("watchdog", STATUS["watchdog"], f"domain watchdog {wid} expired")
+        xen.host.shutdown("watchdog", STATUS["watchdog"], f"domain watchdog {wid} expired")
     return bite
 
 
@@ -93,14 +93,14 @@ def _watchdog(call, arg: int) -> int:
         wid = free[0]
     elif wid not in dogs:
         raise HypercallError(errno.EINVAL, f"watchdog {wid} is not running")
-    xen.machine.clock.cancel(xen.watchdog_timers.pop(wid, None))
+    xen.host.clock.cancel(xen.watchdog_timers.pop(wid, None))
     if timeout == 0:
         dogs.pop(wid, None)
         call.note(f"watchdog {wid} stopped")
         return 0
-    deadline = xen.machine.clock.now_ns() + timeout * 1_000_000_000
+    deadline = xen.host.clock.now_ns() + timeout * 1_000_000_000
     dogs[wid] = deadline
-    xen.watchdog_timers[wid] = xen.machine.clock.add_timer(deadline, watchdog_bite(xen, wid), f"watchdog{wid}")
+    xen.watchdog_timers[wid] = xen.host.clock.add_timer(deadline, watchdog_bite(xen, wid), f"watchdog{wid}")
     call.note(f"watchdog {wid}: {timeout} s")
     return wid
 
@@ -125,7 +125,7 @@ def sched_op(call, cmd: int, arg: int, *_) -> int:
             xen.shutdown_code = reason
             return 0
         call.note(f"shutdown {name}")
-        xen.machine.shutdown(name, STATUS[name], f"SCHEDOP_shutdown({name})")
+        xen.host.shutdown(name, STATUS[name], f"SCHEDOP_shutdown({name})")
         call.stop = True
         return 0
     if cmd == SCHEDOP_poll:

@@ -53,7 +53,7 @@ def vcpu_op(call, cmd: int, vcpuid: int, arg: int, *_) -> int:
     """Dispatch a VCPUOP_* (see the module table)."""
     xen = call.xen
     vcpuid &= 0xFFFFFFFF
-    if vcpuid >= len(xen.machine.vcpus):
+    if vcpuid >= len(xen.host.vcpus):
         raise HypercallError(errno.ENOENT, f"vCPU {vcpuid}")
     vs = xen.vcpu_state(vcpuid)
     if cmd == VCPUOP_is_up:
@@ -101,7 +101,7 @@ def vcpu_op(call, cmd: int, vcpuid: int, arg: int, *_) -> int:
         if vs.vcpu_info_gpa is not None:
             raise HypercallError(errno.EINVAL, "vcpu_info already registered")
         gpa = mfn * 4096 + offset
-        if not xen.machine.memory.is_ram(gpa, VCPU_INFO_SIZE):
+        if not xen.host.memory.is_ram(gpa, VCPU_INFO_SIZE):
             raise HypercallError(errno.EINVAL, f"frame {mfn:#x} is not RAM")
         xen.register_vcpu_info(vcpuid, gpa, call.bits)
         call.note(f"vcpu_info at {gpa:#x}")
