@@ -109,7 +109,8 @@ def test_devices_import_nothing_of_xenicorn_above_them(path):
 def test_xen_reaches_the_machine_only_through_its_host_interface(path):
     """No machine module but guest memory's (its error type): the rest comes through xen/host.py."""
     bad = sorted(n for n in ALL[path]
-                 if within(n, "xenicorn.machine") and n != "xenicorn.machine" and not within(n, "xenicorn.machine.memory")
+                 if within(n, "xenicorn.machine") and n != "xenicorn.machine"
+                 and not within(n, "xenicorn.machine.memory")
                  or within(n, "xenicorn.debug") or within(n, "xenicorn.boot") or within(n, "xenicorn.snapshot"))
     assert not bad, f"{path} imports {bad}: ask the machine through XenHost"
 
