@@ -409,8 +409,8 @@ class Stepper(Agent):
     @staticmethod
     def _insn_text(vcpu, pc: int) -> str:
         from ..machine.trace import disassemble
-        from ..engine.rawctx import RawContext
-        linear = RawContext(vcpu.uc).segment("cs").base + pc
+        with vcpu.cpu_state() as state:
+            linear = state.segment("cs").base + pc
         code = vcpu.fetch_bytes(linear, 16)
         return disassemble(code, pc, vcpu.code_bits())[0] if code else f"{pc:#x}: (unreadable)"
 
