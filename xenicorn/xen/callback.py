@@ -28,12 +28,12 @@ a byte in guest RAM. Two designs, chosen with ``--callback-deassert``:
 
 ``poll`` (what Xen and QEMU do)
     While the line is asserted, look at the flag at every exit. Here the
-    exit is the start of every translated block: a *block check* the vCPU
-    runs only while the line is high (``vcpu.add_block_check``, an engine
-    service: Unicorn instruments only the blocks translated while it is
-    armed, so arming flushes the translation cache and disarming costs
-    nothing afterwards). The line drops at the first block after the
-    guest's store.
+    exit is the start of every translated block: Xen asks its host for a
+    *block-start watch* while the line is high (``host.watch_block_starts``;
+    the run loop installs it before the guest next runs, as an engine hook:
+    Unicorn instruments only the blocks translated while it is armed, so
+    arming flushes the translation cache and disarming costs nothing
+    afterwards). The line drops at the first block after the guest's store.
 ``eoi`` (the resample the seed wished for)
     No polling at all. When the guest EOIs the callback's interrupt at the
     IOAPIC (EOI register or the LAPIC's broadcast) or at the 8259, look at
