@@ -28,6 +28,19 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
+def _smp(text: str) -> int:
+    """``-smp N`` or ``-smp cpus=N`` (QEMU's spelling; the other topology keys are not offered)."""
+    from .machine.machine import MAX_VCPUS
+    value = text[5:] if text.startswith("cpus=") else text
+    try:
+        n = int(value, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of vCPUs (N or cpus=N), not {text!r}") from None
+    if not 1 <= n <= MAX_VCPUS:
+        raise argparse.ArgumentTypeError(f"{n} vCPUs: xenicorn runs 1 to {MAX_VCPUS}")
+    return n
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xenicorn", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -57,6 +70,9 @@ def _run_options(r: argparse.ArgumentParser) -> None:
                         "unpack its vmlinux, and (without --initrd) a busybox initramfs; cached")
     r.add_argument("-m", "--memory", type=_int, default=None, metavar="MiB",
                    help="guest RAM (default 128, 512 with --kernel-deb)")
+    r.add_argument("-smp", "--smp", type=_smp, default=1, metavar="N",
+                   help="vCPUs, 1 to 8 (QEMU's syntax: N or cpus=N); they share one CPU engine and "
+                        "take turns, as QEMU's single-threaded TCG")
     from .linux.guest import DEFAULT_CMDLINE, PVH_CMDLINE
     r.add_argument("--append", "-append", default=None, metavar="CMDLINE",
                    help=f"kernel command line (with --kernel-deb, default: '{DEFAULT_CMDLINE}'; "
@@ -164,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"-m {args.memory}: guest RAM must be between 2 and 3584 MiB")
     config = MachineConfig(ram_mib=args.memory, cmdline=args.append, serial="stdio",
                            trace={t for t in args.trace.split(",") if t},
-                           max_insns=args.max_insns, timeout=args.timeout, vendor=args.vendor)
+                           max_insns=args.max_insns, timeout=args.timeout, vendor=args.vendor, smp=args.smp)
     try:
         major, minor = (int(x) for x in args.xen_version.split("."))
     except ValueError:

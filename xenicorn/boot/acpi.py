@@ -147,9 +147,10 @@ def table(signature: bytes, revision: int, body: bytes) -> bytes:
     return bytes(raw)
 
 
-def madt(lapic_base: int, ioapic_id: int, ioapic_base: int, pit_gsi: int = 2) -> bytes:
+def madt(lapic_base: int, ioapic_id: int, ioapic_base: int, pit_gsi: int = 2, cpus: int = 1) -> bytes:
+    """The MADT: one enabled processor local APIC per CPU (UID n, APIC ID n), the IOAPIC, IRQ 0's override."""
     entries = b"".join((
-        struct.pack("<BBBBI", MADT_LAPIC, 8, 0, 0, 1),                        # UID 0, APIC 0, enabled
+        *(struct.pack("<BBBBI", MADT_LAPIC, 8, n, n, 1) for n in range(cpus)),   # UID n, APIC n, enabled
         struct.pack("<BBBBII", MADT_IOAPIC, 12, ioapic_id, 0, ioapic_base, 0),
         struct.pack("<BBBBIH", MADT_ISO, 10, 0, 0, pit_gsi, 0),               # ISA IRQ0 -> GSI 2
         struct.pack("<BBBHB", MADT_LAPIC_NMI, 6, 0xFF, 0, 1),                 # all CPUs: LINT1 = NMI
@@ -204,7 +205,7 @@ def rsdp(xsdt_addr: int) -> bytes:
 
 def build(base: int, ioapic_id: int, ioapic_base: int, lapic_base: int,
           hw_reduced: bool = True, prt: list[tuple[int, int, int]] | None = None,
-          prt_pic: list[tuple[int, int, int]] | None = None) -> tuple[int, bytes]:
+          prt_pic: list[tuple[int, int, int]] | None = None, cpus: int = 1) -> tuple[int, bytes]:
     """All tables laid out from ``base``: (RSDP address, the bytes to write at ``base``)."""
     out = bytearray()
 
@@ -217,7 +218,7 @@ def build(base: int, ioapic_id: int, ioapic_base: int, lapic_base: int,
     rsdp_at = place(b"\0" * 36)                                   # filled in last
     dsdt_at = place(table(b"DSDT", 2, AML_S5 + (pci_root_aml(prt, prt_pic) if prt else b"")))
     fadt_at = place(fadt(dsdt_at, hw_reduced))
-    madt_at = place(madt(lapic_base, ioapic_id, ioapic_base))
+    madt_at = place(madt(lapic_base, ioapic_id, ioapic_base, cpus=cpus))
     xsdt_at = place(table(b"XSDT", 1, struct.pack("<QQ", fadt_at, madt_at)))
     out[rsdp_at - base:rsdp_at - base + 36] = rsdp(xsdt_at)
     if len(out) > ACPI_SIZE:
@@ -235,7 +236,8 @@ def write(machine, hw_reduced: bool = True) -> int:
     slots = [(slot, pin) for slot in range(1, 32) for pin in range(4)]
     prt = [(slot, pin, machine.pci_gsi(slot, pin)) for slot, pin in slots]
     prt_pic = [(slot, pin, machine.pci_pic_irq(slot, pin)) for slot, pin in slots]
-    addr, blob = build(ACPI_BASE, machine.ioapic.state.id, IOAPIC_BASE, LAPIC_BASE, hw_reduced, prt, prt_pic)
+    addr, blob = build(ACPI_BASE, machine.ioapic.state.id, IOAPIC_BASE, LAPIC_BASE, hw_reduced, prt, prt_pic,
+                       cpus=len(machine.vcpus))
     machine.memory.write(ACPI_BASE, blob)
     return addr
 

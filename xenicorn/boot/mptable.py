@@ -75,7 +75,7 @@ from .acpi import checksum as _checksum  # the same rule: all bytes sum to 0 mod
 FLOATING_ADDR = 0xF0000              # start of the BIOS area Linux scans; reserved in E820
 CONFIG_ADDR = FLOATING_ADDR + 16
 SPEC_REV = 4                         # 1.4
-IOAPIC_ID = 1                        # the BSP's LAPIC is 0; APIC ids share one name space
+IOAPIC_ID = 1                        # with one CPU; with n, n (APIC IDs share one name space)
 PCI_BUS, ISA_BUS = 0, 1
 MP_PROCESSOR, MP_BUS, MP_IOAPIC, MP_INTSRC, MP_LINTSRC = range(5)
 INT, NMI, SMI, EXTINT = range(4)
@@ -96,31 +96,32 @@ class IrqEntry:
     dest_pin: int        # I/O APIC input, or LINT0/LINT1
 
 
-def interrupt_entries(pci_slots, gsi_of) -> list[IrqEntry]:
+def interrupt_entries(pci_slots, gsi_of, ioapic_id: int = IOAPIC_ID) -> list[IrqEntry]:
     """The machine's wiring as type 3 and 4 entries (module doc)."""
     out = []
     for irq in range(16):
         if irq == 2:
             continue                   # the 8259 cascade input: nothing arrives there
-        out.append(IrqEntry(MP_INTSRC, INT, CONFORMS, ISA_BUS, irq, IOAPIC_ID, 2 if irq == 0 else irq))
+        out.append(IrqEntry(MP_INTSRC, INT, CONFORMS, ISA_BUS, irq, ioapic_id, 2 if irq == 0 else irq))
     for slot in sorted(set(pci_slots)):
         for pin in range(4):
             gsi = gsi_of(slot, pin)              # the machine's wiring (Machine.pci_gsi)
-            out.append(IrqEntry(MP_INTSRC, INT, ACTIVE_LOW_LEVEL, PCI_BUS, (slot << 2) | pin, IOAPIC_ID, gsi))
+            out.append(IrqEntry(MP_INTSRC, INT, ACTIVE_LOW_LEVEL, PCI_BUS, (slot << 2) | pin, ioapic_id, gsi))
     out.append(IrqEntry(MP_LINTSRC, EXTINT, CONFORMS, ISA_BUS, 0, 0xFF, 0))
     out.append(IrqEntry(MP_LINTSRC, NMI, CONFORMS, ISA_BUS, 0, 0xFF, 1))
     return out
 
 
 def build(*, lapic_version: int, cpu_signature: int, cpu_features: int, pci_slots, gsi_of,
-          config_addr: int = CONFIG_ADDR) -> tuple[bytes, bytes]:
-    """(floating pointer, configuration table) for one CPU, one I/O APIC, buses PCI 0 and ISA."""
-    entries = [struct.pack("<BBBBII8x", MP_PROCESSOR, 0, lapic_version, CPU_ENABLED | CPU_BSP,
-                           cpu_signature, cpu_features)]
+          config_addr: int = CONFIG_ADDR, cpus: int = 1, ioapic_id: int = IOAPIC_ID) -> tuple[bytes, bytes]:
+    """(floating pointer, configuration table) for ``cpus`` CPUs (APIC IDs 0..n-1, 0 the BSP),
+    one I/O APIC, buses PCI 0 and ISA."""
+    entries = [struct.pack("<BBBBII8x", MP_PROCESSOR, n, lapic_version, CPU_ENABLED | (CPU_BSP if n == 0 else 0),
+                           cpu_signature, cpu_features) for n in range(cpus)]
     entries.append(struct.pack("<BB6s", MP_BUS, PCI_BUS, b"PCI   "))
     entries.append(struct.pack("<BB6s", MP_BUS, ISA_BUS, b"ISA   "))
-    entries.append(struct.pack("<BBBBI", MP_IOAPIC, IOAPIC_ID, IOAPIC_VERSION, 1, IOAPIC_BASE))
-    for e in interrupt_entries(pci_slots, gsi_of):
+    entries.append(struct.pack("<BBBBI", MP_IOAPIC, ioapic_id, IOAPIC_VERSION, 1, IOAPIC_BASE))
+    for e in interrupt_entries(pci_slots, gsi_of, ioapic_id):
         entries.append(struct.pack("<BBHBBBB", e.kind, e.irqtype, e.flags, e.bus, e.irq, e.dest_apic, e.dest_pin))
     body = b"".join(entries)
     header = bytearray(struct.pack("<4sHBB8s12sIHHIHBB", b"PCMP", 44 + len(body), SPEC_REV, 0,
@@ -141,9 +142,9 @@ def write(machine, addr: int = FLOATING_ADDR) -> int:
     slots = {devfn >> 3 for devfn in machine.pci.functions}
     floating, table = build(lapic_version=machine.lapic.mmio_read(0x30, 4) & 0xFF,
                             cpu_signature=eax & 0xFFF, cpu_features=edx, pci_slots=slots,
-                            gsi_of=machine.pci_gsi, config_addr=addr + 16)
+                            gsi_of=machine.pci_gsi, config_addr=addr + 16, cpus=len(machine.vcpus),
+                            ioapic_id=machine.ioapic.state.id)
     machine.memory.write(addr, floating + table)
-    machine.ioapic.state.id = IOAPIC_ID
     return len(floating) + len(table)
 
 

@@ -108,6 +108,7 @@ class Lapic:
         self.timer_fires = 0
         self.nmi_pending = False
         self.trace: Callable[[str], None] | None = None
+        self.bus = None                                       # the APIC bus (devices/apicbus.py), if any
 
     # -- priorities ----------------------------------------------------------------
     @property
@@ -168,7 +169,22 @@ class Lapic:
             self.trace(f"LAPIC {st.id} IRR gets vector {vector:#x} ({'level' if level else 'edge'})")
         self.notify()
 
-    def _matches(self, dest: int, logical: bool) -> bool:
+    def raise_nmi(self) -> None:
+        """An NMI message: the CPU takes it at its next instruction boundary, IF or not."""
+        self.nmi_pending = True
+        self.notify()
+
+    def reset_for_init(self) -> None:
+        """INIT: every register to its power-up value but the APIC ID (SDM vol. 3 §10.4.7.3)."""
+        old = self.state
+        if self.clock is not None:
+            self.clock.cancel(self.timer)
+        self.timer = None
+        self.state = LapicState(id=old.id)
+        self.nmi_pending = False
+
+    def matches(self, dest: int, logical: bool) -> bool:
+        """Is this APIC addressed by ``dest`` in physical or logical (flat/cluster) mode?"""
         st = self.state
         if not logical:
             return dest in (st.id, 0xFF)
@@ -178,7 +194,7 @@ class Lapic:
 
     def deliver(self, dest: int, logical: bool, mode: int, vector: int, level: bool) -> None:
         """An interrupt message (IOAPIC or ICR) addressed by destination."""
-        if not self._matches(dest, logical):
+        if not self.matches(dest, logical):
             return
         if mode in (DM_FIXED, DM_LOWEST):
             self.accept(vector, level)
@@ -327,13 +343,16 @@ class Lapic:
             st.divide = value & 0xB
 
     def _send_ipi(self) -> None:
-        """ICR writes: fixed and NMI IPIs to ourselves (uniprocessor)."""
+        """ICR low was written: the IPI goes out on the APIC bus, or to ourselves without one."""
         st = self.state
+        if self.bus is not None:
+            self.bus.ipi(self, st.icr)
+            return
         low = st.icr & 0xFFFFFFFF
         mode, vector, shorthand = (low >> 8) & 7, low & 0xFF, (low >> 18) & 3
         if shorthand == 3:                                   # all excluding self
             return
-        if shorthand in (1, 2) or self._matches(st.icr >> 56, bool(low & (1 << 11))):
+        if shorthand in (1, 2) or self.matches(st.icr >> 56, bool(low & (1 << 11))):
             if mode == DM_FIXED:
                 self.accept(vector, False)
             elif mode == DM_NMI:

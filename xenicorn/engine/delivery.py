@@ -34,7 +34,7 @@ from unicorn import UC_HOOK_BLOCK
 from unicorn import x86_const as X
 
 from .hooks import guarded
-from .msr import VMCB, VMCB_INT_VECTOR
+from .msr import VMCB_INT_VECTOR
 from .rawctx import OFF_HFLAGS, HF_LMA, HF_CPL_MASK
 from ..x86.segments import DESC_P
 
@@ -130,7 +130,7 @@ class InterruptDelivery:
 
     def engine_deliver(self, vector: int) -> None:
         """Hand ``vector`` to the CPU engine; it is delivered when the next run starts."""
-        self.uc.mem_write(VMCB + VMCB_INT_VECTOR, struct.pack("<I", vector))
+        self.uc.mem_write(self.msr.vmcb + VMCB_INT_VECTOR, struct.pack("<I", vector))
         self._engine_vector = vector
         self._irq_request.virq = True
 

@@ -88,6 +88,7 @@ class ExitHooks:
     def _install_hooks(self, gaps: list[tuple[int, int]]) -> None:
         """Add the permanent hooks; ``gaps`` are the physical ranges without RAM."""
         uc = self.uc
+        hook = lambda name: self.core.hook(self, name)         # noqa: E731 - the method, or a forwarder
         # Order and ranges matter (docs/unicorn-notes.md, "A pending stop makes
         # Unicorn skip..."): once a stop is pending, Unicorn's CPUID/SYSCALL/
         # SYSENTER dispatch gives up after the first instruction hook whose
@@ -95,19 +96,19 @@ class ExitHooks:
         # ignores ranges, get one no instruction has, so they never end it.
         # SYSCALL and SYSENTER stay exposed until stops stop setting
         # stop_request mid-block (the open fix).
-        uc.hook_add(UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
-        uc.hook_add(UC_HOOK_INSN, self._on_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL)
-        uc.hook_add(UC_HOOK_INSN, self._on_sysenter, None, 1, 0, X.UC_X86_INS_SYSENTER)
-        uc.hook_add(UC_HOOK_INSN, self._on_in, None, NO_RIP, NO_RIP, X.UC_X86_INS_IN)
-        uc.hook_add(UC_HOOK_INSN, self._on_out, None, NO_RIP, NO_RIP, X.UC_X86_INS_OUT)
-        uc.hook_add(UC_HOOK_INSN_INVALID, self._on_invalid)
-        uc.hook_add(UC_HOOK_INTR, self._on_intr)
+        uc.hook_add(UC_HOOK_INSN, hook("_on_cpuid"), None, 1, 0, X.UC_X86_INS_CPUID)
+        uc.hook_add(UC_HOOK_INSN, hook("_on_syscall"), None, 1, 0, X.UC_X86_INS_SYSCALL)
+        uc.hook_add(UC_HOOK_INSN, hook("_on_sysenter"), None, 1, 0, X.UC_X86_INS_SYSENTER)
+        uc.hook_add(UC_HOOK_INSN, hook("_on_in"), None, NO_RIP, NO_RIP, X.UC_X86_INS_IN)
+        uc.hook_add(UC_HOOK_INSN, hook("_on_out"), None, NO_RIP, NO_RIP, X.UC_X86_INS_OUT)
+        uc.hook_add(UC_HOOK_INSN_INVALID, hook("_on_invalid"))
+        uc.hook_add(UC_HOOK_INTR, hook("_on_intr"))
         # Only where there is no RAM: Unicorn never lets a store clear a
         # page's "not dirty" TLB flag if any memory hook, even an unmapped
         # one, covers that page, so a hook over all of memory sent every
         # guest store down the slow path (docs/unicorn-notes.md).
         for begin, end in gaps:
-            uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped, None, begin, end)
+            uc.hook_add(UC_HOOK_MEM_UNMAPPED, hook("_on_unmapped"), None, begin, end)
 
     def _keep_callbacks_alive(self, uc) -> None:
         """Hold the ctypes thunks of deleted hooks and unmapped MMIO ranges.

@@ -152,8 +152,8 @@ class MemoryMap:
         run_start = prev = new[0]
         for p in new[1:] + [None]:
             if p != prev + PAGE:
-                self.uc.mmio_map(run_start, prev + PAGE - run_start, self._on_mmio_read, run_start,
-                                 self._on_mmio_write, run_start)
+                self.uc.mmio_map(run_start, prev + PAGE - run_start, self.core.hook(self, "_on_mmio_read"),
+                                 run_start, self.core.hook(self, "_on_mmio_write"), run_start)
                 if p is not None:
                     run_start = p
             prev = p if p is not None else prev

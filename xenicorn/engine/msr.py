@@ -36,8 +36,9 @@ from .irqwindow import INTERCEPT_VINTR
 from .rawctx import RawContext
 
 SHADOW_BASE = 0xFD_0000_0000          # below the 40-bit physical limit CPUID reports
-VMCB = SHADOW_BASE
-MSRPM = SHADOW_BASE + 0x1000          # 8 KiB permission map
+SHADOW_SIZE = 0x3000                  # per vCPU: its VMCB page, then its 8 KiB permission map
+VMCB = SHADOW_BASE                    # vCPU 0's (vCPU n's are n * SHADOW_SIZE further)
+MSRPM = SHADOW_BASE + 0x1000
 VMCB_MSRPM_BASE_PA = 0x48             # vmcb.control.msrpm_base_pa
 VMCB_INT_VECTOR = 0x64                # vmcb.control.int_vector: the virtual interrupt's vector
 SVM_EXIT_MSR = 0x7C
@@ -71,10 +72,20 @@ class MsrInterceptor:
     returns the value to give the guest.
     """
 
-    def __init__(self, uc):
+    def __init__(self, uc, base: int = SHADOW_BASE, vcpu=None):
+        """The window of the CPU loaded in ``uc`` (of ``vcpu``, which may be switched out later).
+
+        Its VMCB and permission map live at ``base`` (outside guest RAM,
+        one pair per vCPU); while ``vcpu`` is not loaded, changes to the
+        CPU's intercept fields wait until it is (:meth:`reassert_if_stale`).
+        """
         self.uc = uc
-        uc.mem_map(SHADOW_BASE, 0x3000)
-        uc.mem_write(VMCB + VMCB_MSRPM_BASE_PA, MSRPM.to_bytes(8, "little"))
+        self.base = base
+        self.vmcb, self.msrpm = base, base + 0x1000
+        self.vcpu = vcpu
+        self._stale = False
+        uc.mem_map(base, SHADOW_SIZE)
+        uc.mem_write(self.vmcb + VMCB_MSRPM_BASE_PA, self.msrpm.to_bytes(8, "little"))
         self.interests: set[str] = set()
         self.handler: Callable[[int, bool, int], int | None] | None = None
         self.exits = 0
@@ -92,9 +103,9 @@ class MsrInterceptor:
         if pos is None:
             return                       # outside the map: always exits already
         off, bit = pos
-        cur = self.uc.mem_read(MSRPM + off, 1)[0]
+        cur = self.uc.mem_read(self.msrpm + off, 1)[0]
         cur |= (1 << bit if read else 0) | (2 << bit if write else 0)
-        self.uc.mem_write(MSRPM + off, bytes([cur]))
+        self.uc.mem_write(self.msrpm + off, bytes([cur]))
 
     def open(self, interest: str) -> None:
         was = self.is_open
@@ -119,6 +130,9 @@ class MsrInterceptor:
             self._set(self.is_open)
 
     def _set(self, on: bool) -> None:
+        if self.vcpu is not None and not self.vcpu.loaded:
+            self._stale = True                  # applied when the vCPU is next loaded
+            return
         intercepts = (INTERCEPT_MSR_PROT | self.extra) if on else 0
         if self.interrupt_window:
             intercepts |= INTERCEPT_VINTR
@@ -126,7 +140,7 @@ class MsrInterceptor:
             hf = ctx.hflags
             ctx.hflags = hf | HF_GUEST if intercepts else hf & ~HF_GUEST
             # always set: a virtual interrupt reads its vector from here, window open or not
-            ctx.write(OFF_VM_VMCB, "<Q", VMCB)
+            ctx.write(OFF_VM_VMCB, "<Q", self.vmcb)
             ctx.write(OFF_INTERCEPT, "<Q", intercepts)
 
     def intercept_rdtsc(self) -> None:
@@ -137,7 +151,13 @@ class MsrInterceptor:
 
     def reassert(self) -> None:
         """Re-apply the window after something replaced the whole CPU state."""
+        self._stale = False
         self._set(self.is_open)
+
+    def reassert_if_stale(self) -> None:
+        """The vCPU was loaded: apply what changed while it was not."""
+        if self._stale:
+            self.reassert()
 
 
 @functools.cache

@@ -53,11 +53,12 @@ from . import icount, irqwindow, stopcheck
 from .delivery import InterruptDelivery
 from .hooks import ExitHooks
 from .memmap import MemoryMap, gaps_in
-from .msr import MsrInterceptor
+from .core import EngineCore
+from .msr import MsrInterceptor, SHADOW_BASE, SHADOW_SIZE
 from .rawctx import RawContext, LiveContext, HF_INHIBIT_IRQ, HF_CS32, HF_CS64, OFF_CR, OFF_OLD_EXCEPTION
 from .startup import probe
 from .stoptimer import StopTimer
-from ..x86.segments import SegmentCache, flat_code32, flat_data
+from ..x86.segments import DESC_P, DESC_S, SegmentCache, flat_code32, flat_data
 
 if TYPE_CHECKING:
     from ..machine.machine import Machine
@@ -116,13 +117,25 @@ class VCpu(ExitHooks, InterruptDelivery, MemoryMap):
     no extra indirection.
     """
 
-    def __init__(self, machine: "Machine", index: int = 0, count_instructions: bool = False):
+    def __init__(self, machine: "Machine", index: int = 0, count_instructions: bool = False,
+                 core: EngineCore | None = None, vcpus: int = 1):
+        """vCPU ``index``; the first of a machine makes the engine (``vcpus`` planned), the others share ``core``."""
         engine = probe()                         # cached: the layout checks ran before the machine was built
         self.machine = machine
         self.index = index
-        self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
-        self._keep_callbacks_alive(self.uc)
-        self._map_ram(machine.memory)
+        owner = core is None
+        if owner:
+            core = EngineCore(Uc(UC_ARCH_X86, UC_MODE_64), vcpus)
+        self.core = core
+        self.uc = core.uc
+        self._ctx = None                         # the saved CPU state while another vCPU is loaded
+        self._virq = False                       # its virtual-interrupt request, while not loaded
+        core.adopt(self)
+        if owner:
+            self._keep_callbacks_alive(self.uc)
+            self._map_ram(machine.memory)
+        else:
+            self._mmio_pages = core.vcpus[0]._mmio_pages      # one memory map for all
         self.count_instructions = count_instructions
         self.instructions = 0            # exact only when counting
         self._stop_reasons: list[str] = []
@@ -130,7 +143,9 @@ class VCpu(ExitHooks, InterruptDelivery, MemoryMap):
         self._internal: Exception | None = None
         self._in_emu = False
         self.halted = False
-        self.sleep_kind = ""                 # HLT, SCHEDOP_block, SCHEDOP_poll while halted
+        self.sleep_kind = ""                 # HLT, SCHEDOP_block, SCHEDOP_poll, wait-for-SIPI while halted
+        self.wait_for_sipi = False           # after INIT (an AP from power-on): only a SIPI starts it
+        self.pending_sipi: int | None = None # a SIPI's vector, applied when the run loop next loads it
         self._window_hook = None
         # The exact, hook-free interrupt window when this Unicorn build allows it
         self._irq_request = irqwindow.InterruptRequest(self.uc) if engine.interrupt_window_exits else None
@@ -140,8 +155,12 @@ class VCpu(ExitHooks, InterruptDelivery, MemoryMap):
         self.window_exits = 0
         self.stale_exception_states = 0          # see _drop_stale_exception_state
         uc = self.uc
+        self.msr = MsrInterceptor(uc, base=SHADOW_BASE + index * SHADOW_SIZE, vcpu=self)
+        self.precise_stops = not count_instructions
+        if not owner:
+            self.stop_timer = core.vcpus[0].stop_timer
+            return
         self._install_hooks(gaps_in(machine.memory.ram_regions))
-        self.msr = MsrInterceptor(uc)
         # No "until" address. At the end of every emu_start Unicorn flushes
         # the block at until-1, translating that address as an instruction
         # fetch: in a paged guest that is a page fault nobody sees, which
@@ -153,7 +172,6 @@ class VCpu(ExitHooks, InterruptDelivery, MemoryMap):
         # Stops land between blocks, so a stop never replays a memory access
         # (docs/unicorn-notes.md). Unicorn's counting needs the per-access
         # checks, so a counting vCPU keeps them and avoids stopping in MMIO.
-        self.precise_stops = not count_instructions
         if self.precise_stops:
             stopcheck.stop_between_blocks(uc)
             # and stop without a stop_request the rest of the block would see
@@ -164,25 +182,65 @@ class VCpu(ExitHooks, InterruptDelivery, MemoryMap):
     # ------------------------------------------------------------------
     # register access
     # ------------------------------------------------------------------
+    def _engine(self):
+        """The engine with this vCPU loaded; None inside another vCPU's run (use the saved context).
+
+        Between runs a vCPU that is not loaded is loaded on first use
+        (:meth:`EngineCore.load`): reading another CPU's registers is rare
+        (a debugger, a snapshot, a monitor query), and always between runs.
+        """
+        core = self.core
+        if core.current is self:
+            return self.uc
+        if core.current._in_emu:
+            return None
+        core.load(self)
+        return self.uc
+
+    @property
+    def loaded(self) -> bool:
+        """Is this the vCPU the engine holds now?"""
+        return self.core.current is self
+
+    def _loaded(self) -> None:
+        """Just loaded: state changed for it while it was out reaches the CPU now."""
+        self.msr.reassert_if_stale()
+
     def reg(self, name: str) -> int:
-        """A register by its lower-case name: ``rax`` .. ``r15``, ``rip``, ``rflags``, ``cr0``-``cr4``..."""
-        return self.uc.reg_read(REG[name])
+        """A register by its lower-case name: ``rax`` .. ``r15``, ``rip``, ``rflags``, ``cr0``-``cr4``...
+
+        Read from the engine, or from the saved context of a vCPU that is
+        not loaded (no switch needed).
+        """
+        if self.core.current is self:
+            return self.uc.reg_read(REG[name])
+        return self._ctx.reg_read(REG[name])
 
     def set_reg(self, name: str, value: int) -> None:
         """Write a register by name (see :meth:`reg`)."""
-        self.uc.reg_write(REG[name], value)
+        if self.core.current is self:
+            self.uc.reg_write(REG[name], value)
+        else:
+            self._ctx.reg_write(REG[name], value)
 
     def msr_read(self, msr: int) -> int:
         """Read a model-specific register as the CPU holds it (EFER, STAR, LSTAR, SYSENTER_*...)."""
-        return self.uc.msr_read(msr)
+        return self._required().msr_read(msr)
 
     def msr_write(self, msr: int, value: int) -> None:
         """Write a model-specific register into the CPU (no intercept is consulted)."""
-        self.uc.msr_write(msr, value)
+        self._required().msr_write(msr, value)
 
     def set_descriptor_table(self, name: str, base: int, limit: int) -> None:
         """Load GDTR or IDTR (``name`` is ``"gdtr"`` or ``"idtr"``), as LGDT/LIDT would."""
-        self.uc.reg_write(TABLE_REG[name], (0, base, limit, 0))
+        self._required().reg_write(TABLE_REG[name], (0, base, limit, 0))
+
+    def _required(self):
+        uc = self._engine()
+        if uc is None:
+            raise RuntimeError(f"vCPU {self.index}'s hidden state is not reachable while vCPU "
+                               f"{self.core.current.index} runs: post the change instead")
+        return uc
 
     def cpu_state(self) -> RawContext:
         """The CPU's hidden state, opened for field access: use as ``with vcpu.cpu_state() as s:``.
@@ -197,18 +255,18 @@ class VCpu(ExitHooks, InterruptDelivery, MemoryMap):
         writes through :meth:`set_reg` inside the block would be undone by
         that commit: make them after it.
         """
-        return RawContext(self.uc)
+        return RawContext(self._required())
 
     @property
     def pc(self) -> int:
-        return self.uc.reg_read(X.UC_X86_REG_RIP)
+        return self.reg("rip")
 
     @pc.setter
     def pc(self, value: int) -> None:
-        self.uc.reg_write(X.UC_X86_REG_RIP, value)
+        self.set_reg("rip", value)
 
     def efer(self) -> int:
-        return self.uc.msr_read(EFER)
+        return self._required().msr_read(EFER)
 
     def long_mode(self) -> bool:
         return bool(self.efer() & EFER_LMA)
@@ -220,11 +278,11 @@ class VCpu(ExitHooks, InterruptDelivery, MemoryMap):
         return self.instructions
 
     def cpl(self) -> int:
-        return RawContext(self.uc).cpl
+        return RawContext(self._required()).cpl
 
     def code_bits(self) -> int:
         """16, 32 or 64: the size the current CS executes at."""
-        cs = RawContext(self.uc).segment("cs")
+        cs = RawContext(self._required()).segment("cs")
         if self.long_mode() and cs.flags & (1 << 21):
             return 64
         if not self.reg("cr0") & 1:
@@ -237,13 +295,13 @@ class VCpu(ExitHooks, InterruptDelivery, MemoryMap):
         Cheaper than a reg_read per register (~2 µs each) on hot exits such
         as hypercalls.
         """
-        ctx = RawContext(self.uc)
+        ctx = RawContext(self._required())
         cr = struct.unpack("<5Q", ctx.read_block(OFF_CR, 40))
         return CpuSnapshot(ctx.gprs(), ctx.rip, ctx.hflags, cr[0], cr[3], cr[4], self.efer())
 
     def interrupt_shadow(self) -> bool:
         """True right after STI or MOV SS: interrupts wait one instruction."""
-        return bool(RawContext(self.uc).hflags & HF_INHIBIT_IRQ)
+        return bool(RawContext(self._required()).hflags & HF_INHIBIT_IRQ)
 
     # ------------------------------------------------------------------
     # linear (virtual) memory, through the guest's page tables
@@ -312,15 +370,7 @@ class VCpu(ExitHooks, InterruptDelivery, MemoryMap):
         address. Unicorn's 64-bit engine starts in long mode; turning CR0.PG
         off and clearing EFER leaves it.
         """
-        uc = self.uc
-        # EFER.LMA is read-only to WRMSR; only turning paging off leaves long
-        # mode (QEMU's CR0 update clears LMA then), so turn it on, then off.
-        uc.reg_write(X.UC_X86_REG_CR4, 0x20)
-        uc.reg_write(X.UC_X86_REG_CR0, 0x80000011)
-        uc.reg_write(X.UC_X86_REG_CR0, 0x11)                # PE + ET, paging off
-        uc.msr_write(EFER, 0)
-        uc.reg_write(X.UC_X86_REG_CR4, 0)
-        uc.reg_write(X.UC_X86_REG_CR3, 0)
+        self._leave_long_mode(0x11)                         # PE + ET, paging off
         with self.cpu_state() as ctx:
             data = flat_data(0x18)
             ctx.load_segments(cs=flat_code32(0x10), ss=data, ds=data, es=data,
@@ -337,6 +387,43 @@ class VCpu(ExitHooks, InterruptDelivery, MemoryMap):
         self.set_reg("rsp", esp)
         self.set_reg("rflags", 0x2)
         self.set_reg("rip", entry)
+
+    def _leave_long_mode(self, cr0: int) -> None:
+        """CR0 = ``cr0`` (paging off), EFER = CR3 = CR4 = 0, whatever mode the engine was in."""
+        uc = self._required()
+        # EFER.LMA is read-only to WRMSR; only turning paging off leaves long
+        # mode (QEMU's CR0 update clears LMA then), so turn it on, then off.
+        uc.reg_write(X.UC_X86_REG_CR4, 0x20)
+        uc.reg_write(X.UC_X86_REG_CR0, 0x80000011)
+        uc.reg_write(X.UC_X86_REG_CR0, cr0)
+        uc.msr_write(EFER, 0)
+        uc.reg_write(X.UC_X86_REG_CR4, 0)
+        uc.reg_write(X.UC_X86_REG_CR3, 0)
+
+    def reset_to_real_mode(self, vector: int) -> None:
+        """A start-up IPI's state: real mode at ``vector << 12`` (SDM vol. 3 §8.4.4, §9.1.1).
+
+        The processor state after INIT (table 9-1): CR0 = 0x60000010 (CD,
+        NW, ET; PE and PG clear), CR3 = CR4 = EFER = 0, EFLAGS = 2, every
+        segment a 64 KiB read/write data segment at base 0 but CS, which the
+        SIPI sets to selector ``vector << 8``, base ``vector << 12``, IP 0;
+        GDTR and IDTR at base 0 limit 0xFFFF, general registers 0.
+        """
+        self._leave_long_mode(0x60000010)
+        data = SegmentCache(0, 0, 0xFFFF, DESC_P | DESC_S | (0x3 << 8))          # read/write, accessed
+        code = SegmentCache(vector << 8, vector << 12, 0xFFFF, DESC_P | DESC_S | (0xB << 8))
+        with self.cpu_state() as ctx:
+            ctx.load_segments(cs=code, ss=data, ds=data, es=data, fs=data, gs=data)
+            ctx.set_segment("tr", SegmentCache(0, 0, 0xFFFF, DESC_P | (0xB << 8)))
+            ctx.set_segment("ldt", SegmentCache(0, 0, 0xFFFF, DESC_P | (0x2 << 8)))
+            ctx.set_cpl(0)
+        self.set_descriptor_table("gdtr", 0, 0xFFFF)
+        self.set_descriptor_table("idtr", 0, 0xFFFF)
+        for r in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",
+                  "r12", "r13", "r14", "r15"):
+            self.set_reg(r, 0)
+        self.set_reg("rflags", 0x2)
+        self.set_reg("rip", 0)
 
     # ------------------------------------------------------------------
     # the run loop primitive
@@ -372,6 +459,7 @@ class VCpu(ExitHooks, InterruptDelivery, MemoryMap):
         self._pending_exit = None
         self._internal = None
         self._stop_reasons = []
+        self._required()                # this vCPU's state in the engine (a switch, with several)
         start = self.pc
         if not self.count_instructions:
             count = 0
@@ -469,5 +557,7 @@ class VCpu(ExitHooks, InterruptDelivery, MemoryMap):
         return E.Shutdown(pc, "emulator-error", 1, f"CPU engine error at {pc:#x}: {err}")
 
     def close(self) -> None:
-        self.stop_timer.close()
-        self.disarm_interrupt_window()
+        if self.core.vcpus[0] is self:
+            self.stop_timer.close()
+        if self._engine() is not None:
+            self.disarm_interrupt_window()

@@ -34,12 +34,11 @@ from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
 from ..records import (RecordError, blob, field, flag, integer, listing, make_record, open_record, text,
                        uint)
-from .msr import INTERCEPT_RDTSC, SHADOW_BASE
+from .msr import INTERCEPT_RDTSC, SHADOW_SIZE
 from .rawctx import RawContext
 
 UNICORN_VERSION = unicorn.__version__
 CTX_HEADER = 40                    # uc_context's own header before CPUX86State (see rawctx.py)
-SHADOW_SIZE = 0x3000               # VMCB + 8 KiB MSR permission map
 PAGE = 4096
 SLEEP_KINDS = ("", "HLT", "SCHEDOP_block", "SCHEDOP_poll")
 # Host pointers inside CPUX86State (unicorn 2.1.4): cpu_breakpoint[4] (QEMU's
@@ -91,12 +90,13 @@ class VcpuRecord:
 
     def save_record(self) -> dict:
         v = self.vcpu
+        uc = v._required()                 # loaded: its state is the engine's
         return make_record(*self.RECORD, {
             "index": v.index, "instructions": v.instructions, "halted": v.halted, "sleep_kind": v.sleep_kind,
             "mmio_pages": sorted(v._mmio_pages),
             "msr": {"interests": sorted(v.msr.interests), "extra": v.msr.extra, "exits": v.msr.exits},
             "window_exits": v.window_exits},
-            {"context": context_bytes(v.uc), "msr-shadow": bytes(v.uc.mem_read(SHADOW_BASE, SHADOW_SIZE))})
+            {"context": context_bytes(uc), "msr-shadow": bytes(uc.mem_read(v.msr.base, SHADOW_SIZE))})
 
     def check_record(self, record: dict) -> dict:
         v = self.vcpu
@@ -134,9 +134,10 @@ class VcpuRecord:
             if start is not None:
                 v.map_mmio(start, prev + PAGE - start)
             start = prev = page
+        v._required()                 # loaded: the context goes into the engine
         v.disarm_interrupt_window()
         context_into(v.uc, p["context"])
-        v.uc.mem_write(SHADOW_BASE, p["shadow"])
+        v.uc.mem_write(v.msr.base, p["shadow"])
         v.instructions = p["instructions"]
         v.halted, v.sleep_kind = p["halted"], p["sleep_kind"]
         v.msr.interests = set(p["interests"])

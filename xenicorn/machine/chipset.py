@@ -45,7 +45,28 @@ def build_interrupt_controllers(machine) -> None:
     machine.register_pio(0xA0, 2, w.pic.slave_ports)
     machine.register_pio(0x4D0, 2, w.pic.elcr_ports)
     machine.register_mmio(IOAPIC_BASE, 0x1000, w.ioapic)
-    machine.register_mmio(LAPIC_BASE, 0x1000, w.lapic)
+    lapic = w.lapic if len(w.lapics) == 1 else LocalApicWindow(w.lapics, lambda: machine.current_vcpu.index)
+    machine.register_mmio(LAPIC_BASE, 0x1000, lapic)
+
+
+class LocalApicWindow:
+    """0xFEE00000 on a multiprocessor: each CPU reaches its *own* local APIC there.
+
+    The local APIC page is not on the memory bus: the CPU decodes it
+    itself (SDM vol. 3 §10.4.1), so the same address names a different
+    APIC on every CPU. The window forwards each access to the APIC of the
+    vCPU that made it.
+    """
+
+    def __init__(self, lapics: list, current: callable):
+        self.lapics = lapics
+        self.current = current
+
+    def mmio_read(self, offset: int, size: int) -> int:
+        return self.lapics[self.current()].mmio_read(offset, size)
+
+    def mmio_write(self, offset: int, size: int, value: int) -> None:
+        self.lapics[self.current()].mmio_write(offset, size, value)
 
 
 def build_legacy_devices(machine) -> None:

@@ -37,11 +37,15 @@ from .wiring import InterruptWiring
 from .xenhost import XenHostServices
 
 
+MAX_VCPUS = 8
+
+
 @dataclass
 class MachineConfig:
     """Everything a user chooses about a machine (the CLI fills it)."""
 
     ram_mib: int = 128
+    smp: int = 1                         # vCPUs (-smp N), 1 to MAX_VCPUS
     cmdline: str = ""
     serial: str = "stdio"                # stdio | file:PATH | none
     debugcon: str = "stdio"              # stdio | none (port 0xE9)
@@ -100,8 +104,19 @@ class Machine(XenHostServices):
         # machine and bound the run (runloop.Agent).
         self.agents: list[Agent] = []
         counting = (cfg.count_instructions or bool(cfg.max_insns) or cfg.clock == "deterministic" or bool(cfg.gdb))
-        self.vcpus = [VCpu(self, 0, count_instructions=counting)]
-        self.clock = VirtualClock(cfg.clock, cfg.ns_per_insn, instructions=lambda: self.vcpu.instructions_now())
+        if not 1 <= cfg.smp <= MAX_VCPUS:
+            raise ValueError(f"-smp {cfg.smp}: between 1 and {MAX_VCPUS} vCPUs")
+        # vCPU 0 makes the engine; the others share it (engine/core.py) and
+        # wait for a start-up IPI, as an AP does after power-on
+        bsp = VCpu(self, 0, count_instructions=counting, vcpus=cfg.smp)
+        self.vcpus = [bsp] + [VCpu(self, i, count_instructions=counting, core=bsp.core) for i in range(1, cfg.smp)]
+        bsp.core.load(bsp)
+        for ap in self.vcpus[1:]:
+            ap.halted = ap.wait_for_sipi = True
+            ap.sleep_kind = "wait-for-SIPI"
+        # deterministic time is made of every vCPU's instructions, as QEMU's icount
+        self.clock = VirtualClock(cfg.clock, cfg.ns_per_insn,
+                                  instructions=lambda: sum(v.instructions_now() for v in self.vcpus))
         self.clock.on_new_first = self._timer_armed
         # the TSC the guest reads: machine ns when RDTSC is trapped, else the
         # host's (Xen's PV clock and CPUID leaf 0x15 both describe it)
@@ -113,7 +128,10 @@ class Machine(XenHostServices):
             for vcpu in self.vcpus:
                 vcpu.msr.intercept_rdtsc()
         emit_irq = (lambda text: self.tracer.emit("irq", text)) if self.tracer.on("irq") else None
-        self.wiring = w = InterruptWiring(self.clock, kick=self.kick, pci_irqs=cfg.pci_irqs, trace=emit_irq)
+        self.wiring = w = InterruptWiring(self.clock, kick=self.kick, pci_irqs=cfg.pci_irqs, trace=emit_irq,
+                                          cpus=cfg.smp, lapic_notify=self._lapic_notify,
+                                          on_init=self._init_ipi, on_sipi=self._startup_ipi)
+        self.lapics = w.lapics
         # the controllers and lines, by the names the rest of xenicorn knows them
         self.pic, self.ioapic, self.lapic = w.pic, w.ioapic, w.lapic
         self.gsi, self.pic_inputs, self.isa_irq = w.gsi, w.pic_inputs, w.isa_irq
@@ -208,6 +226,52 @@ class Machine(XenHostServices):
                 what = f"write {value:#x}" if value is not None else "read -> all ones"
                 self.tracer.emit("io", f"unclaimed {space} {addr:#x} size {size}: {what} (reported once)")
         return report
+
+    # -- several vCPUs --------------------------------------------------------------------
+    def interrupt_source_of(self, vcpu):
+        """Where ``vcpu``'s external interrupts come from: its local APIC (vCPU 0: ``interrupt_source``)."""
+        return self.interrupt_source if vcpu.index == 0 else self.lapics[vcpu.index]
+
+    @property
+    def current_vcpu(self) -> VCpu:
+        """The vCPU the engine holds: the one running, or that ran last."""
+        return self.vcpus[0].core.current
+
+    def _lapic_notify(self, index: int) -> None:
+        """LAPIC ``index`` may have an interrupt: stop the running vCPU if it or a sleeper can take it."""
+        current = self.current_vcpu
+        if index == current.index:
+            self.kick("LAPIC")
+        elif current._in_emu:
+            lapic = self.lapics[index]
+            if lapic.pending() or lapic.nmi_pending:
+                current.request_stop(f"interrupt for vCPU {index}")
+
+    def _vcpu_of_apic(self, apic_id: int) -> VCpu | None:
+        return self.vcpus[apic_id] if 0 <= apic_id < len(self.vcpus) else None
+
+    def _init_ipi(self, apic_id: int) -> None:
+        """INIT: the CPU stops and waits for a start-up IPI (SDM vol. 3 §8.4.3)."""
+        vcpu = self._vcpu_of_apic(apic_id)
+        if vcpu is None:
+            return
+        vcpu.wait_for_sipi = vcpu.halted = True
+        vcpu.sleep_kind = "wait-for-SIPI"
+        vcpu.pending_sipi = None
+        if vcpu._in_emu:
+            vcpu.request_stop("INIT")
+
+    def _startup_ipi(self, apic_id: int, vector: int) -> None:
+        """SIPI: a CPU waiting for one starts at ``vector << 12``; one that runs ignores it (§8.4.4.1)."""
+        vcpu = self._vcpu_of_apic(apic_id)
+        if vcpu is None:
+            return
+        if not vcpu.wait_for_sipi or vcpu.pending_sipi is not None:
+            if self.tracer.on("irq"):
+                self.tracer.emit("irq", f"SIPI to vCPU {apic_id} ignored: it is not waiting for one")
+            return
+        vcpu.pending_sipi = vector
+        self.kick("SIPI", force=True)
 
     # -- interrupt wiring ------------------------------------------------------------------
     def pic_input(self, irq: int, source: str):

@@ -23,6 +23,8 @@ from ..x86.interrupts import EventType, TripleFault, deliver
 from .dispatch import STATUS_CRASH
 
 COUNT_QUANTUM = 1_000_000          # longest run of a counting vCPU between looks at its timers
+SMP_QUANTUM_US = 1000              # with several runnable vCPUs: each runs this long, then the next
+SMP_QUANTUM_INSNS = 50_000         # ... or this many instructions when time is counted
 HOST_NS_PER_INSN_GUESS = 10.0      # a counting vCPU on host time runs at ~100 MIPS
 RFLAGS_IF = 1 << 9
 
@@ -82,13 +84,14 @@ class RunLoop:
     def __init__(self, machine):
         self.machine = machine
         self.deadline: float | None = None        # --timeout, in host monotonic seconds
+        self._last = 0                            # the vCPU that ran last (round robin)
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> int:
         """Run until the guest shuts down or a limit is hit; return the exit status."""
         m = self.machine
-        vcpu = m.vcpu
         cfg = m.config
+        smp = len(m.vcpus) > 1
         self.deadline = time.monotonic() + cfg.timeout if cfg.timeout else None
         agents = m.agents
         for agent in agents:
@@ -103,9 +106,14 @@ class RunLoop:
             m.clock.run_due()
             if m.console_input:
                 m.take_console_input()
-            if vcpu.halted:
-                self.sleep(vcpu)
+            if smp:
+                self._start_and_wake()
+            vcpu = self._next()
+            if vcpu is None:
+                self.sleep([v for v in m.vcpus if v.halted])
                 continue
+            if smp:
+                vcpu.core.load(vcpu)
             if any(agent.holds_interrupts() for agent in agents):
                 vcpu.disarm_interrupt_window()
             else:
@@ -115,6 +123,12 @@ class RunLoop:
             if m.block_watches:
                 m.install_block_watches()      # e.g. Xen's callback deassert poll
             timeout_us, count = self.budget(vcpu)
+            if smp and sum(not v.halted for v in m.vcpus) > 1:
+                # others wait to run: a quantum each, as QEMU's round-robin TCG
+                if vcpu.count_instructions:
+                    count = min(count, SMP_QUANTUM_INSNS) if count else SMP_QUANTUM_INSNS
+                else:
+                    timeout_us = min(timeout_us, SMP_QUANTUM_US) if timeout_us else SMP_QUANTUM_US
             # The last attached agent bounds the run first; the first (the
             # monitor, then the debugger) has the last word and sees the
             # bound the run really gets.
@@ -175,24 +189,55 @@ class RunLoop:
             return True
         return False
 
-    # -- sleeping ------------------------------------------------------------------------
-    def sleep(self, vcpu) -> None:
-        """The vCPU sleeps (HLT, SCHEDOP_block/poll): let time pass until it wakes.
+    # -- scheduling ----------------------------------------------------------------------
+    def _next(self):
+        """The next vCPU to run, round robin after the last one; None when every vCPU sleeps."""
+        vcpus = self.machine.vcpus
+        n = len(vcpus)
+        for step in range(1, n + 1):
+            vcpu = vcpus[(self._last + step) % n]
+            if not vcpu.halted:
+                self._last = vcpu.index
+                return vcpu
+        return None
 
-        A maskable interrupt the guest accepts, an event for a blocked vCPU,
-        or a poll timeout ends the sleep. Time passes to the next timer
-        deadline; when no timer is armed and nothing else could wake the
-        vCPU, the run ends instead of hanging the host (status 1).
+    def _start_and_wake(self) -> None:
+        """Several vCPUs: start those a SIPI reached; wake sleepers an interrupt or event is for."""
+        m = self.machine
+        for vcpu in m.vcpus:
+            if vcpu.pending_sipi is not None:
+                vector, vcpu.pending_sipi = vcpu.pending_sipi, None
+                vcpu.reset_to_real_mode(vector)
+                vcpu.wait_for_sipi = vcpu.halted = False
+                vcpu.sleep_kind = ""
+                if m.tracer.on("irq"):
+                    m.tracer.emit("irq", f"vCPU {vcpu.index} starts in real mode at {vector << 12:#x}")
+            elif vcpu.halted and self._wakes(vcpu):
+                vcpu.halted = False
+                vcpu.sleep_kind = ""
+
+    # -- sleeping ------------------------------------------------------------------------
+    def sleep(self, sleepers: list) -> None:
+        """Every vCPU sleeps (HLT, SCHEDOP_block/poll, wait-for-SIPI): let time pass until one wakes.
+
+        A maskable interrupt the guest accepts, an NMI, an event for a blocked
+        vCPU, a poll timeout, or a start-up IPI ends the sleep. Time passes
+        to the next timer deadline; when no timer is armed and nothing else
+        could wake a vCPU, the run ends instead of hanging the host (status 1).
         """
         m = self.machine
         agents = m.agents
-        while m.status is None and vcpu.halted:         # a loadvm/reset may wake it
+        vcpu = sleepers[0]
+        while m.status is None and all(v.halted for v in sleepers):   # a loadvm/reset may wake one
             if any(agent.wants_service() for agent in agents):
-                return                        # the loop services the agent; the vCPU stays asleep
+                return                        # the loop services the agent; the vCPUs stay asleep
             m.clock.run_due()
-            if self._wakes(vcpu):
-                vcpu.halted = False
-                vcpu.sleep_kind = ""
+            woken = [v for v in sleepers if (v.pending_sipi is not None) or self._wakes(v)]
+            if woken:
+                for v in woken:
+                    if v.pending_sipi is None:
+                        v.halted = False
+                        v.sleep_kind = ""
                 return
             nxt = m.clock.next_deadline()
             listening = [a for a in agents if a.takes_host_input()]
@@ -206,13 +251,16 @@ class RunLoop:
                 if self._timed_out(vcpu):
                     return
                 continue
-            cannot_wake = vcpu.sleep_kind == "HLT" and not vcpu.reg("rflags") & RFLAGS_IF
+            cannot_wake = all(v.wait_for_sipi or (v.sleep_kind == "HLT" and not v.reg("rflags") & RFLAGS_IF)
+                              for v in sleepers)
             if nxt is None or cannot_wake:
                 if any(agent.keeps_alive() for agent in agents):
                     time.sleep(0.05)          # a debugger may still want to look (Ctrl-C)
                     continue
                 pc = vcpu.pc
-                if cannot_wake:
+                if cannot_wake and vcpu.wait_for_sipi:
+                    msg = f"vCPU {vcpu.index} waits for a start-up IPI and no other vCPU can send one"
+                elif cannot_wake:
                     msg = f"vCPU halted at {pc:#x} with interrupts disabled"
                 else:
                     msg = f"vCPU asleep ({vcpu.sleep_kind}) at {pc:#x} and nothing is left that could wake it"
@@ -232,7 +280,11 @@ class RunLoop:
 
     def _wakes(self, vcpu) -> bool:
         m = self.machine
-        src = m.interrupt_source
+        if vcpu.wait_for_sipi:
+            return False                                 # only a SIPI starts it
+        src = m.interrupt_source_of(vcpu)
+        if getattr(src, "nmi_pending", False):
+            return True
         direct = any(s.direct_pending(vcpu.index) is not None for s in m.direct_sources)
         if (direct or (src is not None and src.pending())) and vcpu.reg("rflags") & RFLAGS_IF:
             return True
@@ -253,7 +305,7 @@ class RunLoop:
         deliveries are being watched, Python does (``VCpu.engine_delivers``).
         """
         m = self.machine
-        src = m.interrupt_source
+        src = m.interrupt_source_of(vcpu)
         if getattr(src, "nmi_pending", False):
             src.nmi_pending = False
             vcpu.halted = False
@@ -298,8 +350,9 @@ class RunLoop:
     def kick(self, why: str, force: bool = False) -> None:
         """Something may want the CPU's attention: stop emu_start so the run loop looks."""
         m = self.machine
-        vcpu = m.vcpus[0]
-        if vcpu._in_emu and (force or (m.interrupt_source is not None and m.interrupt_source.pending())):
+        vcpu = m.vcpus[0].core.current
+        src = m.interrupt_source_of(vcpu)
+        if vcpu._in_emu and (force or (src is not None and src.pending())):
             vcpu.request_stop(why)
 
     def kick_until(self, taken, why: str) -> None:

@@ -30,10 +30,16 @@ from typing import Callable
 from ..devices.i8259 import PicPair
 from ..devices.ioapic import Ioapic, NUM_PINS
 from ..devices.irq import IrqLine, SharedLine
-from ..devices.lapic import Lapic
+from ..devices.apicbus import ApicBus
+from ..devices.lapic import Lapic, LVT_MASKED
 
 PCI_ISA_IRQS = (10, 10, 11, 11)          # PIRQ A-D with pci_irqs="isa", as SeaBIOS routes them
 IOAPIC_ID = 1                            # APIC IDs are unique: LAPIC 0 has 0 (Xen's vIOAPIC is 1 too)
+
+
+def ioapic_id_for(cpus: int) -> int:
+    """The IOAPIC's ID beside LAPICs 0..cpus-1: the first free one (as SeaBIOS numbers it)."""
+    return max(IOAPIC_ID, cpus)
 
 
 class InterruptWiring:
@@ -46,17 +52,35 @@ class InterruptWiring:
     """
 
     def __init__(self, clock, kick: Callable[[str], None], pci_irqs: str = "apic",
-                 trace: Callable[[str], None] | None = None):
+                 trace: Callable[[str], None] | None = None, cpus: int = 1,
+                 lapic_notify: Callable[[int], None] | None = None,
+                 on_init: Callable[[int], None] | None = None, on_sipi: Callable[[int, int], None] | None = None):
         self.pci_irqs = pci_irqs
         self.gsi_filters: list[Callable[[int, bool], bool]] = []
         line_trace = (lambda name, level: trace(f"{name} {'raised' if level else 'lowered'}")) if trace else None
         self.pic = PicPair(output=lambda level: kick("PIC INT") if level else None)
-        self.lapic = Lapic(clock, notify=lambda: kick("LAPIC"), pic=self.pic)
-        self.ioapic = Ioapic(self.lapic)
-        self.ioapic.state.id = IOAPIC_ID
-        self.lapic.ioapics.append(self.ioapic)
+        notify = lapic_notify or (lambda index: kick("LAPIC"))
+        # One local APIC per CPU, APIC ID = CPU index; the 8259 reaches the
+        # BSP's LINT0 (the virtual wire the firmware sets up there only:
+        # an AP's LVT entries come out of reset masked, SDM §10.4.7.1).
+        self.lapics = [Lapic(clock, notify=lambda i=i: notify(i), apic_id=i, pic=self.pic if i == 0 else None)
+                       for i in range(cpus)]
+        for lapic in self.lapics[1:]:
+            lapic.state.lvt = [LVT_MASKED] * 6
+        self.lapic = self.lapics[0]
+        self.bus = ApicBus(on_init=on_init, on_sipi=on_sipi, trace=trace)
+        if cpus > 1:               # one CPU keeps its ICR to itself (INIT and SIPI reach nobody)
+            for lapic in self.lapics:
+                self.bus.attach(lapic)
+        # the IOAPIC's messages go on the APIC bus (with one CPU straight to its LAPIC, as before)
+        self.ioapic = Ioapic(self.bus if cpus > 1 else self.lapic)
+        self.ioapic.state.id = ioapic_id_for(cpus)
+        for lapic in self.lapics:
+            lapic.ioapics.append(self.ioapic)
         if trace is not None:
-            self.pic.trace = self.ioapic.trace = self.lapic.trace = trace
+            self.pic.trace = self.ioapic.trace = trace
+            for lapic in self.lapics:
+                lapic.trace = trace
         self.gsi = [SharedLine(f"GSI{n}", line_trace) for n in range(NUM_PINS)]
         for n, line in enumerate(self.gsi):
             line.connect(lambda level, n=n: self._gsi_changed(n, level))
