@@ -146,6 +146,8 @@ class VCpu(ExitHooks, InterruptDelivery, MemoryMap):
         self.sleep_kind = ""                 # HLT, SCHEDOP_block, SCHEDOP_poll, wait-for-SIPI while halted
         self.wait_for_sipi = False           # after INIT (an AP from power-on): only a SIPI starts it
         self.pending_sipi: int | None = None # a SIPI's vector, applied when the run loop next loads it
+        self.pending_state = None            # callable(vcpu): a register state posted for it (VCPUOP_initialise)
+        self.down = False                    # taken out of the schedule (VCPUOP_down)
         self._window_hook = None
         # The exact, hook-free interrupt window when this Unicorn build allows it
         self._irq_request = irqwindow.InterruptRequest(self.uc) if engine.interrupt_window_exits else None
@@ -399,6 +401,25 @@ class VCpu(ExitHooks, InterruptDelivery, MemoryMap):
         uc.msr_write(EFER, 0)
         uc.reg_write(X.UC_X86_REG_CR4, 0)
         uc.reg_write(X.UC_X86_REG_CR3, 0)
+
+    def load_initial_state(self, *, gprs: dict, cr0: int, cr3: int, cr4: int, efer: int, segments: dict) -> None:
+        """A first state given from outside (Xen's VCPUOP_initialise): control registers, segments, registers.
+
+        The control registers go in the order a CPU enters the mode in:
+        CR4 (PAE), EFER (LME), CR3, then CR0, whose PG with LME sets LMA.
+        """
+        self._leave_long_mode(0x11)
+        uc = self._required()
+        uc.reg_write(X.UC_X86_REG_CR4, cr4)
+        uc.msr_write(EFER, efer & ~EFER_LMA)
+        uc.reg_write(X.UC_X86_REG_CR3, cr3)
+        uc.reg_write(X.UC_X86_REG_CR0, cr0)
+        with self.cpu_state() as ctx:
+            ctx.load_segments(**{n: c for n, c in segments.items() if n != "tr"})
+            if "tr" in segments:
+                ctx.set_segment("tr", segments["tr"])
+        for name, value in gprs.items():
+            self.set_reg(name, value)
 
     def reset_to_real_mode(self, vector: int) -> None:
         """A start-up IPI's state: real mode at ``vector << 12`` (SDM vol. 3 §8.4.4, §9.1.1).

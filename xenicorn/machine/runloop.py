@@ -205,6 +205,10 @@ class RunLoop:
         """Several vCPUs: start those a SIPI reached; wake sleepers an interrupt or event is for."""
         m = self.machine
         for vcpu in m.vcpus:
+            if vcpu.pending_state is not None:
+                apply, vcpu.pending_state = vcpu.pending_state, None
+                vcpu.core.load(vcpu)
+                apply(vcpu)
             if vcpu.pending_sipi is not None:
                 vector, vcpu.pending_sipi = vcpu.pending_sipi, None
                 vcpu.reset_to_real_mode(vector)
@@ -251,7 +255,7 @@ class RunLoop:
                 if self._timed_out(vcpu):
                     return
                 continue
-            cannot_wake = all(v.wait_for_sipi or (v.sleep_kind == "HLT" and not v.reg("rflags") & RFLAGS_IF)
+            cannot_wake = all(v.wait_for_sipi or v.down or (v.sleep_kind == "HLT" and not v.reg("rflags") & RFLAGS_IF)
                               for v in sleepers)
             if nxt is None or cannot_wake:
                 if any(agent.keeps_alive() for agent in agents):
@@ -280,8 +284,8 @@ class RunLoop:
 
     def _wakes(self, vcpu) -> bool:
         m = self.machine
-        if vcpu.wait_for_sipi:
-            return False                                 # only a SIPI starts it
+        if vcpu.wait_for_sipi or vcpu.down:
+            return False                                 # only a SIPI (or VCPUOP_up) starts it
         src = m.interrupt_source_of(vcpu)
         if getattr(src, "nmi_pending", False):
             return True

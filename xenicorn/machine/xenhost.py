@@ -68,14 +68,43 @@ class XenHostServices:
         """Set IOAPIC pin ``gsi`` directly (a GSI handed back from a PIRQ event)."""
         self.ioapic.set_irq(gsi, level)
 
-    def lapic_accept(self, vector: int) -> None:
-        """A fixed interrupt at the local APIC (a per-vCPU upcall vector)."""
-        self.lapic.accept(vector)
+    def lapic_accept(self, vcpu: int, vector: int) -> None:
+        """A fixed interrupt at vCPU ``vcpu``'s local APIC (its per-vCPU upcall vector)."""
+        self.lapics[vcpu].accept(vector)
 
     def on_eoi(self, ioapic: Callable[[int], None], pic: Callable[[int], None]) -> None:
         """Be told of each EOI: ``ioapic(pin)`` at the IOAPIC, ``pic(isa_irq)`` at the 8259 pair."""
         self.ioapic.on_eoi.append(ioapic)
         self.pic.on_eoi.append(pic)
+
+    # -- vCPUs up and down ----------------------------------------------------------------
+    def post_vcpu_state(self, vcpu: int, apply: Callable[[object], None]) -> None:
+        """Give vCPU ``vcpu`` a new register state: ``apply(vcpu)`` runs when the run loop next loads it.
+
+        Posted, not applied: the request comes from a hypercall, inside
+        another vCPU's run, when only the running vCPU's state is reachable.
+        """
+        self.vcpus[vcpu].pending_state = apply
+        self.kick("vCPU state posted", force=True)
+
+    def set_vcpu_running(self, vcpu: int, running: bool) -> None:
+        """VCPUOP_up / VCPUOP_down: let a vCPU run, or take it out of the schedule."""
+        v = self.vcpus[vcpu]
+        v.down = not running
+        if running:
+            v.wait_for_sipi = v.halted = False
+            v.sleep_kind = ""
+            self.kick("vCPU up", force=True)
+        else:
+            v.halted = True
+            v.sleep_kind = "down"
+            if v._in_emu:
+                v.request_stop("vCPU down")
+
+    def vcpu_running(self, vcpu: int) -> bool:
+        """Not down, and started (by a SIPI or VCPUOP_up)."""
+        v = self.vcpus[vcpu]
+        return not v.down and not v.wait_for_sipi
 
     # -- registrations ------------------------------------------------------------------------
     def add_gsi_filter(self, taken: Callable[[int, bool], bool]) -> None:

@@ -130,7 +130,7 @@ class Callback:
         if per_vcpu:
             self.stats["vectors"] += 1
             self._trace(f"upcall vCPU {vcpu}: LAPIC vector {per_vcpu:#x}")
-            self.host.lapic_accept(per_vcpu)
+            self.host.lapic_accept(vcpu, per_vcpu)
         elif self.kind == "vector":
             self.stats["vectors"] += 1
             self._trace(f"upcall vCPU {vcpu}: vector {self.vector:#x} (direct)")

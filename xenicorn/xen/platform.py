@@ -67,6 +67,7 @@ class VcpuState:
     singleshot_ns: int | None = None       # VCPUOP_set_singleshot_timer deadline
     poll_done: bool = False                # SCHEDOP_poll timed out (or a port fired)
     timer_events: int = 0                  # VIRQ_TIMER events raised (delivered once bound)
+    initialised: bool = False              # VCPUOP_initialise gave it a state (xen/vcpu_up.py)
     timers: dict = field(default_factory=dict, repr=False)   # name -> clock Timer (not state)
 
 

@@ -5,7 +5,8 @@ Sub-ops from xen/include/public/vcpu.h that an HVM guest may use:
 ====  ================================  =====================================
 cmd   name                              argument
 ====  ================================  =====================================
-3     VCPUOP_is_up                      none: 1 if the vCPU runs
+0-3   VCPUOP_initialise, up, down,      bringing other vCPUs up (:mod:`.vcpu_up`)
+      is_up
 4     VCPUOP_get_runstate_info          vcpu_runstate_info out (48 / 44 B)
 5     VCPUOP_register_runstate_memory_  { guest pointer }: Xen keeps the
       area                              runstate there up to date
@@ -30,7 +31,9 @@ import struct
 from . import errno
 from .guest import HypercallError
 from .shared_info import VCPU_INFO_SIZE
+from .vcpu_up import vcpu_up_op
 
+VCPUOP_initialise, VCPUOP_up, VCPUOP_down = 0, 1, 2
 VCPUOP_is_up, VCPUOP_get_runstate_info, VCPUOP_register_runstate_memory_area = 3, 4, 5
 VCPUOP_set_periodic_timer, VCPUOP_stop_periodic_timer = 6, 7
 VCPUOP_set_singleshot_timer, VCPUOP_stop_singleshot_timer = 8, 9
@@ -56,8 +59,8 @@ def vcpu_op(call, cmd: int, vcpuid: int, arg: int, *_) -> int:
     if vcpuid >= len(xen.host.vcpus):
         raise HypercallError(errno.ENOENT, f"vCPU {vcpuid}")
     vs = xen.vcpu_state(vcpuid)
-    if cmd == VCPUOP_is_up:
-        return 1
+    if cmd in (VCPUOP_initialise, VCPUOP_up, VCPUOP_down, VCPUOP_is_up):
+        return vcpu_up_op(xen, call, cmd, vcpuid, arg)
     if cmd == VCPUOP_get_runstate_info:
         call.guest.write(arg, runstate_bytes(call, xen.now_ns()))
         return 0
