@@ -32,7 +32,7 @@ import ctypes
 import unicorn
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
-from ..records import (RecordError, blob, field, flag, integer, listing, make_record, open_record, text,
+from ..records import (RecordError, blob, field, flag, integer, listing, make_record, open_record, optional, text,
                        uint)
 from .msr import INTERCEPT_RDTSC, SHADOW_SIZE
 from .rawctx import RawContext
@@ -40,7 +40,7 @@ from .rawctx import RawContext
 UNICORN_VERSION = unicorn.__version__
 CTX_HEADER = 40                    # uc_context's own header before CPUX86State (see rawctx.py)
 PAGE = 4096
-SLEEP_KINDS = ("", "HLT", "SCHEDOP_block", "SCHEDOP_poll")
+SLEEP_KINDS = ("", "HLT", "SCHEDOP_block", "SCHEDOP_poll", "wait-for-SIPI", "down")
 # Host pointers inside CPUX86State (unicorn 2.1.4): cpu_breakpoint[4] (QEMU's
 # objects for DR0-3 breakpoints) and retaddr (the TCG return address an SVM
 # intercept helper unwinds with, left behind after each use). They mean
@@ -83,7 +83,7 @@ def in_guest(vcpu) -> bool:
 class VcpuRecord:
     """Saves and restores one :class:`~xenicorn.engine.vcpu.VCpu` (see the module table)."""
 
-    RECORD = ("vcpu", 1)
+    RECORD = ("vcpu", 2)          # 2: the start-up state of several vCPUs (wait-for-SIPI, a SIPI posted, down)
 
     def __init__(self, vcpu):
         self.vcpu = vcpu
@@ -95,7 +95,8 @@ class VcpuRecord:
             "index": v.index, "instructions": v.instructions, "halted": v.halted, "sleep_kind": v.sleep_kind,
             "mmio_pages": sorted(v._mmio_pages),
             "msr": {"interests": sorted(v.msr.interests), "extra": v.msr.extra, "exits": v.msr.exits},
-            "window_exits": v.window_exits},
+            "window_exits": v.window_exits,
+            "wait_for_sipi": v.wait_for_sipi, "pending_sipi": v.pending_sipi, "down": v.down},
             {"context": context_bytes(uc), "msr-shadow": bytes(uc.mem_read(v.msr.base, SHADOW_SIZE))})
 
     def check_record(self, record: dict) -> dict:
@@ -120,6 +121,8 @@ class VcpuRecord:
                 "sleep_kind": sleep_kind, "mmio_pages": sorted(pages), "interests": set(interests),
                 "extra": uint(msr, "extra", 64, reserved=~INTERCEPT_RDTSC), "exits": uint(msr, "exits"),
                 "window_exits": uint(st, "window_exits"), "context": context,
+                "wait_for_sipi": flag(st, "wait_for_sipi"), "pending_sipi": optional(st, "pending_sipi", 8),
+                "down": flag(st, "down"),
                 "shadow": blob(record, "msr-shadow", SHADOW_SIZE)}
 
     def apply_record(self, p: dict) -> None:
@@ -143,6 +146,7 @@ class VcpuRecord:
         v.msr.interests = set(p["interests"])
         v.msr.extra, v.msr.exits = p["extra"], p["exits"]
         v.window_exits = p["window_exits"]
+        v.wait_for_sipi, v.pending_sipi, v.down = p["wait_for_sipi"], p["pending_sipi"], p["down"]
         v.msr.reassert()              # the saved context may hold an armed window's intercept
         # Python wrote RAM and the whole CPU state: drop translated code and TLB entries
         v.uc.ctl_flush_tb()

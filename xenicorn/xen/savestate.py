@@ -65,7 +65,7 @@ def components(xen) -> list[tuple[str, object]]:
 class DomainRecord:
     """The domain's :class:`~xenicorn.xen.platform.XenState` and Xen's own timers."""
 
-    RECORD = ("xen-domain", 1)
+    RECORD = ("xen-domain", 2)       # 2: each vCPU says whether VCPUOP_initialise gave it a state
 
     def __init__(self, xen):
         self.xen = xen
@@ -129,7 +129,7 @@ class DomainRecord:
                 raise RecordError(f"vCPU {i} vcpu_info at {info:#x} crosses a page")
             vcpus[i] = VcpuState(info, optional(v, "runstate_area"), optional(v, "time_area"),
                                  uint(v, "periodic_ns", 63), optional(v, "singleshot_ns", 63),
-                                 flag(v, "poll_done"), uint(v, "timer_events"))
+                                 flag(v, "poll_done"), uint(v, "timer_events"), flag(v, "initialised"))
         armed = timers(st, _TIMER.fullmatch)
         for name in armed:
             m = _TIMER.fullmatch(name)
@@ -162,7 +162,8 @@ class DomainRecord:
         st.upcall_vectors, st.watchdogs = dict(p["upcall_vectors"]), dict(p["watchdogs"])
         st.pages = p["pages"]
         st.vcpus = {i: VcpuState(vs.vcpu_info_gpa, vs.runstate_area, vs.time_area, vs.periodic_ns,
-                                 vs.singleshot_ns, vs.poll_done, vs.timer_events) for i, vs in p["vcpus"].items()}
+                                 vs.singleshot_ns, vs.poll_done, vs.timer_events, vs.initialised)
+                     for i, vs in p["vcpus"].items()}
         for t in xen.watchdog_timers.values():
             clock.cancel(t)
         xen.watchdog_timers = {}
@@ -186,7 +187,7 @@ class DomainRecord:
 def _vcpu_out(vs: VcpuState) -> dict:
     return {"vcpu_info_gpa": vs.vcpu_info_gpa, "runstate_area": vs.runstate_area, "time_area": vs.time_area,
             "periodic_ns": vs.periodic_ns, "singleshot_ns": vs.singleshot_ns, "poll_done": vs.poll_done,
-            "timer_events": vs.timer_events}
+            "timer_events": vs.timer_events, "initialised": vs.initialised}
 
 
 def _names(items: list) -> set[str]:
