@@ -254,6 +254,8 @@ class JsonLines:
                      "clock": machine.clock.mode})
 
     def _write(self, obj: dict) -> None:
+        if len(self.machine.vcpus) > 1:
+            obj = {**obj, "cpu": self.machine.current_vcpu.index}     # which vCPU acted
         self.stream.write(json.dumps(obj, separators=(",", ":")) + "\n")
 
     def _event(self, ev: IrqEvent) -> None:

@@ -132,6 +132,8 @@ class Machine(XenHostServices):
                                           cpus=cfg.smp, lapic_notify=self._lapic_notify,
                                           on_init=self._init_ipi, on_sipi=self._startup_ipi)
         self.lapics = w.lapics
+        if cfg.smp > 1:
+            self.tracer.cpu = lambda: self.current_vcpu.index          # trace lines name the vCPU
         # the controllers and lines, by the names the rest of xenicorn knows them
         self.pic, self.ioapic, self.lapic = w.pic, w.ioapic, w.lapic
         self.gsi, self.pic_inputs, self.isa_irq = w.gsi, w.pic_inputs, w.isa_irq

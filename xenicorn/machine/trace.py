@@ -53,6 +53,7 @@ class Tracer:
         self.stream = stream or sys.stderr
         self.active = bool(cats or self.observed)
         self.listeners: list = []        # callables(category, text): tests
+        self.cpu = None                  # with several vCPUs: callable() -> the index of the one acting
         self.observers: list = []        # callables(category, text, data): steppers, records
 
     def on(self, category: str) -> bool:
@@ -60,7 +61,8 @@ class Tracer:
 
     def emit(self, category: str, text: str, data=None) -> None:
         if category in self.categories:
-            self.stream.write(f"[{category}] {text}\n")
+            cpu = f"cpu{self.cpu()} " if self.cpu is not None else ""
+            self.stream.write(f"[{category}] {cpu}{text}\n")
         for listener in self.listeners:
             listener(category, text)
         if category in self.observed:
