@@ -53,6 +53,8 @@ KERNELS: dict[str, tuple[int, list[str], bool]] = {
     "xenstore64": (64, ["xenstore/xenstore.c"], True),
     "tickbench32": (32, ["tickbench/tickbench.c"], True),
     "tickbench64": (64, ["tickbench/tickbench.c"], True),
+    "smp32": (32, ["smp/smp.c", "smp/madt.c", "smp/smpxen.c", "smp/entry.S"], True),
+    "smp64": (64, ["smp/smp.c", "smp/madt.c", "smp/smpxen.c", "smp/entry.S"], True),
     "wild32": (32, ["misbehave/wild32.S"], False),
     "triple32": (32, ["misbehave/triple32.S"], False),
     "spin32": (32, ["misbehave/spin32.S"], False),
