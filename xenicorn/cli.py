@@ -41,9 +41,16 @@ def _smp(text: str) -> int:
     return n
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but bad input is one line (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xenicorn", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="xenicorn", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     r = sub.add_parser("run", help="boot a kernel")
     _run_options(r)
     r.add_argument("--trace-json", metavar="FILE",

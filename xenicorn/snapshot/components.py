@@ -25,7 +25,9 @@ def components(machine) -> list[tuple[str, object]]:
     m = machine
     parts: list[tuple[str, object]] = [("clock", m.clock), ("memory", m.memory), ("pci", m.pci)]
     parts += [(f"vcpu{v.index}", VcpuRecord(v)) for v in m.vcpus]
-    parts += [("pic", m.pic), ("ioapic", m.ioapic), ("lapic", m.lapic), ("pit", m.pit), ("rtc", m.rtc)]
+    parts += [("pic", m.pic), ("ioapic", m.ioapic), ("lapic", m.lapic)]
+    parts += [(f"lapic{i}", lapic) for i, lapic in enumerate(m.lapics) if i]    # the APs' own
+    parts += [("pit", m.pit), ("rtc", m.rtc)]
     if m.serial is not None:
         parts.append(("uart", m.serial))
     for name, port, kind in (("acpi-pm1-event", AcpiPmEvent.PORT, AcpiPmEvent),

@@ -107,6 +107,9 @@ def hvm_op(call, cmd: int, arg: int, *_) -> int:
             raise HypercallError(errno.ENOENT, f"vCPU {vcpu_id}")
         xen.state.upcall_vectors[vcpu_id] = vector
         call.note(f"vCPU {vcpu_id} upcall vector {vector:#x}")
+        # As Xen's hvmop_set_evtchn_upcall_vector: hvm_assert_evtchn_irq at once,
+        # so an upcall already pending is not lost (xen/arch/x86/hvm/hvm.c).
+        xen.callback.upcall(vcpu_id)
         return 0
     xen.unimplemented(f"hvm_op cmd {cmd}")
     raise HypercallError(errno.ENOSYS)
