@@ -333,17 +333,18 @@ USERSPACE = "XENICORN-USERSPACE-REACHED"              # busybox's /init (xenicor
 
 
 def _interrupt_lines(text: str) -> dict[str, tuple[int, str]]:
-    """name -> (CPU0 count, chip), from the /proc/interrupts lines /init printed after the marker."""
+    """name -> (count over all CPUs, chip), from the /proc/interrupts lines /init printed after the marker."""
     out = {}
     assert USERSPACE in text, text[-3000:]
     for line in text.split(USERSPACE, 1)[1].splitlines():
         parts = line.split()
         if len(parts) >= 4 and parts[0].endswith(":") and parts[1].isdigit():
-            out[parts[-1]] = (int(parts[1]), parts[2])
+            counts = [int(p) for p in parts[1:] if p.isdigit()]
+            out[parts[-1]] = (sum(counts), parts[1 + len(counts)])
     return out
 
 
-def boot_debian(tmp_path, *, append: str = "", pci_irqs: str = "apic"):
+def boot_debian(tmp_path, *, append: str = "", pci_irqs: str = "apic", smp: int = 1):
     """Boot the Debian bzImage with the busybox initramfs until its /init powers off.
 
     In this process, so the test can look at the machine afterwards:
@@ -357,7 +358,7 @@ def boot_debian(tmp_path, *, append: str = "", pci_irqs: str = "apic"):
         pytest.skip(f"no busybox initramfs: {e}")
     out = tmp_path / "ttyS0"
     config = MachineConfig(ram_mib=512, cmdline=(guest.DEFAULT_CMDLINE + " " + append).strip(),
-                           serial=f"file:{out}", timeout=240, pci_irqs=pci_irqs, debugcon="none")
+                           serial=f"file:{out}", timeout=240, pci_irqs=pci_irqs, debugcon="none", smp=smp)
     machine, _ = boot(config, image, initrd=initrd, protocol="linux")
     machine.run()
     machine.console.flush()

@@ -31,7 +31,8 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 echo "{MARKER}"
 uname -r
-grep -i -e xen -e CPU0 -e HYP /proc/interrupts
+echo "nproc: $(nproc)"
+grep -i -e xen -e CPU0 -e HYP -e LOC /proc/interrupts
 poweroff -f
 """
 

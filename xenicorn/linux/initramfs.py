@@ -106,7 +106,7 @@ def busybox_initramfs(busybox: bytes, init_script: str) -> bytes:
     for d in ("bin", "sbin", "dev", "proc", "sys", "tmp", "etc"):
         fs.directory(d)
     fs.file("bin/busybox", busybox, 0o755)
-    for applet in ("sh", "mount", "cat", "echo", "poweroff", "sleep", "ls", "uname", "grep", "head"):
+    for applet in ("sh", "mount", "cat", "echo", "poweroff", "sleep", "ls", "uname", "grep", "head", "nproc"):
         fs.symlink(f"bin/{applet}", "busybox")
     fs.char_device("dev/console", 5, 1)
     fs.char_device("dev/null", 1, 3, 0o666)

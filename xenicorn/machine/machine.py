@@ -240,11 +240,17 @@ class Machine(XenHostServices):
         return self.vcpus[0].core.current
 
     def _lapic_notify(self, index: int) -> None:
-        """LAPIC ``index`` may have an interrupt: stop the running vCPU if it or a sleeper can take it."""
+        """LAPIC ``index`` may have an interrupt: stop the running vCPU if it or a sleeper can take it.
+
+        A vCPU that is runnable but not running takes its interrupt when its
+        turn comes (within a quantum); only a sleeping one is worth cutting
+        the running vCPU's quantum short for: it may be the one everybody
+        waits for (an IPI's target, a timer's CPU).
+        """
         current = self.current_vcpu
         if index == current.index:
             self.kick("LAPIC")
-        elif current._in_emu:
+        elif current._in_emu and self.vcpus[index].halted:
             lapic = self.lapics[index]
             if lapic.pending() or lapic.nmi_pending:
                 current.request_stop(f"interrupt for vCPU {index}")
