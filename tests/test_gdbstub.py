@@ -39,8 +39,9 @@ EAX = 0
 FIRMWARE = Path(__file__).resolve().parent.parent / "xenicorn" / "firmware" / "images"
 
 
-def build_machine() -> Machine:
-    m = Machine(MachineConfig(ram_mib=16, debugcon="none", count_instructions=True), console=ConsoleSink(None))
+def build_machine(smp: int = 1) -> Machine:
+    m = Machine(MachineConfig(ram_mib=16, debugcon="none", count_instructions=True, smp=smp),
+                console=ConsoleSink(None))
     mem = m.memory
     mem.write(ENTRY, LOOP)
     mem.code_written(ENTRY, len(LOOP))

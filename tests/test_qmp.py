@@ -115,3 +115,24 @@ def test_malformed_input_and_a_client_that_vanishes_leave_the_machine_running(tm
 def test_bad_qmp_spec_is_one_line():
     from xenicorn.cli import main
     assert main(["run", "spin32", "-qmp", "tcp:localhost:4444"]) == 2
+
+
+def test_query_cpus_fast_lists_every_vcpu(tmp_path):
+    """-smp 2: one entry per vCPU, one socket each, all run by the machine's one thread."""
+    proc, sock = start(tmp_path, "spin32", "-smp", "2")
+
+    async def go():
+        client = await session(sock)
+        cpus = await client.execute("query-cpus-fast")
+        status = await client.execute("query-status")
+        await client.execute("quit")
+        await closed(client)
+        return cpus, status
+    cpus, status = asyncio.run(go())
+    assert proc.wait(timeout=30) == 0
+    assert status == {"running": True, "singlestep": False, "status": "running"}
+    assert [c["cpu-index"] for c in cpus] == [0, 1]
+    assert [c["qom-path"] for c in cpus] == ["/machine/unattached/device[0]", "/machine/unattached/device[1]"]
+    assert [c["props"] for c in cpus] == [{"core-id": 0, "thread-id": 0, "socket-id": i} for i in (0, 1)]
+    assert all(c["target"] == "x86_64" for c in cpus)
+    assert [c["thread-id"] for c in cpus] == [proc.pid] * 2            # the CLI runs the machine on its main thread

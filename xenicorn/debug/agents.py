@@ -12,6 +12,8 @@ at_start            -                                     keep the power-on stat
 service             stop replies, packets; waits while    commands; waits while
                     gdb has the guest stopped             ``stop`` has paused it
 holds_interrupts    while single-stepping (SSTEP_NOIRQ)   -
+holds_vcpu          the vCPUs a step or a ``vCont;c:N``   -
+                    leaves stopped
 before_run          one instruction per step; a quantum   -
                     while attached (to see Ctrl-C)
 while asleep        come back for packets; never end a    wait for a command
@@ -38,6 +40,9 @@ class GdbAgent(Agent):
 
     def holds_interrupts(self) -> bool:
         return self.stub.stepping      # gdb steps with interrupts held (QEMU's SSTEP_NOIRQ)
+
+    def holds_vcpu(self, vcpu) -> bool:
+        return self.stub.holds_vcpu(vcpu)  # stepping one vCPU: the others stay stopped
 
     def before_run(self, vcpu, count: int) -> int:
         return self.stub.before_run(vcpu, count)

@@ -3,8 +3,8 @@
 gdb talks to a *remote stub* with its Remote Serial Protocol (RSP; gdb
 manual, appendix "Remote Protocol"). QEMU has one (``gdbstub/gdbstub.c``,
 ``target/i386/gdbstub.c``) and this one offers gdb the same view of an x86
-machine: one thread (vCPU 0), its registers, guest memory at *linear*
-addresses, breakpoints, stepping and continuing.
+machine: one thread per vCPU (:mod:`.gdb.threads`), their registers, guest
+memory at *linear* addresses, breakpoints, stepping and continuing.
 
 The stub is in layers, each in its own module:
 
@@ -12,6 +12,7 @@ The stub is in layers, each in its own module:
 module                         what it knows
 =============================  ===============================================
 :mod:`.gdb.protocol`           the wire: ``$payload#cc``, acks, escapes, Ctrl-C
+:mod:`.gdb.threads`            threads are vCPUs; what ``vCont`` asks of each
 :mod:`.gdb.target`             the registers gdb is shown, the target XML
 :mod:`.gdb.memory`             guest memory at linear addresses, RAM only
 :mod:`.gdb.session`            what each packet does, breakpoints, stop replies
@@ -52,7 +53,10 @@ instruction (a :class:`~xenicorn.exits.Debug` exit, handed back to
 :meth:`GdbStub.on_debug_exit`); a single step is a run with ``count=1``.
 While stepping, interrupts are not injected, as QEMU's default
 ``SSTEP_NOIRQ``: ``stepi`` goes to the next instruction, not into a timer
-handler.
+handler. With several vCPUs the loop also asks :meth:`GdbStub.holds_vcpu`
+which vCPUs may run: only the stepped one during a step (the others stay
+stopped, see :mod:`.gdb.threads`). Instruction counts are per vCPU, so a
+step is over when the stepped vCPU's count has moved.
 """
 from __future__ import annotations
 
@@ -129,7 +133,7 @@ def _packets(conn: _GdbConnection):
 
 
 class GdbStub(Session):
-    """The remote stub of one machine (vCPU 0 is gdb's thread 1): the run loop's side of it."""
+    """The remote stub of one machine (vCPU ``n`` is gdb's thread ``n + 1``): the run loop's side of it."""
 
     def __init__(self, machine, host: str, port: int, wait: bool = False):
         super().__init__(machine, wait)
@@ -171,11 +175,11 @@ class GdbStub(Session):
 
     def service(self) -> None:
         """Called at the top of every run-loop iteration, on the machine's thread."""
-        vcpu = self.machine.vcpu
-        if self.state == STEPPING and vcpu.instructions != self._step_mark:
-            self.report_stop(SIGTRAP)
+        stepped = self._step_vcpu
+        if self.state == STEPPING and stepped.instructions != self._step_mark:
+            self.report_stop(SIGTRAP, stepped)
         elif self._watch_hit is not None and self.state == RUNNING:
-            self.report_stop(SIGTRAP)             # hit by the last instruction of a run
+            self.report_stop(SIGTRAP, self._watch_vcpu)   # hit by the last instruction of a run
         self._drain(0)
         while self.state == STOPPED and self.machine.status is None:
             if self.machine.monitor is not None:
@@ -188,15 +192,17 @@ class GdbStub(Session):
             count = debugging.SINGLE_STEP
         elif self.attached:
             count = min(count, ATTACHED_QUANTUM) if count else ATTACHED_QUANTUM
-        pc = vcpu.pc
-        self._skip_once = pc if pc in self.breakpoints else None
+        # gdb resumed this vCPU on a breakpoint: its instruction runs once
+        # (only at the first run since; a later run that starts there stops)
+        resumed_at = self._resume_at.pop(vcpu.index, None)
+        self._skip_once = resumed_at if resumed_at is not None and resumed_at == vcpu.pc else None
         self._run_count = count
         return count
 
     def on_debug_exit(self, vcpu, ex: E.Debug) -> None:
         """A breakpoint (or watchpoint) hook ended the run before the instruction at ``ex.pc``."""
         debugging.uncount_stopped_instruction(vcpu, self._run_count)
-        self.report_stop(SIGTRAP)
+        self.report_stop(SIGTRAP, vcpu)
 
     def close(self, status: int | None) -> None:
         """The machine has ended: tell gdb the "process" exited (``W``), close everything."""
@@ -222,7 +228,7 @@ class GdbStub(Session):
             self.on_disconnect()
         elif kind == "interrupt":
             if self.state != STOPPED:
-                self.report_stop(SIGINT)
+                self.report_stop(SIGINT, self._step_vcpu if self.state == STEPPING else None)
         else:
             try:
                 reply = self.handle(payload.decode("latin-1"))

@@ -19,7 +19,7 @@ that stops reading replies and events is dropped after
 from __future__ import annotations
 
 import json
-import os
+import threading
 import time
 
 from .sockserver import Connection, SocketServer, unix_listener
@@ -197,8 +197,20 @@ class QmpServer:
         return {}
 
     def _cmd_query_cpus_fast(self) -> list:
+        """Every vCPU, as QEMU's ``query-cpus-fast`` (qapi/machine.json ``CpuInfoFast``) lists it.
+
+        - ``thread-id``: the host thread that runs the vCPU. All vCPUs take
+          turns on the machine's one thread (as QEMU's single-threaded TCG),
+          and commands run on that thread: the same id for every vCPU.
+        - ``props``: the topology, one socket per vCPU (``socket-id`` = the
+          index, one core, one thread), as QEMU's pc machine up to 6.1 lays
+          out ``-smp N``. It is what the guest is told: CPUID leaf 1 has no
+          HTT flag and leaf 0xB is empty, so each CPU is its own package.
+        - ``qom-path``: the device path QEMU gives an unattached CPU.
+        """
+        tid = threading.get_native_id()
         return [{"cpu-index": v.index, "qom-path": f"/machine/unattached/device[{v.index}]",
-                 "thread-id": os.getpid(), "target": "x86_64",
+                 "thread-id": tid, "target": "x86_64",
                  "props": {"core-id": 0, "thread-id": 0, "socket-id": v.index}} for v in self.machine.vcpus]
 
     def _xen(self):

@@ -182,7 +182,11 @@ class ReadOnlyRegister(ValueError):
 
 
 class RegisterAccess:
-    """One vCPU's registers by gdb name, as integers (``st0``-``st7``: the 80-bit value)."""
+    """One vCPU's registers by gdb name, as integers (``st0``-``st7``: the 80-bit value).
+
+    Between runs only: a vCPU that is not loaded in the shared engine
+    (another one ran last) is loaded first (:mod:`xenicorn.engine.core`).
+    """
 
     NAMES = frozenset(_UC) | frozenset(_ST) | {"efer"}
     # A selector write would need the descriptor load that goes with it, and a
@@ -192,16 +196,20 @@ class RegisterAccess:
     def __init__(self, vcpu):
         self.vcpu = vcpu
 
-    def _st(self, name: str) -> int:
+    def _uc(self):
+        # the engine holds one vCPU at a time: load this one (between runs only)
+        return self.vcpu._required()
+
+    def _st(self, uc, name: str) -> int:
         # ST(i) is physical register TOP+i; TOP is FPSW bits 13:11 (SDM vol. 1, 8.1.2 and 8.1.3)
-        top = (self.vcpu.uc.reg_read(X.UC_X86_REG_FPSW) >> 11) & 7
+        top = (uc.reg_read(X.UC_X86_REG_FPSW) >> 11) & 7
         return X.UC_X86_REG_FP0 + ((top + int(name[2:])) & 7)
 
     def read(self, name: str) -> int:
         """The register's value; KeyError for a name this accessor does not know."""
-        uc = self.vcpu.uc
+        uc = self._uc()
         if name in _ST:
-            mantissa, exponent = uc.reg_read(self._st(name))
+            mantissa, exponent = uc.reg_read(self._st(uc, name))
             return mantissa | (exponent & 0xFFFF) << 64
         if name == "efer":
             return uc.msr_read(EFER_MSR)
@@ -211,8 +219,8 @@ class RegisterAccess:
         """Set a register as given (no masking); :class:`ReadOnlyRegister` for :attr:`READ_ONLY`."""
         if name in self.READ_ONLY:
             raise ReadOnlyRegister(name)
-        uc = self.vcpu.uc
+        uc = self._uc()
         if name in _ST:
-            uc.reg_write(self._st(name), (value & ((1 << 64) - 1), (value >> 64) & 0xFFFF))
+            uc.reg_write(self._st(uc, name), (value & ((1 << 64) - 1), (value >> 64) & 0xFFFF))
             return
         uc.reg_write(_UC[name], value)

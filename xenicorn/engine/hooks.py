@@ -144,12 +144,18 @@ class ExitHooks:
         return default
 
     def guarded_hook(self, fn, default=None):
-        """Wrap another module's Unicorn hook like ours (see :func:`guarded`)."""
+        """Wrap another module's Unicorn hook like ours (see :func:`guarded`).
+
+        The engine's hooks serve every vCPU: a failure ends the run of the
+        vCPU that is loaded, whichever installed the hook.
+        """
+        core = self.core
+
         def hook(*args):
             try:
                 return fn(*args)
             except Exception as exc:          # noqa: BLE001 - reported, not hidden
-                return self._hook_failed(exc, default)
+                return core.current._hook_failed(exc, default)
         return hook
 
     # ------------------------------------------------------------------

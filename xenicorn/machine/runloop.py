@@ -48,6 +48,17 @@ class Agent:
         """True while no interrupt may be injected (a debugger's single step: QEMU's SSTEP_NOIRQ)."""
         return False
 
+    def holds_vcpu(self, vcpu) -> bool:
+        """True while ``vcpu`` may not run, though it could (a debugger steps another vCPU).
+
+        The round robin passes over a held vCPU as over a halted one; if
+        only held and halted vCPUs are left, the machine sleeps until a
+        halted one wakes. An agent must leave at least one vCPU unheld.
+        With one vCPU it is not consulted: an agent that wants the only
+        CPU stopped pauses in :meth:`service`.
+        """
+        return False
+
     def before_run(self, vcpu, count: int) -> int:
         """The guest is about to run ``count`` instructions (0: unbounded); return the bound wanted."""
         return count
@@ -191,12 +202,16 @@ class RunLoop:
 
     # -- scheduling ----------------------------------------------------------------------
     def _next(self):
-        """The next vCPU to run, round robin after the last one; None when every vCPU sleeps."""
-        vcpus = self.machine.vcpus
+        """The next vCPU to run, round robin after the last one; None when every vCPU sleeps.
+
+        A vCPU an agent holds (:meth:`Agent.holds_vcpu`) is passed over.
+        """
+        m = self.machine
+        vcpus = m.vcpus
         n = len(vcpus)
         for step in range(1, n + 1):
             vcpu = vcpus[(self._last + step) % n]
-            if not vcpu.halted:
+            if not vcpu.halted and not (n > 1 and any(agent.holds_vcpu(vcpu) for agent in m.agents)):
                 self._last = vcpu.index
                 return vcpu
         return None

@@ -2,5 +2,6 @@
 
 ``protocol`` (the wire format and its hardened reader), ``target`` (the
 register layout and target description), ``memory`` (linear addresses
-through the guest's page tables) and ``session`` (what each packet does).
+through the guest's page tables), ``threads`` (one gdb thread per vCPU)
+and ``session`` (what each packet does).
 """

@@ -1,7 +1,8 @@
 """A debugger's view of guest memory: linear addresses, through the guest's page tables.
 
 gdb asks for memory at *linear* addresses (what the guest's code uses).
-They are translated with the current CR3 by the walker in
+They are translated with the selected vCPU's CR3 (gdb's ``Hg`` thread, as QEMU's
+``g_cpu``: vCPUs may run on different page tables) by the walker in
 :mod:`xenicorn.x86.paging`, as a debugger's access should be: no
 Accessed/Dirty bits set (reading from gdb is invisible to the guest), no
 permission checks (neither write protection nor SMAP refuses the
@@ -19,14 +20,16 @@ from ...x86.paging import CR4_SMAP, PageFault, translate
 
 
 class DebugMemory:
-    """Linear-address reads and writes of one machine's RAM as vCPU 0 sees it."""
+    """Linear-address reads and writes of one machine's RAM as one of its vCPUs sees it."""
 
-    def __init__(self, machine):
+    def __init__(self, machine, vcpu=None):
+        """``vcpu()`` gives the vCPU whose page tables translate (default: vCPU 0)."""
         self.machine = machine
+        self.vcpu = vcpu if vcpu is not None else (lambda: machine.vcpus[0])
 
     def pieces(self, addr: int, length: int) -> list[tuple[int, int]] | None:
         """Physical (address, size) pieces of a linear range, or None if a page is unmapped or not RAM."""
-        vcpu = self.machine.vcpu
+        vcpu = self.vcpu()
         # SMAP would refuse a supervisor read of a user page: not the debugger's business
         regs = dataclasses.replace(vcpu.paging_regs(), cr4=vcpu.reg("cr4") & ~CR4_SMAP)
         mem = self.machine.memory

@@ -177,9 +177,26 @@ def addr_len(text: str) -> tuple[int, int]:
     return parse_hex(addr), parse_hex(length)
 
 
-def thread_ok(text: str) -> bool:
-    """Thread ids gdb may name: 1 (our one thread), 0 (any) and -1 (all)."""
-    if text.startswith("p"):                         # multiprocess form p<pid>.<tid>
-        text = text.partition(".")[2] or "1"
-    return text in ("-1", "0") or (text.isalnum() and all(c in "0123456789abcdefABCDEF" for c in text)
-                                   and int(text, 16) == 1)
+def parse_thread(text: str) -> int:
+    """A thread id: a thread (> 0), 0 (any thread) or -1 (all threads); :class:`BadArgument` otherwise.
+
+    The multiprocess form ``p<pid>.<tid>`` gives its ``<tid>``, and
+    ``p<pid>`` alone means every thread of the process (-1): there is one
+    process, the machine, so the pid is checked for syntax only.
+    """
+    if text.startswith("p"):
+        pid, dot, text = text[1:].partition(".")
+        if pid != "-1":
+            parse_hex(pid)
+        if not dot:
+            return -1
+    return -1 if text == "-1" else parse_hex(text)
+
+
+def thread_ok(text: str, threads: int = 1) -> bool:
+    """Thread ids gdb may name on a target with ``threads`` threads (1..threads), 0 (any) and -1 (all)."""
+    try:
+        tid = parse_thread(text)
+    except BadArgument:
+        return False
+    return tid in (-1, 0) or 1 <= tid <= threads

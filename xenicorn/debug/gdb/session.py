@@ -27,11 +27,19 @@ A session, as gdb drives it::
     gdb -> vCont;s                        stub -> T05thread:01;  (one instruction)
     gdb -> D                              stub -> OK  (detach: the guest runs on)
 
+With several vCPUs, each is a thread (:mod:`.threads`): stop replies name
+the vCPU that stopped (``T05thread:02;``), ``Hg2`` selects vCPU 1's
+registers and page tables, ``vCont;s:2;c`` steps vCPU 1 while the others
+stay stopped.
+
 Breakpoints (``Z0``, and ``Z1``, the same thing here) are engine code
 hooks on exactly their address (:mod:`xenicorn.engine.debugging`): they
 end the run *before* the instruction executes (a :class:`~xenicorn.exits.Debug`
-exit) and never change guest memory. Resuming at a breakpoint lets that
-instruction run once, as the RF flag does for a hardware breakpoint.
+exit) and never change guest memory. Resuming a vCPU that stands on a breakpoint
+lets that instruction run once, as the RF flag does for a hardware
+breakpoint; a run that merely starts there (after an interrupt, a quantum
+end) stops at it. Every vCPU meets the same breakpoints, each stop is
+reported for the vCPU that was running.
 Watchpoints (``Z2`` write, ``Z3`` read, ``Z4`` access) watch the RAM their
 linear range maps to when they are set; they stop the guest just after
 the access, and the stop reply names the address (``watch:ADDR;``), from
@@ -42,6 +50,7 @@ from __future__ import annotations
 from ... import exits as E
 from ...engine import debugging
 from ...machine.memory import PAGE_SIZE
+from . import threads
 from .memory import DebugMemory
 from .protocol import (
     EFAULT,
@@ -51,7 +60,7 @@ from .protocol import (
     addr_len,
     escape_binary,
     parse_hex,
-    thread_ok,
+    parse_thread,
     unhex,
 )
 from .target import RegisterFile, target_xml
@@ -65,7 +74,7 @@ MAX_WATCH = PAGE_SIZE            # the longest range one watchpoint may cover
 
 
 class Session:
-    """gdb's view of one machine (vCPU 0 is gdb's thread 1), driven packet by packet."""
+    """gdb's view of one machine (vCPU ``n`` is gdb's thread ``n + 1``), driven packet by packet."""
 
     def __init__(self, machine, wait: bool = False):
         self.machine = machine
@@ -77,11 +86,19 @@ class Session:
         self.watchpoints: dict[tuple[str, int, int], list[debugging.DebugHook]] = {}  # (Z type, addr, len)
         self._watch_hit: tuple[str, int] | None = None  # (watch|rwatch|awatch, linear address)
         self._watch_step_hook: debugging.DebugHook | None = None  # stops after a watched access
-        self._skip_once: int | None = None          # resuming at a breakpoint: let it run once
+        self._watch_vcpu = None                     # the vCPU that made the watched access
+        self._skip_once: int | None = None          # this run starts on a breakpoint gdb resumed at
+        self._resume_at: dict[int, int] = {}        # vCPU index -> breakpoint it was resumed on
+        boot = machine.vcpus[0]
+        self.stop_vcpu = boot                        # the last stop's vCPU (thread:NN;, qC)
+        self.g_vcpu = boot                           # Hg: registers and memory
+        self.c_vcpu = boot                           # Hc: what "s" steps
+        self.run_only: frozenset[int] | None = None  # vCPUs a resume lets run (None: all)
+        self._step_vcpu = boot                       # the vCPU a step runs, and its count before it
         self._step_mark = 0
         self.last_signal = SIGTRAP
-        self._regs: RegisterFile | None = None
-        self.memory = DebugMemory(machine)
+        self._bits_shown: int | None = None          # the layout gdb was given (fixed per connection)
+        self.memory = DebugMemory(machine, lambda: self.g_vcpu)
         # gdb waits for a stop reply only after it resumed the guest (c, s, vCont):
         # QEMU's allow_stop_reply; never send one it did not ask for
         self.reply_due = False
@@ -90,7 +107,10 @@ class Session:
     def on_connect(self) -> None:
         """gdb expects a stopped target when it attaches (QEMU stops the VM then)."""
         self._remove_all_breakpoints()
-        self._regs = None
+        self._bits_shown = None
+        # QEMU's stub starts a connection on the first CPU
+        self.stop_vcpu = self.g_vcpu = self.c_vcpu = self.machine.vcpus[0]
+        self.run_only = None
         if self.state != STOPPED:
             self.state = STOPPED
             self.last_signal = SIGTRAP
@@ -102,12 +122,19 @@ class Session:
         self.client = None
         self._remove_all_breakpoints()
         self.state = RUNNING
+        self.run_only = None
         self.reply_due = False
 
-    def report_stop(self, signal: int) -> None:
-        """The guest stopped: remember why, and tell gdb if it waits for a stop reply."""
+    def report_stop(self, signal: int, vcpu=None) -> None:
+        """The guest stopped on ``vcpu`` (default: the one that ran last): tell gdb if it waits for it.
+
+        As QEMU's ``gdb_set_stop_cpu``, a stop selects that vCPU for
+        registers and for stepping.
+        """
+        vcpu = vcpu if vcpu is not None else self.machine.current_vcpu
         self.state = STOPPED
         self.last_signal = signal
+        self.stop_vcpu = self.g_vcpu = self.c_vcpu = vcpu
         reply = self._stop_reply(signal)
         if self._watch_hit is not None and signal == SIGTRAP:
             name, addr = self._watch_hit
@@ -117,9 +144,8 @@ class Session:
             self.client.send_packet(reply.encode())
         self.reply_due = False
 
-    @staticmethod
-    def _stop_reply(signal: int) -> str:
-        return f"T{signal:02x}thread:01;"
+    def _stop_reply(self, signal: int) -> str:
+        return f"T{signal:02x}thread:{threads.thread_id(self.stop_vcpu):02x};"
 
     # -- breakpoints ------------------------------------------------------------------------
     def _add_breakpoint(self, addr: int) -> None:
@@ -139,6 +165,7 @@ class Session:
         for key in list(self.watchpoints):
             self._remove_watchpoint(*key)
         self._watch_hit = None
+        self._resume_at = {}
 
     def _on_breakpoint(self, address: int) -> None:
         if address == self._skip_once:
@@ -146,7 +173,7 @@ class Session:
             return
         if address not in self.breakpoints or self.state == STEPPING:
             return                              # a step ends by its count, not here
-        self.machine.vcpu.stop_with(E.Debug(address, "breakpoint"))
+        self.machine.current_vcpu.stop_with(E.Debug(address, "breakpoint"))   # whichever vCPU runs
 
     # -- watchpoints ---------------------------------------------------------------------------
     def _add_watchpoint(self, kind: str, addr: int, length: int) -> bool:
@@ -156,7 +183,7 @@ class Session:
         pieces = self.memory.pieces(addr, length)
         if pieces is None:
             return False
-        vcpu = self.machine.vcpu
+        vcpu = self.machine.vcpu                # the engine's hooks: every vCPU's accesses
         name, engine_kind = WATCH_KINDS[kind]
         hooks = []
         linear = addr
@@ -164,6 +191,7 @@ class Session:
             def on_access(address, size, lin=linear, base=phys, name=name):
                 if self._watch_hit is None:     # the first access of the run is the one reported
                     self._watch_hit = (name, lin + max(0, address - base))
+                    self._watch_vcpu = self.machine.current_vcpu
             hooks.append(debugging.add_watchpoint(vcpu, phys, n, engine_kind, on_access))
             linear += n
         self.watchpoints[key] = hooks
@@ -182,7 +210,7 @@ class Session:
 
     def _after_watched_access(self, address: int) -> None:
         if self._watch_hit is not None and self.state != STEPPING:
-            self.machine.vcpu.stop_with(E.Debug(address, "watchpoint"))
+            self.machine.current_vcpu.stop_with(E.Debug(address, "watchpoint"))
 
     # -- memory and registers --------------------------------------------------------------------
     def read_memory(self, addr: int, length: int) -> bytes | None:
@@ -201,10 +229,10 @@ class Session:
         return 64 if self.machine.vcpu.long_mode() else 32
 
     def regs(self) -> RegisterFile:
-        """The register file in the layout gdb was given (fixed until the next connection)."""
-        if self._regs is None:
-            self._regs = RegisterFile(self.machine.vcpu, self._bits())
-        return self._regs
+        """The selected vCPU's (``Hg``) registers, in the layout gdb was given (fixed per connection)."""
+        if self._bits_shown is None:
+            self._bits_shown = self._bits()
+        return RegisterFile(self.g_vcpu, self._bits_shown)
 
     # -- packets ----------------------------------------------------------------------------
     def handle(self, p: str):
@@ -253,14 +281,13 @@ class Session:
         if cmd in "cCsS":
             return self._resume(cmd.lower(), p[1:], with_signal=cmd in "CS")
         if cmd == "H":
-            if len(p) < 3 or p[1] not in "gcs":
-                return EINVAL
-            return "OK" if thread_ok(p[2:]) else EINVAL
-        if cmd == "T":
-            return "OK" if thread_ok(p[1:]) and p[1:] not in ("-1", "0") else EINVAL
+            return self._set_thread(p)
+        if cmd == "T":                               # is this thread alive? every vCPU is
+            return "OK" if self._thread(p[1:]) is not None else EINVAL
         if cmd == "D":
             self._remove_all_breakpoints()
             self.state = RUNNING
+            self.run_only = None
             self.reply_due = False
             return "OK"
         if cmd == "k":
@@ -271,6 +298,25 @@ class Session:
         if p.startswith("q"):
             return self._query(p)
         return ""
+
+    def _thread(self, text: str):
+        """The vCPU a thread id names, None for 0, -1 or a thread that does not exist."""
+        return threads.vcpu_of(self.machine.vcpus, parse_thread(text))
+
+    def _set_thread(self, p: str) -> str:
+        """``Hg``/``Hc`` (``Hs``: as ``Hc``): select a vCPU; 0 and -1 keep the selection, as QEMU."""
+        if len(p) < 3 or p[1] not in "gcs":
+            return EINVAL
+        if parse_thread(p[2:]) in (threads.ALL, threads.ANY):
+            return "OK"
+        vcpu = self._thread(p[2:])
+        if vcpu is None:
+            return EINVAL
+        if p[1] == "g":
+            self.g_vcpu = vcpu
+        else:
+            self.c_vcpu = vcpu
+        return "OK"
 
     def _write_all_registers(self, body: str) -> str:
         data = unhex(body)
@@ -306,39 +352,42 @@ class Session:
         return "OK"
 
     def _resume(self, action: str, args: str, with_signal: bool = False) -> str | None:
+        """``c``/``s`` (``C``/``S``): continue every vCPU, or step the ``Hc`` one, optionally at ``addr``."""
         if with_signal:
             sig, _, addr = args.partition(";")
             parse_hex(sig)                           # the signal itself means nothing to a CPU
         else:
             addr = args
+        vcpu = self.c_vcpu
         if addr:
-            self.machine.vcpu.pc = parse_hex(addr)
-        self.reply_due = True                        # gdb now waits for one stop reply (or W)
+            vcpu.pc = parse_hex(addr)
         if action == "s":
+            return self._start(threads.Resume(step=vcpu, run=frozenset((vcpu.index,))))
+        return self._start(threads.Resume(step=None, run=None))
+
+    def _start(self, plan: threads.Resume) -> None:
+        """Let the guest go as ``plan`` says; the stop reply comes when it stops."""
+        self.reply_due = True                        # gdb now waits for one stop reply (or W)
+        self.run_only = plan.run if len(self.machine.vcpus) > 1 else None
+        # a vCPU resumed on a breakpoint executes that instruction once (see before_run)
+        on_breakpoint = ((v.index, v.pc) for v in self.machine.vcpus) if self.breakpoints else ()
+        self._resume_at = {i: pc for i, pc in on_breakpoint if pc in self.breakpoints}
+        if plan.step is not None:
             self.state = STEPPING
-            self._step_mark = self.machine.vcpu.instructions
+            self._step_vcpu = plan.step
+            self._step_mark = plan.step.instructions
         else:
             self.state = RUNNING
-        return None                                  # the stop reply comes when the guest stops
+
+    def holds_vcpu(self, vcpu) -> bool:
+        """May ``vcpu`` not run now? (a step of another vCPU, or a continue of only some)"""
+        return self.run_only is not None and vcpu.index not in self.run_only and self.state != STOPPED
 
     def _v_packet(self, p: str):
         if p == "vCont?":
             return "vCont;c;C;s;S"
         if p.startswith("vCont;"):
-            chosen = None
-            for action in p[6:].split(";"):
-                what, _, thread = action.partition(":")
-                if not what or what[0] not in "cCsS" or (thread and not thread_ok(thread)):
-                    return EINVAL
-                if what[0] in "CS":
-                    parse_hex(what[1:])
-                elif len(what) != 1:
-                    return EINVAL
-                if chosen is None:                   # the first action that applies to thread 1 wins
-                    chosen = what[0].lower()
-            if chosen is None:
-                return EINVAL
-            return self._resume(chosen, "")
+            return self._start(threads.parse_vcont(p[6:], self.machine.vcpus, self.c_vcpu))
         if p.startswith("vKill"):
             self._kill()
             return "OK"
@@ -360,15 +409,16 @@ class Session:
         if p == "qAttached" or p.startswith("qAttached:"):
             return "1"                               # attached to a running machine: detach, don't kill
         if p == "qC":
-            return "QC1"
+            return f"QC{threads.thread_id(self.c_vcpu):x}"
         if p == "qfThreadInfo":
-            return "m1"
+            return threads.thread_list(self.machine.vcpus)
         if p == "qsThreadInfo":
-            return "l"
+            return "l"                               # all of them came with qfThreadInfo
         if p.startswith("qThreadExtraInfo,"):
-            if not thread_ok(p.split(",", 1)[1]):
+            vcpu = self._thread(p.split(",", 1)[1])
+            if vcpu is None:
                 return EINVAL
-            return f"CPU#0 [{'halted' if self.machine.vcpu.halted else 'running'}]".encode().hex()
+            return threads.describe(vcpu).encode().hex()
         if p == "qOffsets":
             return "Text=0;Data=0;Bss=0"             # the kernel runs where its ELF says
         return ""
