@@ -10,7 +10,7 @@ Guest MIPS is reported for xenicorn from a second, counting run
 (``--max-insns``, which slows it down): the instructions to the marker
 over the first run's time to it.
 
-    python benchmarks/linux_boot.py [--runs N] [--json] [--quick]
+    python benchmarks/linux_boot.py [--runs N] [--json] [--quick] [--smp 1,2,4]
 
 ``--quick`` boots xenicorn once and skips QEMU (the smoke test uses it).
 QEMU is skipped when ``qemu-system-x86_64`` is not installed.
@@ -56,9 +56,9 @@ def _timed(cmd: list[str], marker: str, timeout: float) -> dict:
             "output": "".join(out)}
 
 
-def xenicorn_boot(image: str, initrd: str, timeout: float) -> dict:
+def xenicorn_boot(image: str, initrd: str, timeout: float, smp: int = 1) -> dict:
     return _timed([sys.executable, "-m", "xenicorn", "run", image, "--boot", "linux", "-m", "512",
-                   "--initrd", initrd, "--append", CMDLINE, "--timeout", str(int(timeout))],
+                   "--initrd", initrd, "--append", CMDLINE, "--timeout", str(int(timeout)), "-smp", str(smp)],
                   guest.MARKER, timeout + 10)
 
 
@@ -89,13 +89,29 @@ def xenicorn_instructions(image: str, initrd: str, timeout: float) -> int | None
     return sink.at
 
 
-def qemu_boot(image: str, initrd: str, timeout: float) -> dict | None:
+def qemu_boot(image: str, initrd: str, timeout: float, smp: int = 1) -> dict | None:
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None:
         return None
-    return _timed([qemu, "-accel", "tcg", "-m", "512", "-kernel", image, "-initrd", initrd,
+    return _timed([qemu, "-accel", "tcg", "-m", "512", "-smp", str(smp), "-kernel", image, "-initrd", initrd,
                    "-append", CMDLINE, "-nographic", "-no-reboot", "-monitor", "none"],
                   guest.MARKER, timeout)
+
+
+def smp_table(image: str, initrd: str, counts: list[int], runs: int, timeout: float) -> int:
+    """``--smp 1,2,4``: the boot with each vCPU count, xenicorn beside QEMU TCG, in one run of this script."""
+    base = None
+    print(f"{'vCPUs':>5}  {'xenicorn to marker':>19}  {'vs -smp 1':>9}  {'QEMU TCG to marker':>19}")
+    for n in counts:
+        xs = [r["to_marker_s"] for r in (xenicorn_boot(image, initrd, timeout, n) for _ in range(runs))]
+        qs = [r["to_marker_s"] for r in (qemu_boot(image, initrd, timeout, n) for _ in range(runs)) if r]
+        x = statistics.median(t for t in xs if t is not None) if any(t is not None for t in xs) else None
+        q = statistics.median(t for t in qs if t is not None) if any(t is not None for t in qs) else None
+        base = base or x
+        rel = f"{x / base:.2f}x" if x and base else "-"
+        print(f"{n:>5}  {f'{x:.1f} s' if x else 'not reached':>19}  {rel:>9}  "
+              f"{f'{q:.1f} s' if q else '-':>19}")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -104,8 +120,11 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=120)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--quick", action="store_true", help="one xenicorn boot, no QEMU, no counting run")
+    ap.add_argument("--smp", metavar="N,N,...", help="compare these vCPU counts instead (e.g. 1,2,4)")
     args = ap.parse_args(argv)
     image, initrd = guest.bzimage(), guest.initramfs()
+    if args.smp:
+        return smp_table(image, initrd, [int(n) for n in args.smp.split(",")], args.runs, args.timeout)
     runs = 1 if args.quick else args.runs
     xen_runs = [xenicorn_boot(image, initrd, args.timeout) for _ in range(runs)]
     qemu_runs = [] if args.quick else [r for r in (qemu_boot(image, initrd, args.timeout) for _ in range(runs))
