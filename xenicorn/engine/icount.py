@@ -15,13 +15,13 @@ and switching back to ``count=0`` flushes the translation cache.
 from __future__ import annotations
 
 import ctypes
+import functools
 import struct
 
 from unicorn import Uc, UC_ARCH_X86, UC_MODE_32
 
 from .startup import EngineUnsupported
 
-_OFFSET: int | None = None
 
 
 class CounterNotFound(EngineUnsupported):
@@ -46,18 +46,13 @@ def _find_offset() -> int:
     raise CounterNotFound("cannot locate Unicorn's instruction counter; install unicorn==2.1.4")
 
 
+@functools.cache
 def counter_offset() -> int:
     """Where ``uc_struct.emu_counter`` is (found on the first call; checked by ``engine.probe()``)."""
-    global _OFFSET
-    if _OFFSET is None:
-        _OFFSET = _find_offset()
-    return _OFFSET
+    return _find_offset()
 
 
-def forget_offset() -> None:
-    """Look for the counter again on the next call (``engine.reset_probe()``)."""
-    global _OFFSET
-    _OFFSET = None
+forget_offset = counter_offset.cache_clear    # look again on the next call (``engine.reset_probe()``)
 
 
 def field_address(uc: Uc, delta: int = 0) -> int:

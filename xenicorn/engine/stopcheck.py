@@ -43,7 +43,6 @@ from unicorn import x86_const as X
 from .startup import EngineUnsupported
 
 JMP_BUFS = 64 * 200               # UC_MAX_NESTED_LEVEL sigjmp_bufs before nested_level
-_OFFSET: int | None = None
 
 
 class FlagNotFound(EngineUnsupported):
@@ -99,18 +98,13 @@ def _stops_once(offset: int) -> bool:
     return len(writes) == 2 and uc.reg_read(X.UC_X86_REG_ECX) == 1
 
 
+@functools.cache
 def offset() -> int:
     """Where ``uc_struct.no_exit_request`` is (found on the first call; checked by ``engine.probe()``)."""
-    global _OFFSET
-    if _OFFSET is None:
-        _OFFSET = _find_offset()
-    return _OFFSET
+    return _find_offset()
 
 
-def forget_offset() -> None:
-    """Look for the flag again on the next call (``engine.reset_probe()``)."""
-    global _OFFSET
-    _OFFSET = None
+forget_offset = offset.cache_clear            # look again on the next call (``engine.reset_probe()``)
 
 
 def stop_between_blocks(uc: Uc) -> None:

@@ -130,21 +130,19 @@ class ExitDispatcher:
 
     # -- the handlers -------------------------------------------------------------------
     def _pio(self, vcpu, ex: E.PortIO) -> E.Action:
-        m = self.machine
-        m.clock.charge(IO_PORT_NS)
-        if ex.write:
-            m.pio.write(ex.port, ex.size, ex.value)
-        else:
-            ex.value = m.pio.read(ex.port, ex.size)
-        return E.Action.STOP if m.status is not None else E.Action.CONTINUE
+        self.machine.clock.charge(IO_PORT_NS)
+        return self._bus_access(self.machine.pio, ex.port, ex)
 
     def _mmio(self, vcpu, ex: E.Mmio) -> E.Action:
-        m = self.machine
+        return self._bus_access(self.machine.mmio, ex.addr, ex)
+
+    def _bus_access(self, bus, addr: int, ex) -> E.Action:
+        """The device at ``addr`` on ``bus`` takes the write, or answers the read into the exit."""
         if ex.write:
-            m.mmio.write(ex.addr, ex.size, ex.value)
+            bus.write(addr, ex.size, ex.value)
         else:
-            ex.value = m.mmio.read(ex.addr, ex.size)
-        return E.Action.STOP if m.status is not None else E.Action.CONTINUE
+            ex.value = bus.read(addr, ex.size)
+        return E.Action.STOP if self.machine.status is not None else E.Action.CONTINUE
 
     def _cpuid(self, vcpu, ex: E.Cpuid) -> E.Action:
         m = self.machine

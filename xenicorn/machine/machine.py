@@ -320,8 +320,16 @@ class Machine(XenHostServices):
 
         A LAPIC timer armed by an MMIO write, say: end the run so the next
         one is bounded by the new deadline (with a counting vCPU the stop may
-        wait for the run quantum, see ``VCpu.request_stop``).
+        wait for the run quantum, see ``VCpu.request_stop``). A run that ends
+        before the new deadline anyway (several vCPUs: a quantum) goes on:
+        cutting every vCPU's quantum at each timer it re-arms left Linux with
+        four vCPUs doing nothing but timer interrupts.
         """
+        ends = self.loop.run_ends_ns
+        if ends is not None:
+            first = self.clock.next_deadline()
+            if first is not None and first >= ends:
+                return
         self.kick("timer-armed", force=True)
 
     def idle(self, vcpu: VCpu, why: str) -> None:

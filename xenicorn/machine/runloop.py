@@ -96,6 +96,7 @@ class RunLoop:
         self.machine = machine
         self.deadline: float | None = None        # --timeout, in host monotonic seconds
         self._last = 0                            # the vCPU that ran last (round robin)
+        self.run_ends_ns: int | None = None       # machine time the running quantum ends by (several vCPUs)
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> int:
@@ -147,7 +148,10 @@ class RunLoop:
                 count = agent.before_run(vcpu, count)
             if m.status is not None:
                 break
+            quantum = smp and timeout_us == SMP_QUANTUM_US and not vcpu.count_instructions
+            self.run_ends_ns = m.clock.now_ns() + timeout_us * 1000 if quantum else None
             ex = vcpu.run(timeout_us=timeout_us, count=count)
+            self.run_ends_ns = None
             if isinstance(ex, E.Limit) and not self._limit_reached(vcpu):
                 continue                  # a clock deadline, not the user's limit
             m.handle_exit(vcpu, ex)
