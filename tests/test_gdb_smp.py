@@ -14,7 +14,6 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -32,9 +31,9 @@ from test_gdbstub import (
     _free_port,
     _symbols,
     build_machine,
+    stopped_session,
 )
 
-from xenicorn.debug.gdbstub import GdbStub
 
 AP_ENTRY = 0x100100
 AP_COUNTER = 0x101010
@@ -65,21 +64,7 @@ def build_smp_machine():
 @pytest.fixture
 def smp():
     """A stopped (-S) two-vCPU machine in a thread, gdb's side connected."""
-    m = build_smp_machine()
-    m.gdb = GdbStub(m, "127.0.0.1", 0, wait=True)
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.setdefault("status", m.run()), daemon=True)
-    thread.start()
-    time.sleep(0.2)
-    assert [v.instructions for v in m.vcpus] == [0, 0]       # -S: nothing ran before gdb
-    client = Rsp(m.gdb.port)
-    yield m, client, thread, result
-    client.close()
-    if thread.is_alive():
-        m.memory.write_u32(FLAG, 0x7F)                       # vCPU 0 ends the machine
-    thread.join(10)
-    assert not thread.is_alive(), "the machine did not end"
-    m.close()
+    yield from stopped_session(build_smp_machine(), lambda m: [v.instructions for v in m.vcpus] == [0, 0])
 
 
 def extra_info(c: Rsp, tid: int) -> str:

@@ -102,16 +102,19 @@ class Rsp:
         self.sock.close()
 
 
-@pytest.fixture
-def session():
-    """A stopped (-S) machine in a thread, gdb's side connected; the machine's exit status at the end."""
-    m = build_machine()
+def stopped_session(m, nothing_ran):
+    """Run ``m`` stopped (-S) in a thread, gdb's side connected: yields (machine, client, thread, result).
+
+    ``nothing_ran(m)`` must hold before gdb connects (-S: no guest
+    instruction runs before gdb); at the end the guest ends itself through
+    FLAG and the machine must stop.
+    """
     m.gdb = GdbStub(m, "127.0.0.1", 0, wait=True)
     result: dict = {}
     thread = threading.Thread(target=lambda: result.setdefault("status", m.run()), daemon=True)
     thread.start()
     time.sleep(0.2)
-    assert m.vcpu.instructions == 0 and m.vcpu.pc == ENTRY          # -S: nothing ran before gdb
+    assert nothing_ran(m)
     client = Rsp(m.gdb.port)
     yield m, client, thread, result
     client.close()
@@ -120,6 +123,12 @@ def session():
     thread.join(10)
     assert not thread.is_alive(), "the machine did not end"
     m.close()
+
+
+@pytest.fixture
+def session():
+    """A stopped (-S) machine in a thread, gdb's side connected; the machine's exit status at the end."""
+    yield from stopped_session(build_machine(), lambda m: m.vcpu.instructions == 0 and m.vcpu.pc == ENTRY)
 
 
 def test_acks_checksums_and_the_first_stop_reply(session):
