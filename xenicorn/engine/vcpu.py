@@ -390,6 +390,11 @@ class VCpu(ExitHooks, InterruptDelivery, MemoryMap):
         self.set_reg("rflags", 0x2)
         self.set_reg("rip", entry)
 
+    def wake(self) -> None:
+        """Runnable again: no longer halted, asleep in a hypercall, or waiting for a SIPI."""
+        self.halted = self.wait_for_sipi = False
+        self.sleep_kind = ""
+
     def _leave_long_mode(self, cr0: int) -> None:
         """CR0 = ``cr0`` (paging off), EFER = CR3 = CR4 = 0, whatever mode the engine was in."""
         uc = self._required()

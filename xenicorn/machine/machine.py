@@ -112,8 +112,7 @@ class Machine(XenHostServices):
         self.vcpus = [bsp] + [VCpu(self, i, count_instructions=counting, core=bsp.core) for i in range(1, cfg.smp)]
         bsp.core.load(bsp)
         for ap in self.vcpus[1:]:
-            ap.halted = ap.wait_for_sipi = True
-            ap.sleep_kind = "wait-for-SIPI"
+            self._init_ipi(ap.index)          # an AP after power-on is as after INIT: waiting for SIPI
         # deterministic time is made of every vCPU's instructions, as QEMU's icount
         self.clock = VirtualClock(cfg.clock, cfg.ns_per_insn,
                                   instructions=lambda: sum(v.instructions_now() for v in self.vcpus))

@@ -231,13 +231,11 @@ class RunLoop:
             if vcpu.pending_sipi is not None:
                 vector, vcpu.pending_sipi = vcpu.pending_sipi, None
                 vcpu.reset_to_real_mode(vector)
-                vcpu.wait_for_sipi = vcpu.halted = False
-                vcpu.sleep_kind = ""
+                vcpu.wake()
                 if m.tracer.on("irq"):
                     m.tracer.emit("irq", f"vCPU {vcpu.index} starts in real mode at {vector << 12:#x}")
             elif vcpu.halted and self._wakes(vcpu):
-                vcpu.halted = False
-                vcpu.sleep_kind = ""
+                vcpu.wake()
 
     # -- sleeping ------------------------------------------------------------------------
     def sleep(self, sleepers: list) -> None:
@@ -259,8 +257,7 @@ class RunLoop:
             if woken:
                 for v in woken:
                     if v.pending_sipi is None:
-                        v.halted = False
-                        v.sleep_kind = ""
+                        v.wake()
                 return
             nxt = m.clock.next_deadline()
             listening = [a for a in agents if a.takes_host_input()]
@@ -373,7 +370,7 @@ class RunLoop:
     def kick(self, why: str, force: bool = False) -> None:
         """Something may want the CPU's attention: stop emu_start so the run loop looks."""
         m = self.machine
-        vcpu = m.vcpus[0].core.current
+        vcpu = m.current_vcpu
         src = m.interrupt_source_of(vcpu)
         if vcpu._in_emu and (force or (src is not None and src.pending())):
             vcpu.request_stop(why)

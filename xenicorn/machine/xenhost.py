@@ -92,8 +92,7 @@ class XenHostServices:
         v = self.vcpus[vcpu]
         v.down = not running
         if running:
-            v.wait_for_sipi = v.halted = False
-            v.sleep_kind = ""
+            v.wake()
             self.kick("vCPU up", force=True)
         else:
             v.halted = True
