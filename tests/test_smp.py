@@ -13,6 +13,7 @@ vector then reaches vCPU 1, and vCPU 0's events still come through the GSI
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -44,6 +45,9 @@ def test_smp_kernels_pass_on_xenicorn(name, cpus, clock, deassert):
     assert "ok no callback GSI at vCPU 0 (0) and no upcall on vCPU 1: the GSI is for vCPU 0's events only" in text
     assert "ok vCPU 1: HVMOP_set_evtchn_upcall_vector(0xf4) = 0" in text
     assert "ok an event for vCPU 0 came through GSI 20 on vector 0x50, once (1)" in text
+    # a send from vCPU 1 ends vCPU 0's poll of a masked port (Linux's PV spinlock wait)
+    assert re.search(r"^ok SCHEDOP_poll \(no timeout\) on masked port \d+ ended when vCPU 1 sent on it", text, re.M)
+    assert "ok the masked port raised no upcall (0 GSIs, upcall_pending 0)" in text
     if cpus >= 3:
         last = cpus - 1
         assert f"ok vCPU {last} is down before VCPUOP_up (is_up 0)" in text
@@ -54,6 +58,7 @@ def test_smp_kernels_pass_on_xenicorn(name, cpus, clock, deassert):
     assert machine.ioapic.state.id == cpus and not machine.gsi[20].level
     assert machine.vcpus[0].core.switches > cpus
     assert machine.xen.callback.stats["asserts"] >= 1 and machine.xen.state.upcall_vectors.get(1) == 0xF4
+    assert len(machine.xen.vcpu_state(0).poll_ports) == 1 and "vcpu0-poll" not in str(machine.xen.vcpu_state(0).timers)
 
 
 def test_two_deterministic_smp_runs_are_identical(tmp_path):

@@ -65,9 +65,10 @@ class VcpuState:
     time_area: int | None = None           # guest linear address (second vcpu_time_info)
     periodic_ns: int = 0                   # VCPUOP_set_periodic_timer period, 0 = off
     singleshot_ns: int | None = None       # VCPUOP_set_singleshot_timer deadline
-    poll_done: bool = False                # SCHEDOP_poll timed out (or a port fired)
+    poll_done: bool = False                # SCHEDOP_poll timed out
     timer_events: int = 0                  # VIRQ_TIMER events raised (delivered once bound)
     initialised: bool = False              # VCPUOP_initialise gave it a state (xen/vcpu_up.py)
+    poll_ports: tuple[int, ...] = ()       # the ports a SCHEDOP_poll waits on (any one pending wakes it)
     timers: dict = field(default_factory=dict, repr=False)   # name -> clock Timer (not state)
 
 
@@ -526,7 +527,11 @@ class XenPlatform:
     def wakes(self, vcpu) -> bool:
         """Does a blocked or polling vCPU have a reason to run again?"""
         vs = self.vcpu_state(vcpu.index)
-        if vcpu.sleep_kind == "SCHEDOP_poll" and vs.poll_done:
-            return True
+        if vcpu.sleep_kind == "SCHEDOP_poll":
+            # Xen's evtchn_check_pollers: a send to a polled port wakes the
+            # poller even when the port is masked (Linux's PV spinlock kicker
+            # port is, by disable_irq, and polls it with no timeout)
+            if vs.poll_done or any(self.port_pending(p) for p in vs.poll_ports):
+                return True
         info = self.vcpu_info(vcpu.index)
         return info is not None and bool(info.upcall_pending)

@@ -48,7 +48,7 @@ from ..records import (RecordError, counters, field, flag, hexbytes, integer, li
                        optional, timer_refs, timers, uint)
 from .hvm import HVM_NR_PARAMS
 from .platform import VcpuState
-from .sched import poll_expired, watchdog_bite
+from .sched import MAX_POLL_PORTS, poll_expired, watchdog_bite
 from .shared_info import VCPU_INFO_SIZE
 
 PAGE = 4096
@@ -129,7 +129,8 @@ class DomainRecord:
                 raise RecordError(f"vCPU {i} vcpu_info at {info:#x} crosses a page")
             vcpus[i] = VcpuState(info, optional(v, "runstate_area"), optional(v, "time_area"),
                                  uint(v, "periodic_ns", 63), optional(v, "singleshot_ns", 63),
-                                 flag(v, "poll_done"), uint(v, "timer_events"), flag(v, "initialised"))
+                                 flag(v, "poll_done"), uint(v, "timer_events"), flag(v, "initialised"),
+                                 _ports(v))
         armed = timers(st, _TIMER.fullmatch)
         for name in armed:
             m = _TIMER.fullmatch(name)
@@ -162,7 +163,8 @@ class DomainRecord:
         st.upcall_vectors, st.watchdogs = dict(p["upcall_vectors"]), dict(p["watchdogs"])
         st.pages = p["pages"]
         st.vcpus = {i: VcpuState(vs.vcpu_info_gpa, vs.runstate_area, vs.time_area, vs.periodic_ns,
-                                 vs.singleshot_ns, vs.poll_done, vs.timer_events, vs.initialised)
+                                 vs.singleshot_ns, vs.poll_done, vs.timer_events, vs.initialised,
+                                 vs.poll_ports)
                      for i, vs in p["vcpus"].items()}
         for t in xen.watchdog_timers.values():
             clock.cancel(t)
@@ -173,7 +175,8 @@ class DomainRecord:
                 wid = int(m[3])
                 xen.watchdog_timers[wid] = clock.rearm(ref, watchdog_bite(xen, wid), name)
             elif m[2] == "poll":
-                clock.rearm(ref, poll_expired(xen.vcpu_state(int(m[1]))), name)
+                vs = xen.vcpu_state(int(m[1]))
+                vs.timers["poll"] = clock.rearm(ref, poll_expired(vs), name)
             else:
                 index = int(m[1])
                 xen.vcpu_state(index).timers[m[2]] = clock.rearm(ref, _vcpu_timer(xen, index, m[2]), name)
@@ -187,7 +190,16 @@ class DomainRecord:
 def _vcpu_out(vs: VcpuState) -> dict:
     return {"vcpu_info_gpa": vs.vcpu_info_gpa, "runstate_area": vs.runstate_area, "time_area": vs.time_area,
             "periodic_ns": vs.periodic_ns, "singleshot_ns": vs.singleshot_ns, "poll_done": vs.poll_done,
-            "timer_events": vs.timer_events, "initialised": vs.initialised}
+            "timer_events": vs.timer_events, "initialised": vs.initialised, "poll_ports": list(vs.poll_ports)}
+
+
+def _ports(v: dict) -> tuple[int, ...]:
+    """A vCPU's ``poll_ports``: at most 128 ports of the 2-level ABI (absent in older records: none)."""
+    ports = v.get("poll_ports", [])
+    if not isinstance(ports, list) or len(ports) > MAX_POLL_PORTS or \
+            not all(isinstance(p, int) and not isinstance(p, bool) and 0 <= p < 4096 for p in ports):
+        raise RecordError("poll_ports is not a list of at most 128 event-channel ports")
+    return tuple(ports)
 
 
 def _names(items: list) -> set[str]:

@@ -51,15 +51,20 @@ def _poll(call, arg: int) -> int:
         raise HypercallError(errno.EINVAL, f"{nr} ports")
     raw = call.guest.read(ports, 4 * nr)
     limit = 4096 if call.bits == 64 else 1024      # the 2-level ABI's port count
-    for (port,) in struct.iter_unpack("<I", raw):
+    polled = tuple(port for (port,) in struct.iter_unpack("<I", raw))
+    for port in polled:
         if port >= limit:
             raise HypercallError(errno.EINVAL, f"port {port}")
-    if any(xen.port_pending(p) for (p,) in struct.iter_unpack("<I", raw)):
+    if any(xen.port_pending(p) for p in polled):
         return 0
     vs = xen.vcpu_state(call.vcpu.index)
     vs.poll_done = False
+    vs.poll_ports = polled
+    # an earlier poll's timeout, if that poll ended another way, must not end this one
+    xen.host.clock.cancel(vs.timers.pop("poll", None))
     if timeout:
-        xen.host.clock.add_timer(xen.machine_deadline(timeout), poll_expired(vs), f"vcpu{call.vcpu.index}-poll")
+        vs.timers["poll"] = xen.host.clock.add_timer(xen.machine_deadline(timeout), poll_expired(vs),
+                                                     f"vcpu{call.vcpu.index}-poll")
     call.note(f"poll {nr} ports, timeout {timeout} ns")
     xen.host.idle(call.vcpu, "SCHEDOP_poll")
     return 0
@@ -69,6 +74,7 @@ def poll_expired(vs):
     """The callback of a SCHEDOP_poll timeout (also re-armed by a snapshot restore)."""
     def expire():
         vs.poll_done = True
+        vs.timers.pop("poll", None)
     return expire
 
 

@@ -248,7 +248,7 @@ static int all_done(u32 mask, u32 seq) {
     return 1;
 }
 
-static u32 issue(u32 mask, ap_fn fn, ulong arg) {
+u32 run_on_start(u32 mask, ap_fn fn, ulong arg) {
     cmd_fn = fn;
     cmd_arg = arg;
     cmd_mask = mask;
@@ -258,7 +258,7 @@ static u32 issue(u32 mask, ap_fn fn, ulong arg) {
     return seq;
 }
 
-static int finish(u32 mask, u32 seq, u32 ms) {
+int run_on_finish(u32 mask, u32 seq, u32 ms) {
     int s = my_slot();
     timer_arm(ms * 1000);
     while (!all_done(mask, seq) && !timer_expired(s))
@@ -268,7 +268,7 @@ static int finish(u32 mask, u32 seq, u32 ms) {
 }
 
 /* Run fn(slot, arg) on the APs in mask and wait (bounded) until each is done */
-int run_on(u32 mask, ap_fn fn, ulong arg, u32 ms) { return finish(mask, issue(mask, fn, arg), ms); }
+int run_on(u32 mask, ap_fn fn, ulong arg, u32 ms) { return run_on_finish(mask, run_on_start(mask, fn, arg), ms); }
 
 static void sipi_start(int slot) {
     u32 id = cpus[slot].apic_id;
@@ -416,11 +416,11 @@ static void test_counters(void) {
     for (int s = 1; s < ncpus; s++)
         n += aps >> s & 1;
     plain_counter = atomic_counter = ready = go = lock_timeouts = 0;
-    u32 seq = issue(aps, count_work, ITERATIONS);
+    u32 seq = run_on_start(aps, count_work, ITERATIONS);
     wait_at_least(&ready, n - 1, 2000);                     /* all spin on "go": they start together */
     go = 1;
     count_work(0, ITERATIONS);
-    int done = finish(aps, seq, 60000);
+    int done = run_on_finish(aps, seq, 60000);
     check(done && !lock_timeouts && plain_counter == n * ITERATIONS, "spinlock (lock cmpxchg): counter %u = %u x %u",
           plain_counter, n, ITERATIONS);
     check(done && atomic_counter == n * ITERATIONS, "lock add: counter %u = %u x %u", atomic_counter, n, ITERATIONS);

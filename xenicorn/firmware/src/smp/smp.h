@@ -80,6 +80,8 @@ int wait_nonzero(volatile u32 *p, u32 ms);
 int wait_at_least(volatile u32 *p, u32 want, u32 ms);
 u32 ap_mask(void);                  /* slots of the APs that arrived */
 int run_on(u32 mask, ap_fn fn, ulong arg, u32 ms);   /* 1 if every slot in mask finished */
+u32 run_on_start(u32 mask, ap_fn fn, ulong arg);    /* the same in two halves: start, ... */
+int run_on_finish(u32 mask, u32 seq, u32 ms);       /* ... then wait for the start's sequence number */
 
 /* madt.c */
 void read_madt(void);               /* fills cpus[] (the BSP in slot 0) and ncpus; "cpus: N" */

@@ -29,6 +29,11 @@
  *     no GSI reaches vCPU 0. vCPU 1 sets its upcall vector 0xF4: its
  *     handler runs and takes the event; a second send arrives the same way.
  *  4. An IPI port of vCPU 0: the event comes through the GSI.
+ *  5. SCHEDOP_poll with no timeout on a *masked* port of vCPU 0, which
+ *     vCPU 1 sends on a little later: the send wakes the poller though the
+ *     mask keeps any upcall away (xen/common/event_channel.c,
+ *     evtchn_check_pollers). Linux's PV spinlocks wait this way: the
+ *     kicker port is masked (disable_irq) and xen_qlock_wait polls it.
  * xen/include/public: xen.h (vcpu_info, shared_info), event_channel.h,
  * hvm/hvm_op.h, hvm/params.h, arch-x86/cpuid.h (leaf 4: the vCPU id). */
 #include "smp.h"
@@ -37,6 +42,7 @@
 #define __HYPERVISOR_event_channel_op 32
 #define EVTCHNOP_send 4
 #define EVTCHNOP_bind_ipi 7
+#define SCHEDOP_poll 3
 #define VCPUOP_initialise 0
 #define VCPUOP_up 1
 #define VCPUOP_is_up 3
@@ -68,6 +74,7 @@ struct xen_hvm_param { u16 domid; u32 index; u64 value; };
 struct upcall_vector { u32 vcpu; u8 vector; };
 struct evtchn_bind_ipi { u32 vcpu, port; };
 struct vcpu_register_vcpu_info { u64 mfn; u32 offset, rsvd; };
+struct sched_poll { u32 *ports; u32 nr_ports; u64 timeout; };   /* sched.h */
 
 struct vcpu_hvm_x86_32 {
     u32 eax, ecx, edx, ebx, esp, ebp, esi, edi, eip, eflags;
@@ -107,6 +114,9 @@ extern u8 ap_entry32[];
 static ulong xchg(volatile ulong *p, ulong v) {
     __asm__ volatile("xchg %0, %1" : "+r"(v), "+m"(*p) :: "memory");
     return v;
+}
+static void set_bit(volatile ulong *w, int b) {
+    __asm__ volatile("lock bts %1, %0" : "+m"(*w) : "r"((ulong)b) : "memory");
 }
 static void clear_bit(volatile ulong *w, int b) {
     __asm__ volatile("lock btr %1, %0" : "+m"(*w) : "r"((ulong)b) : "memory");
@@ -321,6 +331,35 @@ static void vcpu0_events(void) {
         check(cpus[1].hits[HIT_UPCALL] == upcalls1, "and nothing on vCPU 1's vector");
 }
 
+static void send_later(int slot, ulong port) {
+    udelay(3000);                                          /* the BSP is asleep in its poll by then */
+    xen_rc[slot] = send((u32)port);
+}
+
+static void poll_masked_port(void) {
+    struct evtchn_bind_ipi b = { vcpu_of(0), 0 };
+    long rc = EVTCHN(EVTCHNOP_bind_ipi, &b);
+    check(rc == 0 && b.port < NPORTS, "vCPU 0 bound a second IPI port %u (%ld)", b.port, rc);
+    if (rc || b.port >= NPORTS)
+        return;
+    u32 port = b.port;
+    set_bit(&evmask[port / BITS], port % BITS);
+    u32 gsis = cpus[0].hits[HIT_GSI];
+    u32 seq = run_on_start(2, send_later, port);
+    struct sched_poll p = { &port, 1, 0 };                 /* timeout 0: none */
+    rc = HYPERVISOR(sched_op, SCHEDOP_poll, &p);
+    int was_pending = bit(pending, port);
+    int done = run_on_finish(2, seq, 2000);
+    check(rc == 0 && was_pending && done && xen_rc[1] == 0,
+          "SCHEDOP_poll (no timeout) on masked port %u ended when vCPU 1 sent on it (%ld, pending %d, send %ld)",
+          port, rc, was_pending, xen_rc[1]);
+    check(cpus[0].hits[HIT_GSI] == gsis && !vinfo[0]->evtchn_upcall_pending,
+          "the masked port raised no upcall (%u GSIs, upcall_pending %u)", cpus[0].hits[HIT_GSI] - gsis,
+          vinfo[0]->evtchn_upcall_pending);
+    clear_bit(&pending[port / BITS], port % BITS);
+    clear_bit(&evmask[port / BITS], port % BITS);
+}
+
 void xen_events(void) {
     u32 aps = ap_mask();
     for (int s = 1; s < ncpus; s++)
@@ -336,4 +375,8 @@ void xen_events(void) {
     else
         skip("per-vCPU events: no vCPU 1");
     vcpu0_events();
+    if ((aps & 2) && vinfo[0])
+        poll_masked_port();
+    else
+        skip("SCHEDOP_poll woken from another vCPU: no vCPU 1");
 }
