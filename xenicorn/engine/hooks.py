@@ -34,7 +34,7 @@ from unicorn import (Uc, UC_ARCH_X86, UC_MODE_64, UC_HOOK_BLOCK, UC_HOOK_INSN, U
 from unicorn import x86_const as X
 
 from .. import exits as E
-from . import stopcheck
+from . import icount, stopcheck
 from .startup import EngineUnsupported
 from .irqwindow import EXIT_VECTOR as IRQ_WINDOW_EXIT_VECTOR
 from .msr import EXIT_VECTOR as MSR_EXIT_VECTOR, RDTSC_EXIT_VECTOR
@@ -140,7 +140,7 @@ class ExitHooks:
         """A hook raised: keep the first error, end the run, give Unicorn a sane value."""
         if self._internal is None:
             self._internal = exc
-        stopcheck.emu_stop(self.uc)
+        self.end_run()
         return default
 
     def guarded_hook(self, fn, default=None):
@@ -291,3 +291,44 @@ class ExitHooks:
         ex = E.UnmappedAccess(self.pc, address, size, kind)
         self.machine.handle_exit(self, ex)
         return self._pending_exit is None
+
+    # ------------------------------------------------------------------
+    # ending a run from inside it
+    # ------------------------------------------------------------------
+    def request_stop(self, reason: str) -> None:
+        """Make run() return a Request exit soon (safe from hooks and other threads).
+
+        Normally the stop lands at the start of the next block
+        (:mod:`stopcheck`). A counting vCPU keeps Unicorn's per-access stop
+        checks, where ``emu_stop()`` from inside an MMIO callback is noticed
+        right after the access and puts RIP back to the instruction, which
+        then runs, and writes the device, again (measured: a self-IPI written
+        to the ICR repeated forever). It lowers the counting hook's limit
+        instead, which stops the run exactly before the next instruction
+        (:func:`icount.stop_before_next_instruction`), so an interrupt an
+        MMIO write raises is taken at once instead of at the end of the
+        run quantum.
+        """
+        self._stop_reasons.append(reason)
+        if self.count_instructions:
+            stopcheck.sync_pc_on_exit(self.uc)
+            icount.stop_before_next_instruction(self.uc)
+        else:
+            stopcheck.soft_stop(self.uc)
+
+    def stop_with(self, exit_: E.Exit) -> None:
+        """From inside a hook: end emu_start and make run() return ``exit_``."""
+        self._pending_exit = exit_
+        self.end_run()
+
+    def end_run(self) -> None:
+        """End emu_start at the next block start (from a hook or another thread).
+
+        Between blocks (the default), a soft stop: the rest of the block
+        still gets its CPUID and SYSCALL hooks (:mod:`stopcheck`). A
+        counting vCPU keeps Unicorn's own stop.
+        """
+        if self.precise_stops:
+            stopcheck.soft_stop(self.uc)
+        else:
+            stopcheck.emu_stop(self.uc)

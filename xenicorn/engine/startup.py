@@ -18,8 +18,9 @@ host OS and architecture   glibc's ``sigjmp_buf`` size (stopcheck), the
 rawctx.selftest            segment caches, error code, ``old_exception``
 LiveContext lookup         ``CPUState.env_ptr`` (exceptions handled in place)
 icount counter             instruction counts, deterministic time
-stopcheck (flag + soft     stops that replay a memory access, RIP left at
-stop + skip_sync)          an old value after a stop
+stopcheck (flag, soft     stops that replay a memory access, RIP left at
+stop, cpu_exit fields,     an old value after a stop, system calls skipped
+skip_sync)                 by a stop from another thread
 msr.selftest               the MSR intercept (hypercall page, TSC deadline)
 hooks.binding_selftest     the binding's private callback dicts, which keep
                            deleted hooks' thunks alive (a crash otherwise)
@@ -112,6 +113,7 @@ def _self_tests() -> None:
         ("CPU state layout (rawctx)", rawctx.selftest),
         ("CPUState.env_ptr (LiveContext)", rawctx.env_ptr_offset),
         ("instruction counter (icount)", icount.counter_offset),
+        ("cpu_exit fields (stopcheck)", stopcheck.cpu_exit_fields),
         ("stop between blocks (stopcheck)", stopcheck.soft_stop_selftest),
         ("MSR intercept window (msr)", msr.selftest),
     )
@@ -149,6 +151,7 @@ def reset_probe() -> None:
     _info = None
     _notes_said.clear()
     for cached in (rawctx.selftest, rawctx.env_ptr_offset, msr.selftest, stopcheck.soft_stop_selftest,
+                   stopcheck.cpu_exit_fields,
                    irqwindow.available, hooks.binding_selftest):
         getattr(cached, "cache_clear", lambda: None)()      # a test may have replaced one
     icount.forget_offset()

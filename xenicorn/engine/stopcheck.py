@@ -114,22 +114,85 @@ def stop_between_blocks(uc: Uc) -> None:
 
 # -- stopping without a visible stop_request -------------------------------------------
 #
-# ``uc_emu_stop()`` sets ``uc_struct.stop_request`` at once, and while it is
-# set Unicorn skips instruction hooks (its CPUID, SYSCALL and SYSENTER hook
-# loops end early) and block hooks for the rest of the block, which with
-# stops between blocks still runs (docs/unicorn-notes.md). A *soft stop*
-# keeps the part that ends the run at the next block start (``cpu_exit``,
-# inside ``emu_stop``) and takes ``stop_request`` back at once; the run
-# then ends because ``invalid_error`` holds a value no Unicorn error has,
-# which ``tcg_cpu_exec`` treats as "finish", and ``emu_start`` returns it
-# as its error code. The fields sit at fixed distances from the instruction
-# counter that :mod:`icount` locates (uc_priv.h of 2.1.4: ``emu_counter``,
+# ``uc_emu_stop()`` sets ``uc_struct.stop_request``, and while it is set
+# Unicorn skips instruction hooks (its CPUID, SYSCALL and SYSENTER hook loops
+# end early) and block hooks for the rest of the block, which with stops
+# between blocks still runs (docs/unicorn-notes.md). A *soft stop* does only
+# what ends the run at the next block start: QEMU's ``cpu_exit`` (hw/core/
+# cpu.c: ``exit_request = 1`` and ``icount_decr.u16.high = -1``, the word
+# every block's first check reads; its third field, ``tcg_exit_req``, is
+# written but never read in 2.1.4), written here field by field, and ``uc_struct.invalid_error`` set to a value
+# no Unicorn error has, which ``tcg_cpu_exec`` treats as "finish" and
+# ``emu_start`` returns as its error code. ``stop_request`` is never set.
+#
+# It used to call ``emu_stop()`` and take ``stop_request`` back right after.
+# From the stop-timer's thread that left a window, as long as the thread
+# took to get the GIL back, in which the guest ran on with ``stop_request``
+# set: a SYSCALL there went to no hook and only advanced RIP, so the system
+# call "returned" its own number (``read`` returned 0, ``pipe`` returned 22).
+# Measured: Linux with two vCPUs (a stop every millisecond) lost a pipe's
+# data or hung in a futex every few thousand forks; a bare-Unicorn probe
+# (SYSCALL in a loop, the stop-timer at random deadlines) skipped 2 system
+# calls in 64,000 stops (tests/test_stopcheck.py shows the window itself).
+#
+# ``invalid_error`` sits at a fixed distance from the instruction counter
+# that :mod:`icount` locates (uc_priv.h of 2.1.4: ``emu_counter``,
 # ``emu_count``, ``size_recur_mem``, ``init_tcg``, ``stop_request``, ...,
-# ``invalid_addr``, ``invalid_error``); :func:`soft_stop_selftest` checks
-# them by behaviour.
+# ``invalid_addr``, ``invalid_error``); the ``CPUState`` fields are found by
+# what ``emu_stop()`` changes (:func:`cpu_exit_fields`);
+# :func:`soft_stop_selftest` checks both by behaviour.
 SOFT_STOP = 0x5A57                       # emu_start's error code after a soft stop
 STOP_REQUEST_FROM_COUNTER = 21
 INVALID_ERROR_FROM_COUNTER = 56
+CPU_SPAN = 0x400                         # the start of CPUState, up to env_ptr and past it
+
+
+def _cpu(uc: Uc) -> int:
+    from .rawctx import cpu_state_address
+    return cpu_state_address(uc)
+
+
+@functools.cache
+def cpu_exit_fields() -> tuple[int, int]:
+    """``CPUState`` offsets of ``exit_request`` and ``icount_decr_ptr``.
+
+    Found once per process: inside a hook, ``emu_stop()`` runs ``cpu_exit``,
+    which turns exactly one byte before ``env_ptr`` from 0 to 1 (the bool
+    ``exit_request``) and the high half of the word ``icount_decr_ptr``
+    (the pointer after ``env_ptr``) points at from 0 to 0xFFFF.
+    """
+    from .rawctx import env_ptr_offset
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(0, 0x4000)
+    uc.mem_write(0x1000, b"\xe6\x80\xf4")                 # out 0x80, al; hlt
+    cpu = _cpu(uc)
+    decr_at = env_ptr_offset() + 8
+    seen = []
+
+    def on_out(u, port, size, value, _):
+        decr = ctypes.c_uint64.from_address(cpu + decr_at).value
+        before = (ctypes.string_at(cpu, CPU_SPAN), ctypes.c_uint16.from_address(decr + 2).value)
+        u.emu_stop()
+        if stop_request_set(u):                          # and the uc_struct field, seen from outside
+            seen.append((before, (ctypes.string_at(cpu, CPU_SPAN), ctypes.c_uint16.from_address(decr + 2).value)))
+
+    uc.hook_add(UC_HOOK_INSN, on_out, None, 1, 0, X.UC_X86_INS_OUT)
+    uc.emu_start(0x1000, 0x1003)
+    if len(seen) == 1:
+        (old, old_high), (new, new_high) = seen[0]
+        flips = [i for i in range(decr_at) if old[i] == 0 and new[i] == 1]
+        if len(flips) == 1 and (old_high, new_high) == (0, 0xFFFF):
+            return flips[0], decr_at
+    raise FlagNotFound("cannot locate QEMU's cpu_exit fields in this Unicorn build; install unicorn==2.1.4")
+
+
+def cpu_exit(uc: Uc) -> None:
+    """QEMU's ``cpu_exit``: leave the translated code at the next block start (no ``stop_request``)."""
+    exit_request, decr_at = cpu_exit_fields()
+    cpu = _cpu(uc)
+    ctypes.c_uint8.from_address(cpu + exit_request).value = 1
+    decr = ctypes.c_uint64.from_address(cpu + decr_at).value
+    ctypes.c_int16.from_address(decr + 2).value = -1
 
 
 def soft_stop(uc: Uc) -> None:
@@ -137,8 +200,13 @@ def soft_stop(uc: Uc) -> None:
     from .icount import field_address
     sync_pc_on_exit(uc)
     ctypes.c_int32.from_address(field_address(uc, INVALID_ERROR_FROM_COUNTER)).value = SOFT_STOP
-    uc.emu_stop()
-    ctypes.c_uint8.from_address(field_address(uc, STOP_REQUEST_FROM_COUNTER)).value = 0
+    cpu_exit(uc)
+
+
+def stop_request_set(uc: Uc) -> bool:
+    """Is ``uc_struct.stop_request`` set (hooks being skipped for the rest of the block)?"""
+    from .icount import field_address
+    return bool(ctypes.c_uint8.from_address(field_address(uc, STOP_REQUEST_FROM_COUNTER)).value)
 
 
 # -- a stale "skip the PC sync" flag -----------------------------------------------------
@@ -174,30 +242,39 @@ def emu_stop(uc: Uc) -> None:
 
 @functools.cache
 def soft_stop_selftest() -> None:
-    """Check once per process: a soft stop ends the run after the block, and CPUID is still ours."""
+    """Check once per process: a soft stop ends the run after the block, CPUID and SYSCALL still ours.
+
+    The block ``out; cpuid; syscall`` with a soft stop at the OUT: both
+    later hooks run (the CPUID hook is registered first, so a visible
+    ``stop_request`` would end the SYSCALL hook loop before the SYSCALL
+    hook), and the run ends where the SYSCALL hook sent RIP.
+    """
     from unicorn import UcError
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     uc.mem_map(0, 0x4000)
-    # out 0x80, al ; cpuid ; jmp L ; L: hlt    (the jmp ends the block)
-    uc.mem_write(0x1000, bytes.fromhex("e680" "0fa2" "eb00" "f4"))
+    # 0x1000: out 0x80, al ; cpuid ; syscall ; hlt      0x1010: hlt
+    uc.mem_write(0x1000, bytes.fromhex("e680" "0fa2" "0f05" "f4"))
+    uc.mem_write(0x1010, b"\xf4")
     seen = []
     uc.hook_add(UC_HOOK_INSN, lambda u, _: (seen.append("cpuid"), u.reg_write(X.UC_X86_REG_RAX, 0x77))[-1] or 1,
                 None, 1, 0, X.UC_X86_INS_CPUID)
+    uc.hook_add(UC_HOOK_INSN, lambda u, _: (seen.append("syscall"), u.reg_write(X.UC_X86_REG_RIP, 0x1010 - 2)),
+                None, 1, 0, X.UC_X86_INS_SYSCALL)
     uc.hook_add(UC_HOOK_INSN, lambda u, port, size, value, _: soft_stop(u), None, 1, 0, X.UC_X86_INS_OUT)
     stop_between_blocks(uc)
     err = None
     try:
-        uc.emu_start(0x1000, 0x1007)
+        uc.emu_start(0x1000, 0x1011)
     except UcError as e:
         err = e.errno
-    if err != SOFT_STOP or seen != ["cpuid"] or uc.reg_read(X.UC_X86_REG_RIP) != 0x1006 \
+    if err != SOFT_STOP or seen != ["cpuid", "syscall"] or uc.reg_read(X.UC_X86_REG_RIP) != 0x1010 \
             or uc.reg_read(X.UC_X86_REG_RAX) != 0x77:
         raise FlagNotFound("Unicorn's stop fields are not where unicorn 2.1.4 keeps them; install unicorn==2.1.4")
     # skip_sync_pc_on_exit: set by a RIP write, cleared by emu_start
     flag = ctypes.c_uint8.from_address(_handle(uc) + offset() + SKIP_SYNC_FROM_NO_EXIT_REQUEST)
-    uc.reg_write(X.UC_X86_REG_RIP, 0x1006)
+    uc.reg_write(X.UC_X86_REG_RIP, 0x1010)
     was_set = flag.value
-    uc.emu_start(0x1006, 0x1007)
+    uc.emu_start(0x1010, 0x1011)
     if was_set != 1 or flag.value != 0:
         raise FlagNotFound("Unicorn's skip_sync_pc_on_exit is not where unicorn 2.1.4 keeps it; "
                            "install unicorn==2.1.4")

@@ -454,32 +454,6 @@ class VCpu(ExitHooks, InterruptDelivery, MemoryMap):
     # ------------------------------------------------------------------
     # the run loop primitive
     # ------------------------------------------------------------------
-    def request_stop(self, reason: str) -> None:
-        """Make run() return a Request exit soon (safe from hooks and other threads).
-
-        Normally the stop lands at the start of the next block
-        (:mod:`stopcheck`). A counting vCPU keeps Unicorn's per-access stop
-        checks, where ``emu_stop()`` from inside an MMIO callback is noticed
-        right after the access and puts RIP back to the instruction, which
-        then runs, and writes the device, again (measured: a self-IPI written
-        to the ICR repeated forever). It lowers the counting hook's limit
-        instead, which stops the run exactly before the next instruction
-        (:func:`icount.stop_before_next_instruction`), so an interrupt an
-        MMIO write raises is taken at once instead of at the end of the
-        run quantum.
-        """
-        self._stop_reasons.append(reason)
-        if self.count_instructions:
-            stopcheck.sync_pc_on_exit(self.uc)
-            icount.stop_before_next_instruction(self.uc)
-        else:
-            stopcheck.soft_stop(self.uc)
-
-    def stop_with(self, exit_: E.Exit) -> None:
-        """From inside a hook: end emu_start and make run() return ``exit_``."""
-        self._pending_exit = exit_
-        stopcheck.emu_stop(self.uc)
-
     def run(self, timeout_us: int = 0, count: int = 0) -> E.Exit:
         """Run the guest until something needs the platform; return why."""
         self._pending_exit = None
