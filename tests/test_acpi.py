@@ -108,17 +108,37 @@ def test_s5_and_the_sleep_registers_power_off():
 
 
 def test_hvm_tables_have_a_full_fadt_with_pm1_blocks_and_an_rtc():
-    """What Xen gives HVM guests: without it Linux drops the 8259 and calls the guest PVH."""
+    """What Xen gives HVM guests: without it Linux drops the 8259 and calls the guest PVH; and a PM timer."""
     _, blob = acpi.build(acpi.ACPI_BASE, 1, 0xFEC00000, 0xFEE00000, hw_reduced=False)
     tables = acpi.parse(lambda a, n: blob[a - acpi.ACPI_BASE:a - acpi.ACPI_BASE + n], acpi.ACPI_BASE)
     fadt = tables[b"FACP"]
-    assert struct.unpack_from("<I", fadt, 112)[0] == 0                     # not hardware-reduced
+    assert struct.unpack_from("<I", fadt, 112)[0] == acpi.FADT_TMR_VAL_EXT  # not hardware-reduced; 32-bit timer
     assert struct.unpack_from("<H", fadt, 109)[0] == acpi.FADT_BOOT_NO_VGA  # the RTC is there
     assert struct.unpack_from("<H", fadt, 46)[0] == 9                      # SCI_INT
     assert struct.unpack_from("<II", fadt, 56)[0] == 0x600                 # PM1a_EVT_BLK
     assert struct.unpack_from("<I", fadt, 64)[0] == 0x604                  # PM1a_CNT_BLK
     assert fadt[88:90] == bytes([4, 2])
     assert struct.unpack_from("<BBBBQ", fadt, 172) == (1, 16, 0, 1, 0x604)  # X_PM1a_CNT_BLK
+    assert struct.unpack_from("<I", fadt, 76)[0] == 0x60C and fadt[91] == 4   # PM_TMR_BLK, PM_TMR_LEN
+    assert struct.unpack_from("<BBBBQ", fadt, 208) == (1, 32, 0, 3, 0x60C)  # X_PM_TMR_BLK, dword access
+
+
+def test_the_pm_timer_counts_machine_time_at_3_579545_mhz():
+    """ACPI's PM timer: 3,579,545 counts per second of machine time, 32 bits, read-only."""
+    from xenicorn.machine.machine import Machine, MachineConfig
+    m = Machine(MachineConfig(xen=False, debugcon="none", clock="deterministic"))
+
+    def read():
+        ex = E.PortIO(-1, 0x60C, 4, False)
+        m.handle_exit(m.vcpu, ex)
+        return ex.value
+    first = read()
+    m.clock.wait_until(m.clock.now_ns() + 1_000_000_000)                   # a second passes (asleep)
+    second = read()
+    assert second == m.clock.now_ns() * 3_579_545 // 10**9 & 0xFFFFFFFF   # machine time, exactly
+    assert abs((second - first) - 3_579_545) <= 8          # a port access is 1 us of deterministic time
+    m.handle_exit(m.vcpu, E.PortIO(-1, 0x60C, 4, True, 0))                 # ignored
+    assert read() >= second
 
 
 def test_pm1_event_block_and_the_dsdt_s5_type_power_off(machine):

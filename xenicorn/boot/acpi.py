@@ -50,6 +50,8 @@ SCI_IRQ = 9                          # as Xen's and QEMU's PCs
 PM1A_EVT_PORT = 0x600                # devices/console.py AcpiPmEvent
 PM1A_CNT_PORT = 0x604                # devices/console.py AcpiPmControl
 SLEEP_CONTROL_PORT = 0x608           # devices/console.py AcpiSleepRegisters; status is the next port
+PM_TMR_PORT = 0x60C                  # devices/console.py AcpiPmTimer
+FADT_TMR_VAL_EXT = 1 << 8            # the PM timer counts 32 bits
 # Name (\_S5, Package (4) {5, 5, 0, 0}): NameOp, "_S5_", PackageOp, PkgLength 8,
 # 4 elements: BytePrefix 5, BytePrefix 5, ZeroOp, ZeroOp (ACPI 6.5 §20, AML encoding)
 AML_S5 = bytes.fromhex("085f53355f" "1208" "04" "0a05" "0a05" "00" "00")
@@ -158,9 +160,9 @@ def madt(lapic_base: int, ioapic_id: int, ioapic_base: int, pit_gsi: int = 2, cp
     return table(b"APIC", 4, struct.pack("<II", lapic_base, MADT_PCAT_COMPAT) + entries)
 
 
-def _gas_io(body: bytearray, off: int, port: int, bits: int) -> None:
-    """A Generic Address Structure in system I/O space (id 1), byte-granular access."""
-    struct.pack_into("<BBBBQ", body, off - 36, 1, bits, 0, 1, port)
+def _gas_io(body: bytearray, off: int, port: int, bits: int, access: int = 1) -> None:
+    """A Generic Address Structure in system I/O space (id 1); access size 1 byte, 3 dword."""
+    struct.pack_into("<BBBBQ", body, off - 36, 1, bits, 0, access, port)
 
 
 def fadt(dsdt_addr: int, hw_reduced: bool = True) -> bytes:
@@ -172,19 +174,23 @@ def fadt(dsdt_addr: int, hw_reduced: bool = True) -> bytes:
     legacy 8259 PIC and ISA IRQs (in hardware-reduced mode it installs a
     null PIC, and a UART's IRQ 4 can no longer be requested): SCI on IRQ 9,
     no SMI command port (the machine is always in ACPI mode), PM1a event
-    block at 0x600 and PM1a control at 0x604 (QEMU's PM base), no PM timer.
+    block at 0x600 and PM1a control at 0x604 (QEMU's PM base), a 32-bit PM
+    timer at 0x60C (Linux's watchdog for the TSC).
     """
     body = bytearray(276 - 36)
     struct.pack_into("<I", body, 40 - 36, dsdt_addr)              # DSDT (32-bit pointer)
     struct.pack_into("<H", body, 109 - 36, FADT_BOOT_NO_VGA | (FADT_BOOT_NO_CMOS_RTC if hw_reduced else 0))
-    struct.pack_into("<I", body, 112 - 36, FADT_HW_REDUCED_ACPI if hw_reduced else 0)  # Flags
+    struct.pack_into("<I", body, 112 - 36, FADT_HW_REDUCED_ACPI if hw_reduced else FADT_TMR_VAL_EXT)  # Flags
     if not hw_reduced:
         struct.pack_into("<H", body, 46 - 36, SCI_IRQ)                # SCI_INT
         struct.pack_into("<I", body, 56 - 36, PM1A_EVT_PORT)          # PM1a_EVT_BLK
         struct.pack_into("<I", body, 64 - 36, PM1A_CNT_PORT)          # PM1a_CNT_BLK
+        struct.pack_into("<I", body, 76 - 36, PM_TMR_PORT)            # PM_TMR_BLK
         body[88 - 36], body[89 - 36] = 4, 2                           # PM1_EVT_LEN, PM1_CNT_LEN
+        body[91 - 36] = 4                                             # PM_TMR_LEN
         _gas_io(body, 148, PM1A_EVT_PORT, 32)                         # X_PM1a_EVT_BLK
         _gas_io(body, 172, PM1A_CNT_PORT, 16)                         # X_PM1a_CNT_BLK
+        _gas_io(body, 208, PM_TMR_PORT, 32, access=3)                 # X_PM_TMR_BLK
     body[131 - 36] = 5                                            # FADT minor version: 6.5
     struct.pack_into("<Q", body, 140 - 36, dsdt_addr)             # X_DSDT
     # SLEEP_CONTROL_REG and SLEEP_STATUS_REG: generic addresses in system I/O

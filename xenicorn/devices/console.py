@@ -167,6 +167,38 @@ class AcpiPmEvent:
         self.enable = prepared
 
 
+class AcpiPmTimer:
+    """The ACPI power-management timer, PM_TMR_BLK at 0x60C (ACPI 6.5 §4.8.3.3).
+
+    A free-running counter at 3.579545 MHz (the NTSC colour-burst crystal
+    every PC has), read with a 32-bit IN; the FADT's TMR_VAL_EXT flag says
+    all 32 bits count (otherwise 24). The OS cannot write it. It is the
+    PC's one clock that needs no interrupt to advance, which is why Linux
+    takes it as the *watchdog* that checks the TSC
+    (``clocksource: acpi_pm``): without it the watchdog is the jiffies
+    counter, which advances only as timer interrupts are handled, and a
+    vCPU that waited its turn behind another looked like a TSC running
+    fast ("Marking TSC unstable"), leaving Linux on jiffies. Here it reads
+    machine time, so under ``--clock deterministic`` it is deterministic
+    too; it has no state of its own. (QEMU's ICH9 puts it at PM base + 8,
+    where this machine keeps the hardware-reduced sleep registers; Xen's
+    hvmloader at 0x1F48.)
+    """
+
+    PORT = 0x60C
+    HZ = 3_579_545
+
+    def __init__(self, now_ns: Callable[[], int]):
+        self.now_ns = now_ns
+
+    def pio_read(self, offset: int, size: int) -> int:
+        ticks = self.now_ns() * self.HZ // 1_000_000_000
+        return (ticks >> (8 * offset)) & ((1 << (8 * size)) - 1)
+
+    def pio_write(self, offset: int, size: int, value: int) -> None:
+        """Read-only: writes are ignored, as on hardware."""
+
+
 class AcpiPmControl:
     r"""PM1a_CNT at 0x604: SLP_EN with the S5 sleep type powers off.
 

@@ -10,6 +10,7 @@ port 0x64          keyboard controller (only its reset command, 0xFE)
 ports 0x3F8-0x3FF  16550 UART (COM1, IRQ 4)
 port 0xE9, 0xF4    Bochs/QEMU debug console, QEMU's isa-debug-exit
 ports 0x600, 0x604 ACPI PM1a event and control blocks (S5 = power off)
+port 0x60C         ACPI PM timer (3.579545 MHz, machine time)
 ports 0xCF8-0xCFF  PCI configuration mechanism #1 (and 0xCF9 reset)
 0xFEC00000         IOAPIC
 0xFEE00000         local APIC
@@ -24,7 +25,7 @@ SeaBIOS and Xen's hvmloader do.
 """
 from __future__ import annotations
 
-from ..devices.console import (DebugCon, DebugExit, AcpiPmControl, AcpiPmEvent, AcpiSleepRegisters,
+from ..devices.console import (DebugCon, DebugExit, AcpiPmControl, AcpiPmEvent, AcpiPmTimer, AcpiSleepRegisters,
                                KeyboardControllerReset)
 from ..devices.ioapic import IOAPIC_BASE
 from ..devices.lapic import LAPIC_BASE
@@ -81,6 +82,7 @@ def build_legacy_devices(machine) -> None:
     m.register_pio(KeyboardControllerReset.PORT, 1, KeyboardControllerReset(m.shutdown))
     m.register_pio(AcpiPmControl.PORT, 2, AcpiPmControl(m.shutdown))
     m.register_pio(AcpiSleepRegisters.PORT, 2, AcpiSleepRegisters(m.shutdown))
+    m.register_pio(AcpiPmTimer.PORT, 4, AcpiPmTimer(m.clock.now_ns))
     m.rtc = Rtc(m.clock.now_ns, deterministic=m.clock.deterministic)
     m.register_pio(INDEX_PORT, 2, m.rtc)
     m.serial, m.serial_file = attach_serial(m.config.serial, m.console, m.register_pio, irq=m.isa_irq[4])
