@@ -144,6 +144,15 @@ def test_cli_step_reads_keys_from_a_pipe():
     assert "error" not in r.stderr
 
 
+def test_the_stepper_names_the_vcpu_of_each_event_with_several():
+    """smp64 -smp 2: IPIs and Xen upcalls reach both vCPUs; each event says whose it is."""
+    r = cli("step", "smp64", "-smp", "2", stdin="n\n" * 400 + "q\n")
+    assert r.returncode == 0, r.stderr
+    heads = [line for line in r.stdout.splitlines() if line.startswith("== #")]
+    assert any(" vCPU 0 insn " in h for h in heads) and any(" vCPU 1 insn " in h for h in heads), heads[:20]
+    assert all(" vCPU " in h for h in heads)
+
+
 def test_trace_json_and_record_lines(tmp_path):
     tj, rec = tmp_path / "events.jsonl", tmp_path / "run.jsonl"
     r = cli("run", "evtchn64", "--append", "via=gsi", "--trace-json", str(tj), "--record", str(rec))

@@ -174,6 +174,7 @@ class IrqEvent:
     text: str
     diff: dict = field(default_factory=dict)
     delivery: dict | None = None
+    cpu: int = 0                  # the vCPU that was running (with several, the one that acted)
 
     def to_json(self) -> dict:
         out = {"seq": self.seq, "insn": self.insn, "ns": self.ns, "rip": self.rip, "cat": self.category,
@@ -224,10 +225,10 @@ class InterruptWatcher:
         new = interrupt_state(m)
         diff = state_diff(self.state, new)
         self.state = new
-        vcpu = m.vcpu
+        vcpu = m.current_vcpu
         self.seq += 1
         ev = IrqEvent(self.seq, vcpu.instructions_now(), m.clock.now_ns(), vcpu.pc, category,
-                      classify(category, text), text, diff)
+                      classify(category, text), text, diff, cpu=vcpu.index)
         if category == "int" and data is not None:
             ev.delivery = delivery_record(vcpu, data)
         for sink in self.sinks:
@@ -444,7 +445,8 @@ class Stepper(Agent):
         if self.quiet_polls:
             self._print(f"   ({self.quiet_polls} block poll(s) found upcall_pending still 1)")
             self.quiet_polls = 0
-        self._print(f"== #{ev.seq} [{ev.kind}] insn {ev.insn} t={ev.ns / 1e6:.3f}ms rip {ev.rip:#x}")
+        where = f"vCPU {ev.cpu} " if len(self.machine.vcpus) > 1 else ""
+        self._print(f"== #{ev.seq} [{ev.kind}] {where}insn {ev.insn} t={ev.ns / 1e6:.3f}ms rip {ev.rip:#x}")
         self._print(f"   {ev.text}")
         self._print_diff(ev.diff)
         d = ev.delivery
