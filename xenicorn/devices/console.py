@@ -172,9 +172,9 @@ class AcpiPmTimer:
 
     A free-running counter at 3.579545 MHz (the NTSC colour-burst crystal
     every PC has), read with a 32-bit IN; the FADT's TMR_VAL_EXT flag says
-    all 32 bits count (otherwise 24). The OS cannot write it. It is the
-    PC's one clock that needs no interrupt to advance, which is why Linux
-    takes it as the *watchdog* that checks the TSC
+    all 32 bits count (otherwise 24). The OS cannot write it. It advances
+    without interrupts and apart from the CPU, which is why Linux takes it
+    (when there is no HPET) as the *watchdog* that checks the TSC
     (``clocksource: acpi_pm``): without it the watchdog is the jiffies
     counter, which advances only as timer interrupts are handled, and a
     vCPU that waited its turn behind another looked like a TSC running

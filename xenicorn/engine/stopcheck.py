@@ -40,6 +40,7 @@ import struct
 from unicorn import Uc, UC_ARCH_X86, UC_MODE_64, UC_HOOK_INSN
 from unicorn import x86_const as X
 
+from .rawctx import cpu_state_address, env_ptr_offset
 from .startup import EngineUnsupported
 
 JMP_BUFS = 64 * 200               # UC_MAX_NESTED_LEVEL sigjmp_bufs before nested_level
@@ -121,9 +122,10 @@ def stop_between_blocks(uc: Uc) -> None:
 # what ends the run at the next block start: QEMU's ``cpu_exit`` (hw/core/
 # cpu.c: ``exit_request = 1`` and ``icount_decr.u16.high = -1``, the word
 # every block's first check reads; its third field, ``tcg_exit_req``, is
-# written but never read in 2.1.4), written here field by field, and ``uc_struct.invalid_error`` set to a value
-# no Unicorn error has, which ``tcg_cpu_exec`` treats as "finish" and
-# ``emu_start`` returns as its error code. ``stop_request`` is never set.
+# written but never read in 2.1.4), written here field by field, and
+# ``uc_struct.invalid_error`` set to a value no Unicorn error has, which
+# ``tcg_cpu_exec`` treats as "finish" and ``emu_start`` returns as its
+# error code. ``stop_request`` is never set.
 #
 # It used to call ``emu_stop()`` and take ``stop_request`` back right after.
 # From the stop-timer's thread that left a window, as long as the thread
@@ -147,11 +149,6 @@ INVALID_ERROR_FROM_COUNTER = 56
 CPU_SPAN = 0x400                         # the start of CPUState, up to env_ptr and past it
 
 
-def _cpu(uc: Uc) -> int:
-    from .rawctx import cpu_state_address
-    return cpu_state_address(uc)
-
-
 @functools.cache
 def cpu_exit_fields() -> tuple[int, int]:
     """``CPUState`` offsets of ``exit_request`` and ``icount_decr_ptr``.
@@ -161,11 +158,10 @@ def cpu_exit_fields() -> tuple[int, int]:
     ``exit_request``) and the high half of the word ``icount_decr_ptr``
     (the pointer after ``env_ptr``) points at from 0 to 0xFFFF.
     """
-    from .rawctx import env_ptr_offset
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     uc.mem_map(0, 0x4000)
     uc.mem_write(0x1000, b"\xe6\x80\xf4")                 # out 0x80, al; hlt
-    cpu = _cpu(uc)
+    cpu = cpu_state_address(uc)
     decr_at = env_ptr_offset() + 8
     seen = []
 
@@ -189,7 +185,7 @@ def cpu_exit_fields() -> tuple[int, int]:
 def cpu_exit(uc: Uc) -> None:
     """QEMU's ``cpu_exit``: leave the translated code at the next block start (no ``stop_request``)."""
     exit_request, decr_at = cpu_exit_fields()
-    cpu = _cpu(uc)
+    cpu = cpu_state_address(uc)
     ctypes.c_uint8.from_address(cpu + exit_request).value = 1
     decr = ctypes.c_uint64.from_address(cpu + decr_at).value
     ctypes.c_int16.from_address(decr + 2).value = -1

@@ -31,6 +31,17 @@
 #define AP_STACK_SHIFT 14               /* 16 KiB per AP */
 #define MAX_APS 7                       /* smp.h MAX_CPUS - 1 */
 
+/* Flat data in DS, ES, SS; FS and GS null (both AP entries, 32- and 64-bit) */
+.macro LOAD_DATA_SEGMENTS
+        mov     $KERNEL_DS, %ax
+        mov     %ax, %ds
+        mov     %ax, %es
+        mov     %ax, %ss
+        xor     %ax, %ax
+        mov     %ax, %fs
+        mov     %ax, %gs
+.endm
+
         .section .text, "ax"
         .code16
         .globl  tramp_start, tramp_end, tramp_gdtr
@@ -59,13 +70,7 @@ ap_entry32:
          * has its real-mode base 0x8000: CS is flat either way */
         lgdt    %cs:ap_gdtr
         ljmp    $KERNEL_CS32, $1f
-1:      mov     $KERNEL_DS, %ax
-        mov     %ax, %ds
-        mov     %ax, %es
-        mov     %ax, %ss
-        xor     %ax, %ax
-        mov     %ax, %fs
-        mov     %ax, %gs
+1:      LOAD_DATA_SEGMENTS
         mov     $1, %eax
         lock xadd %eax, ap_ticket
         cmp     $MAX_APS, %eax
@@ -109,13 +114,7 @@ ap_entry64_xen:
         lea     1f(%rip), %rax
         pushq   %rax
         lretq
-1:      mov     $KERNEL_DS, %ax
-        mov     %ax, %ds
-        mov     %ax, %es
-        mov     %ax, %ss
-        xor     %ax, %ax
-        mov     %ax, %fs
-        mov     %ax, %gs
+1:      LOAD_DATA_SEGMENTS
         mov     $1, %eax
         lock xadd %eax, ap_ticket(%rip)
         cmp     $MAX_APS, %eax
