@@ -281,13 +281,13 @@ class GrantTable:
         for is_ref, _, domid, _ in (src, dest):     # gnttab_copy_lock_domain
             if domid != DOMID_SELF and not is_ref:
                 return GNTST_permission_denied      # only DOMID_SELF may name a frame
-            if domid == BACKEND_DOMID:
-                return GNTST_bad_gntref             # dom0 exists but has no grant table here
-            if domid not in (DOMID_SELF, me):
+            if domid not in (DOMID_SELF, me, BACKEND_DOMID):
                 return GNTST_bad_domain
         claimed = []
-        for (is_ref, ref, _, _), writable in ((src, False), (dest, True)):   # gnttab_copy_claim_buf
+        for (is_ref, ref, domid, _), writable in ((src, False), (dest, True)):   # gnttab_copy_claim_buf
             try:
+                if domid == BACKEND_DOMID:
+                    return GNTST_bad_gntref         # dom0 exists but grants nothing: its table is empty
                 if is_ref:
                     claimed.append(self.acquire(ref, writable, ldom, mapflag=False))
                 elif ref >= 1 << 40 or not self.xen.host.memory.is_ram(ref * PAGE, PAGE):
