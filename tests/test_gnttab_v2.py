@@ -29,17 +29,20 @@ class Dom0Sink(ConsoleSink):
     def __init__(self):
         super().__init__(None)
         self.machine = None
-        self.mapping = None
         self.seen: dict = {}
 
     def write(self, data: bytes) -> None:
         super().write(data)
+        if "stopped" in self.seen and "pause" not in self.seen:
+            self.seen["pause"] = self.machine.vcpu.instructions   # counted when that run ended
         if data != b"\n":
             return
         line = self.text().rsplit("\n", 2)[-2]
         gt = self.machine.xen.gnttab
         if line == "gnttab: dom0 map":
-            self.mapping = gt.map(8)                                   # held until "unmap"
+            self.machine.vcpu.request_stop("dom0 mapped")              # a pause to save a snapshot at
+            self.seen["stopped"] = True
+            gt.map(8)                                                  # held until "unmap"
             self.seen["version"] = gt.version
             self.seen["status8"] = gt.status(8)
             self.seen["status_frame"] = self.machine.memory.read(BAR1 + 4096, 32)
@@ -55,7 +58,7 @@ class Dom0Sink(ConsoleSink):
                 lambda: gt.map(10),                                   # transitive
                 lambda: gt.read(10, 0, 8))]
         elif line == "gnttab: dom0 unmap":
-            gt.unmap(self.mapping)
+            gt.unmap(gt.mappings[8][0])                                # (perhaps mapped before a snapshot)
 
     @staticmethod
     def _code(f):
@@ -66,11 +69,16 @@ class Dom0Sink(ConsoleSink):
         return GNTST_okay
 
 
+def make(name, **kw):
+    sink = Dom0Sink()
+    machine, _ = boot(MachineConfig(debugcon="none", **kw), firmware.find(name), console=sink)
+    sink.machine = machine
+    return machine, sink
+
+
 @pytest.mark.parametrize("bits", [32, 64])
 def test_gnttab_kernel(bits):
-    sink = Dom0Sink()
-    machine, _ = boot(MachineConfig(debugcon="none"), firmware.find(f"gnttab{bits}"), console=sink)
-    sink.machine = machine
+    machine, sink = make(f"gnttab{bits}")
     status = machine.run()
     text = sink.text()
     assert status == 0 and text.rstrip().endswith("Test result: SUCCESS"), text
@@ -171,3 +179,28 @@ def test_snapshot_record_keeps_version_and_status_frames(xen):
                        ({**record["state"], "version": 1}, "status frame")]:
         with pytest.raises(RecordError, match=why):
             other.check_record({**record, "state": state})
+
+
+def test_snapshot_while_a_v2_grant_is_mapped(tmp_path):
+    """Saved between "dom0 map" and "dom0 unmap": the v2 table, its status frame and dom0's
+    mapping come back, and the loaded machine finishes the run exactly as the unbroken one."""
+    kw = {"clock": "deterministic", "ram_mib": 32}
+    ref, ref_sink = make("gnttab64", **kw)
+    assert ref.run() == 0
+    saver, saver_sink = make("gnttab64", **kw)
+    path = str(tmp_path / "v2.snap")
+    saver.save_at(ref_sink.seen["pause"], path)
+    marks = []
+    save = saver.save_snapshot
+    saver.save_snapshot = lambda p: (marks.append(len(saver_sink.data)), save(p))[1]
+    assert saver.run() == 0 and bytes(saver_sink.data) == bytes(ref_sink.data) and marks
+    fresh, fresh_sink = make("gnttab64", **kw)
+    fresh.load_snapshot(path)
+    gt = fresh.xen.gnttab
+    assert gt.version == 2 and gt.status_gfns == {0: (BAR1 >> 12) + 1} and gt.nr_frames == 8
+    assert [m.writable for m in gt.mappings[8]] == [True] and gt.status(8) == GTF_reading | GTF_writing
+    assert fresh.memory.frames[128] == BAR1 + 4096                          # status frame 0, in the guest
+    assert fresh.run() == 0
+    out = bytes(ref_sink.data)
+    assert out[:marks[0]] + bytes(fresh_sink.data) == out and out.rstrip().endswith(b"Test result: SUCCESS")
+    assert gt.version == 1 and not gt.mappings
