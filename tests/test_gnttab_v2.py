@@ -9,9 +9,9 @@ from xenicorn.devices.console import ConsoleSink
 from xenicorn.machine.machine import MachineConfig
 from xenicorn.records import RecordError
 from xenicorn.xen import errno
-from xenicorn.xen.gnttab import (GNTST_bad_copy_arg, GNTST_general_error, GNTST_okay, GNTST_permission_denied,
-                                 GTF_permit_access, GTF_readonly, GTF_reading, GTF_sub_page, GTF_writing,
-                                 GrantError, GrantTable)
+from xenicorn.xen.gnttab import (GNTST_bad_copy_arg, GNTST_bad_page, GNTST_general_error, GNTST_okay,
+                                 GNTST_permission_denied, GTF_permit_access, GTF_readonly, GTF_reading,
+                                 GTF_sub_page, GTF_writing, GrantError, GrantTable)
 
 import test_xen_hypercalls
 from test_xen_hypercalls import SELF, call, ul
@@ -126,6 +126,11 @@ def test_v2_rules(xen):
     assert gt.status_gfns == {0: (BAR1 >> 12) + 1} and gt.nr_frames == 8     # the table grew to cover it
     v2_entry(xen, 8, GTF_permit_access, 0, 0x50)
     v2_entry(xen, 9, GTF_permit_access | GTF_sub_page, 0, 0x51, 100, 50)
+    v2_entry(xen, 11, GTF_permit_access, 0, 0x53)
+    xen.xen.state.ballooned.add(0x53)                                        # given back to Xen
+    with pytest.raises(GrantError) as e:
+        gt.map(11)
+    assert e.value.code == GNTST_bad_page
     m = gt.map(8, writable=False)
     assert xen.memory.read_struct(BAR1 + 4096 + 16, "<H")[0] == GTF_reading
     assert xen.memory.read_struct(BAR1 + 16 * 8, "<H")[0] == GTF_permit_access      # flags untouched in v2

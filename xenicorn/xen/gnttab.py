@@ -229,10 +229,14 @@ class GrantTable:
         start, length = 0, PAGE
         if self.version == 2 and flags & GTF_sub_page:
             start, length = word & 0xFFFF, word >> 16
-        gpa = frame * PAGE
-        if frame >= 1 << 40 or not self.xen.host.memory.is_ram(gpa, PAGE):
+        if not self.is_guest_frame(frame):
             raise GrantError(GNTST_bad_page, f"granted frame {frame:#x} is not RAM")
-        return gpa, start, length
+        return frame * PAGE, start, length
+
+    def is_guest_frame(self, gfn: int) -> bool:
+        """get_paged_frame's test: a populated RAM frame of the guest (not ballooned out)."""
+        return (gfn < 1 << 40 and self.xen.host.memory.is_ram(gfn * PAGE, PAGE)
+                and gfn not in self.xen.state.ballooned)
 
     # -- the backend (dom0) side ------------------------------------------------------
     def map(self, ref: int, writable: bool = True, domid: int = BACKEND_DOMID) -> GrantMapping:
@@ -290,7 +294,7 @@ class GrantTable:
                     return GNTST_bad_gntref         # dom0 exists but grants nothing: its table is empty
                 if is_ref:
                     claimed.append(self.acquire(ref, writable, ldom, mapflag=False))
-                elif ref >= 1 << 40 or not self.xen.host.memory.is_ram(ref * PAGE, PAGE):
+                elif not self.is_guest_frame(ref):
                     return GNTST_bad_page           # get_paged_frame
                 else:
                     claimed.append((ref * PAGE, 0, PAGE))

@@ -26,7 +26,8 @@ record             component               why it must be saved
                                            waiting for IF=1, the deassert poll
 ``xen.physdev``    ``Physdev``             GSI <-> PIRQ mappings and the last
                                            level of each GSI
-``xen.gnttab``     ``GrantTable``          table size and dom0's live mappings
+``xen.gnttab``     ``GrantTable``          version, table size, v2 status frame
+                                           gfns and dom0's live mappings
 ``xen.store``      ``Store``               the whole tree (values, permissions,
                                            generations), open transactions with
                                            their private trees, watches and
