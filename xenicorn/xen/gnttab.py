@@ -149,7 +149,7 @@ class GrantTable:
         self.nr_frames = max(self.nr_frames, need)
 
     def hypercall(self, call, cmd: int, uop: int, count: int, *_) -> int:
-        from .gnttab_ops import grant_table_op
+        from .gnttab_ops import grant_table_op       # (that module builds on this one)
         return grant_table_op(self, call, cmd, uop, count)
 
     # -- the entries, in either layout ---------------------------------------------------
@@ -161,8 +161,9 @@ class GrantTable:
             raise GrantError(GNTST_bad_gntref, f"reference {ref} is outside the table ({self.nr_entries})")
 
     def raw_entry(self, ref: int) -> tuple[int, int, int, int]:
-        """(flags, domid, word at +4, frame) of ``ref``: v1 has no word (0); for v2 the word is
-        pad0, or page_off | length << 16 for a sub-page grant, or trans_domid | gref..."""
+        """(flags, domid, u32 at +4, frame) of ``ref``. v1 has no such word (0) and a u32 frame;
+        in v2 the word is pad0 (full page), page_off | length << 16 (sub-page) or trans_domid
+        (transitive, whose gref is then the low half of the u64 "frame")."""
         self._check_ref(ref)
         if self.version == 1:
             flags, domid, frame = struct.unpack_from("<HHI", self._view(ref // ENTRIES_PER_FRAME),
