@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from .engine import EngineUnsupported
@@ -87,10 +88,12 @@ def _run_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--initrd", "-initrd", metavar="FILE",
                    help="initrd: module 0 of hvm_start_info (pvh), the zero page's ramdisk (linux)")
     r.add_argument("--load-addr", type=_int, metavar="ADDR", help="load KERNEL as a flat binary here")
-    r.add_argument("--boot", choices=("auto", "pvh", "linux"), default="auto",
+    r.add_argument("--boot", choices=("auto", "pvh", "linux", "multiboot"), default="auto",
                    help="pvh: enter the ELF's PVH entry (a bzImage: the ELF inside it); linux: a bzImage "
                         "through the Linux/x86 boot protocol as an HVM guest, with an MP table and an ACPI "
-                        "MADT; auto (default): linux for --kernel-deb, pvh for KERNEL")
+                        "MADT; multiboot: a Multiboot v1 kernel (--initrd 'FILE ARGS,...' as modules); "
+                        "auto (default): linux for a bzImage, pvh for an ELF with a PVH note, multiboot "
+                        "for a multiboot header, else pvh")
     r.add_argument("--serial", "-serial", default="stdio", metavar="stdio|file:PATH|none", help="COM1 output")
     r.add_argument("--trace", default="", metavar="CATS", help="comma-separated: exits,io,int,cpuid,mem,...,all")
     r.add_argument("--max-insns", type=_int, default=0, metavar="N", help="stop after N guest instructions")
@@ -165,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     from .snapshot import SnapshotError
     from . import engine
     engine.probe()                              # refuse an unknown engine before fetching a kernel
-    protocol = "pvh" if args.boot == "auto" else args.boot
+    protocol = args.boot
     if args.kernel_deb:
         if args.kernel:
             raise UsageError("give either KERNEL or --kernel-deb, not both")
@@ -226,6 +229,11 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:               # the -qmp or -gdb socket
         which = f"-gdb {config.gdb}" if getattr(e, "gdb_socket", False) else f"-qmp {args.qmp}"
         raise UsageError(f"{which}: {e.strerror or e}") from None
+    if machine.boot_protocol == "pvh" and re.search(r"(^|\s)console=ttyS", config.cmdline):
+        # Xen gives a PVH guest no 8259 and no ISA IRQs: the UART's interrupt
+        # never comes, so a Linux user space writing to ttyS0 prints nothing.
+        print("xenicorn: warning: console=ttyS* in a PVH machine: its UART has no interrupt line, "
+              "user space output may be lost (a bzImage boots with --boot linux)", file=sys.stderr)
     if args.start_stopped and not config.gdb:
         machine.monitor.paused = True
     for path in args.xenstore_watch:

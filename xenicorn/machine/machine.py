@@ -80,6 +80,7 @@ class Machine(XenHostServices):
     """A one-socket x86 PC around Unicorn vCPUs."""
 
     power_on = None                  # the machine before its first instruction, for system_reset
+    boot_protocol = "pvh"            # how boot() entered the kernel: pvh, linux or multiboot
 
     def __init__(self, config: MachineConfig | None = None, console: ConsoleSink | None = None):
         from .. import engine
