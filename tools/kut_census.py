@@ -33,6 +33,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+XENICORN_MAX_MIB = 3584               # xenicorn's -m limit (RAM below the 4 GiB hole)
 
 # The devices the suite's x86/run gives QEMU (pc-testdev brings ports 0xE0,
 # 0xE4 and the IRQ lines at 0x2000; isa-debug-exit the exit port).
@@ -151,7 +152,9 @@ def xenicorn_options(test: Test) -> tuple[list[str], list[str]]:
         a = args[i]
         val = args[i + 1] if i + 1 < len(args) else ""
         if a == "-m":
-            opts += ["-m", str(mib(val))]
+            if mib(val) > XENICORN_MAX_MIB:
+                needs.append(f"-m {val} (xenicorn gives at most {XENICORN_MAX_MIB} MiB: runs with that)")
+            opts += ["-m", str(min(mib(val), XENICORN_MAX_MIB))]
             i += 2
             continue
         if a == "-cpu":
