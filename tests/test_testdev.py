@@ -120,3 +120,30 @@ def test_self_nmi_through_the_icr_is_taken_at_once(machine):
     _load(machine, ENTRY, code)
     _load(machine, HANDLERS + 16 * 2, bytes.fromhex("b002e6f4" "ebfe"))   # NMI: mov al, 2 ; out 0xf4, al
     assert machine.run() == (2 << 1) | 1
+
+
+def test_iomem_window_is_memory_of_any_width_and_saved(tmachine):
+    """QEMU's pc-testdev memory at 0xFF000000 (kvm-unit-tests' IORAM_BASE_PHYS):
+    what a write of any width stored, a read of any width returns."""
+    base, mem = tmachine.mmio.lookup(0xFF000000)
+    assert base == 0xFF000000
+    mem.mmio_write(0x10, 8, 0x0123456789ABCDEF)
+    assert mem.mmio_read(0x10, 4) == 0x89ABCDEF
+    assert mem.mmio_read(0x13, 2) == 0x6789
+    mem.mmio_write(0xFFFF, 2, 0xBEEF)                 # the byte past the end is dropped
+    assert mem.mmio_read(0xFFFF, 1) == 0xEF
+    _, dev = port(tmachine, 0xE0)
+    rec = dev.save_record()
+    mem.mmio_write(0x10, 8, 0)
+    dev.apply_record(dev.check_record(rec))
+    assert mem.mmio_read(0x10, 8) == 0x0123456789ABCDEF
+
+
+def test_guest_moves_data_through_the_iomem_window(tmachine):
+    """A guest stores to 0xFF000000 and loads back through MMIO exits, then exits with the byte."""
+    _protected_with_idt(tmachine)
+    code = (bytes.fromhex("c705000000ff78563412")      # mov dword [0xff000000], 0x12345678
+            + bytes.fromhex("a0020000ff")              # mov al, [0xff000002]  (0x34)
+            + bytes.fromhex("e6f4" "ebfe"))            # out 0xf4, al ; jmp $
+    _load(tmachine, ENTRY, code)
+    assert tmachine.run() == ((0x34 << 1) | 1) & 0xFF

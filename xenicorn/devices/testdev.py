@@ -22,21 +22,24 @@ ports 0x2000+n  interrupt line n, n < 24: a byte write sets ISA IRQ n high
                 line an ISA device does, so the level reaches 8259 input n
                 and IOAPIC pin n (IRQ 0: pin 2); the ioapic test toggles IRQ
                 14 this way to test edge and level delivery
+0xFF000000      64 KiB of scratch memory behind MMIO exits (the suite's
+                IORAM_BASE_PHYS): the emulator test maps it and runs
+                instructions on it, which a hypervisor must emulate
 ==============  ==============================================================
 
 QEMU's ISA bus has 16 IRQs and asserts on lines 16-23 (``isa_get_irq``);
 here a write to those ports is ignored, as is a line write wider than a byte
-(QEMU's ``valid.max_access_size = 1`` refuses it). The 64 KiB scratch memory
-QEMU maps at 0xFF000000 is not modelled: no x86 test of the suite uses it.
+(QEMU's ``valid.max_access_size = 1`` refuses it).
 """
 from __future__ import annotations
 
-from ..records import integer, field, make_record, open_record
+from ..records import blob, integer, field, make_record, open_record
 
 DATA_PORT = 0xE0            # 4 ports: the scratch register
 FLUSH_PORT = 0xE4           # 4 ports: flush page (a no-op for the guest)
 IRQ_PORT = 0x2000           # 24 ports: interrupt line n at IRQ_PORT + n
 IRQ_LINES = 24
+IOMEM_BASE, IOMEM_SIZE = 0xFF000000, 0x10000
 ISA_IRQS = 16
 
 
@@ -46,9 +49,11 @@ class PcTestdev:
     def __init__(self, isa_irq: list):
         self.isa_irq = isa_irq         # the machine's ISA IRQ lines 0-15
         self.data = 0                  # the 32-bit scratch register
+        self.iomem = _IoMem()          # the 64 KiB at IOMEM_BASE
 
-    def attach(self, register_pio) -> None:
-        """Claim the device's ports on the machine's I/O bus."""
+    def attach(self, register_pio, register_mmio) -> None:
+        """Claim the device's ports and its memory window."""
+        register_mmio(IOMEM_BASE, IOMEM_SIZE, self.iomem)
         register_pio(DATA_PORT, 4, self)
         register_pio(FLUSH_PORT, 4, _FlushPage())
         register_pio(IRQ_PORT, IRQ_LINES, _IrqLines(self.isa_irq))
@@ -65,13 +70,29 @@ class PcTestdev:
     RECORD = ("pc-testdev", 1)
 
     def save_record(self) -> dict:
-        return make_record(*self.RECORD, {"data": self.data})
+        return make_record(*self.RECORD, {"data": self.data}, {"iomem": bytes(self.iomem.buf)})
 
-    def check_record(self, record: dict) -> int:
-        return integer(field(open_record(record, *self.RECORD), "data"), "pc-testdev data", 0, 0xFFFFFFFF)
+    def check_record(self, record: dict) -> tuple[int, bytes]:
+        data = integer(field(open_record(record, *self.RECORD), "data"), "pc-testdev data", 0, 0xFFFFFFFF)
+        return data, blob(record, "iomem", IOMEM_SIZE)
 
-    def apply_record(self, prepared: int) -> None:
-        self.data = prepared
+    def apply_record(self, prepared: tuple[int, bytes]) -> None:
+        self.data, mem = prepared
+        self.iomem.buf[:] = mem
+
+
+class _IoMem:
+    """0xFF000000: plain memory, little-endian, any width, every access an exit."""
+
+    def __init__(self):
+        self.buf = bytearray(IOMEM_SIZE)
+
+    def mmio_read(self, offset: int, size: int) -> int:
+        return int.from_bytes(self.buf[offset:offset + size].ljust(size, b"\0"), "little")
+
+    def mmio_write(self, offset: int, size: int, value: int) -> None:
+        end = min(offset + size, IOMEM_SIZE)
+        self.buf[offset:end] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")[:end - offset]
 
 
 class _FlushPage:
