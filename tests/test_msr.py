@@ -15,7 +15,6 @@ GUEST = (bytes.fromhex("b900000040" "b800503400" "ba12000000" "0f30" "0f32"
 
 
 def test_closed_window_lets_unicorn_drop_the_msr(machine):
-    machine.vcpu.msr.close("kernel-start")               # open from power-on (IA32_APIC_BASE)
     assert not machine.vcpu.msr.is_open
     seen = []
     machine.msr_handlers[0x40000000] = lambda vcpu, ex: seen.append(ex)
@@ -50,7 +49,6 @@ def test_open_window_traps_write_and_read_of_the_xen_msr(machine):
 
 
 def test_closing_the_window_stops_the_exits(machine):
-    machine.vcpu.msr.close("kernel-start")               # the power-on interest (IA32_APIC_BASE)
     machine.vcpu.msr.open("a")
     machine.vcpu.msr.open("b")
     machine.vcpu.msr.close("a")
@@ -164,7 +162,7 @@ def test_apic_base_msr_reads_the_enabled_xapic_page_and_bsp_flag(machine, monkey
         return E.Action.CONTINUE
     monkeypatch.setattr(machine.dispatch, "deliver", spy)
     load(machine, APIC_BASE_GUEST)
-    assert "kernel-start" in machine.vcpu.msr.interests       # open from power-on
+    machine.open_kernel_start_window()                        # as boot() does for multiboot and linux
     assert machine.run() == 0
     assert machine.memory.read_u32(0x2000) == 0xFEE00000 | (1 << 11) | (1 << 8)
     assert machine.memory.read_u32(0x2004) == 0
@@ -179,7 +177,6 @@ def test_apic_base_msr_has_no_bsp_flag_on_an_ap_and_keeps_writes_of_its_value():
         ex = E.Msr(0x100000, 0x1B, False, 0)
         m.dispatch._apic_base(m.vcpus[1], ex)
         assert ex.value == 0xFEE00000 | (1 << 11)
-        assert "kernel-start" in m.vcpus[1].msr.interests
         ok = E.Msr(0x100000, 0x1B, True, 0xFEE00000 | (1 << 11) | (1 << 8))
         assert m.dispatch._apic_base(m.vcpu, ok) is E.Action.CONTINUE
     finally:
@@ -189,6 +186,27 @@ def test_apic_base_msr_has_no_bsp_flag_on_an_ap_and_keeps_writes_of_its_value():
 def test_the_kernel_start_window_closes_at_the_first_syscall(machine, monkeypatch):
     from xenicorn.x86 import syscall
     monkeypatch.setattr(syscall, "do_syscall", lambda vcpu: None)
-    assert machine.vcpu.msr.is_open
+    machine.open_kernel_start_window()
+    assert machine.vcpu.msr.interests == {"kernel-start"}
     machine.dispatch._syscall(machine.vcpu, E.Syscall(0x100000, "syscall"))
     assert not machine.vcpu.msr.is_open
+
+
+def test_only_firmware_started_kernels_get_the_window_from_power_on(tmp_path):
+    """multiboot (and the Linux boot protocol) open it; a PVH guest does not
+    (Xen's CPUID leaf opens the window it needs, and closes it)."""
+    from xenicorn import firmware
+    from xenicorn.boot import boot
+    from xenicorn.devices.console import ConsoleSink
+    from xenicorn.machine.machine import MachineConfig
+    pvh, _ = boot(MachineConfig(ram_mib=16, debugcon="none"), firmware.find("hello64"), console=ConsoleSink(None))
+    try:
+        assert not pvh.vcpu.msr.is_open
+    finally:
+        pvh.close()
+    mb, _ = boot(MachineConfig(ram_mib=16, debugcon="none"), firmware.find("mboot32"), console=ConsoleSink(None),
+                 protocol="multiboot")
+    try:
+        assert mb.vcpu.msr.interests == {"kernel-start"}
+    finally:
+        mb.close()

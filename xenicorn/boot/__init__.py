@@ -66,6 +66,8 @@ def boot(config: MachineConfig, kernel_path: str, *, initrd: str | None = None,
         protocol = choose_protocol(kernel_path, load_addr)
     machine = Machine(config, console=console)
     machine.boot_protocol = protocol
+    if protocol in ("multiboot", "linux"):
+        machine.open_kernel_start_window()         # IA32_APIC_BASE is read early (Machine's docstring)
     if protocol == "multiboot":
         from . import mptable, multiboot
         mptable.write(machine)                     # a PC's firmware tables, as for an HVM Linux

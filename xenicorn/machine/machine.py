@@ -129,13 +129,10 @@ class Machine(XenHostServices):
             # RDTSC reads the host TSC in Unicorn; trap it so guest time repeats.
             for vcpu in self.vcpus:
                 vcpu.msr.intercept_rdtsc()
-        # IA32_APIC_BASE, which Unicorn answers 0 ("APIC disabled"): a kernel
-        # reads it as it starts, so the MSR window is open for it from power-on
-        # until user mode begins (closed with ARCH_CAPABILITIES' interest at the
-        # first SYSCALL, machine/dispatch.py): Linux runs with it closed.
+        # IA32_APIC_BASE, which Unicorn answers 0 ("APIC disabled"), is
+        # answered whenever the MSR window is open (open_kernel_start_window)
         for vcpu in self.vcpus:
             vcpu.msr.watch(MSR_IA32_APICBASE)
-            vcpu.msr.open(KERNEL_START_INTEREST)
         emit_irq = (lambda text: self.tracer.emit("irq", text)) if self.tracer.on("irq") else None
         self.wiring = w = InterruptWiring(self.clock, kick=self.kick, pci_irqs=cfg.pci_irqs, trace=emit_irq,
                                           cpus=cfg.smp, lapic_notify=self._lapic_notify,
@@ -158,6 +155,15 @@ class Machine(XenHostServices):
             from ..xen.platform import XenPlatform, XenConfig
             self.xen = XenPlatform(self, XenConfig(version=cfg.xen_version, gnttab_max_frames=cfg.gnttab_max_frames),
                                    callback_deassert=cfg.callback_deassert)
+
+    def open_kernel_start_window(self) -> None:
+        """Open every vCPU's MSR window from power-on, for a kernel that a PC's
+        firmware started (multiboot, the Linux boot protocol): it reads
+        IA32_APIC_BASE before anything else opens the window. It closes with
+        ARCH_CAPABILITIES' interest at the first SYSCALL (machine/dispatch.py),
+        so Linux runs with it closed; PVH guests find Xen's window instead."""
+        for vcpu in self.vcpus:
+            vcpu.msr.open(KERNEL_START_INTEREST)
 
     # -- parts, by the names tests and tools use ---------------------------------------
     @property
