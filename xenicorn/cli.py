@@ -109,6 +109,9 @@ def _run_options(r: argparse.ArgumentParser) -> None:
                    help="how Xen's level-triggered callback (GSI, PCI INTx) drops: poll vCPU0's "
                         "upcall_pending at every block while asserted (as Xen and QEMU), or "
                         "resample it when the guest EOIs the interrupt")
+    r.add_argument("--no-evtchn-fifo", dest="evtchn_fifo", action="store_false",
+                   help="offer only the 2-level event-channel ABI: the FIFO ops (init_control, "
+                        "expand_array, set_priority) answer -ENOSYS, as under QEMU")
     r.add_argument("--pci-irqs", choices=("isa", "apic"), default=MachineConfig.pci_irqs,
                    help="PCI interrupt routing the ACPI _PRT describes: apic (default) gives PIRQ n "
                         "IOAPIC input 16+n (Linux asks for the xen-platform device's PCI INTx); isa "
@@ -197,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
     config.clock = args.clock
     config.xen_version = (major, minor)
     config.callback_deassert = args.callback_deassert
+    config.evtchn_fifo = args.evtchn_fifo
     config.pci_irqs = args.pci_irqs
     config.qmp = args.qmp
     _gdb_options(args, config)

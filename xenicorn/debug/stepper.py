@@ -62,10 +62,11 @@ def interrupt_state(machine) -> dict:
     s["cpu.IF"] = int(bool(vcpu.reg("rflags") & RFLAGS_IF))
     xen = machine.xen
     if xen is not None:
-        si = xen.shared_info()
         ports = sorted(xen.evtchn.ports)
-        s["evtchn.pending"] = [p for p in ports if si is not None and si.pending(p)]
-        s["evtchn.masked"] = [p for p in ports if si is not None and si.masked(p)]
+        s["evtchn.pending"] = [p for p in ports if xen.evtchn.is_pending(p)]
+        s["evtchn.masked"] = [p for p in ports if xen.evtchn.is_masked(p)]
+        if xen.evtchn.fifo:                                 # the FIFO ABI: vCPU 0's ready queues
+            s["evtchn.fifo.ready"] = xen.evtchn.abi.ready(0)
         info = xen.vcpu_info(0)
         if info is not None:
             s["vcpu0.upcall_pending"] = info.upcall_pending

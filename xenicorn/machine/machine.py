@@ -57,6 +57,7 @@ class MachineConfig:
     ns_per_insn: float = 1.0             # deterministic time: guest ns per instruction
     xen: bool = True                     # the Xen HVM platform (CPUID leaves, hypercalls)
     callback_deassert: str = "poll"      # poll | eoi: how Xen's level callback line drops
+    evtchn_fifo: bool = True             # offer the FIFO event-channel ABI (--no-evtchn-fifo: -ENOSYS, as QEMU)
     # apic: PIRQ n is wired to IOAPIC input 16+n, as on QEMU's q35, and to the
     # 8259 input the PIIX3 routes it to (the firmware sets 10,10,11,11) for an OS
     # in 8259 mode; isa: that ISA IRQ is the only way in, to the 8259 and IOAPIC
@@ -146,7 +147,8 @@ class Machine(XenHostServices):
             attach_from_config(self)
         if cfg.xen:
             from ..xen.platform import XenPlatform, XenConfig
-            self.xen = XenPlatform(self, XenConfig(version=cfg.xen_version, gnttab_max_frames=cfg.gnttab_max_frames),
+            self.xen = XenPlatform(self, XenConfig(version=cfg.xen_version, gnttab_max_frames=cfg.gnttab_max_frames,
+                                                       evtchn_fifo=cfg.evtchn_fifo),
                                    callback_deassert=cfg.callback_deassert)
 
     # -- parts, by the names tests and tools use ---------------------------------------

@@ -54,6 +54,7 @@ class XenConfig:
     domid: int = 1                         # the emulator itself plays domain 0
     handle: bytes = bytes(range(16))       # xen_domain_handle_t (a UUID)
     gnttab_max_frames: int = 64            # like QEMU's xen-gnttab-max-frames
+    evtchn_fifo: bool = True               # offer the FIFO event-channel ABI (QEMU does not)
 
 
 @dataclass
@@ -116,7 +117,7 @@ class XenPlatform:
         self.time_base: tuple[int, int, int, int] | None = (
             (0, 0, *pvclock.scale_for(self.tsc.hz())) if host.clock.deterministic else None)
         self.watchdog_timers: dict = {}
-        self.evtchn = EventChannels(self)
+        self.evtchn = EventChannels(self, fifo=self.config.evtchn_fifo)
         self.physdev = Physdev(self)
         self.gnttab = GrantTable(self)
         self.callback = Callback(self, callback_deassert)
@@ -521,8 +522,7 @@ class XenPlatform:
         self.host.idle(vcpu, "SCHEDOP_block")
 
     def port_pending(self, port: int) -> bool:
-        si = self.shared_info()
-        return si is not None and 0 < port < si.layout.nr_ports and si.pending(port)
+        return 0 < port < self.evtchn.nr_ports and self.evtchn.is_pending(port)
 
     def wakes(self, vcpu) -> bool:
         """Does a blocked or polling vCPU have a reason to run again?"""
