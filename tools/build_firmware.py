@@ -49,6 +49,8 @@ KERNELS: dict[str, tuple[int, list[str], bool]] = {
     "hcbench64": (64, ["hcbench/hcbench.c"], True),
     "evtchn32": (32, ["evtchn/evtchn.c"], True),
     "evtchn64": (64, ["evtchn/evtchn.c"], True),
+    "fifo32": (32, ["fifo/fifo.c"], True),
+    "fifo64": (64, ["fifo/fifo.c"], True),
     "xenstore32": (32, ["xenstore/xenstore.c"], True),
     "xenstore64": (64, ["xenstore/xenstore.c"], True),
     "tickbench32": (32, ["tickbench/tickbench.c"], True),

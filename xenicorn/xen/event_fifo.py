@@ -300,8 +300,9 @@ class FifoRecord:
         if not isinstance(f, Fifo):
             return make_record(*self.RECORD, {"fifo": False})
         return make_record(*self.RECORD, {
-            "fifo": True, "control": sorted(f.control.items()), "pages": list(f.pages),
-            "priority": sorted(f.priority.items()), "lastq": sorted([p, *q] for p, q in f.lastq.items()),
+            "fifo": True, "control": [list(x) for x in sorted(f.control.items())], "pages": list(f.pages),
+            "priority": [list(x) for x in sorted(f.priority.items())],
+            "lastq": sorted([p, *q] for p, q in f.lastq.items()),
             "tails": sorted([*q, p] for q, p in f.tails.items()), "held": sorted(f.held)})
 
     def check_record(self, record: dict):
