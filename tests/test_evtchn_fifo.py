@@ -208,3 +208,18 @@ def test_fifo_kernel_round_trips_through_snapshots(tmp_path):
     for m, snap in round_trips(tmp_path, "fifo64", "via=gsi"):
         seen_fifo += isinstance(m.xen.evtchn.abi, Fifo) and snap.state["xen.evtchn-fifo"]["state"]["fifo"]
     assert seen_fifo >= 3
+
+
+def test_the_interrupt_watcher_sees_the_fifo_queues():
+    """The stepper's state has vCPU 0's ready word once the FIFO ABI is on; events name their queue."""
+    from xenicorn.debug import stepper as S
+    cfg = MachineConfig(cmdline="via=gsi", debugcon="none", observe=set(S.OBSERVED))
+    machine, _ = boot(cfg, firmware.find("fifo64"), console=ConsoleSink(None))
+    events = []
+    S.watcher_of(machine).sinks.append(events.append)
+    assert machine.run() == 0
+    texts = [e.text for e in events]
+    assert "switched to the FIFO ABI" in texts and "back to the 2-level ABI" in texts
+    queued = [e for e in events if e.kind == "evtchn-pending" and "(queue 2)" in e.text]
+    assert queued and any("evtchn.fifo.ready" in e.diff for e in events)
+    assert S.interrupt_state(machine)["evtchn.fifo.ready"] == 1 << 5

@@ -4,7 +4,9 @@ An interrupt on a Xen HVM guest crosses many pieces of state before the
 guest's handler runs, and each piece is a place where a bug hides:
 
 1. Xen sets a port's bit in ``shared_info.evtchn_pending``, its word's bit in
-   the vCPU's ``evtchn_pending_sel`` and ``evtchn_upcall_pending`` (guest RAM).
+   the vCPU's ``evtchn_pending_sel`` and ``evtchn_upcall_pending`` (guest RAM)
+   -- or, with the FIFO ABI, the port's event word, a queue's head or link
+   and the control block's ``ready`` bit, then ``evtchn_upcall_pending``.
 2. The callback via turns that into an interrupt: a vector injected directly,
    or a *level* line (the callback GSI or PCI INTx) raised at the IOAPIC pin
    and, below 16, the 8259 input.
