@@ -369,7 +369,7 @@ def check_common_boot(machine, text: str, abi: str = "FIFO") -> None:
     """What every callback path shares: Xen found, HVM not PVH, PC firmware tables, a clean power-off.
 
     ``abi``: the event-channel ABI Linux took -- FIFO when Xen offers it
-    (its default), 2-level with ``xen_fifo_events=0``.
+    (its default), 2-level with ``xen.fifo_events=0``.
     """
     assert machine.shutdown_reason == "poweroff" and machine.status == 0, (
         f"{machine.shutdown_reason}: {machine.shutdown_message}\n" + "\n".join(machine.crash_report())
@@ -466,8 +466,9 @@ def test_debian_kernel_reaches_userspace_through_the_platform_pci_interrupt(tmp_
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_debian_kernel_with_fifo_events_off_takes_the_2_level_abi(tmp_path):
-    """``xen_fifo_events=0``: Linux never calls init_control, and the 2-level ABI carries every event."""
-    machine, text = boot_debian(tmp_path, append="xen_fifo_events=0")
+    """``xen.fifo_events=0`` (events_base.c's module parameter, prefix "xen."): Linux never calls
+    init_control, and the 2-level ABI carries every event."""
+    machine, text = boot_debian(tmp_path, append="xen.fifo_events=0")
     check_common_boot(machine, text, abi="2-level")
     assert "Using FIFO-based ABI" not in text
     assert machine.xen.callback.stats["vectors"] > 0
