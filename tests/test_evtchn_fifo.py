@@ -61,6 +61,8 @@ def test_fifo_kernel_passes_and_leaves_the_queues_xen_would(bits, via, mode):
     assert machine.xen.vcpu_info(0).upcall_pending == 1          # the last event waits for IRQs on
     rows = {e["port"]: e for e in ev.event_list()}
     assert rows[p3]["priority"] == 3 and rows[queued]["linked"] and not rows[masked]["linked"]
+    ev.event_inject(p3)                                           # QMP's xen-event-inject, on a FIFO port
+    assert fifo.queue(0, 3) == [p3] and fifo.ready(0) == 1 << 3 | 1 << 5
     assert "switched to the FIFO ABI" in [s[1] for s in steps] and "back to the 2-level ABI" in [s[1] for s in steps]
     cb = machine.xen.callback
     if via not in LEVEL_VIAS:

@@ -137,7 +137,7 @@ class BackendPort:
 
 
 class EventChannels:
-    """The guest domain's port table and the 2-level delivery logic."""
+    """The guest domain's port table; delivery goes through ``abi``, the 2-level or the FIFO port operations."""
 
     def __init__(self, xen, fifo: bool = True):
         self.xen = xen
