@@ -84,6 +84,21 @@ def test_fifo_kernel_passes_and_leaves_the_queues_xen_would(bits, via, mode):
         assert cb.stats["polls"] == 0
 
 
+@pytest.mark.parametrize("bits", [32, 64])
+def test_each_vcpu_has_its_own_control_block_and_queues(bits):
+    machine, kernel, status, text, _ = run(f"fifo{bits}", "gsi", smp=2)
+    assert status == 0 and text.rstrip().endswith("Test result: SUCCESS") and "FAIL" not in text, text
+    port = int(re.search(r"vcpu1 port=(\d+)", text).group(1))
+    fifo = machine.xen.evtchn.abi
+    page = kernel.symbols["control_pages"]
+    assert fifo.control == {0: page + 4096 + 4096 - 72, 1: page + 0x800}
+    assert fifo.queue(1, 7) == [port] and fifo.ready(1) == 1 << 7 and fifo.ready(0) == 1 << 5
+    assert machine.xen.evtchn.ports[port].vcpu == 1 and machine.xen.vcpu_info(1).upcall_pending == 1
+    # the GSI via serves vCPU 0 only (hvm_assert_evtchn_irq): vCPU 1's upcall raised the line no more
+    one = run(f"fifo{bits}", "gsi")[0]
+    assert machine.xen.callback.stats["asserts"] == one.xen.callback.stats["asserts"] >= 6
+
+
 def test_without_the_fifo_abi_the_ops_are_enosys_as_under_qemu():
     machine, _, _, text, _ = run("fifo64", "vector", evtchn_fifo=False)
     assert "FAIL init_control(vCPU 7) = -38 (expected -2)" in text

@@ -21,7 +21,9 @@
  *  6. EVTCHNOP_reset goes back to 2-level (which works), init_control again
  *     starts FIFO afresh;
  *  7. the state left for the test to inspect: a port at priority 3, a masked
- *     pending port, and an event queued at priority 5 with interrupts off.
+ *     pending port, and an event queued at priority 5 with interrupts off;
+ *  8. with -smp 2, vCPU 1's control block (same page, offset 0x800) and an
+ *     IPI queued there (vCPU 1 itself is never started).
  * Facts: xen/include/public/event_channel.h, xen/common/event_fifo.c. */
 #include "../lib/kernel.h"
 #include "../lib/xen.h"
@@ -392,6 +394,21 @@ void kmain(void) {
     __asm__ volatile("cli");
     send(z);
     check(cb->ready == 1u << 5 && cb->head[5] == z, "port %u queued at priority 5", z);
+
+    /* 8. with a second vCPU (-smp 2; it need not run): its own control block and queues */
+    if (HYPERVISOR3(vcpu_op, 3, 1, 0) >= 0) {                  /* VCPUOP_is_up: vCPU 1 exists */
+        volatile struct control_block *cb1 = (volatile struct control_block *)(control_pages[0] + 0x800);
+        volatile struct vcpu_info *vi1 = (volatile struct vcpu_info *)(shared_page + 64);
+        EXPECT(init_control(pfn(control_pages[0]), 0x800, 1, 0), 0, "init_control(vCPU 1)");
+        struct evtchn_bind_ipi b1 = { 1, 0 };
+        EXPECT(EVTCHN(EVTCHNOP_bind_ipi, &b1), 0, "bind_ipi(vCPU 1)");
+        before = upcalls;
+        send(b1.port);
+        check(cb1->ready == 1u << 7 && cb1->head[7] == b1.port && vi1->evtchn_upcall_pending,
+              "port %u queued on vCPU 1's queue 7, its upcall pending", b1.port);
+        check(cb->ready == 1u << 5 && upcalls == before, "vCPU 0's queues untouched");
+        printf("vcpu1 port=%u\n", b1.port);
+    }
     printf("ports p3=%u masked=%u queued=%u\n", p3, m, z);
     printf("upcalls %u, empty %u\n", upcalls, empty_upcalls);
 }
