@@ -240,3 +240,43 @@ def test_the_interrupt_watcher_sees_the_fifo_queues():
     queued = [e for e in events if e.kind == "evtchn-pending" and "(queue 2)" in e.text]
     assert queued and any("evtchn.fifo.ready" in e.diff for e in events)
     assert S.interrupt_state(machine)["evtchn.fifo.ready"] == 1 << 5
+
+
+def test_hostile_fifo_guests_get_errnos_and_never_a_traceback(xen):
+    """Random FIFO ops with random arguments, and a guest scribbling over its own event words and control
+    block (LINK cycles, bits Xen owns): every op answers 0 or a Xen errno, and the queues stay walkable."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    m = xen
+    map_shared(m)
+    set_via(m, 2 << 56 | 0xF3)
+    ops = st.one_of(
+        st.tuples(st.just(11), st.sampled_from(["<QII8x"]), st.tuples(
+            st.sampled_from([CB >> 12, ARRAY >> 12, 0, 1 << 40, (1 << 64) - 1]),
+            st.sampled_from([0, 8, 4, 4024, 4032, 0xFFFFFFFF]), st.integers(0, 3))),
+        st.tuples(st.just(12), st.just("<Q"), st.tuples(st.sampled_from([ARRAY >> 12, (ARRAY >> 12) + 1, CB >> 12,
+                                                                          1 << 40]))),
+        st.tuples(st.just(13), st.just("<II"), st.tuples(st.integers(0, 2000), st.integers(0, 20))),
+        st.tuples(st.sampled_from([3, 4, 9]), st.just("<I"), st.tuples(st.integers(0, 2000))),
+        st.tuples(st.just(7), st.just("<II"), st.tuples(st.integers(0, 1), st.just(0))),
+        st.tuples(st.just("word"), st.integers(0, 1100), st.integers(0, (1 << 32) - 1)),
+        st.tuples(st.just("cb"), st.integers(0, 17), st.integers(0, (1 << 32) - 1)))
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(ops, max_size=30))
+    def check(seq):
+        for item in seq:
+            if item[0] == "word":
+                m.memory.write_u32(ARRAY + 4 * (item[1] % 2048), item[2])
+            elif item[0] == "cb":
+                m.memory.write_u32(CB + 4 * item[1], item[2])
+            else:
+                cmd, fmt, fields = item
+                r = op(m, cmd, fmt, *fields)
+                assert r == 0 or -r in errno.NAMES, (cmd, fields, r)
+        ev = m.xen.evtchn
+        if isinstance(ev.abi, Fifo):
+            for vcpu in ev.abi.control:
+                for q in range(16):
+                    assert len(ev.abi.queue(vcpu, q)) <= 1 << 17
+        ev.event_list()
+    check()
