@@ -108,6 +108,13 @@ def test_without_the_fifo_abi_the_ops_are_enosys_as_under_qemu():
     assert isinstance(machine.xen.evtchn.abi, TwoLevel) and machine.xen.evtchn.nr_ports == 4096
 
 
+def test_cli_event_list_shows_fifo_priorities(capsys):
+    from xenicorn.cli import main
+    assert main(["run", "fifo64", "--append", "via=vector", "--xen-event-list"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if re.match(r"\s+\d+ ipi ", line)]
+    assert ["priority", "3"] == rows[0][-2:] and ["priority", "5", "linked"] == rows[2][-3:], rows
+
+
 def test_cli_no_evtchn_fifo(capsys):
     from xenicorn.cli import main
     main(["run", "fifo64", "--append", "via=vector", "--no-evtchn-fifo"])

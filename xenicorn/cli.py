@@ -412,8 +412,9 @@ def _print_events(machine) -> None:
         return
     print(f"{'port':>5s} {'type':12s} {'vcpu':>4s} {'remote':>6s} {'target':>6s} pending masked")
     for e in machine.xen.evtchn.event_list():
+        fifo = f" priority {e['priority']}{' linked' if e['linked'] else ''}" if "priority" in e else ""
         print(f"{e['port']:5d} {e['type']:12s} {e['vcpu']:4d} {e['remote-domain']:>6s} {e['target']:6d} "
-              f"{'yes' if e['pending'] else 'no':7s} {'yes' if e['masked'] else 'no'}")
+              f"{'yes' if e['pending'] else 'no':7s} {'yes' if e['masked'] else 'no':6s}{fifo}".rstrip())
 
 
 def main(argv: list[str] | None = None) -> int:
