@@ -15,7 +15,7 @@ from xenicorn.devices.console import ConsoleSink
 from xenicorn.machine.machine import MachineConfig
 from xenicorn.xen import errno
 from xenicorn.xen.event_2l import TwoLevel
-from xenicorn.xen.event_fifo import LINKED, MASKED, PENDING, Fifo, FifoRecord
+from xenicorn.xen.event_fifo import LINKED, MASKED, PENDING, Fifo
 from xenicorn.records import RecordError
 
 from test_evtchn import BUF, ipi, map_shared, op, set_via
@@ -206,31 +206,36 @@ def test_reset_goes_back_to_2_level(xen):
     assert op(xen, 4, "<I", p) == 0 and si.pending(p)
 
 
-def test_the_fifo_record_round_trips_and_refuses_what_xen_cannot_make(xen):
+def test_the_fifo_state_round_trips_and_what_xen_cannot_make_is_refused(xen):
     start(xen)
     ev = xen.xen.evtchn
     p = ipi(xen)
     assert op(xen, 13, "<II", p, 2) == 0 and op(xen, 4, "<I", p) == 0
-    rec = FifoRecord(ev).save_record()
+    rec = ev.save_record()
+    assert rec["state"]["fifo"]["priority"] == [[p, 2]]
     ev.abi = TwoLevel(ev)
-    FifoRecord(ev).apply_record(FifoRecord(ev).check_record(rec))
+    ev.apply_record(ev.check_record(rec))
     assert ev.abi.priority == {p: 2} and ev.abi.queue(0, 2) == [p] and ev.abi.pages == [ARRAY >> 12]
-    assert FifoRecord(ev).save_record() == rec
+    assert ev.save_record() == rec
+    fifo = rec["state"]["fifo"]
     for key, value, words in [("control", [[0, CB + 4]], "control block"), ("control", [[3, CB]], "out of range"),
                               ("control", [], "without a control block"), ("pages", [1 << 40], "not RAM"),
                               ("priority", [[p, 16]], "priority 16"), ("tails", [[0, 2, 1 << 17]], "port")]:
-        bad = {**rec, "state": {**rec["state"], key: value}}
+        bad = {**rec, "state": {**rec["state"], "fifo": {**fifo, key: value}}}
         with pytest.raises(RecordError, match=words):
-            FifoRecord(ev).check_record(bad)
-    with pytest.raises(RecordError, match="2-level ABI with FIFO state"):
-        FifoRecord(ev).check_record({**rec, "state": {"fifo": False, "pages": []}})
+            ev.check_record(bad)
+    # a port beyond 4095 is one only the FIFO ABI has
+    big = {**rec, "state": {**rec["state"], "ports": rec["state"]["ports"] + [[5000, rec["state"]["ports"][-1][1]]]}}
+    ev.check_record(big)
+    with pytest.raises(RecordError, match="5000"):
+        ev.check_record({**big, "state": {**big["state"], "fifo": None}})
 
 
 def test_fifo_kernel_round_trips_through_snapshots(tmp_path):
     from test_snapshot import round_trips
     seen_fifo = 0
     for m, snap in round_trips(tmp_path, "fifo64", "via=gsi"):
-        seen_fifo += isinstance(m.xen.evtchn.abi, Fifo) and snap.state["xen.evtchn-fifo"]["state"]["fifo"]
+        seen_fifo += isinstance(m.xen.evtchn.abi, Fifo) and snap.state["xen.evtchn"]["state"]["fifo"] is not None
     assert seen_fifo >= 3
 
 

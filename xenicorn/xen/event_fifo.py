@@ -57,7 +57,7 @@ FIFO ops answer -ENOSYS, as under QEMU.
 """
 from __future__ import annotations
 
-from ..records import RecordError, flag, integer, listing, make_record, open_record
+from ..records import RecordError, integer, listing
 from . import errno
 from .guest import HypercallError
 
@@ -287,70 +287,62 @@ def set_priority(channels, call, arg: int) -> int:
     return 0
 
 
-class FifoRecord:
-    """The snapshot record of the FIFO state Xen keeps outside guest memory (``xen.evtchn-fifo``)."""
+# -- snapshots: the part of the ``xen.evtchn`` record (xenicorn.xen.evtchn) that is FIFO state ----------
+def save_state(abi) -> dict | None:
+    """What Xen keeps outside guest memory for the FIFO ABI; None under the 2-level ABI."""
+    if not isinstance(abi, Fifo):
+        return None
+    return {"control": [list(x) for x in sorted(abi.control.items())], "pages": list(abi.pages),
+            "priority": [list(x) for x in sorted(abi.priority.items())],
+            "lastq": sorted([p, *q] for p, q in abi.lastq.items()),
+            "tails": sorted([*q, p] for q, p in abi.tails.items()), "held": sorted(abi.held)}
 
-    RECORD = ("xen-evtchn-fifo", 1)
 
-    def __init__(self, channels):
-        self.channels = channels
+def check_state(st, xen):
+    """State init_control, expand_array and set_priority could have made: control blocks of this domain's
+    vCPUs, 8-byte aligned within their page, in RAM; at most 128 array pages, in RAM; priorities 0-15;
+    ports below 2^17. None (the 2-level ABI) passes through."""
+    if st is None:
+        return None
+    if not isinstance(st, dict):
+        raise RecordError("FIFO state is not an object")
+    mem, nvcpus = xen.host.memory, len(xen.host.vcpus)
 
-    def save_record(self) -> dict:
-        f = self.channels.abi
-        if not isinstance(f, Fifo):
-            return make_record(*self.RECORD, {"fifo": False})
-        return make_record(*self.RECORD, {
-            "fifo": True, "control": [list(x) for x in sorted(f.control.items())], "pages": list(f.pages),
-            "priority": [list(x) for x in sorted(f.priority.items())],
-            "lastq": sorted([p, *q] for p, q in f.lastq.items()),
-            "tails": sorted([*q, p] for q, p in f.tails.items()), "held": sorted(f.held)})
+    def rows(key: str, n: int, most: int) -> list[list[int]]:
+        out = []
+        for item in listing(st, key, most):
+            if not isinstance(item, list) or len(item) != n:
+                raise RecordError(f"FIFO {key} entry {item!r}")
+            out.append(item)
+        return out
+    control = {}
+    for vcpu, gpa in rows("control", 2, nvcpus):
+        vcpu, gpa = integer(vcpu, "FIFO vCPU", 0, nvcpus - 1), integer(gpa, "control block")
+        if vcpu in control or gpa % PAGE > PAGE - CONTROL_BLOCK_SIZE or gpa & 7 \
+                or not mem.is_ram(gpa, CONTROL_BLOCK_SIZE):
+            raise RecordError(f"vCPU {vcpu}'s FIFO control block at {gpa:#x}")
+        control[vcpu] = gpa
+    if not control:
+        raise RecordError("FIFO ABI without a control block")
+    pages = [integer(g, "event array frame") for g in listing(st, "pages", MAX_ARRAY_PAGES)]
+    if not all(mem.is_ram(g * PAGE, PAGE) for g in pages):
+        raise RecordError("an event array page is not RAM")
+    port = lambda v: integer(v, "FIFO port", 0, NR_CHANNELS - 1)        # noqa: E731
+    prio = lambda v: integer(v, "FIFO priority", 0, PRIORITY_MIN)       # noqa: E731
+    vc = lambda v: integer(v, "FIFO vCPU", 0, nvcpus - 1)               # noqa: E731
+    priority = {port(p): prio(q) for p, q in rows("priority", 2, NR_CHANNELS)}
+    lastq = {port(p): (vc(v), prio(q)) for p, v, q in rows("lastq", 3, NR_CHANNELS)}
+    tails = {(vc(v), prio(q)): port(p) for v, q, p in rows("tails", 3, nvcpus * NR_QUEUES)}
+    held = {port(p) for p in listing(st, "held", NR_CHANNELS)}
+    return control, pages, priority, lastq, tails, held
 
-    def check_record(self, record: dict):
-        """State init_control, expand_array and set_priority could have made: control blocks of this
-        domain's vCPUs, 8-byte aligned within their page, in RAM; at most 128 array pages, in RAM;
-        priorities 0-15; ports below 2^17."""
-        st = open_record(record, *self.RECORD)
-        if not flag(st, "fifo"):
-            if set(st) != {"fifo"}:
-                raise RecordError("2-level ABI with FIFO state")
-            return None
-        mem, nvcpus = self.channels.xen.host.memory, len(self.channels.xen.host.vcpus)
 
-        def rows(key: str, n: int, most: int) -> list[list[int]]:
-            out = []
-            for item in listing(st, key, most):
-                if not isinstance(item, list) or len(item) != n:
-                    raise RecordError(f"FIFO {key} entry {item!r}")
-                out.append(item)
-            return out
-        control = {}
-        for vcpu, gpa in rows("control", 2, nvcpus):
-            vcpu, gpa = integer(vcpu, "FIFO vCPU", 0, nvcpus - 1), integer(gpa, "control block")
-            if vcpu in control or gpa % PAGE > PAGE - CONTROL_BLOCK_SIZE or gpa & 7 \
-                    or not mem.is_ram(gpa, CONTROL_BLOCK_SIZE):
-                raise RecordError(f"vCPU {vcpu}'s FIFO control block at {gpa:#x}")
-            control[vcpu] = gpa
-        if not control:
-            raise RecordError("FIFO ABI without a control block")
-        pages = [integer(g, "event array frame") for g in listing(st, "pages", MAX_ARRAY_PAGES)]
-        if not all(mem.is_ram(g * PAGE, PAGE) for g in pages):
-            raise RecordError("an event array page is not RAM")
-        port = lambda v: integer(v, "FIFO port", 0, NR_CHANNELS - 1)        # noqa: E731
-        prio = lambda v: integer(v, "FIFO priority", 0, PRIORITY_MIN)       # noqa: E731
-        vc = lambda v: integer(v, "FIFO vCPU", 0, nvcpus - 1)               # noqa: E731
-        priority = {port(p): prio(q) for p, q in rows("priority", 2, NR_CHANNELS)}
-        lastq = {port(p): (vc(v), prio(q)) for p, v, q in rows("lastq", 3, NR_CHANNELS)}
-        tails = {(vc(v), prio(q)): port(p) for v, q, p in rows("tails", 3, nvcpus * NR_QUEUES)}
-        held = {port(p) for p in listing(st, "held", NR_CHANNELS)}
-        return control, pages, priority, lastq, tails, held
-
-    def apply_record(self, prepared) -> None:
-        from .event_2l import TwoLevel
-        if prepared is None:
-            self.channels.abi = TwoLevel(self.channels)
-            return
-        f = Fifo(self.channels)
-        control, pages, priority, lastq, tails, held = prepared
-        f.control, f.pages, f.priority = dict(control), list(pages), dict(priority)
-        f.lastq, f.tails, f.held = dict(lastq), dict(tails), set(held)
-        self.channels.abi = f
+def restore(channels, prepared) -> Fifo | None:
+    """The FIFO ABI as checked; None for the 2-level ABI."""
+    if prepared is None:
+        return None
+    f = Fifo(channels)
+    control, pages, priority, lastq, tails, held = prepared
+    f.control, f.pages, f.priority = dict(control), list(pages), dict(priority)
+    f.lastq, f.tails, f.held = dict(lastq), dict(tails), set(held)
+    return f

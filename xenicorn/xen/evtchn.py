@@ -476,7 +476,7 @@ class EventChannels:
         self.set_pending(port)
 
     # -- snapshots (a record, see xenicorn.records) -----------------------------------
-    RECORD = ("xen-evtchn", 1)
+    RECORD = ("xen-evtchn", 2)      # 2: "fifo", the FIFO ABI's state (None: 2-level)
 
     def save_record(self) -> dict:
         """The port table is hypervisor state: which port is a VIRQ, an IPI, a PIRQ, or the guest's
@@ -486,12 +486,14 @@ class EventChannels:
             "virqs": [[v, q, port] for (v, q), port in self.virqs.items()],
             "pirqs": sorted(self.pirqs.items()),
             "backends": [[n, b.guest_port, b.received] for n, b in self.backends.items()],
-            "next_backend": self._next_backend, "sends": self.sends, "upcalls": self.upcalls})
+            "next_backend": self._next_backend, "sends": self.sends, "upcalls": self.upcalls,
+            "fifo": event_fifo.save_state(self.abi)})
 
     def check_record(self, record: dict):
         """A port table the hypercalls could have built (xen/common/event_channel.c's rules).
 
-        Ports 1 to 2^17 - 1 of the five types; a port names a vCPU this domain
+        Under the 2-level ABI ports 1-4095, under FIFO (its state checked
+        by :func:`.event_fifo.check_state`) up to 2^17 - 1, of the five types; a port names a vCPU this domain
         has, a VIRQ below NR_VIRQS (a global one on vCPU 0), a PIRQ below
         NR_PIRQS, another end in this domain or dom0; both ends of a
         channel name each other; the VIRQ and PIRQ indexes list exactly
@@ -499,10 +501,12 @@ class EventChannels:
         """
         st = open_record(record, *self.RECORD)
         me, nvcpus = self.xen.config.domid, len(self.xen.host.vcpus)
+        fifo = event_fifo.check_state(field(st, "fifo"), self.xen)
+        limit = 4096 if fifo is None else NR_CHANNELS      # max_evtchns (the guest's width is not known here)
         ports: dict[int, Port] = {}
-        for item in listing(st, "ports", NR_CHANNELS):
+        for item in listing(st, "ports", limit):
             n, p = _pair(item, "port")
-            n = integer(n, "port", 1, NR_CHANNELS - 1)     # the FIFO ABI's limit (event_fifo's record has the ABI)
+            n = integer(n, "port", 1, limit - 1)
             port = Port(text(p, "type", 16), integer(field(p, "vcpu"), f"port {n} vCPU", 0, nvcpus - 1),
                         uint(p, "remote_domid", 16), uint(p, "remote_port", 32), uint(p, "virq", 32),
                         uint(p, "pirq", 32))
@@ -521,7 +525,7 @@ class EventChannels:
             virqs[(vcpu, virq)] = port
         pirqs = {}
         for item in listing(st, "pirqs", NR_PIRQS):
-            pirq, port = (integer(x, "PIRQ binding", 0, NR_CHANNELS - 1) for x in _pair(item, "PIRQ binding"))
+            pirq, port = (integer(x, "PIRQ binding", 0, limit - 1) for x in _pair(item, "PIRQ binding"))
             if pirq in pirqs or ports.get(port, Port("")).type != PIRQ or ports[port].pirq != pirq:
                 raise RecordError(f"PIRQ {pirq!r} bound to port {port!r}, which is not that PIRQ's")
             pirqs[pirq] = port
@@ -549,11 +553,12 @@ class EventChannels:
             if guest_port and (p is None or p.type != INTERDOMAIN or p.remote_domid != BACKEND_DOMID
                                or p.remote_port != n):
                 raise RecordError(f"backend port {n} connected to guest port {guest_port}, which is not its end")
-        return ports, virqs, pirqs, backends, (next_backend, uint(st, "sends"), uint(st, "upcalls"))
+        return ports, virqs, pirqs, backends, (next_backend, uint(st, "sends"), uint(st, "upcalls")), fifo
 
     def apply_record(self, prepared) -> None:
         """Install the port table; dom0's ends the machine built keep their callbacks."""
-        ports, virqs, pirqs, backends, counts = prepared
+        ports, virqs, pirqs, backends, counts, fifo = prepared
+        self.abi = event_fifo.restore(self, fifo) or TwoLevel(self)
         self.ports = {n: Port(**vars(p)) for n, p in ports.items()}
         self.virqs, self.pirqs = dict(virqs), dict(pirqs)
         old, self.backends = self.backends, {}

@@ -19,12 +19,11 @@ record             component               why it must be saved
                                            timeout and watchdog timer
 ``xen.evtchn``     ``EventChannels``       the port table: which port is a
                                            VIRQ, an IPI, a PIRQ, or the guest's
-                                           end of a dom0 channel
-``xen.evtchn-      ``FifoRecord``          with the FIFO ABI: the control block
-fifo``                                     and event-array frames, each port's
-                                           priority and last queue, each
-                                           queue's tail, events held for a
-                                           missing array page
+                                           end of a dom0 channel; with the FIFO
+                                           ABI, the control block and event-
+                                           array frames, each port's priority
+                                           and last queue, each queue's tail,
+                                           events held for a missing page
 ``xen.callback``   ``Callback``            the upcall via, the *level* of the
                                            callback line (high while vCPU0's
                                            upcall_pending is 1), a vector
@@ -51,7 +50,6 @@ import re
 
 from ..records import (RecordError, counters, field, flag, hexbytes, integer, listing, make_record, open_record,
                        optional, timer_refs, timers, uint)
-from .event_fifo import FifoRecord
 from .hvm import HVM_NR_PARAMS
 from .platform import VcpuState
 from .sched import MAX_POLL_PORTS, poll_expired, watchdog_bite
@@ -63,8 +61,7 @@ _TIMER = re.compile(r"vcpu(\d+)-(singleshot|periodic|poll)|watchdog(\d+)")
 
 def components(xen) -> list[tuple[str, object]]:
     """The Xen layer's records, in the order a load applies them."""
-    return [("xen", DomainRecord(xen)), ("xen.evtchn", xen.evtchn), ("xen.evtchn-fifo", FifoRecord(xen.evtchn)),
-            ("xen.callback", xen.callback),
+    return [("xen", DomainRecord(xen)), ("xen.evtchn", xen.evtchn), ("xen.callback", xen.callback),
             ("xen.physdev", xen.physdev), ("xen.gnttab", xen.gnttab), ("xen.store", xen.store),
             ("xen.xenstore", xen.xenstore), ("xen.pvconsole", xen.pvconsole)]
 
