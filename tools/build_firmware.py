@@ -51,6 +51,8 @@ KERNELS: dict[str, tuple[int, list[str], bool]] = {
     "evtchn64": (64, ["evtchn/evtchn.c"], True),
     "xenstore32": (32, ["xenstore/xenstore.c"], True),
     "xenstore64": (64, ["xenstore/xenstore.c"], True),
+    "xenabi32": (32, ["xenabi/xenabi.c"], True),
+    "xenabi64": (64, ["xenabi/xenabi.c"], True),
     "tickbench32": (32, ["tickbench/tickbench.c"], True),
     "tickbench64": (64, ["tickbench/tickbench.c"], True),
     "smp32": (32, ["smp/smp.c", "smp/madt.c", "smp/smpxen.c", "smp/entry.S"], True),
