@@ -8,7 +8,6 @@ kernels make the calls from a guest and print each line through both
 consoles, as XTF does: once on the guest's console, once in Xen's log.
 """
 import re
-import struct
 import subprocess
 import sys
 from pathlib import Path
