@@ -109,6 +109,15 @@ def test_the_order_of_checks(xen):
         (56, dom_v, 0x7FF4, 1): -errno.ESRCH,  # vm_event_op (not GET_VERSION) without a domain
         (1, dom_v, 0): -errno.EPERM,          # createdomain
         (90, 0, 0x7FF4): -errno.EPERM,        # get_domain_state of DOMID_INVALID (dom_xen)
+        (21, dom_v, 1, 0xFFFF | 2 << 32): -errno.EINVAL,       # ioport_permission past port 0xFFFF
+        (21, dom_v, 1, 0x3F8 | 8 << 32): -errno.EPERM,
+        (40, dom_v, 0, 0): -errno.EOPNOTSUPP,                  # ioport_mapping on dom0
+        (40, dom_v, 1, 0x3F8 | 0x3F8 << 32, 0): -errno.EINVAL,   # ... of 0 ports
+        (40, dom_v, 1, 0x3F8 | 0x3F8 << 32, 8): -errno.EPERM,
+        (38, dom_v, 0): -errno.EINVAL, (48, dom_v, 1): -errno.EPERM,   # (un)bind_pt_irq
+        (88, dom_v, 1, 4 | 2 << 32): -errno.EINVAL,             # gsi_permission flags
+        (50, dom_v, 1): -errno.EOPNOTSUPP, (50, dom_v, 0): -errno.EPERM,   # get_device_group
+        (61, dom_v, 1): -errno.EPERM,                           # getpageframeinfo3
     }
     for (cmd, version, dom, *u), want in domctl.items():
         mem.write(BUF, bytes(144))

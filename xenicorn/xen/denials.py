@@ -53,6 +53,8 @@ XEN_VM_EVENT_GET_VERSION = 3
 ARCH_FIRST = {D_GET_DEVICE_GROUP, D_IOPORT_PERMISSION, D_IOPORT_MAPPING, D_IRQ_PERMISSION, D_GSI_PERMISSION,
               D_BIND_PT_IRQ, D_UNBIND_PT_IRQ, D_GETPAGEFRAMEINFO3}
 U64 = (1 << 64) - 1
+MAX_IOPORTS = 0x10000                         # xen/arch/x86/domctl.c
+GSI_ACTION_MASK = 1                           # XEN_DOMCTL_GSI_ACTION_MASK
 
 # Numbers an HVM guest's table does not have (hypercall-defs.c: "-" in the
 # hvm32/hvm64 columns, or an entry under a Kconfig option off by default).
@@ -173,10 +175,39 @@ def domctl(call, arg: int, *_) -> int:
         if target is None:
             raise HypercallError(errno.ESRCH, "vm_event_op without a domain")
     if cmd in ARCH_FIRST:
-        # arch_do_domctl/iommu_do_domctl: their own XSM hook (argument checks
-        # some of them make before it are not modelled)
-        _deny("arch/iommu domctl hook")
+        _arch_domctl(call, cmd, dom, raw)
     _deny("xsm_domctl")
+
+
+def _arch_domctl(call, cmd: int, dom: int, raw: bytes) -> None:
+    """The sub-ops do_domctl hands on before its XSM check, each with the checks it makes first.
+
+    xen/arch/x86/domctl.c ``arch_do_domctl`` and xen/drivers/passthrough/
+    iommu.c ``iommu_do_domctl``. Left out, as they depend on the host:
+    ``irq_permission``'s ``-EINVAL`` for a PIRQ beyond the caller's
+    ``nr_pirqs``, and ``gsi_permission``'s answers for a GSI with no IRQ.
+    """
+    w = struct.unpack_from("<IIII", raw, 16)
+    if cmd == D_IOPORT_PERMISSION:
+        first, count = w[0], w[1]
+        end = (first + count) & 0xFFFFFFFF
+        if end <= first or end > MAX_IOPORTS:
+            raise HypercallError(errno.EINVAL, "port range")
+    elif cmd == D_IOPORT_MAPPING:
+        if dom == DOM0:
+            raise HypercallError(errno.EOPNOTSUPP, "dom0 is not an HVM domain")
+        gport, mport, count = w[0], w[1], w[2]
+        if (gport | mport | ((count - 1) & 0xFFFFFFFF)) >= MAX_IOPORTS or gport + count > MAX_IOPORTS \
+                or mport + count > MAX_IOPORTS:
+            raise HypercallError(errno.EINVAL, "port range")
+    elif cmd in (D_BIND_PT_IRQ, D_UNBIND_PT_IRQ) and dom == DOM0:
+        raise HypercallError(errno.EINVAL, "dom0 is not an HVM domain")
+    elif cmd == D_GSI_PERMISSION and w[1] & ~GSI_ACTION_MASK:
+        raise HypercallError(errno.EINVAL, "flags")
+    elif cmd == D_GET_DEVICE_GROUP and dom != DOM0:
+        # iommu_do_domctl: no IOMMU for a domain without passthrough devices
+        raise HypercallError(errno.EOPNOTSUPP, "no IOMMU for the domain")
+    _deny("arch/iommu domctl hook")
 
 
 def paging_domctl_cont(call, arg: int, *_) -> int:
