@@ -53,6 +53,8 @@ KERNELS: dict[str, tuple[int, list[str], bool]] = {
     "xenstore64": (64, ["xenstore/xenstore.c"], True),
     "gnttab32": (32, ["gnttab/gnttab.c"], True),
     "gnttab64": (64, ["gnttab/gnttab.c"], True),
+    "xenabi32": (32, ["xenabi/xenabi.c"], True),
+    "xenabi64": (64, ["xenabi/xenabi.c"], True),
     "tickbench32": (32, ["tickbench/tickbench.c"], True),
     "tickbench64": (64, ["tickbench/tickbench.c"], True),
     "smp32": (32, ["smp/smp.c", "smp/madt.c", "smp/smpxen.c", "smp/entry.S"], True),

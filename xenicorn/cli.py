@@ -131,6 +131,9 @@ def _run_options(r: argparse.ArgumentParser) -> None:
                    help="grant table frames the guest may use (as QEMU's xen-gnttab-max-frames)")
     r.add_argument("--console-input", choices=("none", "stdin"), default="none",
                    help="feed standard input to the guest's PV console")
+    r.add_argument("--xen-log", default="stderr", metavar="stdout|stderr|file:PATH|none",
+                   help="Xen's log (xl dmesg): the guest's console_io lines, each prefixed (d1) as Xen "
+                        "prints them (default stderr); the PV console is the guest's console (stdout)")
     r.add_argument("-qmp", "--qmp", default="", metavar="unix:PATH,server,wait=off",
                    help="a QMP monitor on a UNIX socket (QEMU's spelling and protocol)")
     r.add_argument("-gdb", "--gdb", default="", metavar="tcp::PORT",
@@ -219,6 +222,9 @@ def run(args: argparse.Namespace) -> int:
     if serial not in ("stdio", "none") and not serial.startswith("file:"):
         raise UsageError(f"--serial {serial}: expected stdio, file:PATH or none")
     config.serial = serial
+    if args.xen_log not in ("stdout", "stderr", "none") and not args.xen_log.startswith("file:"):
+        raise UsageError(f"--xen-log {args.xen_log}: expected stdout, stderr, file:PATH or none")
+    config.xen_log = args.xen_log
     try:
         machine, _ = boot(config, _resolve_kernel(args.kernel), initrd=args.initrd, load_addr=args.load_addr,
                           protocol=protocol)
@@ -275,6 +281,7 @@ def run(args: argparse.Namespace) -> int:
             rec.close()
             rec.stream.close()
     machine.console.flush()
+    machine.xen_log.flush()
     for path, n in machine.snapshots_saved:
         print(f"xenicorn: snapshot saved to {path} at {n} instructions", file=sys.stderr)
     for n, path in machine.save_points:
