@@ -236,3 +236,18 @@ def test_junit_holds_console_bytes_xml_cannot(tmp_path):
     case = ET.parse(tmp_path / "j.xml").getroot().find("testsuite/testcase")
     assert "bell\\x07 nul\\x00" in case.find("system-out").text
     assert case.find("error").get("type") == "ERROR"
+
+
+def test_reasons_follow_xtf_conventions():
+    image = xtf.Image(Path("test-hvm64-x"), "hvm64", "x")
+    fep = "XSA-123 PoC\nFEP unavailable, but needed by test. (Is Xen support\n" \
+          "compiled in, and booted with 'hvm_fep'?)\nTest result: SKIP\n"
+    assert xtf.classify(image, fep, "", 0, 1.0, 30).reason == \
+        "FEP unavailable, but needed by test. (Is Xen support compiled in, and booted with 'hvm_fep'?)"
+    fpu = "Testing SSE\n  Expected #UD, got #NM (cr0: TS)\nFEP support not detected - some tests will be " \
+          "skipped\nTest result: FAILURE\n"
+    assert xtf.classify(image, fpu, "", 0, 1.0, 30).reason == "Expected #UD, got #NM (cr0: TS)"
+    panic = "Test\nPANIC: PANIC: Unhandled exception at 0023:10401e\nVec 6 #UD\n"
+    o = xtf.classify(image, panic, "xenicorn: crash: SCHEDOP_shutdown(crash)\n", 1, 1.0, 30)
+    assert o.reason == "guest PANIC: Unhandled exception at 0023:10401e / Vec 6 #UD; " \
+                       "crash: SCHEDOP_shutdown(crash) (exit status 1)"

@@ -50,6 +50,9 @@ IMAGE_NAME = re.compile(rf"^test-({'|'.join(HVM_ENVS + PV_ENVS)})-([A-Za-z0-9_][
 RESULT_LINE = "Test result:"
 # XTF's tests start their reasons so by convention (xtf_skip("Skip: ..."), xtf_failure("Fail: ..."), ...).
 REASON = re.compile(r"^\s*(skip|fail|failure|error|warning)\b", re.IGNORECASE)
+EXPECTED = re.compile(r"\b[Ee]xpected\b")
+# Lines every XTF test prints, and the FEP notice many print before their real reason.
+BANNER = ("--- Xen Test Framework", "Environment:", "FEP support not detected")
 TAIL_LINES = 8          # of a CRASH's output, printed and kept as its reason
 KILL_GRACE_S = 10.0     # a child still alive this long after its own --timeout is killed
 
@@ -177,18 +180,30 @@ def find_images(paths: list[str], filters: list[str] | None = None) -> tuple[lis
 
 
 def _reason(lines: list[str], result: str) -> str:
-    """The line a test gave for its result: the last ``Skip:``/``Fail:``/``Error:`` line before it.
+    """The line a test gave for its result, best effort.
 
-    Without one, the last other line the test printed (XTF's banner and
-    environment lines aside).
+    The last ``Skip:``/``Fail:``/``Error:`` line before the result; else the
+    last line saying what was expected; else the last line printed (XTF's
+    banner aside), joined to the line before when that one leaves a
+    parenthesis open (XTF's "FEP unavailable, but needed by test. (Is Xen
+    support" / "compiled in, and booted with 'hvm_fep'?)").
     """
-    before = [ln.strip() for ln in lines if ln.strip() and RESULT_LINE not in ln]
+    before = []
+    for ln in (ln.strip() for ln in lines):
+        # XTF prints each line on two consoles; keep one of each repeat.
+        if ln and RESULT_LINE not in ln and (not before or before[-1] != ln):
+            before.append(ln)
     flagged = [ln for ln in before if REASON.match(ln)]
     if flagged:
         return flagged[-1]
     if result == "SUCCESS":
         return ""
-    rest = [ln for ln in before if not ln.startswith(("--- Xen Test Framework", "Environment:"))]
+    expected = [ln for ln in before if EXPECTED.search(ln)]
+    if expected:
+        return expected[-1]
+    rest = [ln for ln in before if not ln.startswith(BANNER)]
+    if len(rest) >= 2 and rest[-2].count("(") > rest[-2].count(")"):
+        return f"{rest[-2]} {rest[-1]}"
     return rest[-1] if rest else ""
 
 
@@ -223,6 +238,12 @@ def classify(image: Image, stdout: str, stderr: str, status: int | None, seconds
         why = f"{machine[0].removeprefix('xenicorn:').strip()} (exit status {status})"
     else:
         why = f"no result line (exit status {status})"
+    panics = [n for n, ln in enumerate(guest) if "PANIC:" in ln]
+    if panics and status is not None:
+        # XTF's panic(): "PANIC: <what>", then often the exception ("Vec 13 #GP[0000]").
+        what = re.sub(r"^(PANIC:\s*)+", "", guest[panics[0]].strip())
+        after = guest[panics[0] + 1].strip() if panics[0] + 1 < len(guest) else ""
+        why = f"guest PANIC: {what}" + (f" / {after}" if after.startswith("Vec") else "") + f"; {why}"
     return Outcome(image, "CRASH", seconds, why, status, stdout, stderr,
                    guest[-(TAIL_LINES - 2):] + machine[:2])
 
