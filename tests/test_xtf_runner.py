@@ -251,3 +251,48 @@ def test_reasons_follow_xtf_conventions():
     o = xtf.classify(image, panic, "xenicorn: crash: SCHEDOP_shutdown(crash)\n", 1, 1.0, 30)
     assert o.reason == "guest PANIC: Unhandled exception at 0023:10401e / Vec 6 #UD; " \
                        "crash: SCHEDOP_shutdown(crash) (exit status 1)"
+
+
+def load_census():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("xtf_census", ROOT / "tools" / "xtf_census.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_census_rebuilt_from_a_junit_file_explains_each_result(tmp_path):
+    census = load_census()
+
+    def outcome(name, out, status=0):
+        m = xtf.IMAGE_NAME.match(name)
+        return xtf.classify(xtf.Image(Path(name), m.group(1), m.group(2)), out, "", status, 1.5, 30)
+
+    outcomes = [
+        outcome("test-hvm64-selftest", "Fail: xtf_init_grant_table(2) returned -5\nTest result: FAILURE\n"),
+        outcome("test-hvm32-xsa-123", "FEP unavailable, but needed by test. (Is Xen support\n"
+                                      "compiled in, and booted with 'hvm_fep'?)\nTest result: SKIP\n"),
+        outcome("test-hvm32-brand-new", "", status=124),
+        outcome("test-hvm32-xsa-472-1", "Test result: SUCCESS\n"),
+        outcome("test-hvm64-example", "Test result: SUCCESS\n"),
+    ]
+    xtf.write_junit(str(tmp_path / "run.xml"), outcomes)
+    back = census.from_junit(str(tmp_path / "run.xml"))
+    assert [(o.image.name, o.image.test, o.image.env, o.result, o.reason) for o in back] == \
+        [(o.image.name, o.image.test, o.image.env, o.result, o.reason) for o in outcomes]
+
+    (tmp_path / "xtf" / "tests").mkdir(parents=True)
+    out = tmp_path / "census.md"
+    assert census.main(["--xtf", str(tmp_path / "xtf"), "--from-junit", str(tmp_path / "run.xml"),
+                        "--out", str(out)]) == 0
+    md = out.read_text()
+    assert "| SUCCESS | 2 |" in md and "| SKIP | 1 |" in md and "| CRASH | 1 |" in md and "| total | 5 |" in md
+    rows = {ln.split("|")[1].strip() + "/" + ln.split("|")[2].strip(): ln for ln in md.splitlines()
+            if ln.startswith("| ") and ln.count("|") == 7}
+    assert "grant tables v2" in rows["selftest/hvm64"]
+    assert "Fail: xtf_init_grant_table(2) returned -5" in rows["selftest/hvm64"]
+    assert "hvm_fep" in rows["xsa-123/hvm32"] and census.XEN in rows["xsa-123/hvm32"]
+    assert "unexplained" in rows["brand-new/hvm32"] and "no result within the 30 s timeout" in md
+    assert "example/hvm64" not in rows
+    assert "**xsa-472-1**" in md and "**invlpg**" not in md         # notes only on what succeeded here
+    assert census.main(["--xtf", str(tmp_path / "nothing")]) == 2
