@@ -28,7 +28,7 @@ from xenicorn import xtf  # noqa: E402
 
 XEN = "Xen gives this too"
 OWNED = "xenicorn gap, being closed elsewhere"
-ACCURACY = "xenicorn gap: x86 accuracy (CPU engine)"
+ACCURACY = "xenicorn gap: x86 accuracy"
 GAP = "xenicorn gap"
 FEP_SKIP = (XEN, "needs the forced emulation prefix, which only a Xen built with CONFIG_HVM_FEP and booted "
                  "with `hvm_fep` offers; release builds SKIP it the same way")
@@ -61,22 +61,28 @@ WHY: dict[str, tuple[str, str]] = {
                      "defaults to on), xenicorn has none, so the test SKIPs"),
     "xsa-472-3": (GAP, "its extra.cfg asks `vcpus = 3`; the runner passes `-smp 3` from the .cfg beside "
                        "the image and it SUCCEEDs; with one vCPU it is ERROR ('unable to init CPU1')"),
-    "swint-emulation": (ACCURACY, "INT n/INT3/INTO through a DPL-0 gate from CPL 3 must be a #GP fault "
-                                  "(EIP at the instruction); the engine reports it as a trap"),
+    "swint-emulation": (ACCURACY, "INT n/INT3/INTO that fault on delivery (#GP: a DPL-0 gate from CPL 3; "
+                                  "#NP: a not-present gate) must report the fault at the instruction, the "
+                                  "CPU engine reports it after the instruction, like a trap; and ICEBP "
+                                  "(0xF1) is #UD in the engine where hardware raises #DB"),
     "umip": (ACCURACY, "CR4.UMIP can be set although CPUID does not offer UMIP (real hardware and Xen #GP)"),
-    "fpu-exception-emulation": (ACCURACY, "an SSE instruction with CR4.OSFXSR clear must #UD before "
-                                          "CR0.TS's #NM; the engine gives #NM"),
-    "memop-seg": (ACCURACY, "memory operands past a segment limit (or non-canonical in 64-bit mode) must "
-                            "#GP/#SS; the engine lets them through"),
-    "lm-ts": (ACCURACY, "#TS from a TSS limit that excludes %rsp1/%esp1 on a privilege change: the #TS "
-                        "arrives, but not as the test's handler expects it, and the guest panics"),
-    "xsa-192": (ACCURACY, "an interrupt in virtual-8086 mode: the engine cannot deliver it and xenicorn "
+    "fpu-exception-emulation": (ACCURACY, "MMX with CR0.EM set, and SSE with CR4.OSFXSR clear, must raise "
+                                          "#UD ahead of CR0.TS's #NM; the CPU engine raises #NM"),
+    "memop-seg": (ACCURACY, "64-bit: a non-canonical operand based on %rsp/%rbp must raise #SS, the CPU "
+                            "engine raises #GP; 32-bit: an operand past its segment's limit must raise "
+                            "#GP (#SS for %ss), the engine ignores the limit and takes a #PF"),
+    "lm-ts": (ACCURACY, "`int $0x21` through a gate to ring 1 whose stack lies past the TSS limit: the "
+                        "#TS[GDT[7]] arrives with the right error code but at the instruction after the "
+                        "INT (as in swint-emulation), so the test's exception-table fixup misses and the "
+                        "guest panics"),
+    "xsa-192": (ACCURACY, "an interrupt or exception in virtual-8086 mode: xenicorn cannot deliver it and "
                           "stops the machine"),
     "xsa-278": (ACCURACY, "CR4.VMXE can be set although VMX is not offered (Xen #GPs)"),
     "xsa-308": (ACCURACY, "ICEBP (INT1, opcode 0xF1) under a MovSS shadow while single-stepping: the engine "
                           "raises #UD where hardware raises #DB, and the guest panics"),
-    "xsa-462": (ACCURACY, "the APIC's error status register (ESR) reads 0x40 where 0x60 is due "
-                          "(the 'send illegal vector' bit is missing)"),
+    "xsa-462": (ACCURACY, "an IPI to an illegal vector (< 16) must set both 'send' (bit 5) and 'receive "
+                          "illegal vector' (bit 6) in the local APIC's ESR: xenicorn's LAPIC sets only "
+                          "bit 6 (0x40, not 0x60)"),
 }
 
 # SUCCESS results that prove less than they seem.
@@ -156,12 +162,15 @@ def markdown(outcomes: list[xtf.Outcome], xtf_dir: Path, command: str, pv_left_o
     ]
     out += [f"| {r} | {n} |" for r, n in counts.items()]
     out += [f"| total | {len(outcomes)} |", "", "## Images that did not succeed", "",
-            "| test | env | result | what the test printed | kind | why |", "|---|---|---|---|---|---|"]
+            "One row per test, result and printed reason; `env` lists the images (test-ENV-TEST) it covers.",
+            "", "| test | env | result | what the test printed | kind | why |", "|---|---|---|---|---|---|"]
+    rows: dict[tuple[str, str, str], list[str]] = {}
     for o in sorted(outcomes, key=lambda o: (xtf.ALL_RESULTS.index(o.result), o.image.test, o.image.env)):
-        if o.result == "SUCCESS":
-            continue
-        kind, why = WHY.get(o.image.test, ("unexplained", "no entry in tools/xtf_census.py's WHY table"))
-        out.append(f"| {o.image.test} | {o.image.env} | {o.result} | {_cell(o.reason)} | {kind} | {_cell(why)} |")
+        if o.result != "SUCCESS":
+            rows.setdefault((o.image.test, o.result, o.reason), []).append(o.image.env)
+    for (test, result, reason), envs in rows.items():
+        kind, why = WHY.get(test, ("unexplained", "no entry in tools/xtf_census.py's WHY table"))
+        out.append(f"| {test} | {', '.join(envs)} | {result} | {_cell(reason)} | {kind} | {_cell(why)} |")
     ran = {o.image.test for o in outcomes if o.result == "SUCCESS"}
     vacuous = [(t, note) for t, note in VACUOUS.items() if t in ran]
     if vacuous:

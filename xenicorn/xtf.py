@@ -188,14 +188,19 @@ def _reason(lines: list[str], result: str) -> str:
     parenthesis open (XTF's "FEP unavailable, but needed by test. (Is Xen
     support" / "compiled in, and booted with 'hvm_fep'?)").
     """
-    before = []
-    for ln in (ln.strip() for ln in lines):
+    before: list[str] = []
+    for ln in (ln.rstrip() for ln in lines):
         # XTF prints each line on two consoles; keep one of each repeat.
-        if ln and RESULT_LINE not in ln and (not before or before[-1] != ln):
+        if ln.strip() and RESULT_LINE not in ln and (not before or before[-1] != ln):
             before.append(ln)
-    flagged = [ln for ln in before if REASON.match(ln)]
+    flagged = [n for n, ln in enumerate(before) if REASON.match(ln)]
     if flagged:
-        return flagged[-1]
+        n = flagged[-1]
+        # An indented line right after it gives the detail ("  expected #SS[0000], got #GP[0000]").
+        nxt = before[n + 1] if n + 1 < len(before) else ""
+        detail = nxt if nxt[:1].isspace() and EXPECTED.search(nxt) else ""
+        return f"{before[n].strip()}: {detail.strip()}" if detail else before[n].strip()
+    before = [ln.strip() for ln in before]
     if result == "SUCCESS":
         return ""
     expected = [ln for ln in before if EXPECTED.search(ln)]
