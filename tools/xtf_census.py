@@ -96,6 +96,10 @@ VACUOUS: dict[str, str] = {
                  "populate_physmap), but the Viridian reference TSC page it maps is a dropped MSR write",
     "invlpg": "XTF runs it twice under xl, with `hap=0` and `hap=1` (variations ~shadow, ~hap); xenicorn "
               "has one paging engine and runs the image once",
+    "xsa-168": "XTF runs it only with `hap=0` (variation ~shadow): it probes Xen's shadow paging code, "
+               "which xenicorn does not have; it shows only that the guest's INVLPG sequence runs",
+    "xsa-173": "XTF runs it only with `hap=0` (variation ~shadow), as xsa-168: Xen's shadow paging code "
+               "is what it probes",
 }
 
 

@@ -421,8 +421,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "or its make install directory)")
     p.add_argument("-j", "--jobs", type=_positive_int, default=os.cpu_count() or 1, metavar="N",
                    help="images run at once (default: the CPU count)")
-    p.add_argument("--timeout", type=_positive_float, default=30.0, metavar="S",
-                   help="seconds one image may run; without a result by then it is a CRASH (default 30)")
+    # 120 s: XTF's msr test reads ~33,000 MSRs and prints a line for each, ~20 s of CPU alone, 45 s on a
+    # busy host; a hang then costs two minutes.
+    p.add_argument("--timeout", type=_positive_float, default=120.0, metavar="S",
+                   help="seconds one image may run; without a result by then it is a CRASH (default 120)")
     p.add_argument("--junit", metavar="FILE", help="write JUnit XML: one testcase per image")
     p.add_argument("--filter", action="append", metavar="GLOB",
                    help="run only images whose name (test-hvm64-selftest) or test (selftest) matches; "
