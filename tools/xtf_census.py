@@ -98,8 +98,8 @@ VACUOUS: dict[str, str] = {
               "has one paging engine and runs the image once",
     "xsa-168": "XTF runs it only with `hap=0` (variation ~shadow): it probes Xen's shadow paging code, "
                "which xenicorn does not have; it shows only that the guest's INVLPG sequence runs",
-    "xsa-173": "XTF runs it only with `hap=0` (variation ~shadow), as xsa-168: Xen's shadow paging code "
-               "is what it probes",
+    "xsa-173": "XTF runs it only with `hap=0` (variation ~shadow), to probe Xen's shadow code; here it "
+               "checks the CPU engine's page walk instead (a PSE l2e past MAXPHYADDR must #PF[Rsvd])",
 }
 
 
