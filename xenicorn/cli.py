@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="run the first N guest instructions without stopping")
     s.add_argument("--trace-json", metavar="FILE", help="also write the events as JSON lines")
     sub.add_parser("firmware", help="list the bundled guest kernels")
+    from . import xtf
+    xtf.add_arguments(sub.add_parser("xtf", help="run Xen Test Framework images, as xtf-runner does"))
     return p
 
 
@@ -435,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
             for name in firmware.names():
                 print(f"{name:16s} {firmware.find(name)}")
             return 0
+        if args.command == "xtf":
+            from . import xtf
+            return xtf.main(args)
         return run(args)
     except UsageError as e:
         print(f"xenicorn: error: {e}", file=sys.stderr)
