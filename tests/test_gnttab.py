@@ -1,8 +1,8 @@
-"""Grant tables v1: the guest's grant_table_op and the backend's checked access."""
+"""Grant tables v1 (v2: test_gnttab_v2.py): the guest's grant_table_op and the backend's checked access."""
 import pytest
 
 from xenicorn.xen import errno
-from xenicorn.xen.gnttab import (GrantError, GNTST_bad_gntref, GNTST_permission_denied, GNTST_bad_page,
+from xenicorn.xen.gnttab import (GrantError, GNTST_bad_gntref, GNTST_bad_page, GNTST_bad_copy_arg,
                                   GNTST_bad_domain, GNTST_general_error, GTF_permit_access, GTF_readonly,
                                   GTF_reading, GTF_writing)
 
@@ -24,15 +24,18 @@ def grant(m, ref, domid, frame, flags=GTF_permit_access):
 
 
 def test_versions_and_sizes(xen):
-    xen.memory.write_struct(BUF, "<I", 2)
-    assert call(xen, GNTTAB, 8, BUF, 1) == -errno.EINVAL            # v2: refused, as QEMU
-    assert xen.memory.read_struct(BUF, "<I")[0] == 1
+    for bad in (0, 3):
+        xen.memory.write_struct(BUF, "<I", bad)
+        assert call(xen, GNTTAB, 8, BUF, 1) == -errno.EINVAL        # only versions 1 and 2
+        assert xen.memory.read_struct(BUF, "<I")[0] == 1            # the version in force, written back
     xen.memory.write_struct(BUF, "<I", 1)
     assert call(xen, GNTTAB, 8, BUF, 1) == 0
     xen.memory.write_struct(BUF, "<HHI", SELF, 0, 0)
     assert call(xen, GNTTAB, 10, BUF, 1) == 0 and xen.memory.read_struct(BUF + 4, "<I")[0] == 1
     xen.memory.write_struct(BUF, "<HHI", 9, 0, 0)
     assert call(xen, GNTTAB, 10, BUF, 1) == -errno.ESRCH
+    xen.memory.write_struct(BUF, "<HHI", 0, 0, 0)
+    assert call(xen, GNTTAB, 10, BUF, 1) == -errno.EPERM           # dom0 exists; XSM says no
     xen.memory.write_struct(BUF, "<H2xIIh", SELF, 0, 0, 5)
     assert call(xen, GNTTAB, 6, BUF, 1) == 0
     assert xen.memory.read_struct(BUF + 4, "<IIh") == (0, 64, 0)
@@ -79,10 +82,10 @@ def test_backend_checks_what_xen_checks(xen):
     grant(xen, 3, 7, 0x52)                                   # for another domain
     grant(xen, 4, 0, 0xC0000)                                # not RAM
     gt = xen.xen.gnttab
-    for ref, writable, code in [(0, False, GNTST_bad_gntref),         # flags 0: nothing granted
+    for ref, writable, code in [(0, False, GNTST_general_error),      # flags 0: nothing granted
                                 (600, False, GNTST_bad_gntref),       # beyond the table
-                                (2, True, GNTST_permission_denied),
-                                (3, False, GNTST_permission_denied),
+                                (2, True, GNTST_general_error),       # read-only (_set_status_v1)
+                                (3, False, GNTST_general_error),      # for another domain
                                 (4, False, GNTST_bad_page)]:
         with pytest.raises(GrantError) as e:
             gt.map(ref, writable=writable)
@@ -95,8 +98,9 @@ def test_backend_checks_what_xen_checks(xen):
     assert xen.memory.read(0x50000 + 100, 9) == b"from dom0"
     with pytest.raises(GrantError):
         gt.write(2, 0, b"x")
-    with pytest.raises(GrantError):
+    with pytest.raises(GrantError) as e:
         gt.read(1, 4090, 10)
+    assert e.value.code == GNTST_bad_copy_arg
     gt.unmap(m)
     gt.unmap(ro)
     assert gt.entry(1)[0] == GTF_permit_access and gt.entry(2)[0] == GTF_permit_access | GTF_readonly

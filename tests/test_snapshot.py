@@ -30,7 +30,7 @@ SKIP = {"uc", "uc_list", "_mm", "buf", "host_addr", "tracer", "console", "monito
         "_start", "_seq", "_internal", "_pending_exit", "_stop_reasons", "_in_emu", "sink", "stream",
         "power_on", "save_points", "snapshots_saved", "kernel", "_handlers", "console_input", "agents",
         "host_watches", "f", "_poll_hook", "_poll_vcpu", "_window_hook", "_retired_callbacks", "live",
-        "_irq_request", "_cache", "tree", "serial_file",
+        "_irq_request", "_cache", "tree", "serial_file", "xen_log",
         "last_delivery"}   # the last IDT delivery, kept for diagnostics: it never steers execution
 
 
@@ -90,6 +90,7 @@ def differences(a: dict, b: dict) -> list[str]:
 
 def make(name="evtchn64", append="via=gsi", **kw):
     kw.setdefault("ram_mib", 32)             # the kernels need little; snapshots are quicker
+    kw.setdefault("xen_log", "none")         # recorded in .xen_log.data, not printed
     cfg = MachineConfig(cmdline=append, debugcon="stdio", clock="deterministic", **kw)
     machine, _ = boot(cfg, firmware.find(name), console=ConsoleSink(None))
     return machine
@@ -116,19 +117,22 @@ def round_trips(tmp_path, name, append):
 
     Yields (snapshot's machine before it runs on, snapshot) after checking
     that output before the save + output after the load is the unbroken
-    run's output, and that the final states are equal.
+    run's output (on the console and in Xen's log), and that the final
+    states are equal.
     """
     ref, counts = pauses(name, append)
-    ref_out, ref_state = bytes(ref.console.data), machine_state(ref)
+    ref_out, ref_log, ref_state = bytes(ref.console.data), bytes(ref.xen_log.data), machine_state(ref)
     saver = make(name, append)
     paths = {n: str(tmp_path / f"at{n}.snap") for n in counts}
     for n, path in paths.items():
         saver.save_at(n, path)
     marks = {}
     save = saver.save_snapshot
-    saver.save_snapshot = lambda p: (marks.setdefault(p, len(saver.console.data)), save(p))[1]
+    saver.save_snapshot = lambda p: (marks.setdefault(p, (len(saver.console.data), len(saver.xen_log.data))),
+                                     save(p))[1]
     assert saver.run() == 0
     assert bytes(saver.console.data) == ref_out                # saving does not disturb the run
+    assert bytes(saver.xen_log.data) == ref_log
     assert set(marks) == set(paths.values())
     for n, path in paths.items():
         fresh = make(name, append)
@@ -136,7 +140,9 @@ def round_trips(tmp_path, name, append):
         assert snap.header["instructions"] == fresh.vcpu.instructions == n
         yield fresh, snap
         assert fresh.run() == 0
-        assert ref_out[:marks[path]] + bytes(fresh.console.data) == ref_out, f"snapshot at {n}"
+        out_mark, log_mark = marks[path]
+        assert ref_out[:out_mark] + bytes(fresh.console.data) == ref_out, f"snapshot at {n}"
+        assert ref_log[:log_mark] + bytes(fresh.xen_log.data) == ref_log, f"snapshot at {n}"
         assert differences(ref_state, machine_state(fresh)) == [], f"snapshot at {n}"
 
 

@@ -5,7 +5,7 @@ from xenicorn import firmware
 from xenicorn.devices.console import ConsoleSink
 from xenicorn.machine.machine import MachineConfig
 from xenicorn.boot import boot
-from xenicorn.xen.gnttab import GrantError, GNTST_permission_denied, GTF_readonly, GTF_permit_access
+from xenicorn.xen.gnttab import GrantError, GNTST_general_error, GTF_readonly, GTF_permit_access
 
 
 def run(name, seed=()):
@@ -35,7 +35,7 @@ def test_xenstore_kernel_speaks_the_protocol_and_shares_a_page(bits):
     assert gt.read(ref, 0, 19) == b"shared by the guest"
     with pytest.raises(GrantError) as e:
         gt.write(ref, 0, b"no")
-    assert e.value.code == GNTST_permission_denied
+    assert e.value.code == GNTST_general_error                         # read-only (Xen's _set_status)
 
 
 def test_the_cli_seeds_keys_and_traces_messages(capsys):

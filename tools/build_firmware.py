@@ -34,7 +34,7 @@ TOOLCHAIN = os.path.join(IMAGES, "TOOLCHAIN.json")
 
 LIB = ["lib/desc.c", "lib/console.c", "lib/report.c", "lib/xen.c", "lib/xen_hcall.S"]
 
-# name -> (bits, sources, uses the C library)
+# name -> (bits, sources, uses the C library: True with the PVH entry, "multiboot" with its own)
 KERNELS: dict[str, tuple[int, list[str], bool]] = {
     "hello32": (32, ["hello/hello.c"], True),
     "hello64": (64, ["hello/hello.c"], True),
@@ -53,6 +53,10 @@ KERNELS: dict[str, tuple[int, list[str], bool]] = {
     "fifo64": (64, ["fifo/fifo.c"], True),
     "xenstore32": (32, ["xenstore/xenstore.c"], True),
     "xenstore64": (64, ["xenstore/xenstore.c"], True),
+    "gnttab32": (32, ["gnttab/gnttab.c"], True),
+    "gnttab64": (64, ["gnttab/gnttab.c"], True),
+    "xenabi32": (32, ["xenabi/xenabi.c"], True),
+    "xenabi64": (64, ["xenabi/xenabi.c"], True),
     "tickbench32": (32, ["tickbench/tickbench.c"], True),
     "tickbench64": (64, ["tickbench/tickbench.c"], True),
     "smp32": (32, ["smp/smp.c", "smp/madt.c", "smp/smpxen.c", "smp/entry.S"], True),
@@ -60,6 +64,7 @@ KERNELS: dict[str, tuple[int, list[str], bool]] = {
     "wild32": (32, ["misbehave/wild32.S"], False),
     "triple32": (32, ["misbehave/triple32.S"], False),
     "spin32": (32, ["misbehave/spin32.S"], False),
+    "mboot32": (32, ["multiboot/mboot.c"], "multiboot"),
 }
 
 CFLAGS = ["-ffreestanding", "-nostdlib", "-fno-pic", "-fno-pie", "-fno-stack-protector",
@@ -119,7 +124,10 @@ def build(name: str, out_dir: str) -> str:
     bits, sources, with_lib = KERNELS[name]
     arch = ["-m32", "-march=i686"] if bits == 32 else ["-m64"]
     srcs = list(sources)
-    if with_lib:
+    if with_lib == "multiboot":
+        # no PVH note, so the loader must choose multiboot by the header
+        srcs = ["multiboot/start.S", "lib/isr.S"] + LIB + srcs
+    elif with_lib:
         lib = [s for s in LIB if os.path.exists(os.path.join(SRC, s))]
         srcs = ["lib/pvh_note.S", f"lib/start{bits}.S", "lib/isr.S"] + lib + srcs
     else:

@@ -100,7 +100,7 @@ def draw(tl: dict, out: str, title: str = "", window: tuple[int, int] | None = N
     rows += [(name, iv, "tab:blue") for name, iv in tl["lines"].items()]
     fig, (ax_lv, ax_ev) = plt.subplots(2, 1, sharex=True, figsize=(12, 2 + 0.35 * (len(rows) + len(tl["exits"]))),
                                        gridspec_kw={"height_ratios": [max(1, len(rows)), max(1, len(tl["exits"]) + 1)]})
-    for y, (name, iv, color) in enumerate(rows):
+    for y, (_name, iv, color) in enumerate(rows):
         ax_lv.broken_barh([(a, max(b - a, 1)) for a, b in iv], (y - 0.35, 0.7), color=color)
     ax_lv.set_yticks(range(len(rows)), [name for name, _, _ in rows])
     ax_lv.invert_yaxis()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from .engine import EngineUnsupported
@@ -65,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="run the first N guest instructions without stopping")
     s.add_argument("--trace-json", metavar="FILE", help="also write the events as JSON lines")
     sub.add_parser("firmware", help="list the bundled guest kernels")
+    from . import xtf
+    xtf.add_arguments(sub.add_parser("xtf", help="run Xen Test Framework images, as xtf-runner does"))
     return p
 
 
@@ -87,10 +90,12 @@ def _run_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--initrd", "-initrd", metavar="FILE",
                    help="initrd: module 0 of hvm_start_info (pvh), the zero page's ramdisk (linux)")
     r.add_argument("--load-addr", type=_int, metavar="ADDR", help="load KERNEL as a flat binary here")
-    r.add_argument("--boot", choices=("auto", "pvh", "linux"), default="auto",
+    r.add_argument("--boot", choices=("auto", "pvh", "linux", "multiboot"), default="auto",
                    help="pvh: enter the ELF's PVH entry (a bzImage: the ELF inside it); linux: a bzImage "
                         "through the Linux/x86 boot protocol as an HVM guest, with an MP table and an ACPI "
-                        "MADT; auto (default): linux for --kernel-deb, pvh for KERNEL")
+                        "MADT; multiboot: a Multiboot v1 kernel (--initrd 'FILE ARGS,...' as modules); "
+                        "auto (default): linux for a bzImage, pvh for an ELF with a PVH note, multiboot "
+                        "for a multiboot header, else pvh")
     r.add_argument("--serial", "-serial", default="stdio", metavar="stdio|file:PATH|none", help="COM1 output")
     r.add_argument("--trace", default="", metavar="CATS", help="comma-separated: exits,io,int,cpuid,mem,...,all")
     r.add_argument("--max-insns", type=_int, default=0, metavar="N", help="stop after N guest instructions")
@@ -131,6 +136,9 @@ def _run_options(r: argparse.ArgumentParser) -> None:
                    help="grant table frames the guest may use (as QEMU's xen-gnttab-max-frames)")
     r.add_argument("--console-input", choices=("none", "stdin"), default="none",
                    help="feed standard input to the guest's PV console")
+    r.add_argument("--xen-log", default="stderr", metavar="stdout|stderr|file:PATH|none",
+                   help="Xen's log (xl dmesg): the guest's console_io lines, each prefixed (d1) as Xen "
+                        "prints them (default stderr); the PV console is the guest's console (stdout)")
     r.add_argument("-qmp", "--qmp", default="", metavar="unix:PATH,server,wait=off",
                    help="a QMP monitor on a UNIX socket (QEMU's spelling and protocol)")
     r.add_argument("-gdb", "--gdb", default="", metavar="tcp::PORT",
@@ -168,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     from .snapshot import SnapshotError
     from . import engine
     engine.probe()                              # refuse an unknown engine before fetching a kernel
-    protocol = "pvh" if args.boot == "auto" else args.boot
+    protocol = args.boot
     if args.kernel_deb:
         if args.kernel:
             raise UsageError("give either KERNEL or --kernel-deb, not both")
@@ -220,6 +228,9 @@ def run(args: argparse.Namespace) -> int:
     if serial not in ("stdio", "none") and not serial.startswith("file:"):
         raise UsageError(f"--serial {serial}: expected stdio, file:PATH or none")
     config.serial = serial
+    if args.xen_log not in ("stdout", "stderr", "none") and not args.xen_log.startswith("file:"):
+        raise UsageError(f"--xen-log {args.xen_log}: expected stdout, stderr, file:PATH or none")
+    config.xen_log = args.xen_log
     try:
         machine, _ = boot(config, _resolve_kernel(args.kernel), initrd=args.initrd, load_addr=args.load_addr,
                           protocol=protocol)
@@ -230,6 +241,11 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:               # the -qmp or -gdb socket
         which = f"-gdb {config.gdb}" if getattr(e, "gdb_socket", False) else f"-qmp {args.qmp}"
         raise UsageError(f"{which}: {e.strerror or e}") from None
+    if machine.boot_protocol == "pvh" and re.search(r"(^|\s)console=ttyS", config.cmdline):
+        # Xen gives a PVH guest no 8259 and no ISA IRQs: the UART's interrupt
+        # never comes, so a Linux user space writing to ttyS0 prints nothing.
+        print("xenicorn: warning: console=ttyS* in a PVH machine: its UART has no interrupt line, "
+              "user space output may be lost (a bzImage boots with --boot linux)", file=sys.stderr)
     if args.start_stopped and not config.gdb:
         machine.monitor.paused = True
     for path in args.xenstore_watch:
@@ -271,6 +287,7 @@ def run(args: argparse.Namespace) -> int:
             rec.close()
             rec.stream.close()
     machine.console.flush()
+    machine.xen_log.flush()
     for path, n in machine.snapshots_saved:
         print(f"xenicorn: snapshot saved to {path} at {n} instructions", file=sys.stderr)
     for n, path in machine.save_points:
@@ -425,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
             for name in firmware.names():
                 print(f"{name:16s} {firmware.find(name)}")
             return 0
+        if args.command == "xtf":
+            from . import xtf
+            return xtf.main(args)
         return run(args)
     except UsageError as e:
         print(f"xenicorn: error: {e}", file=sys.stderr)

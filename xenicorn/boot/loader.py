@@ -102,8 +102,20 @@ def _pvh_entry(elf: ELFFile) -> int | None:
     return None
 
 
-def load_elf(mem: GuestMemory, path: str, data: bytes | None = None) -> LoadedKernel:
-    """Copy an ELF kernel's PT_LOAD segments to guest-physical memory."""
+def _pvh_entry_of_file(path: str) -> int | None:
+    """The PVH entry of an ELF file, None without the note (or when it is no readable ELF)."""
+    try:
+        with open(path, "rb") as f:
+            return _pvh_entry(ELFFile(f))
+    except (OSError, ELFError, struct.error, ValueError):
+        return None
+
+
+def load_elf(mem: GuestMemory, path: str, data: bytes | None = None, pvh_note: bool = True) -> LoadedKernel:
+    """Copy an ELF kernel's PT_LOAD segments to guest-physical memory.
+
+    The entry is the PVH note's when there is one (``pvh_note``), else the ELF's.
+    """
     data = _read_file(path) if data is None else data
     if data[0x202:0x206] == b"HdrS":
         # a bzImage: boot the ELF vmlinux inside it (its PVH note is there)
@@ -133,7 +145,7 @@ def load_elf(mem: GuestMemory, path: str, data: bytes | None = None) -> LoadedKe
             kernel.segments.append((paddr, memsz))
         if not kernel.segments:
             raise LoadError(f"{path}: ELF has no loadable segments")
-        pvh = _pvh_entry(elf)
+        pvh = _pvh_entry(elf) if pvh_note else None
         kernel.pvh = pvh is not None
         kernel.entry = pvh if pvh is not None else elf.header.e_entry
         symtab = elf.get_section_by_name(".symtab")

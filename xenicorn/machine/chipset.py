@@ -25,6 +25,7 @@ SeaBIOS and Xen's hvmloader do.
 """
 from __future__ import annotations
 
+from ..devices.fwcfg import PORT as FWCFG_PORT, FwCfg, items_for as fwcfg_items
 from ..devices.console import (DebugCon, DebugExit, AcpiPmControl, AcpiPmEvent, AcpiPmTimer, AcpiSleepRegisters,
                                KeyboardControllerReset)
 from ..devices.ioapic import IOAPIC_BASE
@@ -83,6 +84,8 @@ def build_legacy_devices(machine) -> None:
     m.register_pio(AcpiPmControl.PORT, 2, AcpiPmControl(m.shutdown))
     m.register_pio(AcpiSleepRegisters.PORT, 2, AcpiSleepRegisters(m.shutdown))
     m.register_pio(AcpiPmTimer.PORT, 4, AcpiPmTimer(m.clock.now_ns))
+    m.fw_cfg = FwCfg(fwcfg_items(m.config.ram_mib << 20, m.config.smp))
+    m.register_pio(FWCFG_PORT, 2, m.fw_cfg)
     m.rtc = Rtc(m.clock.now_ns, deterministic=m.clock.deterministic)
     m.register_pio(INDEX_PORT, 2, m.rtc)
     m.serial, m.serial_file = attach_serial(m.config.serial, m.console, m.register_pio, irq=m.isa_irq[4])

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from .. import exits as E
 from ..devices.bus import PioBus, MmioBus
-from ..devices.console import ConsoleSink, stdout_sink
+from ..devices.console import ConsoleSink, log_sink, stdout_sink
 from ..engine.vcpu import VCpu
 from ..x86.cpuid import CpuidPolicy
 from . import chipset
@@ -70,6 +70,7 @@ class MachineConfig:
     gdb_wait: bool = False               # -S: no guest instruction runs until gdb continues
     xen_version: tuple[int, int] = (4, 17)
     record_console: bool = True
+    xen_log: str = "stderr"              # console_io lines, Xen's log: stdout | stderr | file:PATH | none
     count_instructions: bool = False     # exact instruction counts and stops (stepper, gdb, records)
     acpi: bool = True                    # ACPI tables (MADT: LAPIC, IOAPIC) for the OS, as Xen gives PVH guests
     observe: set[str] = field(default_factory=set)   # trace categories delivered to observers, unprinted
@@ -81,8 +82,10 @@ class Machine(XenHostServices):
     """A one-socket x86 PC around Unicorn vCPUs."""
 
     power_on = None                  # the machine before its first instruction, for system_reset
+    boot_protocol = "pvh"            # how boot() entered the kernel: pvh, linux or multiboot
 
-    def __init__(self, config: MachineConfig | None = None, console: ConsoleSink | None = None):
+    def __init__(self, config: MachineConfig | None = None, console: ConsoleSink | None = None,
+                 xen_log: ConsoleSink | None = None):
         from .. import engine
         engine.probe()                   # the engine's layout checks; EngineUnsupported if unknown
         self.config = cfg = config or MachineConfig()
@@ -92,6 +95,7 @@ class Machine(XenHostServices):
         self.mmio = MmioBus("mmio", self._unclaimed("mmio"))
         self.cpuid = CpuidPolicy(vendor=cfg.vendor, tsc_hz=lambda: self.tsc.hz())
         self.console = console or (stdout_sink() if cfg.debugcon == "stdio" else ConsoleSink(None))
+        self.xen_log = xen_log or log_sink(cfg.xen_log)   # Xen's log (xl dmesg): console_io lines
         self.status: int | None = None
         self.shutdown_reason = ""
         self.shutdown_message = ""
@@ -383,6 +387,7 @@ class Machine(XenHostServices):
             self.gdb.close(None)
         for vcpu in self.vcpus:
             vcpu.close()
+        self.xen_log.close()
 
     # -- snapshots (xenicorn.snapshot): taken and loaded between guest runs -----------------
     @property

@@ -137,6 +137,13 @@ class GuestMemory:
         for engine in self.engines:
             engine.map_overlay(gpa, self.host_addr + self._frame_offset(index))
 
+    def frame_view(self, index: int) -> memoryview:
+        """The 4 KiB of hypervisor frame ``index``, mapped in the guest or not (Xen's own access)."""
+        if not 0 <= index < XEN_FRAMES:
+            raise ValueError(f"frame {index}")
+        off = self._frame_offset(index)
+        return self.buf[off:off + PAGE_SIZE]
+
     def code_written(self, addr: int, size: int) -> None:
         """Drop translated code for a range Python wrote (see module doc)."""
         start = addr & ~(PAGE_SIZE - 1)

@@ -18,7 +18,8 @@ cmd                                structure (64-bit / 32-bit size)
 =================================  =========================================
 
 Map spaces for add_to_physmap: 0 shared_info (idx 0 only), 1 grant_table
-(frame idx; bit 31 set asks for a v2 status frame), 2 gmfn, 3 gmfn_range,
+(frame idx; with bit 31, XENMAPIDX_grant_table_status, a v2 status frame:
+see :meth:`~xenicorn.xen.gnttab.GrantTable.place`), 2 gmfn, 3 gmfn_range,
 4 gmfn_foreign, 5 dev_mmio. As in QEMU's Xen emulation: gmfn spaces give
 -EOPNOTSUPP, foreign ones -EPERM, unknown ones -EINVAL, and another domain
 -ESRCH. The high bits of ``cmd`` (from bit 6) carry Xen's continuation
@@ -40,7 +41,6 @@ XENMEM_add_to_physmap_batch = 23
 MEMOP_EXTENT_SHIFT = 6
 XENMAPSPACE_shared_info, XENMAPSPACE_grant_table, XENMAPSPACE_gmfn = 0, 1, 2
 XENMAPSPACE_gmfn_range, XENMAPSPACE_gmfn_foreign, XENMAPSPACE_dev_mmio = 3, 4, 5
-XENMAPIDX_grant_table_status = 0x80000000
 DOMID_SELF = 0x7FF0
 MAX_ORDER = 9                       # a domU may ask for up to 2 MiB extents
 PAGE = 4096
@@ -65,16 +65,9 @@ def map_space(call, space: int, idx: int, gpfn: int) -> None:
         call.note(f"shared_info at {gpa:#x}")
         return
     if space == XENMAPSPACE_grant_table:
-        if idx & XENMAPIDX_grant_table_status:
-            raise HypercallError(errno.EINVAL, "grant table v2 status frames (v1 only)")
-        if idx >= xen.config.gnttab_max_frames:
-            raise HypercallError(errno.EINVAL, f"grant frame {idx} >= {xen.config.gnttab_max_frames}")
-        if gpfn * PAGE >= 1 << 52 or gpfn * PAGE in (IOAPIC_BASE, LAPIC_BASE):
-            raise HypercallError(errno.EINVAL, f"gpfn {gpfn:#x}")
-        xen.state.grant_frames[idx] = gpfn
-        xen.host.memory.map_frame(idx, gpfn * PAGE)
-        xen.gnttab.frame_mapped(idx)
-        call.note(f"grant frame {idx} at gpfn {gpfn:#x}")
+        bad_gpfn = gpfn * PAGE >= 1 << 52 or gpfn * PAGE in (IOAPIC_BASE, LAPIC_BASE)
+        xen.gnttab.place(idx, gpfn, bad_gpfn)     # a shared frame, or a v2 status frame (bit 31)
+        call.note(f"grant frame {idx:#x} at gpfn {gpfn:#x}")
         return
     if space in (XENMAPSPACE_gmfn, XENMAPSPACE_gmfn_range):
         raise HypercallError(errno.EOPNOTSUPP, "gmfn map spaces")

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 from .. import exits as E
-from . import hypercall, version, console, sched, memory, hvm, vcpu_op, pvclock, timers
+from . import hypercall, version, console, denials, sched, memory, hvm, vcpu_op, pvclock, timers
 from .callback import Callback
 from .host import XenHost
 from .evtchn import EventChannels, VIRQ_TIMER, Port, UNBOUND, BACKEND_DOMID
@@ -132,7 +132,9 @@ class XenPlatform:
             hypercall.NUMBERS["memory_op"]: memory.memory_op,
             hypercall.NUMBERS["hvm_op"]: hvm.hvm_op,
             hypercall.NUMBERS["vcpu_op"]: vcpu_op.vcpu_op,
+            **denials.TABLE,                     # what Xen refuses a domU, as Xen refuses it
         }
+        self.console_log = console.GuestConsoleLog(self.config.domid, host.xen_log.write)
         self._build_dom0_services()
         host.add_cpuid_provider(self.cpuid)
         host.add_msr_handler(HYPERCALL_MSR, self.hypercall_msr)

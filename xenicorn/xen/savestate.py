@@ -30,7 +30,8 @@ record             component               why it must be saved
                                            waiting for IF=1, the deassert poll
 ``xen.physdev``    ``Physdev``             GSI <-> PIRQ mappings and the last
                                            level of each GSI
-``xen.gnttab``     ``GrantTable``          table size and dom0's live mappings
+``xen.gnttab``     ``GrantTable``          version, table size, v2 status frame
+                                           gfns and dom0's live mappings
 ``xen.store``      ``Store``               the whole tree (values, permissions,
                                            generations), open transactions with
                                            their private trees, watches and
@@ -38,6 +39,8 @@ record             component               why it must be saved
 ``xen.xenstore``   ``XenstoreServer``      the ring server's half-read request
                                            and unsent reply bytes
 ``xen.pvconsole``  ``PvConsole``           input not yet fitted into the ring
+``xen.console``    ``GuestConsoleLog``     the ``console_io`` line Xen holds until
+                                           its newline
 =================  ======================  ====================================
 
 The domain record comes first among them and the others' ``apply_record``
@@ -63,7 +66,7 @@ def components(xen) -> list[tuple[str, object]]:
     """The Xen layer's records, in the order a load applies them."""
     return [("xen", DomainRecord(xen)), ("xen.evtchn", xen.evtchn), ("xen.callback", xen.callback),
             ("xen.physdev", xen.physdev), ("xen.gnttab", xen.gnttab), ("xen.store", xen.store),
-            ("xen.xenstore", xen.xenstore), ("xen.pvconsole", xen.pvconsole)]
+            ("xen.xenstore", xen.xenstore), ("xen.pvconsole", xen.pvconsole), ("xen.console", xen.console_log)]
 
 
 class DomainRecord:
