@@ -283,7 +283,7 @@ def set_priority(channels, call, arg: int) -> int:
     port, priority = call.guest.read_struct(arg, "<II")
     # evtchn_set_priority: -EINVAL for a port Xen has no struct evtchn for. Xen allocates those in
     # buckets, so it answers 0 for a closed port near open ones (its priority is reset when the port
-    # is next allocated); here every closed port is -EINVAL, which a guest cannot tell from a no-op.
+    # is next allocated); here every closed port is -EINVAL. Either way the priority does not survive.
     channels.port(port)
     channels.abi.set_priority(port, priority)
     call.note(f"port {port} priority {priority}")
