@@ -70,6 +70,7 @@ class MachineConfig:
     xen_version: tuple[int, int] = (4, 17)
     record_console: bool = True
     count_instructions: bool = False     # exact instruction counts and stops (stepper, gdb, records)
+    hpet: bool = True                    # the HPET at 0xFED00000 and its ACPI table (--no-hpet: none)
     acpi: bool = True                    # ACPI tables (MADT: LAPIC, IOAPIC) for the OS, as Xen gives PVH guests
     observe: set[str] = field(default_factory=set)   # trace categories delivered to observers, unprinted
 
