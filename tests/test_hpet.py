@@ -297,6 +297,7 @@ OK_LINES = ["HPET table: block id 0x8086a201 at 0xfed00000",
             "level timer 1 on GSI 21",
             "status bit 1 cleared by writing 1",
             "legacy replacement: timer 0 on IRQ 0 through IOAPIC pin 2",
+            "legacy replacement: timer 1 on IRQ 8",
             "legacy replacement: timer 0 on IRQ 0 through the 8259",
             "the PIT is cut from IRQ 0"]
 
@@ -312,9 +313,13 @@ def test_hpet_guest(name, clock):
         assert line in text, (line, text)
     h = machine.hpet
     # what the guest left: legacy mode on, timer 0 periodic on IRQ 0, timer 1's status cleared
-    assert h.enabled and h.legacy and h.isr == 0
-    assert h.fired[0] >= 5 and h.fired[1] >= 2 and h.fired[2] >= 6, h.fired
-    assert machine.pit.irq_edges > 0 and machine.wiring.gsi[21].sources["hpet"] is False
+    assert h.enabled and h.legacy and h.isr == 0 and h.held == [None] * 3
+    assert h.fired[0] >= 8 and h.fired[1] == 2 and h.fired[2] >= 6, h.fired
+    assert not machine.wiring.gsi[21].level and machine.wiring.gsi[21].sources["hpet"] is False
+    # timer 0's edges went to IRQ 0 (8259 input 0, GSI 2) on its own line; the PIT's stopped short
+    assert h.legacy_lines[0].edges == h.fired[0] and h.legacy_lines[1].edges == 1
+    assert machine.pic_inputs[0].edges >= h.fired[0] and machine.gsi[2].edges >= h.fired[0]
+    assert 3 <= machine.isa_irq[0].edges < machine.pit.irq_edges
     periodic = re.search(r"periodic: (\d+) ticks in (\d+) counter ticks", text)
     assert periodic and int(periodic[1]) >= 5
 
