@@ -263,6 +263,28 @@ def test_record_round_trips_armed_comparators_and_a_held_line():
     refuses(b, changed(rec, config=0), "timer 0 armed while it cannot fire")
 
 
+# -- whole-machine snapshots ---------------------------------------------------------------
+def test_hpet64_round_trips_with_comparators_armed_and_a_level_line_held(tmp_path):
+    """Snapshots at pauses all through hpet64 continue to the same output and state."""
+    from test_snapshot import round_trips
+    armed, held = set(), 0
+    for m, _ in round_trips(tmp_path, "hpet64", ""):
+        armed |= {t.name for t in m.clock.pending() if t.name.startswith("hpet")}
+        held += m.hpet.held[1] is not None
+    assert {"hpet0", "hpet2"} <= armed and held >= 1, (armed, held)
+
+
+def test_a_snapshot_with_an_hpet_needs_a_machine_with_one(tmp_path):
+    from test_snapshot import make
+    from xenicorn.snapshot import SnapshotError
+    m = make("hpet64", "")
+    m.save_at(30000, str(tmp_path / "h.snap"))
+    assert m.run() == 0
+    bare = make("hpet64", "", hpet=False)
+    with pytest.raises(SnapshotError, match="snapshot of a machine with an HPET, this one has no HPET"):
+        bare.load_snapshot(str(tmp_path / "h.snap"))
+
+
 # -- the machine --------------------------------------------------------------------------
 def test_the_machine_maps_it_and_the_acpi_table_describes_it():
     m = Machine(MachineConfig(debugcon="none", serial="none"))
@@ -317,7 +339,9 @@ def test_hpet_guest(name, clock):
     assert h.fired[0] >= 8 and h.fired[1] == 2 and h.fired[2] >= 6, h.fired
     assert not machine.wiring.gsi[21].level and machine.wiring.gsi[21].sources["hpet"] is False
     # timer 0's edges went to IRQ 0 (8259 input 0, GSI 2) on its own line; the PIT's stopped short
-    assert h.legacy_lines[0].edges == h.fired[0] and h.legacy_lines[1].edges == 1
+    w = machine.wiring
+    assert w.pic_input(0, "hpet").edges == w.isa_gsi_input(0, "hpet").edges == h.fired[0]
+    assert w.pic_input(8, "hpet").edges == w.isa_gsi_input(8, "hpet").edges == 1
     assert machine.pic_inputs[0].edges >= h.fired[0] and machine.gsi[2].edges >= h.fired[0]
     assert 3 <= machine.isa_irq[0].edges < machine.pit.irq_edges
     periodic = re.search(r"periodic: (\d+) ticks in (\d+) counter ticks", text)

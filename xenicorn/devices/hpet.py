@@ -410,6 +410,18 @@ class Hpet:
             self.armed[n] = self.clock.rearm(armed.get(f"hpet{n}"), lambda n=n: self._fire(n), f"hpet{n}")
 
 
+class IsaIrq:
+    """An ISA IRQ as the HPET drives it in legacy mode: the 8259 input and the IOAPIC pin
+    together, each through the HPET's own sub-line (which the machine's wiring record saves)."""
+
+    def __init__(self, *lines):
+        self.lines = lines
+
+    def pulse(self) -> None:
+        for line in self.lines:
+            line.pulse()
+
+
 class LegacyGate:
     """The PIT's IRQ 0 output, cut while the HPET is in legacy replacement mode.
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from ..devices.console import (DebugCon, DebugExit, AcpiPmControl, AcpiPmEvent, AcpiPmTimer, AcpiSleepRegisters,
                                KeyboardControllerReset)
-from ..devices.hpet import HPET_BASE, HPET_SIZE, Hpet, LegacyGate, ROUTE_GSIS
+from ..devices.hpet import HPET_BASE, HPET_SIZE, Hpet, IsaIrq, LegacyGate, ROUTE_GSIS
 from ..devices.ioapic import IOAPIC_BASE
 from ..devices.lapic import LAPIC_BASE
 from ..devices.pci import PciBus, Piix3Isa, host_bridge, CONFIG_ADDRESS
@@ -94,15 +94,9 @@ def build_legacy_devices(machine) -> None:
 def build_hpet(machine) -> Hpet:
     """The HPET at 0xFED00000: its own sub-lines into GSIs 20-23 (its routes) and, for legacy
     replacement mode, into IRQ 0 (8259 input 0, IOAPIC pin 2) and IRQ 8 (input 8, pin 8)."""
-    from ..devices.irq import IrqLine
     w = machine.wiring
-    legacy = []
-    for timer, irq in enumerate((0, 8)):
-        line = IrqLine(f"HPET{timer}-IRQ{irq}")
-        line.connect(w.pic_input(irq, "hpet").set_level)
-        line.connect(w.isa_gsi_input(irq, "hpet").set_level)
-        legacy.append(line)
-    hpet = Hpet(machine.clock, {gsi: w.gsi_input(gsi, "hpet") for gsi in ROUTE_GSIS}, tuple(legacy))
+    legacy = tuple(IsaIrq(w.pic_input(irq, "hpet"), w.isa_gsi_input(irq, "hpet")) for irq in (0, 8))
+    hpet = Hpet(machine.clock, {gsi: w.gsi_input(gsi, "hpet") for gsi in ROUTE_GSIS}, legacy)
     machine.register_mmio(HPET_BASE, HPET_SIZE, hpet)
     return hpet
 
