@@ -57,7 +57,15 @@ corner cases are kept: a periodic period below 100 us is raised to it, a
 comparator in the past fires at once (in 32-bit mode one more than ~1 ms
 behind waits for the counter to wrap), a level periodic timer runs as
 one-shot and restarts when its status bit is cleared, and the periodic
-comparator is advanced lazily (read it and it is the next match). Two
+comparator is advanced lazily (read it and it is the next match), against
+the whole 64-bit counter even in 32-bit mode (so once the counter has
+passed 2^32, a 32-bit periodic timer's first match comes within a period
+of the write, not at the value written). A narrow write merges with the
+register *as read*: for a periodic comparator that is the comparator, so
+a 32-bit half written to a 64-bit periodic timer sets a period made of
+that half and the comparator's other half (Unicorn splits every 8-byte
+MMIO access into two 4-byte ones, docs/unicorn-notes.md, so a guest here
+programs periodic timers in 32-bit mode, as Linux does). Two
 differences: in legacy mode the PIT's IRQ 0 is cut for as long as the mode
 is on (the spec's rule; Xen stops the PIT's timer once, when timer 0 is
 armed), and a legacy timer set to level still sends edges (IRQ 0 and 8 are
