@@ -139,6 +139,19 @@ def test_periodic_period_has_xens_100us_floor():
     assert h.period[0] == 0x7FFFFFFF                          # half the 32-bit range at most
 
 
+def test_a_period_truncated_by_32bit_mode_still_fires_at_most_every_100us():
+    h, clock, insns, gsis, _ = rig()
+    h.mmio_write(T0, 4, H.TN_PERIODIC | H.TN_SETVAL | route(20))
+    h.mmio_write(T0 + 8, 8, 100)                              # the first match
+    h.mmio_write(T0 + 8, 8, (1 << 32) + 1)                   # a 64-bit period...
+    h.mmio_write(T0, 4, H.TN_ENABLE | H.TN_PERIODIC | H.TN_32BIT | route(20))
+    assert h.period[0] == 1                                   # ...cut to one tick by 32-bit mode
+    h.mmio_write(0x10, 4, H.CFG_ENABLE)
+    for _ in range(100):
+        advance(clock, insns, 16 * 625)                       # 1 ms in steps of 10 us
+    assert 9 <= gsis[20].edges <= 11, gsis[20].edges         # ~10 kHz, not 62.5 MHz
+
+
 def test_32bit_mode_compares_the_low_half_and_wraps():
     h, clock, insns, gsis, _ = rig()
     h.mmio_write(0xF0, 8, 0x3_FFFF_F000)

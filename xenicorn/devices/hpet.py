@@ -320,8 +320,9 @@ class Hpet:
         self.armed[n] = None
         self._comparator(n, now)                           # a read while stopped sees it up to date
 
-    def _start(self, n: int, now: int) -> None:
-        """Arm timer ``n`` for the tick its comparator matches (Xen's hpet_set_timer)."""
+    def _start(self, n: int, now: int, at_least: int = 0) -> None:
+        """Arm timer ``n`` for the tick its comparator matches (Xen's hpet_set_timer), at least
+        ``at_least`` ticks from now."""
         if not self._is(n, TN_ENABLE) or (self._is(n, TN_LEVEL) and self.isr >> n & 1):
             return                                         # a level timer waits for its status bit
         if not self._route_valid(n):
@@ -337,7 +338,7 @@ class Hpet:
             diff = diff & M32 if self._is(n, TN_32BIT) and behind > TINY_TICKS else 0
         self.clock.cancel(self.armed[n])
         self.armed[n] = None
-        deadline = (now + diff) * TICK_NS
+        deadline = (now + max(diff, at_least)) * TICK_NS
         if deadline < MAX_DEADLINE_NS:
             self.armed[n] = self.clock.add_timer(deadline, lambda: self._fire(n), f"hpet{n}")
 
@@ -358,7 +359,9 @@ class Hpet:
                 return
             self.gsi_lines[gsi].pulse()
         if self._is(n, TN_PERIODIC) and self.period[n]:
-            self._start(n, self._ticks())
+            # Xen's vpt runs no periodic timer faster than every 100 us (create_periodic_time),
+            # whatever the period register says (32-bit mode can truncate it to a few ticks)
+            self._start(n, self._ticks(), at_least=MIN_PERIOD if self.period[n] < MIN_PERIOD else 0)
 
     # -- snapshots (a record, see xenicorn.records) -----------------------------------
     RECORD = ("hpet", 1)
