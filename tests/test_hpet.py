@@ -326,6 +326,7 @@ def run(name, **cfg):
 OK_LINES = ["HPET table: block id 0x8086a201 at 0xfed00000",
             "capabilities: vendor 0x8086, 3 timers, 64-bit counter, legacy capable, 16000000 fs",
             "timer 0 routes 0xf00000",
+            "routes 16-31 asked of every timer: only 20-23 kept, the others become 20",
             "main counter runs",
             "one-shot edge timer 2 on GSI 20",
             "periodic timer 2 with SETVAL",

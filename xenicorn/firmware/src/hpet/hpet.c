@@ -180,6 +180,18 @@ static void test_caps(void) {
               "timer %d routes %#x, periodic and 64-bit capable, no FSB", n, (u32)(cfg >> 32));
     }
     check(rd32(CFG) == 0 && rd32(STATUS) == 0, "disabled at reset, no status");
+    /* XSA-261's walk: every timer asked for every IRQ 16-31 (the spec's
+     * INT_ROUTE is 5 bits); an enabled timer only ever keeps a route its
+     * caps allow, the first one (20) otherwise (timer_sanitize_int_route) */
+    int kept = 1;
+    for (int n = 0; n < 3; n++)
+        for (u32 irq = 16; irq < 32; irq++) {
+            wr32(TN_CFG(n), TN_ENABLE | TN_ROUTE(irq));
+            u32 got = (rd32(TN_CFG(n)) >> 9) & 0x1F;
+            if (got != (irq >= 20 && irq <= 23 ? irq : 20)) kept = 0;
+            wr32(TN_CFG(n), 0);
+        }
+    check(kept, "routes 16-31 asked of every timer: only 20-23 kept, the others become 20");
 }
 
 static void test_counter(void) {
