@@ -27,7 +27,9 @@ MADT     "APIC": the LAPIC address, "PC-AT compatible 8259s present", and
          wired to pin 2, as on every PC), and LINT1 as NMI
 HPET     "HPET": the event timer block's ID (its capabilities' low half)
          and address 0xFED00000, as Xen's hvmloader writes it; how Linux
-         finds the HPET (left out with ``--no-hpet``)
+         finds the HPET (left out with ``--no-hpet``). Xen's DSDT also
+         has a PNP0103 device for it; Linux needs none (it sets the
+         HPET up from this table, "hpet0: at MMIO 0xfed00000")
 =======  =========================================================
 
 Every table starts with the same 36-byte header, and the byte sum of each
