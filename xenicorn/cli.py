@@ -108,6 +108,8 @@ def _run_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--no-acpi", action="store_true",
                    help="no ACPI tables (by default the guest gets an RSDP, FADT, DSDT and a MADT listing "
                         "the LAPIC and IOAPIC, as Xen gives PVH guests)")
+    r.add_argument("--no-hpet", action="store_true",
+                   help="no HPET at 0xFED00000 and no ACPI HPET table (QEMU's -no-hpet, Xen's hpet=0)")
     r.add_argument("--xen-version", default="4.17", metavar="MAJOR.MINOR",
                    help="what XENVER_version and CPUID report (default 4.17)")
     r.add_argument("--callback-deassert", choices=("poll", "eoi"), default="poll",
@@ -205,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--xen-version {args.xen_version}: expected MAJOR.MINOR, e.g. 4.17") from None
     config.xen = not args.no_xen
     config.acpi = not args.no_acpi
+    config.hpet = not args.no_hpet
     config.clock = args.clock
     config.xen_version = (major, minor)
     config.callback_deassert = args.callback_deassert

@@ -72,6 +72,7 @@ class MachineConfig:
     record_console: bool = True
     xen_log: str = "stderr"              # console_io lines, Xen's log: stdout | stderr | file:PATH | none
     count_instructions: bool = False     # exact instruction counts and stops (stepper, gdb, records)
+    hpet: bool = True                    # the HPET at 0xFED00000 and its ACPI table (--no-hpet: none)
     acpi: bool = True                    # ACPI tables (MADT: LAPIC, IOAPIC) for the OS, as Xen gives PVH guests
     observe: set[str] = field(default_factory=set)   # trace categories delivered to observers, unprinted
 

@@ -175,6 +175,8 @@ class XenPlatform:
         p = self.state.params
         p[hvm.HVM_PARAM_STORE_PFN], p[hvm.HVM_PARAM_STORE_EVTCHN] = self.XENSTORE_PFN, xs_port
         p[hvm.HVM_PARAM_CONSOLE_PFN], p[hvm.HVM_PARAM_CONSOLE_EVTCHN] = self.CONSOLE_PFN, con_port
+        # the toolstack's view (Xen's hpet_init sets it; a guest reading it gets -EPERM)
+        p[hvm.HVM_PARAM_HPET_ENABLED] = int(getattr(host, "hpet", None) is not None)
         self._populate_store(xs_port, con_port)
 
     def _xenstore_kick(self) -> None:
