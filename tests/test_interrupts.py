@@ -105,8 +105,25 @@ def test_int_n_from_cpl3_through_a_dpl0_gate_is_gp(machine):
     rec = deliver(vcpu, 0x40, EventType.SOFTWARE_INTERRUPT)
     assert rec.vector == 13 and rec.error_code == (0x40 << 3) | 2          # no EXT for INT n
     assert rec.stack_switched and vcpu.cpl() == 0
-    # ring-0 stack from the TSS: error code, EIP, CS, EFLAGS, ESP, SS
-    assert stack(machine, 0x9000 - 24, 6) == [0x202, 0x100042, 0x1B, 0x202 | (1 << 16), 0x7000, 0x23]
+    # ring-0 stack from the TSS: error code, EIP, CS, EFLAGS, ESP, SS; the
+    # fault is the INT instruction's, so EIP is the INT's (0x100040), not past it
+    assert stack(machine, 0x9000 - 24, 6) == [0x202, 0x100040, 0x1B, 0x202 | (1 << 16), 0x7000, 0x23]
+
+
+@pytest.mark.parametrize("code, vector, at", [(b"\xcd\x21", 0x21, 0x100040), (b"\xcc", 3, 0x100041),
+                                               (b"\xcd\x03", 3, 0x100040)])
+def test_fault_delivering_a_software_interrupt_points_at_the_instruction(machine, code, vector, at):
+    """SDM vol. 3 §6.5: a fault's saved EIP is the faulting instruction's, and
+    a fault while delivering INT n / INT3 is the INT's own (QEMU TCG agrees;
+    kvm-unit-tests' eventinj fixes the IDT in its #NP handler and returns to
+    run the INT again). RIP is past the INT when delivery starts."""
+    vcpu = protected(machine)
+    machine.memory.write(0x100042 - len(code), code)
+    machine.memory.write(IDT + 8 * vector, gate32(0x500000, present=False))
+    vcpu.set_reg("rip", 0x100042)
+    rec = deliver(vcpu, vector, EventType.SOFTWARE_INTERRUPT)
+    assert rec.vector == 11 and rec.error_code == (vector << 3) | 2      # IDT bit, no EXT
+    assert stack(machine, vcpu.reg("rsp"), 2) == [(vector << 3) | 2, at]
 
 
 def test_int_n_from_cpl3_through_a_dpl3_gate_switches_stacks(machine):

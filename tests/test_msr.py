@@ -15,6 +15,8 @@ GUEST = (bytes.fromhex("b900000040" "b800503400" "ba12000000" "0f30" "0f32"
 
 
 def test_closed_window_lets_unicorn_drop_the_msr(machine):
+    machine.vcpu.msr.close("kernel-start")               # open from power-on (IA32_APIC_BASE)
+    assert not machine.vcpu.msr.is_open
     seen = []
     machine.msr_handlers[0x40000000] = lambda vcpu, ex: seen.append(ex)
     load(machine, GUEST)
@@ -48,6 +50,7 @@ def test_open_window_traps_write_and_read_of_the_xen_msr(machine):
 
 
 def test_closing_the_window_stops_the_exits(machine):
+    machine.vcpu.msr.close("kernel-start")               # the power-on interest (IA32_APIC_BASE)
     machine.vcpu.msr.open("a")
     machine.vcpu.msr.open("b")
     machine.vcpu.msr.close("a")
@@ -142,3 +145,50 @@ def test_writing_arch_capabilities_is_a_gp(machine, monkeypatch):
                         lambda vcpu, vector, etype, code=None: delivered.append((vector, code)))
     machine.dispatch._arch_capabilities(machine.vcpu, E.Msr(0x100000, 0x10A, True, 0))
     assert delivered == [(13, 0)]
+
+
+# mov ecx,0x1b ; rdmsr ; mov [0x2000],eax ; mov [0x2004],edx ;
+# or eax,0x200 (bit 9, reserved) ; wrmsr ; poweroff
+APIC_BASE_GUEST = (bytes.fromhex("b91b000000" "0f32" "a300200000" "891504200000" "0d00020000" "0f30")
+                   + POWEROFF + CLI_HLT)
+
+
+def test_apic_base_msr_reads_the_enabled_xapic_page_and_bsp_flag(machine, monkeypatch):
+    """IA32_APIC_BASE (SDM vol. 3 §10.4.4) on the BSP: 0xFEE00000 | EN (bit 11) | BSP (bit 8).
+    Unicorn alone answers 0 (APIC disabled); a write setting reserved bit 9 is #GP(0)."""
+    delivered = []
+
+    def spy(vcpu, vector, etype, code=None):
+        delivered.append((vector, code))
+        vcpu.set_reg("rip", vcpu.reg("rip") + 2)           # step over the WRMSR instead
+        return E.Action.CONTINUE
+    monkeypatch.setattr(machine.dispatch, "deliver", spy)
+    load(machine, APIC_BASE_GUEST)
+    assert "kernel-start" in machine.vcpu.msr.interests       # open from power-on
+    assert machine.run() == 0
+    assert machine.memory.read_u32(0x2000) == 0xFEE00000 | (1 << 11) | (1 << 8)
+    assert machine.memory.read_u32(0x2004) == 0
+    assert delivered == [(13, 0)]
+
+
+def test_apic_base_msr_has_no_bsp_flag_on_an_ap_and_keeps_writes_of_its_value():
+    from xenicorn.devices.console import ConsoleSink
+    from xenicorn.machine.machine import Machine, MachineConfig
+    m = Machine(MachineConfig(ram_mib=16, debugcon="none", smp=2), console=ConsoleSink(None))
+    try:
+        ex = E.Msr(0x100000, 0x1B, False, 0)
+        m.dispatch._apic_base(m.vcpus[1], ex)
+        assert ex.value == 0xFEE00000 | (1 << 11)
+        assert "kernel-start" in m.vcpus[1].msr.interests
+        ok = E.Msr(0x100000, 0x1B, True, 0xFEE00000 | (1 << 11) | (1 << 8))
+        assert m.dispatch._apic_base(m.vcpu, ok) is E.Action.CONTINUE
+    finally:
+        m.close()
+
+
+def test_the_kernel_start_window_closes_at_the_first_syscall(machine, monkeypatch):
+    from xenicorn.x86 import syscall
+    monkeypatch.setattr(syscall, "do_syscall", lambda vcpu: None)
+    assert machine.vcpu.msr.is_open
+    machine.dispatch._syscall(machine.vcpu, E.Syscall(0x100000, "syscall"))
+    assert not machine.vcpu.msr.is_open

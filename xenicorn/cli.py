@@ -104,6 +104,9 @@ def _run_options(r: argparse.ArgumentParser) -> None:
                    help="CPUID vendor (Intel guests use VMCALL, AMD guests VMMCALL)")
     r.add_argument("--clock", choices=("host", "deterministic"), default="host",
                    help="guest time: host clock (fast) or executed instructions (repeatable, ~3x slower)")
+    r.add_argument("-device", "--device", action="append", default=[], choices=("pc-testdev",),
+                   help="add a device: pc-testdev is QEMU's ISA test device (ports 0xE0-0xEB and the IRQ "
+                        "lines at 0x2000) that kvm-unit-tests' x86 tests use")
     r.add_argument("--no-xen", action="store_true", help="a plain PC: no Xen CPUID leaves or hypercalls")
     r.add_argument("--no-acpi", action="store_true",
                    help="no ACPI tables (by default the guest gets an RSDP, FADT, DSDT and a MADT listing "
@@ -208,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
     config.xen = not args.no_xen
     config.acpi = not args.no_acpi
     config.hpet = not args.no_hpet
+    config.testdev = "pc-testdev" in args.device
     config.clock = args.clock
     config.xen_version = (major, minor)
     config.callback_deassert = args.callback_deassert

@@ -9,6 +9,7 @@ ports 0x70-0x71    MC146818 RTC and CMOS
 port 0x64          keyboard controller (only its reset command, 0xFE)
 ports 0x3F8-0x3FF  16550 UART (COM1, IRQ 4)
 port 0xE9, 0xF4    Bochs/QEMU debug console, QEMU's isa-debug-exit
+0xE0-0xE7, 0x2000  QEMU's pc-testdev (and 0xFF000000), with -device pc-testdev only
 ports 0x600, 0x604 ACPI PM1a event and control blocks (S5 = power off)
 port 0x60C         ACPI PM timer (3.579545 MHz, machine time)
 ports 0xCF8-0xCFF  PCI configuration mechanism #1 (and 0xCF9 reset)
@@ -35,6 +36,7 @@ from ..devices.lapic import LAPIC_BASE
 from ..devices.pci import PciBus, Piix3Isa, host_bridge, CONFIG_ADDRESS
 from ..devices.pit8254 import Pit8254, PIT_PORT, SPEAKER_PORT
 from ..devices.rtc import INDEX_PORT, Rtc
+from ..devices.testdev import PcTestdev
 from ..devices.uart16550 import attach_serial
 from .wiring import PCI_ISA_IRQS
 
@@ -91,6 +93,10 @@ def build_legacy_devices(machine) -> None:
     m.register_pio(FWCFG_PORT, 2, m.fw_cfg)
     m.rtc = Rtc(m.clock.now_ns, deterministic=m.clock.deterministic)
     m.register_pio(INDEX_PORT, 2, m.rtc)
+    m.testdev = None
+    if m.config.testdev:
+        m.testdev = PcTestdev(m.isa_irq)
+        m.testdev.attach(m.register_pio, m.register_mmio)
     m.serial, m.serial_file = attach_serial(m.config.serial, m.console, m.register_pio, irq=m.isa_irq[4])
 
 

@@ -33,6 +33,7 @@ import collections
 from .. import exits as E
 from ..x86.cpuid import ARCH_CAPABILITIES, LEAF7_EDX_ARCH_CAPABILITIES, MSR_ARCH_CAPABILITIES
 from ..x86.interrupts import EventType, TripleFault, deliver
+from ..devices.lapic import LAPIC_BASE
 from .memory import PAGE_SIZE
 from .trace import disassemble
 
@@ -40,6 +41,10 @@ STATUS_OK, STATUS_CRASH, STATUS_USAGE, STATUS_TIMEOUT = 0, 1, 2, 124
 IO_PORT_NS = 1000                  # deterministic time: one port access, as on an ISA bus
 RECENT_EXITS = 12                  # exits kept for the report after a crash or hang
 ARCH_CAPABILITIES_INTEREST = "arch-capabilities"     # the MSR window while the kernel starts
+KERNEL_START_INTEREST = "kernel-start"                # the same, from power-on (IA32_APIC_BASE)
+MSR_IA32_APICBASE = 0x1B
+APICBASE_BSP, APICBASE_EN = 1 << 8, 1 << 11              # bit 10 (x2APIC's EXTD) is reserved here
+APICBASE_ADDR = ((1 << 40) - 1) & ~0xFFF                 # the page's address, below MAXPHYADDR (40)
 
 
 class ExitDispatcher:
@@ -54,7 +59,7 @@ class ExitDispatcher:
         self.listeners: list = []            # callables(vcpu, exit) after each handled exit: records
         self.hypercall_handler = None        # callable(vcpu, Hypercall) -> Action: Xen, when present
         self.msr_handlers: dict = {          # msr -> handler(vcpu, Msr exit), see engine/msr.py
-            MSR_ARCH_CAPABILITIES: self._arch_capabilities}
+            MSR_ARCH_CAPABILITIES: self._arch_capabilities, MSR_IA32_APICBASE: self._apic_base}
         self._handlers = {
             E.PortIO: self._pio,
             E.Mmio: self._mmio,
@@ -173,6 +178,30 @@ class ExitDispatcher:
         ex.value = ARCH_CAPABILITIES
         return E.Action.CONTINUE
 
+    def _apic_base(self, vcpu, ex: E.Msr):
+        """IA32_APIC_BASE (MSR 0x1B, SDM vol. 3 §10.4.4): where the local APIC's
+        page is (bits 12-39), its global enable (bit 11), the BSP flag (bit 8).
+
+        Unicorn has no APIC device and answers 0, "APIC globally disabled",
+        which kvm-unit-tests' apic test asserts against. The value here is
+        the machine's: the page at 0xFEE00000, enabled, BSP on vCPU 0. A write
+        with a reserved bit set (0-7, 9, above the 40 physical address bits,
+        or x2APIC's EXTD, bit 10, which CPUID does not offer) is #GP; a
+        write that keeps base and enable changes nothing; moving the page or
+        disabling the APIC is not modelled (traced, and the APIC stays).
+        Read only while the MSR window is open (the kernel's start-up).
+        """
+        value = LAPIC_BASE | APICBASE_EN | (APICBASE_BSP if vcpu.index == 0 else 0)
+        if not ex.write:
+            ex.value = value
+            return E.Action.CONTINUE
+        if ex.value & ~(APICBASE_ADDR | APICBASE_EN | APICBASE_BSP):
+            return self.deliver(vcpu, 13, EventType.HARDWARE_EXCEPTION, 0)
+        if (ex.value ^ value) & ~APICBASE_BSP and self.machine.tracer.on("io"):
+            self.machine.tracer.emit("io", f"WRMSR IA32_APIC_BASE {ex.value:#x}: moving or disabling the "
+                                           "local APIC is not modelled")
+        return E.Action.CONTINUE
+
     def _hlt(self, vcpu, ex: E.Hlt) -> E.Action:
         self.machine.idle(vcpu, "HLT")
         return E.Action.CONTINUE
@@ -193,6 +222,7 @@ class ExitDispatcher:
         # User mode has started: the kernel has read its capabilities. Close the
         # MSR window they needed (an open window slows plain code ~9%).
         vcpu.msr.close(ARCH_CAPABILITIES_INTEREST)
+        vcpu.msr.close(KERNEL_START_INTEREST)
         from ..x86 import syscall
         (syscall.do_syscall if ex.insn == "syscall" else syscall.do_sysenter)(vcpu)
         return E.Action.CONTINUE

@@ -29,6 +29,7 @@ from ..engine.vcpu import VCpu
 from ..x86.cpuid import CpuidPolicy
 from . import chipset
 from .clock import VirtualClock
+from .dispatch import KERNEL_START_INTEREST, MSR_IA32_APICBASE
 from .dispatch import ExitDispatcher, STATUS_OK, STATUS_CRASH, STATUS_USAGE, STATUS_TIMEOUT  # noqa: F401
 from .memory import GuestMemory
 from .runloop import Agent, RunLoop
@@ -73,6 +74,7 @@ class MachineConfig:
     xen_log: str = "stderr"              # console_io lines, Xen's log: stdout | stderr | file:PATH | none
     count_instructions: bool = False     # exact instruction counts and stops (stepper, gdb, records)
     hpet: bool = True                    # the HPET at 0xFED00000 and its ACPI table (--no-hpet: none)
+    testdev: bool = False                # -device pc-testdev: QEMU's ISA test device (kvm-unit-tests)
     acpi: bool = True                    # ACPI tables (MADT: LAPIC, IOAPIC) for the OS, as Xen gives PVH guests
     observe: set[str] = field(default_factory=set)   # trace categories delivered to observers, unprinted
 
@@ -132,6 +134,13 @@ class Machine(XenHostServices):
             # RDTSC reads the host TSC in Unicorn; trap it so guest time repeats.
             for vcpu in self.vcpus:
                 vcpu.msr.intercept_rdtsc()
+        # IA32_APIC_BASE, which Unicorn answers 0 ("APIC disabled"): a kernel
+        # reads it as it starts, so the MSR window is open for it from power-on
+        # until user mode begins (closed with ARCH_CAPABILITIES' interest at the
+        # first SYSCALL, machine/dispatch.py): Linux runs with it closed.
+        for vcpu in self.vcpus:
+            vcpu.msr.watch(MSR_IA32_APICBASE)
+            vcpu.msr.open(KERNEL_START_INTEREST)
         emit_irq = (lambda text: self.tracer.emit("irq", text)) if self.tracer.on("irq") else None
         self.wiring = w = InterruptWiring(self.clock, kick=self.kick, pci_irqs=cfg.pci_irqs, trace=emit_irq,
                                           cpus=cfg.smp, lapic_notify=self._lapic_notify,

@@ -372,7 +372,9 @@ class RunLoop:
         m = self.machine
         vcpu = m.current_vcpu
         src = m.interrupt_source_of(vcpu)
-        if vcpu._in_emu and (force or (src is not None and src.pending())):
+        # an NMI pends outside the IRR (pending() ignores it) and needs no IF
+        wants = src is not None and (src.pending() or getattr(src, "nmi_pending", False))
+        if vcpu._in_emu and (force or wants):
             vcpu.request_stop(why)
 
     def kick_until(self, taken, why: str) -> None:

@@ -30,6 +30,8 @@ def components(machine) -> list[tuple[str, object]]:
     parts += [("pit", m.pit), ("rtc", m.rtc), ("fw-cfg", m.fw_cfg)]
     if m.hpet is not None:
         parts.append(("hpet", m.hpet))
+    if getattr(m, "testdev", None) is not None:
+        parts.append(("pc-testdev", m.testdev))
     if m.serial is not None:
         parts.append(("uart", m.serial))
     for name, port, kind in (("acpi-pm1-event", AcpiPmEvent.PORT, AcpiPmEvent),

@@ -398,6 +398,19 @@ def _combine(first: int, second: int) -> bool:
     return first_pf and (second_pf or second in CONTRIBUTORY)
 
 
+def _soft_int_length(cpu: _Cpu, vector: int) -> int:
+    """Length of the INT instruction that ended just before RIP: 1 for INT3
+    (0xCC) and INTO (0xCE), else 2 (INT imm8, 0xCD ib)."""
+    one_byte = {3: 0xCC, 4: 0xCE}.get(vector)
+    if one_byte is not None:
+        try:
+            if cpu.read(cpu.cs.base + cpu.rip - 1, 1)[0] == one_byte:
+                return 1
+        except (_Fault, TripleFault):
+            pass
+    return 2
+
+
 def deliver(vcpu: Vcpu, vector: int, etype: EventType, error_code: int | None = None) -> Delivery:
     """Deliver one event through the guest's IVT/IDT, handling nested faults."""
     chain: list[str] = []
@@ -418,6 +431,12 @@ def deliver(vcpu: Vcpu, vector: int, etype: EventType, error_code: int | None = 
                 parts = _deliver_protected(cpu, rec, ext)
         except _Fault as f:
             chain.append(f"{vector_name(vector)} ({f.why})")
+            if etype is EventType.SOFTWARE_INTERRUPT:
+                # A fault while delivering INT n / INT3 / INTO is the instruction's
+                # fault: its frame points at the instruction, not past it (SDM
+                # vol. 3 §6.5: a fault's saved EIP is the faulting instruction),
+                # so a handler that fixes the IDT and returns runs it again.
+                vcpu.set_reg("rip", cpu.rip - _soft_int_length(cpu, vector))
             if vector == DF:
                 raise TripleFault("triple fault: " + " -> ".join(chain)) from None
             if etype is EventType.HARDWARE_EXCEPTION and _combine(vector, f.vector):
