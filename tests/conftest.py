@@ -9,8 +9,8 @@ from xenicorn.machine.machine import Machine, MachineConfig
 
 @pytest.fixture
 def machine():
-    """A 16 MiB machine whose console output is recorded, not printed."""
-    m = Machine(MachineConfig(ram_mib=16, debugcon="none"), console=ConsoleSink(None))
+    """A 16 MiB machine whose console and Xen log are recorded (``.console``, ``.xen_log``), not printed."""
+    m = Machine(MachineConfig(ram_mib=16, debugcon="none", xen_log="none"), console=ConsoleSink(None))
     yield m
     m.close()
 

@@ -32,7 +32,7 @@ def test_start_info_points_at_valid_tables():
     rsdp = machine.memory.read_int(kernel.start_info + START_INFO_RSDP, 8)
     assert rsdp == acpi.ACPI_BASE and rsdp % 16 == 0            # where a legacy scan also looks
     tables = acpi.parse(machine.memory.read, rsdp)
-    assert set(tables) == {b"FACP", b"APIC", b"DSDT"}
+    assert set(tables) == {b"FACP", b"APIC", b"DSDT", b"HPET"}         # the HPET: tests/test_hpet.py
     fadt = tables[b"FACP"]
     assert struct.unpack_from("<I", fadt, 112)[0] & acpi.FADT_HW_REDUCED_ACPI
     # no RTC and no VGA on this machine: Linux must not poll CMOS ports 0x70/0x71

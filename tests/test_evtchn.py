@@ -112,9 +112,9 @@ def test_hostile_arguments_get_xens_errors(xen):
             (10, "<H", (8,), errno.ESRCH),
             (2, "<III", (300, 0, 0), errno.EINVAL),           # PIRQ beyond NR_PIRQS
             (2, "<III", (20, 0, 0), errno.ENOENT),            # PIRQ not mapped
-            (11, "<I", (0,), errno.ENOSYS),                   # FIFO ABI
-            (12, "<I", (0,), errno.ENOSYS),
-            (13, "<I", (0,), errno.ENOSYS),
+            (11, "<QIIQ", (SHARED >> 12, 0, 5, 0), errno.ENOENT),   # FIFO init_control for no vCPU 5
+            (12, "<Q", (SHARED >> 12,), errno.EOPNOTSUPP),   # expand_array before init_control
+            (13, "<II", (p, 0), errno.ENOSYS),                # no priorities in the 2-level ABI
             (77, "<I", (0,), errno.ENOSYS)]:
         assert op(xen, cmd, fmt, *fields) == -code, (cmd, fields)
     assert call(xen, EVTCHN, 4, 0xC0000000) == -errno.EFAULT

@@ -25,8 +25,10 @@ FAULTS = {0, 6, 13, 14}
 
 
 def run(name, **cfg):
+    """Boot a firmware kernel; its console text is returned, Xen's log is ``machine.xen_log``."""
     path = firmware.find(name)
     assert path, f"firmware {name} is missing; run tools/build_firmware.py"
+    cfg.setdefault("xen_log", "none")
     config = MachineConfig(debugcon="none", **cfg)
     machine, kernel = boot(config, path, console=ConsoleSink(None))
     status = machine.run()

@@ -4,8 +4,9 @@ They once failed in some runs, for three reasons now fixed and tested
 below the guest: system calls skipped by a stop from the stop-timer's
 thread (tests/test_stopcheck.py), a ``SCHEDOP_poll`` on a masked port that
 nothing woke (Linux's PV spinlocks; smp32/smp64 test it), and, without the
-Xen clock, jiffies as the TSC's watchdog (the ACPI PM timer now is; see
-tests/test_acpi.py).
+Xen clock, jiffies as the TSC's watchdog (the HPET now is, registered
+before tsc-early, and the ACPI PM timer otherwise; see tests/test_hpet.py
+and tests/test_acpi.py).
 
 Linux brings its APs up with INIT-SIPI through the local APIC. With the
 vector callback it registers a ``vcpu_info``, Xen's single-shot timer and a

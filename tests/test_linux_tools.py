@@ -122,9 +122,10 @@ def cli(*args):
 
 
 def test_a_bzimage_boots_like_its_vmlinux(tmp_path):
+    """With --boot pvh (a bzImage boots through the Linux boot protocol by default)."""
     img = tmp_path / "bzImage"
     img.write_bytes(make_bzimage(open(firmware.find("hello64"), "rb").read(), "xz"))
-    r = cli("run", str(img))
+    r = cli("run", "--boot", "pvh", str(img))
     assert r.returncode == 0 and "Hello from xenicorn hello64 (long mode" in r.stdout, r.stdout + r.stderr
 
 

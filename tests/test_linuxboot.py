@@ -365,8 +365,12 @@ def boot_debian(tmp_path, *, append: str = "", pci_irqs: str = "apic", smp: int 
     return machine, out.read_text(errors="replace")
 
 
-def check_common_boot(machine, text: str) -> None:
-    """What every callback path shares: Xen found, HVM not PVH, PC firmware tables, a clean power-off."""
+def check_common_boot(machine, text: str, abi: str = "FIFO") -> None:
+    """What every callback path shares: Xen found, HVM not PVH, PC firmware tables, a clean power-off.
+
+    ``abi``: the event-channel ABI Linux took -- FIFO when Xen offers it
+    (its default), 2-level with ``xen.fifo_events=0``.
+    """
     assert machine.shutdown_reason == "poweroff" and machine.status == 0, (
         f"{machine.shutdown_reason}: {machine.shutdown_message}\n" + "\n".join(machine.crash_report())
         + text[-3000:])
@@ -375,7 +379,12 @@ def check_common_boot(machine, text: str) -> None:
     assert "Xen PVH" not in text
     assert "BIOS-e820: [mem 0x000000000009fc00-0x00000000000fffff] reserved" in text
     assert "RAMDISK: [mem " in text                        # the initrd the zero page points at
-    assert "xen:events: Using 2-level ABI" in text
+    if abi == "FIFO":
+        assert "xen:events: Using FIFO-based ABI" in text
+        fifo = machine.xen.evtchn.abi
+        assert fifo.name == "FIFO" and fifo.pages and set(fifo.control) == set(range(len(machine.vcpus)))
+    else:
+        assert "xen:events: Using 2-level ABI" in text and machine.xen.evtchn.abi.name == "2-level"
     # The FADT is a full PC one (SCI, PM1 blocks, RTC present), so Linux keeps the
     # 8259 and the 16 ISA IRQs and calls the guest HVM, not PVH.
     assert "preallocated irqs: 16" in text
@@ -419,6 +428,8 @@ def test_debian_kernel_reaches_userspace_through_the_callback_vector(tmp_path):
     assert machine.xen.state.upcall_vectors.get(0, 0) >= 0x10
     assert cb.stats["vectors"] > 0 and cb.stats["asserts"] == 0, (cb.describe(), cb.stats)
     assert machine.xen.vcpu_state(0).timer_events > 0
+    # with the FIFO ABI, Linux puts its timer VIRQ on the most urgent queue (xen_setup_timer)
+    assert machine.xen.evtchn.abi.priority.get(machine.xen.evtchn.virqs[(0, 0)]) == 0
 
 
 # Without the vector callback Linux has no Xen clock (the LAPIC timer and TSC
@@ -450,6 +461,17 @@ def test_debian_kernel_reaches_userspace_through_the_platform_pci_interrupt(tmp_
         assert "ACPI: Using PIC for interrupt routing" in text
     else:
         assert "ACPI: Using IOAPIC for interrupt routing" in text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_debian_kernel_with_fifo_events_off_takes_the_2_level_abi(tmp_path):
+    """``xen.fifo_events=0`` (events_base.c's module parameter, prefix "xen."): Linux never calls
+    init_control, and the 2-level ABI carries every event."""
+    machine, text = boot_debian(tmp_path, append="xen.fifo_events=0")
+    check_common_boot(machine, text, abi="2-level")
+    assert "Using FIFO-based ABI" not in text
+    assert machine.xen.callback.stats["vectors"] > 0
 
 
 @pytest.mark.slow

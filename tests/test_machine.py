@@ -118,9 +118,9 @@ def test_mmio_device_sees_guest_loads_and_stores_as_offsets(machine):
             self.log.append(("w", offset, size, value))
 
     dev = Regs()
-    machine.register_mmio(0xFED00000, 0x1000, dev)
-    # mov dword [0xFED00010], 0x12345678 ; mov eax, [0xFED00040] ; mov [0x2000], eax ; poweroff
-    code = (bytes.fromhex("c70510"+"00d0fe" + "78563412") + bytes.fromhex("a1" + "4000d0fe")
+    machine.register_mmio(0xFEB00000, 0x1000, dev)       # a free range (0xFED00000 is the HPET's)
+    # mov dword [0xFEB00010], 0x12345678 ; mov eax, [0xFEB00040] ; mov [0x2000], eax ; poweroff
+    code = (bytes.fromhex("c70510"+"00b0fe" + "78563412") + bytes.fromhex("a1" + "4000b0fe")
             + bytes.fromhex("a300200000") + POWEROFF + CLI_HLT)
     load(machine, code)
     assert machine.run() == 0

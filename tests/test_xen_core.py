@@ -89,13 +89,56 @@ def test_get_features_reports_what_is_implemented(xen):
     assert idx == 0 and submap == (1 << 2) | (1 << 8) | (1 << 9) | (1 << 10)
 
 
-def test_console_io_write_reaches_the_console(xen):
+def test_console_io_write_goes_to_xens_log_with_the_domain_prefix(xen):
     xen.memory.write(BUF, b"hello xen\n")
     assert call32(xen, 18, 0, 10, BUF) == 0
-    assert xen.console.data == b"hello xen\n"
+    assert xen.xen_log.data == b"(d1) hello xen\n" and xen.console.data == b""   # xl dmesg, not xl console
     assert call32(xen, 18, 0, 10, 0xC0000000) == -errno.EFAULT
-    assert call32(xen, 18, 0, 0x80000000, BUF) == -errno.E2BIG
+    assert call32(xen, 18, 0, 0x80000000, 0xC0000000) == -errno.EFAULT   # no size limit on writes
+    assert call32(xen, 18, 1, 0x80000000, BUF) == -errno.E2BIG          # reads: at most INT_MAX
     assert call32(xen, 18, 7, 1, BUF) == -errno.ENOSYS
+
+
+def test_console_io_lines_are_buffered_stripped_and_cut_as_xen_does(xen):
+    log = xen.xen_log
+    for piece in (b"one ", b"line", b" in pieces\nand a second\n"):
+        xen.memory.write(BUF, piece)
+        assert call32(xen, 18, 0, len(piece), BUF) == 0
+    assert log.data == b"(d1) one line in pieces\n(d1) and a second\n"
+    log.data.clear()
+    text = b"tab\there\x07\x1b[0m\r\xe9\x85!\n"                     # BEL, ESC, CR, 0x85 go
+    xen.memory.write(BUF, text)
+    assert call32(xen, 18, 0, len(text), BUF) == 0
+    assert log.data == b"(d1) tab\there[0m\xe9!\n"
+    log.data.clear()
+    # no newline: rounds of 127 wait in buf[256] until one does not fit, then
+    # the buffer and that round are one line; the rest waits again
+    xen.memory.write(BUF, b"x" * 400)
+    assert call32(xen, 18, 0, 400, BUF) == 0
+    assert log.data == b"(d1) " + b"x" * 381 + b"\n" and bytes(xen.xen.console_log.buf) == b"x" * 19
+    log.data.clear()
+    # a fault ends the call, the lines before it logged. Each round copies 127
+    # bytes but consumes them only up to the first newline, so the round at
+    # offset 130 of these 256 bytes at the end of RAM already faults: 65 lines
+    end = xen.memory.size
+    xen.memory.write(end - 256, b"a\n" * 128)
+    assert call32(xen, 18, 0, 0x200, end - 256) == -errno.EFAULT
+    assert log.data.count(b"\n") == 65 and log.data.startswith(b"(d1) " + b"x" * 19 + b"a\n(d1) a\n")
+
+
+def test_a_partial_console_io_line_survives_a_snapshot(xen):
+    from xenicorn.records import RecordError
+    xen.memory.write(BUF, b"half a ")
+    call32(xen, 18, 0, 7, BUF)
+    clog = xen.xen.console_log
+    record = clog.save_record()
+    clog.buf.clear()
+    clog.apply_record(clog.check_record(record))
+    xen.memory.write(BUF, b"line\n")
+    call32(xen, 18, 0, 5, BUF)
+    assert xen.xen_log.data == b"(d1) half a line\n"
+    with pytest.raises(RecordError):
+        clog.check_record({**record, "state": {"pending": b"bad\x07".hex()}})
 
 
 def test_console_io_read_takes_queued_input(xen):
@@ -173,7 +216,7 @@ def test_guest_installs_the_page_and_calls_through_it(tmp_path, machine):
     machine.memory.code_written(0x100000, len(code))
     machine.vcpu.reset_to_flat32(0x100000)
     assert machine.run() == 0
-    assert machine.console.data == b"hello via console_io\n"
+    assert machine.xen_log.data == b"(d1) hello via console_io\n" and machine.console.data == b""
     assert machine.memory.read_u32(0x2014) == 0x40011
     assert machine.shutdown_reason == "poweroff"
     assert machine.xen.hypercall_counts == {"console_io": 1, "xen_version": 1, "sched_op": 1}

@@ -49,14 +49,20 @@ KERNELS: dict[str, tuple[int, list[str], bool]] = {
     "hcbench64": (64, ["hcbench/hcbench.c"], True),
     "evtchn32": (32, ["evtchn/evtchn.c"], True),
     "evtchn64": (64, ["evtchn/evtchn.c"], True),
+    "fifo32": (32, ["fifo/fifo.c"], True),
+    "fifo64": (64, ["fifo/fifo.c"], True),
     "xenstore32": (32, ["xenstore/xenstore.c"], True),
     "xenstore64": (64, ["xenstore/xenstore.c"], True),
     "gnttab32": (32, ["gnttab/gnttab.c"], True),
     "gnttab64": (64, ["gnttab/gnttab.c"], True),
+    "xenabi32": (32, ["xenabi/xenabi.c"], True),
+    "xenabi64": (64, ["xenabi/xenabi.c"], True),
     "tickbench32": (32, ["tickbench/tickbench.c"], True),
     "tickbench64": (64, ["tickbench/tickbench.c"], True),
     "smp32": (32, ["smp/smp.c", "smp/madt.c", "smp/smpxen.c", "smp/entry.S"], True),
     "smp64": (64, ["smp/smp.c", "smp/madt.c", "smp/smpxen.c", "smp/entry.S"], True),
+    "hpet32": (32, ["hpet/hpet.c"], True),
+    "hpet64": (64, ["hpet/hpet.c"], True),
     "wild32": (32, ["misbehave/wild32.S"], False),
     "triple32": (32, ["misbehave/triple32.S"], False),
     "spin32": (32, ["misbehave/spin32.S"], False),
@@ -116,7 +122,14 @@ def mismatch(recorded: dict[str, str] | None, local: dict[str, str]) -> str | No
     return None
 
 
-def build(name: str, out_dir: str) -> str:
+def build(name: str, out_dir: str, objects: dict | None = None) -> str:
+    """Build one kernel into ``out_dir``.
+
+    ``objects`` caches compiled sources by (source, word size, place) across calls:
+    the library is the same object in every kernel of one width, so a full
+    build compiles it twice, not once per kernel. Object files do not
+    depend on which kernel asked for them, so the images are the same bytes.
+    """
     bits, sources, with_lib = KERNELS[name]
     arch = ["-m32", "-march=i686"] if bits == 32 else ["-m64"]
     srcs = list(sources)
@@ -128,16 +141,29 @@ def build(name: str, out_dir: str) -> str:
         srcs = ["lib/pvh_note.S", f"lib/start{bits}.S", "lib/isr.S"] + lib + srcs
     else:
         srcs = ["lib/pvh_note.S"] + srcs
-    with tempfile.TemporaryDirectory() as tmp:
+    own = objects is None
+    cache_dir = tempfile.mkdtemp() if own else objects.setdefault("dir", tempfile.mkdtemp())
+    objects = {} if own else objects
+    try:
         objs = []
         for i, src in enumerate(srcs):
-            obj = os.path.join(tmp, f"{i:02d}.o")
-            _run(["gcc", *arch, *CFLAGS, "-c", os.path.join(SRC, src), "-o", obj])
-            objs.append(obj)
+            # An assembled object's name becomes its file symbol: keep "NN.o", the
+            # source's place in the link, whichever kernel compiled it first.
+            key = (src, bits, i)
+            if key not in objects:
+                sub = os.path.join(cache_dir, str(len(objects)))
+                os.mkdir(sub)
+                obj = os.path.join(sub, f"{i:02d}.o")
+                _run(["gcc", *arch, *CFLAGS, "-c", os.path.join(SRC, src), "-o", obj])
+                objects[key] = obj
+            objs.append(objects[key])
         out = os.path.join(out_dir, f"{name}.elf")
         _run(["ld", "-m", "elf_i386" if bits == 32 else "elf_x86_64", "-nostdlib", "--build-id=none",
               "-z", "noexecstack", "-z", "max-page-size=4096", "--no-warn-rwx-segments",
               "-T", os.path.join(SRC, "lib/link.ld"), *objs, "-o", out])
+    finally:
+        if own:
+            shutil.rmtree(cache_dir, ignore_errors=True)
     return out
 
 
@@ -164,10 +190,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"build_firmware: {why}: rebuild all of them, not a few", file=sys.stderr)
             return 2
     os.makedirs(args.out, exist_ok=True)
-    for name in names:
-        if not all(os.path.exists(os.path.join(SRC, s)) for s in KERNELS[name][1]):
-            continue                      # sources not written yet
-        print(build(name, args.out))
+    objects: dict = {}
+    try:
+        for name in names:
+            if not all(os.path.exists(os.path.join(SRC, s)) for s in KERNELS[name][1]):
+                continue                      # sources not written yet
+            print(build(name, args.out, objects))
+    finally:
+        if "dir" in objects:
+            shutil.rmtree(objects["dir"], ignore_errors=True)
     if into_images:
         with open(TOOLCHAIN, "w") as f:
             json.dump(local, f, indent=2)

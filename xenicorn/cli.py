@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="run the first N guest instructions without stopping")
     s.add_argument("--trace-json", metavar="FILE", help="also write the events as JSON lines")
     sub.add_parser("firmware", help="list the bundled guest kernels")
+    from . import xtf
+    xtf.add_arguments(sub.add_parser("xtf", help="run Xen Test Framework images, as xtf-runner does"))
     return p
 
 
@@ -109,12 +111,17 @@ def _run_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--no-acpi", action="store_true",
                    help="no ACPI tables (by default the guest gets an RSDP, FADT, DSDT and a MADT listing "
                         "the LAPIC and IOAPIC, as Xen gives PVH guests)")
+    r.add_argument("--no-hpet", action="store_true",
+                   help="no HPET at 0xFED00000 and no ACPI HPET table (QEMU's -no-hpet, Xen's hpet=0)")
     r.add_argument("--xen-version", default="4.17", metavar="MAJOR.MINOR",
                    help="what XENVER_version and CPUID report (default 4.17)")
     r.add_argument("--callback-deassert", choices=("poll", "eoi"), default="poll",
                    help="how Xen's level-triggered callback (GSI, PCI INTx) drops: poll vCPU0's "
                         "upcall_pending at every block while asserted (as Xen and QEMU), or "
                         "resample it when the guest EOIs the interrupt")
+    r.add_argument("--no-evtchn-fifo", dest="evtchn_fifo", action="store_false",
+                   help="offer only the 2-level event-channel ABI: the FIFO ops (init_control, "
+                        "expand_array, set_priority) answer -ENOSYS, as under QEMU")
     r.add_argument("--pci-irqs", choices=("isa", "apic"), default=MachineConfig.pci_irqs,
                    help="PCI interrupt routing the ACPI _PRT describes: apic (default) gives PIRQ n "
                         "IOAPIC input 16+n (Linux asks for the xen-platform device's PCI INTx); isa "
@@ -134,6 +141,9 @@ def _run_options(r: argparse.ArgumentParser) -> None:
                    help="grant table frames the guest may use (as QEMU's xen-gnttab-max-frames)")
     r.add_argument("--console-input", choices=("none", "stdin"), default="none",
                    help="feed standard input to the guest's PV console")
+    r.add_argument("--xen-log", default="stderr", metavar="stdout|stderr|file:PATH|none",
+                   help="Xen's log (xl dmesg): the guest's console_io lines, each prefixed (d1) as Xen "
+                        "prints them (default stderr); the PV console is the guest's console (stdout)")
     r.add_argument("-qmp", "--qmp", default="", metavar="unix:PATH,server,wait=off",
                    help="a QMP monitor on a UNIX socket (QEMU's spelling and protocol)")
     r.add_argument("-gdb", "--gdb", default="", metavar="tcp::PORT",
@@ -200,10 +210,12 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--xen-version {args.xen_version}: expected MAJOR.MINOR, e.g. 4.17") from None
     config.xen = not args.no_xen
     config.acpi = not args.no_acpi
+    config.hpet = not args.no_hpet
     config.testdev = "pc-testdev" in args.device
     config.clock = args.clock
     config.xen_version = (major, minor)
     config.callback_deassert = args.callback_deassert
+    config.evtchn_fifo = args.evtchn_fifo
     config.pci_irqs = args.pci_irqs
     config.qmp = args.qmp
     _gdb_options(args, config)
@@ -223,6 +235,9 @@ def run(args: argparse.Namespace) -> int:
     if serial not in ("stdio", "none") and not serial.startswith("file:"):
         raise UsageError(f"--serial {serial}: expected stdio, file:PATH or none")
     config.serial = serial
+    if args.xen_log not in ("stdout", "stderr", "none") and not args.xen_log.startswith("file:"):
+        raise UsageError(f"--xen-log {args.xen_log}: expected stdout, stderr, file:PATH or none")
+    config.xen_log = args.xen_log
     try:
         machine, _ = boot(config, _resolve_kernel(args.kernel), initrd=args.initrd, load_addr=args.load_addr,
                           protocol=protocol)
@@ -279,6 +294,7 @@ def run(args: argparse.Namespace) -> int:
             rec.close()
             rec.stream.close()
     machine.console.flush()
+    machine.xen_log.flush()
     for path, n in machine.snapshots_saved:
         print(f"xenicorn: snapshot saved to {path} at {n} instructions", file=sys.stderr)
     for n, path in machine.save_points:
@@ -420,8 +436,9 @@ def _print_events(machine) -> None:
         return
     print(f"{'port':>5s} {'type':12s} {'vcpu':>4s} {'remote':>6s} {'target':>6s} pending masked")
     for e in machine.xen.evtchn.event_list():
+        fifo = f" priority {e['priority']}{' linked' if e['linked'] else ''}" if "priority" in e else ""
         print(f"{e['port']:5d} {e['type']:12s} {e['vcpu']:4d} {e['remote-domain']:>6s} {e['target']:6d} "
-              f"{'yes' if e['pending'] else 'no':7s} {'yes' if e['masked'] else 'no'}")
+              f"{'yes' if e['pending'] else 'no':7s} {'yes' if e['masked'] else 'no':6s}{fifo}".rstrip())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -432,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
             for name in firmware.names():
                 print(f"{name:16s} {firmware.find(name)}")
             return 0
+        if args.command == "xtf":
+            from . import xtf
+            return xtf.main(args)
         return run(args)
     except UsageError as e:
         print(f"xenicorn: error: {e}", file=sys.stderr)

@@ -25,6 +25,11 @@ MADT     "APIC": the LAPIC address, "PC-AT compatible 8259s present", and
          entries: processor local APIC 0, the IOAPIC (id, 0xFEC00000, GSI
          base 0), the interrupt source override IRQ0 -> GSI 2 (the PIT is
          wired to pin 2, as on every PC), and LINT1 as NMI
+HPET     "HPET": the event timer block's ID (its capabilities' low half)
+         and address 0xFED00000, as Xen's hvmloader writes it; how Linux
+         finds the HPET (left out with ``--no-hpet``). Xen's DSDT also
+         has a PNP0103 device for it; Linux needs none (it sets the
+         HPET up from this table, "hpet0: at MMIO 0xfed00000")
 =======  =========================================================
 
 Every table starts with the same 36-byte header, and the byte sum of each
@@ -160,6 +165,13 @@ def madt(lapic_base: int, ioapic_id: int, ioapic_base: int, pit_gsi: int = 2, cp
     return table(b"APIC", 4, struct.pack("<II", lapic_base, MADT_PCAT_COMPAT) + entries)
 
 
+def hpet(block_id: int, address: int) -> bytes:
+    """The HPET description table (IA-PC HPET spec 1.0a §3.2.4): event timer block ID, base
+    address as a Generic Address Structure in system memory (id 0), HPET number 0, no minimum
+    periodic tick, no page protection, as Xen's construct_hpet (tools/libacpi/build.c)."""
+    return table(b"HPET", 1, struct.pack("<IBBBBQBHB", block_id, 0, 0, 0, 0, address, 0, 0, 0))
+
+
 def _gas_io(body: bytearray, off: int, port: int, bits: int, access: int = 1) -> None:
     """A Generic Address Structure in system I/O space (id 1); access size 1 byte, 3 dword."""
     struct.pack_into("<BBBBQ", body, off - 36, 1, bits, 0, access, port)
@@ -211,7 +223,8 @@ def rsdp(xsdt_addr: int) -> bytes:
 
 def build(base: int, ioapic_id: int, ioapic_base: int, lapic_base: int,
           hw_reduced: bool = True, prt: list[tuple[int, int, int]] | None = None,
-          prt_pic: list[tuple[int, int, int]] | None = None, cpus: int = 1) -> tuple[int, bytes]:
+          prt_pic: list[tuple[int, int, int]] | None = None, cpus: int = 1,
+          hpet_at: int | None = None) -> tuple[int, bytes]:
     """All tables laid out from ``base``: (RSDP address, the bytes to write at ``base``)."""
     out = bytearray()
 
@@ -225,7 +238,11 @@ def build(base: int, ioapic_id: int, ioapic_base: int, lapic_base: int,
     dsdt_at = place(table(b"DSDT", 2, AML_S5 + (pci_root_aml(prt, prt_pic) if prt else b"")))
     fadt_at = place(fadt(dsdt_at, hw_reduced))
     madt_at = place(madt(lapic_base, ioapic_id, ioapic_base, cpus=cpus))
-    xsdt_at = place(table(b"XSDT", 1, struct.pack("<QQ", fadt_at, madt_at)))
+    tables = [fadt_at, madt_at]
+    if hpet_at is not None:
+        from ..devices.hpet import CAPABILITIES
+        tables.append(place(hpet(CAPABILITIES & 0xFFFFFFFF, hpet_at)))
+    xsdt_at = place(table(b"XSDT", 1, struct.pack(f"<{len(tables)}Q", *tables)))
     out[rsdp_at - base:rsdp_at - base + 36] = rsdp(xsdt_at)
     if len(out) > ACPI_SIZE:
         raise ValueError("ACPI tables outgrew their area")
@@ -242,8 +259,9 @@ def write(machine, hw_reduced: bool = True) -> int:
     slots = [(slot, pin) for slot in range(1, 32) for pin in range(4)]
     prt = [(slot, pin, machine.pci_gsi(slot, pin)) for slot, pin in slots]
     prt_pic = [(slot, pin, machine.pci_pic_irq(slot, pin)) for slot, pin in slots]
+    from ..devices.hpet import HPET_BASE
     addr, blob = build(ACPI_BASE, machine.ioapic.state.id, IOAPIC_BASE, LAPIC_BASE, hw_reduced, prt, prt_pic,
-                       cpus=len(machine.vcpus))
+                       cpus=len(machine.vcpus), hpet_at=None if getattr(machine, "hpet", None) is None else HPET_BASE)
     machine.memory.write(ACPI_BASE, blob)
     return addr
 

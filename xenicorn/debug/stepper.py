@@ -4,7 +4,9 @@ An interrupt on a Xen HVM guest crosses many pieces of state before the
 guest's handler runs, and each piece is a place where a bug hides:
 
 1. Xen sets a port's bit in ``shared_info.evtchn_pending``, its word's bit in
-   the vCPU's ``evtchn_pending_sel`` and ``evtchn_upcall_pending`` (guest RAM).
+   the vCPU's ``evtchn_pending_sel`` and ``evtchn_upcall_pending`` (guest RAM)
+   -- or, with the FIFO ABI, the port's event word, a queue's head or link
+   and the control block's ``ready`` bit, then ``evtchn_upcall_pending``.
 2. The callback via turns that into an interrupt: a vector injected directly,
    or a *level* line (the callback GSI or PCI INTx) raised at the IOAPIC pin
    and, below 16, the 8259 input.
@@ -62,10 +64,11 @@ def interrupt_state(machine) -> dict:
     s["cpu.IF"] = int(bool(vcpu.reg("rflags") & RFLAGS_IF))
     xen = machine.xen
     if xen is not None:
-        si = xen.shared_info()
         ports = sorted(xen.evtchn.ports)
-        s["evtchn.pending"] = [p for p in ports if si is not None and si.pending(p)]
-        s["evtchn.masked"] = [p for p in ports if si is not None and si.masked(p)]
+        s["evtchn.pending"] = [p for p in ports if xen.evtchn.is_pending(p)]
+        s["evtchn.masked"] = [p for p in ports if xen.evtchn.is_masked(p)]
+        if xen.evtchn.fifo:                                 # the FIFO ABI: vCPU 0's ready queues
+            s["evtchn.fifo.ready"] = xen.evtchn.abi.ready(0)
         info = xen.vcpu_info(0)
         if info is not None:
             s["vcpu0.upcall_pending"] = info.upcall_pending

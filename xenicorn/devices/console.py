@@ -41,9 +41,44 @@ class ConsoleSink:
         if self.stream is not None:
             self.stream.flush()
 
+    def close(self) -> None:
+        """Close the stream if the sink opened it (a ``file:PATH`` log)."""
+        if self.owned and self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+    owned = False                     # the sink opened its stream (log_sink's file:PATH)
+
 
 def stdout_sink() -> ConsoleSink:
     return ConsoleSink(sys.stdout.buffer)
+
+
+LOG_TARGETS = "stdout|stderr|file:PATH|none"
+
+
+def log_sink(spec: str, option: str = "--xen-log") -> ConsoleSink:
+    """A sink for ``stdout``, ``stderr``, ``file:PATH`` (created or truncated) or ``none``.
+
+    ``none`` still records (tests read ``.data``) but prints nothing. A bad
+    spec or a file that cannot be opened is a ValueError of one line.
+    """
+    if spec == "stdout":
+        return ConsoleSink(sys.stdout.buffer)
+    if spec == "stderr":
+        return ConsoleSink(sys.stderr.buffer)
+    if spec == "none":
+        return ConsoleSink(None)
+    if spec.startswith("file:") and len(spec) > 5:
+        path = spec[5:]
+        try:
+            f = open(path, "wb")
+        except OSError as e:
+            raise ValueError(f"{option} {spec}: cannot open {path} ({e.strerror})") from None
+        sink = ConsoleSink(f)
+        sink.owned = True
+        return sink
+    raise ValueError(f"{option} {spec}: expected {LOG_TARGETS}")
 
 
 class DebugCon:

@@ -14,6 +14,7 @@ ports 0x600, 0x604 ACPI PM1a event and control blocks (S5 = power off)
 port 0x60C         ACPI PM timer (3.579545 MHz, machine time)
 ports 0xCF8-0xCFF  PCI configuration mechanism #1 (and 0xCF9 reset)
 0xFEC00000         IOAPIC
+0xFED00000         HPET (1 KiB; not with ``--no-hpet``)
 0xFEE00000         local APIC
 PCI 00:00.0        i440FX host bridge
 PCI 00:01.0        PIIX3 ISA bridge (PIRQ routing)
@@ -29,6 +30,7 @@ from __future__ import annotations
 from ..devices.fwcfg import PORT as FWCFG_PORT, FwCfg, items_for as fwcfg_items
 from ..devices.console import (DebugCon, DebugExit, AcpiPmControl, AcpiPmEvent, AcpiPmTimer, AcpiSleepRegisters,
                                KeyboardControllerReset)
+from ..devices.hpet import HPET_BASE, HPET_SIZE, Hpet, IsaIrq, LegacyGate, ROUTE_GSIS
 from ..devices.ioapic import IOAPIC_BASE
 from ..devices.lapic import LAPIC_BASE
 from ..devices.pci import PciBus, Piix3Isa, host_bridge, CONFIG_ADDRESS
@@ -76,7 +78,8 @@ class LocalApicWindow:
 def build_legacy_devices(machine) -> None:
     """The ISA devices: PIT, RTC, UART, the debug ports and ACPI's PM registers."""
     m = machine
-    m.pit = Pit8254(m.clock, irq0=m.isa_irq[0])
+    m.hpet = build_hpet(m) if m.config.hpet else None
+    m.pit = Pit8254(m.clock, irq0=m.isa_irq[0] if m.hpet is None else LegacyGate(m.isa_irq[0], m.hpet))
     m.register_pio(PIT_PORT, 4, m.pit)
     m.register_pio(SPEAKER_PORT, 1, m.pit.speaker_port)
     m.register_pio(DebugCon.PORT, 1, DebugCon(m.console))
@@ -95,6 +98,16 @@ def build_legacy_devices(machine) -> None:
         m.testdev = PcTestdev(m.isa_irq)
         m.testdev.attach(m.register_pio, m.register_mmio)
     m.serial, m.serial_file = attach_serial(m.config.serial, m.console, m.register_pio, irq=m.isa_irq[4])
+
+
+def build_hpet(machine) -> Hpet:
+    """The HPET at 0xFED00000: its own sub-lines into GSIs 20-23 (its routes) and, for legacy
+    replacement mode, into IRQ 0 (8259 input 0, IOAPIC pin 2) and IRQ 8 (input 8, pin 8)."""
+    w = machine.wiring
+    legacy = tuple(IsaIrq(w.pic_input(irq, "hpet"), w.isa_gsi_input(irq, "hpet")) for irq in (0, 8))
+    hpet = Hpet(machine.clock, {gsi: w.gsi_input(gsi, "hpet") for gsi in ROUTE_GSIS}, legacy)
+    machine.register_mmio(HPET_BASE, HPET_SIZE, hpet)
+    return hpet
 
 
 def build_pci(machine, xen: bool) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from .. import exits as E
 from ..devices.bus import PioBus, MmioBus
-from ..devices.console import ConsoleSink, stdout_sink
+from ..devices.console import ConsoleSink, log_sink, stdout_sink
 from ..engine.vcpu import VCpu
 from ..x86.cpuid import CpuidPolicy
 from . import chipset
@@ -58,6 +58,7 @@ class MachineConfig:
     ns_per_insn: float = 1.0             # deterministic time: guest ns per instruction
     xen: bool = True                     # the Xen HVM platform (CPUID leaves, hypercalls)
     callback_deassert: str = "poll"      # poll | eoi: how Xen's level callback line drops
+    evtchn_fifo: bool = True             # offer the FIFO event-channel ABI (--no-evtchn-fifo: -ENOSYS, as QEMU)
     # apic: PIRQ n is wired to IOAPIC input 16+n, as on QEMU's q35, and to the
     # 8259 input the PIIX3 routes it to (the firmware sets 10,10,11,11) for an OS
     # in 8259 mode; isa: that ISA IRQ is the only way in, to the 8259 and IOAPIC
@@ -70,7 +71,9 @@ class MachineConfig:
     gdb_wait: bool = False               # -S: no guest instruction runs until gdb continues
     xen_version: tuple[int, int] = (4, 17)
     record_console: bool = True
+    xen_log: str = "stderr"              # console_io lines, Xen's log: stdout | stderr | file:PATH | none
     count_instructions: bool = False     # exact instruction counts and stops (stepper, gdb, records)
+    hpet: bool = True                    # the HPET at 0xFED00000 and its ACPI table (--no-hpet: none)
     testdev: bool = False                # -device pc-testdev: QEMU's ISA test device (kvm-unit-tests)
     acpi: bool = True                    # ACPI tables (MADT: LAPIC, IOAPIC) for the OS, as Xen gives PVH guests
     observe: set[str] = field(default_factory=set)   # trace categories delivered to observers, unprinted
@@ -84,7 +87,8 @@ class Machine(XenHostServices):
     power_on = None                  # the machine before its first instruction, for system_reset
     boot_protocol = "pvh"            # how boot() entered the kernel: pvh, linux or multiboot
 
-    def __init__(self, config: MachineConfig | None = None, console: ConsoleSink | None = None):
+    def __init__(self, config: MachineConfig | None = None, console: ConsoleSink | None = None,
+                 xen_log: ConsoleSink | None = None):
         from .. import engine
         engine.probe()                   # the engine's layout checks; EngineUnsupported if unknown
         self.config = cfg = config or MachineConfig()
@@ -94,6 +98,7 @@ class Machine(XenHostServices):
         self.mmio = MmioBus("mmio", self._unclaimed("mmio"))
         self.cpuid = CpuidPolicy(vendor=cfg.vendor, tsc_hz=lambda: self.tsc.hz())
         self.console = console or (stdout_sink() if cfg.debugcon == "stdio" else ConsoleSink(None))
+        self.xen_log = xen_log or log_sink(cfg.xen_log)   # Xen's log (xl dmesg): console_io lines
         self.status: int | None = None
         self.shutdown_reason = ""
         self.shutdown_message = ""
@@ -153,7 +158,8 @@ class Machine(XenHostServices):
             attach_from_config(self)
         if cfg.xen:
             from ..xen.platform import XenPlatform, XenConfig
-            self.xen = XenPlatform(self, XenConfig(version=cfg.xen_version, gnttab_max_frames=cfg.gnttab_max_frames),
+            self.xen = XenPlatform(self, XenConfig(version=cfg.xen_version, gnttab_max_frames=cfg.gnttab_max_frames,
+                                                       evtchn_fifo=cfg.evtchn_fifo),
                                    callback_deassert=cfg.callback_deassert)
 
     def open_kernel_start_window(self) -> None:
@@ -397,6 +403,7 @@ class Machine(XenHostServices):
             self.gdb.close(None)
         for vcpu in self.vcpus:
             vcpu.close()
+        self.xen_log.close()
 
     # -- snapshots (xenicorn.snapshot): taken and loaded between guest runs -----------------
     @property

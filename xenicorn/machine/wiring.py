@@ -124,6 +124,15 @@ class InterruptWiring:
             self.pic_sources[key] = self.gsi[2 if irq == 0 else irq].source(source)
         return self.pic_sources[key]
 
+    def gsi_input(self, gsi: int, source: str) -> IrqLine:
+        """A device's own sub-line into GSI ``gsi`` >= 16 (the HPET's timers; created on first use)."""
+        if gsi < 16:
+            raise ValueError(f"GSI {gsi} is an ISA IRQ's: isa_gsi_input")
+        key = (-1 - gsi, source)                 # after the ISA GSIs' keys (-1..-16)
+        if key not in self.pic_sources:
+            self.pic_sources[key] = self.gsi[gsi].source(source)
+        return self.pic_sources[key]
+
     # -- PCI --------------------------------------------------------------------------
     def pirq_changed(self, pirq: int, level: bool) -> None:
         """A PCI PIRQ line changed: GSI 16+n (apic wiring), and the ISA IRQ the PIIX3 routes it to."""

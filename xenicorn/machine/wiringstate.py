@@ -33,7 +33,7 @@ from ..records import RecordError, boolean, counters, field, flag, integer, list
 
 # Sub-lines the machine makes on demand: 8259 input n from a source, and an
 # ISA GSI from a PIRQ the PIIX3 routes there (the "isa" PCI wiring).
-SOURCES = {"isa", "xen-callback"} | {f"pirq{x}" for x in "ABCD"} | {f"isa{n}" for n in range(16)}
+SOURCES = {"isa", "xen-callback", "hpet"} | {f"pirq{x}" for x in "ABCD"} | {f"isa{n}" for n in range(16)}
 _SUBLINE = re.compile(r"(PIC|GSI)(\d+)<-(.+)")
 
 

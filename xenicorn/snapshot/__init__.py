@@ -98,6 +98,7 @@ def compat_config(machine) -> dict:
     return {"ram_mib": c.ram_mib, "xen": c.xen, "xen_version": list(c.xen_version), "vendor": c.vendor,
             "clock": c.clock, "ns_per_insn": c.ns_per_insn, "callback_deassert": c.callback_deassert,
             "gnttab_max_frames": c.gnttab_max_frames, "serial": machine.serial is not None,
+            "hpet": machine.hpet is not None,
             "vcpus": len(machine.vcpus)}
 
 
@@ -107,7 +108,7 @@ def _describe(key: str, value) -> str:
     return {"ram_mib": f"{value} MiB of RAM", "xen": "Xen" if value else "no Xen",
             "clock": f"--clock {value}", "vcpus": f"{value} vCPUs", "vendor": f"--vendor {value}",
             "xen_version": "Xen {}.{}".format(*value) if isinstance(value, list) and len(value) == 2 else value,
-            "serial": "a serial port" if value else "no serial port",
+            "serial": "a serial port" if value else "no serial port", "hpet": "an HPET" if value else "no HPET",
             "callback_deassert": f"--callback-deassert {value}", "gnttab_max_frames": f"{value} grant frames",
             "ns_per_insn": f"{value} ns per instruction"}.get(key, f"{key} {value}")
 

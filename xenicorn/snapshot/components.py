@@ -28,6 +28,8 @@ def components(machine) -> list[tuple[str, object]]:
     parts += [("pic", m.pic), ("ioapic", m.ioapic), ("lapic", m.lapic)]
     parts += [(f"lapic{i}", lapic) for i, lapic in enumerate(m.lapics) if i]    # the APs' own
     parts += [("pit", m.pit), ("rtc", m.rtc), ("fw-cfg", m.fw_cfg)]
+    if m.hpet is not None:
+        parts.append(("hpet", m.hpet))
     if getattr(m, "testdev", None) is not None:
         parts.append(("pc-testdev", m.testdev))
     if m.serial is not None:

@@ -1,27 +1,28 @@
-"""Event channels, the 2-level ABI: Xen's interrupts for a guest.
+"""Event channels: Xen's interrupts for a guest, and the port table.
 
 An event channel is a port number in the guest's domain. Something raises
-an event on it (a timer, another domain, the guest itself) and Xen sets the
-port's bit in ``shared_info.evtchn_pending``. Unless the port's bit in
-``evtchn_mask`` is set, Xen then tells the vCPU the port is bound to, in
-three steps of increasing coarseness, stopping at the first bit that was
-already set (xen/common/event_2l.c):
+an event on it (a timer, another domain, the guest itself, a physical IRQ)
+and Xen records it where the guest looks, then, if the vCPU the port is
+bound to had nothing pending yet, sets that vCPU's
+``vcpu_info.evtchn_upcall_pending`` and makes the *upcall*: it interrupts
+the vCPU by the method the guest chose (:mod:`xenicorn.xen.callback`). The
+guest's handler clears ``upcall_pending`` and takes the events.
 
-1. ``evtchn_pending[port]``: this port has an event;
-2. ``vcpu_info.evtchn_pending_sel`` bit ``port / BITS_PER_LONG``: look at
-   that word of ``evtchn_pending``;
-3. ``vcpu_info.evtchn_upcall_pending``: this vCPU has something to look at
-   -- and when *that* goes from 0 to 1, Xen makes the upcall: it interrupts
-   the vCPU by the method the guest chose (:mod:`xenicorn.xen.callback`).
+*Where* Xen records an event is the domain's ABI (Xen's
+``evtchn_port_ops``), one of two:
 
-The guest's handler walks the same steps downwards: clears
-``upcall_pending``, swaps ``pending_sel`` with 0, and for each set word
-scans ``pending & ~mask``, clearing each pending bit it handles. Unmasking a
-port whose event arrived while it was masked (EVTCHNOP_unmask) makes Xen
-redo steps 2 and 3, so that event is not lost.
+* the **2-level ABI** (:mod:`.event_2l`, every domain starts with it):
+  pending and mask bitmaps in shared_info, and a per-vCPU selector of
+  bitmap words; 4096 ports for a 64-bit guest, 1024 for a 32-bit one;
+* the **FIFO ABI** (:mod:`.event_fifo`), switched to by the guest's first
+  ``EVTCHNOP_init_control`` and back by ``EVTCHNOP_reset``: a 32-bit event
+  word per port in guest pages, and 16 priority queues per vCPU; 2^17 ports.
 
-With a 64-bit guest there are 64 x 64 = 4096 ports, with a 32-bit one
-32 x 32 = 1024. Port 0 is never used.
+This module keeps what is the same for both: the table of open ports
+(what each is bound to, which vCPU it notifies), the sub-ops that bind,
+close, send and query, and the last step of every delivery
+(:meth:`EventChannels.mark_events_pending`). Sending on a masked port
+records the event; unmasking it (EVTCHNOP_unmask) delivers it then.
 
 Port types and the sub-ops of ``event_channel_op`` (hypercall 32) follow
 xen/include/public/event_channel.h; errors follow xen/common/event_channel.c
@@ -41,8 +42,14 @@ cmd   name                argument (all fields u32 unless said)
 8     bind_vcpu           { port; vcpu }
 9     unmask              { port }
 10    reset               { u16 dom }
-11-13 FIFO ABI ops        -ENOSYS: only the 2-level ABI is offered (as QEMU)
+11    init_control        { u64 control_gfn; offset; vcpu; OUT u8
+                          link_bits }: FIFO control block of one vCPU
+12    expand_array        { u64 array_gfn }: one more FIFO event-array page
+13    set_priority        { port; priority } 0 (first) - 15; FIFO only
 ====  ==================  ================================================
+
+11-13 are -ENOSYS with ``--no-evtchn-fifo`` (as under QEMU, which offers
+only the 2-level ABI).
 
 xenicorn itself plays domain 0, the "backend" side: :class:`BackendPort`
 is how Python code (xenstore, the PV console, tests) opens an interdomain
@@ -54,13 +61,16 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..records import RecordError, field, integer, listing, make_record, open_record, text, uint
-from . import errno
+from . import errno, event_fifo
+from .event_2l import TwoLevel
+from .event_fifo import NR_CHANNELS, Fifo
 from .guest import HypercallError
 
 EVTCHNOP_bind_interdomain, EVTCHNOP_bind_virq, EVTCHNOP_bind_pirq = 0, 1, 2
 EVTCHNOP_close, EVTCHNOP_send, EVTCHNOP_status, EVTCHNOP_alloc_unbound = 3, 4, 5, 6
 EVTCHNOP_bind_ipi, EVTCHNOP_bind_vcpu, EVTCHNOP_unmask, EVTCHNOP_reset = 7, 8, 9, 10
 EVTCHNOP_init_control, EVTCHNOP_expand_array, EVTCHNOP_set_priority = 11, 12, 13
+FIFO_OPS = (EVTCHNOP_init_control, EVTCHNOP_expand_array, EVTCHNOP_set_priority)
 
 EVTCHNSTAT_closed, EVTCHNSTAT_unbound, EVTCHNSTAT_interdomain = 0, 1, 2
 EVTCHNSTAT_pirq, EVTCHNSTAT_virq, EVTCHNSTAT_ipi = 3, 4, 5
@@ -127,9 +137,9 @@ class BackendPort:
 
 
 class EventChannels:
-    """The guest domain's port table and the 2-level delivery logic."""
+    """The guest domain's port table; delivery goes through ``abi``, the 2-level or the FIFO port operations."""
 
-    def __init__(self, xen):
+    def __init__(self, xen, fifo: bool = True):
         self.xen = xen
         self.ports: dict[int, Port] = {}
         self.virqs: dict[tuple[int, int], int] = {}        # (vcpu, virq) -> port
@@ -138,25 +148,32 @@ class EventChannels:
         self._next_backend = 1
         self.sends = 0
         self.upcalls = 0
+        self.fifo_offered = fifo                           # False: ops 11-13 are -ENOSYS, as under QEMU
+        self.abi: TwoLevel | Fifo = TwoLevel(self)         # the port operations in use (evtchn_port_ops)
 
     # -- geometry and helpers ---------------------------------------------------
     @property
     def nr_ports(self) -> int:
-        return 1024 if (self.xen.state.width or 64) == 32 else 4096
+        """max_evtchns: 1024 or 4096 with the 2-level ABI (by guest width), 2^17 with FIFO."""
+        return self.abi.nr_ports
 
-    def _trace(self, text: str) -> None:
+    @property
+    def fifo(self) -> bool:
+        return isinstance(self.abi, Fifo)
+
+    def trace(self, text: str) -> None:
         tr = self.xen.host.tracer
         if tr.active or tr.listeners:
             tr.emit("evtchn", text)
 
-    def _valid_vcpu(self, vcpu: int) -> bool:
+    def valid_vcpu(self, vcpu: int) -> bool:
         return 0 <= vcpu < len(self.xen.host.vcpus)
 
     def _check_self(self, dom: int) -> None:
         if dom not in (DOMID_SELF, self.xen.config.domid):
             raise HypercallError(errno.ESRCH, f"domain {dom:#x}")
 
-    def _port(self, port: int) -> Port:
+    def port(self, port: int) -> Port:
         """An open port, or -EINVAL (out of range, 0, or closed), as Xen."""
         p = self.ports.get(port) if 0 < port < self.nr_ports else None
         if p is None:
@@ -164,56 +181,43 @@ class EventChannels:
         return p
 
     def _alloc(self, entry: Port) -> int:
+        """get_free_port: the lowest port neither open nor still on a FIFO queue (is_busy)."""
         for port in range(1, self.nr_ports):
-            if port not in self.ports:
+            if port not in self.ports and not self.abi.is_busy(port):
                 self.ports[port] = entry
+                self.abi.init_port(port)
                 return port
         raise HypercallError(errno.ENOSPC, "no free port")
 
     # -- delivery ------------------------------------------------------------------
     def set_pending(self, port: int) -> bool:
-        """Raise an event on ``port``; True if it reached upcall_pending (0 -> 1).
-
-        Without a shared_info page there is nowhere to record the event, and
-        Xen would not deliver it either.
-        """
+        """Raise an event on an open ``port``; True if it made an upcall (upcall_pending 0 -> 1)."""
         p = self.ports.get(port)
-        si = self.xen.shared_info()
-        if p is None or si is None:
-            return False
-        if si.set_pending(port):
-            return False                    # already pending: events coalesce
-        if si.masked(port):
-            self._trace(f"port {port} pending (masked)")
-            return False
-        return self._mark_word(si, port, p.vcpu)
+        return p is not None and self.abi.set_pending(port, p.vcpu)
 
-    def _mark_word(self, si, port: int, vcpu: int) -> bool:
+    def mark_events_pending(self, vcpu: int, what: str) -> bool:
+        """vcpu_mark_events_pending, both ABIs' last step: set upcall_pending and, if it was 0, upcall."""
         info = self.xen.vcpu_info(vcpu)
         if info is None:
             return False
-        word = 1 << (port // si.layout.bits)
-        sel = info.pending_sel
-        if sel & word:
-            self._trace(f"port {port} pending (word {port // si.layout.bits} already selected)")
-            return False
-        info.pending_sel = sel | word
         if info.upcall_pending:
-            self._trace(f"port {port} pending (vCPU {vcpu} upcall already pending)")
+            self.trace(f"{what} pending (vCPU {vcpu} upcall already pending)")
             return False
         info.upcall_pending = 1
         self.upcalls += 1
-        self._trace(f"port {port} -> vCPU {vcpu}: upcall_pending 0 -> 1")
+        self.trace(f"{what} -> vCPU {vcpu}: upcall_pending 0 -> 1")
         self.xen.callback.upcall(vcpu)
         return True
 
     def unmask(self, port: int) -> None:
         """Clear the mask; an event that arrived meanwhile is delivered now."""
-        si = self.xen.shared_info()
-        if si is None:
-            return
-        if si.set_masked(port, False) and si.pending(port):
-            self._mark_word(si, port, self.ports[port].vcpu)
+        self.abi.unmask(port, self.ports[port].vcpu)
+
+    def is_pending(self, port: int) -> bool:
+        return self.abi.is_pending(port)
+
+    def is_masked(self, port: int) -> bool:
+        return self.abi.is_masked(port)
 
     def send_virq(self, virq: int, vcpu: int = 0) -> bool:
         """Xen raises a VIRQ (e.g. VIRQ_TIMER); False if the guest bound no port to it."""
@@ -226,8 +230,8 @@ class EventChannels:
     # -- the hypercall ---------------------------------------------------------------
     def hypercall(self, call, cmd: int, arg: int, *_) -> int:
         op = self._OPS.get(cmd)
-        if op is None:
-            if cmd in (EVTCHNOP_init_control, EVTCHNOP_expand_array, EVTCHNOP_set_priority):
+        if op is None or (cmd in FIFO_OPS and not self.fifo_offered):
+            if cmd in FIFO_OPS:
                 call.note("FIFO ABI not offered")
             else:
                 self.xen.unimplemented(f"event_channel_op cmd {cmd}")
@@ -274,7 +278,7 @@ class EventChannels:
             raise HypercallError(errno.EINVAL, f"VIRQ {virq}")
         if virq not in PER_VCPU_VIRQS and vcpu != 0:
             raise HypercallError(errno.EINVAL, f"global VIRQ {virq} on vCPU {vcpu}")
-        if not self._valid_vcpu(vcpu):
+        if not self.valid_vcpu(vcpu):
             raise HypercallError(errno.ENOENT, f"vCPU {vcpu}")
         if (vcpu, virq) in self.virqs:
             raise HypercallError(errno.EEXIST, f"VIRQ {virq} already bound on vCPU {vcpu}")
@@ -286,7 +290,7 @@ class EventChannels:
 
     def _op_bind_ipi(self, call, arg: int) -> int:
         (vcpu,) = call.guest.read_struct(arg, "<I")
-        if not self._valid_vcpu(vcpu):
+        if not self.valid_vcpu(vcpu):
             raise HypercallError(errno.ENOENT, f"vCPU {vcpu}")
         port = self._alloc(Port(IPI, vcpu=vcpu))
         call.guest.write_struct(arg + 4, "<I", port)
@@ -310,7 +314,7 @@ class EventChannels:
 
     def _op_close(self, call, arg: int) -> int:
         (port,) = call.guest.read_struct(arg, "<I")
-        self._port(port)
+        self.port(port)
         self.close(port)
         call.note(f"port {port} closed")
         return 0
@@ -331,13 +335,11 @@ class EventChannels:
                 peer = self.ports.get(p.remote_port)
                 if peer is not None:
                     peer.type, peer.remote_port = UNBOUND, 0
-        si = self.xen.shared_info()
-        if si is not None:                                  # a reused port starts clean
-            si.set_pending(port, False)
+        self.abi.clear_pending(port)                        # a reused port starts clean
 
     def _op_send(self, call, arg: int) -> int:
         (port,) = call.guest.read_struct(arg, "<I")
-        p = self._port(port)
+        p = self.port(port)
         self.sends += 1
         if p.type == INTERDOMAIN:
             if p.remote_domid == BACKEND_DOMID:
@@ -380,8 +382,8 @@ class EventChannels:
 
     def _op_bind_vcpu(self, call, arg: int) -> int:
         port, vcpu = call.guest.read_struct(arg, "<II")
-        p = self._port(port)
-        if not self._valid_vcpu(vcpu):
+        p = self.port(port)
+        if not self.valid_vcpu(vcpu):
             raise HypercallError(errno.ENOENT, f"vCPU {vcpu}")
         if p.type == VIRQ and p.virq in PER_VCPU_VIRQS:
             raise HypercallError(errno.EINVAL, f"VIRQ {p.virq} is per-vCPU")
@@ -392,7 +394,7 @@ class EventChannels:
 
     def _op_unmask(self, call, arg: int) -> int:
         (port,) = call.guest.read_struct(arg, "<I")
-        self._port(port)
+        self.port(port)
         self.unmask(port)
         return 0
 
@@ -403,9 +405,12 @@ class EventChannels:
         return 0
 
     def reset(self) -> None:
-        """Close every port (EVTCHNOP_reset, a kexec'ing guest)."""
+        """evtchn_reset (EVTCHNOP_reset, a kexec'ing guest): close every port, back to the 2-level ABI."""
         for port in list(self.ports):
             self.close(port)
+        if self.fifo:
+            self.abi = TwoLevel(self)                       # evtchn_fifo_destroy + evtchn_2l_init
+            self.trace("back to the 2-level ABI")
 
     _OPS = {
         EVTCHNOP_bind_interdomain: _op_bind_interdomain, EVTCHNOP_bind_virq: _op_bind_virq,
@@ -413,6 +418,8 @@ class EventChannels:
         EVTCHNOP_status: _op_status, EVTCHNOP_alloc_unbound: _op_alloc_unbound,
         EVTCHNOP_bind_ipi: _op_bind_ipi, EVTCHNOP_bind_vcpu: _op_bind_vcpu,
         EVTCHNOP_unmask: _op_unmask, EVTCHNOP_reset: _op_reset,
+        EVTCHNOP_init_control: event_fifo.init_control, EVTCHNOP_expand_array: event_fifo.expand_array,
+        EVTCHNOP_set_priority: event_fifo.set_priority,
     }
 
     # -- the backend (dom0) side ---------------------------------------------------
@@ -443,7 +450,6 @@ class EventChannels:
     # -- monitor commands (named and shaped like QEMU's QMP) ---------------------------
     def event_list(self) -> list[dict]:
         """``xen-event-list``: every open port with its type, remote end and bits."""
-        si = self.xen.shared_info()
         out = []
         for port in sorted(self.ports):
             p = self.ports[port]
@@ -459,7 +465,8 @@ class EventChannels:
                 remote, target = "", 0
             out.append({"port": port, "vcpu": p.vcpu, "type": p.type, "remote-domain": remote,
                         "target": target,
-                        "pending": bool(si and si.pending(port)), "masked": bool(si and si.masked(port))})
+                        "pending": self.abi.is_pending(port), "masked": self.abi.is_masked(port),
+                        **self.abi.describe(port)})
         return out
 
     def event_inject(self, port: int) -> None:
@@ -469,7 +476,7 @@ class EventChannels:
         self.set_pending(port)
 
     # -- snapshots (a record, see xenicorn.records) -----------------------------------
-    RECORD = ("xen-evtchn", 1)
+    RECORD = ("xen-evtchn", 2)      # 2: "fifo", the FIFO ABI's state (None: 2-level)
 
     def save_record(self) -> dict:
         """The port table is hypervisor state: which port is a VIRQ, an IPI, a PIRQ, or the guest's
@@ -479,12 +486,14 @@ class EventChannels:
             "virqs": [[v, q, port] for (v, q), port in self.virqs.items()],
             "pirqs": sorted(self.pirqs.items()),
             "backends": [[n, b.guest_port, b.received] for n, b in self.backends.items()],
-            "next_backend": self._next_backend, "sends": self.sends, "upcalls": self.upcalls})
+            "next_backend": self._next_backend, "sends": self.sends, "upcalls": self.upcalls,
+            "fifo": event_fifo.save_state(self.abi)})
 
     def check_record(self, record: dict):
         """A port table the hypercalls could have built (xen/common/event_channel.c's rules).
 
-        Ports 1-4095 of the five types; a port names a vCPU this domain
+        Under the 2-level ABI ports 1-4095, under FIFO (its state checked
+        by :func:`.event_fifo.check_state`) up to 2^17 - 1, of the five types; a port names a vCPU this domain
         has, a VIRQ below NR_VIRQS (a global one on vCPU 0), a PIRQ below
         NR_PIRQS, another end in this domain or dom0; both ends of a
         channel name each other; the VIRQ and PIRQ indexes list exactly
@@ -492,10 +501,12 @@ class EventChannels:
         """
         st = open_record(record, *self.RECORD)
         me, nvcpus = self.xen.config.domid, len(self.xen.host.vcpus)
+        fifo = event_fifo.check_state(field(st, "fifo"), self.xen)
+        limit = 4096 if fifo is None else NR_CHANNELS      # max_evtchns (the guest's width is not known here)
         ports: dict[int, Port] = {}
-        for item in listing(st, "ports", 4096):
+        for item in listing(st, "ports", limit):
             n, p = _pair(item, "port")
-            n = integer(n, "port", 1, 4095)
+            n = integer(n, "port", 1, limit - 1)
             port = Port(text(p, "type", 16), integer(field(p, "vcpu"), f"port {n} vCPU", 0, nvcpus - 1),
                         uint(p, "remote_domid", 16), uint(p, "remote_port", 32), uint(p, "virq", 32),
                         uint(p, "pirq", 32))
@@ -514,7 +525,7 @@ class EventChannels:
             virqs[(vcpu, virq)] = port
         pirqs = {}
         for item in listing(st, "pirqs", NR_PIRQS):
-            pirq, port = (integer(x, "PIRQ binding", 0, 4095) for x in _pair(item, "PIRQ binding"))
+            pirq, port = (integer(x, "PIRQ binding", 0, limit - 1) for x in _pair(item, "PIRQ binding"))
             if pirq in pirqs or ports.get(port, Port("")).type != PIRQ or ports[port].pirq != pirq:
                 raise RecordError(f"PIRQ {pirq!r} bound to port {port!r}, which is not that PIRQ's")
             pirqs[pirq] = port
@@ -542,11 +553,12 @@ class EventChannels:
             if guest_port and (p is None or p.type != INTERDOMAIN or p.remote_domid != BACKEND_DOMID
                                or p.remote_port != n):
                 raise RecordError(f"backend port {n} connected to guest port {guest_port}, which is not its end")
-        return ports, virqs, pirqs, backends, (next_backend, uint(st, "sends"), uint(st, "upcalls"))
+        return ports, virqs, pirqs, backends, (next_backend, uint(st, "sends"), uint(st, "upcalls")), fifo
 
     def apply_record(self, prepared) -> None:
         """Install the port table; dom0's ends the machine built keep their callbacks."""
-        ports, virqs, pirqs, backends, counts = prepared
+        ports, virqs, pirqs, backends, counts, fifo = prepared
+        self.abi = event_fifo.restore(self, fifo) or TwoLevel(self)
         self.ports = {n: Port(**vars(p)) for n, p in ports.items()}
         self.virqs, self.pirqs = dict(virqs), dict(pirqs)
         old, self.backends = self.backends, {}

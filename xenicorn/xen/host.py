@@ -14,7 +14,8 @@ the host gives               Xen uses it for
 memory, vcpus                guest memory (shared_info, rings, frames); a vCPU's
                              registers, its page tables, its MSR window
 clock, tsc                   Xen's system time and timers, the PV clock
-tracer, console              ``--trace`` lines; ``console_io`` output
+tracer, console, xen_log     ``--trace`` lines; the PV console's output (the
+                             guest's console); Xen's log (``console_io`` lines)
 gsi_source, pic_source,      the callback's level line: a GSI, an 8259 input
 set_pci_intx, ...            or a PCI INTx pin (``hvm_set_callback_via``)
 ioapic_input                 a GSI that no longer is a PIRQ event
@@ -63,7 +64,8 @@ class XenHost(Protocol):
     clock: object                  # xenicorn.machine.clock.VirtualClock
     tsc: object                    # read(), hz(): the TSC the guest reads
     tracer: object                 # xenicorn.machine.trace.Tracer
-    console: object                # write(bytes): where console_io goes
+    console: object                # write(bytes): the guest's console (the PV console ring's output)
+    xen_log: object                # write(bytes): Xen's log, ``xl dmesg`` (whole "(d1) ..." lines)
     status: int | None             # set once the machine has stopped
     vendor: str                    # "intel" (VMCALL) or "amd" (VMMCALL)
     gsi_count: int                 # GSIs 0 .. gsi_count-1 exist

@@ -16,8 +16,9 @@ The mode is that of the code segment executing the VMCALL, so a 64-bit
 kernel's compatibility-mode code would use the 32-bit convention; it also
 picks the layout of every structure with ``unsigned long`` fields, which is
 why Xen (and xenicorn) latch the guest's "width" from its hypercalls.
-Hypercalls from CPL > 0 fail with ``-EPERM``; unknown numbers with
-``-ENOSYS``. Handlers are plain functions ``handler(call, *args) -> int``
+Hypercalls from CPL > 0 fail with ``-EPERM``; numbers Xen's HVM table
+lacks, or that are beyond it, with ``-ENOSYS``; the ones a domU may not use
+with what Xen answers (:mod:`xenicorn.xen.denials`). Handlers are plain functions ``handler(call, *args) -> int``
 that raise :class:`~xenicorn.xen.guest.HypercallError` to fail.
 """
 from __future__ import annotations
@@ -31,7 +32,8 @@ from .guest import GuestAccess, HypercallError
 if TYPE_CHECKING:
     from .platform import XenPlatform
 
-# Hypercall numbers (xen/include/public/xen.h).
+# Hypercall numbers (xen/include/public/xen.h; 48 and 49 are x86's arch_0 and arch_1:
+# arch-x86/xen-mca.h, xen/arch/x86/include/asm/hypercall.h).
 HYPERCALL_NAMES = {
     0: "set_trap_table", 1: "mmu_update", 2: "set_gdt", 3: "stack_switch", 4: "set_callbacks",
     5: "fpu_taskswitch", 6: "sched_op_compat", 7: "platform_op", 8: "set_debugreg", 9: "get_debugreg",
@@ -41,7 +43,7 @@ HYPERCALL_NAMES = {
     23: "iret", 24: "vcpu_op", 25: "set_segment_base", 26: "mmuext_op", 27: "xsm_op", 28: "nmi_op",
     29: "sched_op", 30: "callback_op", 31: "xenoprof_op", 32: "event_channel_op", 33: "physdev_op",
     34: "hvm_op", 35: "sysctl", 36: "domctl", 37: "kexec_op", 38: "tmem_op", 39: "argo_op",
-    40: "xenpmu_op", 41: "dm_op", 42: "hypfs_op",
+    40: "xenpmu_op", 41: "dm_op", 42: "hypfs_op", 48: "mca", 49: "paging_domctl_cont",
 }
 NUMBERS = {v: k for k, v in HYPERCALL_NAMES.items()}
 
@@ -89,7 +91,7 @@ def dispatch(xen: "XenPlatform", vcpu, table: dict[int, Handler], snap=None) -> 
     snap = snap or vcpu.snapshot()
     bits = 64 if snap.code_bits == 64 else 32
     mask = (1 << bits) - 1
-    number = snap.reg("rax") & 0xFFFFFFFF
+    number = snap.reg("rax") & mask          # all of RAX in 64-bit mode (hvm_hypercall)
     args = tuple(snap.reg(r) & mask for r in (ARGS64 if bits == 64 else ARGS32))
     call = Call(xen, vcpu, number, args, bits, GuestAccess(vcpu))
     if snap.cpl != 0:

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 from .. import exits as E
-from . import hypercall, version, console, sched, memory, hvm, vcpu_op, pvclock, timers
+from . import hypercall, version, console, denials, sched, memory, hvm, vcpu_op, pvclock, timers
 from .callback import Callback
 from .host import XenHost
 from .evtchn import EventChannels, VIRQ_TIMER, Port, UNBOUND, BACKEND_DOMID
@@ -54,6 +54,7 @@ class XenConfig:
     domid: int = 1                         # the emulator itself plays domain 0
     handle: bytes = bytes(range(16))       # xen_domain_handle_t (a UUID)
     gnttab_max_frames: int = 64            # like QEMU's xen-gnttab-max-frames
+    evtchn_fifo: bool = True               # offer the FIFO event-channel ABI (QEMU does not)
 
 
 @dataclass
@@ -116,7 +117,7 @@ class XenPlatform:
         self.time_base: tuple[int, int, int, int] | None = (
             (0, 0, *pvclock.scale_for(self.tsc.hz())) if host.clock.deterministic else None)
         self.watchdog_timers: dict = {}
-        self.evtchn = EventChannels(self)
+        self.evtchn = EventChannels(self, fifo=self.config.evtchn_fifo)
         self.physdev = Physdev(self)
         self.gnttab = GrantTable(self)
         self.callback = Callback(self, callback_deassert)
@@ -131,7 +132,9 @@ class XenPlatform:
             hypercall.NUMBERS["memory_op"]: memory.memory_op,
             hypercall.NUMBERS["hvm_op"]: hvm.hvm_op,
             hypercall.NUMBERS["vcpu_op"]: vcpu_op.vcpu_op,
+            **denials.TABLE,                     # what Xen refuses a domU, as Xen refuses it
         }
+        self.console_log = console.GuestConsoleLog(self.config.domid, host.xen_log.write)
         self._build_dom0_services()
         host.add_cpuid_provider(self.cpuid)
         host.add_msr_handler(HYPERCALL_MSR, self.hypercall_msr)
@@ -172,6 +175,8 @@ class XenPlatform:
         p = self.state.params
         p[hvm.HVM_PARAM_STORE_PFN], p[hvm.HVM_PARAM_STORE_EVTCHN] = self.XENSTORE_PFN, xs_port
         p[hvm.HVM_PARAM_CONSOLE_PFN], p[hvm.HVM_PARAM_CONSOLE_EVTCHN] = self.CONSOLE_PFN, con_port
+        # the toolstack's view (Xen's hpet_init sets it; a guest reading it gets -EPERM)
+        p[hvm.HVM_PARAM_HPET_ENABLED] = int(getattr(host, "hpet", None) is not None)
         self._populate_store(xs_port, con_port)
 
     def _xenstore_kick(self) -> None:
@@ -521,8 +526,7 @@ class XenPlatform:
         self.host.idle(vcpu, "SCHEDOP_block")
 
     def port_pending(self, port: int) -> bool:
-        si = self.shared_info()
-        return si is not None and 0 < port < si.layout.nr_ports and si.pending(port)
+        return 0 < port < self.evtchn.nr_ports and self.evtchn.is_pending(port)
 
     def wakes(self, vcpu) -> bool:
         """Does a blocked or polling vCPU have a reason to run again?"""

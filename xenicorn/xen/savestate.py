@@ -19,7 +19,11 @@ record             component               why it must be saved
                                            timeout and watchdog timer
 ``xen.evtchn``     ``EventChannels``       the port table: which port is a
                                            VIRQ, an IPI, a PIRQ, or the guest's
-                                           end of a dom0 channel
+                                           end of a dom0 channel; with the FIFO
+                                           ABI, the control block and event-
+                                           array frames, each port's priority
+                                           and last queue, each queue's tail,
+                                           events held for a missing page
 ``xen.callback``   ``Callback``            the upcall via, the *level* of the
                                            callback line (high while vCPU0's
                                            upcall_pending is 1), a vector
@@ -35,6 +39,8 @@ record             component               why it must be saved
 ``xen.xenstore``   ``XenstoreServer``      the ring server's half-read request
                                            and unsent reply bytes
 ``xen.pvconsole``  ``PvConsole``           input not yet fitted into the ring
+``xen.console``    ``GuestConsoleLog``     the ``console_io`` line Xen holds until
+                                           its newline
 =================  ======================  ====================================
 
 The domain record comes first among them and the others' ``apply_record``
@@ -60,7 +66,7 @@ def components(xen) -> list[tuple[str, object]]:
     """The Xen layer's records, in the order a load applies them."""
     return [("xen", DomainRecord(xen)), ("xen.evtchn", xen.evtchn), ("xen.callback", xen.callback),
             ("xen.physdev", xen.physdev), ("xen.gnttab", xen.gnttab), ("xen.store", xen.store),
-            ("xen.xenstore", xen.xenstore), ("xen.pvconsole", xen.pvconsole)]
+            ("xen.xenstore", xen.xenstore), ("xen.pvconsole", xen.pvconsole), ("xen.console", xen.console_log)]
 
 
 class DomainRecord:

@@ -50,7 +50,7 @@ def _poll(call, arg: int) -> int:
     if nr > MAX_POLL_PORTS:
         raise HypercallError(errno.EINVAL, f"{nr} ports")
     raw = call.guest.read(ports, 4 * nr)
-    limit = 4096 if call.bits == 64 else 1024      # the 2-level ABI's port count
+    limit = xen.evtchn.nr_ports                     # do_poll: port >= max_evtchns is -EINVAL
     polled = tuple(port for (port,) in struct.iter_unpack("<I", raw))
     for port in polled:
         if port >= limit:

@@ -77,7 +77,7 @@ static void test_version_and_console(void) {
     EXPECT(HYPERVISOR(xen_version, 77, buf), -ENOSYS, "unknown xen_version cmd");
     static const char msg[] = "hello through console_io\n";
     EXPECT(HYPERVISOR3(console_io, 0, sizeof(msg) - 1, msg), 0, "CONSOLEIO_write");
-    EXPECT(HYPERVISOR3(console_io, 0, 0x80000000UL, msg), -E2BIG, "CONSOLEIO_write of 2 GiB");
+    EXPECT(HYPERVISOR3(console_io, 1, 0x80000000UL, buf), -E2BIG, "CONSOLEIO_read of 2 GiB");
     EXPECT(HYPERVISOR3(console_io, 0, 8, BAD_PTR), -EFAULT, "CONSOLEIO_write from a bad pointer");
     /* the page has stubs for 0..127 only: call 200 with an inline VMCALL,
      * which Xen accepts anywhere (Linux 6.x calls inline too) */

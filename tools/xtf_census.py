@@ -1,0 +1,235 @@
+"""Run every XTF HVM image under xenicorn and write the census, ``docs/conformance.md``.
+
+    python tools/xtf_census.py --xtf /work/xtf-src --jobs 2
+
+runs ``xenicorn xtf`` over ``<xtf>/tests`` (XTF built there with ``make``)
+and writes the Markdown census: the XTF and xenicorn commits, the commands,
+the counts by result, and for each image that did not succeed, the reason the
+test printed and why (the ``WHY`` table below: what Xen itself gives, or
+which gap in xenicorn). ``--from-junit FILE`` rebuilds the census from the
+JUnit file of an earlier ``xenicorn xtf --junit FILE`` run instead.
+
+Update ``WHY`` when a gap closes or a new result appears: a test that fails
+with no entry is listed as "unexplained".
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from xenicorn import xtf  # noqa: E402
+
+XEN = "Xen gives this too"
+OWNED = "xenicorn gap, being closed elsewhere"
+ACCURACY = "xenicorn gap: x86 accuracy"
+GAP = "xenicorn gap"
+FEP_SKIP = (XEN, "needs the forced emulation prefix, which only a Xen built with CONFIG_HVM_FEP and booted "
+                 "with `hvm_fep` offers; release builds SKIP it the same way")
+
+# test -> (kind, why); the reasons are for a result other than SUCCESS.
+WHY: dict[str, tuple[str, str]] = {
+    "argo": (XEN, "Argo is off unless Xen is built with CONFIG_ARGO and booted with `argo=1`; "
+                  "xenicorn has no Argo (`argo_op` is -ENOSYS), as a default Xen"),
+    "nested-svm": (XEN, "needs `nestedhvm = 1` (its extra.cfg) and SVM offered to the guest; xenicorn "
+                        "offers no nested virtualisation, as Xen without nestedhvm"),
+    "nested-vmx": (XEN, "needs `nestedhvm = 1` (its extra.cfg) and VT-x offered to the guest; xenicorn "
+                        "offers no nested virtualisation, as Xen without nestedhvm"),
+    "fep": (XEN, "succeeds only when the forced emulation prefix works (`xtf_has_fep`): a Xen without "
+                 "`hvm_fep` FAILs it too; xenicorn has no FEP (a `ud2; .ascii \"xen\"` prefix is #UD)"),
+    "xsa-123": FEP_SKIP, "xsa-170": FEP_SKIP, "xsa-186": FEP_SKIP, "xsa-191": FEP_SKIP,
+    "xsa-196": FEP_SKIP, "xsa-200": FEP_SKIP, "xsa-203": FEP_SKIP, "xsa-204": FEP_SKIP,
+    "xsa-451": FEP_SKIP, "xsa-470": FEP_SKIP,
+    "selftest": (OWNED, "grant tables v2: GNTTABOP_set_version(2) is refused (-EINVAL); "
+                        "Xen grants v2 to HVM guests by default (gnttab=max-ver:2)"),
+    "xsa-188": (OWNED, "FIFO event channels: EVTCHNOP_init_control is -ENOSYS, where Xen validates "
+                       "the control block (the test wants -EINVAL for its bad offset)"),
+    "cpuid-faulting": (GAP, "Xen offers CPUID faulting to every HVM guest (xen/arch/x86/cpu-policy.c: "
+                            "'always possible to emulate CPUID faulting for HVM guests': MSR_PLATFORM_INFO "
+                            "bit 31, MSR_MISC_FEATURES_ENABLES bit 0); xenicorn reads 0 from PLATFORM_INFO"),
+    "livepatch-priv-check": (GAP, "Xen's do_sysctl (xen/common/sysctl.c) answers an unprivileged guest -EPERM "
+                                  "(-EACCES for a wrong interface version) through XSM's dummy policy, so "
+                                  "the test SUCCEEDs on Xen; xenicorn has no sysctl (-ENOSYS), which the "
+                                  "test reads as 'no live patching'"),
+    "xsa-261": (GAP, "no HPET: Xen emulates one for HVM guests (xen/arch/x86/hvm/hpet.c; libxl's hpet "
+                     "defaults to on), xenicorn has none, so the test SKIPs"),
+    "xsa-472-3": (GAP, "needs 3 vCPUs: its extra.cfg says `vcpus = 3` (info.json asks for none) and it "
+                       "starts NR_APS = 2 APs; with -smp 1 or -smp 2 VCPUOP_initialise of the missing vCPU "
+                       "is -ENOENT, as on Xen ('unable to init CPU1: -2' / 'CPU2'), an ERROR. The runner "
+                       "passes -smp 3 from the .cfg beside the image, and it SUCCEEDs"),
+    "swint-emulation": (ACCURACY, "INT n/INT3/INTO that fault on delivery (#GP: a DPL-0 gate from CPL 3; "
+                                  "#NP: a not-present gate) must report the fault at the instruction, the "
+                                  "CPU engine reports it after the instruction, like a trap; and ICEBP "
+                                  "(0xF1) is #UD in the engine where hardware raises #DB"),
+    "umip": (ACCURACY, "CR4.UMIP can be set although CPUID does not offer UMIP (real hardware and Xen #GP)"),
+    "fpu-exception-emulation": (ACCURACY, "MMX with CR0.EM set, and SSE with CR4.OSFXSR clear, must raise "
+                                          "#UD ahead of CR0.TS's #NM; the CPU engine raises #NM"),
+    "memop-seg": (ACCURACY, "64-bit: a non-canonical operand based on %rsp/%rbp must raise #SS, the CPU "
+                            "engine raises #GP; 32-bit: an operand past its segment's limit must raise "
+                            "#GP (#SS for %ss), the engine ignores the limit and takes a #PF"),
+    "lm-ts": (ACCURACY, "`int $0x21` through a gate to ring 1 whose stack lies past the TSS limit: the "
+                        "#TS[GDT[7]] arrives with the right error code but at the instruction after the "
+                        "INT (as in swint-emulation), so the test's exception-table fixup misses and the "
+                        "guest panics"),
+    "xsa-192": (ACCURACY, "an interrupt or exception in virtual-8086 mode: xenicorn cannot deliver it and "
+                          "stops the machine"),
+    "xsa-278": (ACCURACY, "CR4.VMXE can be set although VMX is not offered (Xen #GPs)"),
+    "xsa-308": (ACCURACY, "ICEBP (INT1, opcode 0xF1) under a MovSS shadow while single-stepping: the engine "
+                          "raises #UD where hardware raises #DB, and the guest panics"),
+    "xsa-462": (ACCURACY, "an IPI to an illegal vector (< 16) must set both 'send' (bit 5) and 'receive "
+                          "illegal vector' (bit 6) in the local APIC's ESR: xenicorn's LAPIC sets only "
+                          "bit 6 (0x40, not 0x60)"),
+}
+
+# SUCCESS results that prove less than they seem.
+VACUOUS: dict[str, str] = {
+    "xsa-472-1": "writes the Viridian MSR HV_X64_MSR_REFERENCE_TSC; xenicorn has no Viridian and drops "
+                 "unknown MSR writes, where Xen without `viridian` in the config #GPs",
+    "xsa-472-2": "writes the Viridian synthetic timer MSRs; dropped as above (no Viridian in xenicorn)",
+    "xsa-472-3": "runs 3 vCPUs and balloons the page out and in (XENMEM_decrease_reservation / "
+                 "populate_physmap), but the Viridian reference TSC page it maps is a dropped MSR write",
+    "invlpg": "XTF runs it twice under xl, with `hap=0` and `hap=1` (variations ~shadow, ~hap); xenicorn "
+              "has one paging engine and runs the image once",
+    "xsa-168": "XTF runs it only with `hap=0` (variation ~shadow): it probes Xen's shadow paging code, "
+               "which xenicorn does not have; it shows only that the guest's INVLPG sequence runs",
+    "xsa-173": "XTF runs it only with `hap=0` (variation ~shadow), to probe Xen's shadow code; here it "
+               "checks the CPU engine's page walk instead (a PSE l2e past MAXPHYADDR must #PF[Rsvd])",
+}
+
+
+def git_commit(path: Path) -> str:
+    """``path``'s HEAD commit, and whether its work tree has changes."""
+    try:
+        head = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        # The census file itself does not count: it is what a re-run rewrites.
+        dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":!docs/conformance.md"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head + (" (with uncommitted changes)" if dirty else "")
+
+
+def from_junit(path: str) -> list[xtf.Outcome]:
+    """The outcomes a ``xenicorn xtf --junit`` file recorded."""
+    outcomes = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        name = case.get("name", "")
+        m = xtf.IMAGE_NAME.match(name)
+        image = xtf.Image(Path(name), m.group(1) if m else "?", m.group(2) if m else name)
+        result, reason = "SUCCESS", ""
+        for tag in ("failure", "error", "skipped"):
+            el = case.find(tag)
+            if el is not None:
+                result = {"failure": "FAILURE", "skipped": "SKIP"}.get(tag) or el.get("type", "ERROR")
+                reason = el.get("message", "")
+        if result == reason:
+            reason = ""
+        outcomes.append(xtf.Outcome(image, result, float(case.get("time", 0)), reason))
+    return outcomes
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(outcomes: list[xtf.Outcome], xtf_dir: Path, command: str, pv_left_out: int) -> str:
+    """The census as Markdown."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    counts = {r: sum(o.result == r for o in outcomes) for r in xtf.ALL_RESULTS}
+    out = [
+        "# XTF conformance census",
+        "",
+        "How xenicorn does on the [Xen Test Framework](https://github.com/andyhhp/xtf)'s HVM test "
+        "kernels, each booted with `xenicorn run` by the `xenicorn xtf` runner (results and exit codes "
+        "as Xen's `xtf-runner`). Generated by `tools/xtf_census.py`; do not edit by hand, edit its "
+        "`WHY` table and re-run it.",
+        "",
+        f"- XTF commit: `{git_commit(xtf_dir)}`",
+        f"- xenicorn commit: `{git_commit(ROOT)}`",
+        f"- Run: {now}",
+        f"- Built: `git clone https://github.com/andyhhp/xtf {xtf_dir} && make -C {xtf_dir} -j2` "
+        "(gcc; XTF's own Makefile, which also writes each image's xl `.cfg` and `info.json`)",
+        f"- Run with: `{command}`",
+        "- The runner passes `vcpus` and `memory` from each image's `.cfg` on as `-smp` and `-m`; "
+        "the other xl settings of the test's extra.cfg (`viridian`, `nestedhvm`, "
+        "`max_event_channels`, `hap`) have no xenicorn equivalent and are not applied.",
+        f"- Not run: {pv_left_out} PV images (`test-pv64-*`, `test-pv32pae-*`): xenicorn runs HVM guests.",
+        "",
+        "## Counts",
+        "",
+        "| result | images |",
+        "|---|---|",
+    ]
+    out += [f"| {r} | {n} |" for r, n in counts.items()]
+    out += [f"| total | {len(outcomes)} |", "", "## Images that did not succeed", "",
+            "One row per test, result and printed reason; `env` lists the images (test-ENV-TEST) it covers.",
+            "", "| test | env | result | what the test printed | kind | why |", "|---|---|---|---|---|---|"]
+    rows: dict[tuple[str, str, str], list[str]] = {}
+    for o in sorted(outcomes, key=lambda o: (xtf.ALL_RESULTS.index(o.result), o.image.test, o.image.env)):
+        if o.result != "SUCCESS":
+            rows.setdefault((o.image.test, o.result, o.reason), []).append(o.image.env)
+    for (test, result, reason), envs in rows.items():
+        kind, why = WHY.get(test, ("unexplained", "no entry in tools/xtf_census.py's WHY table"))
+        out.append(f"| {test} | {', '.join(envs)} | {result} | {_cell(reason)} | {kind} | {_cell(why)} |")
+    ran = {o.image.test for o in outcomes if o.result == "SUCCESS"}
+    vacuous = [(t, note) for t, note in VACUOUS.items() if t in ran]
+    if vacuous:
+        out += ["", "## Successes that prove less than they seem", ""]
+        out += [f"- **{t}**: {note}" for t, note in vacuous]
+    out += ["", "## All results by test", "", "| test | " + " | ".join(xtf.HVM_ENVS) + " |",
+            "|---|" + "---|" * len(xtf.HVM_ENVS)]
+    by_test: dict[str, dict[str, str]] = {}
+    for o in outcomes:
+        by_test.setdefault(o.image.test, {})[o.image.env] = o.result
+    for test, envs in sorted(by_test.items()):
+        out.append(f"| {test} | " + " | ".join(envs.get(e, "") for e in xtf.HVM_ENVS) + " |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--xtf", default="/work/xtf-src", help="the built XTF tree (default /work/xtf-src)")
+    p.add_argument("-j", "--jobs", type=int, default=2, help="images run at once (default 2)")
+    # 120 s: the msr test reads ~33,000 MSRs and prints a line for each (~20 s of CPU, more on a busy host).
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per image (default 120)")
+    p.add_argument("--out", default=str(ROOT / "docs" / "conformance.md"), help="the census file ('-': stdout)")
+    p.add_argument("--junit", metavar="FILE", help="also keep the run's JUnit XML")
+    p.add_argument("--from-junit", metavar="FILE", help="no run: rebuild the census from this JUnit file")
+    args = p.parse_args(argv)
+    xtf_dir = Path(args.xtf)
+    tests = xtf_dir / "tests"
+    if not tests.is_dir():
+        print(f"xtf_census: error: no XTF tests directory {tests} (build XTF there first)", file=sys.stderr)
+        return 2
+    images, pv = xtf.find_images([str(tests)])
+    command = f"python -m xenicorn xtf --jobs {args.jobs} --timeout {args.timeout:g} {tests}"
+    if args.from_junit:
+        outcomes = from_junit(args.from_junit)
+    else:
+        if not images:
+            print(f"xtf_census: error: no XTF images under {tests}", file=sys.stderr)
+            return 2
+        runner = xtf.Runner(args.timeout, args.jobs)
+        outcomes = runner.run(images, lambda o: print(xtf.image_line(o), o.reason, flush=True))
+        if args.junit:
+            xtf.write_junit(args.junit, outcomes)
+    text = markdown(outcomes, xtf_dir, command, pv)
+    if args.out == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+    print("\n".join(xtf.summary(outcomes, quiet=True)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
