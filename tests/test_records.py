@@ -90,7 +90,7 @@ def test_ioapic_record_round_trips_remote_irr_and_refuses_entries_it_cannot_hold
     refuses(b, changed(rec, redirtbl=table[:2] + [1 << 14] + table[3:]), "entry 2")      # Remote IRR on an edge pin
     refuses(b, changed(rec, redirtbl=table[:4] + [0x10000 | 1 << 33] + table[5:]), "entry 4")   # bits 55:32
     refuses(b, changed(rec, redirtbl=table[:23]), "with 23 redirection entries")
-    refuses(b, changed(rec, irr=1 << 24), "irr 0x1000000 out of range")
+    refuses(b, changed(rec, irr=1 << 48), "irr 0x1000000000000 out of range")
 
 
 def test_lapic_record_round_trips_its_timer_and_refuses_reserved_lvt_bits():

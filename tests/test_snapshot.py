@@ -359,7 +359,7 @@ IMPOSSIBLE = {
     "ioapic": [(_set("redirtbl.3", lambda x: x | 1 << 40), "redirection entry 3"),
                (_set("redirtbl.5", 1 << 64), "redirection entry 5 0x10000000000000000 out of range"),
                (_set("redirtbl.7", lambda x: x & ~(1 << 15) | 1 << 14), "redirection entry 7"),
-               (_set("redirtbl", lambda t: t + [0x10000]), "not a list of at most 24"),
+               (_set("redirtbl", lambda t: t + [0x10000]), "not a list of at most 48"),
                (_set("id", 16), "id 16 out of range")],
     "lapic": [(_set("lvt.0", lambda x: x | 1 << 12), "LVT entry timer"),
               (_set("lvt.3", lambda x: x | 1 << 20), "LVT entry LINT0"),

@@ -1,4 +1,4 @@
-"""The I/O APIC: 24 interrupt pins turned into messages for local APICs.
+"""The I/O APIC: 48 interrupt pins turned into messages for local APICs.
 
 At MMIO 0xFEC00000, registers as in the Intel 82093AA datasheet. Software
 selects a register by writing its index to IOREGSEL and then reads or writes
@@ -53,7 +53,8 @@ from typing import Callable, Protocol
 
 from ..records import RecordError, integer, listing, make_record, open_record, uint
 
-NUM_PINS = 24
+NUM_PINS = 48                 # Xen's vIOAPIC: 16 ISA IRQs and 32 PCI ones (VIOAPIC_NUM_PINS,
+                              # xen/include/public/arch-x86/hvm/save.h); the 82093AA has 24
 IOAPIC_BASE = 0xFEC00000
 VERSION = 0x20                  # the ICH I/O APIC, with the EOI register (module doc)
 RTE_MASK, RTE_LEVEL, RTE_REMOTE_IRR, RTE_DELIVS = 1 << 16, 1 << 15, 1 << 14, 1 << 12
@@ -196,7 +197,7 @@ class Ioapic:
     def check_record(self, record: dict) -> tuple[IoapicState, int]:
         """What Xen's ``ioapic_check`` refuses, and entries this model cannot hold.
 
-        The ID is 4 bits; there are 24 entries of 64 bits; bits 55:32 are
+        The ID is 4 bits; there are 48 entries of 64 bits; bits 55:32 are
         reserved (an IOWIN write to the high dword keeps only the
         destination), delivery status is never set (delivery is
         instantaneous), and only a level-triggered entry has Remote IRR.
