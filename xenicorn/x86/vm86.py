@@ -28,8 +28,13 @@ in Virtual-8086 Mode"). Delivery is the inter-privilege case of
 The way back is IRET at CPL 0 with VM=1 in the popped EFLAGS: it pops EIP,
 CS, EFLAGS, ESP, SS, ES, DS, FS, GS and loads all six segments the vm86 way.
 The CPU engine (QEMU's ``helper_iret_protected``, label ``return_to_vm86``)
-does that itself, and runs vm86 code itself; only delivery is done here
-(:mod:`.interrupts` calls these helpers from its protected-mode path).
+does that itself, enters vm86 by task switch itself, and runs vm86 code
+itself (its translator raises the IOPL #GP for ``INT n``); only delivery
+is done here (:mod:`.interrupts` calls these helpers from its
+protected-mode path). Every event from vm86 reaches it: the engine's own
+delivery of external interrupts would send a handler segment of DPL 1 or 2
+to that ring instead of raising #GP, so it is not used in vm86
+(:mod:`xenicorn.engine.delivery`).
 """
 from __future__ import annotations
 
