@@ -67,6 +67,7 @@ KERNELS: dict[str, tuple[int, list[str], bool]] = {
     "triple32": (32, ["misbehave/triple32.S"], False),
     "spin32": (32, ["misbehave/spin32.S"], False),
     "mboot32": (32, ["multiboot/mboot.c"], "multiboot"),
+    "vm86_32": (32, ["vm86/vm86.c"], True),
 }
 
 CFLAGS = ["-ffreestanding", "-nostdlib", "-fno-pic", "-fno-pie", "-fno-stack-protector",

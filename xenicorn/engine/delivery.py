@@ -39,6 +39,7 @@ from .rawctx import OFF_HFLAGS, HF_LMA, HF_CPL_MASK
 from ..x86.segments import DESC_P
 
 RFLAGS_IF = 1 << 9
+RFLAGS_VM = 1 << 17
 
 
 class InterruptDelivery:
@@ -106,10 +107,15 @@ class InterruptDelivery:
         deliveries (``--trace int``, the stepper, gdb) or time is counted in
         instructions, and when a snapshot could be taken between the
         request and the run (the request is not part of the CPU context).
+        Python also delivers from virtual-8086 mode: QEMU sends a vm86
+        interrupt whose handler segment has DPL 1 or 2 to that ring where
+        x86 raises #GP, and leaves EXT out of that #GP's error code
+        (:mod:`xenicorn.x86.vm86`).
         """
         m = self.machine
         return (self._irq_request is not None and not self.count_instructions and not m.tracer.on("int")
                 and not m.tracer.listeners and not m.agents
+                and not self.uc.reg_read(X.UC_X86_REG_EFLAGS) & RFLAGS_VM
                 and self._engine_can_read_the_tss())
 
     def _engine_can_read_the_tss(self) -> bool:

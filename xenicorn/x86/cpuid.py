@@ -8,13 +8,18 @@ QEMU host model; xenicorn answers every leaf itself from the CPUID hook.
 Feature bits advertised (SDM vol. 2A, CPUID):
 
 =============  ===============================================================
-leaf 1 EDX     FPU VME DE PSE TSC MSR PAE MCE CX8 APIC SEP MTRR PGE MCA CMOV
+leaf 1 EDX     FPU DE PSE TSC MSR PAE MCE CX8 APIC SEP MTRR PGE MCA CMOV
                PAT PSE36 CLFSH MMX FXSR SSE SSE2
 leaf 1 ECX     SSE3, CX16, POPCNT, and bit 31 "hypervisor present"
 leaf 7 EDX     ARCH_CAPABILITIES: the MSR (0x10A) that says which speculative-
                execution flaws the CPU does not have (:data:`ARCH_CAPABILITIES`)
 0x80000001     EDX: SYSCALL, NX, LM; ECX: LAHF/SAHF
 =============  ===============================================================
+
+VME (leaf 1 EDX bit 1, virtual-8086 mode extensions: CR4.VME's interrupt
+redirection bitmap and virtual IF) is not offered: the CPU engine ignores
+CR4.VME, so ``INT n``, CLI and STI in vm86 with IOPL < 3 always raise #GP,
+as on a CPU without VME (:mod:`.vm86`).
 
 An emulated CPU does not speculate, so it reports itself immune where x86
 has a bit to say so: without that, Linux takes a family 6 model 0x3A CPU
@@ -39,7 +44,7 @@ def _regs(text: str) -> tuple[int, int, int]:
 
 VENDORS = {"intel": "GenuineIntel", "amd": "AuthenticAMD"}
 
-LEAF1_EDX = ((1 << 0) | (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 7) |
+LEAF1_EDX = ((1 << 0) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 7) |
              (1 << 8) | (1 << 9) | (1 << 11) | (1 << 12) | (1 << 13) | (1 << 14) | (1 << 15) |
              (1 << 16) | (1 << 17) | (1 << 19) | (1 << 23) | (1 << 24) | (1 << 25) | (1 << 26))
 LEAF1_ECX = (1 << 0) | (1 << 13) | (1 << 23) | (1 << 31)

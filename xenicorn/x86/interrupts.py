@@ -8,7 +8,7 @@ CS:RIP and RFLAGS. Each step is one function whose docstring names the SDM
 section, and every delivery produces a :class:`Delivery` record: what a
 person single-stepping interrupt delivery wants to see.
 
-Three kinds of machine state choose the path:
+Four kinds of machine state choose the path:
 
 ==============  ================  ==========================================
 mode            table             frame pushed (lowest address last)
@@ -17,6 +17,8 @@ real mode       IVT, 4-byte       FLAGS, CS, IP (16-bit)
                 far pointers
 protected mode  IDT, 8-byte       [SS, ESP if the privilege changes], EFLAGS,
                 gates             CS, EIP, [error code] (32- or 16-bit gate)
+virtual-8086    IDT, 8-byte       GS, FS, DS, ES, SS, ESP, EFLAGS, CS, EIP,
+                gates             [error code]: always to ring 0 (:mod:`.vm86`)
 IA-32e (long)   IDT, 16-byte      SS, RSP, RFLAGS, CS, RIP, [error code],
                 gates, IST        all 64-bit, RSP aligned down to 16 bytes
 ==============  ================  ==========================================
@@ -45,6 +47,7 @@ from ..machine.memory import GuestMemoryError
 from .cpu import Vcpu
 from .paging import PageFault, PagingRegs, translate
 from .segments import SegmentCache, DESC_B, DESC_L, DESC_P, DESC_S, DESC_DPL_SHIFT
+from .vm86 import vm86_handler_check, vm86_int_check, vm86_null_segments, vm86_saved_segments
 
 IF, TF, NT, RF, VM, AC = 1 << 9, 1 << 8, 1 << 14, 1 << 16, 1 << 17, 1 << 18
 EFER, EFER_LMA = 0xC0000080, 1 << 10
@@ -101,6 +104,7 @@ class Delivery:
     stack_switched: bool = False
     pushed: list[tuple[str, int]] = field(default_factory=list)
     chain: list[str] = field(default_factory=list)   # earlier events that turned into this one
+    loads: dict = field(default_factory=dict)        # other segment registers loaded (vm86: nulls)
 
     def summary(self) -> str:
         err = f" err={self.error_code:#x}" if self.error_code is not None else ""
@@ -129,6 +133,7 @@ class _Cpu:
             self.gdt = state.segment("gdt")
             self.ldt = state.segment("ldt")
             self.tr = state.segment("tr")
+            self.selectors = {n: state.segment(n).selector for n in ("es", "ds", "fs", "gs")}
             self.cpl = state.cpl
         self.rflags = vcpu.reg("rflags")
         self.efer = vcpu.msr_read(EFER)
@@ -297,11 +302,14 @@ def _deliver_real(cpu: _Cpu, rec: Delivery) -> tuple:
 
 def _deliver_protected(cpu: _Cpu, rec: Delivery, ext: int) -> tuple:
     """Protected mode (SDM vol. 3 §6.12.1): same-privilege or inter-privilege."""
+    if cpu.rflags & VM and rec.etype is EventType.SOFTWARE_INTERRUPT and _soft_int_length(cpu, rec.vector) == 2:
+        vm86_int_check(cpu.rflags, _Fault)
     gate = _read_gate(cpu, rec.vector, ext)
     _check_gate(cpu, gate, rec.vector, rec.etype, ext)
     code = _target_code_segment(cpu, gate, ext)
-    if cpu.rflags & VM:
-        raise TripleFault("interrupt from virtual-8086 mode is not supported")
+    vm86 = bool(cpu.rflags & VM)
+    if vm86:
+        vm86_handler_check(gate["selector"], code, ext, _Fault)
     gate32 = gate["type"] in (GATE_INT32, GATE_TRAP32)
     word = 4 if gate32 else 2
     conforming = bool(code.flags & (1 << 10))
@@ -311,6 +319,9 @@ def _deliver_protected(cpu: _Cpu, rec: Delivery, ext: int) -> tuple:
         sp, ss_sel = _tss_stack(cpu, new_cpl, 0, ext)
         ss = _new_stack_segment(cpu, ss_sel, new_cpl, ext)
         ss.selector = ss_sel
+        if vm86:
+            values += vm86_saved_segments(cpu.selectors)
+            rec.loads = vm86_null_segments()
         values += [("ss", cpu.ss.selector), ("esp", cpu.rsp & 0xFFFFFFFF)]
         rec.stack_switched = True
     else:
@@ -378,7 +389,7 @@ def _apply(vcpu: Vcpu, cpu: _Cpu, frame: bytes, pieces, new_cs, new_ss, rsp: int
     for phys, n in pieces:
         cpu.mem.write(phys, frame[pos:pos + n])
         pos += n
-    caches = {"cs": new_cs}
+    caches = {**rec.loads, "cs": new_cs}
     if new_ss is not None:
         caches["ss"] = new_ss
     with vcpu.cpu_state() as state:
