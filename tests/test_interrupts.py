@@ -111,7 +111,9 @@ def test_int_n_from_cpl3_through_a_dpl0_gate_is_gp(machine):
 
 
 @pytest.mark.parametrize("code, vector, at", [(b"\xcd\x21", 0x21, 0x100040), (b"\xcc", 3, 0x100041),
-                                               (b"\xcd\x03", 3, 0x100040)])
+                                               (b"\xcd\x03", 3, 0x100040), (b"\x67\xcc", 3, 0x100040),
+                                               (b"\x3e\x67\xcd\x21", 0x21, 0x10003E)],
+                         ids=["int-n", "int3", "int-3", "addr16-int3", "ds-addr16-int-n"])
 def test_fault_delivering_a_software_interrupt_points_at_the_instruction(machine, code, vector, at):
     """SDM vol. 3 §6.5: a fault's saved EIP is the faulting instruction's, and
     a fault while delivering INT n / INT3 is the INT's own (QEMU TCG agrees;
@@ -182,3 +184,26 @@ def test_sysenter_and_sysexit_round_trip(machine):
     assert machine.run() == 0
     assert machine.console.data == b"KU"
     assert machine.exit_counts["Syscall"] == 1 and vcpu.cpl() == 3
+
+
+@pytest.mark.parametrize("code", [b"\xf1", b"\x67\xf1"], ids=["icebp", "addr16-icebp"])
+def test_icebp_is_a_db_trap_and_a_fault_delivering_it_points_at_it_with_ext(machine, code):
+    """ICEBP (INT1): Unicorn has no decoding for 0xF1 and reports #UD; the CPU
+    raises #DB as a trap (EIP past it) with no gate DPL check, and a fault while
+    delivering it is the instruction's, with EXT set (XTF swint-emulation)."""
+    from xenicorn.exits import InvalidInstruction
+    vcpu = protected(machine)
+    machine.memory.write(0x100040, code)
+    machine.memory.write(IDT + 8 * 1, gate32(0x500000))
+    vcpu.set_reg("rip", 0x100040)
+    machine.dispatch.handle(vcpu, InvalidInstruction(0x100040))
+    rec = vcpu.last_delivery
+    assert rec.vector == 1 and rec.etype is EventType.PRIVILEGED_SOFTWARE_EXCEPTION
+    assert stack(machine, vcpu.reg("rsp"), 1) == [0x100040 + len(code)]       # a trap: EIP past it
+    vcpu = protected(machine)
+    machine.memory.write(IDT + 8 * 1, gate32(0x500000, present=False))
+    vcpu.set_reg("rip", 0x100040)
+    machine.dispatch.handle(vcpu, InvalidInstruction(0x100040))
+    rec = vcpu.last_delivery
+    assert rec.vector == 11 and rec.error_code == (1 << 3) | 2 | 1             # IDT[1], EXT
+    assert stack(machine, vcpu.reg("rsp"), 2) == [(1 << 3) | 3, 0x100040]       # a fault: EIP at it

@@ -207,6 +207,12 @@ class ExitDispatcher:
         return E.Action.CONTINUE
 
     def _invalid(self, vcpu, ex: E.InvalidInstruction) -> E.Action:
+        from ..x86.interrupts import icebp_length
+        n = icebp_length(vcpu)
+        if n:
+            # ICEBP, which Unicorn does not decode: #DB as a trap, past the instruction
+            vcpu.set_reg("rip", vcpu.reg("rip") + n)
+            return self.deliver(vcpu, 1, EventType.PRIVILEGED_SOFTWARE_EXCEPTION)
         return self.deliver(vcpu, 6, EventType.HARDWARE_EXCEPTION)
 
     def _hypercall(self, vcpu, ex: E.Hypercall) -> E.Action:

@@ -409,17 +409,66 @@ def _combine(first: int, second: int) -> bool:
     return first_pf and (second_pf or second in CONTRIBUTORY)
 
 
-def _soft_int_length(cpu: _Cpu, vector: int) -> int:
-    """Length of the INT instruction that ended just before RIP: 1 for INT3
-    (0xCC) and INTO (0xCE), else 2 (INT imm8, 0xCD ib)."""
-    one_byte = {3: 0xCC, 4: 0xCE}.get(vector)
-    if one_byte is not None:
+_LEGACY_PREFIXES = frozenset(b"\x26\x2e\x36\x3e\x64\x65\x66\x67\xf0\xf2\xf3")
+
+
+def icebp_length(vcpu: Vcpu) -> int:
+    """The length of the ICEBP (INT1, opcode 0xF1, prefixes included) at RIP, or 0.
+
+    Unicorn's decoder has no 0xF1 and raises #UD; the CPU raises #DB as a
+    trap through IDT entry 1 with no gate DPL check (a "privileged software
+    exception", SDM vol. 3 §6.15 and the INT1 entry of vol. 2).
+    """
+    cpu = _Cpu(vcpu)
+    start = cpu.cs.base + cpu.rip
+    for span in (15, 4096 - (start & 0xFFF)):
         try:
-            if cpu.read(cpu.cs.base + cpu.rip - 1, 1)[0] == one_byte:
-                return 1
+            code = cpu.read(start, min(15, span))
+            break
         except (_Fault, TripleFault):
-            pass
-    return 2
+            continue
+    else:
+        return 0
+    n = 0
+    while n < len(code) and code[n] in _LEGACY_PREFIXES:
+        n += 1
+    if n < len(code) and cpu.long_mode and cpu.cs.flags & DESC_L and 0x40 <= code[n] <= 0x4F:
+        n += 1
+    return n + 1 if n < len(code) and code[n] == 0xF1 else 0
+
+
+def _soft_int_length(cpu: _Cpu, vector: int) -> int:
+    """Length of the INT3 / INT imm8 / INTO / ICEBP that ended just before RIP, prefixes included.
+
+    Unicorn hands software interrupts over with RIP already past the
+    instruction and the start forgotten, so it is found backwards: the
+    opcode (0xCC, 0xCE, or 0xCD with this vector), then any legacy prefixes
+    before it (XTF's swint-emulation uses ``67 cc``), and in 64-bit mode a
+    REX byte between them and the opcode. A previous instruction whose last
+    byte happens to equal a prefix byte is taken for one (the bytes alone
+    cannot tell); it only matters when the delivery itself faults.
+    """
+    end = cpu.cs.base + cpu.rip
+    window = b""
+    for span in (min(15, end), min(15, end & 0xFFF)):   # the page before may be unmapped
+        try:
+            window = cpu.read(end - span, span) if span else b""
+            break
+        except (_Fault, TripleFault):
+            continue
+    if len(window) < 2:
+        return len(window) or 2
+    if window[-1] == {1: 0xF1, 3: 0xCC, 4: 0xCE}.get(vector, -1):
+        n = 1
+    elif window[-2] == 0xCD and window[-1] == vector:
+        n = 2
+    else:
+        return 2
+    if len(window) > n and cpu.long_mode and cpu.cs.flags & DESC_L and 0x40 <= window[-n - 1] <= 0x4F:
+        n += 1                                   # REX: only right before the opcode
+    while n < len(window) and window[-n - 1] in _LEGACY_PREFIXES:
+        n += 1
+    return n
 
 
 def deliver(vcpu: Vcpu, vector: int, etype: EventType, error_code: int | None = None) -> Delivery:
@@ -442,8 +491,8 @@ def deliver(vcpu: Vcpu, vector: int, etype: EventType, error_code: int | None = 
                 parts = _deliver_protected(cpu, rec, ext)
         except _Fault as f:
             chain.append(f"{vector_name(vector)} ({f.why})")
-            if etype is EventType.SOFTWARE_INTERRUPT:
-                # A fault while delivering INT n / INT3 / INTO is the instruction's
+            if etype in (EventType.SOFTWARE_INTERRUPT, EventType.PRIVILEGED_SOFTWARE_EXCEPTION):
+                # A fault while delivering INT n / INT3 / INTO / ICEBP is the instruction's
                 # fault: its frame points at the instruction, not past it (SDM
                 # vol. 3 §6.5: a fault's saved EIP is the faulting instruction),
                 # so a handler that fixes the IDT and returns runs it again.
