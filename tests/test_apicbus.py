@@ -89,3 +89,28 @@ def test_an_ipi_to_a_missing_apic_is_dropped_and_traced(dest):
     send(cpus[0], 0x40, dest=dest)
     assert not irr(cpus[0]) and not irr(cpus[1]) and bus.dropped == 1
     assert any("addresses no APIC" in e[1] for e in events if e[0] == "trace")
+
+
+ESR, LVTERR = 0x280, 0x370
+
+
+def esr(lapic) -> int:
+    lapic.mmio_write(ESR, 4, 0)                           # a write latches the pending errors
+    return lapic.mmio_read(ESR, 4)
+
+
+@pytest.mark.parametrize("lvterr, expect_esr, expect_irr", [
+    (0x10000 | 0x33, 0x20, set()),                        # LVT error masked: only the send bit
+    (0x33, 0x20, {0x33}),                                 # error interrupt on vector 0x33
+    (0x0F, 0x60, set()),                                  # LVT error illegal too: receive bit (XTF xsa-462)
+])
+def test_an_ipi_with_an_illegal_vector_is_a_send_error_of_the_sender(lvterr, expect_esr, expect_irr):
+    _, cpus, events = apics(2)
+    cpus[0].mmio_write(LVTERR, 4, lvterr)
+    assert esr(cpus[0]) == 0
+    send(cpus[0], 0x0F, dest=1)                           # fixed, vector 15, to APIC 1
+    assert irr(cpus[0]) == expect_irr
+    assert irr(cpus[1]) == set() and esr(cpus[1]) == 0    # never sent: the target sees nothing
+    assert esr(cpus[0]) == expect_esr
+    assert esr(cpus[0]) == 0                              # the next latch finds nothing new
+    assert any("illegal vector 0xf" in e[1] for e in events if e[0] == "trace")

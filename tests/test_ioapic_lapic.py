@@ -168,3 +168,12 @@ def test_self_ipi_and_save_restore():
     other, *_ = rig()
     other.restore(saved)
     assert other.save() == saved
+
+
+def test_self_ipi_with_an_illegal_vector_without_a_bus_sets_send_and_receive_illegal():
+    apic, *_ = rig()
+    apic.mmio_write(0x370, 4, 0x0F)                       # LVT error with an illegal vector
+    apic.mmio_write(0x300, 4, 0x40000 | 0x0F)             # self, fixed, vector 15
+    assert apic.mmio_read(0x280, 4) == 0                  # nothing until the ESR write
+    apic.mmio_write(0x280, 4, 0)
+    assert apic.mmio_read(0x280, 4) == 0x60 and not apic.state.irr

@@ -70,6 +70,12 @@ class ApicBus:
         low = icr & 0xFFFFFFFF
         mode, vector, shorthand = (low >> 8) & 7, low & 0xFF, (low >> 18) & 3
         level = bool(low & (1 << 15))
+        if mode in (DM_FIXED, DM_LOWEST) and vector < 16:
+            # an illegal vector is not sent: the sender's ESR gets "send
+            # illegal vector" (SDM vol. 3 §11.5.3; Xen's vlapic_ipi)
+            self._say(f"LAPIC {source.state.id}: {MODE_NAMES[mode]} IPI with illegal vector {vector:#x}")
+            source.error(1 << 5)
+            return
         if shorthand == SH_SELF:
             targets = [source]
         elif shorthand == SH_ALL:

@@ -64,6 +64,9 @@ LVT_WRITABLE = {
     LVT_ERROR: 0xFF | LVT_MASKED,
 }
 DM_FIXED, DM_LOWEST, DM_SMI, DM_NMI, DM_INIT, DM_STARTUP, DM_EXTINT = 0, 1, 2, 4, 5, 6, 7
+# ESR bits (SDM vol. 3 §11.5.3): a vector 0-15 is illegal; sending one sets
+# bit 5, receiving one (an IPI, a message, the LVT error entry) bit 6.
+ESR_SEND_ILLEGAL, ESR_RECV_ILLEGAL = 1 << 5, 1 << 6
 SVR_ENABLE, SVR_SUPPRESS_EOI = 1 << 8, 1 << 12
 
 
@@ -161,13 +164,36 @@ class Lapic:
         if not self.enabled:
             return                                           # a software-disabled APIC drops them
         if vector < 16:
-            st.esr_pending |= 1 << 6                         # illegal vector (received)
+            self.error(ESR_RECV_ILLEGAL)
             return
         st.irr |= 1 << vector
         st.tmr = st.tmr | (1 << vector) if level else st.tmr & ~(1 << vector)
         if self.trace is not None:
             self.trace(f"LAPIC {st.id} IRR gets vector {vector:#x} ({'level' if level else 'edge'})")
         self.notify()
+
+    def error(self, bit: int) -> None:
+        """An APIC error: latch ``bit`` for the next ESR write and signal it through LVT error.
+
+        The error interrupt goes out when the bit newly sets (Xen's
+        per-bit choice, xen/arch/x86/hvm/vlapic.c ``vlapic_error``; the SDM
+        leaves it model specific). An LVT error entry holding an illegal
+        vector cannot be delivered: that is itself a receive-illegal-vector
+        error, folded in here so the chain ends.
+        """
+        st = self.state
+        if st.esr_pending & bit:
+            return
+        st.esr_pending |= bit
+        lvterr = st.lvt[LVT_ERROR]
+        if self.trace is not None:
+            self.trace(f"LAPIC {st.id} error: ESR bit {bit.bit_length() - 1}")
+        if lvterr & LVT_MASKED:
+            return
+        if lvterr & 0xFF < 16:
+            st.esr_pending |= ESR_RECV_ILLEGAL
+        else:
+            self.accept(lvterr & 0xFF)
 
     def raise_nmi(self) -> None:
         """An NMI message: the CPU takes it at its next instruction boundary, IF or not."""
@@ -350,6 +376,9 @@ class Lapic:
             return
         low = st.icr & 0xFFFFFFFF
         mode, vector, shorthand = (low >> 8) & 7, low & 0xFF, (low >> 18) & 3
+        if mode in (DM_FIXED, DM_LOWEST) and vector < 16:
+            self.error(ESR_SEND_ILLEGAL)                     # never sent (vlapic_ipi)
+            return
         if shorthand == 3:                                   # all excluding self
             return
         if shorthand in (1, 2) or self.matches(st.icr >> 56, bool(low & (1 << 11))):
