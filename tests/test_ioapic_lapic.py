@@ -177,3 +177,61 @@ def test_self_ipi_with_an_illegal_vector_without_a_bus_sets_send_and_receive_ill
     assert apic.mmio_read(0x280, 4) == 0                  # nothing until the ESR write
     apic.mmio_write(0x280, 4, 0)
     assert apic.mmio_read(0x280, 4) == 0x60 and not apic.state.irr
+
+
+def test_writing_the_lvt_timer_does_not_restart_an_expired_one_shot():
+    """Only a TMICT write starts the count (SDM vol. 3 §11.5.4): the irq kernel's one-shot → periodic switch."""
+    apic, io, clock, insns, _ = rig()
+    apic.mmio_write(0x3E0, 4, 0xB)                        # divide by 1
+    apic.mmio_write(0x320, 4, 0x41)                       # one-shot, vector 0x41
+    apic.mmio_write(0x380, 4, 1000)
+    insns.n = 1000
+    clock.run_due()
+    assert apic.acknowledge() == 0x41
+    apic.mmio_write(0xB0, 4, 0)
+    insns.n = 5000
+    apic.mmio_write(0x320, 4, 0x20042)                    # periodic, vector 0x42: no TMICT yet
+    insns.n = 20000
+    clock.run_due()
+    assert not apic.state.irr and apic.timer_fires == 1
+    assert apic.mmio_read(0x390, 4) == 0 and apic.mmio_read(0x380, 4) == 1000
+    apic.mmio_write(0x380, 4, 1000)                       # now it starts
+    assert apic.mmio_read(0x390, 4) == 1000
+    insns.n = 21000
+    clock.run_due()
+    assert apic.acknowledge() == 0x42 and apic.timer_fires == 2
+
+
+def test_a_running_timer_keeps_its_deadline_across_lvt_writes_and_tsc_deadline_mode_stops_it():
+    apic, io, clock, insns, _ = rig()
+    apic.mmio_write(0x3E0, 4, 0xB)
+    apic.mmio_write(0x320, 4, 0x41)
+    apic.mmio_write(0x380, 4, 1000)
+    insns.n = 400
+    apic.mmio_write(0x320, 4, 0x20043)                    # periodic now, same deadline
+    assert apic.mmio_read(0x390, 4) == 600
+    insns.n = 1000
+    clock.run_due()
+    assert apic.acknowledge() == 0x43 and apic.mmio_read(0x390, 4) == 1000   # reloaded
+    apic.mmio_write(0x320, 4, 0x40043)                    # TSC-deadline: TMICT cleared, stopped
+    assert apic.mmio_read(0x380, 4) == 0 and apic.timer is None
+    insns.n = 5000
+    clock.run_due()
+    assert apic.timer_fires == 1
+
+
+def test_a_timer_tick_onto_a_pending_vector_is_traced_as_coalesced():
+    apic, io, clock, insns, _ = rig()
+    lines = []
+    apic.trace = lines.append
+    apic.mmio_write(0x3E0, 4, 0xB)
+    apic.mmio_write(0x320, 4, 0x20044)                    # periodic, vector 0x44
+    apic.mmio_write(0x380, 4, 100)
+    insns.n = 100
+    clock.run_due()
+    assert not any("coalesced" in line for line in lines)
+    insns.n = 200
+    clock.run_due()                                       # 0x44 still in IRR: the tick is lost
+    assert apic.timer_fires == 2 and apic.acknowledge() == 0x44 and not apic.pending()
+    assert [line for line in lines if "coalesced" in line] == [
+        "LAPIC 0 timer fires: vector 0x44 already in IRR (coalesced)"]

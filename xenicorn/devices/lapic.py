@@ -256,8 +256,8 @@ class Lapic:
 
     def current_count(self) -> int:
         st = self.state
-        if not st.initial_count:
-            return 0
+        if not st.initial_count or (self.clock is not None and self.timer is None):
+            return 0                                         # stopped, or a one-shot that ran out
         elapsed = (self._now() - st.timer_start_ns) // self._divisor()
         mode = (st.lvt[LVT_TIMER] >> 17) & 3
         if mode == 1:                                        # periodic
@@ -276,12 +276,27 @@ class Lapic:
         deadline = st.timer_start_ns + period
         self.timer = self.clock.add_timer(deadline, self._expire, "lapic-timer")
 
+    def _timer_mode_written(self, before: int, after: int) -> None:
+        """The LVT timer entry was written: the timer keeps running as it was, or stops.
+
+        Only a TMICT write starts the count (SDM vol. 3 §11.5.4): a new
+        vector or mode takes effect at the next expiry, and a one-shot that
+        already ran out stays stopped. Moving into or out of TSC-deadline
+        mode stops the timer and clears TMICT, as Xen's ``vlapic_reg_write``
+        does for APIC_LVTT (xen/arch/x86/hvm/vlapic.c).
+        """
+        if ((before >> 17) & 3 == 2) != ((after >> 17) & 3 == 2):
+            self.state.initial_count = 0
+            self._arm()                                      # cancels
+
     def _expire(self) -> None:
         st = self.state
         self.timer = None
         self.timer_fires += 1
         lvt = st.lvt[LVT_TIMER]
         if not lvt & LVT_MASKED:
+            if st.irr >> (lvt & 0xFF) & 1 and self.trace is not None:
+                self.trace(f"LAPIC {st.id} timer fires: vector {lvt & 0xFF:#x} already in IRR (coalesced)")
             self.accept(lvt & 0xFF)
         if (lvt >> 17) & 3 == 1 and st.initial_count:        # periodic: reload
             st.timer_start_ns += st.initial_count * self._divisor()
@@ -357,9 +372,9 @@ class Lapic:
             idx = LVT_OFFSETS[reg]
             if not self.enabled:
                 value |= LVT_MASKED
-            st.lvt[idx] = value & LVT_WRITABLE[idx]
+            before, st.lvt[idx] = st.lvt[idx], value & LVT_WRITABLE[idx]
             if idx == LVT_TIMER:
-                self._arm()
+                self._timer_mode_written(before, st.lvt[idx])
             self.notify()
         elif reg == 0x380:
             st.initial_count = value
