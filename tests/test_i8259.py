@@ -144,3 +144,17 @@ def test_elcr_cannot_make_irq0_level_and_save_restore_round_trip():
     other = PicPair(Cpu())
     other.restore(saved)
     assert other.save() == saved and other.pending()
+
+
+def test_the_eoi_of_a_slave_irq_traces_both_chips_but_reports_one_isa_irq():
+    """Linux ends IRQ 12 with an EOI to the slave, then one to the master's IRQ 2 (the cascade)."""
+    pic, _ = make()
+    lines, eois = [], []
+    pic.trace = lines.append
+    pic.on_eoi.append(eois.append)
+    pic.set_irq(12, True)
+    assert pic.acknowledge() == 0x2C
+    pic.slave_ports.pio_write(0, 1, 0x20)       # non-specific EOI: slave IRQ 4
+    pic.master_ports.pio_write(0, 1, 0x62)      # specific EOI: master IRQ 2
+    assert [line for line in lines if "EOI" in line] == ["8259 EOI IRQ 12", "8259 EOI IRQ 2 (cascade)"]
+    assert eois == [12] and pic.master.state.isr == pic.slave.state.isr == 0

@@ -228,12 +228,20 @@ class PicPair:
         self.slave = I8259("slave", 0xDE, lambda level: self.master.set_irq(2, level))
         self.int_level = False
         self.on_eoi: list[Callable[[int], None]] = []     # called with the ISA IRQ 0-15
-        self.master.on_eoi.append(lambda irq: self._eoi(irq) if irq != 2 else None)   # 2: the cascade
+        self.master.on_eoi.append(self._master_eoi)
         self.slave.on_eoi.append(lambda irq: self._eoi(irq + 8))
         self.trace: Callable[[str], None] | None = None
         self.master_ports = _ChipPorts(self.master)
         self.slave_ports = _ChipPorts(self.slave)
         self.elcr_ports = _Elcr(self)
+
+    def _master_eoi(self, irq: int) -> None:
+        if irq != 2:
+            self._eoi(irq)
+        elif self.trace is not None:
+            # the master's IRQ 2 is the slave's INT line: its EOI ends the
+            # cascade, no ISA IRQ (the slave's own EOI reported that one)
+            self.trace("8259 EOI IRQ 2 (cascade)")
 
     def _eoi(self, irq: int) -> None:
         if self.trace is not None:
