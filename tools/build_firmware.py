@@ -63,6 +63,8 @@ KERNELS: dict[str, tuple[int, list[str], bool]] = {
     "smp64": (64, ["smp/smp.c", "smp/madt.c", "smp/smpxen.c", "smp/entry.S"], True),
     "hpet32": (32, ["hpet/hpet.c"], True),
     "hpet64": (64, ["hpet/hpet.c"], True),
+    "cpuidfault32": (32, ["cpuidfault/cpuidfault.c"], True),
+    "cpuidfault64": (64, ["cpuidfault/cpuidfault.c"], True),
     "wild32": (32, ["misbehave/wild32.S"], False),
     "triple32": (32, ["misbehave/triple32.S"], False),
     "spin32": (32, ["misbehave/spin32.S"], False),

@@ -55,11 +55,14 @@ class Mmio(Exit):
 
 @dataclass
 class Cpuid(Exit):
-    """CPUID for ``leaf``/``subleaf``; the handler fills ``result`` with EAX, EBX, ECX, EDX."""
+    """CPUID for ``leaf``/``subleaf``; the handler fills ``result`` with EAX, EBX, ECX, EDX.
+
+    ``result`` None: the instruction faulted instead (an exception was delivered).
+    """
 
     leaf: int
     subleaf: int
-    result: tuple[int, int, int, int] = (0, 0, 0, 0)
+    result: tuple[int, int, int, int] | None = (0, 0, 0, 0)
 
 
 @dataclass

@@ -37,7 +37,7 @@ from .. import exits as E
 from . import icount, stopcheck
 from .startup import EngineUnsupported
 from .irqwindow import EXIT_VECTOR as IRQ_WINDOW_EXIT_VECTOR
-from .msr import EXIT_VECTOR as MSR_EXIT_VECTOR, RDTSC_EXIT_VECTOR
+from .msr import CPUID_EXIT_VECTOR, EXIT_VECTOR as MSR_EXIT_VECTOR, RDTSC_EXIT_VECTOR
 
 NO_RIP = (1 << 64) - 1           # a hook range no instruction is at (non-canonical)
 TSC_AUX = 0xC0000103
@@ -204,16 +204,24 @@ class ExitHooks:
 
     @guarded(1)
     def _on_cpuid(self, uc, _):
+        self._cpuid()
+        return 1                                   # skip Unicorn's own CPUID
+
+    def _cpuid(self) -> bool:
+        """Answer a CPUID from the exit's result; False if it faulted instead (registers untouched)."""
+        uc = self.uc
         leaf = uc.reg_read(X.UC_X86_REG_EAX) & 0xFFFFFFFF
         sub = uc.reg_read(X.UC_X86_REG_ECX) & 0xFFFFFFFF
         ex = E.Cpuid(self._trace_pc(), leaf, sub)
         self.machine.handle_exit(self, ex)
+        if ex.result is None or self._pending_exit is not None:
+            return False
         a, b, c, d = ex.result
         uc.reg_write(X.UC_X86_REG_RAX, a)
         uc.reg_write(X.UC_X86_REG_RBX, b)
         uc.reg_write(X.UC_X86_REG_RCX, c)
         uc.reg_write(X.UC_X86_REG_RDX, d)
-        return 1                                   # skip Unicorn's own CPUID
+        return True
 
     @guarded(None)
     def _on_syscall(self, uc, _):
@@ -263,6 +271,14 @@ class ExitHooks:
                 uc.reg_write(X.UC_X86_REG_RCX, uc.msr_read(TSC_AUX) & 0xFFFFFFFF)
                 length = 3
             uc.reg_write(X.UC_X86_REG_RIP, rip + length)
+            return
+        if intno == CPUID_EXIT_VECTOR:                 # CPUID faulting is on (msr.intercept_cpuid)
+            ctx.consume_exception()
+            rip = uc.reg_read(X.UC_X86_REG_RIP)
+            code = self.fetch_bytes(ctx.segment(1).base + rip, 15)   # CS (ES, CS, SS, ...) base
+            length = code.find(b"\x0f\xa2") + 2        # 0F A2 after any prefixes
+            if self._cpuid() and length >= 2:
+                uc.reg_write(X.UC_X86_REG_RIP, rip + length)
             return
         software = ctx.exception_is_int
         err = ctx.error_code if (intno in ERROR_CODE_VECTORS and not software) else None

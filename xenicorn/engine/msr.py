@@ -18,7 +18,8 @@ window closed the check is a single untaken branch: nothing is paid in steady
 state. With it open, plain code runs about 9% slower (measured: a register
 loop with the window open and closed, as ``benchmarks/compute.py`` runs it), so the window is open only while
 someone needs it: the Xen layer from the guest's CPUID 0x40000002 query until
-it writes the hypercall-page MSR, or a LAPIC timer in TSC-deadline mode.
+it writes the hypercall-page MSR, a kernel until its user mode starts, or
+CPUID faulting while it is on (then CPUID is intercepted too).
 
 The VMCB and its 8 KiB MSR permission map live in three pages mapped at
 :data:`SHADOW_BASE`, above any RAM the guest is given. MSRs outside the map's
@@ -50,6 +51,8 @@ HF_GUEST = 1 << 21
 INTERCEPT_MSR_PROT = 1 << 28          # SVM_EXIT_MSR - SVM_EXIT_INTR
 INTERCEPT_RDTSC = 1 << 14             # SVM_EXIT_RDTSC (0x6E) - SVM_EXIT_INTR
 RDTSC_EXIT_VECTOR = 0x100 + 0x6E      # what UC_HOOK_INTR reports for an intercepted RDTSC
+INTERCEPT_CPUID = 1 << 18             # SVM_EXIT_CPUID (0x72) - SVM_EXIT_INTR
+CPUID_EXIT_VECTOR = 0x100 + 0x72      # what UC_HOOK_INTR reports for an intercepted CPUID
 
 _RANGES = ((0x0, 0x0000), (0xC0000000, 0x0800), (0xC0010000, 0x1000))   # (first MSR, byte offset)
 
@@ -148,6 +151,21 @@ class MsrInterceptor:
         self.extra |= INTERCEPT_RDTSC
         self.open("rdtsc")
         self._set(True)
+
+    def intercept_cpuid(self, on: bool) -> None:
+        """Trap CPUID before Unicorn's CPUID hook (CPUID faulting): it reaches UC_HOOK_INTR as 0x172.
+
+        The hook runs in the middle of a translated block, where an
+        exception cannot be raised; the intercept ends the block first,
+        with RIP at the CPUID, so a #GP can be delivered from there.
+        """
+        if on:
+            self.extra |= INTERCEPT_CPUID
+            self.open("cpuid-faulting")
+        else:
+            self.extra &= ~INTERCEPT_CPUID
+            self.close("cpuid-faulting")
+        self._set(self.is_open)
 
     def reassert(self) -> None:
         """Re-apply the window after something replaced the whole CPU state."""

@@ -148,6 +148,7 @@ class VCpu(ExitHooks, InterruptDelivery, MemoryMap):
         self.pending_sipi: int | None = None # a SIPI's vector, applied when the run loop next loads it
         self.pending_state = None            # callable(vcpu): a register state posted for it (VCPUOP_initialise)
         self.down = False                    # taken out of the schedule (VCPUOP_down)
+        self.cpuid_faulting = False          # MISC_FEATURES_ENABLES bit 0 (machine/cpuidfault.py)
         self._window_hook = None
         # The exact, hook-free interrupt window when this Unicorn build allows it
         self._irq_request = irqwindow.InterruptRequest(self.uc) if engine.interrupt_window_exits else None

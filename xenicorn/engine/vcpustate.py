@@ -19,6 +19,8 @@ mmio_pages           pages routed to the MMIO bus on demand (an access to
 msr                  the MSR window's open interests, extra intercepts
                      (RDTSC in deterministic mode) and exit count
 msr-shadow (blob)    the VMCB and MSR permission map pages of the window
+cpuid_faulting       MISC_FEATURES_ENABLES bit 0 (machine/cpuidfault.py);
+                     absent in older records: off
 window_exits         interrupt-window exits taken (statistics)
 ===================  ======================================================
 
@@ -32,9 +34,9 @@ import ctypes
 import unicorn
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
-from ..records import (RecordError, blob, field, flag, integer, listing, make_record, open_record, optional, text,
-                       uint)
-from .msr import INTERCEPT_RDTSC, SHADOW_SIZE
+from ..records import (RecordError, blob, boolean, field, flag, integer, listing, make_record, open_record, optional,
+                       text, uint)
+from .msr import INTERCEPT_CPUID, INTERCEPT_RDTSC, SHADOW_SIZE
 from .rawctx import RawContext
 
 UNICORN_VERSION = unicorn.__version__
@@ -96,7 +98,8 @@ class VcpuRecord:
             "mmio_pages": sorted(v._mmio_pages),
             "msr": {"interests": sorted(v.msr.interests), "extra": v.msr.extra, "exits": v.msr.exits},
             "window_exits": v.window_exits,
-            "wait_for_sipi": v.wait_for_sipi, "pending_sipi": v.pending_sipi, "down": v.down},
+            "wait_for_sipi": v.wait_for_sipi, "pending_sipi": v.pending_sipi, "down": v.down,
+            "cpuid_faulting": v.cpuid_faulting},
             {"context": context_bytes(uc), "msr-shadow": bytes(uc.mem_read(v.msr.base, SHADOW_SIZE))})
 
     def check_record(self, record: dict) -> dict:
@@ -114,12 +117,16 @@ class VcpuRecord:
         interests = listing(msr, "interests", 64)
         if not all(isinstance(i, str) and len(i) <= 64 for i in interests):
             raise RecordError("MSR window interests are not names")
+        extra = uint(msr, "extra", 64, reserved=~(INTERCEPT_RDTSC | INTERCEPT_CPUID))
+        cpuid_faulting = boolean(st.get("cpuid_faulting", False), "cpuid_faulting")
+        if cpuid_faulting != bool(extra & INTERCEPT_CPUID):
+            raise RecordError("CPUID faulting and the CPUID intercept disagree")
         context = blob(record, "context", context_size(v.uc))
         if any(context[off:off + size] != bytes(size) for off, size in HOST_POINTERS):
             raise RecordError("vCPU context holds host pointers")
         return {"instructions": uint(st, "instructions", 63), "halted": flag(st, "halted"),
                 "sleep_kind": sleep_kind, "mmio_pages": sorted(pages), "interests": set(interests),
-                "extra": uint(msr, "extra", 64, reserved=~INTERCEPT_RDTSC), "exits": uint(msr, "exits"),
+                "extra": extra, "exits": uint(msr, "exits"), "cpuid_faulting": cpuid_faulting,
                 "window_exits": uint(st, "window_exits"), "context": context,
                 "wait_for_sipi": flag(st, "wait_for_sipi"), "pending_sipi": optional(st, "pending_sipi", 8),
                 "down": flag(st, "down"),
@@ -147,6 +154,7 @@ class VcpuRecord:
         v.msr.extra, v.msr.exits = p["extra"], p["exits"]
         v.window_exits = p["window_exits"]
         v.wait_for_sipi, v.pending_sipi, v.down = p["wait_for_sipi"], p["pending_sipi"], p["down"]
+        v.cpuid_faulting = p["cpuid_faulting"]
         v.msr.reassert()              # the saved context may hold an armed window's intercept
         # Python wrote RAM and the whole CPU state: drop translated code and TLB entries
         v.uc.ctl_flush_tb()

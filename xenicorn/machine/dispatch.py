@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 
 from .. import exits as E
+from . import cpuidfault
 from ..x86.cpuid import ARCH_CAPABILITIES, LEAF7_EDX_ARCH_CAPABILITIES, MSR_ARCH_CAPABILITIES
 from ..x86.interrupts import EventType, TripleFault, deliver
 from ..devices.lapic import LAPIC_BASE
@@ -59,7 +60,8 @@ class ExitDispatcher:
         self.listeners: list = []            # callables(vcpu, exit) after each handled exit: records
         self.hypercall_handler = None        # callable(vcpu, Hypercall) -> Action: Xen, when present
         self.msr_handlers: dict = {          # msr -> handler(vcpu, Msr exit), see engine/msr.py
-            MSR_ARCH_CAPABILITIES: self._arch_capabilities, MSR_IA32_APICBASE: self._apic_base}
+            MSR_ARCH_CAPABILITIES: self._arch_capabilities, MSR_IA32_APICBASE: self._apic_base,
+            **cpuidfault.handlers(self)}
         self._handlers = {
             E.PortIO: self._pio,
             E.Mmio: self._mmio,
@@ -151,6 +153,9 @@ class ExitDispatcher:
 
     def _cpuid(self, vcpu, ex: E.Cpuid) -> E.Action:
         m = self.machine
+        if cpuidfault.faults(vcpu):
+            ex.result = None                         # #GP(0) at the CPUID (machine/cpuidfault.py)
+            return self.deliver(vcpu, 13, EventType.HARDWARE_EXCEPTION, 0)
         ex.result = m.cpuid.query(ex.leaf, ex.subleaf, vcpu.index)
         if ex.leaf == 7 and ex.result[3] & LEAF7_EDX_ARCH_CAPABILITIES:
             # The kernel is looking at its features and may read the MSR (Unicorn

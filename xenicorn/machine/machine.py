@@ -29,6 +29,7 @@ from ..engine.vcpu import VCpu
 from ..x86.cpuid import CpuidPolicy
 from . import chipset
 from .clock import VirtualClock
+from . import cpuidfault
 from .dispatch import KERNEL_START_INTEREST, MSR_IA32_APICBASE
 from .dispatch import ExitDispatcher, STATUS_OK, STATUS_CRASH, STATUS_USAGE, STATUS_TIMEOUT  # noqa: F401
 from .memory import GuestMemory
@@ -134,10 +135,12 @@ class Machine(XenHostServices):
             # RDTSC reads the host TSC in Unicorn; trap it so guest time repeats.
             for vcpu in self.vcpus:
                 vcpu.msr.intercept_rdtsc()
-        # IA32_APIC_BASE, which Unicorn answers 0 ("APIC disabled"), is
-        # answered whenever the MSR window is open (open_kernel_start_window)
+        # IA32_APIC_BASE, which Unicorn answers 0 ("APIC disabled"), and
+        # CPUID faulting's MSRs are answered whenever the MSR window is open
+        # (open_kernel_start_window; machine/cpuidfault.py)
         for vcpu in self.vcpus:
             vcpu.msr.watch(MSR_IA32_APICBASE)
+            cpuidfault.watch(vcpu)                                     # and CPUID faulting's MSRs
         emit_irq = (lambda text: self.tracer.emit("irq", text)) if self.tracer.on("irq") else None
         self.wiring = w = InterruptWiring(self.clock, kick=self.kick, pci_irqs=cfg.pci_irqs, trace=emit_irq,
                                           cpus=cfg.smp, lapic_notify=self._lapic_notify,
