@@ -50,9 +50,9 @@ WHY: dict[str, tuple[str, str]] = {
                         "Xen grants v2 to HVM guests by default (gnttab=max-ver:2)"),
     "xsa-188": (OWNED, "FIFO event channels: EVTCHNOP_init_control is -ENOSYS, where Xen validates "
                        "the control block (the test wants -EINVAL for its bad offset)"),
-    "cpuid-faulting": (GAP, "Xen offers CPUID faulting to every HVM guest (xen/arch/x86/cpu-policy.c: "
-                            "'always possible to emulate CPUID faulting for HVM guests': MSR_PLATFORM_INFO "
-                            "bit 31, MSR_MISC_FEATURES_ENABLES bit 0); xenicorn reads 0 from PLATFORM_INFO"),
+    "cpuid-faulting": (XEN, "every check passes (PLATFORM_INFO bit 31, MISC_FEATURES_ENABLES bit 0, user "
+                            "CPUID #GP while on, as Xen offers every HVM guest); the test SKIPs for its "
+                            "FEP notice alone, as on a Xen without `hvm_fep`"),
     "livepatch-priv-check": (GAP, "Xen's do_sysctl (xen/common/sysctl.c) answers an unprivileged guest -EPERM "
                                   "(-EACCES for a wrong interface version) through XSM's dummy policy, so "
                                   "the test SUCCEEDs on Xen; xenicorn has no sysctl (-ENOSYS), which the "
@@ -82,9 +82,9 @@ WHY: dict[str, tuple[str, str]] = {
     "xsa-278": (ACCURACY, "CR4.VMXE can be set although VMX is not offered (Xen #GPs)"),
     "xsa-308": (ACCURACY, "ICEBP (INT1, opcode 0xF1) under a MovSS shadow while single-stepping: the engine "
                           "raises #UD where hardware raises #DB, and the guest panics"),
-    "xsa-462": (ACCURACY, "an IPI to an illegal vector (< 16) must set both 'send' (bit 5) and 'receive "
-                          "illegal vector' (bit 6) in the local APIC's ESR: xenicorn's LAPIC sets only "
-                          "bit 6 (0x40, not 0x60)"),
+    "xsa-462": (XEN, "the ESR check passes (0x60: 'send illegal vector' from the IPI, 'receive illegal "
+                     "vector' from LVT error's own vector 15, as Xen's vlapic_error); the test SKIPs for "
+                     "its FEP notice alone, as on a Xen without `hvm_fep`"),
 }
 
 # SUCCESS results that prove less than they seem.
