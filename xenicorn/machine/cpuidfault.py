@@ -23,9 +23,11 @@ xenicorn hooks every CPUID, but that hook runs inside a translated block,
 where no exception can be raised; so while faulting is on, CPUID is
 intercepted through the MSR window instead (engine/msr.py
 ``intercept_cpuid``), which ends the block at the CPUID first. The MSRs
-are seen only while that window is open: from power-on until the first
-SYSCALL, and while faulting is on (so the write that ends it is always
-seen). A kernel that turns
+are seen only while that window is open: for a kernel a PC firmware starts
+from power-on, for any kernel from its CPUID leaf 7 (when it looks at its
+features, ARCH_CAPABILITIES' interest in machine/dispatch.py), in both
+cases until its first SYSCALL; and while faulting is on (so the write that
+ends it is always seen). A kernel that turns
 it on after its user mode began is not seen: Unicorn drops that write, and
 its user code's CPUID keeps working.
 """

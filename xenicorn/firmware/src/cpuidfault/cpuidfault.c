@@ -131,6 +131,11 @@ static void after_user(void) {
 
 void kmain(void) {
     printf("cpuidfault%d: CPUID faulting through MSRs 0xCE and 0x140\n", (int)sizeof(ulong) * 8);
+    /* Look at the features first, as a kernel does before it touches
+     * model-specific MSRs (xenicorn catches MSRs once a kernel has read
+     * leaf 7: machine/cpuidfault.py). */
+    u32 a, b, c, d;
+    cpuid(7, 0, &a, &b, &c, &d);
     set_handler(13, on_gp);
     set_handler(0x81, back_to_kernel);
     set_gate(0x81, isr_entry(0x81), 3, 0, 0);
