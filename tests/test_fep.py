@@ -1,0 +1,72 @@
+"""Xen's forced emulation prefix (``--hvm-fep``), through the fep32/fep64 guest kernels.
+
+The kernels probe FEP as XTF does, run instructions through it and check
+the frames of the faults it raises; these tests check what they printed
+and the machine state afterwards, with FEP on and off (off is Xen's
+default: the prefix is a plain #UD).
+"""
+from __future__ import annotations
+
+import pytest
+
+from xenicorn import firmware
+from xenicorn.boot import boot
+from xenicorn.devices.console import ConsoleSink
+from xenicorn.machine.machine import MachineConfig
+from xenicorn.x86.fep import PREFIX
+
+from test_firmware import frames
+
+
+def run(name, **cfg):
+    path = firmware.find(name)
+    assert path, f"firmware {name} is missing; run tools/build_firmware.py"
+    config = MachineConfig(debugcon="none", xen_log="none", **cfg)
+    machine, kernel = boot(config, path, console=ConsoleSink(None))
+    machine.fep_marks = []
+    machine.dispatch.listeners.append(lambda vcpu, ex: machine.fep_marks.append(ex.fep) if hasattr(ex, "fep")
+                                      else None)
+    status = machine.run()
+    return machine, kernel, status, machine.console.text()
+
+
+@pytest.mark.parametrize("name", ["fep32", "fep64"])
+def test_without_hvm_fep_the_prefix_is_a_plain_ud_at_the_ud2(name):
+    machine, kernel, status, text = run(name)
+    assert status == 0 and "FAIL" not in text, text
+    assert "FEP unavailable" in text and text.rstrip().endswith("Test result: SUCCESS")
+    (f,) = frames(text)
+    assert f["vec"] == 6 and f["ip"] == kernel.symbols["probe_insn"]
+    assert machine.vcpu.read_linear(f["ip"], 5) == PREFIX
+    assert machine.dispatch.counts["InvalidInstruction"] == 1 and machine.fep_marks == []
+
+
+@pytest.mark.parametrize("name", ["fep32", "fep64"])
+def test_hvm_fep_emulates_the_next_instruction_with_the_emulators_checks(name):
+    machine, kernel, status, text = run(name, hvm_fep=True)
+    assert status == 0 and "FAIL" not in text, text
+    assert "FEP available" in text and text.rstrip().endswith("Test result: SUCCESS")
+    sym = kernel.symbols
+    got = frames(text)
+    # the fault through FEP is at the instruction after the prefix (Xen's rule)
+    by_ip = {f["ip"]: f for f in got}
+    assert by_ip[sym["gp_insn"]]["vec"] == 13 and by_ip[sym["gp_insn"]]["err"] == 0x1230
+    assert by_ip[sym["ud_insn"]]["vec"] == 6
+    assert sym["probe_insn"] not in by_ip                  # the probe did not fault
+    assert "ok FEP register op: add $0x11 -> 0x33" in text
+    assert "ok FEP at CPL3: add -> 10" in text
+    if name == "fep32":
+        # the point of FEP: checks the engine skips natively
+        assert "native read past the limit: no fault" in text
+        assert "native read through a null selector: no fault" in text
+        assert [f["vec"] for f in got] == [13, 6, 13, 13, 13]
+        assert "ok FEP read past the limit: #GP(0)" in text
+    else:
+        assert [(f["vec"], f["err"]) for f in got] == [(13, 0x1230), (6, 0), (12, 0), (13, 0)]
+    # every forced emulation is a #UD exit, marked FEP for --trace exits
+    marks = machine.fep_marks
+    assert machine.dispatch.counts["InvalidInstruction"] == len(marks) == (11 if name == "fep32" else 10)
+    assert marks[0].endswith(": emulated") and "mov" in marks[0]              # the probe
+    assert any(m.endswith("#GP(0) from the emulator") for m in marks)
+    assert "add" in marks[-1] and marks[-1].endswith(": emulated")            # CPL3's
+    assert machine.vcpu.cpl() == 0
