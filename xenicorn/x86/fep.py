@@ -44,7 +44,7 @@ from .segments import DESC_B, DESC_P
 PREFIX = b"\x0f\x0bxen"             # ud2; .ascii "xen" (Xen's _BIN_XEN_FEP)
 MAX_INSN = 15                        # the longest x86 instruction
 RFLAGS_RF = 1 << 16
-UD, GP, SS_FAULT = 6, 13, 12
+UD, GP, SS_FAULT, XM = 6, 13, 12, 19
 # Instructions whose memory operand is not an access: address arithmetic,
 # hints, and INVLPG (a linear address, no segment check beyond the base).
 NO_ACCESS = frozenset({"lea", "nop", "prefetch", "prefetchw", "prefetchnta", "prefetcht0", "prefetcht1",
@@ -71,7 +71,7 @@ class Forced:
         if self.fault is None:
             return f"FEP: {self.rip:#x}: {self.text}: emulated"
         vector, code = self.fault
-        name = {GP: "#GP", SS_FAULT: "#SS", UD: "#UD"}[vector] + ("" if code is None else f"({code})")
+        name = {GP: "#GP", SS_FAULT: "#SS", UD: "#UD", XM: "#XM"}[vector] + ("" if code is None else f"({code})")
         return f"FEP: {self.rip:#x}: {self.text}: {name} from the emulator"
 
 
@@ -154,6 +154,50 @@ def _check_protected(seg: str, offset: int, size: int, write: bool, segs) -> tup
     return None
 
 
+def _branch_fault(insn, vcpu, read_reg, segs, bits, user: bool) -> tuple[int, int] | None:
+    """A near JMP/CALL/RET to a non-canonical target (64-bit) or past CS's limit is #GP(0) at the branch.
+
+    The emulator checks the destination before it branches (XSA-170, and
+    SDM vol. 2 JMP/CALL/RET "#GP(0) if the target ... is non-canonical /
+    beyond the code segment limit"); QEMU's TCG jumps, then faults on the
+    fetch at the target, with RIP already there.
+    """
+    name = insn.mnemonic.split()[-1]
+    if name not in ("jmp", "call", "ret") or (name != "ret" and len(insn.operands) != 1):
+        return None
+    width = 8 if bits == 64 else bits // 8
+    if name == "ret":
+        sp = read_reg("rsp") & ((1 << bits) - 1)
+        target = _read_data(vcpu, (sp if bits == 64 else segs[2].base + sp), width, user)
+    else:
+        op = insn.operands[0]
+        if op.type == CX.X86_OP_IMM:
+            target = op.imm
+        elif op.type == CX.X86_OP_REG:
+            target = read_reg(_parent(insn.reg_name(op.reg)))
+        elif op.type == CX.X86_OP_MEM and op.size == width:
+            ((seg, offset, size, _w, _s),) = _operand_accesses(insn, read_reg, insn.address + insn.size)
+            base = segs[SEG_INDEX[seg]].base if bits != 64 or seg in ("fs", "gs") else 0
+            target = _read_data(vcpu, base + offset, size, user)
+        else:
+            return None                          # far branches: descriptor checks the engine makes
+    if target is None:
+        return None                              # the read faults: the engine raises the same #PF
+    target &= (1 << (8 * width)) - 1
+    if bits == 64:
+        return None if _canonical(target) else (GP, 0)
+    return (GP, 0) if target > segs[1].limit else None
+
+
+def _read_data(vcpu, linear: int, size: int, user: bool) -> int | None:
+    from ..machine.memory import GuestMemoryError
+    try:
+        data = vcpu.read_linear(linear & ((1 << 64) - 1), size, user=user)
+    except GuestMemoryError:
+        return None
+    return int.from_bytes(data, "little") if isinstance(data, bytes) else None
+
+
 def forced_emulation(vcpu) -> Forced | None:
     """On a #UD: if CS:RIP holds the prefix, step over it and check the next instruction.
 
@@ -191,6 +235,12 @@ def forced_emulation(vcpu) -> Forced | None:
     if insn.bytes[:2] == PREFIX[:2]:
         # The emulator's UD2 is a #UD at once: a second prefix is not looked at again.
         return Forced(rip, text, (UD, None))
+    if bits == 64 and insn.mnemonic == "nop" and not _canonical(rip + insn.size):
+        # The emulator completes the NOP; the next fetch, at the first non-canonical
+        # address, is #GP(0) there (XSA-170's NOP slide). The engine reports that
+        # #GP at the NOP instead, so the NOP is done here.
+        vcpu.pc = rip + insn.size
+        return Forced(rip + insn.size, text, (GP, 0))
     fault = None
     if ctx.cr(0) & 1 and not vcpu.reg("rflags") & (1 << 17):     # protected mode, not virtual-8086
         def read_reg(name: str) -> int:
@@ -200,7 +250,26 @@ def forced_emulation(vcpu) -> Forced | None:
                      else _check_protected(seg, offset, size, write, segs))
             if fault:
                 break
+        fault = fault or _branch_fault(insn, vcpu, read_reg, segs, bits, user)
+        fault = fault or _simd_fault(insn, vcpu, read_reg, segs, bits, user)
     return Forced(rip, text, fault)
+
+
+def _simd_fault(insn, vcpu, read_reg, segs, bits, user: bool):
+    """An SSE instruction's floating-point exceptions (:mod:`simdfp`): #XM the engine would not raise."""
+    from . import simdfp
+    from ..engine.debugging import RegisterAccess
+
+    def read_source(size: int) -> int | None:
+        accesses = _operand_accesses(insn, read_reg, insn.address + insn.size)
+        if len(accesses) != 1:
+            return None
+        seg, offset, _size, _w, _s = accesses[0]
+        base = segs[SEG_INDEX[seg]].base if bits != 64 or seg in ("fs", "gs") else 0
+        return _read_data(vcpu, base + offset, size, user)
+    if not insn.mnemonic.endswith(("ss", "sd", "ps", "pd")):
+        return None
+    return simdfp.check(insn, RegisterAccess(vcpu), read_source)
 
 
 def _read(vcpu, linear: int, size: int, user: bool) -> bytes:
