@@ -55,18 +55,74 @@ def test_hvm_fep_emulates_the_next_instruction_with_the_emulators_checks(name):
     assert sym["probe_insn"] not in by_ip                  # the probe did not fault
     assert "ok FEP register op: add $0x11 -> 0x33" in text
     assert "ok FEP at CPL3: add -> 10" in text
+    # SIMD exceptions: the engine has none, the emulator's check raises #XM with MXCSR.IE
+    assert "native divss 0/0 unmasked: no fault, mxcsr=0x0" in text
+    assert "ok FEP divss 0/0 unmasked: #XM with IE (vec=19 mxcsr=0x1)" in text
     if name == "fep32":
         # the point of FEP: checks the engine skips natively
         assert "native read past the limit: no fault" in text
         assert "native read through a null selector: no fault" in text
-        assert [f["vec"] for f in got] == [13, 6, 13, 13, 13]
+        assert [f["vec"] for f in got] == [13, 6, 19, 13, 13, 13]
         assert "ok FEP read past the limit: #GP(0)" in text
     else:
-        assert [(f["vec"], f["err"]) for f in got] == [(13, 0x1230), (6, 0), (12, 0), (13, 0)]
+        assert [(f["vec"], f["err"]) for f in got] == [(13, 0x1230), (6, 0), (19, 0), (12, 0), (13, 0)]
     # every forced emulation is a #UD exit, marked FEP for --trace exits
     marks = machine.fep_marks
-    assert machine.dispatch.counts["InvalidInstruction"] == len(marks) == (11 if name == "fep32" else 10)
+    assert machine.dispatch.counts["InvalidInstruction"] == len(marks) == (12 if name == "fep32" else 11)
     assert marks[0].endswith(": emulated") and "mov" in marks[0]              # the probe
     assert any(m.endswith("#GP(0) from the emulator") for m in marks)
     assert "add" in marks[-1] and marks[-1].endswith(": emulated")            # CPL3's
     assert machine.vcpu.cpl() == 0
+
+
+class FakeRegs:
+    """RegisterAccess's read/write over a dict (the SIMD checks need nothing else)."""
+
+    def __init__(self, **values):
+        self.values = {"cr0": 0x80000011, "cr4": 0x620, "mxcsr": 0, **values}
+
+    def read(self, name):
+        return self.values[name]
+
+    def write(self, name, value):
+        self.values[name] = value
+
+
+def single(x: float) -> int:
+    import struct
+    return struct.unpack("<I", struct.pack("<f", x))[0]
+
+
+def decode(code: bytes):
+    from xenicorn.x86.fep import _CS
+    return next(_CS[64].disasm(code, 0x1000))
+
+
+DIVSS = bytes.fromhex("f30f5ec1")         # divss xmm0, xmm1
+ADDSS = bytes.fromhex("f30f58c1")         # addss xmm0, xmm1
+UCOMISS = bytes.fromhex("0f2ec1")         # ucomiss xmm0, xmm1
+
+
+@pytest.mark.parametrize("code,a,b,mxcsr,fault,flags", [
+    (DIVSS, 0.0, 0.0, 0, (19, None), 0x01),              # 0/0: invalid (XSA-451)
+    (DIVSS, 1.0, 0.0, 0, (19, None), 0x04),              # x/0: zero divide
+    (DIVSS, 1.0, 0.0, 0x1F80, None, 0x1F84),             # masked: flag only, the engine divides
+    (DIVSS, 1.0, 3.0, 0, (19, None), 0x20),              # 1/3: precision
+    (DIVSS, 1.0, 4.0, 0, None, 0),                       # exact: nothing
+    (UCOMISS, 1e-45, 1e-45, 0, (19, None), 0x02),        # a denormal operand (XSA-470)
+    (UCOMISS, 1e-45, 1e-45, 0x40, None, 0x40),           # ... ignored with DAZ
+    (ADDSS, 3e38, 3e38, 0, (19, None), 0x28),            # overflow (and precision)
+])
+def test_sse_exceptions_through_the_emulator(code, a, b, mxcsr, fault, flags):
+    from xenicorn.x86 import simdfp
+    regs = FakeRegs(xmm0=single(a), xmm1=single(b), mxcsr=mxcsr)
+    assert simdfp.check(decode(code), regs, lambda size: None) == fault
+    assert regs.values["mxcsr"] == flags
+
+
+def test_sse_exception_is_ud_without_osxmmexcpt_and_absent_with_ts():
+    from xenicorn.x86 import simdfp
+    regs = FakeRegs(xmm0=single(0.0), xmm1=single(0.0), cr4=0x220)
+    assert simdfp.check(decode(DIVSS), regs, lambda size: None) == (6, None)
+    regs = FakeRegs(xmm0=single(0.0), xmm1=single(0.0), cr0=0x80000019)    # CR0.TS: #NM comes first
+    assert simdfp.check(decode(DIVSS), regs, lambda size: None) is None and regs.values["mxcsr"] == 0

@@ -117,16 +117,17 @@ def _canonical(addr: int) -> bool:
 def _check_long(seg: str, offset: int, size: int, stack: bool, segs) -> tuple[int, int] | None:
     """64-bit mode: only FS/GS have a base, no limits; a non-canonical address faults.
 
-    The fault is #SS(0) when the address is formed from RSP or RBP, whatever
-    the segment override says, else #GP(0) (what hardware gives; XTF's
-    memop-seg asserts it for every base register and override).
+    ES/CS/SS/DS overrides are ignored in 64-bit mode, so the segment is FS or
+    GS when named, else the default: SS for an address formed from RSP or
+    RBP, DS otherwise. A fault through SS is #SS(0), else #GP(0) (XTF's
+    memop-seg asserts this for every base register and override).
     """
     base = segs[SEG_INDEX[seg]].base if seg in ("fs", "gs") else 0
     first = (base + offset) & ((1 << 64) - 1)
     last = (first + size - 1) & ((1 << 64) - 1)
     if _canonical(first) and _canonical(last):
         return None
-    return (SS_FAULT if stack else GP, 0)
+    return (SS_FAULT if stack and seg not in ("fs", "gs") else GP, 0)
 
 
 def _check_protected(seg: str, offset: int, size: int, write: bool, segs) -> tuple[int, int] | None:

@@ -16,6 +16,9 @@
  *     both; the CPU engine skips these checks at native speed, the
  *     emulator makes them. The native outcome is printed, not checked here
  *     (hardware faults, the engine does not), FEP's is checked;
+ *   - SSE 0.0/0.0 with MXCSR's exceptions unmasked: #XM through FEP, with
+ *     MXCSR.IE set (the emulator runs it on the host FPU; the engine has no
+ *     SIMD exceptions: natively the outcome is printed, not checked);
  *   - FEP from CPL3 (Xen allows it at any privilege: XTF's user-mode stubs
  *     use it), then back to CPL0 through a DPL3 gate;
  *   - 64-bit: a non-canonical address formed from %rbp is #SS(0) through FEP
@@ -157,6 +160,33 @@ static void segments64(void) {
 #endif
 }
 
+static ulong divss_zero(int fep, u32 *mxcsr) {
+    u32 mx = 0;
+    __asm__ volatile("ldmxcsr %0" :: "m"(mx));
+    reset();
+    if (fep)
+        __asm__ volatile("xorps %%xmm0, %%xmm0\n" SET_RESUME FEP "divss %%xmm0, %%xmm0\n1:"
+                         : [res] "=m"(resume_ip) :: "ecx", "memory");
+    else
+        __asm__ volatile("xorps %%xmm0, %%xmm0\n" SET_RESUME "divss %%xmm0, %%xmm0\n1:"
+                         : [res] "=m"(resume_ip) :: "ecx", "memory");
+    resume_ip = 0;
+    __asm__ volatile("stmxcsr %0" : "=m"(mx));
+    *mxcsr = mx;
+    mx = 0x1F80;                                  /* all masked again, the reset value */
+    __asm__ volatile("ldmxcsr %0" :: "m"(mx));
+    return seen_vec;
+}
+
+static void simd(void) {
+    write_cr4(read_cr4() | 0x600);                /* OSFXSR | OSXMMEXCPT */
+    u32 mx;
+    ulong v = divss_zero(0, &mx);
+    printf("native divss 0/0 unmasked: %s, mxcsr=%#x\n", v == NOT_FAULTED ? "no fault" : "faulted", mx);
+    v = divss_zero(1, &mx);
+    check(v == 19 && (mx & 0x3F) == 1, "FEP divss 0/0 unmasked: #XM with IE (vec=%lu mxcsr=%#x)", v, mx);
+}
+
 /* ---- CPL3 -------------------------------------------------------------- */
 static u8 user_stack[8192] __attribute__((aligned(16)));
 static u8 resume_stack[8192] __attribute__((aligned(16)));
@@ -198,6 +228,7 @@ void kmain(void) {
     printf("FEP available\n");
     basic();
     faults();
+    simd();
     segments32();
     segments64();
     set_handler(0x81, back_to_kernel);
