@@ -126,3 +126,46 @@ def test_sse_exception_is_ud_without_osxmmexcpt_and_absent_with_ts():
     assert simdfp.check(decode(DIVSS), regs, lambda size: None) == (6, None)
     regs = FakeRegs(xmm0=single(0.0), xmm1=single(0.0), cr0=0x80000019)    # CR0.TS: #NM comes first
     assert simdfp.check(decode(DIVSS), regs, lambda size: None) is None and regs.values["mxcsr"] == 0
+
+
+def test_the_checks_survive_any_instruction_bytes():
+    """A hostile guest may put anything after the prefix: decoding and the checks never raise."""
+    import random
+    from xenicorn.x86 import fep, simdfp
+    from xenicorn.x86.segments import SegmentCache, flat_data
+    rng = random.Random(7)
+    segs = [flat_data(0x18)] * 6
+    segs[4] = SegmentCache(0, 0, 0, 0)               # a null FS
+    for _ in range(3000):
+        code = bytes(rng.getrandbits(8) for _ in range(15))
+        for bits in (16, 32, 64):
+            insn = next(fep._CS[bits].disasm(code, 0x1000), None)
+            if insn is None:
+                continue
+            for seg, offset, size, write, stack in fep._operand_accesses(insn, lambda r: rng.getrandbits(64), 0x1010):
+                fep._check_long(seg, offset, size, stack, segs)
+                fep._check_protected(seg, offset, size, write, segs)
+            regs = FakeRegs(**{f"xmm{i}": rng.getrandbits(128) for i in range(16)}, mxcsr=rng.getrandbits(16))
+            simdfp.check(insn, regs, lambda size: rng.getrandbits(8 * size))
+
+
+def test_sse_checks_on_special_values_never_raise_and_only_set_flags():
+    import random
+    from xenicorn.x86 import simdfp
+    rng = random.Random(3)
+    specials = [0, 1, 0x7F800000, 0xFF800000, 0x7FC00000, 0x7F800001, 0x00000001, 0x80000001, 0x7F7FFFFF,
+                0x3F800000, 0xBF800000, 0x00800000]
+    ops = [bytes.fromhex(h) for h in ("f30f58c1", "f30f5cc1", "f30f59c1", "f30f5ec1", "f30f51c1", "f30f5dc1",
+                                       "f30f5fc1", "0f2ec1", "0f2fc1", "0f58c1", "0f5ec1", "660f5ec1", "f20f5ec1")]
+    for code in ops:
+        insn = decode(code)
+        for _ in range(300):
+            lanes = [rng.choice(specials) if rng.random() < 0.7 else rng.getrandbits(32) for _ in range(8)]
+            a = sum(v << (32 * i) for i, v in enumerate(lanes[:4]))
+            b = sum(v << (32 * i) for i, v in enumerate(lanes[4:]))
+            mxcsr = rng.choice([0, 0x1F80, 0x40, 0x1F00, 0x1F40])
+            regs = FakeRegs(xmm0=a, xmm1=b, mxcsr=mxcsr)
+            fault = simdfp.check(insn, regs, lambda size: None)
+            detected, masks = regs.values["mxcsr"] & 0x3F, (mxcsr >> 7) & 0x3F
+            assert regs.values["mxcsr"] & ~0x3F == mxcsr                   # only status bits change
+            assert (fault == (19, None)) == bool(detected & ~masks), (insn.mnemonic, hex(a), hex(b), hex(mxcsr))

@@ -245,7 +245,10 @@ def forced_emulation(vcpu) -> Forced | None:
     fault = None
     if ctx.cr(0) & 1 and not vcpu.reg("rflags") & (1 << 17):     # protected mode, not virtual-8086
         def read_reg(name: str) -> int:
-            return vcpu.reg(name)
+            try:
+                return vcpu.reg(name)
+            except KeyError:                     # capstone's pseudo registers (eiz/riz: no index)
+                return 0
         for seg, offset, size, write, stack in _operand_accesses(insn, read_reg, rip + insn.size):
             fault = (_check_long(seg, offset, size, stack, segs) if bits == 64
                      else _check_protected(seg, offset, size, write, segs))

@@ -89,6 +89,9 @@ def _lane(op: str, a, b, fmt, daz: bool) -> int:
         return IE
     if any(k == "qnan" for k in kinds):
         return IE if op in ("comi", "min", "max") else 0
+    flags = DE if not daz and "denormal" in kinds else 0
+    if daz:                                      # denormal operands are zeros of the same sign
+        a, b = [("zero", Fraction(0), sign) if kind == "denormal" else (kind, v, sign) for kind, v, sign in (a, b)]
     (ka, va, sa), (kb, vb, sb) = a, b
     if op in ("add", "sub") and ka == kb == "inf" and (sa != sb) == (op == "add"):
         return IE
@@ -98,11 +101,7 @@ def _lane(op: str, a, b, fmt, daz: bool) -> int:
         return IE
     if op == "sqrt" and sb and kb != "zero":
         return IE
-    flags = DE if not daz and "denormal" in kinds else 0
-    if daz:
-        va = Fraction(0) if ka == "denormal" else va
-        vb = Fraction(0) if kb == "denormal" else vb
-    if op == "div" and kb in ("zero", "denormal") and vb == 0 and ka not in ("inf", "zero"):
+    if op == "div" and kb == "zero" and ka != "inf":
         return flags | ZE
     if op in ("min", "max", "comi", "ucomi") or "inf" in kinds:
         return flags
