@@ -213,8 +213,9 @@ class ExitDispatcher:
     def _undefined_opcode(self, vcpu, ex: E.Exit) -> E.Action:
         """#UD, unless ``hvm_fep`` is on and the guest wrote the forced emulation prefix."""
         if self.machine.config.hvm_fep:
+            from ..engine.debugging import RegisterAccess
             from ..x86.fep import forced_emulation
-            forced = forced_emulation(vcpu)
+            forced = forced_emulation(vcpu, RegisterAccess(vcpu))
             if forced is not None:
                 ex.fep = forced.summary()           # shown by --trace exits
                 if self.machine.tracer.on("int"):

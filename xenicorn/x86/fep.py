@@ -199,13 +199,15 @@ def _read_data(vcpu, linear: int, size: int, user: bool) -> int | None:
     return int.from_bytes(data, "little") if isinstance(data, bytes) else None
 
 
-def forced_emulation(vcpu) -> Forced | None:
+def forced_emulation(vcpu, registers) -> Forced | None:
     """On a #UD: if CS:RIP holds the prefix, step over it and check the next instruction.
 
     Returns None when the bytes are not the prefix (or cannot be read):
     the #UD is then delivered as usual. Otherwise RIP is past the prefix
     and the returned record says whether the emulator's checks raise a
     fault there (the caller delivers it) or the instruction may run.
+    ``registers`` reads and writes any register by name (``xmm0``,
+    ``mxcsr``: the engine's RegisterAccess), for the SSE checks.
     """
     ctx = vcpu.cpu_state()
     segs = [ctx.segment(i) for i in range(6)]
@@ -255,14 +257,13 @@ def forced_emulation(vcpu) -> Forced | None:
             if fault:
                 break
         fault = fault or _branch_fault(insn, vcpu, read_reg, segs, bits, user)
-        fault = fault or _simd_fault(insn, vcpu, read_reg, segs, bits, user)
+        fault = fault or _simd_fault(insn, vcpu, registers, read_reg, segs, bits, user)
     return Forced(rip, text, fault)
 
 
-def _simd_fault(insn, vcpu, read_reg, segs, bits, user: bool):
+def _simd_fault(insn, vcpu, registers, read_reg, segs, bits, user: bool):
     """An SSE instruction's floating-point exceptions (:mod:`simdfp`): #XM the engine would not raise."""
     from . import simdfp
-    from ..engine.debugging import RegisterAccess
 
     def read_source(size: int) -> int | None:
         accesses = _operand_accesses(insn, read_reg, insn.address + insn.size)
@@ -273,7 +274,7 @@ def _simd_fault(insn, vcpu, read_reg, segs, bits, user: bool):
         return _read_data(vcpu, base + offset, size, user)
     if not insn.mnemonic.endswith(("ss", "sd", "ps", "pd")):
         return None
-    return simdfp.check(insn, RegisterAccess(vcpu), read_source)
+    return simdfp.check(insn, registers, read_source)
 
 
 def _read(vcpu, linear: int, size: int, user: bool) -> bytes:
