@@ -169,3 +169,17 @@ def test_sse_checks_on_special_values_never_raise_and_only_set_flags():
             detected, masks = regs.values["mxcsr"] & 0x3F, (mxcsr >> 7) & 0x3F
             assert regs.values["mxcsr"] & ~0x3F == mxcsr                   # only status bits change
             assert (fault == (19, None)) == bool(detected & ~masks), (insn.mnemonic, hex(a), hex(b), hex(mxcsr))
+
+
+def test_cli_hvm_fep_and_the_fep_trace_line():
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-m", "xenicorn", "run", "fep64", "--hvm-fep", "--trace", "int,exits"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "FEP available" in res.stdout and "Test result: SUCCESS" in res.stdout
+    trace = res.stdout + res.stderr
+    assert "[int] FEP: " in trace and ": mov al, 1: emulated" in trace           # XTF's probe, traced
+    assert "InvalidInstruction" in trace and "fep=FEP: " in trace                # the exit, marked
+    res = subprocess.run([sys.executable, "-m", "xenicorn", "run", "fep64", "--trace", "int"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "FEP unavailable" in res.stdout and "[int] FEP" not in res.stdout + res.stderr
