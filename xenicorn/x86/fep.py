@@ -215,6 +215,8 @@ def forced_emulation(vcpu, registers) -> Forced | None:
     rip = ctx.rip
     bits = vcpu.code_bits()
     user = ss.dpl == 3                           # hvm_ud_intercept: PFEC_user_mode when SS.DPL is 3
+    if bits != 64 and ctx.cr(0) & 1 and rip + len(PREFIX) - 1 > cs.limit:
+        return None                              # hvm_virtual_to_linear_addr: past CS's limit, a plain #UD
     linear = (rip if bits == 64 else cs.base + rip) & ((1 << 64) - 1)
     sig = _read(vcpu, linear, len(PREFIX), user)
     if sig != PREFIX:
