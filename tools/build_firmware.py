@@ -40,6 +40,8 @@ KERNELS: dict[str, tuple[int, list[str], bool]] = {
     "hello64": (64, ["hello/hello.c"], True),
     "exceptions32": (32, ["exceptions/exceptions.c"], True),
     "exceptions64": (64, ["exceptions/exceptions.c"], True),
+    "fep32": (32, ["fep/fep.c"], True),
+    "fep64": (64, ["fep/fep.c"], True),
     "syscall64": (64, ["syscall64/syscall64.c", "syscall64/entry.S"], True),
     "xencore32": (32, ["xencore/xencore.c"], True),
     "xencore64": (64, ["xencore/xencore.c"], True),

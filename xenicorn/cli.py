@@ -111,6 +111,8 @@ def _run_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--no-acpi", action="store_true",
                    help="no ACPI tables (by default the guest gets an RSDP, FADT, DSDT and a MADT listing "
                         "the LAPIC and IOAPIC, as Xen gives PVH guests)")
+    r.add_argument("--hvm-fep", action="store_true",
+                   help="Xen's hvm_fep (debug builds): the prefix ud2 + \"xen\" makes the next instruction emulated")
     r.add_argument("--no-hpet", action="store_true",
                    help="no HPET at 0xFED00000 and no ACPI HPET table (QEMU's -no-hpet, Xen's hpet=0)")
     r.add_argument("--xen-version", default="4.17", metavar="MAJOR.MINOR",
@@ -212,6 +214,7 @@ def run(args: argparse.Namespace) -> int:
     config.acpi = not args.no_acpi
     config.hpet = not args.no_hpet
     config.testdev = "pc-testdev" in args.device
+    config.hvm_fep = args.hvm_fep
     config.clock = args.clock
     config.xen_version = (major, minor)
     config.callback_deassert = args.callback_deassert

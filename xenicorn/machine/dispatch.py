@@ -13,7 +13,8 @@ PortIO, Mmio           the bus finds the device at that port or address
 Cpuid                  the CPUID policy answers (and watches leaf 7)
 Msr                    the handler registered for that MSR, else reads 0
 Hlt                    the vCPU sleeps until an interrupt
-InvalidInstruction     #UD through the IDT
+InvalidInstruction     #UD through the IDT (with ``hvm_fep``: a forced
+                       emulation prefix first, x86/fep.py)
 Hypercall              the hypercall handler (Xen), else #UD
 Exception_             delivered through the guest's IDT
 Syscall                SYSCALL/SYSENTER's architectural effect
@@ -212,6 +213,21 @@ class ExitDispatcher:
         return E.Action.CONTINUE
 
     def _invalid(self, vcpu, ex: E.InvalidInstruction) -> E.Action:
+        return self._undefined_opcode(vcpu, ex)
+
+    def _undefined_opcode(self, vcpu, ex: E.Exit) -> E.Action:
+        """#UD, unless ``hvm_fep`` is on and the guest wrote the forced emulation prefix."""
+        if self.machine.config.hvm_fep:
+            from ..engine.debugging import RegisterAccess
+            from ..x86.fep import forced_emulation
+            forced = forced_emulation(vcpu, RegisterAccess(vcpu))
+            if forced is not None:
+                ex.fep = forced.summary()           # shown by --trace exits
+                if self.machine.tracer.on("int"):
+                    self.machine.tracer.emit("int", forced.summary())
+                if forced.fault is None:
+                    return E.Action.CONTINUE        # RIP is past the prefix: the instruction runs next
+                return self.deliver(vcpu, forced.fault[0], EventType.HARDWARE_EXCEPTION, forced.fault[1])
         from ..x86.interrupts import icebp_length
         n = icebp_length(vcpu)
         if n:
@@ -226,6 +242,8 @@ class ExitDispatcher:
         return self.deliver(vcpu, 6, EventType.HARDWARE_EXCEPTION)   # no Xen: VMCALL is #UD
 
     def _exception(self, vcpu, ex: E.Exception_) -> E.Action:
+        if ex.vector == 6 and not ex.software:
+            return self._undefined_opcode(vcpu, ex)      # a #UD the engine raised from a helper
         etype = EventType.SOFTWARE_INTERRUPT if ex.software else EventType.HARDWARE_EXCEPTION
         return self.deliver(vcpu, ex.vector, etype, ex.error_code)
 

@@ -77,6 +77,7 @@ class MachineConfig:
     hpet: bool = True                    # the HPET at 0xFED00000 and its ACPI table (--no-hpet: none)
     testdev: bool = False                # -device pc-testdev: QEMU's ISA test device (kvm-unit-tests)
     acpi: bool = True                    # ACPI tables (MADT: LAPIC, IOAPIC) for the OS, as Xen gives PVH guests
+    hvm_fep: bool = False                # Xen's hvm_fep: `ud2; .ascii "xen"` forces emulation (x86/fep.py)
     observe: set[str] = field(default_factory=set)   # trace categories delivered to observers, unprinted
 
 

@@ -497,7 +497,7 @@ def deliver(vcpu: Vcpu, vector: int, etype: EventType, error_code: int | None = 
                 # vol. 3 §6.5: a fault's saved EIP is the faulting instruction),
                 # so a handler that fixes the IDT and returns runs it again.
                 vcpu.set_reg("rip", cpu.rip - _soft_int_length(cpu, vector))
-            if vector == DF:
+            if vector == DF and etype is EventType.HARDWARE_EXCEPTION:      # not INT 8: its fault is a #GP
                 raise TripleFault("triple fault: " + " -> ".join(chain)) from None
             if etype is EventType.HARDWARE_EXCEPTION and _combine(vector, f.vector):
                 vector, error_code = DF, 0
