@@ -380,24 +380,5 @@ def test_cli_no_hpet(tmp_path):
     assert "no ACPI HPET table" in out.stdout, out.stdout + out.stderr
 
 
-# -- Linux ----------------------------------------------------------------------------------
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_debian_kernel_finds_the_hpet_and_checks_the_tsc_against_it(tmp_path):
-    """Without the vector callback Linux has no Xen clock. Before the HPET, the TSC's early
-    watchdog was jiffies, and a loaded host (lost ticks) got the TSC marked unstable. With it,
-    Linux registers the HPET from the ACPI table before ``tsc-early``, which makes it the
-    watchdog, and uses timer 0 in legacy replacement mode as its early clockevent on IRQ 0."""
-    from test_linuxboot import boot_debian, check_common_boot
-    machine, text = boot_debian(tmp_path, append="xen_no_vector_callback", pci_irqs="isa")
-    check_common_boot(machine, text)
-    assert "ACPI: HPET id: 0x8086a201 base: 0xfed00000" in text
-    assert "clocksource: hpet: mask: 0xffffffff" in text
-    assert text.index("clocksource: hpet:") < text.index("clocksource: tsc-early:")
-    assert "hpet0: at MMIO 0xfed00000, IRQs 2, 8, 0" in text
-    assert "hpet0: 3 comparators, 64-bit 62.500000 MHz counter" in text
-    assert "as unstable" not in text and "..TIMER: vector=0x30 apic1=0 pin1=2" in text
-    # the early clockevent: timer 0's edges on IRQ 0, and the PIT never needed
-    w, h = machine.wiring, machine.hpet
-    assert h.fired[0] > 10 and w.pic_input(0, "hpet").edges == w.isa_gsi_input(0, "hpet").edges == h.fired[0]
-    assert machine.isa_irq[0].edges == 0
+# Linux finding the HPET and checking the TSC against it: tests/test_linuxboot.py check_hpet,
+# run on the GSI-through-IOAPIC boot (the same machine, one boot fewer).

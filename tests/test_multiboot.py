@@ -132,20 +132,5 @@ def test_fw_cfg_items_and_reads_past_the_end():
     assert other.pio_read(1, 1) == dev.pio_read(1, 1) == 0  # both at the end of the signature
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_a_bzimage_given_as_kernel_boots_linux_and_user_space_prints_on_ttyS0():
-    """QEMU's habit: ``run BZIMAGE --append console=ttyS0 --initrd X`` shows /init's output (no --boot)."""
-    from test_linuxboot import USERSPACE, debian_bzimage
-    from xenicorn.linux import debian, guest
-    image = debian_bzimage()
-    try:
-        initrd = guest.initramfs()
-    except (debian.PackageError, OSError) as e:
-        pytest.skip(f"no busybox initramfs: {e}")
-    r = subprocess.run([sys.executable, "-m", "xenicorn", "run", image, "-m", "512", "--timeout", "240",
-                        "--append", guest.DEFAULT_CMDLINE, "--initrd", initrd],
-                       capture_output=True, text=True, timeout=280)
-    assert r.returncode == 0, r.stderr[-2000:] + r.stdout[-2000:]
-    assert USERSPACE in r.stdout and "PVH machine" not in r.stderr
-    assert "Booting paravirtualized kernel on Xen HVM" in r.stdout
+# A bzImage given as KERNEL booting Linux's way with user space on ttyS0: tests/test_linuxboot.py
+# test_debian_kernel_with_fifo_events_off_takes_the_2_level_abi boots it with protocol "auto".
