@@ -140,10 +140,13 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def markdown(outcomes: list[xtf.Outcome], xtf_dir: Path, command: str, pv_left_out: int) -> str:
-    """The census as Markdown."""
+def markdown(outcomes: list[xtf.Outcome], xtf_dir: Path, command: str, pv_left_out: int,
+             fep: list[xtf.Outcome] | None = None) -> str:
+    """The census as Markdown; ``fep``: the same images run with ``--hvm-fep``, a second column."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     counts = {r: sum(o.result == r for o in outcomes) for r in xtf.ALL_RESULTS}
+    fep_counts = {r: sum(o.result == r for o in fep) for r in xtf.ALL_RESULTS} if fep else None
+    fep_by_name = {o.image.name: o for o in fep or []}
     out = [
         "# XTF conformance census",
         "",
@@ -165,20 +168,34 @@ def markdown(outcomes: list[xtf.Outcome], xtf_dir: Path, command: str, pv_left_o
         "",
         "## Counts",
         "",
-        "| result | images |",
-        "|---|---|",
     ]
-    out += [f"| {r} | {n} |" for r, n in counts.items()]
-    out += [f"| total | {len(outcomes)} |", "", "## Images that did not succeed", "",
+    if fep_counts is None:
+        out += ["| result | images |", "|---|---|"]
+        out += [f"| {r} | {n} |" for r, n in counts.items()]
+        out += [f"| total | {len(outcomes)} |"]
+    else:
+        out += ["Two runs: as a release build of Xen (no forced emulation prefix), and with `--hvm-fep`, "
+                "as Xen's own CI runs XTF (a debug build booted with `hvm_fep`).", "",
+                "| result | images | with `--hvm-fep` |", "|---|---|---|"]
+        out += [f"| {r} | {n} | {fep_counts[r]} |" for r, n in counts.items()]
+        out += [f"| total | {len(outcomes)} | {len(fep)} |"]
+    fep_col = " with `--hvm-fep` |" if fep else ""
+    out += ["", "## Images that did not succeed", "",
             "One row per test, result and printed reason; `env` lists the images (test-ENV-TEST) it covers.",
-            "", "| test | env | result | what the test printed | kind | why |", "|---|---|---|---|---|---|"]
-    rows: dict[tuple[str, str, str], list[str]] = {}
+            "", "| test | env | result | what the test printed | kind | why |" + fep_col,
+            "|---|---|---|---|---|---|" + ("---|" if fep else "")]
+    rows: dict[tuple[str, str, str], list[xtf.Outcome]] = {}
     for o in sorted(outcomes, key=lambda o: (xtf.ALL_RESULTS.index(o.result), o.image.test, o.image.env)):
         if o.result != "SUCCESS":
-            rows.setdefault((o.image.test, o.result, o.reason), []).append(o.image.env)
-    for (test, result, reason), envs in rows.items():
+            rows.setdefault((o.image.test, o.result, o.reason), []).append(o)
+    for (test, result, reason), group in rows.items():
         kind, why = WHY.get(test, ("unexplained", "no entry in tools/xtf_census.py's WHY table"))
-        out.append(f"| {test} | {', '.join(envs)} | {result} | {_cell(reason)} | {kind} | {_cell(why)} |")
+        envs = ", ".join(o.image.env for o in group)
+        line = f"| {test} | {envs} | {result} | {_cell(reason)} | {kind} | {_cell(why)} |"
+        if fep:
+            with_fep = sorted({fep_by_name[o.image.name].result for o in group if o.image.name in fep_by_name})
+            line += f" {'/'.join(with_fep)} |"
+        out.append(line)
     ran = {o.image.test for o in outcomes if o.result == "SUCCESS"}
     vacuous = [(t, note) for t, note in VACUOUS.items() if t in ran]
     if vacuous:
@@ -189,9 +206,20 @@ def markdown(outcomes: list[xtf.Outcome], xtf_dir: Path, command: str, pv_left_o
     by_test: dict[str, dict[str, str]] = {}
     for o in outcomes:
         by_test.setdefault(o.image.test, {})[o.image.env] = o.result
+    fep_env: dict[tuple[str, str], str] = {(o.image.test, o.image.env): o.result for o in fep or []}
     for test, envs in sorted(by_test.items()):
-        out.append(f"| {test} | " + " | ".join(envs.get(e, "") for e in xtf.HVM_ENVS) + " |")
+        cells = []
+        for e in xtf.HVM_ENVS:
+            cell = envs.get(e, "")
+            with_fep = fep_env.get((test, e))
+            if cell and with_fep and with_fep != cell:
+                cell += f" ({with_fep} with FEP)"
+            cells.append(cell)
+        out.append(f"| {test} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
+
+
+KEEP_FROM = "\n## kvm-unit-tests"        # a census of its own (tools/kut_census.py), kept when this one is rewritten
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "docs" / "conformance.md"), help="the census file ('-': stdout)")
     p.add_argument("--junit", metavar="FILE", help="also keep the run's JUnit XML")
     p.add_argument("--from-junit", metavar="FILE", help="no run: rebuild the census from this JUnit file")
+    p.add_argument("--fep", action="store_true", help="also run every image with --hvm-fep (a second column)")
     args = p.parse_args(argv)
     xtf_dir = Path(args.xtf)
     tests = xtf_dir / "tests"
@@ -221,11 +250,20 @@ def main(argv: list[str] | None = None) -> int:
         outcomes = runner.run(images, lambda o: print(xtf.image_line(o), o.reason, flush=True))
         if args.junit:
             xtf.write_junit(args.junit, outcomes)
-    text = markdown(outcomes, xtf_dir, command, pv)
+    fep = None
+    if args.fep and not args.from_junit:
+        runner = xtf.Runner(args.timeout, args.jobs, ["--hvm-fep"])
+        fep = runner.run(images, lambda o: print(xtf.image_line(o), o.reason, "(FEP)", flush=True))
+        command += f"` and `python -m xenicorn xtf --run-arg=--hvm-fep --jobs {args.jobs} {tests}"
+    text = markdown(outcomes, xtf_dir, command, pv, fep)
     if args.out == "-":
         sys.stdout.write(text)
     else:
-        Path(args.out).write_text(text)
+        out = Path(args.out)
+        old = out.read_text() if out.exists() else ""
+        if KEEP_FROM in old:
+            text += old[old.index(KEEP_FROM):]
+        out.write_text(text)
         print(f"wrote {args.out}")
     print("\n".join(xtf.summary(outcomes, quiet=True)))
     return 0
