@@ -12,6 +12,7 @@ exit                   handler does
 PortIO, Mmio           the bus finds the device at that port or address
 Cpuid                  the CPUID policy answers (and watches leaf 7)
 Msr                    the handler registered for that MSR, else reads 0
+CrWrite                checked (crwrites.py): performed, or #GP(0)
 Hlt                    the vCPU sleeps until an interrupt
 InvalidInstruction     #UD through the IDT (with ``hvm_fep``: a forced
                        emulation prefix first, x86/fep.py)
@@ -34,7 +35,9 @@ import collections
 from .. import exits as E
 from . import cpuidfault
 from ..x86.cpuid import ARCH_CAPABILITIES, LEAF7_EDX_ARCH_CAPABILITIES, MSR_ARCH_CAPABILITIES
+from ..x86.crcheck import MSR_EFER
 from ..x86.interrupts import EventType, TripleFault, deliver
+from .crwrites import CrWriteChecker
 from ..devices.lapic import LAPIC_BASE
 from .memory import PAGE_SIZE
 from .trace import disassemble
@@ -63,11 +66,14 @@ class ExitDispatcher:
         self.msr_handlers: dict = {          # msr -> handler(vcpu, Msr exit), see engine/msr.py
             MSR_ARCH_CAPABILITIES: self._arch_capabilities, MSR_IA32_APICBASE: self._apic_base,
             **cpuidfault.handlers(self)}
+        self.crwrites = CrWriteChecker(machine)
+        self.msr_handlers[MSR_EFER] = self.crwrites.efer_write
         self._handlers = {
             E.PortIO: self._pio,
             E.Mmio: self._mmio,
             E.Cpuid: self._cpuid,
             E.Msr: self._msr,
+            E.CrWrite: self.crwrites.cr_write,
             E.Hlt: self._hlt,
             E.InvalidInstruction: self._invalid,
             E.Hypercall: self._hypercall,
