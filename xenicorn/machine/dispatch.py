@@ -251,7 +251,15 @@ class ExitDispatcher:
         if ex.vector == 6 and not ex.software:
             return self._undefined_opcode(vcpu, ex)      # a #UD the engine raised from a helper
         etype = EventType.SOFTWARE_INTERRUPT if ex.software else EventType.HARDWARE_EXCEPTION
-        return self.deliver(vcpu, ex.vector, etype, ex.error_code)
+        vector = ex.vector
+        if vector == 7 and not ex.software:          # the engine checks CR0.TS too early (x86/fpufault.py)
+            from ..x86.fpufault import nm_or_ud
+            code = vcpu.read_linear(ex.pc, 15, fetch=True)
+            if not isinstance(code, bytes):          # the instruction ends on its page
+                code = vcpu.read_linear(ex.pc, PAGE_SIZE - (ex.pc & (PAGE_SIZE - 1)), fetch=True)
+            if isinstance(code, bytes):
+                vector = nm_or_ud(code, vcpu.code_bits(), vcpu.reg("cr0"), vcpu.reg("cr4"))
+        return self.deliver(vcpu, vector, etype, ex.error_code)
 
     def _syscall(self, vcpu, ex: E.Syscall) -> E.Action:
         # User mode has started: the kernel has read its capabilities. Close the
