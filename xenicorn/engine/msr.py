@@ -158,11 +158,13 @@ class MsrInterceptor:
         QEMU checks ``intercept_cr_write`` at run time in ``helper_write_crN``
         (MOV to CRn, and LMSW and CLTS for CR0), before the write, after
         putting EIP back at the instruction; the exit reaches UC_HOOK_INTR as
-        ``0x110 + n``. Code that writes no control register pays nothing:
-        the check is in the helper, not in translated code. It needs
-        HF_GUEST, which is then kept set with no other intercept: QEMU then
-        also reports a triple fault as an SVM shutdown exit
-        (:data:`SHUTDOWN_EXIT_VECTOR`) instead of resetting the CPU.
+        ``0x110 + n``. The check itself is in the helper, not in translated
+        code, but it needs HF_GUEST, which is then kept set with no other
+        intercept: the translator then adds an (untaken) intercept-check
+        helper call to PUSHF/POPF, IRET, IN/OUT and a few system
+        instructions (measured in docs/unicorn-notes.md), and QEMU reports a
+        triple fault as an SVM shutdown exit (:data:`SHUTDOWN_EXIT_VECTOR`)
+        instead of resetting the CPU.
         """
         self.cr_writes = crs
         self._set(self.is_open)

@@ -21,8 +21,9 @@ CHECKED_CRS = (1 << 0) | (1 << 4)
 def arm(vcpu) -> None:
     """Intercept this vCPU's CR0/CR4 writes from now on, and EFER writes while the MSR window is open.
 
-    The CR intercept costs nothing while the guest writes no CR (the check
-    is in QEMU's CR-write helper). EFER is caught through the MSR
+    The CR check runs in QEMU's CR-write helper; what it costs elsewhere
+    (HF_GUEST: PUSHF/POPF, IRET, IN/OUT get a helper call) is measured in
+    docs/unicorn-notes.md. EFER is caught through the MSR
     permission map, which QEMU consults only while the MSR window is open
     (engine/msr.py): the window is not kept open for it (PVH guests run
     with it closed once Xen's hypercall page is set up), so a WRMSR to EFER
