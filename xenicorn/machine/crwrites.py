@@ -39,17 +39,13 @@ class CrWriteChecker:
 
     def __init__(self, machine):
         self.machine = machine
-        self._features: crcheck.Features | None = None
-        self.faults = 0                       # writes refused with #GP (for tests and --trace)
 
     @property
     def features(self) -> crcheck.Features:
-        if self._features is None:
-            self._features = crcheck.features_from_cpuid(lambda leaf, sub: self.machine.cpuid.query(leaf, sub))
-        return self._features
+        # asked anew each time (a few CPUID lookups; CR writes are rare): no state to snapshot
+        return crcheck.features_from_cpuid(lambda leaf, sub: self.machine.cpuid.query(leaf, sub))
 
     def _fault(self, vcpu, why: str) -> E.Action:
-        self.faults += 1
         tracer = self.machine.tracer
         if tracer.on("io"):
             tracer.emit("io", f"#GP(0): {why}")
