@@ -314,10 +314,11 @@ class ExitHooks:
         """A write to CR0/CR4, stopped before it ran: decode it and let the machine judge it."""
         from ..x86.crdecode import decode, SEG_INDEX
         pc = self.uc.reg_read(X.UC_X86_REG_RIP)
-        code = self.read_linear(pc, 15, fetch=True)
-        if not isinstance(code, bytes):              # the instruction ends at the page's end
-            code = self.read_linear(pc, 0x1000 - (pc & 0xFFF), fetch=True)
         bits = self.code_bits()
+        linear = pc + (self.live.segment("cs").base if bits != 64 else 0)   # real mode: an AP's start-up
+        code = self.read_linear(linear, 15, fetch=True)
+        if not isinstance(code, bytes):              # the instruction ends at the page's end
+            code = self.read_linear(linear, 0x1000 - (linear & 0xFFF), fetch=True)
         gprs = self.live.gprs()
         insn = decode(code, bits, gprs, pc) if isinstance(code, bytes) else None
         if insn is None or insn.cr != cr:

@@ -254,11 +254,13 @@ class ExitDispatcher:
         vector = ex.vector
         if vector == 7 and not ex.software:          # the engine checks CR0.TS too early (x86/fpufault.py)
             from ..x86.fpufault import nm_or_ud
-            code = vcpu.read_linear(ex.pc, 15, fetch=True)
+            bits = vcpu.code_bits()
+            linear = ex.pc + (vcpu.live.segment("cs").base if bits != 64 else 0)
+            code = vcpu.read_linear(linear, 15, fetch=True)
             if not isinstance(code, bytes):          # the instruction ends on its page
-                code = vcpu.read_linear(ex.pc, PAGE_SIZE - (ex.pc & (PAGE_SIZE - 1)), fetch=True)
+                code = vcpu.read_linear(linear, PAGE_SIZE - (linear & (PAGE_SIZE - 1)), fetch=True)
             if isinstance(code, bytes):
-                vector = nm_or_ud(code, vcpu.code_bits(), vcpu.reg("cr0"), vcpu.reg("cr4"))
+                vector = nm_or_ud(code, bits, vcpu.reg("cr0"), vcpu.reg("cr4"))
         return self.deliver(vcpu, vector, etype, ex.error_code)
 
     def _syscall(self, vcpu, ex: E.Syscall) -> E.Action:
