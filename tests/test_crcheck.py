@@ -1,6 +1,9 @@
 """Control-register writes: the pure checks (x86/crcheck.py), the decoder (x86/crdecode.py),
 and the crcheck32/64 kernels, whose refused writes must be #GP(0) at the MOV."""
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -160,14 +163,19 @@ def test_mmx_and_sse_check_em_and_osfxsr_before_ts():
     assert nm_or_ud(bytes.fromhex("9b"), 32, ts | 2, 0) == 7   # fwait
 
 
-def test_xtf_fpu_exception_emulation_result_without_fep():
-    """Native MMX/SSE faults match the SDM; the FEP half SKIPs, as on a Xen without hvm_fep."""
-    import os
-    import subprocess
-    import sys
-    image = "/work/xtf-src/tests/fpu-exception-emulation/test-hvm64-fpu-exception-emulation"
+XTF_TESTS = os.environ.get("XTF_TESTS", "/work/xtf-src/tests")     # a built XTF tree (docs/conformance.md)
+
+
+@pytest.mark.parametrize("test, env, result", [
+    ("umip", "hvm32", "SKIP"), ("umip", "hvm64", "SKIP"),          # CR4.UMIP #GPs, then "UMIP unsupported"
+    ("xsa-278", "hvm64", "SUCCESS"),                                 # CR4.VMXE #GPs, VMX insns #UD
+    ("fpu-exception-emulation", "hvm64", "SKIP"),                   # native half passes, FEP half skipped
+])
+def test_xtf_images_that_check_cr_writes_and_fpu_faults(test, env, result):
+    image = os.path.join(XTF_TESTS, test, f"test-{env}-{test}")
     if not os.path.exists(image):
-        pytest.skip("XTF not built at /work/xtf-src")
+        pytest.skip(f"XTF not built at {XTF_TESTS}")
     out = subprocess.run([sys.executable, "-m", "xenicorn", "run", image], capture_output=True, text=True,
                          timeout=120).stdout
-    assert "Expected" not in out and "Test result: SKIP" in out, out
+    assert f"Test result: {result}" in out, out
+    assert "Fail" not in out and "Expected" not in out and "succeeded" not in out, out
