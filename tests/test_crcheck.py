@@ -26,10 +26,16 @@ def test_cr4_bits_the_policy_does_not_report_are_refused(bit):
     assert C.check_cr4(0, bit, valid=VALID, efer=0, cr3=0) is not None
 
 
-@pytest.mark.parametrize("bit", [C.CR4_VME, C.CR4_PVI, C.CR4_TSD, C.CR4_DE, C.CR4_PSE, C.CR4_PAE, C.CR4_MCE,
+@pytest.mark.parametrize("bit", [C.CR4_TSD, C.CR4_DE, C.CR4_PSE, C.CR4_PAE, C.CR4_MCE,
                                  C.CR4_PGE, C.CR4_PCE, C.CR4_OSFXSR, C.CR4_OSXMMEXCPT])
 def test_cr4_bits_the_policy_reports_are_taken(bit):
     assert C.check_cr4(0, bit, valid=VALID, efer=0, cr3=0) is None
+
+
+def test_cr4_vme_and_pvi_follow_the_policys_vme_bit():
+    reported = POLICY.has("leaf1_edx", 1)
+    for bit in (C.CR4_VME, C.CR4_PVI):
+        assert (C.check_cr4(0, bit, valid=VALID, efer=0, cr3=0) is None) == reported
 
 
 def test_cr4_bits_follow_the_reported_features():
