@@ -146,11 +146,14 @@ class MsrInterceptor:
             intercepts |= INTERCEPT_VINTR
         with RawContext(self.uc) as ctx:
             hf = ctx.hflags
-            ctx.hflags = hf | HF_GUEST if intercepts or self.cr_writes else hf & ~HF_GUEST
+            ctx.hflags = hf | HF_GUEST if intercepts else hf & ~HF_GUEST
             # always set: a virtual interrupt reads its vector from here, window open or not
             ctx.write(OFF_VM_VMCB, "<Q", self.vmcb)
             ctx.write(OFF_INTERCEPT, "<Q", intercepts)
-            ctx.write(OFF_INTERCEPT_CR_WRITE, "<H", self.cr_writes)
+            # CR writes are checked exactly while the MSR window is open, never
+            # with only the interrupt window: the checks then follow the guest's
+            # own steps (its CPUID leaf-7 query, its first SYSCALL), not timing
+            ctx.write(OFF_INTERCEPT_CR_WRITE, "<H", self.cr_writes if on else 0)
 
     def watch_cr_writes(self, crs: int) -> None:
         """Intercept writes to the control registers in the bit mask ``crs`` (bit n: CRn).
@@ -159,12 +162,15 @@ class MsrInterceptor:
         (MOV to CRn, and LMSW and CLTS for CR0), before the write, after
         putting EIP back at the instruction; the exit reaches UC_HOOK_INTR as
         ``0x110 + n``. The check itself is in the helper, not in translated
-        code, but it needs HF_GUEST, which is then kept set with no other
-        intercept: the translator then adds an (untaken) intercept-check
-        helper call to PUSHF/POPF, IRET, IN/OUT and a few system
-        instructions (measured in docs/unicorn-notes.md), and QEMU reports a
-        triple fault as an SVM shutdown exit (:data:`SHUTDOWN_EXIT_VECTOR`)
-        instead of resetting the CPU.
+        code, but it needs HF_GUEST, and HF_GUEST makes the translator add
+        an (untaken) intercept-check helper call to PUSHF/POPF, IRET, IN/OUT
+        and a few system instructions: +40% on a PUSHF/POPF loop (measured in
+        docs/unicorn-notes.md). So the checks ride on the MSR window: they are
+        made while it is open (a kernel's start-up, from its CPUID leaf-7
+        query or power-on until its first SYSCALL, and test kernels that
+        never make one) and cost nothing after. While HF_GUEST is set QEMU
+        reports a triple fault as an SVM shutdown exit
+        (:data:`SHUTDOWN_EXIT_VECTOR`) instead of resetting the CPU.
         """
         self.cr_writes = crs
         self._set(self.is_open)
