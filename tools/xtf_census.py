@@ -67,9 +67,11 @@ WHY: dict[str, tuple[str, str]] = {
                                   "#NP: a not-present gate) must report the fault at the instruction, the "
                                   "CPU engine reports it after the instruction, like a trap; and ICEBP "
                                   "(0xF1) is #UD in the engine where hardware raises #DB"),
-    "umip": (ACCURACY, "CR4.UMIP can be set although CPUID does not offer UMIP (real hardware and Xen #GP)"),
-    "fpu-exception-emulation": (ACCURACY, "MMX with CR0.EM set, and SSE with CR4.OSFXSR clear, must raise "
-                                          "#UD ahead of CR0.TS's #NM; the CPU engine raises #NM"),
+    "umip": (XEN, "xenicorn offers no UMIP (CPUID 7.ECX bit 2 clear): the test checks that setting CR4.UMIP "
+                  "is #GP (machine/crwrites.py) and SKIPs the rest, as on hardware or a Xen without UMIP"),
+    "fpu-exception-emulation": (XEN, "the native half passes (MMX/SSE check CR0.EM and CR4.OSFXSR before "
+                                     "CR0.TS, corrected at the #NM: x86/fpufault.py); the emulated half needs "
+                                     "the forced emulation prefix, so it SKIPs, as on a Xen without `hvm_fep`"),
     "memop-seg": (ACCURACY, "64-bit: a non-canonical operand based on %rsp/%rbp must raise #SS, the CPU "
                             "engine raises #GP; 32-bit: an operand past its segment's limit must raise "
                             "#GP (#SS for %ss), the engine ignores the limit and takes a #PF"),
@@ -79,7 +81,6 @@ WHY: dict[str, tuple[str, str]] = {
                         "guest panics"),
     "xsa-192": (ACCURACY, "an interrupt or exception in virtual-8086 mode: xenicorn cannot deliver it and "
                           "stops the machine"),
-    "xsa-278": (ACCURACY, "CR4.VMXE can be set although VMX is not offered (Xen #GPs)"),
     "xsa-308": (ACCURACY, "ICEBP (INT1, opcode 0xF1) under a MovSS shadow while single-stepping: the engine "
                           "raises #UD where hardware raises #DB, and the guest panics"),
     "xsa-462": (XEN, "the ESR check passes (0x60: 'send illegal vector' from the IPI, 'receive illegal "

@@ -75,6 +75,15 @@ class Msr(Exit):
 
 
 @dataclass
+class CrWrite(Exit):
+    """MOV to CR0/CR4, LMSW or CLTS caught before it ran (engine/msr.py, x86/crcheck.py)."""
+
+    cr: int
+    value: int                  # what the instruction would load
+    length: int                 # of the instruction, to step over it once the write is done
+
+
+@dataclass
 class Hlt(Exit):
     """HLT executed; ``pc`` is the instruction after it (where an interrupt returns)."""
 

@@ -38,6 +38,7 @@ from . import icount, stopcheck
 from .startup import EngineUnsupported
 from .irqwindow import EXIT_VECTOR as IRQ_WINDOW_EXIT_VECTOR
 from .msr import CPUID_EXIT_VECTOR, EXIT_VECTOR as MSR_EXIT_VECTOR, RDTSC_EXIT_VECTOR
+from .msr import CR_WRITE_EXIT_VECTORS, SHUTDOWN_EXIT_VECTOR
 
 NO_RIP = (1 << 64) - 1           # a hook range no instruction is at (non-canonical)
 TSC_AUX = 0xC0000103
@@ -259,6 +260,14 @@ class ExitHooks:
             ctx.consume_exception()
             self._on_msr(write)
             return
+        if intno in CR_WRITE_EXIT_VECTORS:
+            ctx.consume_exception()
+            self._on_cr_write(CR_WRITE_EXIT_VECTORS[intno])
+            return
+        if intno == SHUTDOWN_EXIT_VECTOR:
+            ctx.consume_exception()
+            self.machine.handle_exit(self, E.Shutdown(self.pc, "triple-fault", 1, "triple fault (SVM shutdown exit)"))
+            return
         if intno == RDTSC_EXIT_VECTOR:
             ctx.consume_exception()
             tsc = self.machine.guest_tsc()
@@ -300,6 +309,34 @@ class ExitHooks:
             uc.reg_write(X.UC_X86_REG_RDX, ex.value >> 32)
         if uc.reg_read(X.UC_X86_REG_RIP) == pc:       # a handler may have injected #GP instead
             uc.reg_write(X.UC_X86_REG_RIP, pc + 2)
+
+    def _on_cr_write(self, cr: int) -> None:
+        """A write to CR0/CR4, stopped before it ran: decode it and let the machine judge it."""
+        from ..x86.crdecode import decode, SEG_INDEX
+        pc = self.uc.reg_read(X.UC_X86_REG_RIP)
+        bits = self.code_bits()
+        linear = pc + (self.live.segment("cs").base if bits != 64 else 0)   # real mode: an AP's start-up
+        code = self.read_linear(linear, 15, fetch=True)
+        if not isinstance(code, bytes):              # the instruction ends at the page's end
+            code = self.read_linear(linear, 0x1000 - (linear & 0xFFF), fetch=True)
+        gprs = self.live.gprs()
+        insn = decode(code, bits, gprs, pc) if isinstance(code, bytes) else None
+        if insn is None or insn.cr != cr:
+            self.machine.handle_exit(self, E.Shutdown(pc, "emulator-error", 1,
+                                                      f"CR{cr} write exit at an instruction not understood"))
+            return
+        operand = None
+        if insn.mem is not None:
+            seg, off = insn.mem
+            base = self.live.segment(SEG_INDEX[seg]).base if bits != 64 or seg in ("fs", "gs") else 0
+            data = self.read_linear(base + off, 2)
+            if not isinstance(data, bytes):
+                self.machine.handle_exit(self, E.Shutdown(pc, "emulator-error", 1,
+                                                          "LMSW from an unmapped operand is not modelled"))
+                return
+            operand = int.from_bytes(data, "little")
+        cr0 = self.uc.reg_read(X.UC_X86_REG_CR0)
+        self.machine.handle_exit(self, E.CrWrite(pc, cr, insn.value(cr0, operand), insn.length))
 
     @guarded(False)
     def _on_unmapped(self, uc, access, address, size, value, _) -> bool:

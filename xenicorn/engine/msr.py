@@ -53,6 +53,10 @@ INTERCEPT_RDTSC = 1 << 14             # SVM_EXIT_RDTSC (0x6E) - SVM_EXIT_INTR
 RDTSC_EXIT_VECTOR = 0x100 + 0x6E      # what UC_HOOK_INTR reports for an intercepted RDTSC
 INTERCEPT_CPUID = 1 << 18             # SVM_EXIT_CPUID (0x72) - SVM_EXIT_INTR
 CPUID_EXIT_VECTOR = 0x100 + 0x72      # what UC_HOOK_INTR reports for an intercepted CPUID
+OFF_INTERCEPT_CR_WRITE = 5530         # CPUX86State.intercept_cr_write (u16: bit n = CRn)
+SVM_EXIT_WRITE_CR0 = 0x10
+CR_WRITE_EXIT_VECTORS = {0x100 + SVM_EXIT_WRITE_CR0 + n: n for n in (0, 4)}   # MOV CRn / LMSW / CLTS
+SHUTDOWN_EXIT_VECTOR = 0x100 + 0x7F   # SVM_EXIT_SHUTDOWN: a triple fault while HF_GUEST is set
 
 _RANGES = ((0x0, 0x0000), (0xC0000000, 0x0800), (0xC0010000, 0x1000))   # (first MSR, byte offset)
 
@@ -94,6 +98,7 @@ class MsrInterceptor:
         self.exits = 0
         self.extra = 0                     # more intercepts while open (RDTSC)
         self.interrupt_window = False      # the VINTR intercept (:mod:`irqwindow`)
+        self.cr_writes = 0                 # CR write intercepts (bit n: CRn), see watch_cr_writes
         self._set(False)                   # points vm_vmcb at our VMCB
 
     @property
@@ -145,6 +150,30 @@ class MsrInterceptor:
             # always set: a virtual interrupt reads its vector from here, window open or not
             ctx.write(OFF_VM_VMCB, "<Q", self.vmcb)
             ctx.write(OFF_INTERCEPT, "<Q", intercepts)
+            # CR writes are checked exactly while the MSR window is open, never
+            # with only the interrupt window: the checks then follow the guest's
+            # own steps (its CPUID leaf-7 query, its first SYSCALL), not timing
+            ctx.write(OFF_INTERCEPT_CR_WRITE, "<H", self.cr_writes if on else 0)
+
+    def watch_cr_writes(self, crs: int) -> None:
+        """Intercept writes to the control registers in the bit mask ``crs`` (bit n: CRn).
+
+        QEMU checks ``intercept_cr_write`` at run time in ``helper_write_crN``
+        (MOV to CRn, and LMSW and CLTS for CR0), before the write, after
+        putting EIP back at the instruction; the exit reaches UC_HOOK_INTR as
+        ``0x110 + n``. The check itself is in the helper, not in translated
+        code, but it needs HF_GUEST, and HF_GUEST makes the translator add
+        an (untaken) intercept-check helper call to PUSHF/POPF, IRET, IN/OUT
+        and a few system instructions: +40% on a PUSHF/POPF loop (measured in
+        docs/unicorn-notes.md). So the checks ride on the MSR window: they are
+        made while it is open (a kernel's start-up, from its CPUID leaf-7
+        query or power-on until its first SYSCALL, and test kernels that
+        never make one) and cost nothing after. While HF_GUEST is set QEMU
+        reports a triple fault as an SVM shutdown exit
+        (:data:`SHUTDOWN_EXIT_VECTOR`) instead of resetting the CPU.
+        """
+        self.cr_writes = crs
+        self._set(self.is_open)
 
     def intercept_rdtsc(self) -> None:
         """Trap RDTSC too (deterministic time): it reaches UC_HOOK_INTR as 0x16E."""

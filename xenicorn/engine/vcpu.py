@@ -54,7 +54,7 @@ from .delivery import InterruptDelivery
 from .hooks import ExitHooks
 from .memmap import MemoryMap, gaps_in
 from .core import EngineCore
-from .msr import MsrInterceptor, SHADOW_BASE, SHADOW_SIZE
+from .msr import HF_GUEST, MsrInterceptor, SHADOW_BASE, SHADOW_SIZE
 from .rawctx import RawContext, LiveContext, HF_INHIBIT_IRQ, HF_CS32, HF_CS64, OFF_CR, OFF_OLD_EXCEPTION
 from .startup import probe
 from .stoptimer import StopTimer
@@ -228,11 +228,25 @@ class VCpu(ExitHooks, InterruptDelivery, MemoryMap):
 
     def msr_read(self, msr: int) -> int:
         """Read a model-specific register as the CPU holds it (EFER, STAR, LSTAR, SYSENTER_*...)."""
-        return self._required().msr_read(msr)
+        return self._unintercepted(self._required().msr_read, msr)
 
     def msr_write(self, msr: int, value: int) -> None:
         """Write a model-specific register into the CPU (no intercept is consulted)."""
-        self._required().msr_write(msr, value)
+        self._unintercepted(self._required().msr_write, msr, value)
+
+    def _unintercepted(self, fn, *args):
+        # Unicorn's MSR access runs QEMU's RDMSR/WRMSR helper, intercept check
+        # included: an intercepted MSR would "VM exit" out of the API call
+        # (a longjmp into the CPU loop). Intercepts off for the call.
+        live = self.live
+        hf = live.hflags
+        if not hf & HF_GUEST:
+            return fn(*args)
+        live.hflags = hf & ~HF_GUEST
+        try:
+            return fn(*args)
+        finally:
+            live.hflags = live.hflags | HF_GUEST
 
     def set_descriptor_table(self, name: str, base: int, limit: int) -> None:
         """Load GDTR or IDTR (``name`` is ``"gdtr"`` or ``"idtr"``), as LGDT/LIDT would."""
@@ -404,7 +418,7 @@ class VCpu(ExitHooks, InterruptDelivery, MemoryMap):
         uc.reg_write(X.UC_X86_REG_CR4, 0x20)
         uc.reg_write(X.UC_X86_REG_CR0, 0x80000011)
         uc.reg_write(X.UC_X86_REG_CR0, cr0)
-        uc.msr_write(EFER, 0)
+        self.msr_write(EFER, 0)
         uc.reg_write(X.UC_X86_REG_CR4, 0)
         uc.reg_write(X.UC_X86_REG_CR3, 0)
 
@@ -417,7 +431,7 @@ class VCpu(ExitHooks, InterruptDelivery, MemoryMap):
         self._leave_long_mode(0x11)
         uc = self._required()
         uc.reg_write(X.UC_X86_REG_CR4, cr4)
-        uc.msr_write(EFER, efer & ~EFER_LMA)
+        self.msr_write(EFER, efer & ~EFER_LMA)
         uc.reg_write(X.UC_X86_REG_CR3, cr3)
         uc.reg_write(X.UC_X86_REG_CR0, cr0)
         with self.cpu_state() as ctx:

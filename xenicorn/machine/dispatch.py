@@ -12,6 +12,7 @@ exit                   handler does
 PortIO, Mmio           the bus finds the device at that port or address
 Cpuid                  the CPUID policy answers (and watches leaf 7)
 Msr                    the handler registered for that MSR, else reads 0
+CrWrite                checked (crwrites.py): performed, or #GP(0)
 Hlt                    the vCPU sleeps until an interrupt
 InvalidInstruction     #UD through the IDT (with ``hvm_fep``: a forced
                        emulation prefix first, x86/fep.py)
@@ -34,7 +35,9 @@ import collections
 from .. import exits as E
 from . import cpuidfault
 from ..x86.cpuid import ARCH_CAPABILITIES, LEAF7_EDX_ARCH_CAPABILITIES, MSR_ARCH_CAPABILITIES
+from ..x86.crcheck import MSR_EFER
 from ..x86.interrupts import EventType, TripleFault, deliver
+from .crwrites import CrWriteChecker
 from ..devices.lapic import LAPIC_BASE
 from .memory import PAGE_SIZE
 from .trace import disassemble
@@ -63,11 +66,14 @@ class ExitDispatcher:
         self.msr_handlers: dict = {          # msr -> handler(vcpu, Msr exit), see engine/msr.py
             MSR_ARCH_CAPABILITIES: self._arch_capabilities, MSR_IA32_APICBASE: self._apic_base,
             **cpuidfault.handlers(self)}
+        self.crwrites = CrWriteChecker(machine)
+        self.msr_handlers[MSR_EFER] = self.crwrites.efer_write
         self._handlers = {
             E.PortIO: self._pio,
             E.Mmio: self._mmio,
             E.Cpuid: self._cpuid,
             E.Msr: self._msr,
+            E.CrWrite: self.crwrites.cr_write,
             E.Hlt: self._hlt,
             E.InvalidInstruction: self._invalid,
             E.Hypercall: self._hypercall,
@@ -245,7 +251,17 @@ class ExitDispatcher:
         if ex.vector == 6 and not ex.software:
             return self._undefined_opcode(vcpu, ex)      # a #UD the engine raised from a helper
         etype = EventType.SOFTWARE_INTERRUPT if ex.software else EventType.HARDWARE_EXCEPTION
-        return self.deliver(vcpu, ex.vector, etype, ex.error_code)
+        vector = ex.vector
+        if vector == 7 and not ex.software:          # the engine checks CR0.TS too early (x86/fpufault.py)
+            from ..x86.fpufault import nm_or_ud
+            bits = vcpu.code_bits()
+            linear = ex.pc + (vcpu.live.segment("cs").base if bits != 64 else 0)
+            code = vcpu.read_linear(linear, 15, fetch=True)
+            if not isinstance(code, bytes):          # the instruction ends on its page
+                code = vcpu.read_linear(linear, PAGE_SIZE - (linear & (PAGE_SIZE - 1)), fetch=True)
+            if isinstance(code, bytes):
+                vector = nm_or_ud(code, bits, vcpu.reg("cr0"), vcpu.reg("cr4"))
+        return self.deliver(vcpu, vector, etype, ex.error_code)
 
     def _syscall(self, vcpu, ex: E.Syscall) -> E.Action:
         # User mode has started: the kernel has read its capabilities. Close the

@@ -30,6 +30,7 @@ from ..x86.cpuid import CpuidPolicy
 from . import chipset
 from .clock import VirtualClock
 from . import cpuidfault
+from . import crwrites
 from .dispatch import KERNEL_START_INTEREST, MSR_IA32_APICBASE
 from .dispatch import ExitDispatcher, STATUS_OK, STATUS_CRASH, STATUS_USAGE, STATUS_TIMEOUT  # noqa: F401
 from .memory import GuestMemory
@@ -142,6 +143,7 @@ class Machine(XenHostServices):
         for vcpu in self.vcpus:
             vcpu.msr.watch(MSR_IA32_APICBASE)
             cpuidfault.watch(vcpu)                                     # and CPUID faulting's MSRs
+            crwrites.arm(vcpu)              # CR0/CR4 (and EFER) writes checked as the SDM says (crwrites.py)
         emit_irq = (lambda text: self.tracer.emit("irq", text)) if self.tracer.on("irq") else None
         self.wiring = w = InterruptWiring(self.clock, kick=self.kick, pci_irqs=cfg.pci_irqs, trace=emit_irq,
                                           cpus=cfg.smp, lapic_notify=self._lapic_notify,
