@@ -58,7 +58,6 @@ struct vcpu_info {
     ulong evtchn_pending_sel;
 };
 struct xen_add_to_physmap { u16 domid, size; u32 space; ulong idx, gpfn; };
-struct xen_hvm_param { u16 domid; u32 index; u64 value; };
 struct upcall_vector { u32 vcpu; u8 vector; };
 struct evtchn_alloc_unbound { u16 dom, remote_dom; u32 port; };
 struct evtchn_bind_interdomain { u16 remote_dom; u32 remote_port, local_port; };
@@ -159,20 +158,6 @@ static void settle(void) {
 static void wait_upcalls(u32 n) {
     for (int i = 0; i < 100000 && upcalls < n; i++)
         (void)inb(0x80);
-}
-
-static long set_param(u32 index, u64 value) {
-    struct xen_hvm_param p = { DOMID_SELF, index, value };
-    return HYPERVISOR(hvm_op, 0, &p);
-}
-
-static int arg_is(const char *cmdline, const char *key, const char *val) {
-    ulong k = strlen(key), v = strlen(val);
-    for (const char *w = cmdline; w && *w; w++)
-        if ((w == cmdline || w[-1] == ' ') && !memcmp(w, key, k) && w[k] == '=' &&
-            !memcmp(w + k + 1, val, v) && (w[k + 1 + v] == ' ' || w[k + 1 + v] == 0))
-            return 1;
-    return 0;
 }
 
 static void setup_controllers(void) {
@@ -307,7 +292,7 @@ void kmain(void) {
     const char *cmdline = (const char *)(ulong)start_info->cmdline_paddr;
     static const char *vias[] = { "vector", "lapic", "gsi", "pic", "intx", "intxpic" };
     for (unsigned i = 0; i < sizeof(vias) / sizeof(vias[0]); i++)
-        if (arg_is(cmdline, "via", vias[i]))
+        if (cmdline_has(cmdline, "via", vias[i]))
             via = vias[i];
     printf("evtchn%d: upcalls via %s\n", (int)BITS, via);
     xen_install_hypercall_page();
@@ -315,7 +300,7 @@ void kmain(void) {
     EXPECT(HYPERVISOR(memory_op, 7, &xatp), 0, "shared_info mapped");
     setup_controllers();
     u64 param = choose_via();
-    EXPECT(set_param(0, param), 0, "HVM_PARAM_CALLBACK_IRQ");
+    EXPECT(hvm_set_param(0, param), 0, "HVM_PARAM_CALLBACK_IRQ");
     __asm__ volatile("sti");
     ulong n = arg_num(cmdline, "n");
     if (n) {
@@ -419,7 +404,7 @@ void kmain(void) {
         EVTCHN(EVTCHNOP_send, &send);
         set_handler(VEC_DIRECT, upcall_handler);
         int was_level = level_via;
-        EXPECT(set_param(0, 2ULL << 56 | VEC_DIRECT), 0, "switch to the vector callback");
+        EXPECT(hvm_set_param(0, 2ULL << 56 | VEC_DIRECT), 0, "switch to the vector callback");
         if (was_level) {
             eoi_kind = 0;                                  /* an interrupt the line raised before is EOId later */
         }

@@ -59,7 +59,6 @@
 
 struct vcpu_info { u8 evtchn_upcall_pending, evtchn_upcall_mask; ulong evtchn_pending_sel; };
 struct xen_add_to_physmap { u16 domid, size; u32 space; ulong idx, gpfn; };
-struct xen_hvm_param { u16 domid; u32 index; u64 value; };
 struct upcall_vector { u32 vcpu; u8 vector; };
 struct evtchn_bind_ipi { u32 vcpu, port; };
 struct evtchn_bind_virq { u32 virq, vcpu, port; };
@@ -190,20 +189,6 @@ static void upcall_handler(struct frame *f) {
 static void settle(void) { for (int i = 0; i < 50; i++) { (void)inb(0x80); __asm__ volatile("pause"); } }
 static void wait_upcalls(u32 n) { for (int i = 0; i < 100000 && upcalls < n; i++) (void)inb(0x80); }
 
-static long set_param(u32 index, u64 value) {
-    struct xen_hvm_param p = { DOMID_SELF, index, value };
-    return HYPERVISOR(hvm_op, 0, &p);
-}
-
-static int arg_is(const char *cmdline, const char *key, const char *val) {
-    ulong k = strlen(key), v = strlen(val);
-    for (const char *w = cmdline; w && *w; w++)
-        if ((w == cmdline || w[-1] == ' ') && !memcmp(w, key, k) && w[k] == '=' &&
-            !memcmp(w + k + 1, val, v) && (w[k + 1 + v] == ' ' || w[k + 1 + v] == 0))
-            return 1;
-    return 0;
-}
-
 static u64 choose_via(void) {
     apic_write(0xF0, 0x1FF);                               /* LAPIC on; the 8259 stays masked */
     outb(0x21, 0xFF); outb(0xA1, 0xFF);
@@ -269,13 +254,13 @@ void kmain(void) {
     const char *cmdline = (const char *)(ulong)start_info->cmdline_paddr;
     static const char *vias[] = { "vector", "lapic", "gsi", "intx" };
     for (unsigned i = 0; i < sizeof(vias) / sizeof(vias[0]); i++)
-        if (arg_is(cmdline, "via", vias[i]))
+        if (cmdline_has(cmdline, "via", vias[i]))
             via = vias[i];
     printf("fifo%d: upcalls via %s\n", (int)BITS, via);
     xen_install_hypercall_page();
     struct xen_add_to_physmap xatp = { DOMID_SELF, 0, 0, 0, pfn(shared_page) };
     EXPECT(HYPERVISOR(memory_op, 7, &xatp), 0, "shared_info mapped");
-    EXPECT(set_param(0, choose_via()), 0, "HVM_PARAM_CALLBACK_IRQ");
+    EXPECT(hvm_set_param(0, choose_via()), 0, "HVM_PARAM_CALLBACK_IRQ");
     __asm__ volatile("sti");
 
     /* 1. 2-level first: a masked port's event survives the switch */

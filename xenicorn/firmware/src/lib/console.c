@@ -14,6 +14,15 @@ int memcmp(const void *a, const void *b, ulong n) {
 ulong strlen(const char *s) { ulong n = 0; while (s[n]) n++; return n; }
 int strcmp(const char *a, const char *b) { while (*a && *a == *b) a++, b++; return (u8)*a - (u8)*b; }
 
+int cmdline_has(const char *cmdline, const char *key, const char *val) {
+    ulong k = strlen(key), v = strlen(val);
+    for (const char *w = cmdline; w && *w; w++)
+        if ((w == cmdline || w[-1] == ' ') && !memcmp(w, key, k) && w[k] == '=' &&
+            !memcmp(w + k + 1, val, v) && (w[k + 1 + v] == ' ' || w[k + 1 + v] == 0))
+            return 1;
+    return 0;
+}
+
 struct out { char *buf; ulong size, pos; };
 static void emit(struct out *o, char c) { if (o->pos + 1 < o->size) o->buf[o->pos] = c; o->pos++; }
 

@@ -90,6 +90,7 @@ void *memcpy(void *d, const void *s, ulong n);
 int memcmp(const void *a, const void *b, ulong n);
 ulong strlen(const char *s);
 int strcmp(const char *a, const char *b);
+int cmdline_has(const char *cmdline, const char *key, const char *val);   /* a word "key=val" */
 u64 divmod64(u64 n, u32 d, u32 *rem);   /* 64-by-32 division; a 32-bit build has no libgcc */
 
 /* desc.c: GDT, TSS, IDT */

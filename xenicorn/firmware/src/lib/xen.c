@@ -45,3 +45,8 @@ u64 pvclock_read(volatile struct vcpu_time_info *t) {
     } while ((version & 1) || version != t->version);
     return ns;
 }
+
+long hvm_set_param(u32 index, u64 value) {
+    struct xen_hvm_param p = { DOMID_SELF, index, value };
+    return HYPERVISOR(hvm_op, 0, &p);        /* HVMOP_set_param */
+}

@@ -38,6 +38,10 @@ long xen_hypercall(ulong nr, ulong a1, ulong a2, ulong a3, ulong a4, ulong a5);
 u32 xen_cpuid_base(void);                 /* 0 when not on Xen */
 void xen_install_hypercall_page(void);
 
+/* HVMOP_set_param / get_param's argument (public/hvm/hvm_op.h) */
+struct xen_hvm_param { u16 domid; u32 index; u64 value; };
+long hvm_set_param(u32 index, u64 value);   /* HVMOP_set_param on DOMID_SELF: 0 or -errno */
+
 struct vcpu_time_info {
     u32 version, pad0;
     u64 tsc_timestamp, system_time;

@@ -70,7 +70,6 @@ struct vcpu_info {
 _Static_assert(sizeof(struct vcpu_info) == 64, "vcpu_info is 64 bytes");
 
 struct xen_add_to_physmap { u16 domid, size; u32 space; ulong idx, gpfn; };
-struct xen_hvm_param { u16 domid; u32 index; u64 value; };
 struct upcall_vector { u32 vcpu; u8 vector; };
 struct evtchn_bind_ipi { u32 vcpu, port; };
 struct vcpu_register_vcpu_info { u64 mfn; u32 offset, rsvd; };
@@ -169,11 +168,6 @@ void xen_identify(int slot) {
 /* The vCPU id Xen knows a CPU by: CPUID's if it said, else the MADT's UID */
 static u32 vcpu_of(int slot) { return cpus[slot].vcpu_id != ~0u ? cpus[slot].vcpu_id : cpus[slot].acpi_uid; }
 
-static long set_param(u32 index, u64 value) {
-    struct xen_hvm_param p = { DOMID_SELF, index, value };
-    return HYPERVISOR(hvm_op, HVMOP_set_param, &p);
-}
-
 void xen_early(void) {
     xen_install_hypercall_page();
     xen_identify(0);
@@ -202,7 +196,7 @@ void xen_early(void) {
     set_handler(VEC_UPCALL, on_vector);
     ioapic_write(0x10 + 2 * CALLBACK_GSI + 1, cpus[0].apic_id << 24);   /* physical, to the BSP */
     ioapic_write(0x10 + 2 * CALLBACK_GSI, 0x8000 | VEC_GSI);            /* level, fixed, unmasked */
-    rc = set_param(HVM_PARAM_CALLBACK_IRQ, CALLBACK_GSI);               /* type 0: a GSI */
+    rc = hvm_set_param(HVM_PARAM_CALLBACK_IRQ, CALLBACK_GSI);               /* type 0: a GSI */
     check(rc == 0, "HVM_PARAM_CALLBACK_IRQ = GSI %d (%ld)", CALLBACK_GSI, rc);
 }
 

@@ -32,7 +32,6 @@
 #define BAD_PTR 0xC0000000UL     /* paging off: simply not RAM */
 #endif
 
-struct xen_hvm_param { u16 domid; u32 index; u64 value; };
 struct cons_ring {
     char in[1024], out[2048];
     volatile u32 in_cons, in_prod, out_cons, out_prod;

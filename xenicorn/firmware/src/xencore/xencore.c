@@ -29,7 +29,6 @@ struct xen_feature_info { u32 submap_idx, submap; };
 struct xen_add_to_physmap { u16 domid, size; u32 space; ulong idx, gpfn; };
 struct xen_memory_map { u32 nr_entries; void *buffer; };
 struct xen_memory_reservation { ulong *extent_start; ulong nr_extents; u32 extent_order, mem_flags; u16 domid; };
-struct xen_hvm_param { u16 domid; u32 index; u64 value; };
 struct upcall_vector { u32 vcpu; u8 vector; };
 struct vcpu_register_vcpu_info { u64 mfn; u32 offset, rsvd; };
 struct sched_shutdown { u32 reason; };

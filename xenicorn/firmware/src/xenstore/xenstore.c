@@ -23,7 +23,6 @@
 enum { XS_DIRECTORY = 1, XS_READ = 2, XS_WATCH = 4, XS_TRANSACTION_START = 6, XS_TRANSACTION_END = 7,
        XS_GET_DOMAIN_PATH = 10, XS_WRITE = 11, XS_WATCH_EVENT = 15, XS_ERROR = 16 };
 
-struct xen_hvm_param { u16 domid; u32 index; u64 value; };
 struct xen_add_to_physmap { u16 domid, size; u32 space; ulong idx, gpfn; };
 struct xsd_sockmsg { u32 type, req_id, tx_id, len; };
 struct xs_ring {
