@@ -42,8 +42,11 @@ WHY: dict[str, tuple[str, str]] = {
     "nested-vmx": (XEN, "needs `nestedhvm = 1` (its extra.cfg) and VT-x offered to the guest; xenicorn "
                         "offers no nested virtualisation, as Xen without nestedhvm"),
     "fep": (XEN, "succeeds only when the forced emulation prefix works (`xtf_has_fep`): a Xen without "
-                 "`hvm_fep` FAILs it too; xenicorn has no FEP (a `ud2; .ascii \"xen\"` prefix is #UD)"),
-    "xsa-123": FEP_SKIP, "xsa-170": FEP_SKIP, "xsa-186": FEP_SKIP, "xsa-191": FEP_SKIP,
+                 "`hvm_fep` FAILs it too; with `--hvm-fep` xenicorn offers it (x86/fep.py) and it succeeds"),
+    "xsa-123": FEP_SKIP, "xsa-170": FEP_SKIP, "xsa-191": FEP_SKIP,
+    "xsa-186": (XEN, "needs the forced emulation prefix (SKIP as on a release Xen); with `--hvm-fep` hvm64 "
+                     "succeeds and hvm32 CRASHes: its populate_physmap() of gfn 0xfffff is refused, as "
+                     "xenicorn repopulates only RAM it ballooned out (xen/memory.py)"),
     "xsa-196": FEP_SKIP, "xsa-200": FEP_SKIP, "xsa-203": FEP_SKIP, "xsa-204": FEP_SKIP,
     "xsa-451": FEP_SKIP, "xsa-470": FEP_SKIP,
     "selftest": (OWNED, "grant tables v2: GNTTABOP_set_version(2) is refused (-EINVAL); "
@@ -63,10 +66,13 @@ WHY: dict[str, tuple[str, str]] = {
                        "starts NR_APS = 2 APs; with -smp 1 or -smp 2 VCPUOP_initialise of the missing vCPU "
                        "is -ENOENT, as on Xen ('unable to init CPU1: -2' / 'CPU2'), an ERROR. The runner "
                        "passes -smp 3 from the .cfg beside the image, and it SUCCEEDs"),
-    "swint-emulation": (ACCURACY, "INT n/INT3/INTO that fault on delivery (#GP: a DPL-0 gate from CPL 3; "
-                                  "#NP: a not-present gate) must report the fault at the instruction, the "
-                                  "CPU engine reports it after the instruction, like a trap; and ICEBP "
-                                  "(0xF1) is #UD in the engine where hardware raises #DB"),
+    "swint-emulation": (XEN, "every native check passes (a fault delivering INT n/INT3/INTO/ICEBP is "
+                             "reported at the instruction, prefixes included, and ICEBP, #UD in the CPU "
+                             "engine, is a #DB trap); the emulated half needs the forced emulation "
+                             "prefix, so it SKIPs, as on a Xen without `hvm_fep`; SUCCESS with it"),
+    "nmi-taskswitch-priv": (ACCURACY, "the NMI's IDT entry is a task gate; xenicorn delivers events in "
+                                      "Python and has no hardware task switch yet (the machine ends with "
+                                      "a triple fault and says why)"),
     "umip": (XEN, "xenicorn offers no UMIP (CPUID 7.ECX bit 2 clear): the test checks that setting CR4.UMIP "
                   "is #GP (machine/crwrites.py) and SKIPs the rest, as on hardware or a Xen without UMIP"),
     "fpu-exception-emulation": (XEN, "the native half passes (MMX/SSE check CR0.EM and CR4.OSFXSR before "
