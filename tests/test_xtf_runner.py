@@ -247,6 +247,10 @@ def test_reasons_follow_xtf_conventions():
     fpu = "Testing SSE\n  Expected #UD, got #NM (cr0: TS)\nFEP support not detected - some tests will be " \
           "skipped\nTest result: FAILURE\n"
     assert xtf.classify(image, fpu, "", 0, 1.0, 30).reason == "Expected #UD, got #NM (cr0: TS)"
+    skip = "Software interrupt emulation\nFEP support not detected - some tests will be skipped\n" \
+           "Test cpl0\n  Testing int3\n  Testing into\nTest result: SKIP\n"
+    assert xtf.classify(image, skip, "", 0, 1.0, 30).reason == \
+        "FEP support not detected - some tests will be skipped"
     panic = "Test\nPANIC: PANIC: Unhandled exception at 0023:10401e\nVec 6 #UD\n"
     o = xtf.classify(image, panic, "xenicorn: crash: SCHEDOP_shutdown(crash)\n", 1, 1.0, 30)
     assert o.reason == "guest PANIC: Unhandled exception at 0023:10401e / Vec 6 #UD; " \

@@ -51,6 +51,7 @@ RESULT_LINE = "Test result:"
 # XTF's tests start their reasons so by convention (xtf_skip("Skip: ..."), xtf_failure("Fail: ..."), ...).
 REASON = re.compile(r"^\s*(skip|fail|failure|error|warning)\b", re.IGNORECASE)
 EXPECTED = re.compile(r"\b[Ee]xpected\b")
+SKIPPING = re.compile(r"\bskip|not (available|supported|detected)|unavailable", re.IGNORECASE)
 # Lines every XTF test prints, and the FEP notice many print before their real reason.
 BANNER = ("--- Xen Test Framework", "Environment:", "FEP support not detected")
 TAIL_LINES = 8          # of a CRASH's output, printed and kept as its reason
@@ -203,6 +204,15 @@ def _reason(lines: list[str], result: str) -> str:
     before = [ln.strip() for ln in before]
     if result == "SUCCESS":
         return ""
+    if result == "SKIP":
+        # xtf_skip() prints its message as it is: the last line that says so
+        # ("FEP support not detected - some tests will be skipped")
+        said = [n for n, ln in enumerate(before) if SKIPPING.search(ln)]
+        if said:
+            n = said[-1]
+            if before[n].count("(") > before[n].count(")") and n + 1 < len(before):
+                return f"{before[n]} {before[n + 1]}"      # continued on the next line
+            return before[n]
     expected = [ln for ln in before if EXPECTED.search(ln)]
     if expected:
         return expected[-1]
