@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from test_firmware import run
-from test_xen_hypercalls import call, enter_long_mode
+from test_xen_hypercalls import call, xen  # noqa: F401 (xen: the 32- and 64-bit fixture)
 from xenicorn.xen import denials, errno
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "xen-abi.md"
@@ -43,15 +43,6 @@ def doc_rows():
         code = 0 if first.group(1) == "0" else -getattr(errno, first.group(1)[1:])
         rows.append((numbers, code))
     return rows
-
-
-@pytest.fixture(params=[32, 64])
-def xen(request, machine):
-    machine.vcpu.reset_to_flat32(0x100000, esp=0x9000)
-    if request.param == 64:
-        enter_long_mode(machine)
-    machine.bits = request.param
-    return machine
 
 
 def well_formed(m, number):

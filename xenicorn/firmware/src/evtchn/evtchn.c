@@ -68,9 +68,6 @@ struct evtchn_bind_vcpu { u32 port, vcpu; };
 struct evtchn_status { u16 dom; u32 port, status, vcpu; u32 u[2]; };
 struct physdev_map_pirq { u16 domid; int type, index, pirq, bus, devfn, entry_nr; u64 table_base; };
 
-#define EXPECT(call, want, what) do { long r_ = (long)(call); \
-    check(r_ == (long)(want), "%s = %ld (expected %ld)", what, r_, (long)(want)); } while (0)
-#define EVTCHN(op, arg) xen_hypercall(__HYPERVISOR_event_channel_op, op, (ulong)(arg), 0, 0, 0)
 
 static u8 shared_page[4096] __attribute__((aligned(4096)));
 static volatile struct vcpu_info *vi = (volatile struct vcpu_info *)shared_page;

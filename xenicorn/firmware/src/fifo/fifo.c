@@ -67,9 +67,6 @@ struct evtchn_expand_array { u64 array_gfn; };
 struct evtchn_set_priority { u32 port, priority; };
 struct control_block { u32 ready, rsvd, head[NR_QUEUES]; };
 
-#define EXPECT(call, want, what) do { long r_ = (long)(call); \
-    check(r_ == (long)(want), "%s = %ld (expected %ld)", what, r_, (long)(want)); } while (0)
-#define EVTCHN(op, arg) xen_hypercall(__HYPERVISOR_event_channel_op, op, (ulong)(arg), 0, 0, 0)
 
 static u8 shared_page[4096] __attribute__((aligned(4096)));
 static volatile struct vcpu_info *vi = (volatile struct vcpu_info *)shared_page;

@@ -48,8 +48,6 @@ struct get_status_frames { u32 nr_frames; u16 dom; short status; u64 *frame_list
 struct copy_ptr { union { u32 ref; ulong gmfn; } u; u16 domid, offset; };
 struct gnttab_copy { struct copy_ptr source, dest; u16 len, flags; short status; };
 
-#define EXPECT(call, want, what) do { long r_ = (long)(call); \
-    check(r_ == (long)(want), "%s = %ld (expected %ld)", what, r_, (long)(want)); } while (0)
 
 static u8 page_a[4096] __attribute__((aligned(4096)));
 static u8 page_b[4096] __attribute__((aligned(4096)));

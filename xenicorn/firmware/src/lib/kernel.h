@@ -112,6 +112,9 @@ void enter_user(void (*fn)(void), ulong user_sp);
 extern const char *kernel_name;
 extern int failures;
 void check(int ok, const char *what, ...);
+/* check that `call` returned `want`, naming it `what` */
+#define EXPECT(call, want, what) do { long r_ = (long)(call); \
+    check(r_ == (long)(want), "%s = %ld (expected %ld)", what, r_, (long)(want)); } while (0)
 void test_result(void);              /* prints the result line and powers off */
 void poweroff(void) __attribute__((noreturn));
 void debug_exit(u8 v) __attribute__((noreturn));

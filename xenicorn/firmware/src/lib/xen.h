@@ -34,6 +34,7 @@ extern int xen_present;
 long xen_hypercall(ulong nr, ulong a1, ulong a2, ulong a3, ulong a4, ulong a5);
 #define HYPERVISOR(nr, a1, a2) xen_hypercall(__HYPERVISOR_##nr, (ulong)(a1), (ulong)(a2), 0, 0, 0)
 #define HYPERVISOR3(nr, a1, a2, a3) xen_hypercall(__HYPERVISOR_##nr, (ulong)(a1), (ulong)(a2), (ulong)(a3), 0, 0)
+#define EVTCHN(op, arg) xen_hypercall(__HYPERVISOR_event_channel_op, op, (ulong)(arg), 0, 0, 0)
 
 u32 xen_cpuid_base(void);                 /* 0 when not on Xen */
 void xen_install_hypercall_page(void);

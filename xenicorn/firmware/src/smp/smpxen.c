@@ -58,7 +58,6 @@
 #define BITS (sizeof(ulong) * 8)
 #define NPORTS 64
 
-#define EVTCHN(op, arg) xen_hypercall(__HYPERVISOR_event_channel_op, op, (ulong)(arg), 0, 0, 0)
 
 /* struct vcpu_info (xen.h): arch_vcpu_info is cr2 and padding, 64 bytes in all */
 struct vcpu_info {

@@ -9,8 +9,6 @@
 #include "../lib/kernel.h"
 #include "../lib/xen.h"
 
-#define EXPECT(call, want, what) do { long r_ = (long)(call); \
-    check(r_ == (long)(want), "%s = %ld (expected %ld)", what, r_, (long)(want)); } while (0)
 
 static u8 shared_page[4096] __attribute__((aligned(4096)));
 static u8 vcpu_page[4096] __attribute__((aligned(4096)));
