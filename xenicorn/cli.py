@@ -102,6 +102,10 @@ def _run_options(r: argparse.ArgumentParser) -> None:
     r.add_argument("--timeout", type=float, default=0.0, metavar="S", help="stop after S seconds (status 124)")
     r.add_argument("--vendor", choices=("intel", "amd"), default="intel",
                    help="CPUID vendor (Intel guests use VMCALL, AMD guests VMMCALL)")
+    r.add_argument("--cpu", "-cpu", default="default", metavar="MODEL[,+feat,-feat...]",
+                   help="CPU model, as QEMU's -cpu: default (xenicorn's own) or max (every feature the CPU "
+                        "engine executes: SMEP, SMAP, PKU, RDTSCP, XSAVE, CLWB...); +feat/-feat add or remove "
+                        "features by QEMU's names")
     r.add_argument("--clock", choices=("host", "deterministic"), default="host",
                    help="guest time: host clock (fast) or executed instructions (repeatable, ~3x slower)")
     r.add_argument("-device", "--device", action="append", default=[], choices=("pc-testdev",),
@@ -183,6 +187,11 @@ def run(args: argparse.Namespace) -> int:
     from .snapshot import SnapshotError
     from . import engine
     engine.probe()                              # refuse an unknown engine before fetching a kernel
+    from .x86.cpumodel import CpuModelError, parse as parse_cpu
+    try:
+        cpu = parse_cpu(args.cpu).spec
+    except CpuModelError as e:
+        raise UsageError(str(e)) from None
     protocol = args.boot
     if args.kernel_deb:
         if args.kernel:
@@ -206,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
     config = MachineConfig(ram_mib=args.memory, cmdline=args.append, serial="stdio",
                            trace={t for t in args.trace.split(",") if t},
                            max_insns=args.max_insns, timeout=args.timeout, vendor=args.vendor, smp=args.smp)
+    config.cpu = cpu
     try:
         major, minor = (int(x) for x in args.xen_version.split("."))
     except ValueError:

@@ -24,6 +24,9 @@ field             why xenicorn needs it
 ``old_exception`` Unicorn never resets it after an exception that a hook
                   handled, so the *next* unrelated fault would be promoted to
                   #DF and then to a silent triple fault. Reset after each.
+``xcr0``          XCR0, which XSETBV loads: a CPU resets it to 1 (only x87
+                  state), Unicorn to every component it has. Set to 1 for
+                  models other than ``default`` (:mod:`cpufeatures`).
 ``exception_is_int`` is not reset either, and SVM exits (our MSR and RDTSC
                   intercepts, :mod:`msr`) do not set it: after an ``INT3``
                   the next intercepted RDTSC/WRMSR had its RIP replaced by
@@ -52,7 +55,7 @@ import functools
 import ctypes
 import struct
 
-from unicorn import Uc, UC_ARCH_X86, UC_MODE_64, UC_HOOK_INTR
+from unicorn import Uc, UC_ARCH_X86, UC_MODE_64, UC_HOOK_INTR, UC_HOOK_INSN_INVALID
 from unicorn import x86_const as X
 
 from ..x86.segments import SegmentCache, DESC_B, DESC_L, flat_code32, flat_data
@@ -73,6 +76,7 @@ OFF_ERROR_CODE = 5384
 OFF_EXCEPTION_IS_INT = 5388
 OFF_EXCEPTION_NEXT_EIP = 5392
 OFF_OLD_EXCEPTION = 5496
+OFF_XCR0 = 4904           # uint64_t xcr0
 SEG_SIZE = 24             # {u32 selector; u32 pad; u64 base; u32 limit; u32 flags}
 _SEG = struct.Struct("<IIQII")
 _GPRS = struct.Struct("<16Q")
@@ -286,6 +290,115 @@ class LiveContext(RawContext):
 
     def commit(self) -> None:
         self.dirty = False
+
+
+# QEMU's FeatureWord numbers (target/i386/cpu.h): env->features[] indices.
+FEAT_1_EDX, FEAT_1_ECX, FEAT_7_0_EBX, FEAT_7_0_ECX, FEAT_7_0_EDX = 0, 1, 2, 3, 4
+FEAT_8000_0001_EDX, FEAT_8000_0001_ECX = 6, 7
+FEAT_XSAVE, FEAT_XSAVE_COMP_LO, FEAT_XSAVE_COMP_HI = 19, 21, 22
+
+
+@functools.cache
+def feature_words_offset() -> int:
+    """Where ``env->features[]`` (QEMU's feature words, u64 each) sits in CPUX86State.
+
+    It lies past the part a context saves (fields "preserved across CPU
+    reset"), so it is shared by every vCPU of the one engine. Found on a
+    probe engine as the words that CPUID's own answers come from: leaf 1
+    EDX, leaf 1 ECX (less OSXSAVE, which CPUID adds from CR4), leaf 7 EBX.
+    """
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    l1, l7 = _engine_cpuid(uc, 1), _engine_cpuid(uc, 7)
+    want = (l1[3], l1[2] & ~(1 << 27), l7[1])
+    live = LiveContext(uc)
+    base = uc.context_save().size - _HDR
+    for off in range(base, base + 512, 8):
+        if struct.unpack_from("<3Q", (ctypes.c_char * 24).from_address(live._ptr + off)) == want:
+            return off
+    raise UnsupportedUnicornBuild("cannot find CPUX86State.features in this Unicorn build")
+
+
+def _engine_cpuid(uc: Uc, leaf: int, sub: int = 0) -> tuple[int, int, int, int]:
+    """The engine's own CPUID answer (no hook installed on ``uc``)."""
+    uc.mem_map(0x7000, 0x1000) if not any(b <= 0x7000 < e for b, e, _ in uc.mem_regions()) else None
+    uc.mem_write(0x7000, b"\x0f\xa2")                       # cpuid
+    uc.reg_write(X.UC_X86_REG_RAX, leaf)
+    uc.reg_write(X.UC_X86_REG_RCX, sub)
+    uc.emu_start(0x7000, 0x7002)
+    return tuple(uc.reg_read(r) for r in (X.UC_X86_REG_RAX, X.UC_X86_REG_RBX, X.UC_X86_REG_RCX, X.UC_X86_REG_RDX))
+
+
+class FeatureWords:
+    """The engine CPU's feature words, read and written in place.
+
+    TCG consults them when it translates (an instruction of a feature the
+    word lacks is #UD), when CR4 is written (SMAP, PKE), in XSETBV (the
+    XCR0 components) and in its own CPUID. Write them before the first
+    guest instruction is translated: a block translated earlier keeps
+    what it saw.
+    """
+
+    def __init__(self, uc: Uc):
+        self._ptr = LiveContext(uc)._ptr + feature_words_offset()
+
+    def __getitem__(self, index: int) -> int:
+        return ctypes.c_uint64.from_address(self._ptr + 8 * index).value
+
+    def __setitem__(self, index: int, value: int) -> None:
+        ctypes.c_uint64.from_address(self._ptr + 8 * index).value = value
+
+
+@functools.cache
+def feature_selftest() -> None:
+    """Check :class:`FeatureWords` and :data:`OFF_XCR0` by behaviour, once per process.
+
+    On a probe engine of the model ``max`` builds on (Skylake-Server, which
+    has all three): take SMAP out of leaf 7 EBX, RDTSCP out of
+    0x80000001 EDX, XSAVEOPT out of leaf 0xD.1 and leave XCR0 components
+    x87 and SSE; the engine's CPUID must then say so, STAC and RDTSCP must
+    be #UD, XSETBV of x87|SSE|AVX #GP, and XSETBV of x87|SSE must land in
+    the ``xcr0`` field.
+    """
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.ctl_set_cpu_model(X.UC_CPU_X86_SKYLAKE_SERVER)
+    words = FeatureWords(uc)
+    words[FEAT_7_0_EBX] &= ~(1 << 20)
+    words[FEAT_8000_0001_EDX] &= ~(1 << 27)
+    words[FEAT_XSAVE] &= ~1
+    words[FEAT_XSAVE_COMP_LO], words[FEAT_XSAVE_COMP_HI] = 3, 0
+    problems = []
+    if _engine_cpuid(uc, 7)[1] >> 20 & 1 or _engine_cpuid(uc, 0x80000001)[3] >> 27 & 1:
+        problems.append("leaf 7/0x80000001 words")
+    if _engine_cpuid(uc, 0xD, 0)[0] != 3 or _engine_cpuid(uc, 0xD, 1)[0] & 1:
+        problems.append("xsave words")
+    uc.reg_write(X.UC_X86_REG_CR4, uc.reg_read(X.UC_X86_REG_CR4) | 1 << 18)      # OSXSAVE
+    seen = []
+
+    def hook(uc, intno, _):
+        seen.append(intno)
+        ctx = RawContext(uc)
+        ctx.consume_exception()
+        ctx.commit()
+        uc.emu_stop()
+    def invalid(uc, _):
+        seen.append(6)                      # #UD reaches Unicorn's invalid-instruction hook
+        uc.emu_stop()
+        return True
+    h = uc.hook_add(UC_HOOK_INTR, hook)
+    h2 = uc.hook_add(UC_HOOK_INSN_INVALID, invalid)
+    # stac | rdtscp | xor ecx,ecx; mov eax,7; xor edx,edx; xsetbv | ... mov eax,3; xsetbv
+    for code in ("0f01cb", "0f01f9", "31c9b80700000031d20f01d1", "31c9b80300000031d20f01d1"):
+        uc.mem_write(0x7000, bytes.fromhex(code))
+        uc.emu_start(0x7000, 0x7000 + len(code) // 2)
+    uc.hook_del(h)
+    uc.hook_del(h2)
+    if seen != [6, 6, 13]:
+        problems.append(f"exceptions {seen}")
+    if RawContext(uc).read(OFF_XCR0, "<Q") != 3:
+        problems.append("xcr0")
+    if problems:
+        raise UnsupportedUnicornBuild("this Unicorn build's CPU feature words differ from unicorn 2.1.4's "
+                                      f"(mismatched: {', '.join(problems)}); install unicorn==2.1.4")
 
 
 class UnsupportedUnicornBuild(EngineUnsupported):

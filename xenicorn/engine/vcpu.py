@@ -44,7 +44,7 @@ import struct
 
 from typing import TYPE_CHECKING
 
-from unicorn import (Uc, UcError, UC_ARCH_X86, UC_MODE_64, UC_ERR_FETCH_UNMAPPED, UC_ERR_FETCH_PROT,
+from unicorn import (UcError, UC_ERR_FETCH_UNMAPPED, UC_ERR_FETCH_PROT,
                      UC_ERR_READ_UNMAPPED, UC_ERR_WRITE_UNMAPPED)
 from unicorn import x86_const as X
 
@@ -54,8 +54,9 @@ from .delivery import InterruptDelivery
 from .hooks import ExitHooks
 from .memmap import MemoryMap, gaps_in
 from .core import EngineCore
+from .cpufeatures import new_engine
 from .msr import HF_GUEST, MsrInterceptor, SHADOW_BASE, SHADOW_SIZE
-from .rawctx import RawContext, LiveContext, HF_INHIBIT_IRQ, HF_CS32, HF_CS64, OFF_CR, OFF_OLD_EXCEPTION
+from .rawctx import RawContext, LiveContext, HF_INHIBIT_IRQ, HF_CS32, HF_CS64, OFF_CR, OFF_OLD_EXCEPTION, OFF_XCR0
 from .startup import probe
 from .stoptimer import StopTimer
 from ..x86.segments import DESC_P, DESC_S, SegmentCache, flat_code32, flat_data
@@ -125,7 +126,8 @@ class VCpu(ExitHooks, InterruptDelivery, MemoryMap):
         self.index = index
         owner = core is None
         if owner:
-            core = EngineCore(Uc(UC_ARCH_X86, UC_MODE_64), vcpus)
+            policy = getattr(machine, "cpuid", None)           # the CPU model: its features, executed
+            core = EngineCore(new_engine(policy.feature_words() if policy is not None else None), vcpus)
         self.core = core
         self.uc = core.uc
         self._ctx = None                         # the saved CPU state while another vCPU is loaded
@@ -284,6 +286,11 @@ class VCpu(ExitHooks, InterruptDelivery, MemoryMap):
 
     def efer(self) -> int:
         return self._required().msr_read(EFER)
+
+    def xcr0(self) -> int:
+        """XCR0, the state components XSETBV enabled (CPUID leaf 0xD's sizes depend on it)."""
+        self._required()
+        return self.live.read(OFF_XCR0, "<Q")
 
     def long_mode(self) -> bool:
         return bool(self.efer() & EFER_LMA)

@@ -163,7 +163,11 @@ class ExitDispatcher:
         if cpuidfault.faults(vcpu):
             ex.result = None                         # #GP(0) at the CPUID (machine/cpuidfault.py)
             return self.deliver(vcpu, 13, EventType.HARDWARE_EXCEPTION, 0)
-        ex.result = m.cpuid.query(ex.leaf, ex.subleaf, vcpu.index)
+        if ex.leaf in (1, 7, 0xD) and not m.cpuid.model.is_default:
+            # OSXSAVE, OSPKE and the XSAVE area size follow this vCPU's CR4 and XCR0
+            ex.result = m.cpuid.query(ex.leaf, ex.subleaf, vcpu.index, cr4=vcpu.reg("cr4"), xcr0=vcpu.xcr0())
+        else:
+            ex.result = m.cpuid.query(ex.leaf, ex.subleaf, vcpu.index)
         if ex.leaf == 7 and ex.result[3] & LEAF7_EDX_ARCH_CAPABILITIES:
             # The kernel is looking at its features and may read the MSR (Unicorn
             # would answer 0, "vulnerable to everything"): catch it until user mode.

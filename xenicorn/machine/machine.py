@@ -26,6 +26,7 @@ from .. import exits as E
 from ..devices.bus import PioBus, MmioBus
 from ..devices.console import ConsoleSink, log_sink, stdout_sink
 from ..engine.vcpu import VCpu
+from ..x86 import cpumodel
 from ..x86.cpuid import CpuidPolicy
 from . import chipset
 from .clock import VirtualClock
@@ -56,6 +57,7 @@ class MachineConfig:
     max_insns: int = 0                   # 0 = no limit
     timeout: float = 0.0                 # seconds of host time, 0 = none
     vendor: str = "intel"
+    cpu: str = "default"                 # --cpu MODEL[,+feat,-feat...] (x86/cpumodel.py)
     clock: str = "host"                  # host | deterministic (see machine/clock.py)
     ns_per_insn: float = 1.0             # deterministic time: guest ns per instruction
     xen: bool = True                     # the Xen HVM platform (CPUID leaves, hypercalls)
@@ -99,7 +101,7 @@ class Machine(XenHostServices):
         self.memory = GuestMemory(cfg.ram_mib << 20)
         self.pio = PioBus("pio", self._unclaimed("port"))
         self.mmio = MmioBus("mmio", self._unclaimed("mmio"))
-        self.cpuid = CpuidPolicy(vendor=cfg.vendor, tsc_hz=lambda: self.tsc.hz())
+        self.cpuid = CpuidPolicy(vendor=cfg.vendor, tsc_hz=lambda: self.tsc.hz(), model=cpumodel.parse(cfg.cpu))
         self.console = console or (stdout_sink() if cfg.debugcon == "stdio" else ConsoleSink(None))
         self.xen_log = xen_log or log_sink(cfg.xen_log)   # Xen's log (xl dmesg): console_io lines
         self.status: int | None = None

@@ -99,10 +99,18 @@ def compat_config(machine) -> dict:
             "clock": c.clock, "ns_per_insn": c.ns_per_insn, "callback_deassert": c.callback_deassert,
             "gnttab_max_frames": c.gnttab_max_frames, "serial": machine.serial is not None,
             "hpet": machine.hpet is not None,
-            "vcpus": len(machine.vcpus)}
+            "vcpus": len(machine.vcpus)} | _cpu_model(machine)
+
+
+def _cpu_model(machine) -> dict:
+    # recorded only for a model other than default, so older snapshots still load
+    model = machine.cpuid.model
+    return {} if model.is_default else {"cpu": ",".join(model.features)}
 
 
 def _describe(key: str, value) -> str:
+    if key == "cpu":
+        return "the default CPU model" if value is None else f"CPU features {value} (--cpu)"
     if value is None:
         return f"no {key} recorded"
     return {"ram_mib": f"{value} MiB of RAM", "xen": "Xen" if value else "no Xen",
@@ -287,7 +295,8 @@ def _check_header(machine, h: dict, where: str) -> None:
     theirs = h.get("config")
     if not isinstance(theirs, dict):
         raise SnapshotError(f"{where}: header has no machine config")
-    for key, value in mine.items():
+    for key in [*mine, *({"cpu"} & set(theirs) - set(mine))]:
+        value = mine.get(key)
         if theirs.get(key) != value:
             raise SnapshotError(f"{where}: snapshot of a machine with {_describe(key, theirs.get(key))}, "
                                 f"this one has {_describe(key, value)}")

@@ -28,12 +28,20 @@ for vulnerable to Meltdown and friends and turns on page-table isolation
 exit), buffer clearing on every return to user mode and more: a quarter of
 a Linux boot here. Spectre v1/v2 have no such bit and keep their
 mitigations.
+
+That is the ``default`` CPU model. ``--cpu max`` (and ``+feat``/``-feat``)
+adds the features :mod:`.cpumodel` lists to leaves 1, 7 and 0x80000001 and
+describes XSAVE in leaf 0xD; two bits then follow the vCPU's CR4, as on
+hardware: OSXSAVE (leaf 1 ECX bit 27) and OSPKE (leaf 7 ECX bit 4).
 """
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
 from typing import Callable
+
+from . import cpumodel
+from .cpumodel import CpuModel
 
 
 def _regs(text: str) -> tuple[int, int, int]:
@@ -69,8 +77,24 @@ class CpuidPolicy:
     providers: list = field(default_factory=list)   # callables(leaf, sub, vcpu_index) -> tuple|None
     brand: str = "xenicorn virtual CPU"
     tsc_hz: Callable[[], float] | None = None      # the guest's TSC rate, for leaf 0x15
+    model: CpuModel = cpumodel.DEFAULT
 
-    def query(self, leaf: int, sub: int, vcpu_index: int = 0) -> tuple[int, int, int, int]:
+    def feature_words(self) -> dict[str, int] | None:
+        """The model's feature words, for the CPU engine to execute exactly those (None: ``default``,
+        the engine left as it always was; :mod:`xenicorn.engine.cpufeatures`)."""
+        m = self.model
+        if m.is_default:
+            return None
+        return {"leaf1_edx": m.word("leaf1_edx", LEAF1_EDX), "leaf1_ecx": m.word("leaf1_ecx", LEAF1_ECX),
+                "leaf7_ebx": m.word("leaf7_ebx", 0), "leaf7_ecx": m.word("leaf7_ecx", 0),
+                "leaf7_edx": m.word("leaf7_edx", LEAF7_EDX_ARCH_CAPABILITIES),
+                "ext1_edx": m.word("ext1_edx", EXT1_EDX), "ext1_ecx": m.word("ext1_ecx", EXT1_ECX),
+                "xsave_eax": m.word("xsave_eax", 0), "xcr0": m.xcr0}
+
+    def query(self, leaf: int, sub: int, vcpu_index: int = 0, cr4: int = 0,
+              xcr0: int = 1) -> tuple[int, int, int, int]:
+        """The answer for ``leaf``/``sub`` on vCPU ``vcpu_index``, whose CR4 and XCR0 are given
+        (they matter only for models with XSAVE or PKU)."""
         for provider in self.providers:
             res = provider(leaf, sub, vcpu_index)
             if res is not None:
@@ -81,7 +105,10 @@ class CpuidPolicy:
         if leaf == 1:
             # family 6 model 0x3a stepping 9; APIC id in EBX[31:24], CLFLUSH size 8*8
             ebx = (vcpu_index << 24) | (1 << 16) | (8 << 8)
-            return (0x000306A9, ebx, LEAF1_ECX, LEAF1_EDX)
+            ecx = self.model.word("leaf1_ecx", LEAF1_ECX)
+            if ecx & 1 << 26 and cr4 & cpumodel.CR4_OSXSAVE:
+                ecx |= cpumodel.LEAF1_ECX_OSXSAVE
+            return (0x000306A9, ebx, ecx, self.model.word("leaf1_edx", LEAF1_EDX))
         if leaf == 0x15 and self.tsc_hz is not None:
             # TSC / core crystal clock: TSC = crystal * EBX / EAX. The crystal
             # is the LAPIC timer's 1 GHz bus clock; Linux then knows both rates
@@ -93,13 +120,21 @@ class CpuidPolicy:
                 mhz, den = (mhz + 1) // 2, den // 2
             return (den, mhz, CRYSTAL_HZ, 0)
         if leaf == 7:
-            return (0, 0, 0, LEAF7_EDX_ARCH_CAPABILITIES) if sub == 0 else (0, 0, 0, 0)
+            if sub != 0:
+                return (0, 0, 0, 0)
+            m = self.model
+            ecx = m.word("leaf7_ecx", 0)
+            if ecx & 1 << 3 and cr4 & cpumodel.CR4_PKE:
+                ecx |= cpumodel.LEAF7_ECX_OSPKE
+            return (0, m.word("leaf7_ebx", 0), ecx, m.word("leaf7_edx", LEAF7_EDX_ARCH_CAPABILITIES))
+        if leaf == 0xD:
+            return self.model.xsave_leaf(sub, xcr0)
         if 2 <= leaf <= MAX_BASIC_LEAF:
             return (0, 0, 0, 0)            # caches, topology, xsave: none described
         if leaf == 0x80000000:
             return (0x80000008, *((v[0], v[2], v[1]) if self.vendor == "amd" else (0, 0, 0)))
         if leaf == 0x80000001:
-            return (0, 0, EXT1_ECX, EXT1_EDX)
+            return (0, 0, self.model.word("ext1_ecx", EXT1_ECX), self.model.word("ext1_edx", EXT1_EDX))
         if 0x80000002 <= leaf <= 0x80000004:
             raw = self.brand.encode().ljust(48, b"\0")[:47] + b"\0"
             chunk = raw[(leaf - 0x80000002) * 16:][:16]
