@@ -58,10 +58,26 @@ def test_cfg_sections_keys_and_multiline_params():
 def test_qemu_options_map_to_xenicorn_or_are_listed_as_needs():
     tests = {t.name: t for t in kut.parse_cfg(CFG)}
     opts, needs = kut.xenicorn_options(tests["svm"])
-    assert opts == ["-m", "3584"]
-    assert needs[0] == "-cpu max,+svm" and needs[1].startswith("-m 4g")
+    assert opts == ["--cpu", "max", "-m", "3584"]
+    assert needs[0] == "-cpu max: +svm" and needs[1].startswith("-m 4g")
     opts, needs = kut.xenicorn_options(tests["multi"])
-    assert opts == ["--vendor", "amd"] and needs == ["-cpu qemu64,vendor=AuthenticAMD", "-machine pit=off"]
+    assert opts == ["--vendor", "amd"] and needs == ["-machine pit=off"]
+
+
+@pytest.mark.parametrize("val,opts,needs", [
+    ("max", ["--cpu", "max"], []),
+    ("max,host-phys-bits", ["--cpu", "max"], ["-cpu max: host-phys-bits"]),
+    ("max,+vmx,-pku", ["--cpu", "max,-pku"], ["-cpu max: +vmx"]),
+    ("max,+svm,-rdtscp,-xsave,-invpcid,-skinit", ["--cpu", "max,-rdtscp,-xsave"], ["-cpu max: +svm"]),
+    ("qemu64,+umip", [], ["-cpu qemu64: +umip"]),
+    ("qemu64,-pcid,-invpcid", [], []),                  # xenicorn offers neither: already true
+    ("qemu64,+smap", ["--cpu", "default,+smap"], []),
+    ("max,-nx", ["--cpu", "max"], ["-cpu max: -nx"]),    # every model has NX
+    ("host,hv_passthrough", [], ["-cpu host,hv_passthrough"]),
+    ("Skylake-Server,vendor=AuthenticAMD", ["--vendor", "amd"], ["-cpu Skylake-Server,vendor=AuthenticAMD"]),
+])
+def test_cpu_models_map_to_xenicorns_cpu_option(val, opts, needs):
+    assert kut.cpu_option(val) == (opts, needs)
 
 
 def test_skip_reasons_follow_the_runner(tmp_path):

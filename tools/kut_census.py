@@ -143,7 +143,7 @@ def mib(size: str) -> int:
 def xenicorn_options(test: Test) -> tuple[list[str], list[str]]:
     """Translate the test's QEMU parameters: the xenicorn options that mean
     the same, and the QEMU options xenicorn cannot honour (the test still
-    runs, on xenicorn's fixed CPU model and board)."""
+    runs, on xenicorn's board and the nearest CPU model, :func:`cpu_option`)."""
     opts: list[str] = []
     needs: list[str] = []
     args = expand(test.qemu_params)
@@ -158,12 +158,9 @@ def xenicorn_options(test: Test) -> tuple[list[str], list[str]]:
             i += 2
             continue
         if a == "-cpu":
-            for part in val.split(",")[1:] + [val.split(",")[0]]:
-                if part == "vendor=GenuineIntel":
-                    opts += ["--vendor", "intel"]
-                elif part == "vendor=AuthenticAMD":
-                    opts += ["--vendor", "amd"]
-            needs.append(f"-cpu {val}")
+            cpu_opts, cpu_needs = cpu_option(val)
+            opts += cpu_opts
+            needs += cpu_needs
             i += 2
             continue
         if a in ("-machine", "-M", "-device", "-global", "-overcommit"):
@@ -172,6 +169,51 @@ def xenicorn_options(test: Test) -> tuple[list[str], list[str]]:
             continue
         needs.append(a)
         i += 1
+    return opts, needs
+
+
+# QEMU names of features xenicorn's default model always reports: "-feat" of one
+# of these cannot be honoured (--cpu takes away only what max adds).
+ALWAYS_REPORTED = {"fpu", "de", "pse", "tsc", "msr", "pae", "mce", "cx8", "apic", "sep", "mtrr", "pge", "mca",
+                   "cmov", "pat", "pse36", "clflush", "mmx", "fxsr", "sse", "sse2", "pni", "sse3", "cx16",
+                   "popcnt", "hypervisor", "syscall", "nx", "xd", "lm", "lahf_lm", "lahf-lm", "arch-capabilities"}
+
+
+def cpu_option(val: str) -> tuple[list[str], list[str]]:
+    """QEMU's ``-cpu MODEL,+feat,-feat,prop...`` as xenicorn options, and what of it cannot be honoured.
+
+    ``max`` is xenicorn's ``--cpu max``; ``qemu64`` (QEMU's baseline) is
+    xenicorn's ``default``. A ``+feat`` xenicorn offers joins ``--cpu``; one
+    it does not offer is listed. A ``-feat`` of a feature xenicorn never
+    offers is already true; of one ``max`` adds it joins ``--cpu``.
+    ``vendor=`` is ``--vendor``; other properties (``host-phys-bits``...)
+    are listed.
+    """
+    sys.path.insert(0, ROOT)
+    from xenicorn.x86 import cpumodel
+    sys.path.remove(ROOT)
+    model, *parts = val.split(",")
+    opts: list[str] = []
+    needs: list[str] = []
+    if model not in ("max", "qemu64"):                # another CPU: only the vendor is kept
+        vendor = [p for p in parts if p.startswith("vendor=")]
+        return (cpu_option("qemu64," + vendor[0])[0] if vendor else []), [f"-cpu {val}"]
+    spec = ["max" if model == "max" else "default"]
+    for part in parts:
+        if part in ("vendor=GenuineIntel", "vendor=AuthenticAMD"):
+            opts += ["--vendor", "intel" if part.endswith("Intel") else "amd"]
+        elif part[:1] in "+-" and part:
+            feat = cpumodel.ALIASES.get(part[1:], part[1:])
+            if feat in cpumodel.FEATURES:
+                spec.append(part[0] + feat)
+            elif part[0] == "+" or feat in ALWAYS_REPORTED:
+                needs.append(part)
+        else:
+            needs.append(part)
+    if spec != ["default"]:
+        opts += ["--cpu", ",".join(spec)]
+    if needs:
+        needs = [f"-cpu {model}: " + ",".join(needs)]
     return opts, needs
 
 

@@ -22,8 +22,10 @@ default CPU (Haswell, filtered by TCG), as it always was. Any other model
    away with ``-feat`` is #UD, and XCR0 takes only the components CPUID
    lists. Without this, Skylake-Server's unfiltered component list would
    let XSETBV enable AVX and AVX-512 state that TCG does not have;
-3. XCR0 = 1, its value after reset (SDM vol. 1 §13.3); Unicorn starts it
-   with every component enabled.
+3. XCR0 = 1 and MXCSR = 0x1F80, their values after reset (SDM vol. 1
+   §13.3, vol. 3 table 9-1; Xen's ``MXCSR_DEFAULT``): Unicorn starts XCR0
+   with every component enabled and MXCSR at 0, all SIMD exceptions
+   unmasked. (The ``default`` model keeps Unicorn's 0, as it always has.)
 
 Each word is also masked with what TCG implements (QEMU 5.0's
 ``TCG_*_FEATURES``, target/i386/cpu.c), so no model can claim more.
@@ -88,6 +90,7 @@ def new_engine(words: dict[str, int] | None) -> Uc:
     xcr0 = words["xcr0"]
     fw[rawctx.FEAT_XSAVE_COMP_LO], fw[rawctx.FEAT_XSAVE_COMP_HI] = xcr0 & 0xFFFFFFFF, xcr0 >> 32
     rawctx.LiveContext(uc).write(rawctx.OFF_XCR0, "<Q", 1)
+    uc.reg_write(X.UC_X86_REG_MXCSR, 0x1F80)    # its reset value (Unicorn leaves 0: every exception unmasked)
     return uc
 
 

@@ -18,13 +18,16 @@ default    the model xenicorn always had (family 6 model 0x3a, SSE2-era
            features; :mod:`.cpuid` lists them). The engine is left exactly
            as Unicorn makes it: it executes some instructions CPUID does not
            report (RDTSCP, XSAVE, SSSE3...), as before.
-max        ``default`` plus every feature below: all that TCG executes and
-           xenicorn can stand behind, as QEMU's ``-cpu max`` under TCG
+max        ``default`` plus every feature in :data:`FEATURES`: all that TCG
+           executes and xenicorn can stand behind, as QEMU's ``-cpu max``
+           under TCG (PCOMMIT included: TCG runs it as a fence, as QEMU
+           7.2's ``max`` offers it)
 =========  =================================================================
 
 Not offered, though TCG has them: VME (xenicorn delivers vm86 interrupts
 itself, without VME: :mod:`.vm86`), MONITOR/MWAIT (xenicorn's idle loop
-knows HLT), MPX and PCOMMIT (gone from the architecture), LA57
+knows HLT), MPX (gone from the architecture; it would bring two XCR0
+components and a bounds-config MSR to model), LA57
 (xenicorn's page walker has no 5-level paging), SVM (nested
 virtualisation), 3DNow!, SSE4A and the AMD MMX extensions (AMD-only),
 XSAVEC/XSAVES (not in TCG). UMIP, PKS, RDPID, PCID, INVPCID, AVX: not in
@@ -49,7 +52,7 @@ FEATURES: dict[str, tuple[str, int]] = {
     "xsave": ("leaf1_ecx", 26), "rdrand": ("leaf1_ecx", 30),
     "fsgsbase": ("leaf7_ebx", 0), "bmi1": ("leaf7_ebx", 3), "smep": ("leaf7_ebx", 7),
     "bmi2": ("leaf7_ebx", 8), "erms": ("leaf7_ebx", 9), "adx": ("leaf7_ebx", 19), "smap": ("leaf7_ebx", 20),
-    "clflushopt": ("leaf7_ebx", 23), "clwb": ("leaf7_ebx", 24),
+    "pcommit": ("leaf7_ebx", 22), "clflushopt": ("leaf7_ebx", 23), "clwb": ("leaf7_ebx", 24),
     "pku": ("leaf7_ecx", 3),
     "abm": ("ext1_ecx", 5),
     "pdpe1gb": ("ext1_edx", 26), "rdtscp": ("ext1_edx", 27),
