@@ -19,6 +19,7 @@ module              what it gives the rest of xenicorn
 ``tsc``             the host TSC, read and calibrated
 ``hostmem``         host addresses of Python buffers (for ``mem_map_ptr``)
 ``rawctx``          QEMU's ``CPUX86State`` fields Unicorn does not expose
+``cpufeatures``     the engine CPU of a ``--cpu`` model: its feature words
 ``msr``             the SVM intercept window: RDMSR/WRMSR/RDTSC exits
 ``irqwindow``       the exact interrupt-window exit
 ``stopcheck``       stops between blocks; stops without ``stop_request``

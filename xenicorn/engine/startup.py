@@ -24,6 +24,9 @@ skip_sync)                 by a stop from another thread
 msr.selftest               the MSR intercept (hypercall page, TSC deadline)
 hooks.binding_selftest     the binding's private callback dicts, which keep
                            deleted hooks' thunks alive (a crash otherwise)
+rawctx.feature_selftest    the engine CPU's feature words and XCR0 (run
+                           only when a ``--cpu`` model other than
+                           ``default`` is built: cpufeatures.new_engine)
 irqwindow.available        nothing: a failure only falls back to a block
                            hook for the interrupt window (~14x slower
                            while it is armed), said once on stderr
@@ -150,7 +153,8 @@ def reset_probe() -> None:
     from . import hooks, icount, irqwindow, msr, rawctx, stopcheck
     _info = None
     _notes_said.clear()
-    for cached in (rawctx.selftest, rawctx.env_ptr_offset, msr.selftest, stopcheck.soft_stop_selftest,
+    for cached in (rawctx.selftest, rawctx.env_ptr_offset, rawctx.feature_words_offset, rawctx.feature_selftest,
+                   msr.selftest, stopcheck.soft_stop_selftest,
                    stopcheck.cpu_exit_fields,
                    irqwindow.available, hooks.binding_selftest):
         getattr(cached, "cache_clear", lambda: None)()      # a test may have replaced one

@@ -41,11 +41,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# The CPUID words a model decides (names as crcheck.Features names them).
-WORDS = ("leaf1_ecx", "leaf1_edx", "leaf7_ebx", "leaf7_ecx", "leaf7_edx", "ext1_ecx", "ext1_edx", "xsave_eax")
-
 # QEMU's feature name -> (CPUID word, bit) (SDM vol. 2A, CPUID; names from
-# QEMU's feature_word_info). Each is in TCG's mask for its word.
+# QEMU's feature_word_info; words named as crcheck.Features names them,
+# xsave_eax is leaf 0xD.1 EAX). Each is in TCG's mask for its word.
 FEATURES: dict[str, tuple[str, int]] = {
     "pclmulqdq": ("leaf1_ecx", 1), "ssse3": ("leaf1_ecx", 9), "sse4.1": ("leaf1_ecx", 19),
     "sse4.2": ("leaf1_ecx", 20), "movbe": ("leaf1_ecx", 22), "aes": ("leaf1_ecx", 25),
@@ -58,7 +56,8 @@ FEATURES: dict[str, tuple[str, int]] = {
     "pdpe1gb": ("ext1_edx", 26), "rdtscp": ("ext1_edx", 27),
     "xsaveopt": ("xsave_eax", 0), "xgetbv1": ("xsave_eax", 2),
 }
-ALIASES = {"sse4_1": "sse4.1", "sse4_2": "sse4.2", "pclmuldq": "pclmulqdq", "lzcnt": "abm"}
+ALIASES = {"sse4_1": "sse4.1", "sse4_2": "sse4.2", "sse4-1": "sse4.1", "sse4-2": "sse4.2",
+           "pclmuldq": "pclmulqdq", "lzcnt": "abm"}
 # feature -> the features that need it (QEMU's feature_dependencies)
 DEPENDENTS = {"xsave": ("xsaveopt", "xgetbv1")}
 
