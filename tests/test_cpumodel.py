@@ -252,3 +252,17 @@ def test_xen_leaves_are_the_same_under_every_model():
         m = Machine(MachineConfig(cpu=spec, ram_mib=16))
         answers.append([m.cpuid.query(0x40000000 + n, 0) for n in (0, 1, 3, 4)])
     assert answers[0] == answers[1] and answers[0][0][0] == 0x40000005
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_debian_linux_under_max_uses_the_offered_features(tmp_path):
+    """Linux takes what ``max`` offers: XSAVE with x87, SSE and PKRU, and turns on SMEP, SMAP,
+    PKE, FSGSBASE and OSXSAVE in CR4 (checked in the machine after it powered off)."""
+    from test_linuxboot import USERSPACE, boot_debian
+    machine, text = boot_debian(tmp_path, cpu="max")
+    assert USERSPACE in text and machine.shutdown_reason == "poweroff", text[-2000:]
+    assert "x86/fpu: Enabled xstate features 0x203, context size is 2696 bytes" in text
+    assert machine.vcpu.xcr0() == 0x203
+    want = CR4_SMEP | CR4_SMAP | CR4_PKE | CR4_OSXSAVE | (1 << 16)
+    assert machine.vcpu.reg("cr4") & want == want, hex(machine.vcpu.reg("cr4"))

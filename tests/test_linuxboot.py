@@ -344,7 +344,8 @@ def _interrupt_lines(text: str) -> dict[str, tuple[int, str]]:
     return out
 
 
-def boot_debian(tmp_path, *, append: str = "", pci_irqs: str = "apic", smp: int = 1, protocol: str = "linux"):
+def boot_debian(tmp_path, *, append: str = "", pci_irqs: str = "apic", smp: int = 1, protocol: str = "linux",
+                cpu: str = "default"):
     """Boot the Debian bzImage with the busybox initramfs until its /init powers off.
 
     In this process, so the test can look at the machine afterwards:
@@ -358,7 +359,7 @@ def boot_debian(tmp_path, *, append: str = "", pci_irqs: str = "apic", smp: int 
         pytest.skip(f"no busybox initramfs: {e}")
     out = tmp_path / "ttyS0"
     config = MachineConfig(ram_mib=512, cmdline=(guest.DEFAULT_CMDLINE + " " + append).strip(),
-                           serial=f"file:{out}", timeout=240, pci_irqs=pci_irqs, debugcon="none", smp=smp)
+                           serial=f"file:{out}", timeout=240, pci_irqs=pci_irqs, debugcon="none", smp=smp, cpu=cpu)
     machine, _ = boot(config, image, initrd=initrd, protocol=protocol)
     machine.run()
     machine.console.flush()
