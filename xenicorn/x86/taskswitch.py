@@ -199,12 +199,12 @@ def save_old_task(cpu, new: NewTask, saved_eflags: int) -> None:
     _write(cpu, busy, bytes([byte5 | 2]))
 
 
-def _read_descriptor(cpu, gdt: SegmentCache, ldt: SegmentCache, selector: int, fault, ext: int):
+def _read_descriptor(cpu, gdt: SegmentCache, ldt: SegmentCache, selector: int, fault, ext: int, what: str):
     """A descriptor from the GDT or (TI=1) the new LDT; outside the table: #TS(selector)."""
     table = ldt if selector & 4 else gdt
     index = selector & ~7
     if index + 7 > table.limit or (selector & 4 and not table.flags & DESC_P):
-        raise fault(10, (selector & 0xFFFC) | ext, why=f"selector {selector:#x} beyond its table")
+        raise fault(10, (selector & 0xFFFC) | ext, why=f"{what} {selector:#x} is beyond its table")
     raw = struct.unpack("<Q", cpu.read(table.base + index, 8))[0]
     return SegmentCache.from_descriptor(selector, raw)
 
@@ -216,7 +216,7 @@ def load_ldt(cpu, selector: int, fault, ext: int) -> SegmentCache:
         raise fault(10, err, why=f"LDT selector {selector:#x} points into an LDT")
     if selector & 0xFFFC == 0:
         return SegmentCache(selector & ~4, 0, 0, 0)
-    desc = _read_descriptor(cpu, cpu.gdt, cpu.gdt, selector, fault, ext)
+    desc = _read_descriptor(cpu, cpu.gdt, cpu.gdt, selector, fault, ext, "LDT selector")
     if desc.flags & DESC_S or (desc.flags >> 8) & 0xF != 2 or not desc.flags & DESC_P:
         raise fault(10, err, why=f"LDT selector {selector:#x} is not a present LDT descriptor")
     return desc
@@ -229,7 +229,7 @@ def load_segment(cpu, ldt: SegmentCache, name: str, selector: int, cpl: int, fau
         if name in ("cs", "ss"):
             raise fault(10, err, why=f"null {name.upper()} in the new TSS")
         return SegmentCache(selector, 0, 0, 0)
-    desc = _read_descriptor(cpu, cpu.gdt, ldt, selector, fault, ext)
+    desc = _read_descriptor(cpu, cpu.gdt, ldt, selector, fault, ext, f"new task's {name.upper()}")
     flags, rpl, dpl = desc.flags, selector & 3, desc.dpl
     code = flags & TYPE_CODE
     if not flags & DESC_S:
