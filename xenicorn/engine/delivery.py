@@ -110,7 +110,10 @@ class InterruptDelivery:
         Python also delivers from virtual-8086 mode: QEMU sends a vm86
         interrupt whose handler segment has DPL 1 or 2 to that ring where
         x86 raises #GP, and leaves EXT out of that #GP's error code
-        (:mod:`xenicorn.x86.vm86`).
+        (:mod:`xenicorn.x86.vm86`). A task gate is left to the engine: its
+        ``switch_tss`` does the switch :mod:`xenicorn.x86.taskswitch` does
+        (docs/unicorn-notes.md says where the two differ: error codes for a
+        faulty TSS only).
         """
         m = self.machine
         return (self._irq_request is not None and not self.count_instructions and not m.tracer.on("int")
