@@ -165,6 +165,29 @@ def test_a_16_bit_tss(machine):
     assert machine.memory.read(0x6000 - 2, 2) == b"\x55\x00" and vcpu.reg("rflags") & NT
 
 
+def test_the_new_ldt_is_loaded_before_the_segments_that_use_it(machine):
+    """LDTR comes from the new TSS, so a TI=1 selector there names the *new* task's LDT."""
+    vcpu = setup(machine, new_tss=tss32(ds=0x0C, ldt=0x38), vector=2)
+    mem = machine.memory
+    mem.write(GDT + 0x38, struct.pack("<HHBBBB", 0x0F, 0x5000, 0, 0x82, 0, 0))        # LDT at 0x5000, 2 entries
+    mem.write(0x5008, struct.pack("<HHBBBB", 0xFFFF, 0x2000, 0x01, 0x92, 0xCF, 0))   # data, base 0x12000
+    deliver(vcpu, 2, EventType.NMI)
+    with RawContext(vcpu.uc) as ctx:
+        ldt, ds, es = ctx.segment("ldt"), ctx.segment("ds"), ctx.segment("es")
+    assert (ldt.selector, ldt.base, ldt.limit) == (0x38, 0x5000, 0x0F)
+    assert (ds.selector, ds.base) == (es.selector, es.base) == (0x0C, 0x12000)
+
+
+def test_a_virtual_8086_task(machine):
+    """A TSS whose EFLAGS has VM=1 starts a vm86 task: segments are paragraphs, CPL 3 (§20.2.1)."""
+    vcpu = setup(machine, new_tss=tss32(eip=0x100, cs=0x800, ss=0x900, ds=0xA00, eflags=0x2 | (1 << 17)), vector=2)
+    rec = deliver(vcpu, 2, EventType.NMI)
+    with RawContext(vcpu.uc) as ctx:
+        cs, ss, ds = ctx.segment("cs"), ctx.segment("ss"), ctx.segment("ds")
+    assert (cs.base, ss.base, ds.base, cs.limit) == (0x8000, 0x9000, 0xA000, 0xFFFF)
+    assert vcpu.cpl() == 3 and vcpu.reg("rflags") & (1 << 17) and vcpu.pc == 0x100 and rec.new["cpl"] == 3
+
+
 def task_lines(text):
     return [line for line in text.splitlines() if line.startswith(("task ", "irq task"))]
 

@@ -142,8 +142,7 @@ def check_target(cpu, selector: int, ext: int, fault) -> NewTask:
     # GDT limits: #GP(TSS selector)".
     if selector & 4 or index + 7 > cpu.gdt.limit:
         raise fault(13, err, why=f"task gate selector {selector:#x} is not in the GDT")
-    hi = struct.unpack("<I", cpu.read(cpu.gdt.base + index + 4, 4))[0]
-    lo = struct.unpack("<I", cpu.read(cpu.gdt.base + index, 4))[0]
+    lo, hi = struct.unpack("<II", cpu.read(cpu.gdt.base + index, 8))
     kind = (hi >> 8) & 0x1F                              # with S, which must be 0
     if kind in (0x3, 0xB):
         raise fault(13, err, why=f"task gate names TSS {selector:#x}, which is busy")
@@ -277,15 +276,17 @@ def commit(vcpu, cpu, new: NewTask) -> None:
 
 
 def load_new_segments(vcpu, cpu, new: NewTask, fault, ext: int) -> None:
-    """Step 6, in the new task: LDTR, then CS, SS, ES, DS, FS, GS; what loaded stays loaded."""
-    if new.eflags & VM:
-        return
+    """Step 6, in the new task: LDTR, then CS, SS, ES, DS, FS, GS; what loaded stays loaded.
+
+    A virtual-8086 task (EFLAGS.VM=1 in its TSS) got its segments from the
+    selectors at the commit; only its LDTR is checked here.
+    """
     caches: dict[str, SegmentCache] = {}
     ldt = None
     try:
         ldt = load_ldt(cpu, new.ldt, fault, ext)
         cpl = new.segs["cs"] & 3
-        for name in LOAD_ORDER:
+        for name in LOAD_ORDER if not new.eflags & VM else ():
             caches[name] = load_segment(cpu, ldt, name, new.segs[name], cpl, fault, ext)
     finally:
         with vcpu.cpu_state() as state:
