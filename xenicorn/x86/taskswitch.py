@@ -92,7 +92,7 @@ class TssLayout:
     eip: int
     eflags: int
     gprs: int              # EAX first, in encoding order
-    segs: int              # ES first, one slot of 4 bytes each, SEG_ORDER
+    segs: int              # ES first, in SEG_ORDER, one slot each (seg_stride bytes)
     nsegs: int
     ldt: int
     cr3: int | None
@@ -104,6 +104,10 @@ class TssLayout:
     @property
     def size(self) -> int:
         return self.min_limit + 1
+
+    @property
+    def seg_stride(self) -> int:
+        return self.bits // 8
 
 
 TSS32 = TssLayout(32, 0x67, 0x20, 0x24, 0x28, 0x48, 6, 0x60, 0x1C)
@@ -157,8 +161,8 @@ def check_target(cpu, selector: int, ext: int, fault) -> NewTask:
     cache.flags |= TSS_BUSY
     raw = cpu.read(cache.base, tss.size)
     gprs = [_field(raw, tss.gprs + i * tss.bits // 8, tss) for i in range(8)]
-    segs = {name: _field(raw, tss.segs + 4 * i if tss.bits == 32 else tss.segs + 2 * i, tss, word=True)
-            if i < tss.nsegs else 0 for i, name in enumerate(SEG_ORDER)}
+    segs = {name: _field(raw, tss.segs + tss.seg_stride * i, tss, word=True) if i < tss.nsegs else 0
+            for i, name in enumerate(SEG_ORDER)}
     return NewTask(selector, cache, tss, _field(raw, tss.eip, tss), _field(raw, tss.eflags, tss), gprs, segs,
                    _field(raw, tss.ldt, tss, word=True),
                    _field(raw, tss.cr3, tss) if tss.cr3 is not None else None)
@@ -177,8 +181,7 @@ def save_old_task(cpu, new: NewTask, saved_eflags: int) -> None:
     with cpu.vcpu.cpu_state() as state:
         gprs = state.gprs()[:8]
     word = old.bits // 8
-    seg_stride = 4 if old.bits == 32 else 2
-    start, end = cpu.tr.base + old.eip, cpu.tr.base + old.segs + seg_stride * old.nsegs
+    start, end = cpu.tr.base + old.eip, cpu.tr.base + old.segs + old.seg_stride * old.nsegs
     image = bytearray(cpu.read(start, end - start))     # keeps the reserved words between selectors
     mask = (1 << old.bits) - 1
     struct.pack_into(old.word, image, 0, cpu.rip & mask)
@@ -187,7 +190,7 @@ def save_old_task(cpu, new: NewTask, saved_eflags: int) -> None:
         struct.pack_into(old.word, image, old.gprs - old.eip + i * word, v & mask)
     selectors = {"cs": cpu.cs.selector, "ss": cpu.ss.selector, **cpu.selectors}
     for i, name in enumerate(SEG_ORDER[:old.nsegs]):
-        struct.pack_into("<H", image, old.segs - old.eip + i * seg_stride, selectors[name])
+        struct.pack_into("<H", image, old.segs - old.eip + i * old.seg_stride, selectors[name])
     # Step 5 of §7.3: all of it must be mapped before anything is written.
     old_pieces = cpu.check_writable(start, len(image), user=False)
     link = cpu.check_writable(new.cache.base, 2, user=False)
@@ -257,10 +260,14 @@ def _vm86_segment(selector: int) -> SegmentCache:
 
 
 def commit(vcpu, cpu, new: NewTask) -> None:
-    """Step 5: CR0.TS, TR, CR3, EFLAGS, EIP, GPRs; selectors with empty caches (QEMU does the same)."""
+    """Step 5: CR0.TS, TR, CR3, EFLAGS, EIP, GPRs; selectors with empty caches (QEMU does the same).
+
+    Paging stays as it is if the TSS is 16-bit: it has no CR3 field.
+    """
     eflags = new.eflags | NT | 2
-    if new.tss.bits == 16:
+    if new.tss.bits == 16:                   # FLAGS only; the upper half stays (QEMU's choice too)
         eflags = (cpu.rflags & ~0xFFFF) | (eflags & 0xFFFF)
+    new.eflags = eflags
     with vcpu.cpu_state() as state:
         state.set_segment("tr", new.cache)
         state.set_segment("ldt", SegmentCache(new.ldt & ~4, 0, 0, 0))
@@ -334,6 +341,7 @@ def switch_through_gate(cpu, rec, gate: dict, ext: int, saved_eflags: int, fault
             raise fault(13, ext, why=f"new task's EIP {now.rip:#x} is beyond its CS limit {now.cs.limit:#x}")
     except fault as f:
         f.in_new_task = True
+        f.why = f"switched to task {new.selector:#x}, then {f.why}"
         raise
     rec.new = {"cs": now.cs.selector, "rip": now.rip, "ss": now.ss.selector, "rsp": now.rsp,
                "rflags": now.rflags, "cpl": now.cpl, "cs_base": now.cs.base}
