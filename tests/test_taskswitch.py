@@ -26,7 +26,7 @@ from test_firmware import run
 from test_interrupts import GDT, IDT, TSS, gate32, protected, stack
 from xenicorn import firmware
 from xenicorn.engine.rawctx import RawContext
-from xenicorn.x86.interrupts import EventType, deliver
+from xenicorn.x86.interrupts import EventType, TripleFault, deliver
 
 RF, NT, IF = 1 << 16, 1 << 14, 1 << 9
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,6 +116,14 @@ def test_a_bad_tss_faults_in_the_old_task_with_ext(machine, why, desc, selector,
     assert (rec.vector, rec.error_code) == (vector, err) and not rec.task
     assert tr(vcpu).selector == OLD_SEL and machine.memory.read(TSS, 0x68) == before
     assert vcpu.pc == 0x400000 + 16 * vector and stack(machine, vcpu.reg("rsp"), 2) == [err, 0x100000]
+
+
+def test_a_tss_outside_ram_is_a_clean_triple_fault(machine):
+    """A hostile guest's TSS base in unassigned space: the machine stops and says why, no traceback."""
+    vcpu = setup(machine, new_desc=tss_desc(0xE0000000), vector=2)
+    with pytest.raises(TripleFault, match="not RAM"):
+        deliver(vcpu, 2, EventType.NMI)
+    assert tr(vcpu).selector == OLD_SEL
 
 
 def test_a_task_gate_in_long_mode_is_gp_with_the_idt_bit(machine):
