@@ -49,14 +49,6 @@ static u64 *idt_base(void) {
     return (u64 *)i.base;
 }
 
-static int expect_fault(const char *what, void (*trigger)(void), char *at, ulong vec, ulong err) {
-    fault_hits = 0;
-    trigger();
-    int ok = fault_hits == 1 && fault_vec == vec && fault_err == err && fault_ip == (ulong)at;
-    check(ok, "%s: vec=%lu err=%#lx at the INT %d", what, fault_vec, fault_err, fault_ip == (ulong)at);
-    return ok;
-}
-
 #ifdef __x86_64__
 extern char at_int90[];
 void trig_int90(void);
@@ -90,7 +82,7 @@ struct tss32 {
 
 enum { NMI, SW, UD, GP, DF, IRQ, NTASKS };
 static const char *const task_names[NTASKS] = { "nmi", "int80", "ud", "gp", "df", "irq" };
-#define TASK_SEL(t) (0x50 + 8 * (t))
+#define TASK_SEL(t) (0x50u + 8u * (t))
 #define BAD_NP_SEL 0x80                  /* a TSS descriptor, not present */
 #define BAD_LIMIT_SEL 0x88               /* a TSS whose limit is 0x50 < 0x67 */
 
@@ -113,6 +105,14 @@ u32 after_regs[4];                      /* EBX ESI EDI EBP after the event */
 volatile u32 nmi_flag;
 
 static inline u16 str(void) { u16 v; __asm__ volatile("str %0" : "=r"(v)); return v; }
+static int expect_fault(const char *what, void (*trigger)(void), char *at, ulong vec, ulong err) {
+    fault_hits = 0;
+    trigger();
+    int ok = fault_hits == 1 && fault_vec == vec && fault_err == err && fault_ip == (ulong)at;
+    check(ok, "%s: vec=%lu err=%#lx at the INT %d", what, fault_vec, fault_err, fault_ip == (ulong)at);
+    return ok;
+}
+
 static u32 gdt_type(u16 sel) { return (u32)(gdt2[sel >> 3] >> 40) & 0xF; }
 static u64 tss_desc(void *base, u32 limit, int present) {
     u32 b = (u32)base;
