@@ -43,9 +43,10 @@ TASK-GATE branch of INT n's pseudo-code in vol. 2A) goes:
    what lets IRET find the way back;
 5. *commit*: CR0.TS is set (§2.5: the x87/SSE state may belong to the
    old task), TR is loaded, and from the new TSS: CR3 (only with paging
-   on; with PAE this reloads the PDPTEs, which this CPU reads from memory
-   at every walk anyway), EFLAGS, EIP, the general registers, LDTR and
-   the segment registers. The CPL becomes the new CS selector's RPL;
+   on; a 16-bit TSS has none; with PAE hardware reloads the four PDPTEs
+   here, which QEMU TCG and :mod:`.paging` read from memory at every walk
+   anyway), EFLAGS, EIP, the general registers, LDTR and the segment
+   registers. The CPL becomes the new CS selector's RPL;
 6. the LDT and segment descriptors are checked and loaded (table 7-1: a
    bad selector is #TS(selector), a not-present segment #NP, or #SS for
    SS). These faults happen *in the new task*: the CPU is already there,
