@@ -130,6 +130,7 @@ class VCpu(ExitHooks, InterruptDelivery, MemoryMap):
         self.uc = core.uc
         self._ctx = None                         # the saved CPU state while another vCPU is loaded
         self._virq = False                       # its virtual-interrupt request, while not loaded
+        self._nmi_request = False                # its NMI-window request, while not loaded
         core.adopt(self)
         if owner:
             self._keep_callbacks_alive(self.uc)
