@@ -78,7 +78,8 @@ def test_nmi_blocking_as_a_guest_sees_it(name):
     for line in ("ok ... and is taken after the handler's IRET (2 NMIs)",
                  "ok a faulting IRET ends the blocking too: the held NMI is taken before the #GP handler "
                  "runs (2 NMIs when it ran)",
-                 "ok no NMI is lost or repeated (2 NMIs)"):
+                 "ok no NMI is lost or repeated (2 NMIs)",
+                 "ok three self-NMIs while blocked are one held NMI (2 NMIs, 0 inside)"):
         assert line in text
     vcpu = machine.vcpu
     assert not vcpu.nmi_blocked() and not vcpu.msr.nmi_window and not machine.lapic.nmi_pending

@@ -17,6 +17,8 @@
  *     ends the blocking as well: the held NMI is taken before the #GP
  *     handler's first instruction. (QEMU's TCG clears its NMI mask only
  *     when an IRET succeeds, so under QEMU this one check fails.)
+ *  5. Three self-NMIs inside the handler are one held NMI: a CPU latches
+ *     one pending NMI, not a count.
  */
 #include "../lib/kernel.h"
 
@@ -104,6 +106,7 @@ static void nmi_handler(struct frame *f) {
     if (n != 0 || mode == 0)
         return;                                      /* the held NMI, or step 1 */
     self_nmi();                                      /* NMIs are blocked: this one waits */
+    if (mode == 4) { self_nmi(); self_nmi(); }       /* ... and these add nothing to it */
     settle();
     nmis_inside = nmis - 1;
     if (mode == 2)
@@ -157,5 +160,9 @@ void kmain(void) {
     check(nmis_at_gp == 2, "a faulting IRET ends the blocking too: the held NMI is taken before the "
           "#GP handler runs (%d NMIs when it ran)", nmis_at_gp);
     check(nmis == 2, "no NMI is lost or repeated (%d NMIs)", nmis);
+
+    start(4);
+    check(nmis_inside == 0 && nmis == 2, "three self-NMIs while blocked are one held NMI (%d NMIs, %d inside)",
+          nmis, nmis_inside);
     test_result();
 }
