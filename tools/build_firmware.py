@@ -76,6 +76,10 @@ KERNELS: dict[str, tuple[int, list[str], bool]] = {
     "vm86_32": (32, ["vm86/vm86.c"], True),
     "taskgate32": (32, ["taskgate/taskgate.c"], True),
     "taskgate64": (64, ["taskgate/taskgate.c"], True),
+    "nmi32": (32, ["nmi/nmi.c"], True),
+    "nmi64": (64, ["nmi/nmi.c"], True),
+    "apicoff32": (32, ["apicoff/apicoff.c"], True),
+    "apicoff64": (64, ["apicoff/apicoff.c"], True),
 }
 
 CFLAGS = ["-ffreestanding", "-nostdlib", "-fno-pic", "-fno-pie", "-fno-stack-protector",

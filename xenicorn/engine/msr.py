@@ -33,7 +33,7 @@ import functools
 
 from typing import Callable
 
-from .irqwindow import INTERCEPT_VINTR
+from .irqwindow import INTERCEPT_NMI, INTERCEPT_VINTR
 from .rawctx import RawContext
 
 SHADOW_BASE = 0xFD_0000_0000          # below the 40-bit physical limit CPUID reports
@@ -98,6 +98,7 @@ class MsrInterceptor:
         self.exits = 0
         self.extra = 0                     # more intercepts while open (RDTSC)
         self.interrupt_window = False      # the VINTR intercept (:mod:`irqwindow`)
+        self.nmi_window = False            # the NMI intercept (:mod:`irqwindow`, the NMI window)
         self.cr_writes = 0                 # CR write intercepts (bit n: CRn), see watch_cr_writes
         self._set(False)                   # points vm_vmcb at our VMCB
 
@@ -137,6 +138,12 @@ class MsrInterceptor:
             self.interrupt_window = on
             self._set(self.is_open)
 
+    def watch_nmi_window(self, on: bool) -> None:
+        """Add or remove the NMI intercept (the NMI window, :mod:`irqwindow`); like the VINTR one."""
+        if on != self.nmi_window:
+            self.nmi_window = on
+            self._set(self.is_open)
+
     def _set(self, on: bool) -> None:
         if self.vcpu is not None and not self.vcpu.loaded:
             self._stale = True                  # applied when the vCPU is next loaded
@@ -144,6 +151,8 @@ class MsrInterceptor:
         intercepts = (INTERCEPT_MSR_PROT | self.extra) if on else 0
         if self.interrupt_window:
             intercepts |= INTERCEPT_VINTR
+        if self.nmi_window:
+            intercepts |= INTERCEPT_NMI
         with RawContext(self.uc) as ctx:
             hf = ctx.hflags
             ctx.hflags = hf | HF_GUEST if intercepts else hf & ~HF_GUEST

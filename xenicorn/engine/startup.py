@@ -26,7 +26,8 @@ hooks.binding_selftest     the binding's private callback dicts, which keep
                            deleted hooks' thunks alive (a crash otherwise)
 irqwindow.available        nothing: a failure only falls back to a block
                            hook for the interrupt window (~14x slower
-                           while it is armed), said once on stderr
+                           while it is armed), and NMIs are then not
+                           blocked until IRET; said once on stderr
 =========================  ==============================================
 
 A failure raises :class:`EngineUnsupported`, the one error class of the

@@ -2,7 +2,8 @@
 
 A vCPU's state is in two places. Unicorn holds the CPU itself in QEMU's
 ``CPUX86State`` (registers, segment caches, hflags with CPL and mode, CRs,
-EFER and the other MSRs, FPU/SSE, the MSR/RDTSC intercept fields);
+EFER and the other MSRs, FPU/SSE, the MSR/RDTSC intercept fields, and in
+hflags2 whether NMIs are blocked until the next IRET);
 ``uc.context_save()`` copies it out and ``context_restore`` back in, and
 the bytes carry over to a fresh engine of the same Unicorn build
 (docs/unicorn-notes.md; :func:`context_bytes`). Python keeps the rest:
@@ -146,6 +147,7 @@ class VcpuRecord:
             start = prev = page
         v._required()                 # loaded: the context goes into the engine
         v.disarm_interrupt_window()
+        v.disarm_nmi_window()         # the run loop arms it again if an NMI still waits behind the mask
         context_into(v.uc, p["context"])
         v.uc.mem_write(v.msr.base, p["shadow"])
         v.instructions = p["instructions"]
