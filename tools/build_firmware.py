@@ -74,6 +74,8 @@ KERNELS: dict[str, tuple[int, list[str], bool]] = {
     "spin32": (32, ["misbehave/spin32.S"], False),
     "mboot32": (32, ["multiboot/mboot.c"], "multiboot"),
     "vm86_32": (32, ["vm86/vm86.c"], True),
+    "umip32": (32, ["umip/umip.c", "lib/user.c"], True),
+    "umip64": (64, ["umip/umip.c", "lib/user.c"], True),
 }
 
 CFLAGS = ["-ffreestanding", "-nostdlib", "-fno-pic", "-fno-pie", "-fno-stack-protector",
