@@ -18,8 +18,10 @@ window closed the check is a single untaken branch: nothing is paid in steady
 state. With it open, plain code runs about 9% slower (measured: a register
 loop with the window open and closed, as ``benchmarks/compute.py`` runs it), so the window is open only while
 someone needs it: the Xen layer from the guest's CPUID 0x40000002 query until
-it writes the hypercall-page MSR, a kernel until its user mode starts, or
-CPUID faulting while it is on (then CPUID is intercepted too).
+it writes the hypercall-page MSR, a kernel until its user mode starts,
+CPUID faulting while it is on (then CPUID is intercepted too), or the
+guest's CR4.UMIP while it is set (then SGDT, SIDT, SLDT, STR and SMSW are:
+:meth:`MsrInterceptor.intercept_umip`).
 
 The VMCB and its 8 KiB MSR permission map live in three pages mapped at
 :data:`SHADOW_BASE`, above any RAM the guest is given. MSRs outside the map's

@@ -33,6 +33,7 @@ changes.
 from __future__ import annotations
 
 from .. import exits as E
+from ..engine.msr import INTERCEPT_UMIP
 from ..x86 import umip
 from ..x86.fep import _check_long, _check_protected
 from ..x86.interrupts import EventType
@@ -46,13 +47,8 @@ GP, PF = 13, 14
 def sync(vcpu, cr4: int) -> None:
     """Arm or disarm the vCPU's UMIP intercepts to match ``cr4``."""
     on = bool(cr4 & umip.CR4_UMIP)
-    if on != bool(vcpu.msr.extra & umip_intercepts()):
+    if on != bool(vcpu.msr.extra & INTERCEPT_UMIP):
         vcpu.msr.intercept_umip(on)
-
-
-def umip_intercepts() -> int:
-    from ..engine.msr import INTERCEPT_UMIP
-    return INTERCEPT_UMIP
 
 
 def system_read(dispatcher, vcpu, ex: E.SystemRead) -> E.Action:
