@@ -278,5 +278,5 @@ def selftest() -> None:
     stored = bytes(uc.mem_read(0x3000, 10))
     expected = [(EXIT_VECTOR, 1, 0x100C), (0x167, 0, 0x100E), (0x100, 0, 0x1016), (0x114, 0, 0x1019)]
     if seen != expected or stored != bytes.fromhex("1f00" "7856341200000000"):
-        raise UnsupportedUnicornBuild(f"SVM intercept window does not work on this Unicorn build (exits seen: "
+        raise UnsupportedUnicornBuild(f"MSR intercept window does not work on this Unicorn build (exits seen: "
                                       f"{seen}, SGDT stored {stored.hex()}); install unicorn==2.1.4")
