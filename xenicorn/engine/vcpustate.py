@@ -17,7 +17,8 @@ halted, sleep_kind   HLT / SCHEDOP_block / SCHEDOP_poll: the run loop
 mmio_pages           pages routed to the MMIO bus on demand (an access to
                      unassigned space maps one, reads float high there)
 msr                  the MSR window's open interests, extra intercepts
-                     (RDTSC in deterministic mode) and exit count
+                     (RDTSC in deterministic mode, CPUID faulting's, UMIP's
+                     while the guest has CR4.UMIP set) and exit count
 msr-shadow (blob)    the VMCB and MSR permission map pages of the window
 cpuid_faulting       MISC_FEATURES_ENABLES bit 0 (machine/cpuidfault.py);
                      absent in older records: off
