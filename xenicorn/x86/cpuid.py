@@ -53,7 +53,8 @@ LEAF1_ECX = (1 << 0) | (1 << 13) | (1 << 23) | (1 << 31)
 EXT1_EDX = (1 << 11) | (1 << 20) | (1 << 29)
 EXT1_ECX = 1 << 0
 LEAF7_EDX_ARCH_CAPABILITIES = 1 << 29
-LEAF7_ECX = 1 << 2                    # UMIP
+LEAF7_ECX_UMIP = 1 << 2               # x86/umip.py, machine/umip.py
+LEAF7_ECX = LEAF7_ECX_UMIP
 MSR_ARCH_CAPABILITIES = 0x10A
 # IA32_ARCH_CAPABILITIES (SDM vol. 4, table 2-2; Linux's msr-index.h names):
 # RDCL_NO 0 (no Meltdown), SSB_NO 4, MDS_NO 5, PSCHANGE_MC_NO 6, TAA_NO 8,

@@ -36,10 +36,10 @@ from dataclasses import dataclass
 
 from capstone import x86_const as CX
 
+from .cpuid import LEAF7_ECX_UMIP  # noqa: F401  (the CPUID bit that reports it, for readers and tests)
 from .fep import _CS, _operand_accesses, _parent
 
 CR4_UMIP = 1 << 11
-LEAF7_ECX_UMIP = 1 << 2
 NAMES = frozenset({"sgdt", "sidt", "sldt", "str", "smsw"})
 
 
