@@ -80,6 +80,8 @@ KERNELS: dict[str, tuple[int, list[str], bool]] = {
     "nmi64": (64, ["nmi/nmi.c"], True),
     "apicoff32": (32, ["apicoff/apicoff.c"], True),
     "apicoff64": (64, ["apicoff/apicoff.c"], True),
+    "umip32": (32, ["umip/umip.c", "lib/user.c"], True),
+    "umip64": (64, ["umip/umip.c", "lib/user.c"], True),
 }
 
 CFLAGS = ["-ffreestanding", "-nostdlib", "-fno-pic", "-fno-pie", "-fno-stack-protector",

@@ -38,7 +38,7 @@ from . import icount, stopcheck
 from .startup import EngineUnsupported
 from .irqwindow import EXIT_VECTOR as IRQ_WINDOW_EXIT_VECTOR, NMI_EXIT_VECTOR
 from .msr import CPUID_EXIT_VECTOR, EXIT_VECTOR as MSR_EXIT_VECTOR, RDTSC_EXIT_VECTOR
-from .msr import CR_WRITE_EXIT_VECTORS, SHUTDOWN_EXIT_VECTOR
+from .msr import CR_WRITE_EXIT_VECTORS, SHUTDOWN_EXIT_VECTOR, UMIP_EXIT_VECTORS
 from .rawctx import HF2_NMI_MASK, HF_CS64, OFF_HFLAGS2
 
 NO_RIP = (1 << 64) - 1           # a hook range no instruction is at (non-canonical)
@@ -271,6 +271,10 @@ class ExitHooks:
         if intno in CR_WRITE_EXIT_VECTORS:
             ctx.consume_exception()
             self._on_cr_write(CR_WRITE_EXIT_VECTORS[intno])
+            return
+        if intno in UMIP_EXIT_VECTORS:                 # CR4.UMIP is on (msr.intercept_umip)
+            ctx.consume_exception()
+            self.machine.handle_exit(self, E.SystemRead(self.pc, UMIP_EXIT_VECTORS[intno]))
             return
         if intno == SHUTDOWN_EXIT_VECTOR:
             ctx.consume_exception()

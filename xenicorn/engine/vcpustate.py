@@ -18,7 +18,8 @@ halted, sleep_kind   HLT / SCHEDOP_block / SCHEDOP_poll: the run loop
 mmio_pages           pages routed to the MMIO bus on demand (an access to
                      unassigned space maps one, reads float high there)
 msr                  the MSR window's open interests, extra intercepts
-                     (RDTSC in deterministic mode) and exit count
+                     (RDTSC in deterministic mode, CPUID faulting's, UMIP's
+                     while the guest has CR4.UMIP set) and exit count
 msr-shadow (blob)    the VMCB and MSR permission map pages of the window
 cpuid_faulting       MISC_FEATURES_ENABLES bit 0 (machine/cpuidfault.py);
                      absent in older records: off
@@ -37,7 +38,7 @@ from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
 from ..records import (RecordError, blob, boolean, field, flag, integer, listing, make_record, open_record, optional,
                        text, uint)
-from .msr import INTERCEPT_CPUID, INTERCEPT_RDTSC, SHADOW_SIZE
+from .msr import INTERCEPT_CPUID, INTERCEPT_RDTSC, INTERCEPT_UMIP, SHADOW_SIZE
 from .rawctx import RawContext
 
 UNICORN_VERSION = unicorn.__version__
@@ -118,10 +119,12 @@ class VcpuRecord:
         interests = listing(msr, "interests", 64)
         if not all(isinstance(i, str) and len(i) <= 64 for i in interests):
             raise RecordError("MSR window interests are not names")
-        extra = uint(msr, "extra", 64, reserved=~(INTERCEPT_RDTSC | INTERCEPT_CPUID))
+        extra = uint(msr, "extra", 64, reserved=~(INTERCEPT_RDTSC | INTERCEPT_CPUID | INTERCEPT_UMIP))
         cpuid_faulting = boolean(st.get("cpuid_faulting", False), "cpuid_faulting")
         if cpuid_faulting != bool(extra & INTERCEPT_CPUID):
             raise RecordError("CPUID faulting and the CPUID intercept disagree")
+        if extra & INTERCEPT_UMIP not in (0, INTERCEPT_UMIP) or bool(extra & INTERCEPT_UMIP) != ("umip" in interests):
+            raise RecordError("the UMIP intercepts and the window's UMIP interest disagree")
         context = blob(record, "context", context_size(v.uc))
         if any(context[off:off + size] != bytes(size) for off, size in HOST_POINTERS):
             raise RecordError("vCPU context holds host pointers")

@@ -13,6 +13,8 @@ PortIO, Mmio           the bus finds the device at that port or address
 Cpuid                  the CPUID policy answers (and watches leaf 7)
 Msr                    the handler registered for that MSR, else reads 0
 CrWrite                checked (crwrites.py): performed, or #GP(0)
+SystemRead             SGDT/SIDT/SLDT/STR/SMSW with CR4.UMIP (umip.py):
+                       #GP(0) at CPL > 0, else performed
 Hlt                    the vCPU sleeps until an interrupt
 InvalidInstruction     #UD through the IDT (with ``hvm_fep``: a forced
                        emulation prefix first, x86/fep.py)
@@ -33,7 +35,7 @@ from __future__ import annotations
 import collections
 
 from .. import exits as E
-from . import cpuidfault
+from . import cpuidfault, umip
 from ..x86.cpuid import ARCH_CAPABILITIES, LEAF7_EDX_ARCH_CAPABILITIES, MSR_ARCH_CAPABILITIES
 from ..x86.crcheck import MSR_EFER
 from ..x86.interrupts import EventType, TripleFault, deliver
@@ -75,6 +77,7 @@ class ExitDispatcher:
             E.Cpuid: self._cpuid,
             E.Msr: self._msr,
             E.CrWrite: self.crwrites.cr_write,
+            E.SystemRead: lambda vcpu, ex: umip.system_read(self, vcpu, ex),
             E.Hlt: self._hlt,
             E.InvalidInstruction: self._invalid,
             E.Hypercall: self._hypercall,
@@ -274,7 +277,10 @@ class ExitDispatcher:
 
     def _syscall(self, vcpu, ex: E.Syscall) -> E.Action:
         # User mode has started: the kernel has read its capabilities. Close the
-        # MSR window they needed (an open window slows plain code ~9%).
+        # MSR window they needed (an open window slows plain code ~9%); CR4
+        # writes are not seen after that, so look at UMIP once more (umip.py).
+        if vcpu.msr.interests & {ARCH_CAPABILITIES_INTEREST, KERNEL_START_INTEREST}:
+            umip.sync(vcpu, vcpu.reg("cr4"))
         vcpu.msr.close(ARCH_CAPABILITIES_INTEREST)
         vcpu.msr.close(KERNEL_START_INTEREST)
         from ..x86 import syscall

@@ -11,6 +11,8 @@ Feature bits advertised (SDM vol. 2A, CPUID):
 leaf 1 EDX     FPU DE PSE TSC MSR PAE MCE CX8 APIC SEP MTRR PGE MCA CMOV
                PAT PSE36 CLFSH MMX FXSR SSE SSE2
 leaf 1 ECX     SSE3, CX16, POPCNT, and bit 31 "hypervisor present"
+leaf 7 ECX     UMIP: SGDT/SIDT/SLDT/STR/SMSW #GP at CPL > 0 with CR4.UMIP
+               (the engine lacks it; xenicorn adds it, machine/umip.py)
 leaf 7 EDX     ARCH_CAPABILITIES: the MSR (0x10A) that says which speculative-
                execution flaws the CPU does not have (:data:`ARCH_CAPABILITIES`)
 0x80000001     EDX: SYSCALL, NX, LM; ECX: LAHF/SAHF
@@ -51,6 +53,8 @@ LEAF1_ECX = (1 << 0) | (1 << 13) | (1 << 23) | (1 << 31)
 EXT1_EDX = (1 << 11) | (1 << 20) | (1 << 29)
 EXT1_ECX = 1 << 0
 LEAF7_EDX_ARCH_CAPABILITIES = 1 << 29
+LEAF7_ECX_UMIP = 1 << 2               # x86/umip.py, machine/umip.py
+LEAF7_ECX = LEAF7_ECX_UMIP
 MSR_ARCH_CAPABILITIES = 0x10A
 # IA32_ARCH_CAPABILITIES (SDM vol. 4, table 2-2; Linux's msr-index.h names):
 # RDCL_NO 0 (no Meltdown), SSB_NO 4, MDS_NO 5, PSCHANGE_MC_NO 6, TAA_NO 8,
@@ -93,7 +97,7 @@ class CpuidPolicy:
                 mhz, den = (mhz + 1) // 2, den // 2
             return (den, mhz, CRYSTAL_HZ, 0)
         if leaf == 7:
-            return (0, 0, 0, LEAF7_EDX_ARCH_CAPABILITIES) if sub == 0 else (0, 0, 0, 0)
+            return (0, 0, LEAF7_ECX, LEAF7_EDX_ARCH_CAPABILITIES) if sub == 0 else (0, 0, 0, 0)
         if 2 <= leaf <= MAX_BASIC_LEAF:
             return (0, 0, 0, 0)            # caches, topology, xsave: none described
         if leaf == 0x80000000:
