@@ -2,7 +2,7 @@
 
 The firmware kernels (test_firmware.py) cover the common frames end to end;
 these reach paths a kernel rarely takes: real mode, the EXT bit, the gate
-DPL check for INT n, task gates, SYSENTER.
+DPL check for INT n, task gates to nothing, SYSENTER.
 """
 import struct
 
@@ -139,11 +139,13 @@ def test_int_n_from_cpl3_through_a_dpl3_gate_switches_stacks(machine):
     assert RawContext(vcpu.uc).segment("ss").selector == 0x10
 
 
-def test_task_gates_are_refused_cleanly(machine):
+def test_task_gates_to_a_null_descriptor_end_in_a_triple_fault(machine):
+    """#GP's task gate names GDT entry 5, which is null: #GP(0x28|EXT), then #DF through the
+    same kind of gate faults again (task switches: tests/test_taskswitch.py)."""
     vcpu = protected(machine)
     machine.memory.write(IDT + 8 * 0x08, gate32(0, selector=0x28, kind=0x5))
     machine.memory.write(IDT + 8 * 0x0D, gate32(0, selector=0x28, kind=0x5))
-    with pytest.raises(TripleFault, match="task gate"):
+    with pytest.raises(TripleFault, match="task gate selector 0x28 is not a TSS"):
         deliver(vcpu, 0x0D, EventType.HARDWARE_EXCEPTION, 0)
 
 

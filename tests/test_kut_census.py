@@ -69,7 +69,8 @@ def test_qemu_options_map_to_xenicorn_or_are_listed_as_needs():
     ("max,host-phys-bits", ["--cpu", "max"], ["-cpu max: host-phys-bits"]),
     ("max,+vmx,-pku", ["--cpu", "max,-pku"], ["-cpu max: +vmx"]),
     ("max,+svm,-rdtscp,-xsave,-invpcid,-skinit", ["--cpu", "max,-rdtscp,-xsave"], ["-cpu max: +svm"]),
-    ("qemu64,+umip", [], ["-cpu qemu64: +umip"]),
+    ("qemu64,+umip", [], []),                            # every model reports UMIP
+    ("qemu64,+pcid,+invpcid", [], ["-cpu qemu64: +pcid,+invpcid"]),
     ("qemu64,-pcid,-invpcid", [], []),                  # xenicorn offers neither: already true
     ("qemu64,+smap", ["--cpu", "default,+smap"], []),
     ("max,-nx", ["--cpu", "max"], ["-cpu max: -nx"]),    # every model has NX

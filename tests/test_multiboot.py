@@ -134,3 +134,24 @@ def test_fw_cfg_items_and_reads_past_the_end():
 
 # A bzImage given as KERNEL booting Linux's way with user space on ttyS0: tests/test_linuxboot.py
 # test_debian_kernel_with_fifo_events_off_takes_the_2_level_abi boots it with protocol "auto".
+
+
+def test_a_kernel_loaded_over_the_information_area_keeps_its_bytes(tmp_path):
+    """QEMU's option ROM writes the information first and copies the kernel after it, so a kernel
+    linked over 0x9000 (kvm-unit-tests' realmode test: 0x8000-0xA86C) keeps its code there."""
+    base = 0x8000
+    flags = multiboot.FLAG_AOUT_KLUDGE
+    header = struct.pack("<3I5I", multiboot.HEADER_MAGIC, flags, -(multiboot.HEADER_MAGIC + flags) & 0xFFFFFFFF,
+                         base, base, base + 0x3000, base + 0x3000, base + 0x20)
+    image = bytearray((header + bytes.fromhex("f4")).ljust(0x3000, b"\xcc"))      # hlt; then int3 filler
+    path = tmp_path / "low.bin"
+    path.write_bytes(bytes(image))
+    machine, loaded = boot(MachineConfig(), str(path), console=ConsoleSink(None), protocol="auto")
+    assert loaded.segments == [(base, 0x3000)] and loaded.start_info == multiboot.MBI_ADDR
+    mem = machine.memory
+    for addr in (multiboot.MBI_ADDR, multiboot.MMAP_ADDR, multiboot.LOADER_NAME_ADDR, multiboot.STRINGS_ADDR):
+        assert mem.read(addr, 16) == b"\xcc" * 16, hex(addr)
+    # a kernel clear of the area still gets its information there
+    machine2, _ = boot(MachineConfig(), firmware.find("mboot32"),
+                       console=ConsoleSink(None), protocol="auto")
+    assert struct.unpack("<I", machine2.memory.read(multiboot.MBI_ADDR, 4))[0] & multiboot.MBI_LOADER_NAME

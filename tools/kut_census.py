@@ -172,11 +172,12 @@ def xenicorn_options(test: Test) -> tuple[list[str], list[str]]:
     return opts, needs
 
 
-# QEMU names of features xenicorn's default model always reports: "-feat" of one
-# of these cannot be honoured (--cpu takes away only what max adds).
+# QEMU names of features xenicorn's default model always reports: "+feat" of one
+# of these is honoured already, "-feat" cannot be (--cpu takes away only what max adds).
 ALWAYS_REPORTED = {"fpu", "de", "pse", "tsc", "msr", "pae", "mce", "cx8", "apic", "sep", "mtrr", "pge", "mca",
                    "cmov", "pat", "pse36", "clflush", "mmx", "fxsr", "sse", "sse2", "pni", "sse3", "cx16",
-                   "popcnt", "hypervisor", "syscall", "nx", "xd", "lm", "lahf_lm", "lahf-lm", "arch-capabilities"}
+                   "popcnt", "hypervisor", "syscall", "nx", "xd", "lm", "lahf_lm", "lahf-lm", "arch-capabilities",
+                   "umip"}
 
 
 def cpu_option(val: str) -> tuple[list[str], list[str]]:
@@ -184,8 +185,9 @@ def cpu_option(val: str) -> tuple[list[str], list[str]]:
 
     ``max`` is xenicorn's ``--cpu max``; ``qemu64`` (QEMU's baseline) is
     xenicorn's ``default``. A ``+feat`` xenicorn offers joins ``--cpu``; one
-    it does not offer is listed. A ``-feat`` of a feature xenicorn never
-    offers is already true; of one ``max`` adds it joins ``--cpu``.
+    it does not offer is listed (one every model reports, such as UMIP, is
+    honoured). A ``-feat`` of a feature xenicorn never offers is already
+    true; of one ``max`` adds it joins ``--cpu``.
     ``vendor=`` is ``--vendor``; other properties (``host-phys-bits``...)
     are listed.
     """
@@ -206,7 +208,7 @@ def cpu_option(val: str) -> tuple[list[str], list[str]]:
             feat = cpumodel.ALIASES.get(part[1:], part[1:])
             if feat in cpumodel.FEATURES:
                 spec.append(part[0] + feat)
-            elif part[0] == "+" or feat in ALWAYS_REPORTED:
+            elif (part[0] == "+") != (feat in ALWAYS_REPORTED):
                 needs.append(part)
         else:
             needs.append(part)

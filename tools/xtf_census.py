@@ -70,11 +70,10 @@ WHY: dict[str, tuple[str, str]] = {
                              "reported at the instruction, prefixes included, and ICEBP, #UD in the CPU "
                              "engine, is a #DB trap); the emulated half needs the forced emulation "
                              "prefix, so it SKIPs, as on a Xen without `hvm_fep`; SUCCESS with it"),
-    "nmi-taskswitch-priv": (ACCURACY, "the NMI's IDT entry is a task gate; xenicorn delivers events in "
-                                      "Python and has no hardware task switch yet (the machine ends with "
-                                      "a triple fault and says why)"),
-    "umip": (XEN, "xenicorn offers no UMIP (CPUID 7.ECX bit 2 clear): the test checks that setting CR4.UMIP "
-                  "is #GP (machine/crwrites.py) and SKIPs the rest, as on hardware or a Xen without UMIP"),
+    "umip": (XEN, "every native check passes (UMIP reported; SGDT/SIDT/SLDT/STR/SMSW are #GP(0) at CPL 3 "
+                  "with CR4.UMIP, through the engine's SVM intercepts: machine/umip.py); the emulated half "
+                  "needs the forced emulation prefix, so it SKIPs, as on a Xen without `hvm_fep`; SUCCESS "
+                  "with it"),
     "fpu-exception-emulation": (XEN, "the native half passes (MMX/SSE check CR0.EM and CR4.OSFXSR before "
                                      "CR0.TS, corrected at the #NM: x86/fpufault.py); the emulated half needs "
                                      "the forced emulation prefix, so it SKIPs, as on a Xen without `hvm_fep`"),

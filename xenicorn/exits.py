@@ -84,6 +84,13 @@ class CrWrite(Exit):
 
 
 @dataclass
+class SystemRead(Exit):
+    """SGDT, SIDT, SLDT, STR, SMSW or MOV from CR0 caught before it ran, while CR4.UMIP is on (machine/umip.py)."""
+
+    what: str                   # "sgdt", "sidt", "sldt", "str", or "cr0" (SMSW or MOV from CR0)
+
+
+@dataclass
 class Hlt(Exit):
     """HLT executed; ``pc`` is the instruction after it (where an interrupt returns)."""
 

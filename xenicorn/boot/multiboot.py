@@ -40,7 +40,9 @@ xenicorn builds it as QEMU's hw/i386/multiboot.c does (facts from there):
 the information at 0x9000, the command line "<kernel path> <args>", the
 modules page-aligned after the kernel, each ``--initrd`` entry
 (comma-separated, "FILE ARGS") one module whose string is the entry as
-given. The memory map is the machine's E820 map.
+given. The memory map is the machine's E820 map. As under QEMU (whose
+option ROM copies the kernel image after writing the information), a kernel
+image that overlaps the information area wins: its bytes are what is there.
 """
 from __future__ import annotations
 
@@ -123,12 +125,15 @@ def load(mem: GuestMemory, path: str, cmdline: str, modules: list[str]) -> Loade
     unknown = flags & 0xFFFF & ~KNOWN_REQUIREMENTS
     if unknown:
         raise LoadError(f"{path}: multiboot header requires features {unknown:#x} this loader does not know")
-    if flags & FLAG_AOUT_KLUDGE:
-        kernel = _load_aout(mem, path, data, off, words)
-    else:
-        if data[:4] != b"\x7fELF":
-            raise LoadError(f"{path}: multiboot kernel without the a.out kludge (flag 16) must be an ELF file")
-        kernel = load_elf(mem, path, data, pvh_note=False)
+    if not flags & FLAG_AOUT_KLUDGE and data[:4] != b"\x7fELF":
+        raise LoadError(f"{path}: multiboot kernel without the a.out kludge (flag 16) must be an ELF file")
+
+    def place_kernel() -> LoadedKernel:
+        if flags & FLAG_AOUT_KLUDGE:
+            return _load_aout(mem, path, data, off, words)
+        return load_elf(mem, path, data, pvh_note=False)
+
+    kernel = place_kernel()
     if len(modules) > MAX_MODULES:
         raise LoadError(f"{len(modules)} multiboot modules: at most {MAX_MODULES}")
     strings = _Strings(mem)
@@ -155,6 +160,13 @@ def load(mem: GuestMemory, path: str, cmdline: str, modules: list[str]) -> Loade
     struct.pack_into("<II", info, 44, 24 * len(e820), MMAP_ADDR)
     struct.pack_into("<I", info, 64, LOADER_NAME_ADDR)
     mem.write(MBI_ADDR, bytes(info))
+    # QEMU's multiboot option ROM writes the information first and copies the
+    # kernel image after it (pc-bios/optionrom/multiboot.S): a kernel linked
+    # over the information area (kvm-unit-tests' realmode test runs from
+    # 0x8000 to 0xA86C) keeps its own bytes there, and its information is
+    # what is left of it. Loading the image again gives the same result.
+    if any(p < STRINGS_END and p + size > MBI_ADDR for p, size in kernel.segments):
+        place_kernel()
     kernel.start_info = MBI_ADDR
     return kernel
 

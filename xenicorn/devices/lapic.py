@@ -36,13 +36,22 @@ The timer counts down from TMICT at the bus clock (1 GHz here, one count
 per nanosecond of machine time) divided by TDCR. xenicorn keeps the base
 at 0xFEE00000 (Unicorn drops writes to IA32_APIC_BASE) and does not offer
 the TSC-deadline mode (CPUID does not advertise it).
+
+Besides the software enable (SVR bit 8), IA32_APIC_BASE bit 11 enables the
+APIC *globally* (SDM vol. 3 §10.4.3): cleared, the CPU behaves as one
+without an APIC. As Xen's vlapic does (``guest_wrmsr_apic_base``,
+``vlapic_range``, ``vlapic_accept_pic_intr``; CPUID in
+xen/arch/x86/cpuid.c): the page at 0xFEE00000 is no longer the APIC's (reads
+float high, writes go nowhere), no interrupt is accepted or presented, the
+8259 included, CPUID.1:EDX.APIC reads 0; setting the bit again resets the
+APIC to its power-up state (``vlapic_reset``). NMIs still arrive.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from ..records import RecordError, flag, integer, listing, make_record, open_record, timer_refs, timers, uint
+from ..records import RecordError, boolean, flag, integer, listing, make_record, open_record, timer_refs, timers, uint
 
 LAPIC_BASE = 0xFEE00000
 LVT_TIMER, LVT_THERMAL, LVT_PERF, LVT_LINT0, LVT_LINT1, LVT_ERROR = range(6)
@@ -110,13 +119,28 @@ class Lapic:
         self.timer = None
         self.timer_fires = 0
         self.nmi_pending = False
+        self.hw_enabled = True                                # IA32_APIC_BASE.EN (bit 11)
         self.trace: Callable[[str], None] | None = None
         self.bus = None                                       # the APIC bus (devices/apicbus.py), if any
 
     # -- priorities ----------------------------------------------------------------
     @property
     def enabled(self) -> bool:
-        return bool(self.state.svr & SVR_ENABLE)
+        """Globally (IA32_APIC_BASE) and in software (SVR) enabled: it accepts interrupts."""
+        return self.hw_enabled and bool(self.state.svr & SVR_ENABLE)
+
+    def set_hw_enabled(self, on: bool) -> None:
+        """IA32_APIC_BASE.EN written: off, the CPU has no APIC; on again, it starts from power-up."""
+        if on == self.hw_enabled:
+            return
+        self.hw_enabled = on
+        if on:
+            nmi = self.nmi_pending
+            self.reset_for_init()                            # vlapic_reset: power-up registers, timer off
+            self.nmi_pending = nmi
+        if self.trace is not None:
+            self.trace(f"LAPIC {self.state.id} globally {'enabled (reset)' if on else 'disabled'}")
+        self.notify()
 
     def ppr(self) -> int:
         st = self.state
@@ -135,11 +159,13 @@ class Lapic:
                 and self.pic.pending())
 
     def pending(self) -> bool:
-        return self._deliverable() is not None or self._extint()
+        return self.hw_enabled and (self._deliverable() is not None or self._extint())
 
     def acknowledge(self) -> int | None:
         """The CPU takes an interrupt: IRR → ISR, or the PIC's vector for ExtINT."""
         st = self.state
+        if not self.hw_enabled:
+            return None
         v = self._deliverable()
         if v is not None:
             ppr = self.ppr()
@@ -305,6 +331,8 @@ class Lapic:
     # -- registers ----------------------------------------------------------------
     def mmio_read(self, offset: int, size: int) -> int:
         st = self.state
+        if not self.hw_enabled:
+            return (1 << (8 * size)) - 1                     # not the APIC's page: floats high
         reg = offset & 0xFF0
         if reg == 0x020:
             return st.id << 24
@@ -343,6 +371,8 @@ class Lapic:
 
     def mmio_write(self, offset: int, size: int, value: int) -> None:
         st = self.state
+        if not self.hw_enabled:
+            return                                           # not the APIC's page
         reg = offset & 0xFF0
         value &= 0xFFFFFFFF
         if reg == 0x020:
@@ -419,6 +449,7 @@ class Lapic:
     def restore(self, data: dict) -> None:
         """Load :meth:`save`'s output, validated; the timer starts again from the registers."""
         prepared = self.check_record(make_record(*self.RECORD, {**data, "nmi_pending": self.nmi_pending,
+                                                                "hw_enabled": self.hw_enabled,
                                                                 "timer_fires": self.timer_fires, "timers": {}}))
         self.apply_record(prepared)
         self._arm()
@@ -426,7 +457,7 @@ class Lapic:
 
     def save_record(self) -> dict:
         return make_record(*self.RECORD, {**self.save(), "nmi_pending": self.nmi_pending,
-                                          "timer_fires": self.timer_fires,
+                                          "hw_enabled": self.hw_enabled, "timer_fires": self.timer_fires,
                                           "timers": timer_refs(self.clock, {"lapic-timer": self.timer})})
 
     def check_record(self, record: dict):
@@ -459,12 +490,13 @@ class Lapic:
         armed = timers(st, ("lapic-timer",))
         if armed and not regs["initial_count"]:
             raise RecordError("LAPIC timer armed with an initial count of 0")
+        hw_enabled = boolean(st.get("hw_enabled", True), "hw_enabled")      # absent in older records: on
         return (LapicState(**regs, dfr=dfr, lvt=list(lvt)), flag(st, "nmi_pending"), uint(st, "timer_fires"),
-                armed.get("lapic-timer"))
+                armed.get("lapic-timer"), hw_enabled)
 
     def apply_record(self, prepared) -> None:
         """Install the registers and re-arm the timer at its saved deadline (after the clock's record)."""
-        state, self.nmi_pending, self.timer_fires, timer = prepared
+        state, self.nmi_pending, self.timer_fires, timer, self.hw_enabled = prepared
         self.state = replace(state, lvt=list(state.lvt))
         if self.clock is not None:
             self.clock.cancel(self.timer)

@@ -79,6 +79,7 @@ class EngineCore:
         uc.context_restore(vcpu._ctx)
         if vcpu._irq_request is not None:
             vcpu._irq_request.virq = vcpu._virq
+            vcpu._irq_request.nmi = vcpu._nmi_request
         # TLB entries (and the jump cache, flushed with them) are the last
         # CPU's translations of its own page tables
         uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
@@ -94,3 +95,4 @@ class EngineCore:
             uc.context_update(vcpu._ctx)
         if vcpu._irq_request is not None:
             vcpu._virq = vcpu._irq_request.virq
+            vcpu._nmi_request = vcpu._irq_request.nmi

@@ -35,7 +35,7 @@ from unicorn import x86_const as X
 
 from .hooks import guarded
 from .msr import VMCB_INT_VECTOR
-from .rawctx import OFF_HFLAGS, HF_LMA, HF_CPL_MASK
+from .rawctx import OFF_HFLAGS, OFF_HFLAGS2, HF2_NMI_MASK, HF_LMA, HF_CPL_MASK, RawContext
 from ..x86.segments import DESC_P
 
 RFLAGS_IF = 1 << 9
@@ -89,6 +89,45 @@ class InterruptDelivery:
             self.request_stop("interrupt-window")
 
     # ------------------------------------------------------------------
+    # NMI blocking: from an NMI's delivery to the next IRET
+    # ------------------------------------------------------------------
+    def nmi_blocked(self) -> bool:
+        """Are NMIs blocked (an NMI was delivered and no IRET has run since)? SDM vol. 3 §6.7.1.
+
+        The state is QEMU's ``HF2_NMI_MASK``, which QEMU's IRET clears; it is
+        part of the CPU context, so snapshots carry it. Without the exact
+        window exits (:func:`irqwindow.available`) it is never set.
+        """
+        if self._irq_request is None:
+            return False
+        ctx = self.live if self.loaded else RawContext(self._required())
+        return bool(ctx.read(OFF_HFLAGS2, "<I") & HF2_NMI_MASK)
+
+    def set_nmi_blocked(self, on: bool) -> None:
+        """Block NMIs (an NMI is being delivered) or unblock them (an IRET that faulted)."""
+        if self._irq_request is None:
+            return
+        with self.cpu_state() as ctx:
+            value = ctx.read(OFF_HFLAGS2, "<I")
+            ctx.write(OFF_HFLAGS2, "<I", value | HF2_NMI_MASK if on else value & ~HF2_NMI_MASK)
+
+    def arm_nmi_window(self) -> bool:
+        """An NMI waits while NMIs are blocked: ask for an exit right after the IRET that unblocks them.
+
+        False where this engine cannot (the NMI is then delivered at once, unblocked, as before).
+        """
+        if self._irq_request is None:
+            return False
+        self.msr.watch_nmi_window(True)
+        self._irq_request.nmi = True
+        return True
+
+    def disarm_nmi_window(self) -> None:
+        if self._irq_request is not None and self.msr.nmi_window:
+            self._irq_request.nmi = False
+            self.msr.watch_nmi_window(False)
+
+    # ------------------------------------------------------------------
     # external interrupts delivered by the CPU engine itself
     # ------------------------------------------------------------------
     @property
@@ -110,7 +149,10 @@ class InterruptDelivery:
         Python also delivers from virtual-8086 mode: QEMU sends a vm86
         interrupt whose handler segment has DPL 1 or 2 to that ring where
         x86 raises #GP, and leaves EXT out of that #GP's error code
-        (:mod:`xenicorn.x86.vm86`).
+        (:mod:`xenicorn.x86.vm86`). A task gate is left to the engine: its
+        ``switch_tss`` does the switch :mod:`xenicorn.x86.taskswitch` does
+        (docs/unicorn-notes.md says where the two differ: error codes for a
+        faulty TSS only).
         """
         m = self.machine
         return (self._irq_request is not None and not self.count_instructions and not m.tracer.on("int")

@@ -36,15 +36,18 @@ from unicorn import x86_const as X
 from .. import exits as E
 from . import icount, stopcheck
 from .startup import EngineUnsupported
-from .irqwindow import EXIT_VECTOR as IRQ_WINDOW_EXIT_VECTOR
+from .irqwindow import EXIT_VECTOR as IRQ_WINDOW_EXIT_VECTOR, NMI_EXIT_VECTOR
 from .msr import CPUID_EXIT_VECTOR, EXIT_VECTOR as MSR_EXIT_VECTOR, RDTSC_EXIT_VECTOR
-from .msr import CR_WRITE_EXIT_VECTORS, SHUTDOWN_EXIT_VECTOR
+from .msr import CR_WRITE_EXIT_VECTORS, SHUTDOWN_EXIT_VECTOR, UMIP_EXIT_VECTORS
+from .rawctx import HF2_NMI_MASK, HF_CS64, OFF_HFLAGS2
 
 NO_RIP = (1 << 64) - 1           # a hook range no instruction is at (non-canonical)
 TSC_AUX = 0xC0000103
 
 # Vectors whose exceptions push an error code (SDM vol. 3 table 6-1).
 ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
+IRET_FAULTS = frozenset({10, 11, 12, 13, 14, 17})      # #TS #NP #SS #GP #PF #AC: what an IRET can raise
+LEGACY_PREFIXES = frozenset(b"\x66\x67\xf0\xf2\xf3\x26\x2e\x36\x3e\x64\x65")
 
 
 def guarded(default):
@@ -254,6 +257,11 @@ class ExitHooks:
             self.window_exits += 1
             self.request_stop("interrupt-window")
             return
+        if intno == NMI_EXIT_VECTOR:
+            # the IRET that ends NMI blocking ran: the held NMI is delivered here (runloop)
+            self._irq_request.nmi = False        # the intercept goes in the run loop (disarm_nmi_window)
+            self.request_stop("nmi-window")
+            return
         ctx = self.live
         if intno == MSR_EXIT_VECTOR:
             write = ctx.error_code == 1
@@ -263,6 +271,10 @@ class ExitHooks:
         if intno in CR_WRITE_EXIT_VECTORS:
             ctx.consume_exception()
             self._on_cr_write(CR_WRITE_EXIT_VECTORS[intno])
+            return
+        if intno in UMIP_EXIT_VECTORS:                 # CR4.UMIP is on (msr.intercept_umip)
+            ctx.consume_exception()
+            self.machine.handle_exit(self, E.SystemRead(self.pc, UMIP_EXIT_VECTORS[intno]))
             return
         if intno == SHUTDOWN_EXIT_VECTOR:
             ctx.consume_exception()
@@ -290,10 +302,22 @@ class ExitHooks:
                 uc.reg_write(X.UC_X86_REG_RIP, rip + length)
             return
         software = ctx.exception_is_int
+        if intno in IRET_FAULTS and not software and ctx.read(OFF_HFLAGS2, "<I") & HF2_NMI_MASK:
+            self._iret_fault_unblocks_nmis(ctx)
         err = ctx.error_code if (intno in ERROR_CODE_VECTORS and not software) else None
         ctx.consume_exception()
         cr2 = uc.reg_read(X.UC_X86_REG_CR2) if intno == 14 and not software else None
         self.machine.handle_exit(self, E.Exception_(self.pc, intno, err, software, cr2))
+
+    def _iret_fault_unblocks_nmis(self, ctx) -> None:
+        """An IRET that faults still ends NMI blocking (SDM vol. 3 §6.7.1); QEMU's only clears it on success."""
+        code = self.fetch_bytes(ctx.segment(1).base + ctx.rip, 15)      # CS (ES, CS, SS, ...) base
+        i = 0
+        while i < len(code) and (code[i] in LEGACY_PREFIXES or
+                                 (ctx.hflags & HF_CS64 and 0x40 <= code[i] <= 0x4F)):
+            i += 1
+        if code[i:i + 1] == b"\xcf":
+            ctx.write(OFF_HFLAGS2, "<I", ctx.read(OFF_HFLAGS2, "<I") & ~HF2_NMI_MASK)
 
     def _on_msr(self, write: bool) -> None:
         uc = self.uc

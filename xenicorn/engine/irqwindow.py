@@ -39,6 +39,25 @@ stops the run there; Python injects the interrupt. Disarming clears both.
 :func:`available` checks all of it against behaviour: ``cli; nop; sti; nop;
 nop`` must exit exactly after the ``nop`` in STI's shadow, and a loop with
 IF=0 must not exit at all. A build where that fails keeps the block hook.
+
+The NMI window
+--------------
+After delivering an NMI the CPU blocks further NMIs until the next IRET
+(SDM vol. 3 §6.7.1); one that arrives meanwhile is held and taken right
+after that IRET. QEMU models the blocking with ``HF2_NMI_MASK`` in
+``hflags2``, which its IRET helpers (real, vm86 and protected mode) clear,
+and its NMI request (``CPU_INTERRUPT_NMI``) waits while the mask is set;
+when it is clear, the SVM NMI intercept turns the request into an exit
+(``0x161``) before QEMU would deliver it itself. So xenicorn sets the mask
+when Python delivers an NMI, and when another NMI is pending while the mask
+is set it arms the *NMI window*: the request bit and the NMI intercept. The
+guest runs on untouched until its IRET clears the mask, ends the translated
+block, and the CPU loop exits at the instruction after the IRET, where
+Python delivers the held NMI. Nothing is checked per block or per
+instruction; the intercept exists only while an NMI waits behind the mask.
+:func:`available` checks it too: ``push flags/cs/ip; iret`` in real mode
+with the mask set must exit once, at the IRET's target, and with the mask
+clear at once.
 """
 from __future__ import annotations
 
@@ -46,10 +65,14 @@ import ctypes
 import functools
 import sys
 
-from unicorn import Uc, UC_ARCH_X86, UC_MODE_64, UC_HOOK_INTR
+from unicorn import Uc, UC_ARCH_X86, UC_MODE_16, UC_MODE_64, UC_HOOK_INTR
 from unicorn import x86_const as X
 
 CPU_INTERRUPT_VIRQ = 0x100                     # CPU_INTERRUPT_TGT_INT_0 (qemu/include/exec/cpu-all.h)
+CPU_INTERRUPT_NMI = 0x200                      # CPU_INTERRUPT_TGT_EXT_3
+SVM_EXIT_NMI = 0x61
+INTERCEPT_NMI = 1 << (SVM_EXIT_NMI - 0x60)
+NMI_EXIT_VECTOR = 0x100 + SVM_EXIT_NMI
 SVM_EXIT_VINTR = 0x64
 INTERCEPT_VINTR = 1 << (SVM_EXIT_VINTR - 0x60)  # intercept word bits start at SVM_EXIT_INTR
 EXIT_VECTOR = 0x100 + SVM_EXIT_VINTR           # what UC_HOOK_INTR reports
@@ -73,6 +96,15 @@ class InterruptRequest:
     def virq(self, on: bool) -> None:
         value = self._word.value
         self._word.value = value | CPU_INTERRUPT_VIRQ if on else value & ~CPU_INTERRUPT_VIRQ
+
+    @property
+    def nmi(self) -> bool:
+        return bool(self._word.value & CPU_INTERRUPT_NMI)
+
+    @nmi.setter
+    def nmi(self, on: bool) -> None:
+        value = self._word.value
+        self._word.value = value | CPU_INTERRUPT_NMI if on else value & ~CPU_INTERRUPT_NMI
 
 
 def _exits(code: bytes) -> list[tuple[int, int]]:
@@ -98,6 +130,37 @@ def _exits(code: bytes) -> list[tuple[int, int]]:
     return seen
 
 
+def _nmi_exits(masked: bool) -> list[tuple[int, int]]:
+    """Real mode, an NMI requested with the NMI window armed: (vector, IP) of each exit."""
+    from .msr import MsrInterceptor
+    from .rawctx import RawContext, OFF_HFLAGS2, HF2_NMI_MASK
+    uc = Uc(UC_ARCH_X86, UC_MODE_16)
+    uc.mem_map(0, 0x10000)
+    # push 0 (FLAGS); push 0 (CS); push 0x1009 (IP); iret; nop; nop; hlt
+    code = bytes.fromhex("6a00" "6a00" "680910" "cf" "90" "90" "f4")
+    uc.mem_write(0x1000, code)
+    uc.reg_write(X.UC_X86_REG_SP, 0x8000)
+    request = InterruptRequest(uc)
+    svm = MsrInterceptor(uc)
+    svm.watch_nmi_window(True)
+    if masked:
+        with RawContext(uc) as ctx:
+            ctx.write(OFF_HFLAGS2, "<I", ctx.read(OFF_HFLAGS2, "<I") | HF2_NMI_MASK)
+    seen = []
+
+    def hook(uc, intno, _):
+        seen.append((intno, uc.reg_read(X.UC_X86_REG_IP)))
+        request.nmi = False
+        uc.emu_stop()
+
+    uc.hook_add(UC_HOOK_INTR, hook)
+    request.nmi = True
+    uc.emu_start(0x1000, 0x1000 + len(code))
+    if RawContext(uc).read(OFF_HFLAGS2, "<I") & HF2_NMI_MASK:
+        seen.append((-1, -1))                      # the IRET did not clear the mask
+    return seen
+
+
 @functools.cache
 def available() -> bool:
     """Does this Unicorn build give exact interrupt-window exits? (checked once per process)"""
@@ -106,6 +169,10 @@ def available() -> bool:
         opened = _exits(bytes.fromhex("fa90fb9090f4"))
         # cli; mov ecx, 1000; l: dec ecx; jnz l; hlt: never opens
         closed = _exits(bytes.fromhex("fab9e8030000ffc975fcf4"))
+        # the NMI window: held until the IRET, then an exit at its target; at once when not blocked
+        nmi_after_iret = _nmi_exits(masked=True)
+        nmi_at_once = _nmi_exits(masked=False)
     except Exception:                              # noqa: BLE001 - any failure: keep the block hook
         return False
-    return opened == [(EXIT_VECTOR, 0x1004)] and closed == []
+    return (opened == [(EXIT_VECTOR, 0x1004)] and closed == []
+            and nmi_after_iret == [(NMI_EXIT_VECTOR, 0x1009)] and nmi_at_once == [(NMI_EXIT_VECTOR, 0x1000)])

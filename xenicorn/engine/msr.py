@@ -18,8 +18,10 @@ window closed the check is a single untaken branch: nothing is paid in steady
 state. With it open, plain code runs about 9% slower (measured: a register
 loop with the window open and closed, as ``benchmarks/compute.py`` runs it), so the window is open only while
 someone needs it: the Xen layer from the guest's CPUID 0x40000002 query until
-it writes the hypercall-page MSR, a kernel until its user mode starts, or
-CPUID faulting while it is on (then CPUID is intercepted too).
+it writes the hypercall-page MSR, a kernel until its user mode starts,
+CPUID faulting while it is on (then CPUID is intercepted too), or the
+guest's CR4.UMIP while it is set (then SGDT, SIDT, SLDT, STR and SMSW are:
+:meth:`MsrInterceptor.intercept_umip`).
 
 The VMCB and its 8 KiB MSR permission map live in three pages mapped at
 :data:`SHADOW_BASE`, above any RAM the guest is given. MSRs outside the map's
@@ -33,7 +35,7 @@ import functools
 
 from typing import Callable
 
-from .irqwindow import INTERCEPT_VINTR
+from .irqwindow import INTERCEPT_NMI, INTERCEPT_VINTR
 from .rawctx import RawContext
 
 SHADOW_BASE = 0xFD_0000_0000          # below the 40-bit physical limit CPUID reports
@@ -53,9 +55,14 @@ INTERCEPT_RDTSC = 1 << 14             # SVM_EXIT_RDTSC (0x6E) - SVM_EXIT_INTR
 RDTSC_EXIT_VECTOR = 0x100 + 0x6E      # what UC_HOOK_INTR reports for an intercepted RDTSC
 INTERCEPT_CPUID = 1 << 18             # SVM_EXIT_CPUID (0x72) - SVM_EXIT_INTR
 CPUID_EXIT_VECTOR = 0x100 + 0x72      # what UC_HOOK_INTR reports for an intercepted CPUID
+OFF_INTERCEPT_CR_READ = 5528          # CPUX86State.intercept_cr_read (u16: bit n = CRn)
 OFF_INTERCEPT_CR_WRITE = 5530         # CPUX86State.intercept_cr_write (u16: bit n = CRn)
 SVM_EXIT_WRITE_CR0 = 0x10
 CR_WRITE_EXIT_VECTORS = {0x100 + SVM_EXIT_WRITE_CR0 + n: n for n in (0, 4)}   # MOV CRn / LMSW / CLTS
+# UMIP (:mod:`xenicorn.machine.umip`): SIDT, SGDT, SLDT, STR (SVM_EXIT_IDTR_READ 0x66 .. TR_READ 0x69,
+# intercept bits 6..9) and SMSW, which QEMU checks as a CR0 read (SVM_EXIT_READ_CR0 0x00, as MOV from CR0 is)
+INTERCEPT_UMIP = (1 << 6) | (1 << 7) | (1 << 8) | (1 << 9)
+UMIP_EXIT_VECTORS = {0x100: "cr0", 0x166: "sidt", 0x167: "sgdt", 0x168: "sldt", 0x169: "str"}
 SHUTDOWN_EXIT_VECTOR = 0x100 + 0x7F   # SVM_EXIT_SHUTDOWN: a triple fault while HF_GUEST is set
 
 _RANGES = ((0x0, 0x0000), (0xC0000000, 0x0800), (0xC0010000, 0x1000))   # (first MSR, byte offset)
@@ -98,6 +105,7 @@ class MsrInterceptor:
         self.exits = 0
         self.extra = 0                     # more intercepts while open (RDTSC)
         self.interrupt_window = False      # the VINTR intercept (:mod:`irqwindow`)
+        self.nmi_window = False            # the NMI intercept (:mod:`irqwindow`, the NMI window)
         self.cr_writes = 0                 # CR write intercepts (bit n: CRn), see watch_cr_writes
         self._set(False)                   # points vm_vmcb at our VMCB
 
@@ -137,6 +145,12 @@ class MsrInterceptor:
             self.interrupt_window = on
             self._set(self.is_open)
 
+    def watch_nmi_window(self, on: bool) -> None:
+        """Add or remove the NMI intercept (the NMI window, :mod:`irqwindow`); like the VINTR one."""
+        if on != self.nmi_window:
+            self.nmi_window = on
+            self._set(self.is_open)
+
     def _set(self, on: bool) -> None:
         if self.vcpu is not None and not self.vcpu.loaded:
             self._stale = True                  # applied when the vCPU is next loaded
@@ -144,6 +158,8 @@ class MsrInterceptor:
         intercepts = (INTERCEPT_MSR_PROT | self.extra) if on else 0
         if self.interrupt_window:
             intercepts |= INTERCEPT_VINTR
+        if self.nmi_window:
+            intercepts |= INTERCEPT_NMI
         with RawContext(self.uc) as ctx:
             hf = ctx.hflags
             ctx.hflags = hf | HF_GUEST if intercepts else hf & ~HF_GUEST
@@ -154,6 +170,7 @@ class MsrInterceptor:
             # with only the interrupt window: the checks then follow the guest's
             # own steps (its CPUID leaf-7 query, its first SYSCALL), not timing
             ctx.write(OFF_INTERCEPT_CR_WRITE, "<H", self.cr_writes if on else 0)
+            ctx.write(OFF_INTERCEPT_CR_READ, "<H", 1 if on and self.extra & INTERCEPT_UMIP else 0)
 
     def watch_cr_writes(self, crs: int) -> None:
         """Intercept writes to the control registers in the bit mask ``crs`` (bit n: CRn).
@@ -196,6 +213,25 @@ class MsrInterceptor:
             self.close("cpuid-faulting")
         self._set(self.is_open)
 
+    def intercept_umip(self, on: bool) -> None:
+        """Trap SGDT, SIDT, SLDT, STR and SMSW (and MOV from CR0) while the guest has CR4.UMIP set.
+
+        QEMU's translator emits an intercept check before each of them only
+        into blocks translated with HF_GUEST (the block's flags), and the
+        check itself tests the intercept bits at run time: SIDT..STR reach
+        UC_HOOK_INTR as 0x166..0x169, SMSW and MOV from CR0 both as 0x100
+        (the CR0-read intercept, ``intercept_cr_read`` bit 0), with RIP at
+        the instruction. The window stays open while UMIP is on, so CR
+        writes are checked too and the write that clears UMIP is seen.
+        """
+        if on:
+            self.extra |= INTERCEPT_UMIP
+            self.open("umip")
+        else:
+            self.extra &= ~INTERCEPT_UMIP
+            self.close("umip")
+        self._set(self.is_open)
+
     def reassert(self) -> None:
         """Re-apply the window after something replaced the whole CPU state."""
         self._stale = False
@@ -209,33 +245,47 @@ class MsrInterceptor:
 
 @functools.cache
 def selftest() -> None:
-    """Check, once per process, that an open window really traps WRMSR 0x40000000.
+    """Check, once per process, that an open window really traps what xenicorn intercepts.
 
-    This is the probe of :data:`OFF_VM_VMCB`, :data:`OFF_INTERCEPT` and
-    :data:`HF_GUEST`: with any of them wrong the WRMSR is not intercepted
-    (or faults), and the exits seen differ.
+    This is the probe of :data:`OFF_VM_VMCB`, :data:`OFF_INTERCEPT`,
+    :data:`HF_GUEST`, :data:`OFF_INTERCEPT_CR_READ` and
+    :data:`OFF_INTERCEPT_CR_WRITE`: WRMSR 0x40000000, SGDT, SMSW (a CR0
+    read) and MOV to CR4 must each exit, with RIP at the instruction; with
+    any field wrong an instruction is not intercepted (or faults), and the
+    exits seen differ. With the UMIP intercepts off again, SGDT runs.
     """
     from unicorn import Uc, UC_ARCH_X86, UC_MODE_64, UC_HOOK_INTR
     from unicorn import x86_const as X
     from .rawctx import UnsupportedUnicornBuild
     uc = Uc(UC_ARCH_X86, UC_MODE_64)
     uc.mem_map(0, 0x10000)
-    # mov ecx, 0x40000000 ; mov eax, 0x1000 ; xor edx, edx ; wrmsr ; hlt
-    code = bytes.fromhex("b900000040" "b800100000" "31d2" "0f30" "f4")
+    # mov ecx, 0x40000000 ; mov eax, 0x1000 ; xor edx, edx ; wrmsr ; sgdt [0x3000] ; smsw eax ;
+    # mov cr4, rax ; hlt
+    code = bytes.fromhex("b900000040" "b800100000" "31d2" "0f30" "0f01042500300000" "0f01e0" "0f22e0" "f4")
+    lengths = {0x100C: 2, 0x100E: 8, 0x1016: 3, 0x1019: 3}
     uc.mem_write(0x1000, code)
     icpt = MsrInterceptor(uc)
     icpt.open("selftest")
+    icpt.intercept_umip(True)
+    icpt.watch_cr_writes(1 << 4)
     seen = []
 
     def hook(uc, intno, _):
         ctx = RawContext(uc)
-        seen.append((intno, ctx.error_code, uc.reg_read(X.UC_X86_REG_RIP)))
+        rip = uc.reg_read(X.UC_X86_REG_RIP)
+        seen.append((intno, ctx.error_code, rip))
         ctx.consume_exception()
         ctx.commit()
-        uc.reg_write(X.UC_X86_REG_RIP, uc.reg_read(X.UC_X86_REG_RIP) + 2)
+        uc.reg_write(X.UC_X86_REG_RIP, rip + lengths.get(rip, 1))
 
     uc.hook_add(UC_HOOK_INTR, hook)
     uc.emu_start(0x1000, 0x1000 + len(code))
-    if seen != [(EXIT_VECTOR, 1, 0x1000 + 12)]:
+    icpt.intercept_umip(False)
+    uc.reg_write(X.UC_X86_REG_GDTR, (0, 0x12345678, 0x1F, 0))
+    uc.mem_write(0x2000, code[14:22] + b"\xf4")
+    uc.emu_start(0x2000, 0x2009)                     # SGDT again, not intercepted now
+    stored = bytes(uc.mem_read(0x3000, 10))
+    expected = [(EXIT_VECTOR, 1, 0x100C), (0x167, 0, 0x100E), (0x100, 0, 0x1016), (0x114, 0, 0x1019)]
+    if seen != expected or stored != bytes.fromhex("1f00" "7856341200000000"):
         raise UnsupportedUnicornBuild(f"MSR intercept window does not work on this Unicorn build (exits seen: "
-                                      f"{seen}); install unicorn==2.1.4")
+                                      f"{seen}, SGDT stored {stored.hex()}); install unicorn==2.1.4")

@@ -66,6 +66,7 @@ _HDR = 40
 OFF_REGS = 0              # target_ulong regs[16]
 OFF_EIP = 128
 OFF_HFLAGS = 176
+OFF_HFLAGS2 = 180         # uint32_t hflags2, right after hflags (checked by irqwindow.available)
 OFF_SEGS = 184            # SegmentCache segs[6]: ES CS SS DS FS GS
 OFF_LDT = 328
 OFF_TR = 352
@@ -94,6 +95,7 @@ HF_ADDSEG = 1 << 6
 HF_PE = 1 << 7
 HF_LMA = 1 << 14
 HF_CS64 = 1 << 15
+HF2_NMI_MASK = 1 << 2     # hflags2: NMIs blocked (an NMI handler runs; the next IRET clears it)
 
 _STRUCTS: dict[str, struct.Struct] = {}
 

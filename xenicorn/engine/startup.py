@@ -29,7 +29,8 @@ rawctx.feature_selftest    the engine CPU's feature words and XCR0 (run
                            ``default`` is built: cpufeatures.new_engine)
 irqwindow.available        nothing: a failure only falls back to a block
                            hook for the interrupt window (~14x slower
-                           while it is armed), said once on stderr
+                           while it is armed), and NMIs are then not
+                           blocked until IRET; said once on stderr
 =========================  ==============================================
 
 A failure raises :class:`EngineUnsupported`, the one error class of the

@@ -132,6 +132,7 @@ class VCpu(ExitHooks, InterruptDelivery, MemoryMap):
         self.uc = core.uc
         self._ctx = None                         # the saved CPU state while another vCPU is loaded
         self._virq = False                       # its virtual-interrupt request, while not loaded
+        self._nmi_request = False                # its NMI-window request, while not loaded
         core.adopt(self)
         if owner:
             self._keep_callbacks_alive(self.uc)
@@ -402,6 +403,7 @@ class VCpu(ExitHooks, InterruptDelivery, MemoryMap):
             ctx.set_segment("tr", SegmentCache(0x20, 0, 0x67, (1 << 15) | (0xB << 8)))
             ctx.set_segment("ldt", SegmentCache(0, 0, 0xFFFF, (1 << 15) | (0x2 << 8)))
             ctx.set_cpl(0)
+        self.set_nmi_blocked(False)                  # INIT ends NMI blocking (QEMU's x86_cpu_reset too)
         self.set_descriptor_table("gdtr", 0, 0xFFFF)
         self.set_descriptor_table("idtr", 0, 0xFFFF)
         for r in ("rax", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11",
@@ -465,6 +467,7 @@ class VCpu(ExitHooks, InterruptDelivery, MemoryMap):
             ctx.set_segment("tr", SegmentCache(0, 0, 0xFFFF, DESC_P | (0xB << 8)))
             ctx.set_segment("ldt", SegmentCache(0, 0, 0xFFFF, DESC_P | (0x2 << 8)))
             ctx.set_cpl(0)
+        self.set_nmi_blocked(False)                  # INIT ends NMI blocking (QEMU's x86_cpu_reset too)
         self.set_descriptor_table("gdtr", 0, 0xFFFF)
         self.set_descriptor_table("idtr", 0, 0xFFFF)
         for r in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10", "r11",

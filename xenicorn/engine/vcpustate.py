@@ -2,7 +2,8 @@
 
 A vCPU's state is in two places. Unicorn holds the CPU itself in QEMU's
 ``CPUX86State`` (registers, segment caches, hflags with CPL and mode, CRs,
-EFER and the other MSRs, FPU/SSE, the MSR/RDTSC intercept fields);
+EFER and the other MSRs, FPU/SSE, the MSR/RDTSC intercept fields, and in
+hflags2 whether NMIs are blocked until the next IRET);
 ``uc.context_save()`` copies it out and ``context_restore`` back in, and
 the bytes carry over to a fresh engine of the same Unicorn build
 (docs/unicorn-notes.md; :func:`context_bytes`). Python keeps the rest:
@@ -17,7 +18,8 @@ halted, sleep_kind   HLT / SCHEDOP_block / SCHEDOP_poll: the run loop
 mmio_pages           pages routed to the MMIO bus on demand (an access to
                      unassigned space maps one, reads float high there)
 msr                  the MSR window's open interests, extra intercepts
-                     (RDTSC in deterministic mode) and exit count
+                     (RDTSC in deterministic mode, CPUID faulting's, UMIP's
+                     while the guest has CR4.UMIP set) and exit count
 msr-shadow (blob)    the VMCB and MSR permission map pages of the window
 cpuid_faulting       MISC_FEATURES_ENABLES bit 0 (machine/cpuidfault.py);
                      absent in older records: off
@@ -36,7 +38,7 @@ from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
 from ..records import (RecordError, blob, boolean, field, flag, integer, listing, make_record, open_record, optional,
                        text, uint)
-from .msr import INTERCEPT_CPUID, INTERCEPT_RDTSC, SHADOW_SIZE
+from .msr import INTERCEPT_CPUID, INTERCEPT_RDTSC, INTERCEPT_UMIP, SHADOW_SIZE
 from .rawctx import RawContext
 
 UNICORN_VERSION = unicorn.__version__
@@ -117,10 +119,12 @@ class VcpuRecord:
         interests = listing(msr, "interests", 64)
         if not all(isinstance(i, str) and len(i) <= 64 for i in interests):
             raise RecordError("MSR window interests are not names")
-        extra = uint(msr, "extra", 64, reserved=~(INTERCEPT_RDTSC | INTERCEPT_CPUID))
+        extra = uint(msr, "extra", 64, reserved=~(INTERCEPT_RDTSC | INTERCEPT_CPUID | INTERCEPT_UMIP))
         cpuid_faulting = boolean(st.get("cpuid_faulting", False), "cpuid_faulting")
         if cpuid_faulting != bool(extra & INTERCEPT_CPUID):
             raise RecordError("CPUID faulting and the CPUID intercept disagree")
+        if extra & INTERCEPT_UMIP not in (0, INTERCEPT_UMIP) or bool(extra & INTERCEPT_UMIP) != ("umip" in interests):
+            raise RecordError("the UMIP intercepts and the window's UMIP interest disagree")
         context = blob(record, "context", context_size(v.uc))
         if any(context[off:off + size] != bytes(size) for off, size in HOST_POINTERS):
             raise RecordError("vCPU context holds host pointers")
@@ -146,6 +150,7 @@ class VcpuRecord:
             start = prev = page
         v._required()                 # loaded: the context goes into the engine
         v.disarm_interrupt_window()
+        v.disarm_nmi_window()         # the run loop arms it again if an NMI still waits behind the mask
         context_into(v.uc, p["context"])
         v.uc.mem_write(v.msr.base, p["shadow"])
         v.instructions = p["instructions"]

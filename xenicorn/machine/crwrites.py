@@ -14,6 +14,7 @@ from __future__ import annotations
 from .. import exits as E
 from ..x86 import crcheck
 from ..x86.interrupts import EventType
+from . import umip
 
 CHECKED_CRS = (1 << 0) | (1 << 4)
 
@@ -65,6 +66,8 @@ class CrWriteChecker:
         if why is not None:
             return self._fault(vcpu, why)
         vcpu.set_reg(f"cr{ex.cr}", value)
+        if ex.cr == 4:
+            umip.sync(vcpu, value)                # CR4.UMIP arms the SGDT & co. intercepts (umip.py)
         vcpu.pc = ex.pc + ex.length
         return E.Action.CONTINUE
 

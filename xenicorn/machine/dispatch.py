@@ -13,6 +13,8 @@ PortIO, Mmio           the bus finds the device at that port or address
 Cpuid                  the CPUID policy answers (and watches leaf 7)
 Msr                    the handler registered for that MSR, else reads 0
 CrWrite                checked (crwrites.py): performed, or #GP(0)
+SystemRead             SGDT/SIDT/SLDT/STR/SMSW with CR4.UMIP (umip.py):
+                       #GP(0) at CPL > 0, else performed
 Hlt                    the vCPU sleeps until an interrupt
 InvalidInstruction     #UD through the IDT (with ``hvm_fep``: a forced
                        emulation prefix first, x86/fep.py)
@@ -33,7 +35,7 @@ from __future__ import annotations
 import collections
 
 from .. import exits as E
-from . import cpuidfault
+from . import cpuidfault, umip
 from ..x86.cpuid import ARCH_CAPABILITIES, LEAF7_EDX_ARCH_CAPABILITIES, MSR_ARCH_CAPABILITIES
 from ..x86.crcheck import MSR_EFER
 from ..x86.interrupts import EventType, TripleFault, deliver
@@ -48,6 +50,7 @@ RECENT_EXITS = 12                  # exits kept for the report after a crash or 
 ARCH_CAPABILITIES_INTEREST = "arch-capabilities"     # the MSR window while the kernel starts
 KERNEL_START_INTEREST = "kernel-start"                # the same, from power-on (IA32_APIC_BASE)
 MSR_IA32_APICBASE = 0x1B
+LEAF1_EDX_APIC = 1 << 9
 APICBASE_BSP, APICBASE_EN = 1 << 8, 1 << 11              # bit 10 (x2APIC's EXTD) is reserved here
 APICBASE_ADDR = ((1 << 40) - 1) & ~0xFFF                 # the page's address, below MAXPHYADDR (40)
 
@@ -74,6 +77,7 @@ class ExitDispatcher:
             E.Cpuid: self._cpuid,
             E.Msr: self._msr,
             E.CrWrite: self.crwrites.cr_write,
+            E.SystemRead: lambda vcpu, ex: umip.system_read(self, vcpu, ex),
             E.Hlt: self._hlt,
             E.InvalidInstruction: self._invalid,
             E.Hypercall: self._hypercall,
@@ -168,6 +172,10 @@ class ExitDispatcher:
             ex.result = m.cpuid.query(ex.leaf, ex.subleaf, vcpu.index, cr4=vcpu.reg("cr4"), xcr0=vcpu.xcr0())
         else:
             ex.result = m.cpuid.query(ex.leaf, ex.subleaf, vcpu.index)
+        if ex.leaf == 1 and not m.lapics[vcpu.index].hw_enabled:
+            # a globally disabled APIC is not there (xen/arch/x86/cpuid.c clears it too)
+            a, b, c, d = ex.result
+            ex.result = (a, b, c, d & ~LEAF1_EDX_APIC)
         if ex.leaf == 7 and ex.result[3] & LEAF7_EDX_ARCH_CAPABILITIES:
             # The kernel is looking at its features and may read the MSR (Unicorn
             # would answer 0, "vulnerable to everything"): catch it until user mode.
@@ -200,22 +208,26 @@ class ExitDispatcher:
 
         Unicorn has no APIC device and answers 0, "APIC globally disabled",
         which kvm-unit-tests' apic test asserts against. The value here is
-        the machine's: the page at 0xFEE00000, enabled, BSP on vCPU 0. A write
-        with a reserved bit set (0-7, 9, above the 40 physical address bits,
-        or x2APIC's EXTD, bit 10, which CPUID does not offer) is #GP; a
-        write that keeps base and enable changes nothing; moving the page or
-        disabling the APIC is not modelled (traced, and the APIC stays).
-        Read only while the MSR window is open (the kernel's start-up).
+        the machine's: the page at 0xFEE00000, the APIC's global enable, BSP
+        on vCPU 0. A write with a reserved bit set (0-7, 9, above the 40
+        physical address bits, or x2APIC's EXTD, bit 10, which CPUID does
+        not offer) is #GP (Xen: ``guest_wrmsr_apic_base``). Clearing EN
+        disables the APIC globally and setting it again resets it
+        (devices/lapic.py ``set_hw_enabled``); moving the page is not
+        modelled (traced, and the APIC stays). Read and written only while
+        the MSR window is open (the kernel's start-up).
         """
-        value = LAPIC_BASE | APICBASE_EN | (APICBASE_BSP if vcpu.index == 0 else 0)
+        lapic = self.machine.lapics[vcpu.index]
+        value = LAPIC_BASE | (APICBASE_EN if lapic.hw_enabled else 0) | (APICBASE_BSP if vcpu.index == 0 else 0)
         if not ex.write:
             ex.value = value
             return E.Action.CONTINUE
         if ex.value & ~(APICBASE_ADDR | APICBASE_EN | APICBASE_BSP):
             return self.deliver(vcpu, 13, EventType.HARDWARE_EXCEPTION, 0)
-        if (ex.value ^ value) & ~APICBASE_BSP and self.machine.tracer.on("io"):
-            self.machine.tracer.emit("io", f"WRMSR IA32_APIC_BASE {ex.value:#x}: moving or disabling the "
-                                           "local APIC is not modelled")
+        lapic.set_hw_enabled(bool(ex.value & APICBASE_EN))
+        if (ex.value ^ value) & APICBASE_ADDR and self.machine.tracer.on("io"):
+            self.machine.tracer.emit("io", f"WRMSR IA32_APIC_BASE {ex.value:#x}: moving the local APIC "
+                                           "is not modelled")
         return E.Action.CONTINUE
 
     def _hlt(self, vcpu, ex: E.Hlt) -> E.Action:
@@ -269,7 +281,10 @@ class ExitDispatcher:
 
     def _syscall(self, vcpu, ex: E.Syscall) -> E.Action:
         # User mode has started: the kernel has read its capabilities. Close the
-        # MSR window they needed (an open window slows plain code ~9%).
+        # MSR window they needed (an open window slows plain code ~9%); CR4
+        # writes are not seen after that, so look at UMIP once more (umip.py).
+        if vcpu.msr.interests & {ARCH_CAPABILITIES_INTEREST, KERNEL_START_INTEREST}:
+            umip.sync(vcpu, vcpu.reg("cr4"))
         vcpu.msr.close(ARCH_CAPABILITIES_INTEREST)
         vcpu.msr.close(KERNEL_START_INTEREST)
         from ..x86 import syscall

@@ -303,7 +303,7 @@ class RunLoop:
         if vcpu.wait_for_sipi or vcpu.down:
             return False                                 # only a SIPI (or VCPUOP_up) starts it
         src = m.interrupt_source_of(vcpu)
-        if getattr(src, "nmi_pending", False):
+        if getattr(src, "nmi_pending", False) and not vcpu.nmi_blocked():
             return True
         direct = any(s.direct_pending(vcpu.index) is not None for s in m.direct_sources)
         if (direct or (src is not None and src.pending())) and vcpu.reg("rflags") & RFLAGS_IF:
@@ -327,10 +327,18 @@ class RunLoop:
         m = self.machine
         src = m.interrupt_source_of(vcpu)
         if getattr(src, "nmi_pending", False):
-            src.nmi_pending = False
-            vcpu.halted = False
-            self._deliver(vcpu, 2, EventType.NMI)
-            return
+            # After an NMI, NMIs are blocked until the next IRET (SDM vol. 3
+            # §6.7.1): one arriving meanwhile waits, and an exit right after
+            # that IRET delivers it (the NMI window, engine/irqwindow.py).
+            if not (vcpu.nmi_blocked() and vcpu.arm_nmi_window()):
+                vcpu.disarm_nmi_window()
+                src.nmi_pending = False
+                vcpu.halted = False
+                vcpu.set_nmi_blocked(True)
+                self._deliver(vcpu, 2, EventType.NMI)
+                return
+        elif vcpu.msr.nmi_window:
+            vcpu.disarm_nmi_window()
         if vcpu.engine_delivery_pending:
             return                      # one at a time: the engine takes it as the next run starts
         direct, owner = None, None

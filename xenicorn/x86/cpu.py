@@ -29,6 +29,9 @@ class CpuState(Protocol):
     def load_segments(self, **caches: SegmentCache) -> None:
         """Load segment caches as a segment load does: CS sets the code size, SS the CPL."""
 
+    def set_segment(self, name: str, cache: SegmentCache) -> None:
+        """Store one cache as it is (``"tr"``, ``"ldt"``: a task switch loads them)."""
+
     @property
     def cpl(self) -> int:
         """The current privilege level (SS.DPL; CS.RPL outside real mode)."""

@@ -11,6 +11,8 @@ Feature bits advertised (SDM vol. 2A, CPUID):
 leaf 1 EDX     FPU DE PSE TSC MSR PAE MCE CX8 APIC SEP MTRR PGE MCA CMOV
                PAT PSE36 CLFSH MMX FXSR SSE SSE2
 leaf 1 ECX     SSE3, CX16, POPCNT, and bit 31 "hypervisor present"
+leaf 7 ECX     UMIP: SGDT/SIDT/SLDT/STR/SMSW #GP at CPL > 0 with CR4.UMIP
+               (the engine lacks it; xenicorn adds it, machine/umip.py)
 leaf 7 EDX     ARCH_CAPABILITIES: the MSR (0x10A) that says which speculative-
                execution flaws the CPU does not have (:data:`ARCH_CAPABILITIES`)
 0x80000001     EDX: SYSCALL, NX, LM; ECX: LAHF/SAHF
@@ -59,6 +61,8 @@ LEAF1_ECX = (1 << 0) | (1 << 13) | (1 << 23) | (1 << 31)
 EXT1_EDX = (1 << 11) | (1 << 20) | (1 << 29)
 EXT1_ECX = 1 << 0
 LEAF7_EDX_ARCH_CAPABILITIES = 1 << 29
+LEAF7_ECX_UMIP = 1 << 2               # x86/umip.py, machine/umip.py
+LEAF7_ECX = LEAF7_ECX_UMIP
 MSR_ARCH_CAPABILITIES = 0x10A
 # IA32_ARCH_CAPABILITIES (SDM vol. 4, table 2-2; Linux's msr-index.h names):
 # RDCL_NO 0 (no Meltdown), SSB_NO 4, MDS_NO 5, PSCHANGE_MC_NO 6, TAA_NO 8,
@@ -86,7 +90,7 @@ class CpuidPolicy:
         if m.is_default:
             return None
         return {"leaf1_edx": m.word("leaf1_edx", LEAF1_EDX), "leaf1_ecx": m.word("leaf1_ecx", LEAF1_ECX),
-                "leaf7_ebx": m.word("leaf7_ebx", 0), "leaf7_ecx": m.word("leaf7_ecx", 0),
+                "leaf7_ebx": m.word("leaf7_ebx", 0), "leaf7_ecx": m.word("leaf7_ecx", LEAF7_ECX),
                 "leaf7_edx": m.word("leaf7_edx", LEAF7_EDX_ARCH_CAPABILITIES),
                 "ext1_edx": m.word("ext1_edx", EXT1_EDX), "ext1_ecx": m.word("ext1_ecx", EXT1_ECX),
                 "xsave_eax": m.word("xsave_eax", 0), "xcr0": m.xcr0}
@@ -123,7 +127,7 @@ class CpuidPolicy:
             if sub != 0:
                 return (0, 0, 0, 0)
             m = self.model
-            ecx = m.word("leaf7_ecx", 0)
+            ecx = m.word("leaf7_ecx", LEAF7_ECX)
             if ecx & 1 << 3 and cr4 & cpumodel.CR4_PKE:
                 ecx |= cpumodel.LEAF7_ECX_OSPKE
             return (0, m.word("leaf7_ebx", 0), ecx, m.word("leaf7_edx", LEAF7_EDX_ARCH_CAPABILITIES))

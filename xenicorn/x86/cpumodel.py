@@ -30,8 +30,9 @@ knows HLT), MPX (gone from the architecture; it would bring two XCR0
 components and a bounds-config MSR to model), LA57
 (xenicorn's page walker has no 5-level paging), SVM (nested
 virtualisation), 3DNow!, SSE4A and the AMD MMX extensions (AMD-only),
-XSAVEC/XSAVES (not in TCG). UMIP, PKS, RDPID, PCID, INVPCID, AVX: not in
-this TCG at all.
+XSAVEC/XSAVES (not in TCG). PKS, RDPID, PCID, INVPCID, AVX: not in this
+TCG at all. UMIP is not in TCG either; xenicorn adds it itself, in every
+model (:mod:`xenicorn.machine.umip`), so it is no ``+feat`` here.
 
 ``+feat``/``-feat`` use QEMU's feature names (``-cpu max,-pku``). Taking a
 feature away takes what depends on it too, as QEMU's feature dependencies

@@ -247,6 +247,11 @@ def forced_emulation(vcpu, registers) -> Forced | None:
         vcpu.pc = rip + insn.size
         return Forced(rip + insn.size, text, (GP, 0))
     fault = None
+    if (insn.mnemonic.split()[-1] in ("sgdt", "sidt", "sldt", "str", "smsw") and ctx.cr(4) & (1 << 11)
+            and (ss.dpl > 0 or vcpu.reg("rflags") & (1 << 17))):
+        # CR4.UMIP: the emulator's own check (xen/arch/x86/x86_emulate/x86_emulate.c and 0f01.c,
+        # umip_active(): CR4.UMIP and CPL > 0 -> #GP(0)), before any operand is looked at
+        return Forced(rip, text, (GP, 0))
     if ctx.cr(0) & 1 and not vcpu.reg("rflags") & (1 << 17):     # protected mode, not virtual-8086
         def read_reg(name: str) -> int:
             try:

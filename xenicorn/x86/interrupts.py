@@ -47,6 +47,7 @@ from ..machine.memory import GuestMemoryError
 from .cpu import Vcpu
 from .paging import PageFault, PagingRegs, translate
 from .segments import SegmentCache, DESC_B, DESC_L, DESC_P, DESC_S, DESC_DPL_SHIFT
+from .taskswitch import switch_through_gate
 from .vm86 import vm86_handler_check, vm86_int_check, vm86_null_segments, vm86_saved_segments
 
 IF, TF, NT, RF, VM, AC = 1 << 9, 1 << 8, 1 << 14, 1 << 16, 1 << 17, 1 << 18
@@ -84,6 +85,7 @@ class _Fault(Exception):
     def __init__(self, vector: int, error_code: int | None = 0, cr2: int | None = None, why: str = ""):
         super().__init__(why)
         self.vector, self.error_code, self.cr2, self.why = vector, error_code, cr2, why
+        self.in_new_task = False          # raised after a task switch committed (:mod:`.taskswitch`)
 
 
 def vector_name(v: int) -> str:
@@ -105,6 +107,7 @@ class Delivery:
     pushed: list[tuple[str, int]] = field(default_factory=list)
     chain: list[str] = field(default_factory=list)   # earlier events that turned into this one
     loads: dict = field(default_factory=dict)        # other segment registers loaded (vm86: nulls)
+    task: dict = field(default_factory=dict)         # a task gate's switch: old_tr, new_tr, tss_bits
 
     def summary(self) -> str:
         err = f" err={self.error_code:#x}" if self.error_code is not None else ""
@@ -113,7 +116,8 @@ class Delivery:
                 f"{self.old.get('cs', 0):#x}:{self.old.get('rip', 0):#x} cpl{self.old.get('cpl', 0)} -> "
                 f"{self.new.get('cs', 0):#x}:{self.new.get('rip', 0):#x} cpl{self.new.get('cpl', 0)}, "
                 f"stack {self.new.get('ss', 0):#x}:{self.new.get('rsp', 0):#x}"
-                + (" (switched)" if self.stack_switched else ""))
+                + (" (switched)" if self.stack_switched else "")
+                + (f", task switch TR {self.task['old_tr']:#x} -> {self.task['new_tr']:#x}" if self.task else ""))
 
 
 class _Cpu:
@@ -220,8 +224,6 @@ def _check_gate(cpu: _Cpu, gate: dict, vector: int, etype: EventType, ext: int) 
         raise _Fault(13, (vector << 3) | 2, why=f"INT {vector:#x} from CPL{cpu.cpl} through a DPL{gate['dpl']} gate")
     if not gate["present"]:
         raise _Fault(11, err, why=f"IDT gate {vector:#x} not present")
-    if kind == GATE_TASK:
-        raise TripleFault(f"{vector_name(vector)} goes through a task gate, which xenicorn does not support")
 
 
 def _target_code_segment(cpu: _Cpu, gate: dict, ext: int) -> SegmentCache:
@@ -300,12 +302,16 @@ def _deliver_real(cpu: _Cpu, rec: Delivery) -> tuple:
     return frame, pieces, new_cs, None, (cpu.rsp & ~0xFFFF) | sp, new_flags, ip
 
 
-def _deliver_protected(cpu: _Cpu, rec: Delivery, ext: int) -> tuple:
+def _deliver_protected(cpu: _Cpu, rec: Delivery, ext: int) -> tuple | None:
     """Protected mode (SDM vol. 3 §6.12.1): same-privilege or inter-privilege."""
     if cpu.rflags & VM and rec.etype is EventType.SOFTWARE_INTERRUPT and _soft_int_length(cpu, rec.vector) == 2:
         vm86_int_check(cpu.rflags, _Fault)
     gate = _read_gate(cpu, rec.vector, ext)
     _check_gate(cpu, gate, rec.vector, rec.etype, ext)
+    if gate["type"] == GATE_TASK:                # no frame: the whole task changes (§6.11.1, §7.3)
+        rec.mode, rec.gate = "protected", {"kind": "task", **gate}
+        switch_through_gate(cpu, rec, gate, ext, _pushed_flags(cpu, rec.vector, rec.etype), _Fault, _Cpu)
+        return None
     code = _target_code_segment(cpu, gate, ext)
     vm86 = bool(cpu.rflags & VM)
     if vm86:
@@ -491,7 +497,8 @@ def deliver(vcpu: Vcpu, vector: int, etype: EventType, error_code: int | None = 
                 parts = _deliver_protected(cpu, rec, ext)
         except _Fault as f:
             chain.append(f"{vector_name(vector)} ({f.why})")
-            if etype in (EventType.SOFTWARE_INTERRUPT, EventType.PRIVILEGED_SOFTWARE_EXCEPTION):
+            if etype in (EventType.SOFTWARE_INTERRUPT, EventType.PRIVILEGED_SOFTWARE_EXCEPTION) \
+                    and not f.in_new_task:
                 # A fault while delivering INT n / INT3 / INTO / ICEBP is the instruction's
                 # fault: its frame points at the instruction, not past it (SDM
                 # vol. 3 §6.5: a fault's saved EIP is the faulting instruction),
@@ -508,7 +515,8 @@ def deliver(vcpu: Vcpu, vector: int, etype: EventType, error_code: int | None = 
             if vector == 14 and pending_cr2 is not None:
                 vcpu.set_reg("cr2", pending_cr2)
             continue
-        _apply(vcpu, cpu, *parts, rec)
+        if parts is not None:                    # None: a task switch, already committed
+            _apply(vcpu, cpu, *parts, rec)
         tracer = vcpu.machine.tracer
         if tracer.on("int") or tracer.listeners:
             tracer.emit("int", rec.summary(), rec)

@@ -1,7 +1,7 @@
 /* crcheck32 / crcheck64: control-register writes the CPU must refuse.
  *
  * A MOV to CR0/CR4 that sets a reserved bit, a bit for a feature CPUID
- * does not report (VMX, UMIP, SMEP, SMAP, PKE, PCID, XSAVE, FSGSBASE), or
+ * does not report (VMX, SMEP, SMAP, PKE, PCID, XSAVE, FSGSBASE), or
  * an inconsistent combination (PG without PE, NW without CD, leaving long
  * mode from 64-bit code...) is #GP(0) with the saved IP at the MOV and the
  * register unchanged (SDM vol. 3 §2.5 and the MOV CR page). Writes that are
@@ -72,7 +72,7 @@ static void accepted(const char *what, int cr, ulong value) {
 static void cr4_cases(void) {
     ulong cr4 = read_cr4();
     static const struct { const char *name; int bit; } unreported[] = {
-        {"VMXE (no VMX)", 13}, {"UMIP", 11}, {"SMXE", 14}, {"FSGSBASE", 16}, {"PCIDE", 17},
+        {"VMXE (no VMX)", 13}, {"SMXE", 14}, {"FSGSBASE", 16}, {"PCIDE", 17},
         {"OSXSAVE (no XSAVE)", 18}, {"SMEP", 20}, {"SMAP", 21}, {"PKE", 22}, {"reserved bit 15", 15},
     };
     for (unsigned i = 0; i < sizeof(unreported) / sizeof(unreported[0]); i++)

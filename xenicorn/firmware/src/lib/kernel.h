@@ -108,6 +108,10 @@ ulong ist_stack_bottom(int n);       /* 64-bit IST stacks 1 and 2 */
 ulong ist_stack_top(int n);
 void enter_user(void (*fn)(void), ulong user_sp);
 
+/* user.c (opt-in: list it among a kernel's sources): call fn at CPL3, return at CPL0 */
+#define USER_RETURN_VECTOR 0x8F
+void run_user(void (*fn)(void));
+
 /* report.c */
 extern const char *kernel_name;
 extern int failures;

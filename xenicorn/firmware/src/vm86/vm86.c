@@ -11,7 +11,9 @@
  * IRET into vm86 (which must reload the vm86 segments); (b) INT n with
  * IOPL 0: #GP(0) at the INT; (c) INT n with IOPL 3 through a DPL3 gate;
  * (d) #UD and #DE in vm86; (e) a gate whose code segment has DPL 3:
- * #GP(selector) at the INT; (f) INT n through a DPL0 gate: #GP(vector*8+2).
+ * #GP(selector) at the INT; (f) INT n through a DPL0 gate: #GP(vector*8+2);
+ * (g) SMSW and SGDT, which run in vm86 with CR4.UMIP clear, and are #GP(0)
+ * with it set (vm86 is CPL 3; SDM vol. 3 §2.5), when CPUID reports UMIP.
  * Each case but (a) leaves vm86 from its handler by jumping back to the
  * kernel stack vm86_enter() saved. */
 #include "../lib/kernel.h"
@@ -49,7 +51,7 @@ ulong vm86_enter(const struct vm86_regs *r);
 extern char vm86_isr_0[], vm86_isr_3[], vm86_isr_6[], vm86_isr_13[], vm86_isr_64[];
 extern char vm86_isr_80[], vm86_isr_81[], vm86_isr_82[];
 extern char blob_start[], blob_end[], b_loop[], b_loop_end[], b_int3_after[], b_int50[], b_int50_after[];
-extern char b_ud[], b_de[], b_div[], b_int51[], b_int52[];
+extern char b_ud[], b_de[], b_div[], b_int51[], b_int52[], b_smsw[], b_sgdt[], b_umip_after[];
 
 __asm__(
     ".text\n"
@@ -100,7 +102,7 @@ __asm__(
     ".data\n"
     ".code16\n"
     ".globl blob_start, blob_end, b_loop, b_loop_end, b_int3_after, b_int50, b_int50_after\n"
-    ".globl b_ud, b_de, b_div, b_int51, b_int52\n"
+    ".globl b_ud, b_de, b_div, b_int51, b_int52, b_smsw, b_sgdt, b_umip_after\n"
     "blob_start:\n"
     "b_loop: cmpb $0, %ds:0xF00\n"         /* (a) spin until the timer handler sets the flag */
     "  je b_loop\n"
@@ -113,6 +115,10 @@ __asm__(
     "b_div: div %cx\n"
     "b_int51: int $0x51\n"               /* (e) gate to a DPL3 code segment */
     "b_int52: int $0x52\n"               /* (f) DPL0 gate */
+    "b_smsw: smsw %ax\n"                 /* (g) */
+    "b_sgdt: sgdt %ds:0xF10\n"
+    "  int3\n"
+    "b_umip_after: nop\n"
     "blob_end:\n"
     ".code32\n"
     ".text\n");
@@ -234,6 +240,21 @@ void kmain(void) {
     /* (f) */
     run_at(b_int52, IOPL3);
     frame_ok("INT 0x52 through a DPL0 gate: #GP(0x292)", 13, 82 * 8 + 2, b_int52, IOPL3);
+    /* (g) */
+    u32 a, b, c, d;
+    cpuid(7, 0, &a, &b, &c, &d);
+    if (c & (1 << 2)) {
+        run_at(b_smsw, IOPL3);
+        frame_ok("SMSW and SGDT in vm86 with CR4.UMIP clear: run (then INT3)", 3, 0, b_umip_after, IOPL3);
+        write_cr4(read_cr4() | (1UL << 11));
+        run_at(b_smsw, IOPL3);
+        frame_ok("SMSW in vm86 with CR4.UMIP: #GP(0) at the SMSW", 13, 0, b_smsw, IOPL3);
+        run_at(b_sgdt, IOPL3);
+        frame_ok("SGDT in vm86 with CR4.UMIP: #GP(0) at the SGDT", 13, 0, b_sgdt, IOPL3);
+        write_cr4(read_cr4() & ~(1UL << 11));
+    } else {
+        printf("no UMIP in CPUID: case (g) skipped\n");
+    }
     check(read_cs() == KERNEL_CS, "back in ring 0 (CS=%#x)", read_cs());
     test_result();
 }
