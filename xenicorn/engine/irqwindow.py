@@ -117,15 +117,20 @@ def _exits(code: bytes) -> list[tuple[int, int]]:
     request = InterruptRequest(uc)
     svm = MsrInterceptor(uc)
     svm.watch_interrupt_window(True)
+    return _run_to_exit(uc, code, request, "virq", X.UC_X86_REG_RIP)
+
+
+def _run_to_exit(uc, code: bytes, request, line: str, ip_reg: int) -> list[tuple[int, int]]:
+    """Raise ``request.<line>``, run ``code`` at 0x1000, drop the line at the first exit; (vector, IP) seen."""
     seen = []
 
     def hook(uc, intno, _):
-        seen.append((intno, uc.reg_read(X.UC_X86_REG_RIP)))
-        request.virq = False
+        seen.append((intno, uc.reg_read(ip_reg)))
+        setattr(request, line, False)
         uc.emu_stop()
 
     uc.hook_add(UC_HOOK_INTR, hook)
-    request.virq = True
+    setattr(request, line, True)
     uc.emu_start(0x1000, 0x1000 + len(code))
     return seen
 
@@ -146,16 +151,7 @@ def _nmi_exits(masked: bool) -> list[tuple[int, int]]:
     if masked:
         with RawContext(uc) as ctx:
             ctx.write(OFF_HFLAGS2, "<I", ctx.read(OFF_HFLAGS2, "<I") | HF2_NMI_MASK)
-    seen = []
-
-    def hook(uc, intno, _):
-        seen.append((intno, uc.reg_read(X.UC_X86_REG_IP)))
-        request.nmi = False
-        uc.emu_stop()
-
-    uc.hook_add(UC_HOOK_INTR, hook)
-    request.nmi = True
-    uc.emu_start(0x1000, 0x1000 + len(code))
+    seen = _run_to_exit(uc, code, request, "nmi", X.UC_X86_REG_IP)
     if RawContext(uc).read(OFF_HFLAGS2, "<I") & HF2_NMI_MASK:
         seen.append((-1, -1))                      # the IRET did not clear the mask
     return seen
