@@ -1,0 +1,72 @@
+"""Segment faults before page faults (x86/segcheck.py): the memseg kernels, the trace, the cost rule."""
+import pytest
+
+from xenicorn.x86 import segcheck
+from xenicorn.x86.segments import DESC_P, SegmentCache
+
+from test_firmware import run
+
+
+@pytest.mark.parametrize("name,checks", [("memseg32", 13), ("memseg64", 10)])
+def test_memseg_kernels_see_the_sdm_faults(name, checks, capsys):
+    machine, _, status, text = run(name, trace={"int"})
+    assert "FAIL" not in text, text
+    assert text.count("\nok ") == checks
+    assert text.rstrip().endswith("Test result: SUCCESS") and status == 0
+    err = capsys.readouterr().err
+    fixes = [line for line in err.splitlines() if "segment check:" in line]
+    if name == "memseg32":
+        # the engine page-faulted; the CPU faults on the segment first, and the trace says why
+        assert any("the engine raised #PF(0x5), the CPU raises #GP(0): ds: offset 0xc0000000 (+1) is past "
+                   "limit 0x7fffffff" in line for line in fixes), fixes
+        assert any("the engine raised #PF(0x7), the CPU raises #SS(0): ss: offset 0xc0000000 (+4) is past limit"
+                   in line for line in fixes), fixes                   # PUSH's implicit store
+        assert any("#GP(0): gs holds a null selector" in line for line in fixes), fixes
+        assert any("inside expand-down limit 0x7fffffff" in line for line in fixes), fixes
+        assert len(fixes) == 8                                  # all but the two real #PFs and the gap
+        assert "past the limit onto a mapped user page: no fault" in text     # the documented gap
+    else:
+        assert any("the engine raised #GP(0x0), the CPU raises #SS(0): ss: linear 0x8000000040000000 is not "
+                   "canonical" in line for line in fixes), fixes
+        assert len(fixes) == 4                                  # (%rbp), (%rsp), %ds:(%rbp), push
+    assert machine.vcpu.reg("cr2") in (0x70000000, 0x10000000000)    # the last real #PF's address
+
+
+def flat_segments():
+    return [SegmentCache(0x18, 0, 0xFFFFFFFF, DESC_P | (0x3 << 8)) for _ in range(6)]
+
+
+class FakeVcpu:
+    """Just enough of a vCPU for segcheck.correct() to decide whether to decode."""
+
+    def __init__(self, segs, bits, pe=True):
+        self.segs, self.bits, self.pe = segs, bits, pe
+        self.live = self
+        self.cpl = 3
+
+    def segment(self, i):
+        return self.segs[i]
+
+    def reg(self, name):
+        return {"cr0": 1 if self.pe else 0, "rflags": 2}[name]
+
+    def code_bits(self):
+        return self.bits
+
+    def read_linear(self, *args, **kw):
+        raise AssertionError("decoded an instruction that cannot need it")
+
+
+def test_flat_page_faults_are_not_decoded():
+    """The cost rule: a flat 32-bit guest's #PF, a 64-bit #PF or #GP(sel) pays no decode."""
+    assert segcheck.correct(FakeVcpu(flat_segments(), 32), 14, 0x4, 0x1000) is None
+    based = flat_segments()
+    based[4] = SegmentCache(0x30, 0x12345000, 0xFFFFFFFF, DESC_P | (0x3 << 8))   # a per-CPU FS base
+    assert segcheck.correct(FakeVcpu(based, 32), 14, 0x4, 0x1000) is None
+    assert segcheck.correct(FakeVcpu(flat_segments(), 64), 14, 0x4, 0x1000) is None
+    assert segcheck.correct(FakeVcpu(flat_segments(), 64), 13, 0x1230, 0x1000) is None
+    assert segcheck.correct(FakeVcpu(flat_segments(), 32, pe=False), 13, 0, 0x1000) is None
+    limited = flat_segments()
+    limited[5] = SegmentCache(0x4B, 0, 0x7FFFFFFF, DESC_P | (0x3 << 8))
+    with pytest.raises(AssertionError):                           # a limited GS: this one decodes
+        segcheck.correct(FakeVcpu(limited, 32), 14, 0x4, 0x1000)
