@@ -40,18 +40,17 @@ class FakeVcpu:
     """Just enough of a vCPU for segcheck.correct() to decide whether to decode."""
 
     def __init__(self, segs, bits, pe=True):
-        self.segs, self.bits, self.pe = segs, bits, pe
+        self.segs = segs
         self.live = self
         self.cpl = 3
+        self.hflags = (segcheck.HF_PE if pe else 0) | {64: segcheck.HF_CS64 | segcheck.HF_CS32,
+                                                       32: segcheck.HF_CS32}[bits]
 
     def segment(self, i):
         return self.segs[i]
 
-    def reg(self, name):
-        return {"cr0": 1 if self.pe else 0, "rflags": 2}[name]
-
-    def code_bits(self):
-        return self.bits
+    def gprs(self):
+        return (0,) * 16
 
     def read_linear(self, *args, **kw):
         raise AssertionError("decoded an instruction that cannot need it")

@@ -45,6 +45,10 @@ FLAT_LIMIT = 0xFFFFFFFF
 PUSHES = frozenset({"push", "call", "pushf", "pushfd", "pushfq"})
 POPS = frozenset({"pop", "ret", "popf", "popfd", "popfq"})
 _NAMES = {GP: "#GP", SS_FAULT: "#SS", PF: "#PF"}
+# QEMU's hflags bits (target/i386/cpu.h): protected mode, 32-bit and 64-bit code, virtual-8086
+HF_CS32, HF_PE, HF_CS64, HF_VM = 1 << 4, 1 << 7, 1 << 15, 1 << 17
+GPR_NAMES = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")     # CPUX86State.regs[] order
 
 
 @dataclass
@@ -98,30 +102,30 @@ def correct(vcpu, vector: int, error_code: int | None, pc: int) -> Correction | 
     """The segment fault the CPU raises instead of the engine's #GP/#PF at ``pc``, if any.
 
     Cheap when nothing applies: 64-bit mode decodes only at a #GP(0),
-    32-bit protected mode only when a data segment is not flat.
+    32-bit protected mode only when a segment is not flat.
     """
     if vector not in (GP, PF) or (vector == GP and error_code):
         return None
-    live = vcpu.live
-    if not vcpu.reg("cr0") & 1 or vcpu.reg("rflags") & (1 << 17):
+    live = vcpu.live                                 # read in place: Unicorn's reg_read is slow
+    hflags = live.hflags
+    if not hflags & HF_PE or hflags & HF_VM:
         return None                                  # real or virtual-8086 mode: no descriptors
-    bits = vcpu.code_bits()
+    bits = 64 if hflags & HF_CS64 else 32 if hflags & HF_CS32 else 16
     segs = [live.segment(i) for i in range(6)]
     if bits == 64:
         if vector != GP:
             return None
-    elif all(flat(segs[i]) for i in (0, 2, 3, 4, 5)):
+    elif all(flat(seg) for seg in segs):
         return None
     code = _fetch(vcpu, pc + (segs[1].base if bits != 64 else 0), live.cpl == 3)
     insn = next(fep.DECODERS[bits].disasm(code, pc), None) if code else None
-    if insn is None or insn.mnemonic.startswith(("lgdt", "lidt", "sgdt", "sidt")):
+    if insn is None:
         return None
 
+    gprs = dict(zip(GPR_NAMES, live.gprs(), strict=True))
+
     def read_reg(name: str) -> int:
-        try:
-            return vcpu.reg(name)
-        except KeyError:                             # capstone's pseudo registers (eiz/riz)
-            return 0
+        return gprs.get(name, 0)                     # 0: capstone's pseudo registers (eiz/riz)
     accesses = [(seg, off, size, write, stack)
                 for seg, off, size, write, stack in fep.operand_accesses(insn, read_reg, pc + insn.size)]
     slot = _implicit_stack(insn, bits, read_reg, segs[2].flags)
