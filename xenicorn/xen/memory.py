@@ -17,6 +17,12 @@ cmd                                structure (64-bit / 32-bit size)
 23 XENMEM_add_to_physmap_batch     domid, space, size, u, idxs, gpfns, errs
 =================================  =========================================
 
+The domain owns ``pages`` (Xen's tot_pages, XENMEM_current_reservation) out
+of ``max_pages`` (XENMEM_maximum_reservation): the RAM it was built with plus
+the 1 MiB libxl adds. decrease_reservation gives frames back; populate_physmap
+allocates a page for any gfn within that budget, where there was RAM or not
+(a hole gets a new page in the memory map, saved with it), as Xen does.
+
 Map spaces for add_to_physmap: 0 shared_info (idx 0 only), 1 grant_table
 (frame idx; with bit 31, XENMAPIDX_grant_table_status, a v2 status frame:
 see :meth:`~xenicorn.xen.gnttab.GrantTable.place`), 2 gmfn, 3 gmfn_range,
