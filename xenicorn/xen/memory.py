@@ -196,7 +196,8 @@ def _populate(call, first: int, pages_per: int) -> bool:
     * the allocation fails when the domain would own more than max_pages
       (assign_pages: tot_pages + pages > max_pages);
     * the p2m refuses a gfn beyond its guest-physical width (ept_set_entry:
-      -EINVAL above 48 bits, gfn >> 36);
+      -EINVAL above 48 bits, gfn >> 36), after the page was allocated: the
+      domain keeps that page, unmapped but counted;
     * a frame that is already RAM is replaced by the fresh, zeroed page; the
       old page stays the domain's (unmapped, still counted), so tot_pages
       grows either way;
@@ -214,6 +215,9 @@ def _populate(call, first: int, pages_per: int) -> bool:
     if xen.state.pages + pages_per > xen.max_pages():
         return False
     if (first + pages_per - 1) >> P2M_GFN_BITS:
+        # Xen allocated (and accounted) the extent before the p2m refused it, and
+        # populate_physmap's "goto out" does not free it: the domain keeps it, unmapped
+        xen.state.pages += pages_per
         return False
     frames = range(first, first + pages_per)
     for f in frames:
