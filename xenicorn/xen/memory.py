@@ -205,7 +205,10 @@ def _populate(call, first: int, pages_per: int) -> bool:
       crashes the domain (domain_crash) and fails with -EPERM.
 
     Where the guest had no RAM the page is added to the memory map
-    (:meth:`GuestMemory.add_page`). xenicorn keeps its device pages (the
+    (:meth:`GuestMemory.add_page`), from a pool as large as max_pages'
+    slack: a guest that balloons out boot RAM and then populates more than
+    that many holes finds the pool empty, as if the allocation failed
+    (Xen would reuse the freed memory). xenicorn keeps its device pages (the
     LAPIC, IOAPIC, HPET, a PCI BAR) and the engine's own: a gfn there is
     refused, as if the allocation failed (Xen would map RAM over the
     emulated device).
