@@ -1,5 +1,11 @@
 """Segment faults before page faults (x86/segcheck.py): the memseg kernels, the trace, the cost rule."""
+import re
+import shutil
+import subprocess
+
 import pytest
+
+from xenicorn import firmware
 
 from xenicorn.x86 import segcheck
 from xenicorn.x86.segments import DESC_P, SegmentCache
@@ -69,3 +75,33 @@ def test_flat_page_faults_are_not_decoded():
     limited[5] = SegmentCache(0x4B, 0, 0x7FFFFFFF, DESC_P | (0x3 << 8))
     with pytest.raises(AssertionError):                           # a limited GS: this one decodes
         segcheck.correct(FakeVcpu(limited, 32), 14, 0x4, 0x1000)
+
+
+def check_name(line):
+    """A check line without its verdict and the values it printed."""
+    return re.sub(r"(: vec=.*| \(0x[0-9a-f]+\)|: 0x[0-9a-f]+)$", "", line.split(" ", 1)[1])
+
+
+@pytest.mark.skipif(not shutil.which("qemu-system-x86_64"), reason="QEMU not installed")
+@pytest.mark.parametrize("name", ["memseg32", "memseg64"])
+def test_qemu_tcg_skips_the_same_checks_the_engine_does(name):
+    """Real QEMU TCG runs the same image: the page faults and #GPs it raises agree with ours, and the
+    checks it fails are exactly the segment checks xenicorn makes at the exception (QEMU adds a
+    segment's base and never tests its limit, and reports non-canonical stack accesses as #GP)."""
+    res = subprocess.run(["qemu-system-x86_64", "-machine", "q35", "-m", "128", "-kernel", firmware.find(name),
+                          "-debugcon", "stdio", "-device", "isa-debug-exit,iobase=0xf4",
+                          "-display", "none", "-no-reboot"], capture_output=True, text=True, timeout=60)
+    qemu = {check_name(line): line.split(" ", 1)[0]
+            for line in res.stdout.splitlines() if line.startswith(("ok ", "FAIL "))}
+    _, _, _, text = run(name)
+    ours = [check_name(line) for line in text.splitlines() if line.startswith("ok ")]
+    assert sorted(qemu) == sorted(ours)
+    failed = {what for what, verdict in qemu.items() if verdict == "FAIL"}
+    if name == "memseg32":
+        segment_faults = {what for what in qemu if "#GP(0)" in what or "#SS(0)" in what}
+        assert len(segment_faults) == 8
+        assert failed == segment_faults | {"CR2 untouched by the segment fault"}     # QEMU wrote CR2 there
+    else:
+        assert failed == {"non-canonical (%rbp): #SS(0)", "non-canonical (%rsp): #SS(0)",
+                          "non-canonical %ds:(%rbp), the override ignored: #SS(0)",
+                          "push with a non-canonical RSP: #SS(0)"}
