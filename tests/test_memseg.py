@@ -6,11 +6,13 @@ import subprocess
 import pytest
 
 from xenicorn import firmware
+from xenicorn.devices.console import ConsoleSink
+from xenicorn.machine.machine import MachineConfig
 
 from xenicorn.x86 import segcheck
 from xenicorn.x86.segments import DESC_P, SegmentCache
 
-from test_firmware import run
+from test_firmware import boot, run
 
 
 @pytest.mark.parametrize("name,checks", [("memseg32", 13), ("memseg64", 10)])
@@ -105,3 +107,16 @@ def test_qemu_tcg_skips_the_same_checks_the_engine_does(name):
         assert failed == {"non-canonical (%rbp): #SS(0)", "non-canonical (%rsp): #SS(0)",
                           "non-canonical %ds:(%rbp), the override ignored: #SS(0)",
                           "push with a non-canonical RSP: #SS(0)"}
+
+
+@pytest.mark.parametrize("name,checks", [("memseg32", 13), ("memseg64", 10)])
+def test_page_faults_while_the_msr_window_is_open(name, checks):
+    """With HF_GUEST set (the intercept window, engine/msr.py) the #PF intercept turns a page fault
+    into SVM exit 0x14E: it must arrive as the same #PF, with the same error code and CR2."""
+    m, _ = boot(MachineConfig(debugcon="none", xen_log="none"), firmware.find(name), console=ConsoleSink(None))
+    m.vcpu.msr.open("test")
+    status = m.run()
+    text = m.console.text()
+    assert status == 0 and "FAIL" not in text and text.count("\nok ") == checks, text
+    assert m.vcpu.msr.is_open
+    assert m.vcpu.reg("cr2") == (0x90000000 if name == "memseg32" else 0x10000000000)
