@@ -94,8 +94,8 @@ def single(x: float) -> int:
 
 
 def decode(code: bytes):
-    from xenicorn.x86.fep import _CS
-    return next(_CS[64].disasm(code, 0x1000))
+    from xenicorn.x86.fep import DECODERS
+    return next(DECODERS[64].disasm(code, 0x1000))
 
 
 DIVSS = bytes.fromhex("f30f5ec1")         # divss xmm0, xmm1
@@ -139,12 +139,12 @@ def test_the_checks_survive_any_instruction_bytes():
     for _ in range(3000):
         code = bytes(rng.getrandbits(8) for _ in range(15))
         for bits in (16, 32, 64):
-            insn = next(fep._CS[bits].disasm(code, 0x1000), None)
+            insn = next(fep.DECODERS[bits].disasm(code, 0x1000), None)
             if insn is None:
                 continue
-            for seg, offset, size, write, stack in fep._operand_accesses(insn, lambda r: rng.getrandbits(64), 0x1010):
-                fep._check_long(seg, offset, size, stack, segs)
-                fep._check_protected(seg, offset, size, write, segs)
+            for seg, offset, size, write, stack in fep.operand_accesses(insn, lambda r: rng.getrandbits(64), 0x1010):
+                fep.check_long(seg, offset, size, stack, segs)
+                fep.check_protected(seg, offset, size, write, segs)
             regs = FakeRegs(**{f"xmm{i}": rng.getrandbits(128) for i in range(16)}, mxcsr=rng.getrandbits(16))
             simdfp.check(insn, regs, lambda size: rng.getrandbits(8 * size))
 

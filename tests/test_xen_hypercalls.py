@@ -109,7 +109,7 @@ def test_memory_map_copies_the_e820_and_trims_to_the_buffer(xen):
 def test_reservation_queries_and_ballooning(xen):
     pages = xen.memory.size // 4096
     xen.memory.write_struct(BUF, "<H", SELF)
-    assert call(xen, 12, 3, BUF) == pages and call(xen, 12, 4, BUF) == pages
+    assert call(xen, 12, 3, BUF) == pages and call(xen, 12, 4, BUF) == pages + 256   # libxl's 1 MiB slack
     assert call(xen, 12, 2) == pages - 1
     xen.memory.write_struct(BUF, "<H", 3)
     assert call(xen, 12, 3, BUF) == -errno.ESRCH

@@ -42,6 +42,8 @@ KERNELS: dict[str, tuple[int, list[str], bool]] = {
     "exceptions64": (64, ["exceptions/exceptions.c"], True),
     "fep32": (32, ["fep/fep.c"], True),
     "fep64": (64, ["fep/fep.c"], True),
+    "memseg32": (32, ["memseg/memseg.c"], True),
+    "memseg64": (64, ["memseg/memseg.c"], True),
     "crcheck32": (32, ["crcheck/crcheck.c"], True),
     "crcheck64": (64, ["crcheck/crcheck.c"], True),
     "syscall64": (64, ["syscall64/syscall64.c", "syscall64/entry.S"], True),

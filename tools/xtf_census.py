@@ -44,9 +44,9 @@ WHY: dict[str, tuple[str, str]] = {
     "fep": (XEN, "succeeds only when the forced emulation prefix works (`xtf_has_fep`): a Xen without "
                  "`hvm_fep` FAILs it too; with `--hvm-fep` xenicorn offers it (x86/fep.py) and it succeeds"),
     "xsa-123": FEP_SKIP, "xsa-170": FEP_SKIP, "xsa-191": FEP_SKIP,
-    "xsa-186": (XEN, "needs the forced emulation prefix (SKIP as on a release Xen); with `--hvm-fep` hvm64 "
-                     "succeeds and hvm32 CRASHes: its populate_physmap() of gfn 0xfffff is refused, as "
-                     "xenicorn repopulates only RAM it ballooned out (xen/memory.py)"),
+    "xsa-186": (XEN, "needs the forced emulation prefix (SKIP as on a release Xen); with `--hvm-fep` both "
+                     "succeed: hvm32 populates gfn 0xfffff, where it has no RAM, within max_pages (RAM + "
+                     "libxl's 1 MiB slack), as Xen's populate_physmap does (xen/memory.py)"),
     "xsa-196": FEP_SKIP, "xsa-200": FEP_SKIP, "xsa-203": FEP_SKIP, "xsa-204": FEP_SKIP,
     "xsa-451": FEP_SKIP, "xsa-470": FEP_SKIP,
     "selftest": (OWNED, "grant tables v2: GNTTABOP_set_version(2) is refused (-EINVAL); "
@@ -77,9 +77,13 @@ WHY: dict[str, tuple[str, str]] = {
     "fpu-exception-emulation": (XEN, "the native half passes (MMX/SSE check CR0.EM and CR4.OSFXSR before "
                                      "CR0.TS, corrected at the #NM: x86/fpufault.py); the emulated half needs "
                                      "the forced emulation prefix, so it SKIPs, as on a Xen without `hvm_fep`"),
-    "memop-seg": (ACCURACY, "64-bit: a non-canonical operand based on %rsp/%rbp must raise #SS, the CPU "
-                            "engine raises #GP; 32-bit: an operand past its segment's limit must raise "
-                            "#GP (#SS for %ss), the engine ignores the limit and takes a #PF"),
+    "memop-seg": (ACCURACY, "succeeds, natively and with `--hvm-fep`: the CPU engine checks no data-segment "
+                            "limits and raises #GP for every non-canonical address, so xenicorn makes the "
+                            "segment check at the engine's #PF/#GP and delivers the #GP(0)/#SS(0) the CPU "
+                            "raises first (x86/segcheck.py, `--trace int` says so). Not caught: an access past "
+                            "a limit that reaches mapped memory (the engine raises nothing there); checking "
+                            "every access in a Unicorn memory hook would make loads ~240x and stores ~19x "
+                            "slower (benchmarks/seglimit.py)"),
     "lm-ts": (ACCURACY, "`int $0x21` through a gate to ring 1 whose stack lies past the TSS limit: the "
                         "#TS[GDT[7]] arrives with the right error code but at the instruction after the "
                         "INT (as in swint-emulation), so the test's exception-table fixup misses and the "

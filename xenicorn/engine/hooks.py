@@ -38,7 +38,8 @@ from . import icount, stopcheck
 from .startup import EngineUnsupported
 from .irqwindow import EXIT_VECTOR as IRQ_WINDOW_EXIT_VECTOR, NMI_EXIT_VECTOR
 from .msr import CPUID_EXIT_VECTOR, EXIT_VECTOR as MSR_EXIT_VECTOR, RDTSC_EXIT_VECTOR
-from .msr import CR_WRITE_EXIT_VECTORS, SHUTDOWN_EXIT_VECTOR, UMIP_EXIT_VECTORS
+from .msr import CR_WRITE_EXIT_VECTORS, INTERCEPT_PF, OFF_INTERCEPT_EXCEPTIONS, PF_EXIT_VECTOR
+from .msr import SHUTDOWN_EXIT_VECTOR, UMIP_EXIT_VECTORS
 from .rawctx import HF2_NMI_MASK, HF_CS64, OFF_HFLAGS2
 
 NO_RIP = (1 << 64) - 1           # a hook range no instruction is at (non-canonical)
@@ -301,12 +302,20 @@ class ExitHooks:
             if self._cpuid() and length >= 2:
                 uc.reg_write(X.UC_X86_REG_RIP, rip + length)
             return
-        software = ctx.exception_is_int
+        if intno == PF_EXIT_VECTOR:                    # a #PF while the window is open (engine/msr.py)
+            intno = 14
+            software = False
+        else:
+            software = ctx.exception_is_int
         if intno in IRET_FAULTS and not software and ctx.read(OFF_HFLAGS2, "<I") & HF2_NMI_MASK:
             self._iret_fault_unblocks_nmis(ctx)
         err = ctx.error_code if (intno in ERROR_CODE_VECTORS and not software) else None
         ctx.consume_exception()
-        cr2 = uc.reg_read(X.UC_X86_REG_CR2) if intno == 14 and not software else None
+        cr2 = None
+        if intno == 14 and not software:
+            # CR2 is still the guest's: the page walk put the address in the VMCB (msr.INTERCEPT_PF)
+            pf_intercepted = ctx.read(OFF_INTERCEPT_EXCEPTIONS, "<I") & INTERCEPT_PF
+            cr2 = self.msr.fault_address() if pf_intercepted else uc.reg_read(X.UC_X86_REG_CR2)
         self.machine.handle_exit(self, E.Exception_(self.pc, intno, err, software, cr2))
 
     def _iret_fault_unblocks_nmis(self, ctx) -> None:

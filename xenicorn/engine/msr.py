@@ -64,6 +64,18 @@ CR_WRITE_EXIT_VECTORS = {0x100 + SVM_EXIT_WRITE_CR0 + n: n for n in (0, 4)}   # 
 INTERCEPT_UMIP = (1 << 6) | (1 << 7) | (1 << 8) | (1 << 9)
 UMIP_EXIT_VECTORS = {0x100: "cr0", 0x166: "sidt", 0x167: "sgdt", 0x168: "sldt", 0x169: "str"}
 SHUTDOWN_EXIT_VECTOR = 0x100 + 0x7F   # SVM_EXIT_SHUTDOWN: a triple fault while HF_GUEST is set
+# The #PF exception intercept, set at all times: QEMU's page walk then leaves
+# CR2 alone and puts the faulting address in the VMCB's exit_info_2 (its
+# handle_mmu_fault checks the bit without HF_GUEST), so the fault reaches
+# UC_HOOK_INTR with the guest's CR2 intact and the delivery writes CR2
+# (machine/dispatch.py). That lets a #PF become the segment fault the CPU
+# would have raised first (x86/segcheck.py) without a stale CR2, and an
+# engine-internal walk that faults (memmap.py) no longer touches CR2. While
+# HF_GUEST is set (window open) the #PF is an SVM exit: PF_EXIT_VECTOR.
+OFF_INTERCEPT_EXCEPTIONS = 5536       # CPUX86State.intercept_exceptions (u32: bit n = vector n)
+INTERCEPT_PF = 1 << 14
+PF_EXIT_VECTOR = 0x100 + 0x40 + 14    # SVM_EXIT_EXCP_BASE + 14, error code in env->error_code
+VMCB_EXIT_INFO_2 = 0x80               # vmcb.control.exit_info_2: the #PF's linear address
 
 _RANGES = ((0x0, 0x0000), (0xC0000000, 0x0800), (0xC0010000, 0x1000))   # (first MSR, byte offset)
 
@@ -166,6 +178,7 @@ class MsrInterceptor:
             # always set: a virtual interrupt reads its vector from here, window open or not
             ctx.write(OFF_VM_VMCB, "<Q", self.vmcb)
             ctx.write(OFF_INTERCEPT, "<Q", intercepts)
+            ctx.write(OFF_INTERCEPT_EXCEPTIONS, "<I", INTERCEPT_PF)
             # CR writes are checked exactly while the MSR window is open, never
             # with only the interrupt window: the checks then follow the guest's
             # own steps (its CPUID leaf-7 query, its first SYSCALL), not timing
@@ -232,6 +245,10 @@ class MsrInterceptor:
             self.close("umip")
         self._set(self.is_open)
 
+    def fault_address(self) -> int:
+        """The linear address of the #PF just raised (exit_info_2, see :data:`INTERCEPT_PF`)."""
+        return int.from_bytes(self.uc.mem_read(self.vmcb + VMCB_EXIT_INFO_2, 8), "little")
+
     def reassert(self) -> None:
         """Re-apply the window after something replaced the whole CPU state."""
         self._stale = False
@@ -289,3 +306,38 @@ def selftest() -> None:
     if seen != expected or stored != bytes.fromhex("1f00" "7856341200000000"):
         raise UnsupportedUnicornBuild(f"MSR intercept window does not work on this Unicorn build (exits seen: "
                                       f"{seen}, SGDT stored {stored.hex()}); install unicorn==2.1.4")
+    _selftest_pf()
+
+
+def _selftest_pf() -> None:
+    """A #PF with the window closed must leave CR2 and report its address in exit_info_2.
+
+    32-bit paging with one 4 MiB page at 0: ``mov eax, [0x400000]`` faults
+    (not present, read, supervisor: error code 0) at its own EIP.
+    """
+    from unicorn import Uc, UC_ARCH_X86, UC_MODE_32, UC_HOOK_INTR
+    from unicorn import x86_const as X
+    from .rawctx import UnsupportedUnicornBuild
+    uc = Uc(UC_ARCH_X86, UC_MODE_32)
+    uc.mem_map(0, 0x10000)
+    uc.mem_write(0x2000, (0x83).to_bytes(4, "little"))      # PDE 0: present, writable, 4 MiB
+    code = bytes.fromhex("a100004000" "f4")                   # mov eax, [0x400000] ; hlt
+    uc.mem_write(0x1000, code)
+    uc.reg_write(X.UC_X86_REG_CR3, 0x2000)
+    uc.reg_write(X.UC_X86_REG_CR4, 0x10)                      # PSE
+    uc.reg_write(X.UC_X86_REG_CR0, uc.reg_read(X.UC_X86_REG_CR0) | 0x80000001)
+    uc.reg_write(X.UC_X86_REG_CR2, 0x1234)
+    icpt = MsrInterceptor(uc)
+    seen = []
+
+    def hook(uc, intno, _):
+        info2 = int.from_bytes(uc.mem_read(icpt.vmcb + VMCB_EXIT_INFO_2, 8), "little")
+        seen.append((intno, RawContext(uc).error_code, uc.reg_read(X.UC_X86_REG_CR2), info2,
+                     uc.reg_read(X.UC_X86_REG_EIP)))
+        uc.emu_stop()
+
+    uc.hook_add(UC_HOOK_INTR, hook)
+    uc.emu_start(0x1000, 0x1000 + len(code))
+    if seen != [(14, 0, 0x1234, 0x400000, 0x1000)]:
+        raise UnsupportedUnicornBuild(f"the #PF intercept (CR2 left alone) does not work on this Unicorn build "
+                                      f"(exits seen: {seen}); install unicorn==2.1.4")

@@ -277,7 +277,18 @@ class ExitDispatcher:
                 code = vcpu.read_linear(linear, PAGE_SIZE - (linear & (PAGE_SIZE - 1)), fetch=True)
             if isinstance(code, bytes):
                 vector = nm_or_ud(code, bits, vcpu.reg("cr0"), vcpu.reg("cr4"))
-        return self.deliver(vcpu, vector, etype, ex.error_code)
+        error_code = ex.error_code
+        if vector in (13, 14) and not ex.software:   # segment checks the engine skips (x86/segcheck.py)
+            from ..x86.segcheck import correct
+            fix = correct(vcpu, vector, error_code, ex.pc)
+            if fix is not None:
+                ex.corrected = fix.summary()          # shown by --trace exits
+                if self.machine.tracer.on("int"):
+                    self.machine.tracer.emit("int", fix.summary())
+                vector, error_code = fix.new
+        if vector == 14 and ex.cr2 is not None:
+            vcpu.set_reg("cr2", ex.cr2)               # the engine leaves CR2 to the delivery (engine/msr.py)
+        return self.deliver(vcpu, vector, etype, error_code)
 
     def _syscall(self, vcpu, ex: E.Syscall) -> E.Action:
         # User mode has started: the kernel has read its capabilities. Close the

@@ -40,6 +40,9 @@ from ..records import RecordError, blob, integer, listing, make_record, open_rec
 
 PAGE_SIZE = 4096
 XEN_FRAMES = 256                 # hypervisor-owned frames a guest can map (grant tables)
+# RAM the hypervisor may add where the map has none (Xen's populate_physmap):
+# at most libxl's slack above the guest's memory (LIBXL_MAXMEM_CONSTANT, 1 MiB)
+EXTRA_FRAMES = 256
 LOW_RAM_LIMIT = 0xE0000000       # start of the PCI hole
 HIGH_RAM_BASE = 1 << 32
 E820_RAM, E820_RESERVED, E820_ACPI, E820_NVS, E820_UNUSABLE = 1, 2, 3, 4, 5
@@ -80,7 +83,10 @@ class GuestMemory:
         self.size = size
         # RAM, then a pool of frames the hypervisor owns (grant table frames)
         # that appear in the guest only where it maps them (see map_frame)
-        self._mm = mmap.mmap(-1, size + XEN_FRAMES * PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        # then a pool of pages added later where there was no RAM (add_page);
+        # an anonymous mapping costs host memory only where it is touched
+        self._mm = mmap.mmap(-1, size + (XEN_FRAMES + EXTRA_FRAMES) * PAGE_SIZE,
+                             flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.buf = memoryview(self._mm)
         self.host_addr = buffer_address(self._mm)
         low = min(size, LOW_RAM_LIMIT)
@@ -90,6 +96,7 @@ class GuestMemory:
             self.regions.append((HIGH_RAM_BASE, size - low, low))
         self.ram_regions = list(self.regions)
         self.frames: dict[int, int] = {}  # hypervisor frame index -> guest-physical address
+        self.extra: dict[int, int] = {}   # added page (pool slot) -> guest-physical address
         self.engines: list[EngineMapping] = []   # the vCPUs whose engines map this RAM
         self.reserved: list[E820Entry] = [E820Entry(0x9FC00, 0x100000 - 0x9FC00, E820_RESERVED)]
 
@@ -104,6 +111,8 @@ class GuestMemory:
         self.engines.append(engine)
         for index, gpa in self.frames.items():
             engine.map_overlay(gpa, self.host_addr + self._frame_offset(index))
+        for slot, gpa in self.extra.items():
+            engine.map_overlay(gpa, self.host_addr + self._extra_offset(slot))
 
     def _frame_offset(self, index: int) -> int:
         """Where hypervisor frame ``index`` lives in the host buffer (after RAM)."""
@@ -136,6 +145,41 @@ class GuestMemory:
         self.regions.insert(0, (gpa, PAGE_SIZE, self._frame_offset(index)))
         for engine in self.engines:
             engine.map_overlay(gpa, self.host_addr + self._frame_offset(index))
+
+    def _extra_offset(self, slot: int) -> int:
+        return self.size + (XEN_FRAMES + slot) * PAGE_SIZE
+
+    def add_page(self, gpa: int) -> bool:
+        """Put a new zeroed RAM page at ``gpa``, where nothing is mapped; False when the pool is used up.
+
+        The hypervisor's answer to a guest populating a frame outside its
+        initial RAM (Xen's populate_physmap): from then on the page is RAM
+        like any other (:meth:`is_ram`, the engines map it), but it is not in
+        the E820 map, which the guest was given at boot.
+        """
+        if gpa % PAGE_SIZE or self.is_ram(gpa):
+            raise ValueError(f"page at {gpa:#x}")
+        free = next((i for i in range(EXTRA_FRAMES) if i not in self.extra), None)
+        if free is None:
+            return False
+        off = self._extra_offset(free)
+        self.buf[off:off + PAGE_SIZE] = bytes(PAGE_SIZE)
+        self.extra[free] = gpa
+        self.regions.append((gpa, PAGE_SIZE, off))
+        for engine in self.engines:
+            engine.map_overlay(gpa, self.host_addr + off)
+        return True
+
+    def remove_page(self, gpa: int) -> None:
+        """Take away a page :meth:`add_page` put there: the address is a hole again."""
+        slot = next(i for i, at in self.extra.items() if at == gpa)
+        del self.extra[slot]
+        self.regions.remove((gpa, PAGE_SIZE, self._extra_offset(slot)))
+        for engine in self.engines:
+            engine.unmap_overlay(gpa)
+
+    def is_added(self, gpa: int) -> bool:
+        return gpa in self.extra.values()
 
     def frame_view(self, index: int) -> memoryview:
         """The 4 KiB of hypervisor frame ``index``, mapped in the guest or not (Xen's own access)."""
@@ -251,11 +295,12 @@ class GuestMemory:
     def save_record(self) -> dict:
         """Where each hypervisor frame is mapped, the reserved E820 ranges, and RAM + frames as a blob."""
         return make_record(*self.RECORD, {"frames": [[i, gpa] for i, gpa in self.frames.items()],
+                                          "extra": [[i, gpa] for i, gpa in self.extra.items()],
                                           "reserved": [[e.addr, e.size, e.type] for e in self.reserved]},
                            {"ram": bytes(self.buf)})
 
     def check_record(self, record: dict):
-        """Frames: index < XEN_FRAMES, page aligned, one per page; E820 types 1-5; RAM of this size."""
+        """Frames: index < XEN_FRAMES, page aligned, one per page; added pages off RAM; E820 types 1-5; RAM size."""
         st = open_record(record, *self.RECORD)
         frames: dict[int, int] = {}
         for item in listing(st, "frames", XEN_FRAMES):
@@ -266,19 +311,37 @@ class GuestMemory:
             if gpa % PAGE_SIZE or index in frames or gpa in frames.values():
                 raise RecordError(f"hypervisor frame {index} at {gpa:#x}: unaligned or mapped twice")
             frames[index] = gpa
+        extra: dict[int, int] = {}
+        for item in listing(st, "extra", EXTRA_FRAMES):
+            if not isinstance(item, list) or len(item) != 2:
+                raise RecordError("added page entry is not [slot, address]")
+            slot = integer(item[0], "added page slot", 0, EXTRA_FRAMES - 1)
+            gpa = integer(item[1], f"added page {slot} address", 0, (1 << 52) - PAGE_SIZE)
+            if gpa % PAGE_SIZE or slot in extra or gpa in extra.values() or gpa in frames.values() \
+                    or any(base <= gpa < base + length for base, length, _ in self.ram_regions):
+                raise RecordError(f"added page {slot} at {gpa:#x}: unaligned, over RAM or mapped twice")
+            extra[slot] = gpa
         reserved = []
         for item in listing(st, "reserved", 256):
             if not isinstance(item, list) or len(item) != 3:
                 raise RecordError("E820 entry is not [address, size, type]")
             reserved.append(E820Entry(integer(item[0], "E820 address"), integer(item[1], "E820 size", 1),
                                       integer(item[2], "E820 type", E820_RAM, E820_UNUSABLE)))
-        return frames, reserved, blob(record, "ram", len(self.buf))
+        return frames, extra, reserved, blob(record, "ram", len(self.buf))
 
     def apply_record(self, prepared) -> None:
-        frames, reserved, ram = prepared
+        frames, extra, reserved, ram = prepared
         for index in [i for i in self.frames if i not in frames]:
             self.unmap_frame(index)
         for index, gpa in frames.items():
             self.map_frame(index, gpa)
+        for gpa in [gpa for slot, gpa in self.extra.items() if extra.get(slot) != gpa]:
+            self.remove_page(gpa)
+        for slot, gpa in extra.items():
+            if self.extra.get(slot) != gpa:
+                self.extra[slot] = gpa
+                self.regions.append((gpa, PAGE_SIZE, self._extra_offset(slot)))
+                for engine in self.engines:
+                    engine.map_overlay(gpa, self.host_addr + self._extra_offset(slot))
         self.reserved = reserved
         self.buf[:] = ram

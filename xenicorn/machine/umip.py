@@ -37,7 +37,7 @@ from __future__ import annotations
 from .. import exits as E
 from ..engine.msr import INTERCEPT_UMIP
 from ..x86 import umip
-from ..x86.fep import _check_long, _check_protected
+from ..x86.fep import check_long, check_protected
 from ..x86.interrupts import EventType
 from ..x86.paging import PageFault
 from .memory import GuestMemoryError
@@ -95,9 +95,9 @@ def _perform(dispatcher, vcpu, ex: E.SystemRead) -> E.Action:
         seg, offset = st.mem
         fault = None
         if bits == 64:
-            fault = _check_long(seg, offset, st.width, seg == "ss", segs)
+            fault = check_long(seg, offset, st.width, seg == "ss", segs)
         elif vcpu.reg("cr0") & 1:
-            fault = _check_protected(seg, offset, st.width, True, segs)
+            fault = check_protected(seg, offset, st.width, True, segs)
         if fault is not None:
             return dispatcher.deliver(vcpu, fault[0], EventType.HARDWARE_EXCEPTION, fault[1])
         base = segs[("es", "cs", "ss", "ds", "fs", "gs").index(seg)].base

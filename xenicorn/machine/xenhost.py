@@ -78,6 +78,16 @@ class XenHostServices:
         self.pic.on_eoi.append(pic)
 
     # -- vCPUs up and down ----------------------------------------------------------------
+    def device_page(self, gpa: int) -> bool:
+        """Something other than RAM answers in the 4 KiB page at ``gpa``: device registers,
+        or the pages the CPU engine keeps for itself (engine/msr.py's VMCBs)."""
+        from ..engine.msr import SHADOW_BASE, SHADOW_SIZE
+        from .machine import MAX_VCPUS
+        page = gpa & ~0xFFF
+        if SHADOW_BASE - 0x1000 < page < SHADOW_BASE + MAX_VCPUS * SHADOW_SIZE:
+            return True
+        return bool(self.mmio.tree.overlap(page, page + 0x1000))
+
     def post_vcpu_state(self, vcpu: int, apply: Callable[[object], None]) -> None:
         """Give vCPU ``vcpu`` a new register state: ``apply(vcpu)`` runs when the run loop next loads it.
 

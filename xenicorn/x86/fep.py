@@ -54,8 +54,8 @@ SEG_NAMES = {CX.X86_REG_ES: "es", CX.X86_REG_CS: "cs", CX.X86_REG_SS: "ss", CX.X
 SEG_INDEX = {"es": 0, "cs": 1, "ss": 2, "ds": 3, "fs": 4, "gs": 5}
 STACK_BASES = frozenset({"sp", "esp", "rsp", "bp", "ebp", "rbp"})
 
-_CS = {bits: Cs(CS_ARCH_X86, mode) for bits, mode in ((16, CS_MODE_16), (32, CS_MODE_32), (64, CS_MODE_64))}
-for _d in _CS.values():
+DECODERS = {bits: Cs(CS_ARCH_X86, mode) for bits, mode in ((16, CS_MODE_16), (32, CS_MODE_32), (64, CS_MODE_64))}
+for _d in DECODERS.values():
     _d.detail = True
 
 
@@ -86,7 +86,7 @@ def _parent(name: str) -> str:
     return "r" + name[1:]
 
 
-def _operand_accesses(insn, read_reg, next_rip: int):
+def operand_accesses(insn, read_reg, next_rip: int):
     """(segment name, offset, size, write, stack) for each memory operand the instruction touches."""
     if insn.mnemonic.split()[-1] in NO_ACCESS:
         return []
@@ -114,7 +114,7 @@ def _canonical(addr: int) -> bool:
     return top == 0 or top == (1 << 17) - 1
 
 
-def _check_long(seg: str, offset: int, size: int, stack: bool, segs) -> tuple[int, int] | None:
+def check_long(seg: str, offset: int, size: int, stack: bool, segs) -> tuple[int, int] | None:
     """64-bit mode: only FS/GS have a base, no limits; a non-canonical address faults.
 
     ES/CS/SS/DS overrides are ignored in 64-bit mode, so the segment is FS or
@@ -130,7 +130,7 @@ def _check_long(seg: str, offset: int, size: int, stack: bool, segs) -> tuple[in
     return (SS_FAULT if stack and seg not in ("fs", "gs") else GP, 0)
 
 
-def _check_protected(seg: str, offset: int, size: int, write: bool, segs) -> tuple[int, int] | None:
+def check_protected(seg: str, offset: int, size: int, write: bool, segs) -> tuple[int, int] | None:
     """Protected mode: null (unusable) selector, type and limit checks (SDM vol. 3 §5.3-5.4, §3.4.2).
 
     A fault through SS is #SS(0), any other segment #GP(0).
@@ -177,7 +177,7 @@ def _branch_fault(insn, vcpu, read_reg, segs, bits, user: bool) -> tuple[int, in
         elif op.type == CX.X86_OP_REG:
             target = read_reg(_parent(insn.reg_name(op.reg)))
         elif op.type == CX.X86_OP_MEM and op.size == width:
-            ((seg, offset, size, _w, _s),) = _operand_accesses(insn, read_reg, insn.address + insn.size)
+            ((seg, offset, size, _w, _s),) = operand_accesses(insn, read_reg, insn.address + insn.size)
             base = segs[SEG_INDEX[seg]].base if bits != 64 or seg in ("fs", "gs") else 0
             target = _read_data(vcpu, base + offset, size, user)
         else:
@@ -232,7 +232,7 @@ def forced_emulation(vcpu, registers) -> Forced | None:
         code = _read(vcpu, linear, n, user)
         if code:
             break
-    insn = next(_CS[bits].disasm(code, rip), None) if code else None
+    insn = next(DECODERS[bits].disasm(code, rip), None) if code else None
     if insn is None:
         # The fetch or decode fails: the engine raises the same #PF or #UD at this RIP.
         return Forced(rip, f"(undecodable {code[:8].hex()})", None)
@@ -258,9 +258,9 @@ def forced_emulation(vcpu, registers) -> Forced | None:
                 return vcpu.reg(name)
             except KeyError:                     # capstone's pseudo registers (eiz/riz: no index)
                 return 0
-        for seg, offset, size, write, stack in _operand_accesses(insn, read_reg, rip + insn.size):
-            fault = (_check_long(seg, offset, size, stack, segs) if bits == 64
-                     else _check_protected(seg, offset, size, write, segs))
+        for seg, offset, size, write, stack in operand_accesses(insn, read_reg, rip + insn.size):
+            fault = (check_long(seg, offset, size, stack, segs) if bits == 64
+                     else check_protected(seg, offset, size, write, segs))
             if fault:
                 break
         fault = fault or _branch_fault(insn, vcpu, read_reg, segs, bits, user)
@@ -273,7 +273,7 @@ def _simd_fault(insn, vcpu, registers, read_reg, segs, bits, user: bool):
     from . import simdfp
 
     def read_source(size: int) -> int | None:
-        accesses = _operand_accesses(insn, read_reg, insn.address + insn.size)
+        accesses = operand_accesses(insn, read_reg, insn.address + insn.size)
         if len(accesses) != 1:
             return None
         seg, offset, _size, _w, _s = accesses[0]
@@ -291,3 +291,7 @@ def _read(vcpu, linear: int, size: int, user: bool) -> bytes:
     except GuestMemoryError:
         return b""
     return data if isinstance(data, bytes) else b""
+
+
+# The names these had before x86/segcheck.py shared them (for code written against them).
+_CS, _operand_accesses, _check_long, _check_protected = DECODERS, operand_accesses, check_long, check_protected

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from capstone import x86_const as CX
 
 from .cpuid import LEAF7_ECX_UMIP  # noqa: F401  (the CPUID bit that reports it, for readers and tests)
-from .fep import _CS, _operand_accesses, _parent
+from .fep import DECODERS, operand_accesses, _parent
 
 CR4_UMIP = 1 << 11
 NAMES = frozenset({"sgdt", "sidt", "sldt", "str", "smsw"})
@@ -61,7 +61,7 @@ def decode(code: bytes, bits: int, rip: int, read_reg) -> SystemStore | None:
     ``read_reg(name)`` gives a register's value (the memory operand's base
     and index); the memory offset is truncated to the address size.
     """
-    insn = next(_CS[bits].disasm(code, rip), None)
+    insn = next(DECODERS[bits].disasm(code, rip), None)
     if insn is None:
         return None
     name = insn.mnemonic.split()[-1]
@@ -80,7 +80,7 @@ def decode(code: bytes, bits: int, rip: int, read_reg) -> SystemStore | None:
             return None                          # no register form (#UD)
         reg = insn.reg_name(op.reg)
         return SystemStore(name, insn.size, _parent(reg), op.size)
-    ((seg, offset, _size, _w, _stack),) = _operand_accesses(insn, read_reg, rip + insn.size)
+    ((seg, offset, _size, _w, _stack),) = operand_accesses(insn, read_reg, rip + insn.size)
     width = 2 if name not in ("sgdt", "sidt") else (10 if bits == 64 else 6)
     return SystemStore(name, insn.size, None, width, (seg, offset), opsize16)
 

@@ -32,6 +32,7 @@ kick, idle, shutdown         wake the run loop, sleep a vCPU, end the domain
 post_vcpu_state,             VCPUOP_initialise (registers set when that vCPU is
 set_vcpu_running             next loaded), VCPUOP_up/down
 deliver_exception            #GP for a bad WRMSR
+device_page                  populate_physmap: no RAM over a device's page
 ===========================  ==================================================
 """
 from __future__ import annotations
@@ -112,6 +113,8 @@ class XenHost(Protocol):
     def idle(self, vcpu, why: str) -> None: ...
 
     def shutdown(self, reason: str, status: int, message: str = "") -> None: ...
+
+    def device_page(self, gpa: int) -> bool: ...
 
     def deliver_exception(self, vcpu, vector: int, error_code: int | None = None) -> E.Action: ...
 

@@ -17,6 +17,12 @@ cmd                                structure (64-bit / 32-bit size)
 23 XENMEM_add_to_physmap_batch     domid, space, size, u, idxs, gpfns, errs
 =================================  =========================================
 
+The domain owns ``pages`` (Xen's tot_pages, XENMEM_current_reservation) out
+of ``max_pages`` (XENMEM_maximum_reservation): the RAM it was built with plus
+the 1 MiB libxl adds. decrease_reservation gives frames back; populate_physmap
+allocates a page for any gfn within that budget, where there was RAM or not
+(a hole gets a new page in the memory map, saved with it), as Xen does.
+
 Map spaces for add_to_physmap: 0 shared_info (idx 0 only), 1 grant_table
 (frame idx; with bit 31, XENMAPIDX_grant_table_status, a v2 status frame:
 see :meth:`~xenicorn.xen.gnttab.GrantTable.place`), 2 gmfn, 3 gmfn_range,
@@ -33,6 +39,7 @@ from . import errno
 from .guest import HypercallError
 from ..devices.ioapic import IOAPIC_BASE
 from ..devices.lapic import LAPIC_BASE
+from ..machine.memory import EXTRA_FRAMES
 
 XENMEM_increase_reservation, XENMEM_decrease_reservation = 0, 1
 XENMEM_maximum_ram_page, XENMEM_current_reservation, XENMEM_maximum_reservation = 2, 3, 4
@@ -43,6 +50,7 @@ XENMAPSPACE_shared_info, XENMAPSPACE_grant_table, XENMAPSPACE_gmfn = 0, 1, 2
 XENMAPSPACE_gmfn_range, XENMAPSPACE_gmfn_foreign, XENMAPSPACE_dev_mmio = 3, 4, 5
 DOMID_SELF = 0x7FF0
 MAX_ORDER = 9                       # a domU may ask for up to 2 MiB extents
+P2M_GFN_BITS = 36                   # a 4-level p2m maps 48-bit guest-physical addresses
 PAGE = 4096
 
 
@@ -131,7 +139,6 @@ def _reservation(call, cmd: int, arg: int) -> int:
     if order > MAX_ORDER:
         call.note(f"extent_order {order} > {MAX_ORDER}")
         return 0
-    mem = xen.host.memory
     w = call.bits // 8
     pages_per = 1 << order
     done = 0
@@ -146,24 +153,95 @@ def _reservation(call, cmd: int, arg: int) -> int:
             continue
         gpfn = int.from_bytes(call.guest.read(start + i * w, w), "little")
         first = gpfn & ~(pages_per - 1)
-        frames = range(first, first + pages_per)
-        if not mem.is_ram(first * PAGE, pages_per * PAGE):
+        if cmd == XENMEM_populate_physmap:
+            if not _populate(call, first, pages_per):
+                break
+        elif not _decrease(call, first, pages_per):
             break
-        if cmd == XENMEM_decrease_reservation:
-            if any(f in xen.state.ballooned for f in frames):
-                break
-            xen.state.ballooned.update(frames)
-            xen.state.pages -= pages_per
-            mem.fill(first * PAGE, pages_per * PAGE)          # the frames go back to Xen
-        else:                                                 # populate_physmap
-            if xen.state.pages + pages_per > xen.max_pages():
-                break
-            missing = [f for f in frames if f in xen.state.ballooned]
-            xen.state.ballooned.difference_update(frames)
-            xen.state.pages += len(missing)
         done += 1
     call.note(f"{done} of {nr} extents (order {order})")
     return done
+
+
+def _decrease(call, first: int, pages_per: int) -> bool:
+    """One extent of decrease_reservation: the frames go back to Xen (False: Xen stops there).
+
+    Frames of the boot RAM stay in the engine's map, zeroed and marked
+    ballooned; a page populate_physmap added elsewhere leaves the map
+    (guest_remove_page: the gfn is a hole again).
+    """
+    xen = call.xen
+    mem = xen.host.memory
+    frames = range(first, first + pages_per)
+    if not mem.is_ram(first * PAGE, pages_per * PAGE) or any(f in xen.state.ballooned for f in frames):
+        return False
+    if any(f * PAGE in mem.frames.values() for f in frames):
+        return False                                          # a grant frame is not the guest's page
+    for f in frames:
+        if mem.is_added(f * PAGE):
+            mem.remove_page(f * PAGE)
+        else:
+            xen.state.ballooned.add(f)
+            mem.fill(f * PAGE, PAGE)
+    xen.state.pages -= pages_per
+    return True
+
+
+def _populate(call, first: int, pages_per: int) -> bool:
+    """One extent of populate_physmap (xen/common/memory.c populate_physmap); False: Xen stops there.
+
+    Xen allocates a fresh page for each frame and enters it in the p2m
+    (guest_physmap_add_page -> p2m_add_page), wherever the gfn is:
+
+    * the allocation fails when the domain would own more than max_pages
+      (assign_pages: tot_pages + pages > max_pages);
+    * the p2m refuses a gfn beyond its guest-physical width (ept_set_entry:
+      -EINVAL above 48 bits, gfn >> 36), after the page was allocated: the
+      domain keeps that page, unmapped but counted;
+    * a frame that is already RAM is replaced by the fresh, zeroed page; the
+      old page stays the domain's (unmapped, still counted), so tot_pages
+      grows either way;
+    * a grant-table frame there is a "special" p2m entry: p2m_add_page
+      crashes the domain (domain_crash) and fails with -EPERM.
+
+    Where the guest had no RAM the page is added to the memory map
+    (:meth:`GuestMemory.add_page`), from a pool as large as max_pages'
+    slack: a guest that balloons out boot RAM and then populates more than
+    that many holes finds the pool empty, as if the allocation failed
+    (Xen would reuse the freed memory). xenicorn keeps its device pages (the
+    LAPIC, IOAPIC, HPET, a PCI BAR) and the engine's own: a gfn there is
+    refused, as if the allocation failed (Xen would map RAM over the
+    emulated device).
+    """
+    xen = call.xen
+    mem = xen.host.memory
+    if xen.state.pages + pages_per > xen.max_pages():
+        return False
+    if (first + pages_per - 1) >> P2M_GFN_BITS:
+        # Xen allocated (and accounted) the extent before the p2m refused it, and
+        # populate_physmap's "goto out" does not free it: the domain keeps it, unmapped
+        xen.state.pages += pages_per
+        return False
+    frames = range(first, first + pages_per)
+    for f in frames:
+        if f * PAGE in mem.frames.values():
+            xen.host.shutdown("crash", 1, f"populate_physmap over the grant frame at gfn {f:#x}: "
+                              "Xen crashes the domain (p2m_add_page)")
+            return False
+        if not mem.is_ram(f * PAGE) and xen.host.device_page(f * PAGE):
+            return False
+    new = [f for f in frames if not mem.is_ram(f * PAGE)]
+    if len(new) > EXTRA_FRAMES - len(mem.extra):
+        return False                                          # the pool is max_pages' slack
+    for f in frames:
+        if f in new:
+            mem.add_page(f * PAGE)
+        else:
+            xen.state.ballooned.discard(f)
+            mem.fill(f * PAGE, PAGE)                          # a fresh page replaces the old
+            mem.code_written(f * PAGE, PAGE)
+    xen.state.pages += pages_per
+    return True
 
 
 def memory_op(call, cmd: int, arg: int, *_) -> int:

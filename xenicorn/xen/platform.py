@@ -43,6 +43,7 @@ XEN_HVM_CPUID_DOMID_PRESENT = 1 << 4
 XEN_HVM_CPUID_UPCALL_VECTOR = 1 << 6
 VMCALL, VMMCALL = b"\x0f\x01\xc1", b"\x0f\x01\xd9"
 MSR_INTEREST = "xen-hypercall-page"
+MAXMEM_SLACK_PAGES = 256               # LIBXL_MAXMEM_CONSTANT (1024 KiB, libxl_internal.h)
 
 
 @dataclass
@@ -109,7 +110,7 @@ class XenPlatform:
         self.console_input = bytearray()
         self.unimplemented_seen: set[str] = set()
         self.hypercall_counts: dict[str, int] = {}
-        self.state.pages = self.max_pages()
+        self.state.pages = self.ram_pages()
         self.boot_ns = 0
         self.tsc = host.tsc
         # (TSC, Xen ns, mul, shift): see now_ns. Deterministic: TSC 0 is time 0,
@@ -193,7 +194,7 @@ class XenPlatform:
         """The tree a guest expects to find (what xl writes for an HVM domain)."""
         st, me = self.store, self.config.domid
         home = f"/local/domain/{me}"
-        kib = self.max_pages() * 4
+        kib = self.ram_pages() * 4
         for path, value in [("/local/domain/0/name", "Domain-0"), (f"{home}/name", "xenicorn"),
                             (f"{home}/domid", str(me)), (f"{home}/memory/target", str(kib)),
                             (f"{home}/memory/static-max", str(kib)),
@@ -332,8 +333,14 @@ class XenPlatform:
         return E.Action.CONTINUE
 
     # -- memory, shared_info, vcpu_info, time ----------------------------------
-    def max_pages(self) -> int:
+    def ram_pages(self) -> int:
+        """The pages the domain was built with: its memory (xl's ``memory`` = ``maxmem``)."""
         return self.host.memory.size // 4096
+
+    def max_pages(self) -> int:
+        """Xen's d->max_pages: the RAM plus the slack libxl adds (libxl__build_pre sets maxmem to
+        target + libxl__arch_extra_memory, LIBXL_MAXMEM_CONSTANT = 1 MiB on x86), room to populate."""
+        return self.ram_pages() + MAXMEM_SLACK_PAGES
 
     def max_ram_page(self) -> int:
         base, length, _ = self.host.memory.ram_regions[-1]
