@@ -291,7 +291,3 @@ def _read(vcpu, linear: int, size: int, user: bool) -> bytes:
     except GuestMemoryError:
         return b""
     return data if isinstance(data, bytes) else b""
-
-
-# The names these had before x86/segcheck.py shared them (for code written against them).
-_CS, _operand_accesses, _check_long, _check_protected = DECODERS, operand_accesses, check_long, check_protected
