@@ -77,21 +77,6 @@ WHY: dict[str, tuple[str, str]] = {
     "fpu-exception-emulation": (XEN, "the native half passes (MMX/SSE check CR0.EM and CR4.OSFXSR before "
                                      "CR0.TS, corrected at the #NM: x86/fpufault.py); the emulated half needs "
                                      "the forced emulation prefix, so it SKIPs, as on a Xen without `hvm_fep`"),
-    "memop-seg": (ACCURACY, "succeeds, natively and with `--hvm-fep`: the CPU engine checks no data-segment "
-                            "limits and raises #GP for every non-canonical address, so xenicorn makes the "
-                            "segment check at the engine's #PF/#GP and delivers the #GP(0)/#SS(0) the CPU "
-                            "raises first (x86/segcheck.py, `--trace int` says so). Not caught: an access past "
-                            "a limit that reaches mapped memory (the engine raises nothing there); checking "
-                            "every access in a Unicorn memory hook would make loads ~240x and stores ~19x "
-                            "slower (benchmarks/seglimit.py)"),
-    "lm-ts": (ACCURACY, "`int $0x21` through a gate to ring 1 whose stack lies past the TSS limit: the "
-                        "#TS[GDT[7]] arrives with the right error code but at the instruction after the "
-                        "INT (as in swint-emulation), so the test's exception-table fixup misses and the "
-                        "guest panics"),
-    "xsa-192": (ACCURACY, "an interrupt or exception in virtual-8086 mode: xenicorn cannot deliver it and "
-                          "stops the machine"),
-    "xsa-308": (ACCURACY, "ICEBP (INT1, opcode 0xF1) under a MovSS shadow while single-stepping: the engine "
-                          "raises #UD where hardware raises #DB, and the guest panics"),
     "xsa-462": (XEN, "the ESR check passes (0x60: 'send illegal vector' from the IPI, 'receive illegal "
                      "vector' from LVT error's own vector 15, as Xen's vlapic_error); the test SKIPs for "
                      "its FEP notice alone, as on a Xen without `hvm_fep`"),
@@ -108,6 +93,13 @@ VACUOUS: dict[str, str] = {
               "has one paging engine and runs the image once",
     "xsa-168": "XTF runs it only with `hap=0` (variation ~shadow): it probes Xen's shadow paging code, "
                "which xenicorn does not have; it shows only that the guest's INVLPG sequence runs",
+    "memop-seg": "succeeds natively and with `--hvm-fep`, but the CPU engine checks no data-segment "
+                 "limits: xenicorn makes the check at the engine's #PF/#GP and delivers the #GP(0)/#SS(0) "
+                 "the CPU raises first (x86/segcheck.py; `--trace int` says so), which covers the test's "
+                 "accesses (they all reach unmapped or supervisor pages). An access past a limit that "
+                 "reaches mapped memory raises nothing (QEMU 7.2 TCG does the same); checking every access "
+                 "in a Unicorn memory hook would make loads ~240x and stores ~19x slower "
+                 "(benchmarks/seglimit.py, docs/unicorn-notes.md), so it is not done",
     "xsa-173": "XTF runs it only with `hap=0` (variation ~shadow), to probe Xen's shadow code; here it "
                "checks the CPU engine's page walk instead (a PSE l2e past MAXPHYADDR must #PF[Rsvd])",
 }
