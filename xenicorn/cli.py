@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--from-insn", type=_int, default=0, metavar="N",
                    help="run the first N guest instructions without stopping")
     s.add_argument("--trace-json", metavar="FILE", help="also write the events as JSON lines")
+    s.add_argument("--panel", action=argparse.BooleanOptionalAction, default=None,
+                   help="draw the interrupt state panel at each stop (default: when stdout is a terminal)")
     sub.add_parser("firmware", help="list the bundled guest kernels")
     from . import xtf
     xtf.add_arguments(sub.add_parser("xtf", help="run Xen Test Framework images, as xtf-runner does"))
@@ -293,7 +295,10 @@ def run(args: argparse.Namespace) -> int:
             records.append(_open_record(machine, path, exits))
     if stepping:
         from .debug.stepper import Stepper
-        Stepper(machine, from_insn=args.from_insn)
+        stepper = Stepper(machine, from_insn=args.from_insn)
+        if args.panel or (args.panel is None and sys.stdout.isatty()):
+            from .debug.panel import attach
+            attach(stepper)
     try:
         status = machine.run()
     except SnapshotError as e:                 # --savevm could not write its file

@@ -334,6 +334,7 @@ class Stepper(Agent):
         self.quiet_polls = 0
         self.shown = 0
         self._step_from: str | None = None       # the instruction a step is running
+        self.before_prompt: list[Callable[[], None]] = []     # e.g. the live panel (debug/panel.py)
         watcher_of(machine).sinks.append(self._event)
         machine.agents.append(self)
 
@@ -403,6 +404,8 @@ class Stepper(Agent):
 
     def _ask(self) -> str:
         self.machine.console.flush()
+        for hook in self.before_prompt:
+            hook()
         self.out.flush()
         try:
             return self.read_command().strip().lower()[:1]
