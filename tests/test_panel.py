@@ -89,3 +89,28 @@ def test_cli_panel_only_when_asked_or_on_a_terminal():
     # the panel adds to the text, it removes nothing
     assert [ln for ln in with_panel.splitlines() if ln.startswith("== #")] == \
         [ln for ln in plain.splitlines() if ln.startswith("== #")]
+
+
+def test_cli_panel_is_on_by_default_on_a_terminal():
+    """stdout a terminal (a pty), keys from a pipe: the panel is drawn without --panel."""
+    import pty
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "xenicorn", "step", "evtchn32", "--append", "via=gsi",
+                          "--clock", "deterministic", "--max-insns", "30000"],
+                         stdin=subprocess.PIPE, stdout=slave, stderr=slave, cwd=ROOT)
+    os.close(slave)
+    p.stdin.write(b"n\n" * 12)
+    p.stdin.close()
+    out = b""
+    while True:                         # read until the child closes the terminal (EIO on Linux)
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert p.wait(timeout=100) == 124                  # --max-insns ran out, as asked
+    text = out.decode("utf-8", "replace")
+    assert "Remote IRR" in text and "interrupt state at insn" in text and "== #1 [via]" in text

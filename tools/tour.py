@@ -21,8 +21,10 @@ trailing whitespace at line ends (Markdown tools strip it).
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -44,6 +46,7 @@ def blocks(text: str) -> list[re.Match]:
 def _shim_dir() -> str:
     """A directory with a ``xenicorn`` that runs this checkout (not whatever is installed)."""
     d = tempfile.mkdtemp(prefix="xenicorn-tour-")
+    atexit.register(shutil.rmtree, d, ignore_errors=True)
     path = os.path.join(d, "xenicorn")
     with open(path, "w") as f:
         f.write(f'#!/bin/sh\nPYTHONPATH="{ROOT}" exec "{sys.executable}" -m xenicorn "$@"\n')

@@ -5,13 +5,14 @@ as text. On a terminal it also draws this panel at every stop (``--panel``,
 the default when stdout is a terminal; ``--no-panel`` keeps plain text):
 the whole path an upcall takes, left to right as the interrupt travels,
 
-* **Xen's side**: the event channel ports with their pending and mask bits,
+* **Xen's side**: the event channel ports with their pending and mask bits
+  (with the FIFO ABI also vCPU 0's ready queues and the ports on each),
   vCPU 0's ``evtchn_upcall_pending`` / ``evtchn_upcall_mask`` /
   ``evtchn_pending_sel``, the callback via and the level of its line;
 * **the IOAPIC**: each programmed pin (vector, trigger, mask, the input's
   level and *Remote IRR*, the bit a level-triggered pin sets when it sends
   its vector and clears only at the EOI);
-* **the local APIC** of vCPU 0: IRR (requested) and ISR (in service)
+* **the local APIC** of vCPU 0 (with ``-smp``, the panel follows vCPU 0): IRR (requested) and ISR (in service)
   vectors, TPR and PPR (the processor priority, which holds back every
   vector of a class at or below it), LINT0 (ExtINT: the 8259s' wire), and
   the CPU's RFLAGS.IF;
@@ -73,6 +74,10 @@ def snapshot(machine) -> dict[str, list[tuple[str, ...]]]:
         rows.append(("pending", _ports([p for p in ports if ev.is_pending(p)])))
         rows.append(("masked", _ports([p for p in ports if ev.is_masked(p)])))
         rows.append(("open", _ports(ports)))
+        if ev.fifo:                         # FIFO: the non-empty priority queues of vCPU 0, each with its ports
+            ready = ev.abi.ready(0)
+            rows.append(("ready queues", " ".join(f"q{q}:{','.join(map(str, ev.abi.queue(0, q))) or '?'}"
+                                                  for q in range(16) if ready >> q & 1) or "-"))
         info = xen.vcpu_info(0)
         if info is not None:
             rows.append(("upcall_pending", str(info.upcall_pending)))
