@@ -1,7 +1,7 @@
 """What the guest does without an exit, for a run record (``run --record``).
 
 A run record (:class:`~xenicorn.debug.stepper.JsonLines`) sees the machine
-at exits and interrupt events. Two things a reader of the timeline needs
+at exits and interrupt events. Three things a reader of the timeline needs
 happen in between, where no exit shows them:
 
 * **The store that clears ``evtchn_upcall_pending``.** The flag is a byte of
@@ -14,23 +14,30 @@ happen in between, where no exit shows them:
   that byte (a Unicorn memory hook on its guest-physical address: the
   guest's own stores trigger it, Xen's writes from Python do not) and
   records each guest store that changes it, with the instruction count and
-  address of the storing instruction: an ``upcall-store`` record.
+  address of the storing instruction: an ``upcall-store`` record. (Its
+  ``insn``, like that of an MMIO EOI, is taken during the instruction and
+  counts it: the benchmark's deassert latency, benchmarks/evtchn.py, counts
+  the same way from a code hook on the guest's ``upcall_clear_store``.)
   The byte moves when the guest maps shared_info or registers a vcpu_info
   (``XENMAPSPACE_shared_info``, ``VCPUOP_register_vcpu_info``), so the watch
   follows it, checked between guest runs (a Unicorn hook is never added
   from inside another hook).
+* **RFLAGS.IF.** CLI, STI, POPF and IRET change it without an exit. A
+  block-start check (the engine's ``add_block_check``, a Python call per
+  translated block: the record's main cost) writes an ``if`` record when
+  vCPU 0's IF differs from the last one seen. IRET, STI and POPF end their
+  block, so their change is seen at the next instruction; a CLI at the end
+  of its block.
 * **The guest's console lines.** The test kernels report each check as an
   ``ok ...`` line; a ``console`` record per completed line, at the exit
   that completed it, lets a plot label the phases of the run.
 
-Both are only watched while a record is written: the write watch is one
-memory hook on a 64-byte range, so it costs nothing on other stores.
+All three are watched only while a record is written; the write watch is
+one memory hook on a 64-byte range, so it costs nothing on other stores.
 """
 from __future__ import annotations
 
 from typing import Callable
-
-from unicorn.x86_const import UC_X86_REG_EFLAGS
 
 from ..engine import debugging
 from ..machine.runloop import Agent
@@ -40,10 +47,11 @@ MAX_LINE = 200                   # longest console text kept in a record
 
 
 class GuestWatch(Agent):
-    """Writes ``upcall-store`` and ``console`` records through ``write`` (a record's line writer).
+    """Writes ``upcall-store``, ``if`` and ``console`` records through ``write`` (a record's line writer).
 
-    A run-loop agent only for :meth:`before_run` (where the watch follows
-    vCPU 0's ``vcpu_info``); it never holds or bounds a run.
+    A run-loop agent only for :meth:`before_run`, where hooks may be added
+    (the IF check, once; the write watch, following vCPU 0's ``vcpu_info``);
+    it never holds or bounds a run.
     """
 
     def __init__(self, machine, write: Callable[[dict], None]):
@@ -102,6 +110,7 @@ class GuestWatch(Agent):
 
     # -- RFLAGS.IF at block starts --------------------------------------------------------
     def _install_if_watch(self) -> None:
+        """From :meth:`before_run` (between runs), once: the engine's block-start check."""
         vcpu0 = self.machine.vcpus[0]
         self._if = int(bool(vcpu0.reg("rflags") & RFLAGS_IF))
         self._if_hook = vcpu0.add_block_check(self._on_block)
@@ -111,7 +120,7 @@ class GuestWatch(Agent):
         vcpu = m.current_vcpu
         if vcpu.index:
             return
-        now = int(bool(vcpu.uc.reg_read(UC_X86_REG_EFLAGS) & RFLAGS_IF))
+        now = int(bool(vcpu.reg("rflags") & RFLAGS_IF))
         if now != self._if:
             self._if = now
             self.write({"cat": "guest", "kind": "if", "insn": vcpu.instructions_now(), "ns": m.clock.now_ns(),
@@ -149,6 +158,9 @@ class GuestWatch(Agent):
         self._partial = b""
         self.stop()
         m = self.machine
+        if self._if_hook is not None:
+            m.vcpus[0].remove_block_check(self._if_hook)
+            self._if_hook = None
         if self in m.agents:
             m.agents.remove(self)
         if self._after_exit in m.exit_listeners:
