@@ -104,6 +104,10 @@ def test_plot_writes_a_png(records, tmp_path, capsys):
     whole = tmp_path / "whole.png"
     assert cli.main(["plot", records["poll"], "-o", str(whole), "--title", "all of it"]) == 0
     assert whole.stat().st_size > 10_000
+    capsys.readouterr()
+    assert cli.main(["plot", records["poll"], "-o", str(tmp_path / "no" / "such.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No such file or directory" in err
 
 
 def test_summary_honours_the_window(records, capsys):

@@ -57,7 +57,8 @@ def pyplot():
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("record", help="a file written by xenicorn run --record")
-    p.add_argument("-o", "--output", default="timeline.png", help="PNG to write (default timeline.png)")
+    p.add_argument("-o", "--output", default="timeline.png",
+                   help="the picture to write: PNG (default timeline.png), or SVG/PDF by the name's ending")
     p.add_argument("--title", default="", help="the picture's title (default: the record's name and window)")
     p.add_argument("--window", metavar="FIRST:LAST", help="only these instruction counts (zoom in)")
     p.add_argument("--summary", action="store_true", help="print the rows as text instead of drawing")
