@@ -9,6 +9,7 @@ the poll drops it in ``poll`` mode.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -160,3 +161,32 @@ def test_bad_records_are_one_line(tmp_path, capsys):
         assert cli.main(["plot", str(path), "--summary"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and says in err and "Traceback" not in err
+
+
+def test_the_store_watch_follows_a_registered_vcpu_info():
+    """xencore64 moves vCPU 0's vcpu_info (VCPUOP_register_vcpu_info): the watch moves with it."""
+    import io
+    from xenicorn.boot import boot
+    from xenicorn.devices.console import ConsoleSink
+    from xenicorn.debug.stepper import OBSERVED, JsonLines
+    from xenicorn.machine.machine import MachineConfig
+    machine, _ = boot(MachineConfig(debugcon="none", clock="deterministic", count_instructions=True,
+                                    observe=set(OBSERVED)), firmware.find("xencore64"), console=ConsoleSink(None))
+    out = io.StringIO()
+    record = JsonLines(machine, out, exits=True)
+    places = []
+    follow = record.guest.follow
+
+    def noting():
+        follow()
+        if not places or places[-1] != record.guest.gpa:
+            places.append(record.guest.gpa)
+    record.guest.follow = noting
+    assert machine.run() == 0
+    info = machine.xen.vcpu_info(0)
+    shared = machine.xen.state.shared_info_gpa
+    assert places == [None, shared, info.gpa] and info.gpa != shared   # none, shared_info, the registered page
+    record.close()
+    assert record.guest.gpa is None and record.guest not in machine.agents
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert any(r["kind"] == "console" and r["text"] == "ok register_vcpu_info = 0 (expected 0)" for r in lines)
