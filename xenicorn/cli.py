@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                         "with what it changed, one JSON object per line")
     r.add_argument("--record", metavar="FILE",
                    help="write the run's timeline: every exit and interrupt event with its instruction "
-                        "count, one JSON object per line (tools/plot_timeline.py draws it)")
+                        "count, one JSON object per line (xenicorn plot draws it)")
     s = sub.add_parser("step", help="boot a kernel and stop at each interrupt event (keys: n s c i q ?)")
     _run_options(s)
     s.add_argument("--from-insn", type=_int, default=0, metavar="N",
@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--panel", action=argparse.BooleanOptionalAction, default=None,
                    help="draw the interrupt state panel at each stop (default: when stdout is a terminal)")
     sub.add_parser("firmware", help="list the bundled guest kernels")
+    from .debug import plot
+    plot.add_arguments(sub.add_parser("plot", help="draw a run --record file as a timeline PNG "
+                                                   "(matplotlib: the plot extra), or --summary as text"))
     from . import xtf
     xtf.add_arguments(sub.add_parser("xtf", help="run Xen Test Framework images, as xtf-runner does"))
     return p
@@ -467,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
             for name in firmware.names():
                 print(f"{name:16s} {firmware.find(name)}")
             return 0
+        if args.command == "plot":
+            from .debug import plot
+            return plot.main(args)
         if args.command == "xtf":
             from . import xtf
             return xtf.main(args)

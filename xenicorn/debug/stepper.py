@@ -241,9 +241,11 @@ class InterruptWatcher:
 class JsonLines:
     """``--trace-json FILE`` / ``--record FILE``: one JSON object per line.
 
-    Interrupt events always; with ``exits=True`` also every vCPU exit (the
-    run's timeline: ``tools/plot_timeline.py`` draws it). Each line has
-    ``insn`` (guest instructions so far) and ``ns`` (machine time).
+    Interrupt events always; with ``exits=True`` also every vCPU exit, the
+    guest's stores to ``upcall_pending`` and its console lines
+    (:mod:`~xenicorn.debug.guestwatch`): the run's timeline, which
+    ``xenicorn plot`` draws. Each line has ``insn`` (guest instructions so
+    far) and ``ns`` (machine time).
     """
 
     def __init__(self, machine, stream: TextIO, exits: bool = False):
@@ -256,6 +258,10 @@ class JsonLines:
             machine.exit_listeners.append(self._exit)
         self._write({"kind": "start", "cat": "run", "insn": 0, "ns": 0, "state": self.watcher.state,
                      "clock": machine.clock.mode})
+        self.guest = None
+        if exits:
+            from .guestwatch import GuestWatch
+            self.guest = GuestWatch(machine, self._write)
 
     def _write(self, obj: dict) -> None:
         if len(self.machine.vcpus) > 1:
@@ -281,6 +287,8 @@ class JsonLines:
 
     def close(self) -> None:
         m = self.machine
+        if self.guest is not None:
+            self.guest.close()
         now = interrupt_state(m)
         self._write({"kind": "end", "cat": "run", "insn": m.vcpu.instructions_now(), "ns": m.clock.now_ns(),
                      "status": m.status, "reason": m.shutdown_reason,

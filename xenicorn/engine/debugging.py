@@ -112,12 +112,15 @@ def add_instruction_hook(vcpu, fn: Callable[[int], None]) -> DebugHook:
     return DebugHook(vcpu, (handle,))
 
 
-def add_watchpoint(vcpu, phys: int, size: int, kind: str, fn: Callable[[int, int], None]) -> DebugHook:
+def add_watchpoint(vcpu, phys: int, size: int, kind: str, fn: Callable[..., None],
+                   values: bool = False) -> DebugHook:
     """Call ``fn(address, size)`` for each access of ``kind`` that touches RAM ``[phys, phys + size)``.
 
     ``address`` and ``size`` are those of the whole access (physical), which
     may start below ``phys``. ``fn`` runs during the access: it records,
-    and an :func:`add_instruction_hook` callback stops the run.
+    and an :func:`add_instruction_hook` callback stops the run. With
+    ``values``, ``fn(address, size, value)`` also gets the value a write
+    stores; it runs *before* the store, so memory still holds the old bytes.
     """
     if kind not in _WATCH_HOOKS:
         raise ValueError(f"watchpoint kind {kind!r}: expected one of {sorted(_WATCH_HOOKS)}")
@@ -127,7 +130,10 @@ def add_watchpoint(vcpu, phys: int, size: int, kind: str, fn: Callable[[int, int
 
     def on_access(uc, access, address, length, value, _):
         if address + length > phys and address < end:
-            fn(address, length)
+            if values:
+                fn(address, length, value)
+            else:
+                fn(address, length)
     handle = vcpu.uc.hook_add(_WATCH_HOOKS[kind], vcpu.guarded_hook(on_access), None,
                               max(0, phys - WIDEST_ACCESS + 1), end - 1)
     _flush(vcpu)
