@@ -363,10 +363,18 @@ class RunLoop:
         if vector is None:
             return
         vcpu.halted = False
-        if vcpu.engine_delivers():
+        # Xen's callback vector goes past the LAPIC; if the LAPIC's own
+        # vector still waits, the run needs an exit where the handler's IRET
+        # (or an STI) lets it in, or nothing might stop the run until it is
+        # long overdue. The engine's delivery uses the same request as that
+        # exit, so Python delivers this one and arms the window.
+        lapic_waits = direct is not None and src is not None and src.pending()
+        if vcpu.engine_delivers() and not lapic_waits:
             vcpu.engine_deliver(vector)
             return
         self._deliver(vcpu, vector, EventType.EXTERNAL)
+        if lapic_waits:
+            vcpu.arm_interrupt_window()
 
     def _deliver(self, vcpu, vector: int, etype: EventType) -> None:
         try:
