@@ -59,6 +59,26 @@ def test_bad_input_is_one_line_and_status_2(args, needle):
     assert needle in one_line(err)
 
 
+@pytest.mark.parametrize("args,expected", [
+    (["run", "hello64", "--foo"], "xenicorn: error: unrecognized arguments: --foo (see xenicorn run --help)"),
+    (["step", "--from-insn", "q", "hello64"],
+     "xenicorn: error: argument --from-insn: not a number: 'q' (see xenicorn step --help)"),
+    (["bogus"], "xenicorn: error: argument command: invalid choice: 'bogus' "
+                "(choose from 'run', 'step', 'firmware', 'xtf') (see xenicorn --help)"),
+])
+def test_a_mistyped_option_is_one_line_naming_the_help_to_read(args, expected):
+    status, out, err = xenicorn(*args)
+    assert (status, out, one_line(err)) == (2, "", expected)
+
+
+def test_a_program_that_is_no_kernel_is_refused_in_one_line():
+    """/bin/ls is a PIE (ET_DYN): no PVH note, no multiboot or bzImage header, no load address."""
+    status, out, err = xenicorn("run", "/bin/ls")
+    assert status == 2 and out == ""
+    assert one_line(err) == ("xenicorn: error: /bin/ls: a position-independent executable or shared object "
+                             "(ET_DYN) with no PVH note, multiboot or bzImage header: no entry a PC could boot")
+
+
 def test_non_elf_and_foreign_elf_files(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("just text\n")

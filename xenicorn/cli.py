@@ -43,10 +43,29 @@ def _smp(text: str) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but bad input is one line (argparse prints the whole usage first)."""
+    """argparse, but bad input is one line (argparse prints the whole usage first).
+
+    The line names the help to read: ``xenicorn run --help`` for a mistyped
+    ``run`` option, even when argparse reports it from the top parser
+    (unrecognized arguments are collected there, after the subcommand ran).
+    """
+
+    argv: list[str] = []
+
+    def parse_args(self, args=None, namespace=None):
+        _Parser.argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_args(args, namespace)
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+        prog = self.prog
+        if prog == "xenicorn":
+            words = [a for a in _Parser.argv if not a.startswith("-")]
+            if words and words[0] in _SUBCOMMANDS:
+                prog = f"xenicorn {words[0]}"
+        self.exit(2, f"xenicorn: error: {message} (see {prog} --help)\n")
+
+
+_SUBCOMMANDS = ("run", "step", "firmware", "xtf")
 
 
 def _parser() -> argparse.ArgumentParser:
