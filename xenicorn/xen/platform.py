@@ -323,7 +323,8 @@ class XenPlatform:
         self.hypercall_counts[name] = self.hypercall_counts.get(name, 0) + 1
         if self.host.tracer.on("hypercalls"):
             from .errno import name as errname
-            args = ", ".join(f"{a:#x}" for a in call.args[:3])
+            from .hcnames import describe
+            args = describe(name, call.args, call.guest.read_u32)
             extra = f"  [{'; '.join(call.notes)}]" if call.notes else ""
             res = errname(call.result) if call.result < 0 else f"{call.result:#x}"
             self.host.tracer.emit("hypercalls", f"{name}({args}) = {res}{extra}")
