@@ -466,11 +466,8 @@ def _print_events(machine) -> None:
     if machine.xen is None:
         print("xen-event-list: no Xen in this machine", file=sys.stderr)
         return
-    print(f"{'port':>5s} {'type':12s} {'vcpu':>4s} {'remote':>6s} {'target':>6s} pending masked")
-    for e in machine.xen.evtchn.event_list():
-        fifo = f" priority {e['priority']}{' linked' if e['linked'] else ''}" if "priority" in e else ""
-        print(f"{e['port']:5d} {e['type']:12s} {e['vcpu']:4d} {e['remote-domain']:>6s} {e['target']:6d} "
-              f"{'yes' if e['pending'] else 'no':7s} {'yes' if e['masked'] else 'no':6s}{fifo}".rstrip())
+    from .debug.hmp_info import evtchn_table
+    print("\n".join(evtchn_table(machine)))
 
 
 def main(argv: list[str] | None = None) -> int:
