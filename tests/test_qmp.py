@@ -141,7 +141,7 @@ def test_query_cpus_fast_lists_every_vcpu(tmp_path):
 def test_human_monitor_info_commands_and_the_current_cpu(tmp_path):
     """HMP through QMP: ``info`` lists its subcommands, an unknown one says so, ``cpu N`` picks the vCPU."""
     from xenicorn.debug.qmp import QmpServer
-    proc, sock = start(tmp_path, "spin32", "-smp", "2")
+    proc, sock = start(tmp_path, "spin32", "-smp", "2", "--xenstore", "data/seeded=by-cli")
 
     async def go():
         client = await session(sock)
@@ -154,6 +154,11 @@ def test_human_monitor_info_commands_and_the_current_cpu(tmp_path):
         out["lapic 1"] = await hmp("info lapic")
         out["cpus"] = await hmp("info cpus")
         out["regs via cpu-index"] = await hmp("info registers", **{"cpu-index": 0})
+        # one rule for keys: relative ones are the guest's, as --xenstore's
+        out["name"] = await hmp("xenstore-read name")
+        out["write"] = await hmp("xenstore-write data/from-monitor yes")
+        out["seeded"] = await hmp("xenstore-read /local/domain/1/data/seeded")
+        out["written"] = await hmp("xenstore-read /local/domain/1/data/from-monitor")
         await client.execute("quit")
         await closed(client)
         return out
@@ -173,3 +178,5 @@ def test_human_monitor_info_commands_and_the_current_cpu(tmp_path):
     assert out["lapic 1"].startswith("dumping local APIC state for CPU 1 ")
     assert "* CPU #1:" in out["cpus"] and "  CPU #0:" in out["cpus"]
     assert out["regs via cpu-index"].startswith("EAX=")
+    assert (out["name"], out["write"], out["written"]) == ("xenicorn\r\n", "", "yes\r\n")
+    assert out["seeded"] == "by-cli\r\n"

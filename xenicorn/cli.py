@@ -402,7 +402,7 @@ def _seed_xenstore(machine, spec: str) -> None:
     if machine.xen is None:
         raise UsageError("--xenstore needs Xen (drop --no-xen)")
     from .xen.xenstore.store import XsError
-    path = key if key.startswith("/") else f"/local/domain/{machine.xen.config.domid}/{key}"
+    path = machine.xen.guest_key(key)
     try:
         machine.xen.xenstore_write(path, value.encode())
     except XsError as e:
@@ -429,7 +429,7 @@ def _watch_xenstore(machine, path: str) -> None:
     if machine.xen is None:
         raise UsageError("--xenstore-watch needs Xen (drop --no-xen)")
     from .xen.xenstore.store import XsError
-    full = path if path.startswith("/") else f"/local/domain/{machine.xen.config.domid}/{path}"
+    full = machine.xen.guest_key(path)
 
     def changed(node: str) -> None:
         try:

@@ -290,9 +290,12 @@ class QmpServer:
             self._xen().evtchn.event_inject(int(words[1]))
             return ""
         if words[0] == "xenstore-read" and len(words) == 2:
-            return self._xen().xenstore_read(words[1]).decode("ascii", "replace") + "\r\n"
+            # a relative key is the guest's, as --xenstore's (XenPlatform.guest_key)
+            xen = self._xen()
+            return xen.xenstore_read(xen.guest_key(words[1])).decode("ascii", "replace") + "\r\n"
         if words[0] == "xenstore-write" and len(words) == 3:
-            self._xen().xenstore_write(words[1], words[2].encode())
+            xen = self._xen()
+            xen.xenstore_write(xen.guest_key(words[1]), words[2].encode())
             return ""
         if words[0] in ("savevm", "loadvm") and len(words) == 2:
             return self._hmp_snapshot(words[0], words[1])
