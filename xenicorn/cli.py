@@ -470,13 +470,23 @@ def _print_events(machine) -> None:
     print("\n".join(evtchn_table(machine)))
 
 
+def _list_firmware() -> None:
+    """``xenicorn firmware``: each image, its source folder and what it shows (firmware/catalog.py)."""
+    from . import firmware
+    from .firmware import catalog
+    print(f"images in {firmware.image_dir()}, built from xenicorn/firmware/src/ by tools/build_firmware.py")
+    for name in firmware.names():
+        row = catalog.describe(name)
+        src = ",".join(f"src/{d}/" for d in row.sources) if row else "?"
+        text = catalog.summary(row.text, 88) if row else "(no description in xenicorn/firmware/catalog.py)"
+        print(f"{name:13s} {src:16s} {text}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "firmware":
-            from . import firmware
-            for name in firmware.names():
-                print(f"{name:16s} {firmware.find(name)}")
+            _list_firmware()
             return 0
         if args.command == "xtf":
             from . import xtf
