@@ -116,7 +116,9 @@ def _run_options(r: argparse.ArgumentParser) -> None:
                         "auto (default): linux for a bzImage, pvh for an ELF with a PVH note, multiboot "
                         "for a multiboot header, else pvh")
     r.add_argument("--serial", "-serial", default="stdio", metavar="stdio|file:PATH|none", help="COM1 output")
-    r.add_argument("--trace", default="", metavar="CATS", help="comma-separated: exits,io,int,cpuid,mem,...,all")
+    from .machine.trace import CATEGORIES
+    r.add_argument("--trace", default="", metavar="CATS",
+                   help=f"trace categories, comma-separated: {','.join(CATEGORIES)} or all")
     r.add_argument("--max-insns", type=_int, default=0, metavar="N", help="stop after N guest instructions")
     r.add_argument("--timeout", type=float, default=0.0, metavar="S", help="stop after S seconds (status 124)")
     r.add_argument("--vendor", choices=("intel", "amd"), default="intel",
