@@ -126,3 +126,19 @@ def test_an_entry_outside_every_segment_is_refused(tmp_path):
     f.write_bytes(_elf_header_patch(strip_pvh_note(image("hello32")), e_entry=0x50000))
     with pytest.raises(LoadError, match="entry 0x50000 is in none of the ELF's loaded segments"):
         load_elf(GuestMemory(16 << 20), str(f))
+
+
+@pytest.mark.skipif(not __import__("shutil").which("gcc"), reason="needs gcc")
+@pytest.mark.parametrize("flags,what", [(["-no-pie"], r"dynamically linked program \(it names an ELF interpreter"),
+                                        (["-static", "-no-pie"], r"program for Linux user space \(NT_GNU_ABI_TAG")])
+def test_a_linux_program_linked_at_a_fixed_address_is_no_kernel(tmp_path, flags, what):
+    """ET_EXEC with its entry in a segment, yet a user-space program: refused before loading."""
+    import subprocess
+    src = tmp_path / "prog.c"
+    src.write_text("int main(void) { return 0; }\n")
+    prog = tmp_path / "prog"
+    res = subprocess.run(["gcc", *flags, "-o", str(prog), str(src)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"gcc {' '.join(flags)} failed: {res.stderr.decode()[:200]}")
+    with pytest.raises(LoadError, match=what + ".*no entry a PC could boot"):
+        load_elf(GuestMemory(64 << 20), str(prog))

@@ -121,7 +121,8 @@ def _check_plain_entry(elf: ELFFile, path: str) -> None:
     rules out a program for an operating system (``/bin/ls``): a position
     independent executable or shared object (``ET_DYN``) has no load
     address at all, an object file or core dump (``ET_REL``, ``ET_CORE``) no
-    entry; and an executable whose entry lies in none of its ``PT_LOAD``
+    entry, a program that names an interpreter (``PT_INTERP``) or carries
+    the GNU ABI tag note is a user-space program; and an executable whose entry lies in none of its ``PT_LOAD``
     segments would run whatever RAM holds there. QEMU's ``-kernel`` is
     stricter (it boots no ELF without the PVH note, hw/i386/x86.c
     load_elfboot); a plain ``ET_EXEC`` kernel linked at its physical
@@ -133,6 +134,15 @@ def _check_plain_entry(elf: ELFFile, path: str) -> None:
                 "ET_REL": "an object file (ET_REL)", "ET_CORE": "a core dump (ET_CORE)"}.get(kind, str(kind))
         raise LoadError(f"{path}: {what} with no PVH note, multiboot or bzImage header: "
                         "no entry a PC could boot")
+    for seg in elf.iter_segments():
+        if seg.header.p_type == "PT_INTERP":
+            raise LoadError(f"{path}: a dynamically linked program (it names an ELF interpreter, PT_INTERP) "
+                            "with no PVH note, multiboot or bzImage header: no entry a PC could boot")
+        if seg.header.p_type == "PT_NOTE" and any(n["n_name"] == "GNU" and n["n_type"] == "NT_GNU_ABI_TAG"
+                                                  for n in seg.iter_notes()):
+            # the note a static Linux program carries (which kernel ABI it needs); no kernel has one
+            raise LoadError(f"{path}: a program for Linux user space (NT_GNU_ABI_TAG note) with no PVH note, "
+                            "multiboot or bzImage header: no entry a PC could boot")
     entry = elf.header.e_entry
     if entry >= 1 << 32:
         raise LoadError(f"{path}: entry {entry:#x} is not a 32-bit physical address "
