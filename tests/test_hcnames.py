@@ -51,3 +51,28 @@ def test_describe_reads_the_hvm_param_index_and_survives_a_bad_pointer():
     assert hcnames.describe("hvm_op", (1, 0xdead, 0), read_u32) == "HVMOP_get_param, 0xdead, 0x0"
     assert hcnames.describe("vm_assist", (0, 32, 0)) == "VMASST_CMD_enable, VMASST_TYPE_m2p_strict, 0x0"
     assert hcnames.describe("set_timer_op", (0x10, 0, 0)) == "0x10, 0x0, 0x0"
+
+
+def test_commands_behind_a_pointer_are_read_from_guest_memory():
+    memory = {0x2000: 5, 0x3000: 0x4000, 0x3004: 0, 0x4000: 20, 0x5000: 99}
+
+    def read_u32(addr):
+        if addr not in memory:
+            raise GuestFault(addr, 4, "not RAM")
+        return memory[addr]
+    assert hcnames.describe("domctl", (0x2000, 0, 0), read_u32) == "0x2000[XEN_DOMCTL_getdomaininfo], 0x0, 0x0"
+    assert hcnames.describe("sysctl", (0x5000, 0, 0), read_u32) == "0x5000[XEN_SYSCTL 99], 0x0, 0x0"
+    assert hcnames.describe("platform_op", (0xbad, 0, 0), read_u32) == "0xbad, 0x0, 0x0"       # bad pointer
+    assert hcnames.describe("dm_op", (1, 1, 0x3000), read_u32) == "0x1, 0x1, 0x3000[XEN_DMOP_nr_vcpus]"
+    assert hcnames.describe("mmuext_op", (0x2000, 1, 0), read_u32) == "0x2000[MMUEXT_NEW_BASEPTR], 0x1, 0x0"
+    assert hcnames.describe("sched_op_compat", (2, 0, 0), read_u32) == "SCHEDOP_shutdown, 0x0, 0x0"
+
+
+def test_the_xenabi_guest_trace_names_the_management_commands(capsys):
+    from test_firmware import run
+    _, _, status, _ = run("xenabi64", trace={"hypercalls"})
+    err = capsys.readouterr().err
+    assert status == 0
+    for text in ("[XEN_DOMCTL_getdomaininfo], ", "[XEN_SYSCTL_readconsole], ", "[XENPF_get_cpu_version], ",
+                 "sched_op_compat(SCHEDOP_yield, "):
+        assert text in err, text

@@ -19,9 +19,12 @@ extent to restart at above bit 6 (MEMOP_EXTENT_SHIFT, xen/include/xen/
 hypercall.h), ``grant_table_op`` above bit 12 (GNTTABOP_CONTINUATION_ARG_SHIFT,
 xen/common/grant_table.c); the name is the command's, and the rest is shown.
 
-``platform_op``, ``sysctl``, ``domctl``, ``dm_op``, ``mmuext_op``,
-``multicall`` and ``*_compat`` calls take a pointer first: their command is
-inside a structure, and a domU is refused them anyway (:mod:`.denials`).
+``platform_op``, ``sysctl``, ``domctl``, ``dm_op``, ``mmuext_op`` and the
+``*_compat`` calls take a pointer: their command is read from the structure
+it points at (domctl.h, sysctl.h, platform.h, hvm/dm_op.h, xen.h MMUEXT_*)
+and shown after it, ``domctl(0x10ff00[XEN_DOMCTL_getdomaininfo], ...)``.
+``multicall`` is a list of calls, each traced by itself; ``set_timer_op``,
+``iret``, ``stack_switch`` and the other PV-only calls have no command.
 """
 from __future__ import annotations
 
@@ -80,6 +83,48 @@ HYPFS_OP = ("get_version", "read", "write_contents")
 KEXEC_CMD = ("kexec", "kexec_load_v1", "kexec_unload_v1", "kexec_get_range", "kexec_load", "kexec_unload",
              "kexec_status")
 
+MMUEXT = {0: "PIN_L1_TABLE", 1: "PIN_L2_TABLE", 2: "PIN_L3_TABLE", 3: "PIN_L4_TABLE", 4: "UNPIN_TABLE",
+          5: "NEW_BASEPTR", 6: "TLB_FLUSH_LOCAL", 7: "INVLPG_LOCAL", 8: "TLB_FLUSH_MULTI", 9: "INVLPG_MULTI",
+          10: "TLB_FLUSH_ALL", 11: "INVLPG_ALL", 12: "FLUSH_CACHE", 13: "SET_LDT", 15: "NEW_USER_BASEPTR",
+          16: "CLEAR_PAGE", 17: "COPY_PAGE", 18: "FLUSH_CACHE_GLOBAL", 19: "MARK_SUPER", 20: "UNMARK_SUPER"}
+# the management hypercalls' commands (domctl.h, sysctl.h, platform.h, hvm/dm_op.h): a domU is
+# refused them (:mod:`.denials`), but a guest may try, and the trace names what it tried
+DOMCTL = {1: "createdomain", 2: "destroydomain", 3: "pausedomain", 4: "unpausedomain", 5: "getdomaininfo",
+          9: "setvcpuaffinity", 10: "shadow_op", 11: "max_mem", 12: "setvcpucontext", 13: "getvcpucontext",
+          14: "getvcpuinfo", 15: "max_vcpus", 16: "scheduler_op", 17: "setdomainhandle", 18: "setdebugging",
+          19: "irq_permission", 20: "iomem_permission", 21: "ioport_permission", 22: "hypercall_init",
+          23: "soft_reset_cont", 24: "settimeoffset", 25: "getvcpuaffinity", 26: "real_mode_area",
+          27: "resumedomain", 28: "sendtrigger", 29: "subscribe", 33: "gethvmcontext", 34: "sethvmcontext",
+          35: "set_address_size", 36: "get_address_size", 37: "assign_device", 38: "bind_pt_irq",
+          39: "memory_mapping", 40: "ioport_mapping", 42: "set_ext_vcpucontext", 43: "get_ext_vcpucontext",
+          44: "set_opt_feature", 45: "test_assign_device", 46: "set_target", 47: "deassign_device",
+          48: "unbind_pt_irq", 50: "get_device_group", 54: "debug_op", 55: "gethvmcontext_partial",
+          56: "vm_event_op", 57: "mem_sharing_op", 59: "gettscinfo", 60: "settscinfo", 61: "getpageframeinfo3",
+          62: "setvcpuextstate", 63: "getvcpuextstate", 64: "set_access_required", 65: "audit_p2m",
+          66: "set_virq_handler", 67: "set_broken_page_p2m", 68: "setnodeaffinity", 69: "getnodeaffinity",
+          71: "cacheflush", 72: "get_vcpu_msrs", 73: "set_vcpu_msrs", 74: "setvnumainfo", 75: "psr_cmt_op",
+          77: "monitor_op", 78: "psr_alloc", 79: "soft_reset", 81: "vuart_op", 82: "get_cpu_policy",
+          83: "set_cpu_policy", 84: "vmtrace_op", 85: "get_paging_mempool_size", 86: "set_paging_mempool_size",
+          87: "dt_overlay", 88: "gsi_permission", 89: "set_llc_colors", 90: "get_domain_state",
+          1000: "gdbsx_guestmemio", 1001: "gdbsx_pausevcpu", 1002: "gdbsx_unpausevcpu", 1003: "gdbsx_domstatus"}
+SYSCTL = {1: "readconsole", 2: "tbuf_op", 3: "physinfo", 4: "sched_id", 5: "perfc_op", 6: "getdomaininfolist",
+          7: "debug_keys", 8: "getcpuinfo", 9: "availheap", 10: "get_pmstat", 11: "cpu_hotplug", 12: "pm_op",
+          14: "page_offline_op", 15: "lockprof_op", 16: "cputopoinfo", 17: "numainfo", 18: "cpupool_op",
+          19: "scheduler_op", 20: "coverage_op", 21: "psr_cmt_op", 22: "pcitopoinfo", 23: "psr_alloc",
+          26: "get_cpu_featureset", 27: "livepatch_op", 29: "get_cpu_policy", 30: "dt_overlay"}
+XENPF = {17: "settime32", 31: "add_memtype", 32: "del_memtype", 33: "read_memtype", 35: "microcode_update",
+         39: "platform_quirk", 48: "get_cpu_version", 49: "efi_runtime_call", 50: "firmware_info",
+         51: "enter_acpi_sleep", 52: "change_freq", 53: "getidletime", 54: "set_processor_pminfo",
+         55: "get_cpuinfo", 56: "cpu_online", 57: "cpu_offline", 58: "cpu_hotadd", 59: "mem_hotadd",
+         60: "core_parking", 61: "resource_op", 62: "settime64", 63: "get_symbol", 64: "get_dom0_console",
+         65: "get_ucode_revision", 66: "microcode_update2"}
+DMOP = {1: "create_ioreq_server", 2: "get_ioreq_server_info", 3: "map_io_range_to_ioreq_server",
+        4: "unmap_io_range_from_ioreq_server", 5: "set_ioreq_server_state", 6: "destroy_ioreq_server",
+        7: "track_dirty_vram", 8: "set_pci_intx_level", 9: "set_isa_irq_level", 10: "set_pci_link_route",
+        11: "modified_memory", 12: "set_mem_type", 13: "inject_event", 14: "inject_msi",
+        15: "map_mem_type_to_ioreq_server", 16: "remote_shutdown", 17: "relocate_memory",
+        18: "pin_memory_cacheattr", 19: "set_irq_level", 20: "nr_vcpus"}
+
 MEMOP_EXTENT_SHIFT = 6
 GNTTABOP_CONTINUATION_ARG_SHIFT = 12
 
@@ -109,6 +154,24 @@ SUBOPS: dict[str, tuple[str, dict[int, str], int]] = {
 }
 
 
+# hypercalls whose command is the first uint32 of the structure the first argument points at:
+# xen_domctl, xen_sysctl, xen_platform_op (cmd, interface_version, ...), mmuext_op (the first op of
+# the array), and the pre-3.0 evtchn_op / physdev_op ({cmd; union}) of the *_compat calls
+POINTED: dict[str, tuple[str, dict[int, str]]] = {
+    "domctl": ("XEN_DOMCTL_", DOMCTL),
+    "sysctl": ("XEN_SYSCTL_", SYSCTL),
+    "platform_op": ("XENPF_", XENPF),
+    "mmuext_op": ("MMUEXT_", MMUEXT),
+    "event_channel_op_compat": ("EVTCHNOP_", _table(EVTCHNOP)),
+    "physdev_op_compat": ("PHYSDEVOP_", PHYSDEVOP),
+}
+SUBOPS["sched_op_compat"] = ("SCHEDOP_", _table(SCHEDOP), 32)
+
+
+def _named(prefix: str, table: dict[int, str], op: int) -> str:
+    return prefix + table[op] if op in table else f"{prefix.rstrip('_')} {op}"
+
+
 def subop(hypercall: str, cmd: int) -> str | None:
     """``EVTCHNOP_send`` for ``("event_channel_op", 4)``; None for a call without sub-operations.
 
@@ -121,7 +184,7 @@ def subop(hypercall: str, cmd: int) -> str | None:
     prefix, table, bits = entry
     mask = (1 << bits) - 1
     op, rest = cmd & mask, cmd & ~mask
-    text = prefix + table[op] if op in table else f"{prefix.rstrip('_')} {op}"
+    text = _named(prefix, table, op)
     return f"{text}|{rest:#x}" if rest else text
 
 
@@ -140,6 +203,9 @@ def describe(hypercall: str, args: tuple[int, ...], read_u32=None) -> str:
     name one vCPU or one VIRQ keep their numbers, as plain arguments.
     """
     shown = [f"{a:#x}" for a in args[:3]]
+    if hypercall in POINTED or hypercall == "dm_op":
+        pointed = _pointed(hypercall, args, read_u32) if read_u32 is not None else None
+        return ", ".join(pointed or shown)
     name = subop(hypercall, args[0]) if args else None
     if name is None:
         return ", ".join(shown)
@@ -152,3 +218,25 @@ def describe(hypercall: str, args: tuple[int, ...], read_u32=None) -> str:
         except HypercallError:                     # a bad pointer: the handler's note says so
             pass
     return ", ".join([name] + shown[1:])
+
+
+def _pointed(hypercall: str, args: tuple[int, ...], read_u32) -> list[str] | None:
+    """The arguments of a call whose command is in guest memory, the command named after its pointer.
+
+    ``dm_op(domid, nr_bufs, bufs)``: the command is the first uint32 of the
+    first buffer (xen_dm_op.op), whose 64-bit handle starts ``bufs[0]``
+    (hvm/dm_op.h xen_dm_op_buf).
+    """
+    shown = [f"{a:#x}" for a in args[:3]]
+    try:
+        if hypercall in POINTED and args:
+            prefix, table = POINTED[hypercall]
+            shown[0] += f"[{_named(prefix, table, read_u32(args[0]))}]"
+        elif hypercall == "dm_op" and len(args) > 2 and args[1]:
+            buf = read_u32(args[2]) | read_u32(args[2] + 4) << 32
+            shown[2] += f"[{_named('XEN_DMOP_', DMOP, read_u32(buf))}]"
+        else:
+            return None
+    except HypercallError:                         # a bad pointer: shown as it is, the handler says why
+        pass
+    return shown
