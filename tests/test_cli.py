@@ -59,6 +59,26 @@ def test_bad_input_is_one_line_and_status_2(args, needle):
     assert needle in one_line(err)
 
 
+@pytest.mark.parametrize("args,expected", [
+    (["run", "hello64", "--foo"], "xenicorn: error: unrecognized arguments: --foo (see xenicorn run --help)"),
+    (["step", "--from-insn", "q", "hello64"],
+     "xenicorn: error: argument --from-insn: not a number: 'q' (see xenicorn step --help)"),
+    (["bogus"], "xenicorn: error: argument command: invalid choice: 'bogus' "
+                "(choose from 'run', 'step', 'firmware', 'xtf') (see xenicorn --help)"),
+])
+def test_a_mistyped_option_is_one_line_naming_the_help_to_read(args, expected):
+    status, out, err = xenicorn(*args)
+    assert (status, out, one_line(err)) == (2, "", expected)
+
+
+def test_a_program_that_is_no_kernel_is_refused_in_one_line():
+    """/bin/ls is a PIE (ET_DYN): no PVH note, no multiboot or bzImage header, no load address."""
+    status, out, err = xenicorn("run", "/bin/ls")
+    assert status == 2 and out == ""
+    assert one_line(err) == ("xenicorn: error: /bin/ls: a position-independent executable or shared object "
+                             "(ET_DYN) with no PVH note, multiboot or bzImage header: no entry a PC could boot")
+
+
 def test_non_elf_and_foreign_elf_files(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("just text\n")
@@ -138,3 +158,45 @@ def test_pci_irqs_defaults_to_the_machines_wiring():
     from xenicorn.cli import _parser
     from xenicorn.machine.machine import MachineConfig
     assert _parser().parse_args(["run", "hello64"]).pci_irqs == MachineConfig().pci_irqs == "apic"
+
+
+README = __import__("pathlib").Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_help_and_the_readme_usage_name_every_trace_category():
+    from xenicorn.machine.trace import CATEGORIES
+    status, out, _ = xenicorn("run", "--help")
+    assert status == 0
+    assert ",".join(CATEGORIES) in " ".join(out.split())            # argparse wraps the help text
+    assert f"[--trace {','.join(CATEGORIES)}|all]" in README.read_text()
+
+
+def _readme_trace_runs():
+    """The README's ``$ xenicorn run ... --trace ...`` blocks: (command words, head N or None, shown lines)."""
+    import re
+    import shlex
+    for block in re.findall(r"```\n(\$ xenicorn run [^\n]*--trace [^\n]*)\n(.*?)```", README.read_text(), re.S):
+        command, shown = block
+        words = shlex.split(command[2:].split(" 2>&1")[0])
+        head = re.search(r"\| head -(\d+)$", command)
+        yield words[1:], int(head.group(1)) if head else None, shown.splitlines()
+
+
+def test_the_readme_trace_excerpts_are_what_a_run_prints():
+    """Regenerate with the command shown; ``| head -N`` blocks are the first N lines, others a selection in order."""
+    import re
+    runs = list(_readme_trace_runs())
+    assert any("evtchn" in words for words, _, _ in runs) and any("hypercalls" in words for words, _, _ in runs)
+
+    def untimed(line):
+        return re.sub(r"\d+(\.\d+)?(ms|us|ns|s)\b", "T", line)
+    for words, head, shown in runs:
+        status, _, err = xenicorn(*words)
+        assert status == 0, (words, err)
+        real = [untimed(line) for line in err.splitlines() if line.startswith("[")]
+        shown = [untimed(line) for line in shown]
+        if head is not None:
+            assert shown == real[:head], words
+        else:
+            it = iter(real)
+            assert all(line in it for line in shown), (words, shown)

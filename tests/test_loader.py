@@ -95,3 +95,50 @@ def test_command_line_limit():
     k = load_elf(mem, firmware.find("hello32"))
     with pytest.raises(LoadError, match="command line"):
         write_start_info(mem, k, "x" * 5000)
+
+
+def _elf_header_patch(data: bytes, **fields) -> bytes:
+    """An ELF with e_type (offset 16) or e_entry (offset 24) changed."""
+    out = bytearray(data)
+    if "e_type" in fields:
+        out[16:18] = struct.pack("<H", fields["e_type"])
+    if "e_entry" in fields:
+        out[24:28] = struct.pack("<I", fields["e_entry"])
+    return bytes(out)
+
+
+@pytest.mark.parametrize("e_type,what", [(3, "ET_DYN"), (1, "ET_REL"), (4, "ET_CORE")])
+def test_an_elf_that_is_no_kernel_is_refused_before_loading(tmp_path, e_type, what):
+    f = tmp_path / "prog.elf"
+    f.write_bytes(_elf_header_patch(strip_pvh_note(image("hello32")), e_type=e_type))
+    mem = GuestMemory(16 << 20)
+    with pytest.raises(LoadError, match=f"{what}.*no entry a PC could boot"):
+        load_elf(mem, str(f))
+    assert mem.read(0x100000, 64) == bytes(64)          # nothing copied
+    # with its PVH note the entry is Xen's to choose: the same file type boots
+    g = tmp_path / "noted.elf"
+    g.write_bytes(_elf_header_patch(image("hello32"), e_type=e_type))
+    assert load_elf(GuestMemory(16 << 20), str(g)).pvh
+
+
+def test_an_entry_outside_every_segment_is_refused(tmp_path):
+    f = tmp_path / "stray.elf"
+    f.write_bytes(_elf_header_patch(strip_pvh_note(image("hello32")), e_entry=0x50000))
+    with pytest.raises(LoadError, match="entry 0x50000 is in none of the ELF's loaded segments"):
+        load_elf(GuestMemory(16 << 20), str(f))
+
+
+@pytest.mark.skipif(not __import__("shutil").which("gcc"), reason="needs gcc")
+@pytest.mark.parametrize("flags,what", [(["-no-pie"], r"dynamically linked program \(it names an ELF interpreter"),
+                                        (["-static", "-no-pie"], r"program for Linux user space \(NT_GNU_ABI_TAG")])
+def test_a_linux_program_linked_at_a_fixed_address_is_no_kernel(tmp_path, flags, what):
+    """ET_EXEC with its entry in a segment, yet a user-space program: refused before loading."""
+    import subprocess
+    src = tmp_path / "prog.c"
+    src.write_text("int main(void) { return 0; }\n")
+    prog = tmp_path / "prog"
+    res = subprocess.run(["gcc", *flags, "-o", str(prog), str(src)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"gcc {' '.join(flags)} failed: {res.stderr.decode()[:200]}")
+    with pytest.raises(LoadError, match=what + ".*no entry a PC could boot"):
+        load_elf(GuestMemory(64 << 20), str(prog))

@@ -136,3 +136,47 @@ def test_query_cpus_fast_lists_every_vcpu(tmp_path):
     assert [c["props"] for c in cpus] == [{"core-id": 0, "thread-id": 0, "socket-id": i} for i in (0, 1)]
     assert all(c["target"] == "x86_64" for c in cpus)
     assert [c["thread-id"] for c in cpus] == [proc.pid] * 2            # the CLI runs the machine on its main thread
+
+
+def test_human_monitor_info_commands_and_the_current_cpu(tmp_path):
+    """HMP through QMP: ``info`` lists its subcommands, an unknown one says so, ``cpu N`` picks the vCPU."""
+    from xenicorn.debug.qmp import QmpServer
+    proc, sock = start(tmp_path, "spin32", "-smp", "2", "--xenstore", "data/seeded=by-cli")
+
+    async def go():
+        client = await session(sock)
+
+        async def hmp(line, **extra):
+            return await client.execute("human-monitor-command", {"command-line": line, **extra})
+        out = {line: await hmp(line) for line in ("info", "info bogus", "info status", "info pic", "info lapic",
+                                                   "info registers", "info evtchn", "info irq", "cpu 7")}
+        out["cpu 1"] = await hmp("cpu 1")
+        out["lapic 1"] = await hmp("info lapic")
+        out["cpus"] = await hmp("info cpus")
+        out["regs via cpu-index"] = await hmp("info registers", **{"cpu-index": 0})
+        # one rule for keys: relative ones are the guest's, as --xenstore's
+        out["name"] = await hmp("xenstore-read name")
+        out["write"] = await hmp("xenstore-write data/from-monitor yes")
+        out["seeded"] = await hmp("xenstore-read /local/domain/1/data/seeded")
+        out["written"] = await hmp("xenstore-read /local/domain/1/data/from-monitor")
+        await client.execute("quit")
+        await closed(client)
+        return out
+    out = asyncio.run(go())
+    assert proc.wait(timeout=30) == 0
+    listed = [line.split()[1] for line in out["info"].splitlines()]
+    assert listed == list(QmpServer.INFO) and "pic" in listed and "evtchn" in listed
+    assert all(" -- " in line for line in out["info"].splitlines())
+    assert out["info bogus"] == "unknown command: 'info bogus' (info alone lists them)\r\n"
+    assert out["info status"] == "VM status: running\r\n"
+    assert out["info pic"].startswith("pic0: irr=") and "\r\nioapic0: ver=0x20 " in out["info pic"]
+    assert out["info lapic"].startswith("dumping local APIC state for CPU 0 \r\n")
+    assert out["info registers"].startswith("EAX=") and "\r\nCS =" in out["info registers"]    # 32-bit guest
+    assert out["info evtchn"].startswith("event channel ABI: 2-level\r\n")
+    assert out["info irq"].startswith("IRQ statistics for isa-i8259:\r\n")
+    assert out["cpu 7"] == "invalid CPU index\r\n" and out["cpu 1"] == ""
+    assert out["lapic 1"].startswith("dumping local APIC state for CPU 1 ")
+    assert "* CPU #1:" in out["cpus"] and "  CPU #0:" in out["cpus"]
+    assert out["regs via cpu-index"].startswith("EAX=")
+    assert (out["name"], out["write"], out["written"]) == ("xenicorn\r\n", "", "yes\r\n")
+    assert out["seeded"] == "by-cli\r\n"

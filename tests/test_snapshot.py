@@ -32,7 +32,8 @@ SKIP = {"uc", "uc_list", "_mm", "buf", "host_addr", "tracer", "console", "monito
         "host_watches", "f", "_poll_hook", "_poll_vcpu", "_window_hook", "_retired_callbacks", "live",
         "_irq_request", "_cache", "tree", "serial_file", "xen_log",
         "_heap",           # the clock's heap keeps cancelled timers until they surface; "timers" lists the live ones
-        "last_delivery"}   # the last IDT delivery, kept for diagnostics: it never steers execution
+        "last_delivery",   # the last IDT delivery, kept for diagnostics: it never steers execution
+        "irq_count"}       # the monitor's "info irq" statistics: QEMU does not migrate them either
 
 
 ROUTINES = (types.FunctionType, types.MethodType, types.BuiltinFunctionType, types.BuiltinMethodType)

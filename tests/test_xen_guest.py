@@ -41,6 +41,18 @@ def test_trace_hypercalls_decodes_each_call(capsys):
     err = capsys.readouterr().err
     assert status == 0
     assert "[hypercalls] hypercall page installed at" in err
-    assert "memory_op(0x7," in err and "[shared_info at" in err
-    assert "hvm_op(0x0," in err and "set CALLBACK_IRQ = 0x2000000000000f3" in err
+    assert "memory_op(XENMEM_add_to_physmap, 0x" in err and "[shared_info at" in err
+    assert ("hvm_op(HVMOP_set_param[HVM_PARAM_CALLBACK_IRQ], 0x" in err
+            and "set CALLBACK_IRQ = 0x2000000000000f3" in err)
     assert "= -EPERM" in err and "= -EFAULT" in err and "= -ENOSYS" in err
+    for sub in ("XENVER_version", "XENVER_get_features", "CONSOLEIO_write", "XENMEM_populate_physmap",
+                "XENMEM_decrease_reservation", "VCPUOP_register_vcpu_info", "SCHEDOP_shutdown"):
+        assert f"({sub}" in err, sub
+    # a command the guest made up is shown by number, its continuation bits apart
+    assert "xen_version(XENVER 77, " in err and "memory_op(XENMEM 35|0x40, " in err
+    # no multiplexed call is left with a bare number for its command
+    from xenicorn.xen.hcnames import SUBOPS
+    for line in err.splitlines():
+        call = line.removeprefix("[hypercalls] ").split("(")[0]
+        if call in SUBOPS:
+            assert not line.split("(", 1)[1].startswith("0x"), line

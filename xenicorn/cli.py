@@ -43,10 +43,29 @@ def _smp(text: str) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but bad input is one line (argparse prints the whole usage first)."""
+    """argparse, but bad input is one line (argparse prints the whole usage first).
+
+    The line names the help to read: ``xenicorn run --help`` for a mistyped
+    ``run`` option, even when argparse reports it from the top parser
+    (unrecognized arguments are collected there, after the subcommand ran).
+    """
+
+    argv: list[str] = []
+
+    def parse_args(self, args=None, namespace=None):
+        _Parser.argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_args(args, namespace)
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+        prog = self.prog
+        if prog == "xenicorn":
+            words = [a for a in _Parser.argv if not a.startswith("-")]
+            if words and words[0] in _SUBCOMMANDS:
+                prog = f"xenicorn {words[0]}"
+        self.exit(2, f"xenicorn: error: {message} (see {prog} --help)\n")
+
+
+_SUBCOMMANDS = ("run", "step", "firmware", "xtf")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,7 +121,9 @@ def _run_options(r: argparse.ArgumentParser) -> None:
                         "auto (default): linux for a bzImage, pvh for an ELF with a PVH note, multiboot "
                         "for a multiboot header, else pvh")
     r.add_argument("--serial", "-serial", default="stdio", metavar="stdio|file:PATH|none", help="COM1 output")
-    r.add_argument("--trace", default="", metavar="CATS", help="comma-separated: exits,io,int,cpuid,mem,...,all")
+    from .machine.trace import CATEGORIES
+    r.add_argument("--trace", default="", metavar="CATS",
+                   help=f"trace categories, comma-separated: {','.join(CATEGORIES)} or all")
     r.add_argument("--max-insns", type=_int, default=0, metavar="N", help="stop after N guest instructions")
     r.add_argument("--timeout", type=float, default=0.0, metavar="S", help="stop after S seconds (status 124)")
     r.add_argument("--vendor", choices=("intel", "amd"), default="intel",
@@ -391,7 +412,7 @@ def _seed_xenstore(machine, spec: str) -> None:
     if machine.xen is None:
         raise UsageError("--xenstore needs Xen (drop --no-xen)")
     from .xen.xenstore.store import XsError
-    path = key if key.startswith("/") else f"/local/domain/{machine.xen.config.domid}/{key}"
+    path = machine.xen.guest_key(key)
     try:
         machine.xen.xenstore_write(path, value.encode())
     except XsError as e:
@@ -418,7 +439,7 @@ def _watch_xenstore(machine, path: str) -> None:
     if machine.xen is None:
         raise UsageError("--xenstore-watch needs Xen (drop --no-xen)")
     from .xen.xenstore.store import XsError
-    full = path if path.startswith("/") else f"/local/domain/{machine.xen.config.domid}/{path}"
+    full = machine.xen.guest_key(path)
 
     def changed(node: str) -> None:
         try:
@@ -455,20 +476,27 @@ def _print_events(machine) -> None:
     if machine.xen is None:
         print("xen-event-list: no Xen in this machine", file=sys.stderr)
         return
-    print(f"{'port':>5s} {'type':12s} {'vcpu':>4s} {'remote':>6s} {'target':>6s} pending masked")
-    for e in machine.xen.evtchn.event_list():
-        fifo = f" priority {e['priority']}{' linked' if e['linked'] else ''}" if "priority" in e else ""
-        print(f"{e['port']:5d} {e['type']:12s} {e['vcpu']:4d} {e['remote-domain']:>6s} {e['target']:6d} "
-              f"{'yes' if e['pending'] else 'no':7s} {'yes' if e['masked'] else 'no':6s}{fifo}".rstrip())
+    from .debug.hmp_info import evtchn_table
+    print("\n".join(evtchn_table(machine)))
+
+
+def _list_firmware() -> None:
+    """``xenicorn firmware``: each image, its source folder and what it shows (firmware/catalog.py)."""
+    from . import firmware
+    from .firmware import catalog
+    print(f"images in {firmware.image_dir()}, built from xenicorn/firmware/src/ by tools/build_firmware.py")
+    for name in firmware.names():
+        row = catalog.describe(name)
+        src = ",".join(f"src/{d}/" for d in row.sources) if row else "?"
+        text = catalog.summary(row.text, 88) if row else "(no description in xenicorn/firmware/catalog.py)"
+        print(f"{name:13s} {src:16s} {text}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "firmware":
-            from . import firmware
-            for name in firmware.names():
-                print(f"{name:16s} {firmware.find(name)}")
+            _list_firmware()
             return 0
         if args.command == "plot":
             from .debug import plot

@@ -111,6 +111,50 @@ def _pvh_entry_of_file(path: str) -> int | None:
         return None
 
 
+def _check_plain_entry(elf: ELFFile, path: str) -> None:
+    """Refuse an ELF without a PVH note that no PC loader could enter.
+
+    Without the note (and without a multiboot or bzImage header, which
+    :func:`~xenicorn.boot.choose_protocol` looks for first) the kernel is
+    entered at ``e_entry`` in flat 32-bit mode with paging off, so the entry
+    is a physical address and must be code the file puts somewhere. That
+    rules out a program for an operating system (``/bin/ls``): a position
+    independent executable or shared object (``ET_DYN``) has no load
+    address at all, an object file or core dump (``ET_REL``, ``ET_CORE``) no
+    entry, a program that names an interpreter (``PT_INTERP``) or carries
+    the GNU ABI tag note is a user-space program; and an executable whose entry lies in none of its ``PT_LOAD``
+    segments would run whatever RAM holds there. QEMU's ``-kernel`` is
+    stricter (it boots no ELF without the PVH note, hw/i386/x86.c
+    load_elfboot); a plain ``ET_EXEC`` kernel linked at its physical
+    address (hello32 without its note) still boots here.
+    """
+    kind = elf.header.e_type
+    if kind != "ET_EXEC":
+        what = {"ET_DYN": "a position-independent executable or shared object (ET_DYN)",
+                "ET_REL": "an object file (ET_REL)", "ET_CORE": "a core dump (ET_CORE)"}.get(kind, str(kind))
+        raise LoadError(f"{path}: {what} with no PVH note, multiboot or bzImage header: "
+                        "no entry a PC could boot")
+    for seg in elf.iter_segments():
+        if seg.header.p_type == "PT_INTERP":
+            raise LoadError(f"{path}: a dynamically linked program (it names an ELF interpreter, PT_INTERP) "
+                            "with no PVH note, multiboot or bzImage header: no entry a PC could boot")
+        if seg.header.p_type == "PT_NOTE" and any(n["n_name"] == "GNU" and n["n_type"] == "NT_GNU_ABI_TAG"
+                                                  for n in seg.iter_notes()):
+            # the note a static Linux program carries (which kernel ABI it needs); no kernel has one
+            raise LoadError(f"{path}: a program for Linux user space (NT_GNU_ABI_TAG note) with no PVH note, "
+                            "multiboot or bzImage header: no entry a PC could boot")
+    entry = elf.header.e_entry
+    if entry >= 1 << 32:
+        raise LoadError(f"{path}: entry {entry:#x} is not a 32-bit physical address "
+                        "and the ELF has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)")
+    for seg in elf.iter_segments():
+        h = seg.header
+        if h.p_type == "PT_LOAD" and h.p_paddr <= entry < h.p_paddr + h.p_filesz:
+            return
+    raise LoadError(f"{path}: entry {entry:#x} is in none of the ELF's loaded segments and there is no "
+                    "PVH note, multiboot or bzImage header: no entry a PC could boot")
+
+
 def load_elf(mem: GuestMemory, path: str, data: bytes | None = None, pvh_note: bool = True) -> LoadedKernel:
     """Copy an ELF kernel's PT_LOAD segments to guest-physical memory.
 
@@ -131,6 +175,9 @@ def load_elf(mem: GuestMemory, path: str, data: bytes | None = None, pvh_note: b
         machine = elf.header.e_machine
         if machine not in ("EM_386", "EM_X86_64"):
             raise LoadError(f"{path}: ELF for {machine}, not x86 (EM_386 or EM_X86_64)")
+        pvh = _pvh_entry(elf) if pvh_note else None
+        if pvh is None:
+            _check_plain_entry(elf, path)
         kernel = LoadedKernel(path, 0, False, elf.elfclass)
         for seg in elf.iter_segments():
             if seg.header.p_type != "PT_LOAD" or seg.header.p_memsz == 0:
@@ -145,7 +192,6 @@ def load_elf(mem: GuestMemory, path: str, data: bytes | None = None, pvh_note: b
             kernel.segments.append((paddr, memsz))
         if not kernel.segments:
             raise LoadError(f"{path}: ELF has no loadable segments")
-        pvh = _pvh_entry(elf) if pvh_note else None
         kernel.pvh = pvh is not None
         kernel.entry = pvh if pvh is not None else elf.header.e_entry
         symtab = elf.get_section_by_name(".symtab")
@@ -153,9 +199,6 @@ def load_elf(mem: GuestMemory, path: str, data: bytes | None = None, pvh_note: b
             kernel.symbols = {s.name: s["st_value"] for s in symtab.iter_symbols() if s.name}
     except (ELFError, struct.error, ValueError) as e:
         raise LoadError(f"{path}: corrupt ELF file ({e})") from None
-    if not kernel.pvh and kernel.entry >= 1 << 32:
-        raise LoadError(f"{path}: entry {kernel.entry:#x} is not a 32-bit physical address "
-                        "and the ELF has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY)")
     return kernel
 
 

@@ -22,6 +22,7 @@ import json
 import threading
 import time
 
+from . import hmp_info
 from .sockserver import Connection, SocketServer, unix_listener
 
 SEND_TIMEOUT_S = 2               # a client that stops reading this long is dropped
@@ -49,6 +50,7 @@ class _Client(Connection):
     def __init__(self, sock):
         super().__init__(sock)
         self.negotiated = False
+        self.cpu = 0                    # the human monitor's current CPU ("cpu N")
 
     def send_json(self, obj: dict) -> None:
         self.send((json.dumps(obj) + "\r\n").encode())
@@ -88,6 +90,7 @@ class QmpServer:
         self.machine = machine
         self.path = path
         self.paused = False
+        self._client: _Client | None = None      # whose command runs (the HMP's current CPU is per client)
         self.listener = unix_listener(path, backlog=4)
         self.server = SocketServer(self.listener, name="xenicorn-qmp", decoder=_json_objects, connection=_Client,
                                    on_accept=self._greet, on_queued=self._kick, send_timeout=SEND_TIMEOUT_S,
@@ -163,6 +166,7 @@ class QmpServer:
         handler = getattr(self, "_cmd_" + name.replace("-", "_"), None)
         if handler is None:
             return error("CommandNotFound", f"The command {name} has not been found")
+        self._client = client
         try:
             return out({"return": handler(**args)})
         except TypeError as e:
@@ -227,13 +231,57 @@ class QmpServer:
         self._xen().evtchn.event_inject(port)
         return {}
 
+    # -- the human monitor (HMP) -------------------------------------------------------------
+    # info subcommands: name -> (help, function(self, cpu) -> text); listed by a bare "info"
+    INFO = {
+        "status": ("show the current VM status (running|paused)", lambda self, cpu: f"VM status: {self._status()}\n"),
+        "cpus": ("show infos for each CPU", lambda self, cpu: self._info_cpus(cpu)),
+        "registers": ("show the cpu registers", lambda self, cpu: hmp_info.registers(self.machine, cpu)),
+        "lapic": ("show local apic state", lambda self, cpu: hmp_info.lapic(self.machine, cpu)),
+        "pic": ("show PIC state", lambda self, cpu: hmp_info.pic(self.machine)),
+        "ioapic": ("show io apic state", lambda self, cpu: hmp_info.ioapic(self.machine)),
+        "irq": ("show the interrupts statistics", lambda self, cpu: hmp_info.irq(self.machine)),
+        "evtchn": ("show the Xen event channel ports (pending, masked, vCPU, FIFO priority)",
+                   lambda self, cpu: hmp_info.evtchn(self.machine)),
+    }
+
+    def _info_cpus(self, current: int) -> str:
+        """QEMU's ``info cpus``: ``*`` marks the monitor's current CPU."""
+        return "".join(f"{'*' if v.index == current else ' '} CPU #{v.index}: pc=0x{v.pc:016x}"
+                       f"{' (halted)' if v.halted else ''} thread_id={threading.get_native_id()}\n"
+                       for v in self.machine.vcpus)
+
+    def _info(self, words: list[str], cpu: int) -> str:
+        if len(words) == 1:
+            width = max(len(n) for n in self.INFO) + 5
+            return "".join(f"{'info ' + n:<{width}s} -- {h}\n" for n, (h, _) in self.INFO.items())
+        entry = self.INFO.get(words[1])
+        if entry is None:
+            return f"unknown command: 'info {words[1]}' (info alone lists them)\n"
+        return entry[1](self, cpu)
+
     def _cmd_human_monitor_command(self, **kw) -> str:
+        """One HMP command line; the reply is its text with CRLF line ends, as QEMU's."""
+        return self._hmp(kw).replace("\r\n", "\n").replace("\n", "\r\n")
+
+    def _hmp(self, kw: dict) -> str:
         line = str(kw.get("command-line", "")).strip()
         words = line.split()
         if not words:
             return ""
-        if words[:2] == ["info", "status"]:
-            return f"VM status: {self._status()}\r\n"
+        client = self._client
+        cpu = kw.get("cpu-index", client.cpu if client is not None else 0)
+        if not isinstance(cpu, int) or not 0 <= cpu < len(self.machine.vcpus):
+            raise ValueError(f"Parameter 'cpu-index' expects a vCPU index below {len(self.machine.vcpus)}")
+        if words[0] == "info":
+            return self._info(words, cpu)
+        if words[0] == "cpu":
+            # HMP "cpu N": the current CPU for info registers/lapic, kept per QMP client
+            if len(words) != 2 or not words[1].isdigit() or int(words[1]) >= len(self.machine.vcpus):
+                return "invalid CPU index\n"
+            if client is not None:
+                client.cpu = int(words[1])
+            return ""
         if words[0] == "xen-event-list":
             return "".join(f"port {e['port']:4d}: vcpu: {e['vcpu']} {e['type']}"
                            f"{' pending' if e['pending'] else ''}{' masked' if e['masked'] else ''}\r\n"
@@ -242,9 +290,12 @@ class QmpServer:
             self._xen().evtchn.event_inject(int(words[1]))
             return ""
         if words[0] == "xenstore-read" and len(words) == 2:
-            return self._xen().xenstore_read(words[1]).decode("ascii", "replace") + "\r\n"
+            # a relative key is the guest's, as --xenstore's (XenPlatform.guest_key)
+            xen = self._xen()
+            return xen.xenstore_read(xen.guest_key(words[1])).decode("ascii", "replace") + "\r\n"
         if words[0] == "xenstore-write" and len(words) == 3:
-            self._xen().xenstore_write(words[1], words[2].encode())
+            xen = self._xen()
+            xen.xenstore_write(xen.guest_key(words[1]), words[2].encode())
             return ""
         if words[0] in ("savevm", "loadvm") and len(words) == 2:
             return self._hmp_snapshot(words[0], words[1])

@@ -234,6 +234,7 @@ class PicPair:
         self.master_ports = _ChipPorts(self.master)
         self.slave_ports = _ChipPorts(self.slave)
         self.elcr_ports = _Elcr(self)
+        self.irq_count = [0] * 16             # rising edges per ISA IRQ (QEMU's "info irq"; not saved)
 
     def _master_eoi(self, irq: int) -> None:
         if irq != 2:
@@ -256,7 +257,10 @@ class PicPair:
         self.output(level)
 
     def set_irq(self, irq: int, level: bool) -> None:
-        (self.master if irq < 8 else self.slave).set_irq(irq & 7, level)
+        chip = self.master if irq < 8 else self.slave
+        if level and not chip.state.last_input >> (irq & 7) & 1:
+            self.irq_count[irq] += 1
+        chip.set_irq(irq & 7, level)
 
     def pending(self) -> bool:
         return self.master.int_level

@@ -85,6 +85,7 @@ class Ioapic:
         self.sink = sink
         self.on_eoi: list[Callable[[int], None]] = []       # called with the pin
         self.deliveries = 0
+        self.irq_count = [0] * NUM_PINS     # rising input edges per pin (QEMU's "info irq"; not saved)
         self.trace: Callable[[str], None] | None = None     # one line per message sent
 
     # -- inputs ------------------------------------------------------------------
@@ -93,6 +94,8 @@ class Ioapic:
         bit = 1 << pin
         old = bool(st.irr & bit)
         st.irr = st.irr | bit if level else st.irr & ~bit
+        if level and not old:
+            self.irq_count[pin] += 1
         rte = st.redirtbl[pin]
         if rte & RTE_LEVEL:
             if level:

@@ -114,9 +114,9 @@ class RawContext:
     fields, and restores on exit (only if something was written).
     """
 
-    def __init__(self, uc: Uc):
+    def __init__(self, uc: Uc | None, saved=None):
         self.uc = uc
-        self.ctx = uc.context_save()
+        self.ctx = uc.context_save() if saved is None else saved
         self._ptr = ctypes.cast(self.ctx.context, ctypes.c_void_p).value + _HDR
         # the saved CPUX86State, viewed in place (no copy per field)
         self._mem = memoryview((ctypes.c_char * (self.ctx.size - _HDR)).from_address(self._ptr)).cast("B")
@@ -133,8 +133,13 @@ class RawContext:
     def read_block(self, off: int, size: int) -> bytes:
         return bytes(self._mem[off:off + size])
 
+    @classmethod
+    def view(cls, saved) -> "RawContext":
+        """Read a context saved earlier (a vCPU's while another is loaded); writes reach nothing."""
+        return cls(None, saved)
+
     def commit(self) -> None:
-        if self.dirty:
+        if self.dirty and self.uc is not None:
             self.uc.context_restore(self.ctx)
             self.dirty = False
 

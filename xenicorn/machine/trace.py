@@ -8,7 +8,7 @@ did* next to *what the platform did about it*.
 Categories: ``exits`` (every vCPU exit), ``io`` (unclaimed port/MMIO
 accesses, reported once per address), ``int`` (interrupt and exception
 delivery), ``cpuid``, ``mem`` (unassigned physical memory), ``hypercalls``,
-``irq`` (interrupt line edges), ``evtchn``, ``all``.
+``irq`` (interrupt line edges), ``evtchn``, ``xenstore``, ``all``.
 
 Tools that want the events without the text on stderr (the interrupt
 stepper, ``--trace-json``, run records) *observe* categories: the call

@@ -230,6 +230,21 @@ class XenPlatform:
             out += self._tree(f"{path}/{child}")
         return out
 
+    def guest_key(self, key: str) -> str:
+        """A xenstore key as the user typed it (``--xenstore``, the monitor's ``xenstore-read``): a
+        relative key is the guest's, under ``/local/domain/<domid>``; an absolute one stays.
+
+        One rule for every place a user names a key. It is the rule QEMU's own
+        Xen emulation follows for the keys it seeds for its guest
+        (hw/i386/kvm/xen_xenstore.c relpath_printf: ``/local/domain/<xen_domid>/``
+        + the relative key), and the keys a user means are the guest's
+        (``name``, ``control/shutdown``, ``device/...``): xenstored's rule for
+        the caller's own domain would send them to dom0's home, which the
+        guest never reads. The Python API below is dom0's and follows
+        xenstored's rule (a relative path is under ``/local/domain/0``).
+        """
+        return key if key.startswith("/") else f"/local/domain/{self.config.domid}/{key}"
+
     def xenstore_read(self, path: str) -> bytes:
         """Read as dom0 (the host side)."""
         return self.store.read(0, path)
@@ -323,7 +338,8 @@ class XenPlatform:
         self.hypercall_counts[name] = self.hypercall_counts.get(name, 0) + 1
         if self.host.tracer.on("hypercalls"):
             from .errno import name as errname
-            args = ", ".join(f"{a:#x}" for a in call.args[:3])
+            from .hcnames import describe
+            args = describe(name, call.args, call.guest.read_u32)
             extra = f"  [{'; '.join(call.notes)}]" if call.notes else ""
             res = errname(call.result) if call.result < 0 else f"{call.result:#x}"
             self.host.tracer.emit("hypercalls", f"{name}({args}) = {res}{extra}")
