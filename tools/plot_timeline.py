@@ -46,9 +46,10 @@ def levels(records: list[dict], key: str) -> list[tuple[int, int]]:
     first = records[0].get("state", {}).get(key)
     out = [(0, int(first or 0))]
     for r in records:
-        change = r.get("diff", {}).get(key)
-        if change is not None:
-            out.append((r["insn"], int(change[1] or 0)))
+        for part in ("guest", "diff"):       # an event's "guest": what the guest did before it
+            change = r.get(part, {}).get(key)
+            if change is not None:
+                out.append((r["insn"], int(change[1] or 0)))
     return out
 
 
