@@ -354,11 +354,14 @@ def test_step_still_takes_the_host_clock():
 
 
 def test_help_explains_the_dash_irqs_gsis_and_polls_and_i_has_a_header():
-    machine, kernel, status, events, out, _ = stepped("evtchn64", "gsi", commands=["n", "?", "i", "q"])
+    machine, kernel, status, events, out, _ = stepped("evtchn64", "gsi", commands=["n", "?", "i", "c"])
     assert status == 0
     assert '"-" is "not there"' in out and "unprogrammed pin" in out
     assert "IRQ 0 (the PIT), which reaches GSI 2" in out and "GSI n is IOAPIC pin n" in out
     assert "more block polls than running" in out
+    # ... which is so: a stepped instruction is a block of its own, polled (the GSI upcalls below)
+    stepping = stepped("evtchn64", "gsi", commands=["n"] * 8 + ["s"] * 30)[0].xen.callback.stats["polls"]
+    assert stepping > machine.xen.callback.stats["polls"]
     lines = out.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("-- interrupt state at insn"))
     assert lines[head + 1].split() == ["name", "value"] and lines[head + 2].split()[0] == "cpu.IF"

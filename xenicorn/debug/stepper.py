@@ -23,7 +23,10 @@ Every step above is an *event* the platform already reports to its
 :class:`~xenicorn.machine.trace.Tracer` (categories ``evtchn``, ``irq``,
 ``int``). :class:`InterruptWatcher` observes those events and, at each one,
 takes a snapshot of the interrupt state (:func:`interrupt_state`) and keeps
-the difference from the previous snapshot: *what this step changed*. The
+the difference from the previous snapshot: *what this event changed*. It
+also looks each time the guest stops (an exit, a block-start check, the end
+of a run), so what the guest changed by running -- a store to
+``upcall_pending`` makes no event -- is told apart, as the guest's. The
 events go to sinks: :class:`JsonLines` (``--trace-json`` and ``--record``)
 and :class:`Stepper`, the interactive ``xenicorn step`` that stops at each
 event and waits for a key.
@@ -357,19 +360,19 @@ HELP = """keys:  Enter or n  next interrupt event
        q          power the machine off and quit
        ?          this help
 reading a stop:
-  "the guest changed" lists what the guest's own code did since the last
-  event (STI, the handler's store clearing upcall_pending); the lines under
-  the event's text are what that event changed.
+  "the guest changed" lists what changed since the last event without an
+  event of its own: the guest's code (STI, the handler's store clearing
+  upcall_pending), its port writes (masking the 8259). The lines under the
+  event's text are what that event changed.
   before -> after: "-" is "not there": an IOAPIC pin appears once programmed
   (a vector or unmasked) or while its input is high, so an unprogrammed pin
   goes "-" -> value the first time it is shown.
   IRQ n is ISA line n, into 8259 input n; GSI n is IOAPIC pin n. ISA IRQ n
   also drives GSI n, except IRQ 0 (the PIT), which reaches GSI 2 (the
   MADT's interrupt source override, as on every PC); GSIs 16-23 are PCI.
-  Stepping shows more block polls than running does: the deassert poll
-  looks at upcall_pending at each translated block's start, and every stop
-  (an event, one instruction) ends a block, so the guest resumes in a new
-  one, with its own poll."""
+  Stepping with s shows more block polls than running does: the deassert
+  poll looks at upcall_pending at the start of each translated block, and
+  an instruction stepped alone is a block of its own, so each step polls."""
 
 class Stepper(Agent):
     """``xenicorn step``: stop at each interrupt event, show it, wait for a key.
@@ -383,7 +386,10 @@ class Stepper(Agent):
     drop the line at the very next block.
 
     Polls that change nothing (``poll at block ...: line stays asserted``)
-    do not stop; their number is shown with the next stop. ``from_insn``
+    do not stop; their number is shown with the next stop. Every line
+    printed names code addresses by the kernel's symbols
+    (:mod:`~xenicorn.debug.symbols`), and starts on a line of its own even
+    when the guest's console is in the middle of one. ``from_insn``
     runs the first instructions without stopping (past a kernel's boot).
     """
 
