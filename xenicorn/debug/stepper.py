@@ -358,7 +358,7 @@ HELP = """keys:  Enter or n  next interrupt event
        c          continue to the end without stopping
        i          the whole interrupt state now
        q          power the machine off and quit
-       ?          this help
+       h or ?     this help
 reading a stop:
   "the guest changed" lists what changed since the last event without an
   event of its own: the guest's code (STI, the handler's store clearing
@@ -453,9 +453,8 @@ class Stepper(Agent):
                     return 0
             elif cmd == "s":
                 self.mode = "insn"
-                for ev in self.queue:                    # already happened: one line each
-                    self._print(f"   (#{ev.seq} {ev.kind}: {ev.text})")
-                    self.held = merge_diffs(merge_diffs(self.held, ev.guest), ev.diff)
+                for ev in self.queue:                    # already happened: briefly, each
+                    self._print_changes(ev, f"(#{ev.seq} {ev.kind}: {ev.text})")
                 self.queue.clear()
                 self._step_from = self._insn_text(vcpu, vcpu.pc)
                 return 1
@@ -525,6 +524,15 @@ class Stepper(Agent):
         for name, (old, new) in diff.items():
             self._print(f"     {name:28s} {format_value(name, old):>12s} -> {format_value(name, new)}")
 
+    def _print_changes(self, ev: IrqEvent, text: str) -> None:
+        """What the guest changed before ``ev`` (and before events not shown), then ``ev`` and its own."""
+        guest, self.held = merge_diffs(self.held, ev.guest), {}
+        if guest:
+            self._print("   the guest changed, since the last event:")
+            self._print_diff(guest)
+        self._print(f"   {text}")
+        self._print_diff(ev.diff)
+
     def _show(self, ev: IrqEvent) -> None:
         self.shown += 1
         if self.quiet_polls:
@@ -532,12 +540,7 @@ class Stepper(Agent):
             self.quiet_polls = 0
         where = f"vCPU {ev.cpu} " if len(self.machine.vcpus) > 1 else ""
         self._print(f"== #{ev.seq} [{ev.kind}] {where}insn {ev.insn} t={ev.ns / 1e6:.3f}ms rip {ev.rip:#x}")
-        guest, self.held = merge_diffs(self.held, ev.guest), {}
-        if guest:
-            self._print("   the guest changed, since the last event:")
-            self._print_diff(guest)
-        self._print(f"   {ev.text}")
-        self._print_diff(ev.diff)
+        self._print_changes(ev, ev.text)
         d = ev.delivery
         if d is not None:
             g = d["gate"]
