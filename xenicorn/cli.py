@@ -29,6 +29,14 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
+def _count(text: str) -> int:
+    """A number of instructions: 0 or more."""
+    n = _int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text}: expected a count of instructions, 0 or more")
+    return n
+
+
 def _smp(text: str) -> int:
     """``-smp N`` or ``-smp cpus=N`` (QEMU's spelling; the other topology keys are not offered)."""
     from .machine.machine import MAX_VCPUS
@@ -81,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
                         "count, one JSON object per line (xenicorn plot draws it)")
     s = sub.add_parser("step", help="boot a kernel and stop at each interrupt event (keys: n s c i q ?)")
     _run_options(s)
-    s.add_argument("--from-insn", type=_int, default=0, metavar="N",
+    s.add_argument("--from-insn", type=_count, default=0, metavar="N",
                    help="run the first N guest instructions without stopping")
     s.add_argument("--trace-json", metavar="FILE", help="also write the events as JSON lines")
     s.add_argument("--panel", action=argparse.BooleanOptionalAction, default=None,
@@ -132,8 +140,9 @@ def _run_options(r: argparse.ArgumentParser) -> None:
                    help="CPU model, as QEMU's -cpu: default (xenicorn's own) or max (every feature the CPU "
                         "engine executes: SMEP, SMAP, PKU, RDTSCP, XSAVE, CLWB...); +feat/-feat add or remove "
                         "features by QEMU's names")
-    r.add_argument("--clock", choices=("host", "deterministic"), default="host",
-                   help="guest time: host clock (fast) or executed instructions (repeatable, ~3x slower)")
+    r.add_argument("--clock", choices=("host", "deterministic"), default=None,
+                   help="guest time: host clock (fast; run's default) or executed instructions (repeatable, "
+                        "~3x slower; step's default, so guest time stands still while you read)")
     r.add_argument("-device", "--device", action="append", default=[], choices=("pc-testdev",),
                    help="add a device: pc-testdev is QEMU's ISA test device (ports 0xE0-0xEB and the IRQ "
                         "lines at 0x2000) that kvm-unit-tests' x86 tests use")
@@ -251,7 +260,8 @@ def run(args: argparse.Namespace) -> int:
     config.hpet = not args.no_hpet
     config.testdev = "pc-testdev" in args.device
     config.hvm_fep = args.hvm_fep
-    config.clock = args.clock
+    # step: the same keys give the same bytes, and no guest time passes at the prompt
+    config.clock = args.clock or ("deterministic" if args.command == "step" else "host")
     config.xen_version = (major, minor)
     config.callback_deassert = args.callback_deassert
     config.evtchn_fifo = args.evtchn_fifo

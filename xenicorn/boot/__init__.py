@@ -76,6 +76,7 @@ def boot(config: MachineConfig, kernel_path: str, *, initrd: str | None = None,
         modules = [m for m in (initrd or "").split(",") if m]
         kernel = multiboot.load(machine.memory, kernel_path, config.cmdline, modules)
         machine.kernel = kernel
+        _symbols(machine, kernel_path)
         machine.vcpu.reset_to_flat32(kernel.entry, ebx=kernel.start_info)
         machine.vcpu.set_reg("rax", multiboot.BOOTLOADER_MAGIC)
         return machine, kernel
@@ -99,5 +100,14 @@ def boot(config: MachineConfig, kernel_path: str, *, initrd: str | None = None,
     rsdp = acpi.write(machine) if config.acpi else 0
     start_info = write_start_info(machine.memory, kernel, config.cmdline, rsdp)
     machine.kernel = kernel
+    if load_addr is None:
+        _symbols(machine, kernel_path)
     machine.vcpu.reset_to_flat32(kernel.entry, ebx=start_info)
     return machine, kernel
+
+
+def _symbols(machine, kernel_path: str) -> None:
+    """Name code by the ELF's symbols in traces, the stepper and crash reports (read on first use)."""
+    from ..debug.symbols import Symbols
+    machine.symbols = Symbols(kernel_path)
+    machine.tracer.symbolize = machine.symbols.annotate

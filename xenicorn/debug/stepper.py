@@ -23,7 +23,10 @@ Every step above is an *event* the platform already reports to its
 :class:`~xenicorn.machine.trace.Tracer` (categories ``evtchn``, ``irq``,
 ``int``). :class:`InterruptWatcher` observes those events and, at each one,
 takes a snapshot of the interrupt state (:func:`interrupt_state`) and keeps
-the difference from the previous snapshot: *what this step changed*. The
+the difference from the previous snapshot: *what this event changed*. It
+also looks each time the guest stops (an exit, a block-start check, the end
+of a run), so what the guest changed by running -- a store to
+``upcall_pending`` makes no event -- is told apart, as the guest's. The
 events go to sinks: :class:`JsonLines` (``--trace-json`` and ``--record``)
 and :class:`Stepper`, the interactive ``xenicorn step`` that stops at each
 event and waits for a key.
@@ -36,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
 from ..machine.runloop import Agent
+from .symbols import annotate
 
 OBSERVED = {"irq", "evtchn", "int"}
 RFLAGS_IF = 1 << 9
@@ -77,7 +81,7 @@ def interrupt_state(machine) -> dict:
         cb = xen.callback
         s["callback.via"] = cb.describe()
         s["callback.line"] = int(cb.level)
-        s["callback.poll_hook"] = int(cb.polling)
+        s["callback.poll_hook"] = int(cb.poll_wanted or cb.polling)     # armed (installed before the next run)
         if 0 in cb.direct:
             s["callback.direct"] = cb.direct[0]
     for chip in (machine.pic.master, machine.pic.slave):
@@ -175,13 +179,16 @@ class IrqEvent:
     category: str
     kind: str
     text: str
-    diff: dict = field(default_factory=dict)
+    diff: dict = field(default_factory=dict)     # what this event changed
     delivery: dict | None = None
     cpu: int = 0                  # the vCPU that was running (with several, the one that acted)
+    guest: dict = field(default_factory=dict)    # what the guest changed since the previous event
 
     def to_json(self) -> dict:
         out = {"seq": self.seq, "insn": self.insn, "ns": self.ns, "rip": self.rip, "cat": self.category,
                "kind": self.kind, "text": self.text, "diff": self.diff}
+        if self.guest:
+            out["guest"] = self.guest
         if self.delivery is not None:
             out["delivery"] = self.delivery
         return out
@@ -208,6 +215,18 @@ class InterruptWatcher:
     Needs a machine built with ``MachineConfig.observe`` covering
     :data:`OBSERVED` (devices decide at build time whether to report), and
     counting instructions for exact positions.
+
+    Two kinds of change are kept apart. The *guest* changes state by
+    running: a store that clears ``upcall_pending``, STI, a handler clearing
+    its port bits -- no exit, no event. The *platform* changes state at an
+    event. So the watcher takes a snapshot each time the guest stops (at
+    every exit, at every block-start check such as the deassert poll, after
+    every run): what changed since the last snapshot is the guest's doing
+    and goes with the next event as :attr:`IrqEvent.guest`. At the event
+    itself, what changed since that snapshot is the event's
+    (:attr:`IrqEvent.diff`). Each site reports an event once it has made
+    its own change (a line's rise once the receiving pin has latched it),
+    so the diff taken at the event is that event's.
     """
 
     def __init__(self, machine):
@@ -217,25 +236,57 @@ class InterruptWatcher:
                              "build it with MachineConfig(observe=stepper.OBSERVED)")
         self.machine = machine
         self.state = interrupt_state(machine)
+        self.guest: dict = {}                  # the guest's changes not yet shown with an event
         self.sinks: list[Callable[[IrqEvent], None]] = []
         self.seq = 0
+        self._mark = self._position()
         machine.tracer.observers.append(self._observe)
+        machine.guest_stop_listeners.append(self.guest_stopped)
+
+    def _position(self) -> tuple[int, int]:
+        vcpu = self.machine.current_vcpu
+        return vcpu.index, vcpu.instructions_now()
+
+    def guest_stopped(self, vcpu=None) -> None:
+        """The guest stopped (an exit, a block-start check, the end of a run): note what it changed."""
+        where = self._position()
+        if where == self._mark:
+            return                             # it has not run since the last look
+        self._mark = where
+        now = interrupt_state(self.machine)
+        self.guest = merge_diffs(self.guest, state_diff(self.state, now))
+        self.state = now
 
     def _observe(self, category: str, text: str, data) -> None:
         if category not in OBSERVED:
             return
         m = self.machine
+        # the guest's changes were taken when it stopped (guest_stopped): the rest is this event's
         new = interrupt_state(m)
         diff = state_diff(self.state, new)
         self.state = new
+        self._mark = self._position()
+        guest, self.guest = self.guest, {}
         vcpu = m.current_vcpu
         self.seq += 1
         ev = IrqEvent(self.seq, vcpu.instructions_now(), m.clock.now_ns(), vcpu.pc, category,
-                      classify(category, text), text, diff, cpu=vcpu.index)
+                      classify(category, text), text, diff, cpu=vcpu.index, guest=guest)
         if category == "int" and data is not None:
             ev.delivery = delivery_record(vcpu, data)
         for sink in self.sinks:
             sink(ev)
+
+
+def merge_diffs(first: dict, then: dict) -> dict:
+    """Two diffs in a row as one: the first old value, the last new one; a value back where it was drops."""
+    out = dict(first)
+    for k, (old, new) in then.items():
+        before = out[k][0] if k in out else old
+        if before == new:
+            out.pop(k, None)
+        else:
+            out[k] = [before, new]
+    return out
 
 
 class JsonLines:
@@ -254,9 +305,10 @@ class JsonLines:
         self.seq = 0
         self.watcher = watcher_of(machine)
         self.watcher.sinks.append(self._event)
+        self.seen = self.watcher.state           # the state as this file's lines have told it
         if exits:
             machine.exit_listeners.append(self._exit)
-        self._write({"kind": "start", "cat": "run", "insn": 0, "ns": 0, "state": self.watcher.state,
+        self._write({"kind": "start", "cat": "run", "insn": 0, "ns": 0, "state": self.seen,
                      "clock": machine.clock.mode})
         self.guest = None
         if exits:
@@ -269,6 +321,7 @@ class JsonLines:
         self.stream.write(json.dumps(obj, separators=(",", ":")) + "\n")
 
     def _event(self, ev: IrqEvent) -> None:
+        self.seen = self.watcher.state
         self._write(ev.to_json())
 
     def _exit(self, vcpu, ex) -> None:
@@ -278,11 +331,12 @@ class JsonLines:
                "ns": self.machine.clock.now_ns(), "rip": ex.pc, **fields}
         # Each exit is also a sample of the state the guest changes silently
         # (a handler clearing upcall_pending): the timeline's resolution.
+        # (the same change may come again in the next event's "guest": values are absolute)
         now = interrupt_state(self.machine)
-        diff = state_diff(self.watcher.state, now)
+        diff = state_diff(self.seen, now)
         if diff:
             rec["diff"] = diff
-            self.watcher.state = now
+            self.seen = now
         self._write(rec)
 
     def close(self) -> None:
@@ -292,7 +346,7 @@ class JsonLines:
         now = interrupt_state(m)
         self._write({"kind": "end", "cat": "run", "insn": m.vcpu.instructions_now(), "ns": m.clock.now_ns(),
                      "status": m.status, "reason": m.shutdown_reason,
-                     "diff": state_diff(self.watcher.state, now), "state": now})
+                     "diff": state_diff(self.seen, now), "state": now})
         self.stream.flush()
 
 
@@ -308,12 +362,25 @@ def watcher_of(machine) -> InterruptWatcher:
 # the interactive stepper
 # ---------------------------------------------------------------------------
 HELP = """keys:  Enter or n  next interrupt event
-       s          one guest instruction (shows the events it caused)
+       s          one guest instruction (what it changed, the events it caused)
        c          continue to the end without stopping
        i          the whole interrupt state now
        q          power the machine off and quit
-       ?          this help"""
-
+       h or ?     this help
+reading a stop:
+  "the guest changed" lists what changed since the last event without an
+  event of its own: the guest's code (STI, the handler's store clearing
+  upcall_pending), its port writes (masking the 8259). The lines under the
+  event's text are what that event changed.
+  before -> after: "-" is "not there": an IOAPIC pin appears once programmed
+  (a vector or unmasked) or while its input is high, so an unprogrammed pin
+  goes "-" -> value the first time it is shown.
+  IRQ n is ISA line n, into 8259 input n; GSI n is IOAPIC pin n. ISA IRQ n
+  also drives GSI n, except IRQ 0 (the PIT), which reaches GSI 2 (the
+  MADT's interrupt source override, as on every PC); GSIs 16-23 are PCI.
+  Stepping with s shows more block polls than running does: the deassert
+  poll looks at upcall_pending at the start of each translated block, and
+  an instruction stepped alone is a block of its own, so each step polls."""
 
 class Stepper(Agent):
     """``xenicorn step``: stop at each interrupt event, show it, wait for a key.
@@ -327,7 +394,10 @@ class Stepper(Agent):
     drop the line at the very next block.
 
     Polls that change nothing (``poll at block ...: line stays asserted``)
-    do not stop; their number is shown with the next stop. ``from_insn``
+    do not stop; their number is shown with the next stop. Every line
+    printed names code addresses by the kernel's symbols
+    (:mod:`~xenicorn.debug.symbols`), and starts on a line of its own even
+    when the guest's console is in the middle of one. ``from_insn``
     runs the first instructions without stopping (past a kernel's boot).
     """
 
@@ -340,7 +410,9 @@ class Stepper(Agent):
         self.mode = "event" if from_insn <= 0 else "skip"     # event | insn | run | skip
         self.queue: list[IrqEvent] = []
         self.quiet_polls = 0
+        self.held: dict = {}                     # the guest's changes before events not shown (quiet polls)
         self.shown = 0
+        self._console_seen = 0                   # console bytes already out when the stepper last printed
         self._step_from: str | None = None       # the instruction a step is running
         self.before_prompt: list[Callable[[], None]] = []     # e.g. the live panel (debug/panel.py)
         watcher_of(machine).sinks.append(self._event)
@@ -352,6 +424,7 @@ class Stepper(Agent):
             return
         if ev.kind == "poll" and not ev.diff:
             self.quiet_polls += 1
+            self.held = merge_diffs(self.held, ev.guest)     # shown with the next stop
             return
         self.queue.append(ev)
         vcpu = self.machine.vcpu
@@ -389,8 +462,8 @@ class Stepper(Agent):
                     return 0
             elif cmd == "s":
                 self.mode = "insn"
-                for ev in self.queue:                    # already happened: one line each
-                    self._print(f"   (#{ev.seq} {ev.kind}: {ev.text})")
+                for ev in self.queue:                    # already happened: briefly, each
+                    self._print_changes(ev, f"(#{ev.seq} {ev.kind}: {ev.text})")
                 self.queue.clear()
                 self._step_from = self._insn_text(vcpu, vcpu.pc)
                 return 1
@@ -403,8 +476,11 @@ class Stepper(Agent):
                 self.machine.shutdown("quit", STATUS_OK, "quit from the stepper")
                 return 0
             elif cmd == "i":
-                state = interrupt_state(self.machine)
-                for k, v in state.items():
+                vcpu = self.machine.current_vcpu
+                self._print(f"-- interrupt state at insn {vcpu.instructions_now()}, rip {vcpu.pc:#x} "
+                            "(- : not there)")
+                self._print(f"     {'name':28s} value")
+                for k, v in interrupt_state(self.machine).items():
                     self._print(f"     {k:28s} {format_value(k, v)}")
             else:
                 self._print(HELP)
@@ -421,7 +497,13 @@ class Stepper(Agent):
             return "c"
 
     def _print(self, text: str) -> None:
-        self.out.write(text + "\n")
+        """One line of the stepper's, on a line of its own (the guest may be mid-line), code named."""
+        data = self.machine.console.data
+        if len(data) != self._console_seen and data[-1:] not in (b"", b"\n"):
+            self.machine.console.flush()
+            self.out.write("\n")
+        self._console_seen = len(data)
+        self.out.write(annotate(self.machine, text) + "\n")
 
     @staticmethod
     def _insn_text(vcpu, pc: int) -> str:
@@ -435,14 +517,13 @@ class Stepper(Agent):
         text, self._step_from = self._step_from, None
         self._print(f"-- stepped {text}   (insn {vcpu.instructions}, next rip {vcpu.pc:#x})")
         # what the instruction itself changed (a store to upcall_pending, STI...)
-        # is no platform event: compare with the last snapshot directly
-        # is no platform event: compare with the last snapshot directly (events
-        # the step caused carry those changes in their own diffs)
+        # is no platform event: the watcher noted it when the step's run ended
+        # (events the step caused show it as the guest's change before them)
         if not self.queue:
             watcher = watcher_of(self.machine)
-            now = interrupt_state(self.machine)
-            changed = state_diff(watcher.state, now)
-            watcher.state = now
+            watcher.guest_stopped(vcpu)
+            changed, watcher.guest = merge_diffs(self.held, watcher.guest), {}
+            self.held = {}
             self._print_diff(changed)
             if not changed:
                 self._print("   no interrupt state changed")
@@ -454,6 +535,15 @@ class Stepper(Agent):
         for name, (old, new) in diff.items():
             self._print(f"     {name:28s} {format_value(name, old):>12s} -> {format_value(name, new)}")
 
+    def _print_changes(self, ev: IrqEvent, text: str) -> None:
+        """What the guest changed before ``ev`` (and before events not shown), then ``ev`` and its own."""
+        guest, self.held = merge_diffs(self.held, ev.guest), {}
+        if guest:
+            self._print("   the guest changed, since the last event:")
+            self._print_diff(guest)
+        self._print(f"   {text}")
+        self._print_diff(ev.diff)
+
     def _show(self, ev: IrqEvent) -> None:
         self.shown += 1
         if self.quiet_polls:
@@ -461,8 +551,7 @@ class Stepper(Agent):
             self.quiet_polls = 0
         where = f"vCPU {ev.cpu} " if len(self.machine.vcpus) > 1 else ""
         self._print(f"== #{ev.seq} [{ev.kind}] {where}insn {ev.insn} t={ev.ns / 1e6:.3f}ms rip {ev.rip:#x}")
-        self._print(f"   {ev.text}")
-        self._print_diff(ev.diff)
+        self._print_changes(ev, ev.text)
         d = ev.delivery
         if d is not None:
             g = d["gate"]

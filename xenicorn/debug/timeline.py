@@ -64,11 +64,16 @@ def parse_window(text: str) -> tuple[int, int]:
     return first, last
 
 
+def _changes(r: dict) -> dict:
+    """A record's state changes: the guest's since the last stop (``guest``), then the event's own (``diff``)."""
+    return {**r.get("guest", {}), **r.get("diff", {})}
+
+
 def levels(records: list[dict], key: str, value=bool) -> list[tuple[int, int]]:
     """(insn, 0 or 1) each time the state field ``key`` changed, from the diffs (``value`` judges high)."""
     out = [(0, int(value(records[0].get("state", {}).get(key) or 0)))]
     for r in records:
-        change = r.get("diff", {}).get(key)
+        change = _changes(r).get(key)
         if change is not None:
             out.append((r["insn"], int(value(change[1] or 0))))
     return out
@@ -148,7 +153,7 @@ def timeline(records: list[dict]) -> dict:
     cpu_if, if_seen = [(0, int(bool(start.get("cpu.IF"))))], False
     for r in records:
         kind, cat = r.get("kind"), r.get("cat")
-        diff = r.get("diff", {})
+        diff = _changes(r)
         if "vcpu0.upcall_pending" in diff:            # Xen's set (exact) or a sample at an exit
             pending.append((r["insn"], int(bool(diff["vcpu0.upcall_pending"][1]))))
         if "cpu.IF" in diff:                          # a delivery (exact) or a sample
@@ -170,7 +175,7 @@ def timeline(records: list[dict]) -> dict:
             eois.append((r["insn"], EOI_KINDS[kind], r.get("text", "")))
         elif cat == "exit":
             exits[kind].append(r["insn"])
-    pins = sorted({int(m.group(1)) for r in records for k in r.get("diff", {})
+    pins = sorted({int(m.group(1)) for r in records for k in _changes(r)
                    if (m := _REMOTE_IRR.match(k))})
     pic_isr = _merge_levels(records, ("pic.master.isr", "pic.slave.isr"))
     return {
@@ -199,7 +204,7 @@ def _merge_levels(records: list[dict], keys: tuple[str, ...]) -> list[tuple[int,
     now = {k: records[0].get("state", {}).get(k) or 0 for k in keys}
     out = [(0, int(any(now.values())))]
     for r in records:
-        diff = r.get("diff", {})
+        diff = _changes(r)
         if any(k in diff for k in keys):
             for k in keys:
                 if k in diff:

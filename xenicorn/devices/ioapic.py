@@ -89,13 +89,16 @@ class Ioapic:
         self.trace: Callable[[str], None] | None = None     # one line per message sent
 
     # -- inputs ------------------------------------------------------------------
-    def set_irq(self, pin: int, level: bool) -> None:
+    def set_irq(self, pin: int, level: bool, latched: Callable[[], None] | None = None) -> None:
+        """The pin's input moved to ``level``; ``latched()`` runs once it is latched, before any message."""
         st = self.state
         bit = 1 << pin
         old = bool(st.irr & bit)
         st.irr = st.irr | bit if level else st.irr & ~bit
         if level and not old:
             self.irq_count[pin] += 1
+        if latched is not None:
+            latched()
         rte = st.redirtbl[pin]
         if rte & RTE_LEVEL:
             if level:

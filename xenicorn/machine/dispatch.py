@@ -65,6 +65,7 @@ class ExitDispatcher:
         # recorder: one append per exit, formatted only if someone asks)
         self.recent: collections.deque = collections.deque(maxlen=RECENT_EXITS)
         self.listeners: list = []            # callables(vcpu, exit) after each handled exit: records
+        self.stop_listeners: list = []       # callables(vcpu) before each exit is handled: the stepper
         self.hypercall_handler = None        # callable(vcpu, Hypercall) -> Action: Xen, when present
         self.msr_handlers: dict = {          # msr -> handler(vcpu, Msr exit), see engine/msr.py
             MSR_ARCH_CAPABILITIES: self._arch_capabilities, MSR_IA32_APICBASE: self._apic_base,
@@ -99,6 +100,8 @@ class ExitDispatcher:
             if isinstance(ex, E.PortIO) and not ex.write:
                 ex.value = (1 << (8 * ex.size)) - 1
             return E.Action.STOP
+        for listener in self.stop_listeners:
+            listener(vcpu)
         kind = type(ex)
         self.counts[kind.__name__] = self.counts.get(kind.__name__, 0) + 1
         self.recent.append(ex)

@@ -98,6 +98,7 @@ class Machine(XenHostServices):
         engine.probe()                   # the engine's layout checks; EngineUnsupported if unknown
         self.config = cfg = config or MachineConfig()
         self.tracer = Tracer(cfg.trace, observed=cfg.observe)
+        self.symbols = None                  # the kernel's ELF symbols (debug/symbols.py), set at boot
         self.memory = GuestMemory(cfg.ram_mib << 20)
         self.pio = PioBus("pio", self._unclaimed("port"))
         self.mmio = MmioBus("mmio", self._unclaimed("mmio"))
@@ -199,6 +200,12 @@ class Machine(XenHostServices):
     @property
     def exit_listeners(self) -> list:
         return self.dispatch.listeners
+
+    @property
+    def guest_stop_listeners(self) -> list:
+        """Callables(vcpu) each time the guest stops and the platform is about to act:
+        before an exit is handled, after a run, at a block-start check (the stepper's watcher)."""
+        return self.dispatch.stop_listeners
 
     @property
     def msr_handlers(self) -> dict:
@@ -399,8 +406,10 @@ class Machine(XenHostServices):
                 vcpu.stop_with(E.Shutdown(-1, reason, status, message))
 
     def crash_report(self) -> list[str]:
-        """Where the guest is and the exits that led there, oldest first (for a bad end)."""
-        return self.dispatch.crash_report(self.vcpu)
+        """Where the guest is and the exits that led there, oldest first (for a bad end),
+        code addresses named by the kernel's symbols."""
+        from ..debug.symbols import annotate
+        return [annotate(self, line) for line in self.dispatch.crash_report(self.vcpu)]
 
     def describe_exit(self, vcpu: VCpu, ex: E.Exit) -> str:
         """One line for an exit, with the instruction that caused it."""

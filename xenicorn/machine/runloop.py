@@ -152,6 +152,8 @@ class RunLoop:
             self.run_ends_ns = m.clock.now_ns() + timeout_us * 1000 if quantum else None
             ex = vcpu.run(timeout_us=timeout_us, count=count)
             self.run_ends_ns = None
+            for listener in m.dispatch.stop_listeners:      # what the guest changed in this run
+                listener(vcpu)
             if isinstance(ex, E.Limit) and not self._limit_reached(vcpu):
                 continue                  # a clock deadline, not the user's limit
             m.handle_exit(vcpu, ex)

@@ -8,7 +8,9 @@ did* next to *what the platform did about it*.
 Categories: ``exits`` (every vCPU exit), ``io`` (unclaimed port/MMIO
 accesses, reported once per address), ``int`` (interrupt and exception
 delivery), ``cpuid``, ``mem`` (unassigned physical memory), ``hypercalls``,
-``irq`` (interrupt line edges), ``evtchn``, ``xenstore``, ``all``.
+``irq`` (interrupt line edges), ``evtchn``, ``xenstore``, ``all``. Code addresses in the
+printed lines are named by the kernel's symbols (``0x102179 <upcall_cleared>``,
+:mod:`~xenicorn.debug.symbols`).
 
 Tools that want the events without the text on stderr (the interrupt
 stepper, ``--trace-json``, run records) *observe* categories: the call
@@ -55,6 +57,7 @@ class Tracer:
         self.listeners: list = []        # callables(category, text): tests
         self.cpu = None                  # with several vCPUs: callable() -> the index of the one acting
         self.observers: list = []        # callables(category, text, data): steppers, records
+        self.symbolize = None            # callable(text) -> text naming code addresses (the kernel's symbols)
 
     def on(self, category: str) -> bool:
         return category in self.categories or category in self.observed
@@ -62,7 +65,8 @@ class Tracer:
     def emit(self, category: str, text: str, data=None) -> None:
         if category in self.categories:
             cpu = f"cpu{self.cpu()} " if self.cpu is not None else ""
-            self.stream.write(f"[{category}] {cpu}{text}\n")
+            shown = self.symbolize(text) if self.symbolize is not None else text
+            self.stream.write(f"[{category}] {cpu}{shown}\n")
         for listener in self.listeners:
             listener(category, text)
         if category in self.observed:

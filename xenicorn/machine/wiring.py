@@ -81,7 +81,9 @@ class InterruptWiring:
             self.pic.trace = self.ioapic.trace = trace
             for lapic in self.lapics:
                 lapic.trace = trace
-        self.gsi = [SharedLine(f"GSI{n}", line_trace) for n in range(NUM_PINS)]
+        # a GSI's edges are traced where its IOAPIC pin latches them (_gsi_changed)
+        self._line_trace = line_trace
+        self.gsi = [SharedLine(f"GSI{n}") for n in range(NUM_PINS)]
         for n, line in enumerate(self.gsi):
             line.connect(lambda level, n=n: self._gsi_changed(n, level))
         # each 8259 input is wired-OR: its ISA IRQ, a PIRQ the PIIX3 routes
@@ -104,11 +106,20 @@ class InterruptWiring:
         self.piix3 = None                    # the PIIX3 function, whose registers route PIRQs
 
     def _gsi_changed(self, gsi: int, level: bool) -> None:
-        """A GSI line moved: to its IOAPIC pin, unless a filter takes it."""
+        """A GSI line moved: to its IOAPIC pin, unless a filter takes it.
+
+        Traced once the pin has latched the new level and before it sends a
+        message, so the line's event shows the pin's input change and the
+        message follows it (a line a filter takes: once the filter has).
+        """
+        trace = self._line_trace
+        latched = (lambda: trace(f"GSI{gsi}", level)) if trace is not None else None
         for taken in self.gsi_filters:
             if taken(gsi, level):
+                if latched is not None:
+                    latched()
                 return
-        self.ioapic.set_irq(gsi, level)
+        self.ioapic.set_irq(gsi, level, latched)
 
     def pic_input(self, irq: int, source: str) -> IrqLine:
         """One source's sub-line into 8259 input ``irq`` (created on first use)."""

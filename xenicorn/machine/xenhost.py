@@ -165,4 +165,11 @@ class XenHostServices:
         """From the run loop, between runs: install the watches asked for since the last run."""
         while self.block_watches:
             watch = self.block_watches.pop(0)
-            watch.handle = self.vcpus[watch.vcpu].add_block_check(watch.check)
+            check, vcpu, stopped = watch.check, self.vcpus[watch.vcpu], self.dispatch.stop_listeners
+            if stopped:                      # a check is a stop: what the guest did before it is the guest's
+
+                def check(address: int, check=check, vcpu=vcpu, stopped=stopped) -> None:
+                    for listener in stopped:
+                        listener(vcpu)
+                    check(address)
+            watch.handle = vcpu.add_block_check(check)
