@@ -64,7 +64,7 @@ def test_bad_input_is_one_line_and_status_2(args, needle):
     (["step", "--from-insn", "q", "hello64"],
      "xenicorn: error: argument --from-insn: not a number: 'q' (see xenicorn step --help)"),
     (["bogus"], "xenicorn: error: argument command: invalid choice: 'bogus' "
-                "(choose from 'run', 'step', 'firmware', 'xtf') (see xenicorn --help)"),
+                "(choose from 'run', 'step', 'firmware', 'plot', 'xtf') (see xenicorn --help)"),
 ])
 def test_a_mistyped_option_is_one_line_naming_the_help_to_read(args, expected):
     status, out, err = xenicorn(*args)

@@ -42,13 +42,21 @@ def test_evtchn_kernel_passes_and_the_line_follows_upcall_pending(bits, via, mod
     assert "FAIL" not in text
     cb = machine.xen.callback
     assert not cb.level and not cb.polling                   # nothing left asserted or hooked
-    upcalls = int(re.search(r"upcalls (\d+), empty 0", text).group(1))
-    assert upcalls >= 6 and machine.xen.evtchn.upcalls >= upcalls
+    upcalls, empty = map(int, re.search(r"upcalls (\d+), empty (\d+)", text).groups())
+    # The guest switches to the vector callback with an upcall pending and IF=0: through the
+    # IOAPIC the line had already put its vector in the LAPIC's IRR. Xen injects the callback
+    # vector before the LAPIC's (hvm_vcpu_has_pending_irq); the LAPIC's comes after the
+    # handler's IRET and finds nothing pending: one empty upcall. (Through the 8259 the vector
+    # is only asked for at INTA, and the line dropped at the switch.)
+    assert empty == (1 if via in ("gsi", "intx") else 0), text
+    assert upcalls >= 6 and machine.xen.evtchn.upcalls >= upcalls - empty
     if via not in LEVEL_VIAS:
         assert cb.stats["asserts"] == 0 and cb.stats["vectors"] >= upcalls
         return
     gsi, vector = LEVEL_VIAS[via]
     # until the via switch at the end, every upcall went through the line
+    switch = next((i for i, s in enumerate(steps) if "via changed" in s[1]), len(steps))
+    steps = steps[:switch]
     asserted = [s for s in steps if s[1].endswith(" asserted")]
     dropped = [s for s in steps if " deasserted (" in s[1] and "via changed" not in s[1]]
     delivered = [s for s in steps if s[0] == "int" and s[1].startswith(f"vector {vector:#x}")]

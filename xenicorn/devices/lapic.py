@@ -161,6 +161,10 @@ class Lapic:
     def pending(self) -> bool:
         return self.hw_enabled and (self._deliverable() is not None or self._extint())
 
+    def vector_pending(self) -> bool:
+        """A vector of its own in IRR above the PPR (not the 8259's ExtINT, whose vector comes at INTA)."""
+        return self.hw_enabled and self._deliverable() is not None
+
     def acknowledge(self) -> int | None:
         """The CPU takes an interrupt: IRR → ISR, or the PIC's vector for ExtINT."""
         st = self.state
