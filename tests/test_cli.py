@@ -200,3 +200,14 @@ def test_the_readme_trace_excerpts_are_what_a_run_prints():
         else:
             it = iter(real)
             assert all(line in it for line in shown), (words, shown)
+
+
+def test_a_reader_that_goes_away_ends_the_listing_quietly():
+    """`xenicorn firmware | head -1`: the pipe closes under the listing; no traceback, status 0."""
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-m", "xenicorn", "firmware"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()                          # the reader is gone before the listing is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and "Traceback" not in err, err

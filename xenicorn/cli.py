@@ -521,6 +521,13 @@ def main(argv: list[str] | None = None) -> int:
     except EngineUnsupported as e:              # this host or Unicorn build: nothing the guest did
         print(f"xenicorn: error: unsupported CPU engine: {e}", file=sys.stderr)
         return STATUS_USAGE
+    except BrokenPipeError:
+        # the reader went away (`xenicorn firmware | head`, `... 2>&1 | head`): stop
+        # quietly, as a shell tool does, and keep the interpreter's exit flush from
+        # raising the same error again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
