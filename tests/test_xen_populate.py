@@ -5,20 +5,10 @@ from xenicorn.engine.msr import SHADOW_BASE
 from xenicorn.machine.memory import EXTRA_FRAMES
 from xenicorn.records import RecordError
 
-from test_xen_hypercalls import BUF, BUF2, SELF, call, enter_long_mode, ul
+from test_xen_hypercalls import BUF, BUF2, SELF, call, ul, xen  # noqa: F401 (xen: the 32- and 64-bit fixture)
 
 HOLE = 0xFFFFF                      # the page below 4 GiB: no RAM in a 16 MiB machine
 POPULATE, DECREASE, INCREASE, CURRENT, MAXIMUM = 6, 1, 0, 3, 4
-
-
-@pytest.fixture(params=[32, 64])
-def xen(request, machine):
-    """The machine with its vCPU in 32-bit protected or 64-bit mode (as test_xen_hypercalls')."""
-    machine.vcpu.reset_to_flat32(0x100000, esp=0x9000)
-    if request.param == 64:
-        enter_long_mode(machine)
-    machine.bits = request.param
-    return machine
 
 
 def extents(m, cmd, gfns, order=0):
