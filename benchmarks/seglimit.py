@@ -28,38 +28,30 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
-from unicorn import Uc, UC_ARCH_X86, UC_MODE_32, UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE
-from unicorn import x86_const as X
+from unicorn import UC_HOOK_MEM_READ, UC_HOOK_MEM_WRITE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from compute import BASE, VARIANTS, INSNS_PER_ITER, guest   # noqa: E402
+from compute import VARIANTS, INSNS_PER_ITER, guest, run_bare   # noqa: E402
 
 LIMIT = 0xFFFFFFFF
 
 
 def run(code: bytes, variant: str, iters: int, hook: str) -> float:
-    start, done = VARIANTS[variant]
-    uc = Uc(UC_ARCH_X86, UC_MODE_32)
-    uc.mem_map(0, 16 << 20)
-    uc.mem_write(BASE, code)
-    uc.reg_write(X.UC_X86_REG_ECX, iters)
-    uc.reg_write(X.UC_X86_REG_ESP, 0x90000)
     faults = []
-    if hook == "empty":
-        uc.hook_add(UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE, lambda *a: None)
-    elif hook == "limit":
-        def check(uc, access, address, size, value, data):
-            if address + size - 1 > LIMIT:          # the offset test a limit check needs (base 0)
-                faults.append(address)
-        uc.hook_add(UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE, check)
-    t = time.perf_counter()
-    uc.emu_start(BASE + start, BASE + done)
-    dt = time.perf_counter() - t
-    assert uc.reg_read(X.UC_X86_REG_ECX) == 0 and not faults
+
+    def setup(uc):
+        if hook == "empty":
+            uc.hook_add(UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE, lambda *a: None)
+        elif hook == "limit":
+            def check(uc, access, address, size, value, data):
+                if address + size - 1 > LIMIT:          # the offset test a limit check needs (base 0)
+                    faults.append(address)
+            uc.hook_add(UC_HOOK_MEM_READ | UC_HOOK_MEM_WRITE, check)
+    dt = run_bare(code, variant, iters, setup)
+    assert not faults
     return dt
 
 
