@@ -4,8 +4,8 @@
  * read-only); MISC_FEATURES_ENABLES (MSR 0x140) bit 0 turns it on, every
  * other bit is reserved. While it is on, CPUID at CPL3 is #GP(0) with the
  * saved IP at the CPUID; the kernel's own CPUID still answers. The kernel
- * goes to CPL3 three times: faulting off, on, off again. Each round trip
- * ends with INT 0x81, whose handler comes back to after_user() at CPL0. */
+ * goes to CPL3 three times (run_user, lib/user.c): faulting off, on, off
+ * again. */
 #include "../lib/kernel.h"
 
 #define MSR_PLATFORM_INFO 0xCE
@@ -21,7 +21,7 @@
 static volatile ulong gp_count, gp_ip, gp_err, gp_cs, resume;
 static volatile ulong user_faults[3], user_ebx[3];
 static u32 vendor;
-static int phase;
+static int phase;                        /* which of the three trips to CPL3 */
 
 extern char ucpuid_insn[];
 
@@ -59,26 +59,6 @@ static void user_main(void) {
                      : [r] "=m"(resume), "+a"(a), "+b"(b), "+c"(c) :: "edx", "memory");
     user_faults[phase] = gp_count - n;
     user_ebx[phase] = b;
-    __asm__ volatile("int $0x81" ::: "memory");
-    for (;;) ;
-}
-
-static u8 user_stack[8192] __attribute__((aligned(16)));
-static u8 resume_stack[8192] __attribute__((aligned(16)));
-static void after_user(void);
-
-static void back_to_kernel(struct frame *f) {
-    f->cs = KERNEL_CS;
-    f->ip = (ulong)after_user;
-#ifdef __x86_64__
-    f->ss = KERNEL_DS;
-    f->sp = (ulong)(resume_stack + sizeof(resume_stack)) - 8;
-#endif
-    f->flags &= ~(1UL << 9);
-}
-
-static void to_user(void) {
-    enter_user(user_main, (ulong)(user_stack + sizeof(user_stack)));
 }
 
 static void kernel_cpuid_works(const char *when) {
@@ -104,29 +84,23 @@ static void msrs_and_enable(void) {
     kernel_cpuid_works("faulting on");
 }
 
-static void after_user(void) {
-    switch (phase) {
-    case 0:
-        check(user_faults[0] == 0 && user_ebx[0] == vendor, "faulting off: user CPUID answers (EBX %#lx)",
-              user_ebx[0]);
-        msrs_and_enable();
-        phase = 1;
-        to_user();
-        break;
-    case 1:
-        check(user_faults[1] == 1 && gp_ip == (ulong)ucpuid_insn && gp_err == 0 && gp_cs == USER_CS
-              && user_ebx[1] == MARKER,
-              "faulting on: user CPUID is #GP(0) at the CPUID (ip=%#lx err=%#lx cs=%#lx)", gp_ip, gp_err, gp_cs);
-        check(!wrmsr_faults(MSR_MISC_FEATURES_ENABLES, 0), "CPUID faulting turned off");
-        phase = 2;
-        to_user();
-        break;
-    default:
-        check(user_faults[2] == 0 && user_ebx[2] == vendor, "faulting off again: user CPUID answers (EBX %#lx)",
-              user_ebx[2]);
-        kernel_cpuid_works("faulting off");
-        test_result();
-    }
+static void user_trips(void) {
+    phase = 0;
+    run_user(user_main);
+    check(user_faults[0] == 0 && user_ebx[0] == vendor, "faulting off: user CPUID answers (EBX %#lx)",
+          user_ebx[0]);
+    msrs_and_enable();
+    phase = 1;
+    run_user(user_main);
+    check(user_faults[1] == 1 && gp_ip == (ulong)ucpuid_insn && gp_err == 0 && gp_cs == USER_CS
+          && user_ebx[1] == MARKER,
+          "faulting on: user CPUID is #GP(0) at the CPUID (ip=%#lx err=%#lx cs=%#lx)", gp_ip, gp_err, gp_cs);
+    check(!wrmsr_faults(MSR_MISC_FEATURES_ENABLES, 0), "CPUID faulting turned off");
+    phase = 2;
+    run_user(user_main);
+    check(user_faults[2] == 0 && user_ebx[2] == vendor, "faulting off again: user CPUID answers (EBX %#lx)",
+          user_ebx[2]);
+    kernel_cpuid_works("faulting off");
 }
 
 void kmain(void) {
@@ -137,8 +111,7 @@ void kmain(void) {
     u32 a, b, c, d;
     cpuid(7, 0, &a, &b, &c, &d);
     set_handler(13, on_gp);
-    set_handler(0x81, back_to_kernel);
-    set_gate(0x81, isr_entry(0x81), 3, 0, 0);
     kernel_cpuid_works("faulting off");
-    to_user();
+    user_trips();
+    test_result();
 }

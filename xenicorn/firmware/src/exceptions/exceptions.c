@@ -178,32 +178,19 @@ static NOINLINE void test_df(void) {
 }
 
 /* ---- CPL3 -------------------------------------------------------------- */
-static u8 user_stack[8192] __attribute__((aligned(16)));
-static u8 resume_stack[8192] __attribute__((aligned(16)));
-#define USER_SP ((ulong)(user_stack + sizeof(user_stack)))
-
 static void user_main(void) {
     __asm__ volatile("int $0x80\n.globl u80_after\nu80_after:" ::: "memory");
     __asm__ volatile(".globl uhlt_insn, uhlt_after\nuhlt_insn: hlt\nuhlt_after:" ::: "memory");
     __asm__ volatile(".globl upf_insn, upf_after\nupf_insn: mov (%0), %%eax\nupf_after:"
                      :: "r"(NOT_PRESENT) : "eax", "memory");
-    __asm__ volatile("int $0x81" ::: "memory");
+    __asm__ volatile("int $0x81" ::: "memory");            /* its frame printed too, then back */
     for (;;) ;
 }
-
-static void user_checks(void);
 
 static void back_to_kernel(struct frame *f) {
     record(f);
     hits = 0;
-    /* Return to CPL0 in user_checks() on a fresh stack. */
-    f->cs = KERNEL_CS;
-    f->ip = (ulong)user_checks;
-#ifdef __x86_64__
-    f->ss = KERNEL_DS;
-    f->sp = (ulong)(resume_stack + sizeof(resume_stack)) - 8;
-#endif
-    f->flags &= ~IF;
+    user_resume(f);                                        /* run_user returns, at CPL0 */
 }
 
 static volatile int user_step;
@@ -226,7 +213,8 @@ static void user_checks(void) {
     const volatile struct frame *a = &user_seen[0];
     check(a->vector == 0x80 && a->ip == (ulong)u80_after && a->cs == USER_CS && a->ss == USER_DS,
           "int 0x80 from CPL3: vec=%lu ip=%#lx cs=%#lx ss=%#lx", a->vector, a->ip, a->cs, a->ss);
-    check(a->sp > (ulong)user_stack && a->sp <= USER_SP, "int 0x80 saved the user stack pointer %#lx", a->sp);
+    check(a->sp > user_stack_bottom() && a->sp <= user_stack_end(), "int 0x80 saved the user stack pointer %#lx",
+          a->sp);
     check(user_handler_sp[0] >= kernel_stack_bottom() && user_handler_sp[0] < kernel_stack_end(),
           "int 0x80 handler ran on the TSS ring-0 stack (sp=%#lx)", user_handler_sp[0]);
     /* 1: hlt at CPL3 is privileged: #GP(0) */
@@ -261,5 +249,6 @@ void kmain(void) {
     set_handler(0x81, back_to_kernel);
     set_gate(0x80, isr_entry(0x80), 3, 0, 0);
     set_gate(0x81, isr_entry(0x81), 3, 0, 0);
-    enter_user(user_main, USER_SP);
+    run_user(user_main);
+    user_checks();
 }

@@ -188,33 +188,18 @@ static void simd(void) {
 }
 
 /* ---- CPL3 -------------------------------------------------------------- */
-static u8 user_stack[8192] __attribute__((aligned(16)));
-static u8 resume_stack[8192] __attribute__((aligned(16)));
 static volatile ulong user_result, user_cs;
-static void finish(void);
 
 static void user_main(void) {
     ulong r = 5;
     __asm__ volatile(FEP "add %0, %0" : "+r"(r));
     user_result = r;
     user_cs = read_cs();
-    __asm__ volatile("int $0x81" ::: "memory");
-    for (;;) ;
 }
 
-static void back_to_kernel(struct frame *f) {
-    f->cs = KERNEL_CS;
-    f->ip = (ulong)finish;
-#ifdef __x86_64__
-    f->ss = KERNEL_DS;
-    f->sp = (ulong)(resume_stack + sizeof(resume_stack)) - 8;
-#endif
-    f->flags &= ~(1UL << 9);
-}
-
-static void finish(void) {
+static void cpl3(void) {
+    run_user(user_main);
     check(user_result == 10 && (user_cs & 3) == 3, "FEP at CPL3: add -> %lu (cs=%#lx)", user_result, user_cs);
-    test_result();
 }
 
 void kmain(void) {
@@ -231,7 +216,6 @@ void kmain(void) {
     simd();
     segments32();
     segments64();
-    set_handler(0x81, back_to_kernel);
-    set_gate(0x81, isr_entry(0x81), 3, 0, 0);
-    enter_user(user_main, (ulong)(user_stack + sizeof(user_stack)));
+    cpl3();
+    test_result();
 }

@@ -111,6 +111,9 @@ void enter_user(void (*fn)(void), ulong user_sp);
 /* user.c (opt-in: list it among a kernel's sources): call fn at CPL3, return at CPL0 */
 #define USER_RETURN_VECTOR 0x8F
 void run_user(void (*fn)(void));
+void user_resume(struct frame *f);   /* in a handler of an event from run_user's fn: IRET to run_user's caller */
+ulong user_stack_bottom(void);       /* the stack fn runs on */
+ulong user_stack_end(void);
 
 /* report.c */
 extern const char *kernel_name;

@@ -9,22 +9,40 @@
  * stack and registers and returns to run_user's caller. Faults fn takes go
  * to the kernel's handlers as usual (they may move the saved IP on).
  *
+ * fn need not return: a handler of an event fn raises (a fault, or an INT
+ * through the kernel's own DPL3 gate) can call user_resume(f) to make that
+ * event's IRET land in run_user's caller instead, abandoning fn.
+ *
  * Opt-in: list "lib/user.c" among a kernel's sources (build_firmware.py),
  * so kernels that do not use it keep their bytes. */
 #include "kernel.h"
 
-static void (*volatile user_fn)(void);
+void (*volatile user_fn)(void);          /* read by user_trampoline */
 ulong run_user_saved_sp;                 /* the kernel stack inside run_user (read by the asm below) */
 static u8 user_stack[8192] __attribute__((aligned(16)));
 extern char run_user_resume[];
 
-static void user_trampoline(void) {
-    user_fn();
-    __asm__ volatile("int %0" :: "i"(USER_RETURN_VECTOR) : "memory");
-    for (;;) ;
-}
+ulong user_stack_bottom(void) { return (ulong)user_stack; }
+ulong user_stack_end(void) { return (ulong)(user_stack + sizeof(user_stack)); }
 
-static void user_returned(struct frame *f) {
+/* The first code at CPL3: call fn, then ask to go back. In assembly so that
+ * nothing changes the flags the IRET set before fn runs (a frame fn's
+ * events push shows them). The stack is 16-byte aligned here, so after the
+ * CALL it is as the ABI has it at a function's entry. */
+extern char user_trampoline[];
+#define STR_(x) #x
+#define STR(x) STR_(x)
+#ifdef __x86_64__
+__asm__(".text\nuser_trampoline:\n"
+        "call *user_fn(%rip)\n"
+#else
+__asm__(".text\nuser_trampoline:\n"
+        "call *user_fn\n"
+#endif
+        "int $" STR(USER_RETURN_VECTOR) "\n"
+        "1: jmp 1b\n");
+
+void user_resume(struct frame *f) {
     f->cs = KERNEL_CS;
     f->ip = (ulong)run_user_resume;
     f->flags &= ~(1UL << 9);                   /* IF as the kernel had it: off */
@@ -37,9 +55,9 @@ static void user_returned(struct frame *f) {
 /* Called from run_user's assembly with the registers saved: never returns. */
 void run_user_enter(void (*fn)(void)) {
     user_fn = fn;
-    set_handler(USER_RETURN_VECTOR, user_returned);
+    set_handler(USER_RETURN_VECTOR, user_resume);
     set_gate(USER_RETURN_VECTOR, isr_entry(USER_RETURN_VECTOR), 3, 0, 0);
-    enter_user(user_trampoline, (ulong)(user_stack + sizeof(user_stack)));
+    enter_user((void (*)(void))user_trampoline, (ulong)(user_stack + sizeof(user_stack)));
 }
 
 #ifdef __x86_64__

@@ -40,9 +40,6 @@
 struct result { ulong vec, err, cr2; };
 static volatile struct result res[N];
 static volatile ulong seen_vec, seen_err, seen_cr2, resume_ip, resume_sp;
-static u8 user_stack[8192] __attribute__((aligned(16)));
-static u8 resume_stack[8192] __attribute__((aligned(16)));
-static void finish(void);
 
 #ifdef __x86_64__
 #define SET_RESUME "lea 1f(%%rip), %%rcx\n mov %%rcx, %[res]\n"
@@ -66,16 +63,6 @@ static void record(struct frame *f) {
         f->ip = resume_ip;
         f->sp = resume_sp;               /* a test may have pointed the stack anywhere */
     }
-}
-
-static void back_to_kernel(struct frame *f) {
-    f->cs = KERNEL_CS;
-    f->ip = (ulong)finish;
-#ifdef __x86_64__
-    f->ss = KERNEL_DS;
-    f->sp = (ulong)(resume_stack + sizeof(resume_stack)) - 8;
-#endif
-    f->flags &= ~(1UL << 9);
 }
 
 static void expect(int n, ulong vec, ulong err, const char *what) {
@@ -125,8 +112,6 @@ static void user_main(void) {
     TRY(9, "mov $0x90000000, %%ebx\n movb %%es:(%%ebx), %%al");
     __asm__ volatile("mov %0, %%es" :: "r"((u16)SEG2G_SEL));
     TRY(10, "mov $0x80001000, %%ebx\n movb (%%ebx), %%al");
-    __asm__ volatile("int $0x81" ::: "memory");
-    for (;;) ;
 }
 
 static void results(void) {
@@ -161,8 +146,6 @@ static void user_main(void) {
     TRY(5, "xor %%ebx, %%ebx\n movb %%fs:0x2000(%%rbx), %%al");
     TRY(6, "mov $0x8000000040000008, %%rsp\n push %%rax");
     TRY(7, "mov %%rbp, %%rdx\n mov $0x10000000000, %%rbp\n movb (%%rbp), %%al\n1: mov %%rdx, %%rbp");
-    __asm__ volatile("int $0x81" ::: "memory");
-    for (;;) ;
 }
 
 static void results(void) {
@@ -179,18 +162,13 @@ static void results(void) {
 }
 #endif
 
-static void finish(void) {
-    results();
-    test_result();
-}
-
 void kmain(void) {
     printf("memseg%d: segment checks before paging\n", (int)sizeof(ulong) * 8);
     for (int v = 0; v < 32; v++)
         set_handler(v, record);
-    set_handler(0x81, back_to_kernel);
-    set_gate(0x81, isr_entry(0x81), 3, 0, 0);
     setup();
     __asm__ volatile("mov %0, %%cr2" :: "r"(CR2_MARK));
-    enter_user(user_main, (ulong)(user_stack + sizeof(user_stack)));
+    run_user(user_main);
+    results();
+    test_result();
 }

@@ -33,8 +33,6 @@ struct sched_shutdown { u32 reason; };
 struct sched_remote_shutdown { u16 domain_id; u32 reason; };
 
 static volatile long user_result = 12345;
-static u8 user_stack[4096] __attribute__((aligned(16)));
-static u8 resume_stack[8192] __attribute__((aligned(16)));
 
 static void discover(void) {
     u32 base = xen_cpuid_base(), a, b, c, d;
@@ -236,27 +234,13 @@ static void test_sched(void) {
     EXPECT(HYPERVISOR(sched_op, SCHEDOP_shutdown, &s), -EINVAL, "shutdown reason 9");
 }
 
-static void finish(void);
-
 static void user_main(void) {
     user_result = xen_hypercall(__HYPERVISOR_xen_version, 0, 0, 0, 0, 0);
-    __asm__ volatile("int $0x81");
-    for (;;) ;
 }
 
-static void back_to_kernel(struct frame *f) {
-    f->cs = KERNEL_CS;
-    f->ip = (ulong)finish;
-#ifdef __x86_64__
-    f->ss = KERNEL_DS;
-    f->sp = (ulong)(resume_stack + sizeof(resume_stack)) - 8;
-#endif
-    f->flags &= ~(1UL << 9);
-}
-
-static void finish(void) {
+static void test_user_mode(void) {
+    run_user(user_main);
     check(user_result == -EPERM, "hypercall from CPL3 = %ld (expected -EPERM)", user_result);
-    test_result();                                        /* powers off with SCHEDOP_shutdown */
 }
 
 void kmain(void) {
@@ -267,7 +251,6 @@ void kmain(void) {
     test_hvm();
     test_vcpu();
     test_sched();
-    set_handler(0x81, back_to_kernel);
-    set_gate(0x81, isr_entry(0x81), 3, 0, 0);
-    enter_user(user_main, (ulong)(user_stack + sizeof(user_stack)));
+    test_user_mode();
+    test_result();                                        /* powers off with SCHEDOP_shutdown */
 }
