@@ -83,7 +83,7 @@ KERNELS: tuple[Kernel, ...] = (
            'CPUID faulting as Xen offers it to HVM guests: `PLATFORM_INFO` (MSR 0xCE) bit 31, read-only; '
            '`MISC_FEATURES_ENABLES` (MSR 0x140) bit 0, the others reserved (#GP); a CPUID at CPL3 is #GP(0) at '
            "the CPUID while it is on, the kernel's CPUID answers"),
-    Kernel(('umip32', 'umip64'), ('lib', 'umip'),
+    Kernel(('umip32', 'umip64'), ('umip',),
            'UMIP (CR4 bit 11, reported in CPUID 7.ECX bit 2): SGDT, SIDT, SLDT, STR and SMSW, every destination '
            'form, store the right values at CPL 0 with UMIP off and on, are #GP(0) at the instruction from CPL 3'
            ' with it on (nothing stored), and work at CPL 3 again once it is cleared. Passes under QEMU TCG with'
