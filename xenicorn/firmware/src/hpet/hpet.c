@@ -78,42 +78,13 @@ static void ioapic_route(int pin, u32 entry) {
 #define LEVEL_TRIGGERED 0x8000
 
 /* -- ACPI: RSDP -> XSDT/RSDT -> "HPET" -------------------------------------------- */
-struct __attribute__((packed)) sdt {
-    char sig[4]; u32 len; u8 rev, csum; char oem[6], table[8]; u32 oem_rev, creator, creator_rev;
-};
 struct __attribute__((packed)) hpet_table {
-    struct sdt h; u32 block_id; u8 space, bit_width, bit_offset, access; u64 address; u8 number;
+    struct acpi_sdt h; u32 block_id; u8 space, bit_width, bit_offset, access; u64 address; u8 number;
     u16 min_tick; u8 protect;
 };
 
-static int sum8(const u8 *p, u32 n) { u8 s = 0; while (n--) s += *p++; return s == 0; }
-
 static const struct hpet_table *find_hpet_table(void) {
-    const u8 *rsdp = NULL;
-    if (start_info && start_info->rsdp_paddr && start_info->rsdp_paddr < 0x100000000ULL)
-        rsdp = (const u8 *)(ulong)start_info->rsdp_paddr;
-    for (ulong a = 0xE0000; !rsdp && a < 0x100000; a += 16)
-        if (!memcmp((const void *)a, "RSD PTR ", 8) && sum8((const u8 *)a, 20))
-            rsdp = (const u8 *)a;
-    if (!rsdp)
-        return NULL;
-    u64 xsdt = 0;
-    if (rsdp[15] >= 2)
-        memcpy(&xsdt, rsdp + 24, 8);
-    int wide = xsdt && xsdt < 0x100000000ULL;
-    const struct sdt *root = (const struct sdt *)(ulong)(wide ? xsdt : *(const u32 *)(rsdp + 16));
-    if (!root || !sum8((const u8 *)root, root->len))
-        return NULL;
-    u32 n = (root->len - sizeof(struct sdt)) / (wide ? 8 : 4);
-    for (u32 i = 0; i < n; i++) {
-        u64 addr = 0;
-        memcpy(&addr, (const u8 *)(root + 1) + i * (wide ? 8 : 4), wide ? 8 : 4);
-        const struct sdt *t = (const struct sdt *)(ulong)addr;
-        if (addr && addr < 0x100000000ULL && !memcmp(t->sig, "HPET", 4) && t->len >= sizeof(struct hpet_table)
-            && sum8((const u8 *)t, t->len))
-            return (const struct hpet_table *)t;
-    }
-    return NULL;
+    return (const struct hpet_table *)acpi_find_table("HPET", sizeof(struct hpet_table));
 }
 
 /* -- interrupts ------------------------------------------------------------------ */

@@ -136,5 +136,12 @@ struct hvm_memmap_entry { u64 addr, size; u32 type, reserved; };
 extern struct hvm_start_info *start_info;
 #define HVM_START_MAGIC 0x336ec578
 
+/* ACPI (lib/acpi.c): a table's common header, and the first table with signature
+ * `sig` and at least `min_len` bytes whose checksum is good, found from the RSDP */
+struct __attribute__((packed)) acpi_sdt {
+    char sig[4]; u32 len; u8 rev, csum; char oem[6], table[8]; u32 oem_rev, creator, creator_rev;
+};
+const struct acpi_sdt *acpi_find_table(const char *sig, u32 min_len);
+
 void kmain(void);                    /* each kernel provides it */
 #endif
