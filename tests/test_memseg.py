@@ -51,8 +51,8 @@ class FakeVcpu:
         self.segs = segs
         self.live = self
         self.cpl = 3
-        self.hflags = (segcheck.HF_PE if pe else 0) | {64: segcheck.HF_CS64 | segcheck.HF_CS32,
-                                                       32: segcheck.HF_CS32}[bits]
+        self.has_descriptors = pe
+        self.code_bits = bits
 
     def segment(self, i):
         return self.segs[i]

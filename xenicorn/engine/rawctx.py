@@ -95,6 +95,12 @@ HF_ADDSEG = 1 << 6
 HF_PE = 1 << 7
 HF_LMA = 1 << 14
 HF_CS64 = 1 << 15
+HF_VM = 1 << 17
+
+
+def code_bits(hflags: int) -> int:
+    """16, 32 or 64: the size a CS executes at, from QEMU's hflags."""
+    return 64 if hflags & HF_CS64 else 32 if hflags & HF_CS32 else 16
 HF2_NMI_MASK = 1 << 2     # hflags2: NMIs blocked (an NMI handler runs; the next IRET clears it)
 
 _STRUCTS: dict[str, struct.Struct] = {}
@@ -174,6 +180,17 @@ class RawContext:
     @property
     def cpl(self) -> int:
         return self.hflags & HF_CPL_MASK
+
+    @property
+    def code_bits(self) -> int:
+        """16, 32 or 64: the size the current CS executes at."""
+        return code_bits(self.hflags)
+
+    @property
+    def has_descriptors(self) -> bool:
+        """Protected mode outside virtual-8086 mode: segments come from descriptors."""
+        hf = self.hflags
+        return bool(hf & HF_PE) and not hf & HF_VM
 
     @property
     def error_code(self) -> int:

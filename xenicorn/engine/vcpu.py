@@ -56,7 +56,8 @@ from .memmap import MemoryMap, gaps_in
 from .core import EngineCore
 from .cpufeatures import new_engine
 from .msr import HF_GUEST, MsrInterceptor, SHADOW_BASE, SHADOW_SIZE
-from .rawctx import RawContext, LiveContext, HF_INHIBIT_IRQ, HF_CS32, HF_CS64, OFF_CR, OFF_OLD_EXCEPTION, OFF_XCR0
+from .rawctx import RawContext, LiveContext, HF_INHIBIT_IRQ, OFF_CR, OFF_OLD_EXCEPTION, OFF_XCR0
+from .rawctx import code_bits as hflags_code_bits
 from .startup import probe
 from .stoptimer import StopTimer
 from ..x86.segments import DESC_P, DESC_S, SegmentCache, flat_code32, flat_data
@@ -101,9 +102,7 @@ class CpuSnapshot:
 
     @property
     def code_bits(self) -> int:
-        if self.hflags & HF_CS64:
-            return 64
-        return 32 if self.hflags & HF_CS32 else 16
+        return hflags_code_bits(self.hflags)
 
     def paging_regs(self):
         from ..x86.paging import PagingRegs

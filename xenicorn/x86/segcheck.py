@@ -45,8 +45,6 @@ FLAT_LIMIT = 0xFFFFFFFF
 PUSHES = frozenset({"push", "call", "pushf", "pushfd", "pushfq"})
 POPS = frozenset({"pop", "ret", "popf", "popfd", "popfq"})
 _NAMES = {GP: "#GP", SS_FAULT: "#SS", PF: "#PF"}
-# QEMU's hflags bits (target/i386/cpu.h): protected mode, 32-bit and 64-bit code, virtual-8086
-HF_CS32, HF_PE, HF_CS64, HF_VM = 1 << 4, 1 << 7, 1 << 15, 1 << 17
 GPR_NAMES = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")     # CPUX86State.regs[] order
 
@@ -107,10 +105,9 @@ def correct(vcpu, vector: int, error_code: int | None, pc: int) -> Correction | 
     if vector not in (GP, PF) or (vector == GP and error_code):
         return None
     live = vcpu.live                                 # read in place: Unicorn's reg_read is slow
-    hflags = live.hflags
-    if not hflags & HF_PE or hflags & HF_VM:
+    if not live.has_descriptors:
         return None                                  # real or virtual-8086 mode: no descriptors
-    bits = 64 if hflags & HF_CS64 else 32 if hflags & HF_CS32 else 16
+    bits = live.code_bits
     segs = [live.segment(i) for i in range(6)]
     if bits == 64:
         if vector != GP:
