@@ -348,12 +348,9 @@ class ExitHooks:
         from ..x86.crdecode import decode, SEG_INDEX
         pc = self.uc.reg_read(X.UC_X86_REG_RIP)
         bits = self.code_bits()
-        linear = pc + (self.live.segment("cs").base if bits != 64 else 0)   # real mode: an AP's start-up
-        code = self.read_linear(linear, 15, fetch=True)
-        if not isinstance(code, bytes):              # the instruction ends at the page's end
-            code = self.read_linear(linear, 0x1000 - (linear & 0xFFF), fetch=True)
+        code = self.instruction_bytes(pc, bits)      # CS's base counts: an AP's real-mode start-up
         gprs = self.live.gprs()
-        insn = decode(code, bits, gprs, pc) if isinstance(code, bytes) else None
+        insn = decode(code, bits, gprs, pc) if code is not None else None
         if insn is None or insn.cr != cr:
             self.machine.handle_exit(self, E.Shutdown(pc, "emulator-error", 1,
                                                       f"CR{cr} write exit at an instruction not understood"))

@@ -562,6 +562,15 @@ class VCpu(ExitHooks, InterruptDelivery, MemoryMap):
     def _just_halted(self, pc: int) -> bool:
         return pc > 0 and self.fetch_bytes(pc - 1, 1) == b"\xf4"
 
+    def instruction_bytes(self, pc: int, bits: int) -> bytes | None:
+        """The instruction at CS:``pc`` (CS's base counts outside 64-bit mode): 15 bytes, fewer where
+        its page ends and the next one cannot be read; None if even that fails."""
+        linear = pc + (self.live.segment("cs").base if bits != 64 else 0)
+        code = self.read_linear(linear, 15, fetch=True)
+        if not isinstance(code, bytes):              # the instruction ends on its page
+            code = self.read_linear(linear, PAGE - (linear & (PAGE - 1)), fetch=True)
+        return code if isinstance(code, bytes) else None
+
     def fetch_bytes(self, linear: int, size: int, regs=None) -> bytes:
         """Instruction bytes at a linear address, or b"" when they cannot be read."""
         from ..machine.memory import GuestMemoryError

@@ -274,11 +274,8 @@ class ExitDispatcher:
         if vector == 7 and not ex.software:          # the engine checks CR0.TS too early (x86/fpufault.py)
             from ..x86.fpufault import nm_or_ud
             bits = vcpu.code_bits()
-            linear = ex.pc + (vcpu.live.segment("cs").base if bits != 64 else 0)
-            code = vcpu.read_linear(linear, 15, fetch=True)
-            if not isinstance(code, bytes):          # the instruction ends on its page
-                code = vcpu.read_linear(linear, PAGE_SIZE - (linear & (PAGE_SIZE - 1)), fetch=True)
-            if isinstance(code, bytes):
+            code = vcpu.instruction_bytes(ex.pc, bits)
+            if code is not None:
                 vector = nm_or_ud(code, bits, vcpu.reg("cr0"), vcpu.reg("cr4"))
         error_code = ex.error_code
         if vector in (13, 14) and not ex.software:   # segment checks the engine skips (x86/segcheck.py)

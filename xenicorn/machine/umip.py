@@ -71,17 +71,14 @@ def _perform(dispatcher, vcpu, ex: E.SystemRead) -> E.Action:
     ctx = vcpu.live
     bits = vcpu.code_bits()
     segs = [ctx.segment(i) for i in range(6)]
-    linear = ex.pc + (segs[1].base if bits != 64 else 0)
-    code = vcpu.read_linear(linear, 15, fetch=True)
-    if not isinstance(code, bytes):                  # the instruction ends at its page's end
-        code = vcpu.read_linear(linear, 0x1000 - (linear & 0xFFF), fetch=True)
+    code = vcpu.instruction_bytes(ex.pc, bits)
 
     def read_reg(name: str) -> int:
         try:
             return vcpu.reg(name)
         except KeyError:                             # capstone's eiz/riz: no index
             return 0
-    st = umip.decode(code, bits, ex.pc, read_reg) if isinstance(code, bytes) else None
+    st = umip.decode(code, bits, ex.pc, read_reg) if code is not None else None
     if st is None:
         dispatcher.machine.shutdown("emulator-error", 1, f"{ex.what} intercept at an instruction not understood")
         return E.Action.STOP
