@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from ..machine.memory import GuestMemoryError
 from .cpu import Vcpu
 from .paging import PageFault, PagingRegs, translate
-from .segments import SegmentCache, DESC_B, DESC_L, DESC_P, DESC_S, DESC_DPL_SHIFT
+from .segments import SegmentCache, descriptor_at, DESC_B, DESC_L, DESC_P, DESC_S, DESC_DPL_SHIFT
 from .taskswitch import switch_through_gate
 from .vm86 import vm86_handler_check, vm86_int_check, vm86_null_segments, vm86_saved_segments
 
@@ -183,12 +183,10 @@ class _Cpu:
 
 def _descriptor(cpu: _Cpu, selector: int, ext: int, fault_vector: int = 13) -> SegmentCache:
     """Read a GDT/LDT descriptor (SDM vol. 3 §3.4.2, §3.5.1); limit → #GP/#TS(sel)."""
-    table = cpu.ldt if selector & 4 else cpu.gdt
-    index = selector & ~7
-    if index + 7 > table.limit:
+    desc = descriptor_at(cpu.read, cpu.ldt if selector & 4 else cpu.gdt, selector)
+    if desc is None:
         raise _Fault(fault_vector, (selector & 0xFFFC) | ext, why=f"selector {selector:#x} beyond the table")
-    raw = struct.unpack("<Q", cpu.read(table.base + index, 8))[0]
-    return SegmentCache.from_descriptor(selector, raw)
+    return desc
 
 
 def _read_gate(cpu: _Cpu, vector: int, ext: int) -> dict:

@@ -34,6 +34,8 @@ values into the CPU state as they are.
 """
 from __future__ import annotations
 
+import struct
+
 from dataclasses import dataclass
 
 DESC_TYPE_SHIFT = 8
@@ -89,3 +91,12 @@ def flat_data(selector: int, dpl: int = 0) -> SegmentCache:
     """A flat read/write data segment (accessed)."""
     return SegmentCache(selector, 0, 0xFFFFFFFF, DESC_G | DESC_B | DESC_P | DESC_S | (dpl << DESC_DPL_SHIFT)
                         | (TYPE_DATA_READ_WRITE << DESC_TYPE_SHIFT))
+
+
+def descriptor_at(read, table: SegmentCache, selector: int) -> SegmentCache | None:
+    """The descriptor ``selector`` names in ``table`` (the GDT or an LDT, SDM vol. 3 §3.4.2, §3.5.1),
+    read with ``read(linear, size)``; None when its entry lies beyond the table's limit."""
+    index = selector & ~7
+    if index + 7 > table.limit:
+        return None
+    return SegmentCache.from_descriptor(selector, struct.unpack("<Q", read(table.base + index, 8))[0])

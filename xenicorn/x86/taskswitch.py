@@ -74,7 +74,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from .segments import DESC_B, DESC_P, DESC_S, DESC_DPL_SHIFT, SegmentCache
+from .segments import DESC_B, DESC_P, DESC_S, DESC_DPL_SHIFT, SegmentCache, descriptor_at
 
 NT, VM, RF = 1 << 14, 1 << 17, 1 << 16
 CR0_PG, CR0_TS = 1 << 31, 1 << 3
@@ -205,11 +205,10 @@ def save_old_task(cpu, new: NewTask, saved_eflags: int) -> None:
 def _read_descriptor(cpu, gdt: SegmentCache, ldt: SegmentCache, selector: int, fault, ext: int, what: str):
     """A descriptor from the GDT or (TI=1) the new LDT; outside the table: #TS(selector)."""
     table = ldt if selector & 4 else gdt
-    index = selector & ~7
-    if index + 7 > table.limit or (selector & 4 and not table.flags & DESC_P):
+    desc = None if selector & 4 and not table.flags & DESC_P else descriptor_at(cpu.read, table, selector)
+    if desc is None:
         raise fault(10, (selector & 0xFFFC) | ext, why=f"{what} {selector:#x} is beyond its table")
-    raw = struct.unpack("<Q", cpu.read(table.base + index, 8))[0]
-    return SegmentCache.from_descriptor(selector, raw)
+    return desc
 
 
 def load_ldt(cpu, selector: int, fault, ext: int) -> SegmentCache:
