@@ -157,7 +157,7 @@ class Machine(XenHostServices):
         # the controllers and lines, by the names the rest of xenicorn knows them
         self.pic, self.ioapic, self.lapic = w.pic, w.ioapic, w.lapic
         self.gsi, self.pic_inputs, self.isa_irq = w.gsi, w.pic_inputs, w.isa_irq
-        self.interrupt_source = self.lapic   # object with pending()/acknowledge(): the APIC/PIC
+        self.interrupt_source = self.lapic   # pending()/vector_pending()/acknowledge(): the local APIC
         chipset.build_interrupt_controllers(self)
         chipset.build_legacy_devices(self)
         chipset.build_pci(self, xen=cfg.xen)

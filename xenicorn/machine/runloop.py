@@ -370,7 +370,7 @@ class RunLoop:
         # (or an STI) lets it in, or nothing might stop the run until it is
         # long overdue. The engine's delivery uses the same request as that
         # exit, so Python delivers this one and arms the window.
-        lapic_waits = direct is not None and src is not None and getattr(src, "vector_pending", src.pending)()
+        lapic_waits = direct is not None and src is not None and src.vector_pending()
         if vcpu.engine_delivers() and not lapic_waits:
             vcpu.engine_deliver(vector)
             return
